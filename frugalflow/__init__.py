@@ -1,0 +1,83 @@
+"""frugalflow: agentic workflows whose every step runs on the cheapest capable model.
+
+The public API is what `__all__` lists; everything else is internal.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .catalog import SKILLS, Capabilities, Catalog, ModelSpec
+from .exceptions import (
+    AllModelsFailedError,
+    AuthenticationError,
+    BudgetExceededError,
+    CatalogError,
+    ContentFilterError,
+    ContextLengthError,
+    FlowError,
+    FrugalflowError,
+    InvalidRequestError,
+    MalformedResponseError,
+    MissingIntegrationError,
+    ModelAPIError,
+    ModelTimeoutError,
+    NoCapableModelError,
+    ProviderConnectionError,
+    ProviderOverloadedError,
+    RateLimitError,
+    UserError,
+)
+from .fallback import Attempt, BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
+from .flow import END, START, CompiledFlow, Flow
+from .providers.simulated import SimulatedChatModel, Simulator
+from .routing import Needs, RoutedChatModel, RunContext, estimate_tokens, explain, rank
+from .usage import RunUsage, Usage
+
+try:
+    __version__ = version("frugalflow")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "END",
+    "SKILLS",
+    "START",
+    "AllModelsFailedError",
+    "Attempt",
+    "AuthenticationError",
+    "BreakerRegistry",
+    "BreakerState",
+    "BudgetExceededError",
+    "Capabilities",
+    "Catalog",
+    "CatalogError",
+    "CircuitBreaker",
+    "CompiledFlow",
+    "ContentFilterError",
+    "ContextLengthError",
+    "FallbackPolicy",
+    "Flow",
+    "FlowError",
+    "FrugalflowError",
+    "InvalidRequestError",
+    "MalformedResponseError",
+    "MissingIntegrationError",
+    "ModelAPIError",
+    "ModelSpec",
+    "ModelTimeoutError",
+    "Needs",
+    "NoCapableModelError",
+    "ProviderConnectionError",
+    "ProviderOverloadedError",
+    "RateLimitError",
+    "RoutedChatModel",
+    "RunContext",
+    "RunUsage",
+    "SimulatedChatModel",
+    "Simulator",
+    "Usage",
+    "UserError",
+    "__version__",
+    "estimate_tokens",
+    "explain",
+    "rank",
+]

@@ -1,0 +1,545 @@
+"""The model catalog: what each model costs, what it can do, how good it is, how to build it.
+
+Prices come from `genai-prices` and capabilities from the LangChain integration's model
+profile (`ChatModel.profile`); a catalog entry may override any field. Only models whose
+provider is configured (its API key is set, or it is local) are *available*.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .exceptions import CatalogError
+from .usage import Usage
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+
+    from .providers import ProviderAdapter
+
+__all__ = ["CAPABILITIES", "SKILLS", "Capabilities", "Catalog", "ModelSpec"]
+
+log = logging.getLogger("frugalflow")
+
+SKILLS: tuple[str, ...] = (
+    "classification",
+    "extraction",
+    "summarization",
+    "writing",
+    "reasoning",
+    "coding",
+    "math",
+    "tool_use",
+)
+CAPABILITIES: tuple[str, ...] = (
+    "tool_calling",
+    "structured_output",
+    "vision",
+    "streaming",
+    "reasoning",
+)
+_DEFAULT_CONTEXT = 8_192
+_DEFAULT_MAX_OUTPUT = 4_096
+
+
+class Capabilities(BaseModel):
+    """What a model can do: the hard needs of a node are checked against these."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tool_calling: bool = False
+    structured_output: bool = False
+    vision: bool = False
+    streaming: bool = True
+    reasoning: bool = False
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    input_price: float  # USD per million tokens
+    output_price: float
+    cached_input_price: float | None
+    context_window: int
+    max_output_tokens: int
+    capabilities: Capabilities
+    priced: bool
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+class ModelSpec(BaseModel):
+    """One model at one provider.
+
+    Fields left unset are filled from `genai-prices` (prices) and the integration's model
+    profile (context window, max output, capabilities). Never put a key here: name the
+    environment variable that holds it (`api_key_env`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: str
+    model: str
+    integration: str | None = None
+    """`module:Class` of the LangChain chat model; default: the provider adapter's."""
+    base_url: str | None = None
+    api_key_env: str | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    price_ref: str | None = None
+    """`provider:model` under which genai-prices knows this model; default provider:model."""
+    input_price: float | None = Field(default=None, ge=0)
+    """USD per million input tokens (overrides genai-prices)."""
+    output_price: float | None = Field(default=None, ge=0)
+    cached_input_price: float | None = Field(default=None, ge=0)
+    context_window: int | None = Field(default=None, gt=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    capabilities: dict[str, bool] = Field(default_factory=dict)
+    profile_from: str | None = None
+    """`module:Class` whose model profile describes this model (e.g. langchain_groq:ChatGroq)."""
+    quality: dict[str, float] = Field(default_factory=dict)
+    quality_sources: dict[str, str] = Field(default_factory=dict)
+    quality_ref: str | None = None
+    """Key of this model's scores in the catalog's quality table (same weights, other host)."""
+    latency_ms: float = Field(default=1000.0, ge=0)
+    """Typical latency of a short call, used to break ties and for `max_latency_ms`."""
+    local: bool = False
+    simulated: bool = False
+    description: str = ""
+
+    @field_validator("capabilities")
+    @classmethod
+    def _known_capabilities(cls, value: dict[str, bool]) -> dict[str, bool]:
+        unknown = set(value) - set(CAPABILITIES)
+        if unknown:
+            raise ValueError(
+                f"unknown capabilities {sorted(unknown)}; known: {', '.join(CAPABILITIES)}"
+            )
+        return value
+
+    @field_validator("quality")
+    @classmethod
+    def _known_skills(cls, value: dict[str, float]) -> dict[str, float]:
+        for skill, score in value.items():
+            if skill not in SKILLS:
+                raise ValueError(f"unknown skill {skill!r}; known: {', '.join(SKILLS)}")
+            if not 0.0 <= score <= 1.0:
+                raise ValueError(f"quality score for {skill!r} must be in 0..1, got {score}")
+        return value
+
+    @property
+    def key(self) -> str:
+        """`provider/model`: the name used everywhere else (needs, ledger, events)."""
+        return f"{self.provider}/{self.model}"
+
+    def __str__(self) -> str:
+        return self.key
+
+    # -- resolved from libraries -------------------------------------------------------
+
+    @cached_property
+    def adapter(self) -> ProviderAdapter:
+        from .providers import adapter_for
+
+        return adapter_for(self)
+
+    @cached_property
+    def _resolved(self) -> _Resolved:
+        return _resolve(self)
+
+    @property
+    def input_price_per_mtok(self) -> float:
+        return self._resolved.input_price
+
+    @property
+    def output_price_per_mtok(self) -> float:
+        return self._resolved.output_price
+
+    @property
+    def window(self) -> int:
+        return self._resolved.context_window
+
+    @property
+    def max_output(self) -> int:
+        return self._resolved.max_output_tokens
+
+    @property
+    def caps(self) -> Capabilities:
+        return self._resolved.capabilities
+
+    @property
+    def priced(self) -> bool:
+        return self._resolved.priced
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Where each resolved field came from ("genai-prices", "profile", "catalog", "default")."""
+        return self._resolved.sources
+
+    def estimate_cost(self, input_tokens: int, output_tokens: int) -> float:
+        """USD for a call of this size at this model's base (lowest-tier) prices."""
+        r = self._resolved
+        return (input_tokens * r.input_price + output_tokens * r.output_price) / 1e6
+
+    def cost(self, usage: Usage) -> float:
+        """USD for a call's reported usage; genai-prices handles tiers and cached tokens."""
+        if self.input_price is None and self.output_price is None and self._resolved.priced:
+            try:
+                return float(_genai_price(self, usage))
+            except LookupError:
+                pass
+        r = self._resolved
+        cached = usage.cache_read_tokens
+        cached_price = r.cached_input_price if r.cached_input_price is not None else r.input_price
+        return (
+            (usage.input_tokens - cached) * r.input_price
+            + cached * cached_price
+            + usage.output_tokens * r.output_price
+        ) / 1e6
+
+    def mean_quality(self, skills: Iterable[str] | None = None) -> float:
+        names = list(skills) if skills is not None else list(self.quality)
+        scores = [self.quality[s] for s in names if s in self.quality]
+        return sum(scores) / len(scores) if scores else 0.0
+
+    def build(self, *, timeout: float | None = None) -> BaseChatModel:
+        """Construct the LangChain chat model, reading the key from `api_key_env` now."""
+        return self.adapter.build(self, timeout=timeout)
+
+
+def _price_ref(spec: ModelSpec) -> tuple[str | None, str]:
+    if spec.price_ref:
+        provider, _, model = spec.price_ref.partition(":")
+        return (provider or None, model) if model else (None, provider)
+    return spec.provider, spec.model
+
+
+def _genai_price(spec: ModelSpec, usage: Usage) -> float:
+    from genai_prices import Usage as GUsage
+    from genai_prices import calc_price
+
+    provider, model = _price_ref(spec)
+    try:
+        result = calc_price(
+            GUsage(
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_read_tokens=usage.cache_read_tokens or None,
+                cache_write_tokens=usage.cache_write_tokens or None,
+            ),
+            model,
+            provider_id=provider,
+        )
+    except LookupError:
+        raise
+    except Exception as e:  # genai-prices raises plain errors for unknown models
+        raise LookupError(str(e)) from e
+    return float(result.total_price)
+
+
+def _resolve(spec: ModelSpec) -> _Resolved:
+    sources: dict[str, str] = {}
+    # Prices: explicit override, else genai-prices at a small call (base tier).
+    priced = True
+    if spec.input_price is not None and spec.output_price is not None:
+        inp, out = spec.input_price, spec.output_price
+        sources["price"] = "catalog"
+    else:
+        try:
+            # Per-token price of a 10k-token call: tiered models charge more past a
+            # threshold, and ranking wants the price of a typical call.
+            inp = spec.input_price
+            if inp is None:
+                inp = _genai_price(spec, Usage(input_tokens=10_000)) * 100
+            out = spec.output_price
+            if out is None:
+                out = _genai_price(spec, Usage(output_tokens=10_000)) * 100
+            sources["price"] = "genai-prices"
+        except LookupError:
+            if not spec.local:
+                log.warning(
+                    "frugalflow: no price for %s in genai-prices (price_ref=%s); treating it as "
+                    "free. Set input_price/output_price in the catalog entry.",
+                    spec.key,
+                    spec.price_ref or f"{spec.provider}:{spec.model}",
+                )
+            priced = False
+            inp = spec.input_price or 0.0
+            out = spec.output_price or 0.0
+            sources["price"] = "catalog" if spec.local else "missing"
+    cached = spec.cached_input_price
+    if cached is None and priced and sources["price"] == "genai-prices":
+        try:
+            cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000)) * 100
+        except LookupError:
+            cached = None
+
+    profile: Mapping[str, Any] = {}
+    if not (spec.context_window and spec.max_output_tokens and _all_caps(spec)):
+        try:
+            profile = spec.adapter.profile(spec) or {}
+        except Exception as e:  # a missing or broken integration leaves the profile empty
+            log.debug("frugalflow: no profile for %s: %s", spec.key, e)
+            profile = {}
+
+    def pick(name: str, override: Any, prof_key: str, default: Any) -> Any:
+        if override is not None:
+            sources[name] = "catalog"
+            return override
+        value = profile.get(prof_key)
+        if value:
+            sources[name] = "profile"
+            return value
+        sources[name] = "default"
+        return default
+
+    window = pick("context_window", spec.context_window, "max_input_tokens", _DEFAULT_CONTEXT)
+    max_out = pick("max_output_tokens", spec.max_output_tokens, "max_output_tokens", _DEFAULT_MAX_OUTPUT)
+
+    caps: dict[str, bool] = {}
+    from_profile = {
+        "tool_calling": profile.get("tool_calling"),
+        # With tool calling, LangChain produces structured output through a forced tool call.
+        "structured_output": profile.get("structured_output") or profile.get("tool_calling"),
+        "vision": profile.get("image_inputs"),
+        "reasoning": profile.get("reasoning_output"),
+        "streaming": True if profile else None,
+    }
+    for cap in CAPABILITIES:
+        if cap in spec.capabilities:
+            caps[cap] = spec.capabilities[cap]
+            sources[cap] = "catalog"
+        elif from_profile.get(cap) is not None:
+            caps[cap] = bool(from_profile[cap])
+            sources[cap] = "profile"
+        else:
+            caps[cap] = cap == "streaming"
+            sources[cap] = "default"
+    return _Resolved(
+        input_price=float(inp),
+        output_price=float(out),
+        cached_input_price=cached,
+        context_window=int(window),
+        max_output_tokens=int(max_out),
+        capabilities=Capabilities(**caps),
+        priced=priced,
+        sources=sources,
+    )
+
+
+def _all_caps(spec: ModelSpec) -> bool:
+    return all(c in spec.capabilities for c in CAPABILITIES)
+
+
+class Catalog:
+    """An ordered set of model specs.
+
+    Build one from Python (`Catalog([ModelSpec(...), ...])`), a TOML or YAML file
+    (`Catalog.from_file`), or take a built-in one: `Catalog.builtin()` (real providers),
+    `Catalog.simulated()` (offline), `Catalog.default()` (real if any key is set, else simulated).
+    """
+
+    def __init__(
+        self,
+        models: Iterable[ModelSpec],
+        *,
+        name: str = "custom",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self._models: dict[str, ModelSpec] = {}
+        for spec in models:
+            if spec.key in self._models:
+                raise CatalogError(f"catalog {name!r} lists {spec.key!r} twice; keep one entry")
+            self._models[spec.key] = spec
+        self._env = env
+
+    # -- loading ---------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, name: str = "custom") -> Catalog:
+        """Build from `{"models": [...], "quality": {ref: {skill: score | {score, source}}}}`."""
+        unknown = set(data) - {"models", "quality", "name"}
+        if unknown:
+            raise CatalogError(
+                f"catalog {name!r}: unknown top-level keys {sorted(unknown)}; "
+                "expected 'models' (a list of model entries) and optionally 'quality'"
+            )
+        quality_table = data.get("quality") or {}
+        entries = data.get("models")
+        if not isinstance(entries, list) or not entries:
+            raise CatalogError(f"catalog {name!r} has no 'models' list; add [[models]] entries")
+        specs = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                raise CatalogError(f"catalog {name!r}: models[{i}] is not a table")
+            entry = dict(entry)
+            ref = entry.get("quality_ref") or entry.get("model")
+            scores, srcs = _parse_quality(quality_table.get(ref, {}), name, ref)
+            inline, inline_srcs = _parse_quality(entry.pop("quality", {}), name, ref)
+            scores.update(inline)
+            srcs.update(inline_srcs)
+            srcs.update(entry.pop("quality_sources", {}))
+            label = f"{entry.get('provider', '?')}/{entry.get('model', '?')}"
+            try:
+                specs.append(ModelSpec(**entry, quality=scores, quality_sources=srcs))
+            except ValidationError as e:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}"
+                    for err in e.errors()
+                )
+                raise CatalogError(
+                    f"catalog {name!r}, models[{i}] ({label}): {problems}"
+                ) from None
+        return cls(specs, name=data.get("name", name))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Catalog:
+        """Load a `.toml`, `.yaml` or `.yml` catalog file."""
+        p = Path(path)
+        if not p.exists():
+            raise CatalogError(f"catalog file {str(p)!r} does not exist")
+        try:
+            if p.suffix == ".toml":
+                data = tomllib.loads(p.read_text())
+            elif p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(p.read_text())
+            else:
+                raise CatalogError(
+                    f"catalog file {str(p)!r}: unknown format; use .toml, .yaml or .yml"
+                )
+        except (tomllib.TOMLDecodeError, ValueError) as e:
+            raise CatalogError(f"catalog file {str(p)!r} does not parse: {e}") from None
+        if not isinstance(data, Mapping):
+            raise CatalogError(f"catalog file {str(p)!r} must hold a table at the top level")
+        return cls.from_dict(data, name=p.stem)
+
+    @classmethod
+    def builtin(cls) -> Catalog:
+        """Real providers: OpenAI, Anthropic, Gemini, DeepSeek, Mistral, Groq, Together, Ollama."""
+        return cls.from_dict(_builtin_data("catalog.toml"), name="builtin")
+
+    @classmethod
+    def simulated(cls) -> Catalog:
+        """Offline models that mirror real providers' price tiers (no network, no keys)."""
+        return cls.from_dict(_builtin_data("simulated.toml"), name="simulated")
+
+    @classmethod
+    def default(cls) -> Catalog:
+        """The real catalog when any remote provider's key is set, else the simulated one.
+
+        `FRUGALFLOW_CATALOG` (a file path) overrides both.
+        """
+        path = os.environ.get("FRUGALFLOW_CATALOG")
+        if path:
+            return cls.from_file(path)
+        real = cls.builtin()
+        if any(real.is_available(s) and not s.local for s in real):
+            return real
+        return cls.simulated()
+
+    # -- access ----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._models
+
+    def __getitem__(self, key: str) -> ModelSpec:
+        try:
+            return self._models[key]
+        except KeyError:
+            close = difflib.get_close_matches(key, list(self._models), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise CatalogError(f"no model {key!r} in catalog {self.name!r}{hint}") from None
+
+    @property
+    def providers(self) -> list[str]:
+        return sorted({s.provider for s in self})
+
+    def override(self, key: str, **fields: Any) -> Catalog:
+        """A copy where model `key` has `fields` replaced (e.g. prices, capabilities)."""
+        spec = self[key]
+        try:
+            new = ModelSpec(**{**spec.model_dump(), **fields})
+        except ValidationError as e:
+            raise CatalogError(f"override of {key!r}: {e}") from None
+        return Catalog(
+            (new if s.key == key else s for s in self), name=self.name, env=self._env
+        )
+
+    def extend(self, models: Iterable[ModelSpec]) -> Catalog:
+        return Catalog([*self, *models], name=self.name, env=self._env)
+
+    # -- availability ----------------------------------------------------------------
+
+    def _getenv(self, name: str) -> str | None:
+        env = self._env if self._env is not None else os.environ
+        return env.get(name) or None
+
+    def unavailable_reason(self, spec: ModelSpec) -> str | None:
+        """Why `spec` cannot be called in this process, or None when it can."""
+        adapter = spec.adapter
+        if not adapter.installed():
+            return f"integration not installed: pip install 'frugalflow[{adapter.extra}]'"
+        if spec.simulated:
+            return None
+        env_name = spec.api_key_env or adapter.key_env(spec)
+        if env_name and not self._getenv(env_name):
+            return f"provider not configured: set {env_name}"
+        return None
+
+    def is_available(self, spec: ModelSpec) -> bool:
+        return self.unavailable_reason(spec) is None
+
+    def available(self) -> list[ModelSpec]:
+        return [s for s in self if self.is_available(s)]
+
+    def strongest(self, skills: Iterable[str] | None = None) -> ModelSpec:
+        """The available model with the highest mean quality (over `skills`, default all)."""
+        pool = self.available() or list(self)
+        names = list(skills) if skills is not None else list(SKILLS)
+        return max(pool, key=lambda s: (s.mean_quality(names), s.output_price_per_mtok))
+
+
+def _parse_quality(
+    table: Mapping[str, Any], catalog: str, ref: str | None
+) -> tuple[dict[str, float], dict[str, str]]:
+    scores: dict[str, float] = {}
+    srcs: dict[str, str] = {}
+    for skill, value in table.items():
+        if isinstance(value, Mapping):
+            if "score" not in value:
+                raise CatalogError(f"catalog {catalog!r}: quality {ref}.{skill} has no 'score'")
+            scores[skill] = float(value["score"])
+            if "source" in value:
+                srcs[skill] = str(value["source"])
+        else:
+            scores[skill] = float(value)
+    return scores, srcs
+
+
+def _builtin_data(filename: str) -> dict[str, Any]:
+    base = resources.files("frugalflow") / "data"
+    data = tomllib.loads((base / filename).read_text())
+    quality_file = base / "quality.toml"
+    if quality_file.is_file():
+        quality = tomllib.loads(quality_file.read_text())
+        merged = dict(quality)
+        merged.update(data.get("quality", {}))
+        data["quality"] = merged
+    return data

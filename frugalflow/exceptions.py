@@ -1,0 +1,232 @@
+"""Every error frugalflow raises, under one root.
+
+    FrugalflowError
+    ├── UserError                      the caller's mistake: fix the input, not the provider
+    │   ├── CatalogError               a bad catalog file or model spec
+    │   ├── MissingIntegrationError    a provider package (extra) is not installed
+    │   ├── FlowError                  a bad flow definition (found at compile time)
+    │   └── NoCapableModelError        no available model meets a node's needs
+    ├── ModelAPIError                  one model call failed (provider or runtime side)
+    │   ├── RateLimitError             429; carries retry_after
+    │   ├── ProviderOverloadedError    5xx, 529 overloaded
+    │   ├── ModelTimeoutError          no answer within the timeout
+    │   ├── ProviderConnectionError    reset, refused, broken stream
+    │   ├── AuthenticationError        401/403: the provider is disabled for the process
+    │   ├── ContextLengthError         the prompt does not fit this model's window
+    │   ├── ContentFilterError         the provider refused the content
+    │   ├── MalformedResponseError     unparseable answer, or output that fails its schema
+    │   └── InvalidRequestError        400 that is the caller's bug: raised at once, no fallback
+    ├── AllModelsFailedError           (also an ExceptionGroup) every candidate failed
+    └── BudgetExceededError            the run's budget cannot pay for the next call
+
+Every exception pickles (runs cross process boundaries): constructors take the message
+positionally and everything else as keywords with defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fallback import Attempt
+
+__all__ = [
+    "AllModelsFailedError",
+    "AuthenticationError",
+    "BudgetExceededError",
+    "CatalogError",
+    "ContentFilterError",
+    "ContextLengthError",
+    "FlowError",
+    "FrugalflowError",
+    "InvalidRequestError",
+    "MalformedResponseError",
+    "MissingIntegrationError",
+    "ModelAPIError",
+    "ModelTimeoutError",
+    "NoCapableModelError",
+    "ProviderConnectionError",
+    "ProviderOverloadedError",
+    "RateLimitError",
+    "UserError",
+]
+
+
+class FrugalflowError(Exception):
+    """Root of every frugalflow error."""
+
+    def __init__(self, message: str, **attrs: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from the message, then restore attributes: subclasses need no pickling code.
+        return (self.__class__, (self.message,), self.__dict__)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UserError(FrugalflowError):
+    """The caller's mistake: a bad catalog, flow, needs or argument."""
+
+
+class CatalogError(UserError):
+    """A catalog file or model spec is invalid."""
+
+
+class MissingIntegrationError(UserError):
+    """A provider's LangChain integration package is not installed."""
+
+    def __init__(self, message: str, *, package: str = "", extra: str = "") -> None:
+        super().__init__(message, package=package, extra=extra)
+
+
+class FlowError(UserError):
+    """A flow definition is invalid; raised when the flow is compiled."""
+
+    def __init__(self, message: str, *, node: str | None = None) -> None:
+        super().__init__(message, node=node)
+
+
+class NoCapableModelError(UserError):
+    """No available model in the catalog meets a node's needs."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node: str | None = None,
+        rejected: Sequence[tuple[str, Sequence[str]]] = (),
+    ) -> None:
+        super().__init__(message, node=node, rejected=[(m, list(r)) for m, r in rejected])
+
+
+class ModelAPIError(FrugalflowError):
+    """A model call failed. `error_class` says how frugalflow reacts to it."""
+
+    error_class: str = "unknown"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        model: str = "",
+        status_code: int | None = None,
+        retry_after: float | None = None,
+        body: str | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            provider=provider,
+            model=model,
+            status_code=status_code,
+            retry_after=retry_after,
+            body=body,
+        )
+
+
+class RateLimitError(ModelAPIError):
+    error_class = "rate_limit"
+
+
+class ProviderOverloadedError(ModelAPIError):
+    error_class = "overloaded"
+
+
+class ModelTimeoutError(ModelAPIError):
+    error_class = "timeout"
+
+
+class ProviderConnectionError(ModelAPIError):
+    error_class = "connection"
+
+
+class AuthenticationError(ModelAPIError):
+    error_class = "auth"
+
+
+class ContextLengthError(ModelAPIError):
+    error_class = "context_length"
+
+
+class ContentFilterError(ModelAPIError):
+    error_class = "content_filter"
+
+
+class MalformedResponseError(ModelAPIError):
+    error_class = "malformed"
+
+
+class InvalidRequestError(ModelAPIError):
+    error_class = "invalid_request"
+
+
+class BudgetExceededError(FrugalflowError):
+    """The run's remaining budget cannot pay for the cheapest capable call."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node: str | None = None,
+        budget_usd: float = 0.0,
+        spent_usd: float = 0.0,
+        needed_usd: float | None = None,
+    ) -> None:
+        super().__init__(
+            message, node=node, budget_usd=budget_usd, spent_usd=spent_usd, needed_usd=needed_usd
+        )
+
+
+class AllModelsFailedError(ExceptionGroup, FrugalflowError):  # type: ignore[misc]
+    """Every candidate model failed; `.exceptions` holds each failure, `.attempts` each try."""
+
+    def __new__(
+        cls,
+        message: str,
+        exceptions: Sequence[Exception],
+        *,
+        node: str | None = None,
+        attempts: Sequence[Attempt] = (),
+    ) -> AllModelsFailedError:
+        self = super().__new__(cls, message, list(exceptions))
+        self.node = node
+        self.attempts = list(attempts)
+        return self
+
+    def __init__(
+        self,
+        message: str,
+        exceptions: Sequence[Exception],
+        *,
+        node: str | None = None,
+        attempts: Sequence[Attempt] = (),
+    ) -> None:
+        # ExceptionGroup keeps message and exceptions itself (set in __new__).
+        self.message = message
+
+    def derive(self, excs: Sequence[Exception]) -> AllModelsFailedError:  # type: ignore[override]
+        return AllModelsFailedError(self.message, excs, node=self.node, attempts=self.attempts)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_group,
+            (self.message, list(self.exceptions), self.node, self.attempts),
+        )
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        for a in self.attempts:
+            lines.append(f"  - {a.describe()}")
+        return "\n".join(lines)
+
+
+def _rebuild_group(
+    message: str, exceptions: list[Exception], node: str | None, attempts: list[Attempt]
+) -> AllModelsFailedError:
+    return AllModelsFailedError(message, exceptions, node=node, attempts=attempts)

@@ -1,0 +1,337 @@
+"""What to do when a model call fails: classify, retry, move on, or stop.
+
+- `error_from_status` turns an HTTP status (and body) into frugalflow's error classes.
+- `FallbackPolicy` says how often to retry the same model and how long to wait.
+- `CircuitBreaker` / `BreakerRegistry` stop calls to a provider (or model) that keeps
+  failing, shared by every run in the process; a half-open probe tests it after a cooldown.
+- `Attempt` is the event every model call emits, success or failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import (
+    AuthenticationError,
+    ContentFilterError,
+    ContextLengthError,
+    InvalidRequestError,
+    ModelAPIError,
+    ModelTimeoutError,
+    ProviderOverloadedError,
+    RateLimitError,
+)
+
+if TYPE_CHECKING:
+    from .catalog import ModelSpec
+    from .usage import Usage
+
+__all__ = [
+    "Attempt",
+    "BreakerRegistry",
+    "BreakerState",
+    "CircuitBreaker",
+    "FallbackPolicy",
+    "default_breakers",
+    "error_from_status",
+]
+
+_CONTEXT_MARKERS = (
+    "context_length",
+    "context length",
+    "context window",
+    "maximum context",
+    "prompt is too long",
+    "too many tokens",
+    "input is too long",
+    "exceeds the maximum number of tokens",
+)
+_FILTER_MARKERS = ("content_filter", "content filter", "content management policy", "safety")
+
+
+def parse_retry_after(value: str | float | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return max(float(value), 0.0)
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def error_from_status(
+    status: int,
+    message: str,
+    *,
+    body: str | None = None,
+    retry_after: str | float | None = None,
+    provider: str = "",
+    model: str = "",
+) -> ModelAPIError:
+    """The frugalflow error for an HTTP error answer from a provider."""
+    text = (body or "").lower() + " " + message.lower()
+    kw: dict[str, Any] = {"provider": provider, "model": model, "status_code": status, "body": body}
+    if status == 429:
+        return RateLimitError(message, retry_after=parse_retry_after(retry_after), **kw)
+    if status in (401, 403):
+        return AuthenticationError(message, **kw)
+    if status == 408:
+        return ModelTimeoutError(message, **kw)
+    if status == 413 or (400 <= status < 500 and any(m in text for m in _CONTEXT_MARKERS)):
+        return ContextLengthError(message, **kw)
+    if 400 <= status < 500 and any(m in text for m in _FILTER_MARKERS):
+        return ContentFilterError(message, **kw)
+    if status in (400, 422):
+        return InvalidRequestError(message, **kw)
+    if status >= 500:  # includes Anthropic's 529 overloaded
+        return ProviderOverloadedError(message, **kw)
+    # 404 (model gone at this provider) and other codes: this model failed, others may not.
+    return ModelAPIError(message, **kw)
+
+
+class Action(Enum):
+    RETRY = "retry"  # same model, after a delay
+    NEXT = "next"  # next candidate
+    RAISE = "raise"  # the caller's bug: no fallback
+
+
+# Errors that say the provider is unhealthy; the others say nothing about its health.
+HEALTH_ERRORS = frozenset({"rate_limit", "overloaded", "timeout", "connection", "unknown"})
+_RETRYABLE = frozenset({"overloaded", "timeout", "connection"})
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    """Retries on one model before moving to the next, and the circuit breakers' settings."""
+
+    max_retries: int = 1
+    """Extra tries on the same model for overloaded/timeout/connection errors."""
+    backoff_base: float = 0.25
+    backoff_max: float = 4.0
+    retry_after_cap: float = 5.0
+    """Honour a 429's Retry-After up to this many seconds; beyond it, move on at once."""
+    timeout: float | None = 60.0
+    """Seconds a single attempt may take (None: the client's own)."""
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
+
+    def decide(self, error: ModelAPIError, tries: int) -> tuple[Action, float]:
+        """The action for `error` after `tries` retries on this model, and the delay before it."""
+        cls = error.error_class
+        if cls == "invalid_request":
+            return Action.RAISE, 0.0
+        if cls == "rate_limit":
+            wait = error.retry_after  # type: ignore[attr-defined]
+            if wait is not None and wait <= self.retry_after_cap and tries < self.max_retries:
+                return Action.RETRY, wait
+            return Action.NEXT, 0.0
+        if cls in _RETRYABLE and tries < self.max_retries:
+            delay = min(self.backoff_max, self.backoff_base * 2**tries)
+            return Action.RETRY, delay * (0.5 + random.random() / 2)  # jitter: 50-100%
+        return Action.NEXT, 0.0
+
+
+class BreakerState(str, Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+    DISABLED = "disabled"  # authentication failed: no calls for the rest of the process
+
+
+@dataclass
+class CircuitBreaker:
+    """closed -> open after `threshold` consecutive failures -> half-open after `cooldown`
+    (one probe call allowed) -> closed on the probe's success, open again on its failure."""
+
+    key: str
+    threshold: int = 5
+    cooldown: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    state: BreakerState = BreakerState.CLOSED
+    failures: int = 0
+    opened_at: float = 0.0
+    probe_in_flight: bool = False
+    reason: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def allow(self) -> bool:
+        """May a call go through now? In half-open state only the first caller gets a yes."""
+        with self._lock:
+            if self.state is BreakerState.CLOSED:
+                return True
+            if self.state is BreakerState.DISABLED:
+                return False
+            if self.state is BreakerState.OPEN:
+                if self.clock() - self.opened_at < self.cooldown:
+                    return False
+                self.state = BreakerState.HALF_OPEN
+                self.probe_in_flight = False
+            if self.probe_in_flight:
+                return False
+            self.probe_in_flight = True
+            return True
+
+    def record_success(self) -> None:
+        with self._lock:
+            if self.state is BreakerState.DISABLED:
+                return
+            self.state = BreakerState.CLOSED
+            self.failures = 0
+            self.probe_in_flight = False
+
+    def record_failure(self, reason: str = "") -> None:
+        with self._lock:
+            if self.state is BreakerState.DISABLED:
+                return
+            self.failures += 1
+            self.reason = reason
+            if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
+                self.state = BreakerState.OPEN
+                self.opened_at = self.clock()
+                self.probe_in_flight = False
+
+    def release(self) -> None:
+        """A call that was allowed ended without a verdict (cancelled): free the probe slot."""
+        with self._lock:
+            self.probe_in_flight = False
+
+    def disable(self, reason: str) -> None:
+        with self._lock:
+            self.state = BreakerState.DISABLED
+            self.reason = reason
+
+    def reset(self) -> None:
+        with self._lock:
+            self.state = BreakerState.CLOSED
+            self.failures = 0
+            self.probe_in_flight = False
+            self.reason = ""
+
+
+class BreakerRegistry:
+    """Breakers per provider and per model, shared by every run that uses this registry."""
+
+    def __init__(
+        self,
+        *,
+        threshold: int = 5,
+        cooldown: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> CircuitBreaker:
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            with self._lock:
+                breaker = self._breakers.setdefault(
+                    key, CircuitBreaker(key, self.threshold, self.cooldown, self.clock)
+                )
+        return breaker
+
+    def state(self, key: str) -> BreakerState:
+        b = self._breakers.get(key)
+        return b.state if b else BreakerState.CLOSED
+
+    def blocked_reason(self, spec: ModelSpec) -> str | None:
+        """Why calls to `spec` are blocked right now (without taking a probe slot), or None."""
+        for key in (spec.provider, spec.key):
+            b = self._breakers.get(key)
+            if b is None or b.state is BreakerState.CLOSED:
+                continue
+            if b.state is BreakerState.DISABLED:
+                return f"{key} disabled: {b.reason}"
+            if b.state is BreakerState.OPEN and self.clock() - b.opened_at < b.cooldown:
+                return f"circuit open for {key} ({b.reason})"
+            if b.state is BreakerState.HALF_OPEN and b.probe_in_flight:
+                return f"circuit half-open for {key}, probe in flight"
+        return None
+
+    def acquire(self, spec: ModelSpec) -> bool:
+        """Take permission for one call to `spec` (provider and model breakers both allow)."""
+        provider = self.get(spec.provider)
+        if not provider.allow():
+            return False
+        if not self.get(spec.key).allow():
+            provider.release()
+            return False
+        return True
+
+    def record(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
+        provider, model = self.get(spec.provider), self.get(spec.key)
+        if error is None or error.error_class not in HEALTH_ERRORS | {"auth", "malformed"}:
+            # An answer, even a refusal, shows the provider is up.
+            provider.record_success()
+            model.record_success()
+        elif error.error_class == "auth":
+            provider.disable(f"authentication failed ({error.status_code or 'no status'})")
+        elif error.error_class == "malformed":
+            provider.record_success()
+            model.record_failure("malformed")
+        else:
+            provider.record_failure(error.error_class)
+            model.record_failure(error.error_class)
+
+    def release(self, spec: ModelSpec) -> None:
+        self.get(spec.provider).release()
+        self.get(spec.key).release()
+
+    def snapshot(self) -> dict[str, BreakerState]:
+        return {k: b.state for k, b in sorted(self._breakers.items())}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._breakers.clear()
+
+
+default_breakers = BreakerRegistry()
+"""The process-wide registry every run shares unless given another."""
+
+
+@dataclass
+class Attempt:
+    """One try of one model for one call: the event the ledger and the demo consume."""
+
+    node: str
+    model: str
+    provider: str
+    outcome: str  # "ok" | "error"
+    call_id: str = ""
+    run_id: str | None = None
+    try_number: int = 1
+    usage: Usage | None = None
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    error_class: str | None = None
+    error: str | None = None
+    fallback_from: str | None = None
+    action: str | None = None  # what followed a failure: retry, next, raise
+    started_at: float = field(default_factory=time.time)
+
+    def describe(self) -> str:
+        if self.outcome == "ok":
+            return f"{self.model}: ok in {self.latency_ms:.0f} ms, ${self.cost_usd:.6f}"
+        return f"{self.model} ({self.provider}): {self.error_class}: {self.error}"
+
+
+Sleep = Callable[[float], Awaitable[Any]]
+_default_sleep: Sleep = asyncio.sleep

@@ -1,0 +1,479 @@
+"""Flows: workflows written as plain Python graphs whose model nodes are routed.
+
+    flow = Flow("triage", State)
+
+    @flow.node(needs=Needs(quality={"classification": 0.7}))
+    async def classify(state: State, model: RoutedChatModel) -> dict: ...
+
+    flow.add_edge(START, "classify")
+    app = flow.compile(Catalog.default())      # every check happens here
+    result = await app.ainvoke({"ticket": "..."}, budget=0.05)
+
+A flow compiles to a LangGraph `StateGraph` and runs on LangGraph, so checkpoints,
+interrupts, streaming, `Send` fan-out and subgraphs keep working. A node function takes
+the state and, optionally, `model` (its routed chat model), `config` and `runtime`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+import uuid
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
+from pydantic import ValidationError
+
+from .catalog import Catalog
+from .exceptions import FlowError
+from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
+from .routing import Needs, RoutedChatModel, RunContext, no_capable_model_error, rank
+from .usage import Listener, RunUsage
+
+__all__ = ["END", "START", "CompiledFlow", "Flow", "NodeSpec"]
+
+S = TypeVar("S")
+NodeFn = Callable[..., Any]
+_RESERVED = {START, END}
+
+
+@dataclass
+class NodeSpec:
+    """A node of a flow: its function (or subflow) and, for model nodes, its needs."""
+
+    name: str
+    fn: NodeFn | None = None
+    needs: Needs | None = None
+    subflow: Flow[Any] | None = None
+    description: str = ""
+
+    @property
+    def uses_model(self) -> bool:
+        return self.needs is not None
+
+
+@dataclass
+class _Branch:
+    source: str
+    path: Callable[..., Any]
+    targets: list[str] | None  # None: not declared, may go anywhere
+    path_map: dict[Hashable, str] | None = None
+
+
+@dataclass
+class Flow(Generic[S]):
+    """A workflow definition. Build it with `node`/`add_node`, edges, then `compile`."""
+
+    name: str
+    state: type[S]
+    description: str = ""
+    nodes: dict[str, NodeSpec] = field(default_factory=dict)
+    edges: list[tuple[str, str]] = field(default_factory=list)
+    branches: list[_Branch] = field(default_factory=list)
+    joins: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+
+    # -- definition ----------------------------------------------------------------
+
+    def node(
+        self,
+        name: str | None = None,
+        *,
+        needs: Needs | Mapping[str, Any] | None = None,
+        model: bool | None = None,
+        description: str = "",
+        **need_fields: Any,
+    ) -> Callable[[NodeFn], NodeFn]:
+        """Decorator form of `add_node`: `@flow.node(needs=Needs(tools=True))`."""
+
+        def decorate(fn: NodeFn) -> NodeFn:
+            self.add_node(
+                name or fn.__name__, fn, needs=needs, model=model,
+                description=description, **need_fields,
+            )
+            return fn
+
+        return decorate
+
+    def add_node(
+        self,
+        name: str,
+        fn: NodeFn | Flow[Any],
+        *,
+        needs: Needs | Mapping[str, Any] | None = None,
+        model: bool | None = None,
+        description: str = "",
+        **need_fields: Any,
+    ) -> Flow[S]:
+        """Add a node. It is a model node if it has needs or its function takes `model`."""
+        if not isinstance(name, str) or not name or name in _RESERVED or name.startswith("__"):
+            raise FlowError(f"flow {self.name!r}: invalid node name {name!r}", node=str(name))
+        if name in self.nodes:
+            raise FlowError(f"flow {self.name!r}: node {name!r} is defined twice", node=name)
+        if isinstance(fn, Flow):
+            self.nodes[name] = NodeSpec(name, subflow=fn, description=description or fn.description)
+            return self
+        if not callable(fn):
+            raise FlowError(
+                f"flow {self.name!r}: node {name!r} must be a function or a Flow, "
+                f"got {type(fn).__name__}",
+                node=name,
+            )
+        takes_model = "model" in inspect.signature(fn).parameters
+        if model is None:
+            model = takes_model or needs is not None or bool(need_fields)
+        resolved: Needs | None = None
+        if model:
+            try:
+                if isinstance(needs, Needs):
+                    resolved = needs.with_(**need_fields) if need_fields else needs
+                else:
+                    resolved = Needs(**{**dict(needs or {}), **need_fields})
+            except ValidationError as e:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+                )
+                raise FlowError(
+                    f"flow {self.name!r}, node {name!r}: bad needs: {problems}", node=name
+                ) from None
+            if not takes_model:
+                raise FlowError(
+                    f"flow {self.name!r}, node {name!r} has needs but its function takes no "
+                    "`model` parameter; add one: def {0}(state, model): ...".format(name),
+                    node=name,
+                )
+        self.nodes[name] = NodeSpec(name, fn=fn, needs=resolved, description=description)
+        return self
+
+    def add_edge(self, start: str | Sequence[str], end: str) -> Flow[S]:
+        """An edge; a list of starts waits for all of them (a join)."""
+        starts = [start] if isinstance(start, str) else list(start)
+        for s in starts:
+            self.edges.append((s, end))
+        if not isinstance(start, str):
+            self.joins.append((tuple(starts), end))
+        return self
+
+    def add_conditional_edges(
+        self,
+        source: str,
+        path: Callable[..., Any],
+        targets: Sequence[str] | Mapping[Hashable, str] | None = None,
+    ) -> Flow[S]:
+        """Route from `source` by `path(state)`: a node name, a list of names or `Send`s.
+
+        Name the possible `targets` (or annotate `path`'s return as `Literal[...]`) so that
+        compile can check them; undeclared targets are trusted to exist.
+        """
+        path_map: dict[Hashable, str] | None = None
+        names: list[str] | None
+        if isinstance(targets, Mapping):
+            path_map = dict(targets)
+            names = list(path_map.values())
+        elif targets is not None:
+            names = list(targets)
+        else:
+            names = _literal_targets(path)
+        self.branches.append(_Branch(source, path, names, path_map))
+        return self
+
+    def set_entry(self, name: str) -> Flow[S]:
+        return self.add_edge(START, name)
+
+    def set_finish(self, name: str) -> Flow[S]:
+        return self.add_edge(name, END)
+
+    # -- compile -------------------------------------------------------------------
+
+    def check(self, catalog: Catalog | None = None) -> None:
+        """Raise FlowError / NoCapableModelError for every problem found before running."""
+        names = set(self.nodes)
+        if not names:
+            raise FlowError(f"flow {self.name!r} has no nodes; add one with flow.add_node")
+
+        def known(n: str, where: str) -> None:
+            if n in names or n in _RESERVED:
+                return
+            close = difflib.get_close_matches(n, sorted(names), n=2)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise FlowError(
+                f"flow {self.name!r}: {where} names unknown node {n!r}{hint} "
+                f"(nodes: {', '.join(sorted(names))})",
+                node=n,
+            )
+
+        for a, b in self.edges:
+            known(a, f"edge {a!r} -> {b!r}")
+            known(b, f"edge {a!r} -> {b!r}")
+            if b == START:
+                raise FlowError(f"flow {self.name!r}: edge {a!r} -> START points into the start")
+            if a == END:
+                raise FlowError(f"flow {self.name!r}: edge END -> {b!r} leaves the end")
+        for br in self.branches:
+            known(br.source, f"conditional edge from {br.source!r}")
+            for t in br.targets or []:
+                known(t, f"conditional edge {br.source!r} -> {t!r}")
+        if not any(a == START for a, _ in self.edges) and not any(
+            br.source == START for br in self.branches
+        ):
+            first = next(iter(self.nodes))
+            raise FlowError(
+                f"flow {self.name!r} has no entry: add flow.add_edge(START, {first!r})"
+            )
+
+        # Reachability from START (an undeclared conditional edge may reach anything).
+        succ: dict[str, set[str]] = {}
+        for a, b in self.edges:
+            succ.setdefault(a, set()).add(b)
+        for br in self.branches:
+            succ.setdefault(br.source, set()).update(
+                br.targets if br.targets is not None else names | {END}
+            )
+        seen, todo = {START}, [START]
+        while todo:
+            for nxt in succ.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        unreachable = sorted(names - seen)
+        if unreachable:
+            raise FlowError(
+                f"flow {self.name!r}: node(s) {', '.join(map(repr, unreachable))} can never run: "
+                "no edge leads to them from START. Add an edge or remove them.",
+                node=unreachable[0],
+            )
+
+        for spec in self.nodes.values():
+            if spec.subflow is not None:
+                spec.subflow.check(catalog)
+            elif spec.needs is not None and catalog is not None:
+                self._check_node_catalog(spec, catalog)
+
+    def _check_node_catalog(self, spec: NodeSpec, catalog: Catalog) -> None:
+        needs = spec.needs
+        assert needs is not None
+        providers = set(catalog.providers)
+        for p in (*(needs.providers or ()), *needs.exclude_providers):
+            if p not in providers:
+                close = difflib.get_close_matches(p, sorted(providers), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise FlowError(
+                    f"flow {self.name!r}, node {spec.name!r}: provider {p!r} in its needs is not "
+                    f"in catalog {catalog.name!r}{hint}; providers: {', '.join(sorted(providers))}",
+                    node=spec.name,
+                )
+        for m in (*(needs.models or ()), *needs.exclude_models):
+            if m not in catalog:
+                close = difflib.get_close_matches(m, [s.key for s in catalog], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise FlowError(
+                    f"flow {self.name!r}, node {spec.name!r}: model {m!r} in its needs is not in "
+                    f"catalog {catalog.name!r}{hint}",
+                    node=spec.name,
+                )
+        ranking = rank(catalog, needs, input_tokens=needs.min_context or 0)
+        if not ranking.candidates:
+            raise no_capable_model_error(spec.name, needs, ranking, catalog)
+
+    def build_graph(self) -> StateGraph[Any, Any, Any, Any]:
+        """The LangGraph StateGraph (uncompiled) this flow describes."""
+        graph: StateGraph[Any, Any, Any, Any] = StateGraph(self.state, context_schema=RunContext)
+        for spec in self.nodes.values():
+            if spec.subflow is not None:
+                graph.add_node(spec.name, spec.subflow.build_graph().compile())
+            else:
+                graph.add_node(spec.name, _wrap(spec))
+        joined = {(s, e) for starts, e in self.joins for s in starts}
+        for starts, end in self.joins:
+            graph.add_edge(list(starts), end)
+        for a, b in self.edges:
+            if (a, b) not in joined:
+                graph.add_edge(a, b)
+        for br in self.branches:
+            if br.path_map is not None:
+                graph.add_conditional_edges(br.source, br.path, br.path_map)  # type: ignore[arg-type]
+            elif br.targets is not None:
+                graph.add_conditional_edges(br.source, br.path, br.targets)
+            else:
+                graph.add_conditional_edges(br.source, br.path)
+        return graph
+
+    def compile(
+        self,
+        catalog: Catalog | None = None,
+        *,
+        checkpointer: BaseCheckpointSaver[Any] | None = None,
+        policy: FallbackPolicy | None = None,
+        breakers: BreakerRegistry | None = None,
+        interrupt_before: Sequence[str] | None = None,
+        interrupt_after: Sequence[str] | None = None,
+    ) -> CompiledFlow:
+        """Check the flow against `catalog` (default: `Catalog.default()`) and compile it."""
+        catalog = catalog if catalog is not None else Catalog.default()
+        self.check(catalog)
+        for n in (*(interrupt_before or ()), *(interrupt_after or ())):
+            if n not in self.nodes:
+                raise FlowError(f"flow {self.name!r}: interrupt names unknown node {n!r}", node=n)
+        graph = self.build_graph().compile(
+            checkpointer=checkpointer,
+            interrupt_before=list(interrupt_before or []) or None,
+            interrupt_after=list(interrupt_after or []) or None,
+            name=self.name,
+        )
+        return CompiledFlow(
+            self, catalog, graph, policy or FallbackPolicy(), breakers or default_breakers
+        )
+
+
+def _literal_targets(path: Callable[..., Any]) -> list[str] | None:
+    try:
+        hints = typing.get_type_hints(path)
+    except Exception:  # unresolvable annotations: targets stay undeclared
+        return None
+    ret = hints.get("return")
+    if typing.get_origin(ret) is typing.Literal:
+        return [str(a) for a in typing.get_args(ret)]
+    return None
+
+
+def _wrap(spec: NodeSpec) -> Callable[..., Any]:
+    fn = spec.fn
+    assert fn is not None
+    params = inspect.signature(fn).parameters
+    wants = {k for k in ("model", "config", "runtime") if k in params}
+    needs = spec.needs
+    name = spec.name
+
+    def kwargs_for(config: RunnableConfig, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        if "model" in wants:
+            ctx = runtime.context
+            if ctx is None:
+                raise FlowError(
+                    f"node {name!r} needs a RunContext: run the flow through "
+                    "CompiledFlow.ainvoke/astream, or pass context=RunContext(catalog) to the graph",
+                    node=name,
+                )
+            kw["model"] = RoutedChatModel(needs=needs, node=name, context=ctx)
+        if "config" in wants:
+            kw["config"] = config
+        if "runtime" in wants:
+            kw["runtime"] = runtime
+        return kw
+
+    if inspect.iscoroutinefunction(fn):
+
+        async def run_async(state: Any, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
+            return await fn(state, **kwargs_for(config, runtime))
+
+        run_async.__name__ = name
+        return run_async
+
+    def run_sync(state: Any, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
+        return fn(state, **kwargs_for(config, runtime))
+
+    run_sync.__name__ = name
+    return run_sync
+
+
+class CompiledFlow:
+    """A checked flow bound to a catalog; runs on LangGraph (`.graph`)."""
+
+    def __init__(
+        self,
+        flow: Flow[Any],
+        catalog: Catalog,
+        graph: CompiledStateGraph[Any, Any, Any, Any],
+        policy: FallbackPolicy,
+        breakers: BreakerRegistry,
+    ) -> None:
+        self.flow = flow
+        self.catalog = catalog
+        self.graph = graph
+        self.policy = policy
+        self.breakers = breakers
+
+    @property
+    def name(self) -> str:
+        return self.flow.name
+
+    def new_context(
+        self,
+        *,
+        budget: float | None = None,
+        run_id: str | None = None,
+        listeners: Iterable[Listener] = (),
+        usage: RunUsage | None = None,
+    ) -> RunContext:
+        """The runtime context for one run: its budget, spend and attempt listeners."""
+        if usage is None:
+            usage = RunUsage(budget_usd=budget, run_id=run_id or uuid.uuid4().hex)
+        usage.listeners.extend(listeners)
+        return RunContext(
+            catalog=self.catalog, policy=self.policy, breakers=self.breakers, usage=usage
+        )
+
+    def _config(self, config: RunnableConfig | None, ctx: RunContext) -> RunnableConfig:
+        config = dict(config or {})  # type: ignore[assignment]
+        if self.graph.checkpointer is not None:
+            configurable = dict(config.get("configurable") or {})
+            configurable.setdefault("thread_id", ctx.usage.run_id)
+            config["configurable"] = configurable
+        return config  # type: ignore[return-value]
+
+    async def ainvoke(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        budget: float | None = None,
+        context: RunContext | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run to the end (or an interrupt) and return the final state."""
+        ctx = context or self.new_context(budget=budget)
+        return await self.graph.ainvoke(input, self._config(config, ctx), context=ctx, **kwargs)
+
+    def invoke(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        budget: float | None = None,
+        context: RunContext | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        ctx = context or self.new_context(budget=budget)
+        return self.graph.invoke(input, self._config(config, ctx), context=ctx, **kwargs)
+
+    async def astream(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        budget: float | None = None,
+        context: RunContext | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        """LangGraph's `astream` with this flow's run context."""
+        ctx = context or self.new_context(budget=budget)
+        async for item in self.graph.astream(
+            input, self._config(config, ctx), context=ctx, **kwargs
+        ):
+            yield item
+
+    def explain(self, input_tokens: int = 1000) -> dict[str, list[dict[str, Any]]]:
+        """Per model node: every catalog model, accepted in order or rejected with reasons."""
+        from .routing import explain
+
+        out: dict[str, list[dict[str, Any]]] = {}
+        for spec in self.flow.nodes.values():
+            if spec.needs is not None:
+                out[spec.name] = explain(self.catalog, spec.needs, input_tokens=input_tokens)
+        return out

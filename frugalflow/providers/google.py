@@ -1,0 +1,43 @@
+"""Google Gemini, through `langchain-google-genai`'s ChatGoogleGenerativeAI."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..exceptions import ModelAPIError
+from ..fallback import error_from_status
+from . import ProviderAdapter, translate_common
+
+if TYPE_CHECKING:
+    from ..catalog import ModelSpec
+
+
+class GoogleAdapter(ProviderAdapter):
+    name = "google"
+    extra = "google"
+    package = "langchain_google_genai"
+    chat_class = "langchain_google_genai:ChatGoogleGenerativeAI"
+    base_url_param = "base_url"
+    default_key_env = {"google": "GOOGLE_API_KEY"}
+
+    def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
+        where = {"provider": spec.provider, "model": spec.model}
+        # langchain-google-genai may wrap the SDK's error; look at the cause chain once.
+        for exc in (error, error.__cause__):
+            code = _status(exc)
+            if code is not None:
+                return error_from_status(
+                    code, f"{spec.key}: HTTP {code}: {str(exc)[:300]}", body=str(exc)[:2000],
+                    **where,
+                )
+        return translate_common(error, spec)
+
+
+def _status(error: BaseException | None) -> int | None:
+    try:
+        from google.genai import errors
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(error, errors.APIError):
+        return int(error.code)
+    return None

@@ -1,0 +1,45 @@
+"""Local models through Ollama (`langchain-ollama`'s ChatOllama); free, no key."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..exceptions import ModelAPIError
+from ..fallback import error_from_status
+from . import ProviderAdapter, translate_common
+
+if TYPE_CHECKING:
+    from ..catalog import ModelSpec
+
+
+class OllamaAdapter(ProviderAdapter):
+    name = "ollama"
+    extra = "ollama"
+    package = "langchain_ollama"
+    chat_class = "langchain_ollama:ChatOllama"
+    key_param = None
+    timeout_param = None
+    retries_param = None
+    default_base_url = {"ollama": "http://127.0.0.1:11434"}
+
+    def key_env(self, spec: ModelSpec) -> str | None:
+        # No key, but a host: Ollama models count as configured once OLLAMA_HOST is set,
+        # so a machine without a running server never routes to them.
+        return spec.api_key_env or "OLLAMA_HOST"
+
+    def base_url(self, spec: ModelSpec) -> str | None:
+        import os
+
+        return spec.base_url or os.environ.get("OLLAMA_HOST") or self.default_base_url["ollama"]
+
+    def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
+        try:
+            import ollama
+        except ImportError:  # pragma: no cover
+            return translate_common(error, spec)
+        if isinstance(error, ollama.ResponseError):
+            return error_from_status(
+                error.status_code, f"{spec.key}: HTTP {error.status_code}: {error.error}",
+                body=str(error.error), provider=spec.provider, model=spec.model,
+            )
+        return translate_common(error, spec)

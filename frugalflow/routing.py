@@ -1,0 +1,751 @@
+"""Needs, matching, and the routed chat model.
+
+A node declares `Needs`. `rank` filters the catalog by the hard needs (capabilities,
+context window, providers, price and latency caps, quality minimums) and orders the rest
+by the expected cost of *this* call. `RoutedChatModel` is a LangChain chat model that
+tries those candidates in order, falling back between providers as `fallback` decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from .catalog import SKILLS, Catalog, ModelSpec
+from .exceptions import (
+    AllModelsFailedError,
+    BudgetExceededError,
+    MalformedResponseError,
+    ModelAPIError,
+    NoCapableModelError,
+    UserError,
+)
+from .fallback import Action, Attempt, BreakerRegistry, FallbackPolicy, default_breakers
+from .usage import RunUsage, Usage
+
+__all__ = [
+    "Candidate",
+    "Needs",
+    "Ranking",
+    "RoutedChatModel",
+    "RunContext",
+    "estimate_tokens",
+    "explain",
+    "rank",
+]
+
+_INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
+
+
+class Needs(BaseModel):
+    """What a node requires of a model.
+
+    Hard needs filter the catalog; the rest rank what is left. The context window needed
+    is computed per call from the actual messages plus `max_output_tokens` (or
+    `expected_output_tokens`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tools: bool = False
+    structured_output: bool = False
+    vision: bool = False
+    reasoning: bool = False
+    streaming: bool = False
+    min_context: int | None = Field(default=None, gt=0)
+    quality: dict[str, float] = Field(default_factory=dict)
+    """Minimum score per skill, 0..1 (skills: classification, extraction, ...)."""
+    providers: tuple[str, ...] | None = None
+    """Only these providers (None: any)."""
+    exclude_providers: tuple[str, ...] = ()
+    models: tuple[str, ...] | None = None
+    """Only these `provider/model` keys (None: any)."""
+    exclude_models: tuple[str, ...] = ()
+    max_cost_per_call: float | None = Field(default=None, gt=0)
+    """USD: candidates whose expected cost for the call exceeds this are rejected."""
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    expected_output_tokens: int = Field(default=400, gt=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
+
+    @field_validator("quality")
+    @classmethod
+    def _valid_quality(cls, value: dict[str, float]) -> dict[str, float]:
+        for skill, score in value.items():
+            if skill not in SKILLS:
+                import difflib
+
+                close = difflib.get_close_matches(skill, SKILLS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"unknown skill {skill!r}{hint}; skills are: {', '.join(SKILLS)}"
+                )
+            if not 0.0 <= score <= 1.0:
+                raise ValueError(f"quality[{skill!r}] must be between 0 and 1, got {score}")
+        return value
+
+    @field_validator("providers", "exclude_providers", "models", "exclude_models", mode="before")
+    @classmethod
+    def _tuple(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value) if value is not None else None
+
+    def with_(self, **changes: Any) -> Needs:
+        """A copy with `changes` applied and validated."""
+        return Needs(**{**self.model_dump(), **changes})
+
+    @property
+    def output_budget(self) -> int:
+        return self.max_output_tokens or self.expected_output_tokens
+
+    def cache_key(self) -> tuple[Any, ...]:
+        d = self.model_dump()
+        d["quality"] = tuple(sorted(self.quality.items()))
+        return tuple(sorted(d.items()))
+
+    def describe(self) -> str:
+        """The non-default needs, e.g. `tools, quality.writing>=0.8`."""
+        parts: list[str] = []
+        for name in ("tools", "structured_output", "vision", "reasoning", "streaming"):
+            if getattr(self, name):
+                parts.append(name)
+        parts += [f"quality.{k}>={v}" for k, v in sorted(self.quality.items())]
+        for name in ("min_context", "providers", "exclude_providers", "models",
+                     "exclude_models", "max_cost_per_call", "max_latency_ms"):
+            value = getattr(self, name)
+            if value:
+                parts.append(f"{name}={value}")
+        return ", ".join(parts) or "no special needs"
+
+
+# -- token estimation ----------------------------------------------------------------
+
+_IMAGE_TOKENS = 800
+
+
+def _content_tokens(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content) // 4 + 1
+    if isinstance(content, list):
+        n = 0
+        for block in content:
+            if isinstance(block, str):
+                n += len(block) // 4 + 1
+            elif isinstance(block, dict):
+                kind = block.get("type")
+                if kind in ("image", "image_url"):
+                    n += _IMAGE_TOKENS
+                else:
+                    n += len(str(block.get("text", ""))) // 4 + 1
+        return n
+    return len(str(content)) // 4 + 1
+
+
+def estimate_tokens(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) -> int:
+    """A tokenizer-free estimate of a prompt's input tokens (about 4 characters a token)."""
+    n = 0
+    for m in messages:
+        n += 4 + _content_tokens(m.content)
+        calls = getattr(m, "tool_calls", None)
+        if calls:
+            n += len(json.dumps([c.get("args") for c in calls], default=str)) // 4
+    for t in tools:
+        n += len(json.dumps(_tool_schema(t), default=str)) // 4
+    return n
+
+
+def _tool_schema(tool: Any) -> dict[str, Any]:
+    try:
+        return convert_to_openai_tool(tool)
+    except Exception:  # an odd tool only makes the estimate rougher
+        return {"name": str(tool)}
+
+
+def _has_images(messages: Sequence[BaseMessage]) -> bool:
+    for m in messages:
+        if isinstance(m.content, list):
+            for block in m.content:
+                if isinstance(block, dict) and block.get("type") in ("image", "image_url"):
+                    return True
+    return False
+
+
+# -- ranking -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    spec: ModelSpec
+    expected_cost: float
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class Ranking:
+    """Capable models cheapest first, and every rejected model with its reasons."""
+
+    candidates: list[Candidate]
+    rejected: list[tuple[ModelSpec, list[str]]]
+    input_tokens: int = 0
+
+    def closest(self, n: int = 3) -> list[tuple[ModelSpec, list[str]]]:
+        """The rejected models that miss the fewest needs (the best hint for a fix)."""
+        return sorted(self.rejected, key=lambda r: (len(r[1]), r[0].estimate_cost(1000, 400)))[:n]
+
+
+def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str]:
+    reasons: list[str] = []
+    why = catalog.unavailable_reason(spec)
+    if why:
+        reasons.append(why)
+    caps = spec.caps
+    if needs.tools and not caps.tool_calling:
+        reasons.append("no tool calling")
+    if needs.structured_output and not caps.structured_output:
+        reasons.append("no structured output")
+    if needs.vision and not caps.vision:
+        reasons.append("no image input")
+    if needs.reasoning and not caps.reasoning:
+        reasons.append("no reasoning mode")
+    if needs.streaming and not caps.streaming:
+        reasons.append("no streaming")
+    if needs.min_context and spec.window < needs.min_context:
+        reasons.append(f"context {spec.window} < min_context {needs.min_context}")
+    for skill, minimum in needs.quality.items():
+        score = spec.quality.get(skill)
+        if score is None:
+            reasons.append(f"no {skill} score")
+        elif score < minimum:
+            reasons.append(f"quality.{skill} {score:.2f} < {minimum}")
+    if needs.providers is not None and spec.provider not in needs.providers:
+        reasons.append(f"provider {spec.provider} not in allowed {list(needs.providers)}")
+    if spec.provider in needs.exclude_providers:
+        reasons.append(f"provider {spec.provider} excluded")
+    if needs.models is not None and spec.key not in needs.models:
+        reasons.append("not in the node's allowed models")
+    if spec.key in needs.exclude_models:
+        reasons.append("model excluded")
+    if needs.max_latency_ms is not None and spec.latency_ms > needs.max_latency_ms:
+        reasons.append(f"latency {spec.latency_ms:.0f} ms > {needs.max_latency_ms:.0f} ms")
+    return reasons
+
+
+def rank(
+    catalog: Catalog,
+    needs: Needs,
+    messages: Sequence[BaseMessage] = (),
+    *,
+    tools: Sequence[Any] = (),
+    budget_left: float | None = None,
+    input_tokens: int | None = None,
+    _static: tuple[list[ModelSpec], list[tuple[ModelSpec, list[str]]]] | None = None,
+) -> Ranking:
+    """Capable models for a call with `messages`, cheapest expected cost first.
+
+    Ties are broken by quality (mean over the needed skills, else all), then latency.
+    """
+    if _static is None:
+        _static = static_filter(catalog, needs)
+    eligible, rejected = _static
+    rejected = list(rejected)
+    n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
+    n_out = needs.expected_output_tokens
+    context_needed = n_in + needs.output_budget
+    images = bool(messages) and _has_images(messages) and not needs.vision
+    skills = list(needs.quality) or None
+    ranked: list[tuple[tuple[float, float, float], Candidate]] = []
+    for spec in eligible:
+        reasons: list[str] = []
+        if spec.window < context_needed:
+            reasons.append(f"context {spec.window} < {context_needed} tokens needed")
+        if images and not spec.caps.vision:
+            reasons.append("messages hold images; no image input")
+        cost = spec.estimate_cost(n_in, n_out)
+        if needs.max_cost_per_call is not None and cost > needs.max_cost_per_call:
+            reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${needs.max_cost_per_call}")
+        if budget_left is not None and cost > budget_left:
+            reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
+        if reasons:
+            rejected.append((spec, reasons))
+            continue
+        key = (cost, -spec.mean_quality(skills), spec.latency_ms)
+        ranked.append((key, Candidate(spec, cost, n_in, n_out)))
+    ranked.sort(key=lambda kv: kv[0])
+    return Ranking([c for _, c in ranked], rejected, n_in)
+
+
+def static_filter(
+    catalog: Catalog, needs: Needs
+) -> tuple[list[ModelSpec], list[tuple[ModelSpec, list[str]]]]:
+    """Split the catalog by the needs that do not depend on the call's messages."""
+    eligible: list[ModelSpec] = []
+    rejected: list[tuple[ModelSpec, list[str]]] = []
+    for spec in catalog:
+        reasons = _static_reasons(catalog, spec, needs)
+        if reasons:
+            rejected.append((spec, reasons))
+        else:
+            eligible.append(spec)
+    return eligible, rejected
+
+
+def explain(
+    catalog: Catalog,
+    needs: Needs,
+    messages: Sequence[BaseMessage] = (),
+    *,
+    input_tokens: int | None = None,
+    budget_left: float | None = None,
+) -> list[dict[str, Any]]:
+    """Every catalog model, accepted (with its rank and expected cost) or rejected (why)."""
+    ranking = rank(
+        catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left
+    )
+    rows: list[dict[str, Any]] = []
+    for i, c in enumerate(ranking.candidates, 1):
+        rows.append(
+            {"model": c.spec.key, "accepted": True, "rank": i,
+             "expected_cost_usd": c.expected_cost, "reasons": []}
+        )
+    for spec, reasons in ranking.rejected:
+        rows.append({"model": spec.key, "accepted": False, "rank": None,
+                     "expected_cost_usd": None, "reasons": reasons})
+    return rows
+
+
+def no_capable_model_error(
+    node: str | None, needs: Needs, ranking: Ranking, catalog: Catalog
+) -> NoCapableModelError:
+    where = f"node {node!r}" if node else "this call"
+    closest = ranking.closest()
+    lines = [
+        f"{where}: no available model in catalog {catalog.name!r} meets its needs "
+        f"({needs.describe()})."
+    ]
+    if closest:
+        lines.append("Closest models:")
+        lines += [f"  - {s.key}: {'; '.join(r)}" for s, r in closest]
+    lines.append(
+        "Fix: relax the need named above, configure a provider that has such a model "
+        "(set its API key), or add a model to the catalog."
+    )
+    return NoCapableModelError(
+        "\n".join(lines), node=node, rejected=[(s.key, r) for s, r in ranking.rejected]
+    )
+
+
+# -- the run's shared state for routed calls ------------------------------------------------
+
+
+@dataclass
+class RunContext:
+    """What routed calls of one run share: catalog, policy, breakers, spend and budget.
+
+    LangGraph passes it to every node as the runtime context; it is never checkpointed,
+    so the runner supplies it again when a run resumes.
+    """
+
+    catalog: Catalog
+    policy: FallbackPolicy = field(default_factory=FallbackPolicy)
+    breakers: BreakerRegistry = field(default_factory=lambda: default_breakers)
+    usage: RunUsage = field(default_factory=RunUsage)
+    sleep: Any = None  # an awaitable sleep(seconds); tests pass a fake clock's
+    _static: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    _models: dict[str, BaseChatModel] = field(default_factory=dict, repr=False)
+
+    def static(self, needs: Needs) -> tuple[list[ModelSpec], list[tuple[ModelSpec, list[str]]]]:
+        key = needs.cache_key()
+        hit = self._static.get(key)
+        if hit is None:
+            hit = self._static[key] = static_filter(self.catalog, needs)
+        return hit
+
+    def model(self, spec: ModelSpec) -> BaseChatModel:
+        """The built chat model for `spec`, built once per run (keys are read at build)."""
+        m = self._models.get(spec.key)
+        if m is None:
+            m = self._models[spec.key] = spec.build(timeout=self.policy.timeout)
+        return m
+
+    async def pause(self, seconds: float) -> None:
+        if seconds > 0:
+            await (self.sleep or asyncio.sleep)(seconds)
+
+
+# -- the routed chat model -----------------------------------------------------------------
+
+
+class RoutedChatModel(BaseChatModel):
+    """A chat model that routes each call to the cheapest capable catalog model.
+
+    Use it wherever LangChain or LangGraph takes a chat model. `bind_tools` adds the
+    tool-calling need and `with_structured_output` the structured-output need; output that
+    fails its schema counts as a malformed response and moves to the next candidate.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    needs: Needs = Field(default_factory=Needs)
+    node: str | None = None
+    context: Any = Field(exclude=True)
+    """The RunContext: catalog, policy, breakers and spend shared by the run."""
+    tools: list[Any] = Field(default_factory=list, exclude=True)
+    tool_choice: Any = None
+    response_schema: Any = Field(default=None, exclude=True)
+    _last_model: str | None = PrivateAttr(default=None)
+
+    def __init__(
+        self,
+        catalog: Catalog | None = None,
+        *,
+        needs: Needs | None = None,
+        context: RunContext | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if context is None:
+            context = RunContext(catalog=catalog if catalog is not None else Catalog.default())
+        super().__init__(needs=needs or Needs(), context=context, **kwargs)
+
+    @property
+    def _llm_type(self) -> str:
+        return "frugalflow-routed"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"node": self.node, "needs": self.needs.describe()}
+
+    @property
+    def last_model(self) -> str | None:
+        """The `provider/model` that answered this instance's latest call."""
+        return self._last_model
+
+    # -- binding ---------------------------------------------------------------------
+
+    def _copy(self, **update: Any) -> RoutedChatModel:
+        return RoutedChatModel(
+            needs=update.pop("needs", self.needs),
+            context=self.context,
+            node=update.pop("node", self.node),
+            tools=update.pop("tools", self.tools),
+            tool_choice=update.pop("tool_choice", self.tool_choice),
+            response_schema=update.pop("response_schema", self.response_schema),
+            **update,
+        )
+
+    def with_needs(self, **changes: Any) -> RoutedChatModel:
+        """A routed model for the same run with some needs changed."""
+        return self._copy(needs=self.needs.with_(**changes))
+
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: Any = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        return self._copy(
+            tools=list(tools), tool_choice=tool_choice, needs=self.needs.with_(tools=True)
+        )
+
+    def with_structured_output(  # type: ignore[override]
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        routed = self._copy(
+            response_schema=schema, needs=self.needs.with_(structured_output=True)
+        )
+        # The base class binds `schema` as a forced tool and parses the tool call.
+        return BaseChatModel.with_structured_output(routed, schema, include_raw=include_raw)
+
+    # -- calls -----------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return _run_sync(self._agenerate(messages, stop=stop, **kwargs))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        message: AIMessage | None = None
+        async for kind, value in self._attempts(messages, stop, kwargs, stream=False):
+            if kind == "message":
+                message = value
+        assert message is not None
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        result = self._generate(messages, stop=stop, **kwargs)
+        msg = result.generations[0].message
+        yield ChatGenerationChunk(message=AIMessageChunk(**msg.model_dump(exclude={"type"})))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        async for kind, value in self._attempts(messages, stop, kwargs, stream=True):
+            if kind == "chunk":
+                chunk = ChatGenerationChunk(message=value)
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(value.text, chunk=chunk)
+                yield chunk
+
+    async def _attempts(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        *,
+        stream: bool,
+    ) -> AsyncIterator[tuple[Literal["message", "chunk"], Any]]:
+        """Try candidates in order; yield the answer (or its chunks) of the first that works."""
+        ctx = self.context
+        usage = ctx.usage
+        remaining = usage.remaining_usd
+        static = ctx.static(self.needs)
+        ranking = rank(
+            ctx.catalog, self.needs, messages, tools=self.tools,
+            budget_left=remaining, _static=static,
+        )
+        if not ranking.candidates:
+            if remaining is not None:
+                # Would anything fit with an unlimited budget? Then the budget is the problem.
+                unlimited = rank(ctx.catalog, self.needs, messages, tools=self.tools, _static=static)
+                if unlimited.candidates:
+                    cheapest = unlimited.candidates[0]
+                    raise BudgetExceededError(
+                        f"node {self.node!r}: the run's budget is spent "
+                        f"(${usage.spent_usd:.6f} of ${usage.budget_usd}); the cheapest capable "
+                        f"call ({cheapest.spec.key}) needs about ${cheapest.expected_cost:.6f}. "
+                        "Resume the run with a larger budget.",
+                        node=self.node, budget_usd=usage.budget_usd or 0.0,
+                        spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
+                    )
+            raise no_capable_model_error(self.node, self.needs, ranking, ctx.catalog)
+
+        call_id = uuid.uuid4().hex
+        failures: list[Exception] = []
+        attempts: list[Attempt] = []
+        skipped: list[str] = []
+        min_window = 0
+        banned_providers: set[str] = set()
+        previous: str | None = None
+        policy = ctx.policy
+        breakers = ctx.breakers
+
+        for cand in ranking.candidates:
+            spec = cand.spec
+            if spec.provider in banned_providers:
+                continue
+            if spec.window <= min_window:
+                continue
+            left = usage.remaining_usd
+            if left is not None and cand.expected_cost > left:
+                skipped.append(f"{spec.key}: over the remaining budget")
+                continue
+            tries = 0
+            while True:
+                if not breakers.acquire(spec):
+                    skipped.append(f"{spec.key}: {breakers.blocked_reason(spec) or 'circuit open'}")
+                    break
+                started = time.time()
+                t0 = time.perf_counter()
+                verdict = False
+                emitted = False
+                try:
+                    model = self._bound(spec)
+                    if stream:
+                        gathered: AIMessageChunk | None = None
+                        async for chunk in _with_timeout_iter(
+                            model.astream(messages, config=_INNER_CONFIG, stop=stop, **kwargs),
+                            policy.timeout,
+                        ):
+                            if not isinstance(chunk, AIMessageChunk):
+                                continue
+                            gathered = chunk if gathered is None else gathered + chunk
+                            emitted = True
+                            yield "chunk", chunk
+                        if gathered is None:
+                            raise MalformedResponseError(
+                                f"{spec.key} streamed no content", provider=spec.provider,
+                                model=spec.model,
+                            )
+                        message: AIMessage = gathered
+                    else:
+                        coro = model.ainvoke(messages, config=_INNER_CONFIG, stop=stop, **kwargs)
+                        if policy.timeout is not None:
+                            message = await asyncio.wait_for(coro, policy.timeout)
+                        else:
+                            message = await coro
+                    self._check_output(spec, message)
+                except asyncio.CancelledError:
+                    raise
+                except UserError:
+                    raise
+                except Exception as e:  # translated below; nothing is swallowed silently
+                    err = spec.adapter.translate(e, spec)
+                    if err is not e and err.__cause__ is None:
+                        err.__cause__ = e
+                    verdict = True
+                    breakers.record(spec, err)
+                    action, delay = policy.decide(err, tries)
+                    if emitted:
+                        # Tokens already reached the consumer: retrying would glue two answers.
+                        action, delay = Action.RAISE, 0.0
+                    attempt = Attempt(
+                        node=self.node or "", model=spec.key, provider=spec.provider,
+                        outcome="error", call_id=call_id, run_id=usage.run_id,
+                        try_number=len(attempts) + 1,
+                        latency_ms=(time.perf_counter() - t0) * 1000, error_class=err.error_class,
+                        error=_short(err), fallback_from=previous, action=action.value,
+                        started_at=started,
+                    )
+                    attempts.append(attempt)
+                    usage.record(attempt)
+                    failures.append(err)
+                    if action is Action.RAISE:
+                        raise err from e
+                    if action is Action.RETRY:
+                        tries += 1
+                        await ctx.pause(delay)
+                        continue
+                    if err.error_class == "context_length":
+                        min_window = max(min_window, spec.window)
+                    elif err.error_class == "content_filter":
+                        banned_providers.add(spec.provider)
+                    break
+                else:
+                    verdict = True
+                    breakers.record(spec, None)
+                    call_usage = Usage.from_message(message)
+                    cost = spec.cost(call_usage) if call_usage else 0.0
+                    attempt = Attempt(
+                        node=self.node or "", model=spec.key, provider=spec.provider,
+                        outcome="ok", call_id=call_id, run_id=usage.run_id,
+                        try_number=len(attempts) + 1, usage=call_usage, cost_usd=cost,
+                        latency_ms=(time.perf_counter() - t0) * 1000,
+                        fallback_from=previous, started_at=started,
+                    )
+                    attempts.append(attempt)
+                    usage.record(attempt)
+                    self._last_model = spec.key
+                    message.response_metadata = {
+                        **message.response_metadata,
+                        "frugalflow": {"model": spec.key, "cost_usd": cost,
+                                       "attempts": len(attempts), "call_id": call_id},
+                    }
+                    if not stream:
+                        yield "message", message
+                    return
+                finally:
+                    if not verdict:
+                        breakers.release(spec)
+            previous = spec.key
+
+        n = len(attempts)
+        detail = f"; skipped: {'; '.join(skipped)}" if skipped else ""
+        raise AllModelsFailedError(
+            f"node {self.node!r}: all {len(ranking.candidates)} capable models failed "
+            f"({n} attempts){detail}",
+            failures or [ModelAPIError("no candidate could be tried" + detail)],
+            node=self.node,
+            attempts=attempts,
+        )
+
+    def _bound(self, spec: ModelSpec) -> Runnable[Any, Any]:
+        model = self.context.model(spec)
+        if self.tools:
+            kwargs: dict[str, Any] = {}
+            if self.tool_choice is not None:
+                kwargs["tool_choice"] = self.tool_choice
+            return model.bind_tools(self.tools, **kwargs)
+        return model
+
+    def _check_output(self, spec: ModelSpec, message: AIMessage) -> None:
+        schema = self.response_schema
+        if schema is None:
+            return
+        calls = message.tool_calls
+        if not calls:
+            raise MalformedResponseError(
+                f"{spec.key} returned no structured output (no tool call)",
+                provider=spec.provider, model=spec.model,
+            )
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            try:
+                schema.model_validate(calls[0]["args"])
+            except Exception as e:  # pydantic.ValidationError or a bad type
+                raise MalformedResponseError(
+                    f"{spec.key} output fails schema {schema.__name__}: {_short(e)}",
+                    provider=spec.provider, model=spec.model,
+                ) from e
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:limit]
+
+
+async def _with_timeout_iter(it: AsyncIterator[Any], timeout: float | None) -> AsyncIterator[Any]:
+    """Iterate with a per-chunk timeout: a stream that stalls counts as a timeout."""
+    ait = it.__aiter__()
+    try:
+        while True:
+            try:
+                if timeout is None:
+                    item = await ait.__anext__()
+                else:
+                    item = await asyncio.wait_for(ait.__anext__(), timeout)
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        aclose = getattr(ait, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _run_sync(coro: Any) -> Any:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # Called from inside a running loop (sync API in async code): run on a helper thread.
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -1,0 +1,106 @@
+"""Token usage, what it costs, and a run's running total against its budget."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from langchain_core.messages import AIMessage
+
+    from .fallback import Attempt
+
+__all__ = ["RunUsage", "Usage"]
+
+log = logging.getLogger("frugalflow")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens of one or more model calls. Add two to get their total."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    requests: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            self.requests + other.requests,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @classmethod
+    def from_message(cls, message: AIMessage) -> Usage | None:
+        """The provider-reported usage on a LangChain message, or None when it reports none."""
+        meta = getattr(message, "usage_metadata", None)
+        if not meta:
+            return None
+        details = meta.get("input_token_details") or {}
+        return cls(
+            input_tokens=int(meta.get("input_tokens") or 0),
+            output_tokens=int(meta.get("output_tokens") or 0),
+            cache_read_tokens=int(details.get("cache_read") or 0),
+            cache_write_tokens=int(details.get("cache_creation") or 0),
+            requests=1,
+        )
+
+
+Listener = Callable[["Attempt"], Any]
+
+
+@dataclass
+class RunUsage:
+    """The attempts, spend and budget of one run, shared by every node of the run.
+
+    Routed models record each attempt here; `budget_usd` (None: unlimited) is checked
+    before every call. Listeners (the ledger, the demo's printer, the service's event
+    stream) are called with each attempt as it ends.
+    """
+
+    budget_usd: float | None = None
+    run_id: str | None = None
+    spent_usd: float = 0.0
+    attempts: list[Attempt] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)
+
+    @property
+    def remaining_usd(self) -> float | None:
+        if self.budget_usd is None:
+            return None
+        return max(self.budget_usd - self.spent_usd, 0.0)
+
+    def record(self, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+        self.spent_usd += attempt.cost_usd
+        for listener in self.listeners:
+            try:
+                listener(attempt)
+            except Exception:  # a broken listener must not fail the model call it observes
+                log.exception("frugalflow: attempt listener %r failed", listener)
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for a in self.attempts:
+            if a.usage is not None:
+                total = total + a.usage
+        return total
+
+    def cost_by(self, key: str) -> dict[str, float]:
+        """Spend grouped by an attempt attribute: "node", "model" or "provider"."""
+        out: dict[str, float] = defaultdict(float)
+        for a in self.attempts:
+            out[getattr(a, key)] += a.cost_usd
+        return dict(out)
