@@ -1,0 +1,1 @@
+"""Ready-made workflow definitions. Each module exposes `flow` (a frugalflow Flow)."""

@@ -1,0 +1,96 @@
+"""Support triage: classify a ticket, extract its fields, draft a reply, review the draft.
+
+Each step asks for what it needs and no more: classification is easy and goes to a small
+model; the review needs strong reasoning and goes to a frontier model only for that step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+from langchain_core.messages import HumanMessage, SystemMessage
+from pydantic import BaseModel, Field
+
+from frugalflow import END, START, Flow, Needs, RoutedChatModel
+
+CATEGORIES = ("billing", "shipping", "account", "technical", "other")
+
+
+class TicketFields(BaseModel):
+    """Structured fields extracted from a support ticket."""
+
+    customer_name: str = Field(description="the customer's name, or 'unknown'")
+    order_id: str | None = Field(default=None, description="an order number if mentioned")
+    product: str | None = Field(default=None, description="the product concerned")
+    urgency: Literal["low", "normal", "high"] = "normal"
+    summary: str = Field(description="one sentence describing the problem")
+
+
+class TriageState(TypedDict, total=False):
+    ticket: str
+    category: str
+    fields: dict[str, object]
+    draft: str
+    review: str
+    approved: bool
+
+
+flow: Flow[TriageState] = Flow(
+    "support_triage", TriageState,
+    description="classify -> extract fields (structured) -> draft reply -> review",
+)
+
+
+@flow.node(needs=Needs(quality={"classification": 0.6}, expected_output_tokens=5))
+async def classify(state: TriageState, model: RoutedChatModel) -> TriageState:
+    answer = await model.ainvoke(
+        [
+            SystemMessage(f"Classify the ticket into one of: {', '.join(CATEGORIES)}. "
+                          "Answer with the category only."),
+            HumanMessage(state["ticket"]),
+        ]
+    )
+    text = str(answer.content).lower()
+    category = next((c for c in CATEGORIES if c in text), "other")
+    return {"category": category}
+
+
+@flow.node(needs=Needs(structured_output=True, quality={"extraction": 0.7},
+                       expected_output_tokens=120))
+async def extract(state: TriageState, model: RoutedChatModel) -> TriageState:
+    fields = await model.with_structured_output(TicketFields).ainvoke(
+        [SystemMessage("Extract the ticket's fields."), HumanMessage(state["ticket"])]
+    )
+    return {"fields": fields.model_dump()}
+
+
+@flow.node(needs=Needs(quality={"writing": 0.8}, expected_output_tokens=350))
+async def draft(state: TriageState, model: RoutedChatModel) -> TriageState:
+    answer = await model.ainvoke(
+        [
+            SystemMessage("Write a short, friendly reply to this support ticket. "
+                          f"Category: {state['category']}. Known fields: {state['fields']}."),
+            HumanMessage(state["ticket"]),
+        ]
+    )
+    return {"draft": str(answer.content)}
+
+
+@flow.node(needs=Needs(quality={"reasoning": 0.8}, expected_output_tokens=150))
+async def review(state: TriageState, model: RoutedChatModel) -> TriageState:
+    answer = await model.ainvoke(
+        [
+            SystemMessage("Review this reply for accuracy, tone and policy. Start with "
+                          "APPROVE or REJECT, then one sentence of reasons."),
+            HumanMessage(f"Ticket:\n{state['ticket']}\n\nReply:\n{state['draft']}"),
+        ]
+    )
+    text = str(answer.content)
+    return {"review": text, "approved": not text.upper().startswith("REJECT")}
+
+
+flow.add_edge(START, "classify")
+flow.add_edge("classify", "extract")
+flow.add_edge("extract", "draft")
+flow.add_edge("draft", "review")
+flow.add_edge("review", END)
