@@ -359,6 +359,7 @@ class Catalog:
         for spec in models:
             if spec.key in self._models:
                 raise CatalogError(f"catalog {name!r} lists {spec.key!r} twice; keep one entry")
+            _ = spec.adapter  # an unknown provider is a catalog error now, not at call time
             self._models[spec.key] = spec
         self._env = env
 

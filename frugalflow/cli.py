@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .catalog import Catalog
 from .exceptions import FrugalflowError
-from .fallback import Attempt, FallbackPolicy
+from .fallback import Attempt, BreakerRegistry, FallbackPolicy
 from .flow import Flow
 
 app = typer.Typer(
@@ -91,7 +91,11 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
     # sim-openai rate-limits its second call with a short Retry-After.
     simulator.fail("sim-groq", "unavailable", calls=range(3, 10_000))
     simulator.fail("sim-openai", "rate_limit", calls=[2], retry_after=0.05)
-    compiled = flow.compile(catalog, policy=FallbackPolicy(backoff_base=0.01, backoff_max=0.05))
+    compiled = flow.compile(
+        catalog,
+        policy=FallbackPolicy(backoff_base=0.01, backoff_max=0.05),
+        breakers=BreakerRegistry(),
+    )
 
     attempts: list[Attempt] = []
 

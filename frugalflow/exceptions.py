@@ -207,8 +207,8 @@ class AllModelsFailedError(ExceptionGroup, FrugalflowError):  # type: ignore[mis
         node: str | None = None,
         attempts: Sequence[Attempt] = (),
     ) -> None:
-        # ExceptionGroup keeps message and exceptions itself (set in __new__).
-        self.message = message
+        # ExceptionGroup keeps `message` and `exceptions` itself (set in __new__).
+        pass
 
     def derive(self, excs: Sequence[Exception]) -> AllModelsFailedError:  # type: ignore[override]
         return AllModelsFailedError(self.message, excs, node=self.node, attempts=self.attempts)

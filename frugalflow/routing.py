@@ -537,25 +537,11 @@ class RoutedChatModel(BaseChatModel):
         usage = ctx.usage
         remaining = usage.remaining_usd
         static = ctx.static(self.needs)
-        ranking = rank(
-            ctx.catalog, self.needs, messages, tools=self.tools,
-            budget_left=remaining, _static=static,
-        )
+        ranking = rank(ctx.catalog, self.needs, messages, tools=self.tools, _static=static)
         if not ranking.candidates:
-            if remaining is not None:
-                # Would anything fit with an unlimited budget? Then the budget is the problem.
-                unlimited = rank(ctx.catalog, self.needs, messages, tools=self.tools, _static=static)
-                if unlimited.candidates:
-                    cheapest = unlimited.candidates[0]
-                    raise BudgetExceededError(
-                        f"node {self.node!r}: the run's budget is spent "
-                        f"(${usage.spent_usd:.6f} of ${usage.budget_usd}); the cheapest capable "
-                        f"call ({cheapest.spec.key}) needs about ${cheapest.expected_cost:.6f}. "
-                        "Resume the run with a larger budget.",
-                        node=self.node, budget_usd=usage.budget_usd or 0.0,
-                        spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
-                    )
             raise no_capable_model_error(self.node, self.needs, ranking, ctx.catalog)
+        if remaining is not None and ranking.candidates[0].expected_cost > remaining:
+            raise self._budget_error(ranking.candidates[0])
 
         call_id = uuid.uuid4().hex
         failures: list[Exception] = []
@@ -564,6 +550,7 @@ class RoutedChatModel(BaseChatModel):
         min_window = 0
         banned_providers: set[str] = set()
         previous: str | None = None
+        over_budget: Candidate | None = None
         policy = ctx.policy
         breakers = ctx.breakers
 
@@ -576,6 +563,7 @@ class RoutedChatModel(BaseChatModel):
             left = usage.remaining_usd
             if left is not None and cand.expected_cost > left:
                 skipped.append(f"{spec.key}: over the remaining budget")
+                over_budget = over_budget or cand
                 continue
             tries = 0
             while True:
@@ -678,12 +666,25 @@ class RoutedChatModel(BaseChatModel):
 
         n = len(attempts)
         detail = f"; skipped: {'; '.join(skipped)}" if skipped else ""
-        raise AllModelsFailedError(
+        group = AllModelsFailedError(
             f"node {self.node!r}: all {len(ranking.candidates)} capable models failed "
             f"({n} attempts){detail}",
             failures or [ModelAPIError("no candidate could be tried" + detail)],
             node=self.node,
             attempts=attempts,
+        )
+        if over_budget is not None:
+            raise self._budget_error(over_budget) from group
+        raise group
+
+    def _budget_error(self, cheapest: Candidate) -> BudgetExceededError:
+        usage = self.context.usage
+        return BudgetExceededError(
+            f"node {self.node!r}: the run's budget is spent (${usage.spent_usd:.6f} of "
+            f"${usage.budget_usd}); the next capable call ({cheapest.spec.key}) needs about "
+            f"${cheapest.expected_cost:.6f}. Resume the run with a larger budget.",
+            node=self.node, budget_usd=usage.budget_usd or 0.0,
+            spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
         )
 
     def _bound(self, spec: ModelSpec) -> Runnable[Any, Any]:

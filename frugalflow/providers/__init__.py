@@ -194,7 +194,7 @@ def adapter_for(spec: ModelSpec) -> ProviderAdapter:
 
         raise CatalogError(
             f"{spec.key}: unknown provider {spec.provider!r}"
-            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "")
             + "; or set 'integration' (module:Class) and 'base_url' in its entry"
         ) from None
 

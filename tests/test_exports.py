@@ -1,0 +1,14 @@
+import frugalflow
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    public = {
+        name for name in dir(frugalflow)
+        if not name.startswith("_") and name not in {
+            # submodules are reachable but not part of the flat API
+            "catalog", "cli", "exceptions", "fallback", "flow", "providers", "routing", "usage",
+            "annotations", "PackageNotFoundError", "version",
+        }
+    }
+    assert public == set(frugalflow.__all__) - {"__version__"}
+    assert sorted(frugalflow.__all__, key=str.lower) == sorted(frugalflow.__all__, key=str.lower)

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from frugalflow import (
+    AllModelsFailedError,
+    Attempt,
+    AuthenticationError,
+    BreakerRegistry,
+    BreakerState,
+    Catalog,
+    CircuitBreaker,
+    ContentFilterError,
+    ContextLengthError,
+    FallbackPolicy,
+    InvalidRequestError,
+    ModelAPIError,
+    ModelTimeoutError,
+    ProviderOverloadedError,
+    RateLimitError,
+)
+from frugalflow.fallback import Action, error_from_status, parse_retry_after
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "cls"),
+    [
+        (429, "", RateLimitError),
+        (401, "", AuthenticationError),
+        (403, "", AuthenticationError),
+        (408, "", ModelTimeoutError),
+        (400, '{"error": {"code": "context_length_exceeded"}}', ContextLengthError),
+        (400, "prompt is too long: 250000 tokens", ContextLengthError),
+        (413, "", ContextLengthError),
+        (400, '{"error": {"code": "content_filter"}}', ContentFilterError),
+        (400, "bad parameter temperature", InvalidRequestError),
+        (422, "", InvalidRequestError),
+        (500, "", ProviderOverloadedError),
+        (503, "", ProviderOverloadedError),
+        (529, "overloaded_error", ProviderOverloadedError),
+        (404, "model not found", ModelAPIError),
+    ],
+)
+def test_status_classification(status: int, body: str, cls: type) -> None:
+    err = error_from_status(status, f"HTTP {status}", body=body, provider="p", model="m")
+    assert type(err) is cls
+    assert err.status_code == status
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("garbage") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    err = error_from_status(429, "slow down", retry_after="2")
+    assert err.retry_after == 2.0
+
+
+def test_policy_decisions() -> None:
+    p = FallbackPolicy(max_retries=1, retry_after_cap=5)
+    assert p.decide(InvalidRequestError("x"), 0)[0] is Action.RAISE
+    assert p.decide(RateLimitError("x", retry_after=2.0), 0) == (Action.RETRY, 2.0)
+    assert p.decide(RateLimitError("x", retry_after=60.0), 0)[0] is Action.NEXT
+    assert p.decide(RateLimitError("x"), 0)[0] is Action.NEXT
+    action, delay = p.decide(ProviderOverloadedError("x"), 0)
+    assert action is Action.RETRY and 0.125 <= delay <= 0.25  # jittered 50-100% of base
+    assert p.decide(ProviderOverloadedError("x"), 1)[0] is Action.NEXT
+    for err in (AuthenticationError("x"), ContextLengthError("x"), ContentFilterError("x")):
+        assert p.decide(err, 0)[0] is Action.NEXT
+
+
+def test_breaker_state_machine(clock) -> None:  # type: ignore[no-untyped-def]
+    b = CircuitBreaker("p", threshold=3, cooldown=10, clock=clock)
+    assert b.allow()
+    b.record_failure("overloaded")
+    b.record_failure("overloaded")
+    assert b.state is BreakerState.CLOSED and b.allow()
+    b.record_failure("overloaded")
+    assert b.state is BreakerState.OPEN
+    assert not b.allow()
+    clock.now += 9.9
+    assert not b.allow()
+    clock.now += 0.2
+    assert b.allow()  # the one half-open probe
+    assert b.state is BreakerState.HALF_OPEN
+    assert not b.allow()  # no second probe while the first is in flight
+    b.record_failure("timeout")
+    assert b.state is BreakerState.OPEN  # probe failed: open again, new cooldown
+    assert not b.allow()
+    clock.now += 10.1
+    assert b.allow()
+    b.record_success()
+    assert b.state is BreakerState.CLOSED and b.failures == 0 and b.allow()
+
+
+def test_breaker_success_resets_the_count(clock) -> None:  # type: ignore[no-untyped-def]
+    b = CircuitBreaker("p", threshold=2, cooldown=10, clock=clock)
+    b.record_failure()
+    b.record_success()
+    b.record_failure()
+    assert b.state is BreakerState.CLOSED
+
+
+def test_cancelled_probe_frees_the_slot(clock) -> None:  # type: ignore[no-untyped-def]
+    b = CircuitBreaker("p", threshold=1, cooldown=1, clock=clock)
+    b.record_failure()
+    clock.now += 2
+    assert b.allow()
+    b.release()
+    assert b.allow()
+
+
+def test_registry_disables_a_provider_on_auth_failure(clock) -> None:  # type: ignore[no-untyped-def]
+    reg = BreakerRegistry(threshold=2, cooldown=5, clock=clock)
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
+    other = Catalog.simulated()["sim-openai/gpt-4.1"]
+    reg.record(spec, AuthenticationError("bad key", status_code=401))
+    assert reg.state("sim-openai") is BreakerState.DISABLED
+    assert not reg.acquire(other)
+    assert "disabled" in (reg.blocked_reason(other) or "")
+    clock.now += 10_000
+    assert not reg.acquire(other)  # disabled for the process, not a cooldown
+
+
+def test_registry_counts_only_health_errors(clock) -> None:  # type: ignore[no-untyped-def]
+    reg = BreakerRegistry(threshold=1, cooldown=5, clock=clock)
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
+    reg.record(spec, ContextLengthError("too long"))
+    reg.record(spec, InvalidRequestError("bad"))
+    assert reg.acquire(spec)
+    reg.record(spec, ProviderOverloadedError("503"))
+    assert reg.state("sim-openai") is BreakerState.OPEN
+    assert reg.state("sim-openai/gpt-4o-mini") is BreakerState.OPEN
+
+
+def test_exceptions_pickle() -> None:
+    err = RateLimitError("slow", provider="p", model="m", status_code=429, retry_after=1.5)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is RateLimitError and back.retry_after == 1.5 and str(back) == "slow"
+    group = AllModelsFailedError(
+        "all failed", [err, ProviderOverloadedError("down")], node="n",
+        attempts=[Attempt(node="n", model="p/m", provider="p", outcome="error",
+                          error_class="rate_limit", error="slow")],
+    )
+    back_group = pickle.loads(pickle.dumps(group))
+    assert isinstance(back_group, ExceptionGroup)
+    assert back_group.node == "n" and len(back_group.exceptions) == 2
+    assert back_group.attempts[0].model == "p/m"
+    assert "p/m (p): rate_limit: slow" in str(back_group)

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import pytest
+from langchain_core.messages import HumanMessage
+from pydantic import BaseModel, Field
+
+from frugalflow import (
+    ContextLengthError,
+    ProviderOverloadedError,
+    RateLimitError,
+    SimulatedChatModel,
+    Simulator,
+)
+
+HI = [HumanMessage("hello")]
+
+
+def test_deterministic_for_a_seed() -> None:
+    a = SimulatedChatModel(model_name="m", seed=1).invoke(HI).content
+    b = SimulatedChatModel(model_name="m", seed=1).invoke(HI).content
+    c = SimulatedChatModel(model_name="m", seed=2).invoke(HI).content
+    assert a == b != c
+
+
+def test_reports_usage() -> None:
+    msg = SimulatedChatModel(model_name="m", output_tokens=100).invoke([HumanMessage("x" * 400)])
+    usage = msg.usage_metadata
+    assert 100 <= usage["input_tokens"] <= 110
+    assert 60 <= usage["output_tokens"] <= 140
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
+class Address(BaseModel):
+    city: str
+    zip_code: str = Field(min_length=5)
+
+
+class Order(BaseModel):
+    id: int = Field(ge=1, le=99)
+    status: Literal["open", "shipped"]
+    price: float
+    rush: bool
+    items: list[str]
+    ship_to: Address
+    note: str | None = None
+
+
+def test_structured_output_is_schema_valid() -> None:
+    model = SimulatedChatModel(model_name="m")
+    for seed in range(20):
+        order = model.model_copy(update={"seed": seed}).with_structured_output(Order).invoke(HI)
+        assert isinstance(order, Order) and 1 <= order.id <= 99
+
+
+def test_responder_writes_answers() -> None:
+    model = SimulatedChatModel(model_name="m", responder=lambda msgs: f"echo: {msgs[-1].content}")
+    assert model.invoke(HI).content == "echo: hello"
+
+
+def test_fault_on_nth_call(sim: Simulator) -> None:
+    sim.fail("sim/m", "rate_limit", calls=[2], retry_after=3)
+    model = SimulatedChatModel(model_name="m")
+    model.invoke(HI)
+    with pytest.raises(RateLimitError) as info:
+        model.invoke(HI)
+    assert info.value.retry_after == 3.0 and info.value.status_code == 429
+    model.invoke(HI)
+
+
+def test_fault_rate_is_seeded(sim: Simulator) -> None:
+    def failures(seed: int) -> list[int]:
+        sim.reset(seed=seed)
+        sim.fail("sim", "server_error", rate=0.3)
+        out = []
+        model = SimulatedChatModel(model_name="m")
+        for i in range(200):
+            try:
+                model.invoke(HI)
+            except ProviderOverloadedError:
+                out.append(i)
+        return out
+
+    first = failures(5)
+    assert failures(5) == first
+    assert 30 < len(first) < 90
+
+
+def test_provider_down_for_a_window(clock) -> None:  # type: ignore[no-untyped-def]
+    sim = Simulator(clock=clock)
+    model = SimulatedChatModel(model_name="m", provider="sim-x", simulator=sim)
+    sim.down("sim-x", seconds=10)
+    with pytest.raises(ProviderOverloadedError):
+        model.invoke(HI)
+    clock.now += 11
+    model.invoke(HI)
+
+
+def test_context_window_is_enforced() -> None:
+    model = SimulatedChatModel(model_name="m", context_window=100)
+    with pytest.raises(ContextLengthError):
+        model.invoke([HumanMessage("word " * 500)])
+
+
+async def test_latency_is_configurable() -> None:
+    model = SimulatedChatModel(model_name="m", latency=0.05)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await model.ainvoke(HI)
+    assert loop.time() - t0 >= 0.05
