@@ -74,6 +74,7 @@ class _Resolved:
     max_output_tokens: int
     capabilities: Capabilities
     priced: bool
+    linear: bool = False  # genai-prices has no tiers for it: unit prices give the exact cost
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -191,12 +192,12 @@ class ModelSpec(BaseModel):
 
     def cost(self, usage: Usage) -> float:
         """USD for a call's reported usage; genai-prices handles tiers and cached tokens."""
-        if self.input_price is None and self.output_price is None and self._resolved.priced:
+        r = self._resolved
+        if (self.input_price is None or self.output_price is None) and r.priced and not r.linear:
             try:
                 return float(_genai_price(self, usage))
             except LookupError:
                 pass
-        r = self._resolved
         cached = usage.cache_read_tokens
         cached_price = r.cached_input_price if r.cached_input_price is not None else r.input_price
         return (
@@ -275,6 +276,22 @@ def _resolve(spec: ModelSpec) -> _Resolved:
             inp = spec.input_price or 0.0
             out = spec.output_price or 0.0
             sources["price"] = "catalog" if spec.local else "missing"
+    linear = False
+    if priced and sources["price"] == "genai-prices":
+        # Tiered prices (more per token past a threshold) need genai-prices for every call;
+        # flat ones are priced from the unit prices, which is exact and much faster.
+        try:
+            big_in = _genai_price(spec, Usage(input_tokens=1_000_000))
+            big_out = _genai_price(spec, Usage(output_tokens=1_000_000))
+            big_cached = _genai_price(spec, Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000))
+            small_cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000))
+            linear = (
+                abs(big_in - inp) < 1e-9 * max(inp, 1)
+                and abs(big_out - out) < 1e-9 * max(out, 1)
+                and abs(big_cached - small_cached * 100) < 1e-9 * max(big_cached, 1)
+            )
+        except LookupError:
+            linear = False
     cached = spec.cached_input_price
     if cached is None and priced and sources["price"] == "genai-prices":
         try:
@@ -331,6 +348,7 @@ def _resolve(spec: ModelSpec) -> _Resolved:
         max_output_tokens=int(max_out),
         capabilities=Capabilities(**caps),
         priced=priced,
+        linear=linear,
         sources=sources,
     )
 
@@ -362,6 +380,29 @@ class Catalog:
             _ = spec.adapter  # an unknown provider is a catalog error now, not at call time
             self._models[spec.key] = spec
         self._env = env
+        self._built: dict[tuple[str, float | None], tuple[int, BaseChatModel]] = {}
+        self._prefilters: dict[Any, tuple[int, Any]] = {}
+        self._key_envs = sorted(
+            {e for s in self._models.values() if (e := s.adapter.key_env(s))}
+        )
+
+    def prefiltered(self, needs: Any, compute: Any) -> Any:
+        """`compute(self, needs)`, cached per needs while the providers' keys stay the same."""
+        env_hash = hash(tuple(self._getenv(e) for e in self._key_envs))
+        hit = self._prefilters.get(needs.cache_key)
+        if hit is None or hit[0] != env_hash:
+            hit = self._prefilters[needs.cache_key] = (env_hash, compute(self, needs))
+        return hit[1]
+
+    def built(self, spec: ModelSpec, *, timeout: float | None = None) -> BaseChatModel:
+        """`spec` built as a LangChain chat model, reused while its key stays the same."""
+        env_name = spec.adapter.key_env(spec)
+        # A changed key rebuilds the model; the cache remembers only the key's hash.
+        key_hash = hash(self._getenv(env_name) or "") if env_name else 0
+        hit = self._built.get((spec.key, timeout))
+        if hit is None or hit[0] != key_hash:
+            hit = self._built[(spec.key, timeout)] = (key_hash, spec.build(timeout=timeout))
+        return hit[1]
 
     # -- loading ---------------------------------------------------------------------
 

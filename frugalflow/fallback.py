@@ -171,6 +171,8 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a call go through now? In half-open state only the first caller gets a yes."""
+        if self.state is BreakerState.CLOSED:  # the common case needs no lock
+            return True
         with self._lock:
             if self.state is BreakerState.CLOSED:
                 return True
@@ -187,6 +189,8 @@ class CircuitBreaker:
             return True
 
     def record_success(self) -> None:
+        if self.state is BreakerState.CLOSED and not self.failures and not self.probe_in_flight:
+            return
         with self._lock:
             if self.state is BreakerState.DISABLED:
                 return

@@ -350,17 +350,20 @@ def _wrap(spec: NodeSpec) -> Callable[..., Any]:
     needs = spec.needs
     name = spec.name
 
+    # One routed model per node, shared by every run: it finds the run's RunContext (budget,
+    # spend, breakers) in LangGraph's runtime at call time.
+    shared = RoutedChatModel(needs=needs, node=name) if "model" in wants else None
+
     def kwargs_for(config: RunnableConfig, runtime: Runtime[RunContext]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
-        if "model" in wants:
-            ctx = runtime.context
-            if ctx is None:
+        if shared is not None:
+            if not isinstance(runtime.context, RunContext):
                 raise FlowError(
                     f"node {name!r} needs a RunContext: run the flow through "
                     "CompiledFlow.ainvoke/astream, or pass context=RunContext(catalog) to the graph",
                     node=name,
                 )
-            kw["model"] = RoutedChatModel(needs=needs, node=name, context=ctx)
+            kw["model"] = shared
         if "config" in wants:
             kw["config"] = config
         if "runtime" in wants:

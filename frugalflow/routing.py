@@ -9,19 +9,22 @@ tries those candidates in order, falling back between providers as `fallback` de
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import cached_property
+from typing import Any, Literal, NamedTuple
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.runtime import get_runtime
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from .catalog import SKILLS, Catalog, ModelSpec
@@ -46,6 +49,10 @@ __all__ = [
     "explain",
     "rank",
 ]
+
+# Call ids: a random per-process prefix and a counter (uuid4 costs a syscall per call).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_call_counter = itertools.count(1)
 
 _INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
 
@@ -111,7 +118,9 @@ class Needs(BaseModel):
     def output_budget(self) -> int:
         return self.max_output_tokens or self.expected_output_tokens
 
+    @cached_property
     def cache_key(self) -> tuple[Any, ...]:
+        """A hashable form of these needs (computed once)."""
         d = self.model_dump()
         d["quality"] = tuple(sorted(self.quality.items()))
         return tuple(sorted(d.items()))
@@ -159,12 +168,14 @@ def estimate_tokens(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) 
     n = 0
     for m in messages:
         n += 4 + _content_tokens(m.content)
-        calls = getattr(m, "tool_calls", None)
-        if calls:
-            n += len(json.dumps([c.get("args") for c in calls], default=str)) // 4
-    for t in tools:
-        n += len(json.dumps(_tool_schema(t), default=str)) // 4
-    return n
+        if isinstance(m, AIMessage) and m.tool_calls:
+            n += len(json.dumps([c.get("args") for c in m.tool_calls], default=str)) // 4
+    return n + tool_tokens(tools) if tools else n
+
+
+def tool_tokens(tools: Sequence[Any]) -> int:
+    """Estimated prompt tokens taken by tool definitions."""
+    return sum(len(json.dumps(_tool_schema(t), default=str)) // 4 for t in tools)
 
 
 def _tool_schema(tool: Any) -> dict[str, Any]:
@@ -186,21 +197,28 @@ def _has_images(messages: Sequence[BaseMessage]) -> bool:
 # -- ranking -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Candidate:
-    spec: ModelSpec
+class Candidate(NamedTuple):
+    """A capable model for a call; tuples sort in routing order (cost, quality, latency)."""
+
     expected_cost: float
-    input_tokens: int
-    output_tokens: int
+    neg_quality: float
+    latency_ms: float
+    order: int
+    spec: ModelSpec
 
 
 @dataclass
 class Ranking:
     """Capable models cheapest first, and every rejected model with its reasons."""
 
-    candidates: list[Candidate]
+    rows: list[tuple[float, float, float, int, ModelSpec]]
+    """(expected cost, -quality, latency, catalog order, spec), sorted: the routing order."""
     rejected: list[tuple[ModelSpec, list[str]]]
     input_tokens: int = 0
+
+    @cached_property
+    def candidates(self) -> list[Candidate]:
+        return [Candidate._make(r) for r in self.rows]
 
     def closest(self, n: int = 3) -> list[tuple[ModelSpec, list[str]]]:
         """The rejected models that miss the fewest needs (the best hint for a fix)."""
@@ -244,54 +262,20 @@ def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str
     return reasons
 
 
-def rank(
-    catalog: Catalog,
-    needs: Needs,
-    messages: Sequence[BaseMessage] = (),
-    *,
-    tools: Sequence[Any] = (),
-    budget_left: float | None = None,
-    input_tokens: int | None = None,
-    _static: tuple[list[ModelSpec], list[tuple[ModelSpec, list[str]]]] | None = None,
-) -> Ranking:
-    """Capable models for a call with `messages`, cheapest expected cost first.
+@dataclass
+class Prefilter:
+    """The catalog split by the needs that do not depend on a call's messages."""
 
-    Ties are broken by quality (mean over the needed skills, else all), then latency.
-    """
-    if _static is None:
-        _static = static_filter(catalog, needs)
-    eligible, rejected = _static
-    rejected = list(rejected)
-    n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
-    n_out = needs.expected_output_tokens
-    context_needed = n_in + needs.output_budget
-    images = bool(messages) and _has_images(messages) and not needs.vision
-    skills = list(needs.quality) or None
-    ranked: list[tuple[tuple[float, float, float], Candidate]] = []
-    for spec in eligible:
-        reasons: list[str] = []
-        if spec.window < context_needed:
-            reasons.append(f"context {spec.window} < {context_needed} tokens needed")
-        if images and not spec.caps.vision:
-            reasons.append("messages hold images; no image input")
-        cost = spec.estimate_cost(n_in, n_out)
-        if needs.max_cost_per_call is not None and cost > needs.max_cost_per_call:
-            reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${needs.max_cost_per_call}")
-        if budget_left is not None and cost > budget_left:
-            reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
-        if reasons:
-            rejected.append((spec, reasons))
-            continue
-        key = (cost, -spec.mean_quality(skills), spec.latency_ms)
-        ranked.append((key, Candidate(spec, cost, n_in, n_out)))
-    ranked.sort(key=lambda kv: kv[0])
-    return Ranking([c for _, c in ranked], rejected, n_in)
+    eligible: list[ModelSpec]
+    rejected: list[tuple[ModelSpec, list[str]]]
+    # Per eligible model: (spec, $/input token, $/output token, window, vision, -quality, latency)
+    rows: list[tuple[ModelSpec, float, float, int, bool, float, float]] = field(
+        default_factory=list
+    )
 
 
-def static_filter(
-    catalog: Catalog, needs: Needs
-) -> tuple[list[ModelSpec], list[tuple[ModelSpec, list[str]]]]:
-    """Split the catalog by the needs that do not depend on the call's messages."""
+def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
+    """Apply the static needs (capabilities, quality, providers, latency, availability)."""
     eligible: list[ModelSpec] = []
     rejected: list[tuple[ModelSpec, list[str]]] = []
     for spec in catalog:
@@ -300,7 +284,59 @@ def static_filter(
             rejected.append((spec, reasons))
         else:
             eligible.append(spec)
-    return eligible, rejected
+    skills = list(needs.quality) or None
+    rows = [
+        (s, s.input_price_per_mtok / 1e6, s.output_price_per_mtok / 1e6, s.window,
+         s.caps.vision, -s.mean_quality(skills), s.latency_ms)
+        for s in eligible
+    ]
+    return Prefilter(eligible, rejected, rows)
+
+
+def rank(
+    catalog: Catalog,
+    needs: Needs,
+    messages: Sequence[BaseMessage] = (),
+    *,
+    tools: Sequence[Any] = (),
+    budget_left: float | None = None,
+    input_tokens: int | None = None,
+    _static: Prefilter | None = None,
+) -> Ranking:
+    """Capable models for a call with `messages`, cheapest expected cost first.
+
+    Ties are broken by quality (mean over the needed skills, else all), then latency.
+    """
+    static = _static if _static is not None else prefilter(catalog, needs)
+    rejected = list(static.rejected)
+    n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
+    n_out = needs.expected_output_tokens
+    context_needed = n_in + needs.output_budget
+    images = bool(messages) and not needs.vision and _has_images(messages)
+    max_cost = needs.max_cost_per_call
+    ranked: list[tuple[float, float, float, int, ModelSpec]] = []
+    for i, (spec, p_in, p_out, window, vision, neg_quality, latency) in enumerate(static.rows):
+        cost = n_in * p_in + n_out * p_out
+        if (
+            window < context_needed
+            or (images and not vision)
+            or (max_cost is not None and cost > max_cost)
+            or (budget_left is not None and cost > budget_left)
+        ):
+            reasons: list[str] = []
+            if window < context_needed:
+                reasons.append(f"context {window} < {context_needed} tokens needed")
+            if images and not vision:
+                reasons.append("messages hold images; no image input")
+            if max_cost is not None and cost > max_cost:
+                reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${max_cost}")
+            if budget_left is not None and cost > budget_left:
+                reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
+            rejected.append((spec, reasons))
+            continue
+        ranked.append((cost, neg_quality, latency, i, spec))
+    ranked.sort()  # `order` makes keys unique: specs are never compared
+    return Ranking(ranked, rejected, n_in)
 
 
 def explain(
@@ -351,7 +387,7 @@ def no_capable_model_error(
 # -- the run's shared state for routed calls ------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class RunContext:
     """What routed calls of one run share: catalog, policy, breakers, spend and budget.
 
@@ -364,22 +400,16 @@ class RunContext:
     breakers: BreakerRegistry = field(default_factory=lambda: default_breakers)
     usage: RunUsage = field(default_factory=RunUsage)
     sleep: Any = None  # an awaitable sleep(seconds); tests pass a fake clock's
-    _static: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
-    _models: dict[str, BaseChatModel] = field(default_factory=dict, repr=False)
 
-    def static(self, needs: Needs) -> tuple[list[ModelSpec], list[tuple[ModelSpec, list[str]]]]:
-        key = needs.cache_key()
-        hit = self._static.get(key)
-        if hit is None:
-            hit = self._static[key] = static_filter(self.catalog, needs)
-        return hit
+    def __repr__(self) -> str:
+        return f"RunContext(catalog={self.catalog.name!r}, run_id={self.usage.run_id!r})"
+
+    def static(self, needs: Needs) -> Prefilter:
+        return self.catalog.prefiltered(needs, prefilter)
 
     def model(self, spec: ModelSpec) -> BaseChatModel:
-        """The built chat model for `spec`, built once per run (keys are read at build)."""
-        m = self._models.get(spec.key)
-        if m is None:
-            m = self._models[spec.key] = spec.build(timeout=self.policy.timeout)
-        return m
+        """The built chat model for `spec` (built once per catalog, timeout and key)."""
+        return self.catalog.built(spec, timeout=self.policy.timeout)
 
     async def pause(self, seconds: float) -> None:
         if seconds > 0:
@@ -407,6 +437,8 @@ class RoutedChatModel(BaseChatModel):
     tool_choice: Any = None
     response_schema: Any = Field(default=None, exclude=True)
     _last_model: str | None = PrivateAttr(default=None)
+    _variants: dict[Any, Any] = PrivateAttr(default_factory=dict)
+    _tool_tokens: int | None = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -416,13 +448,33 @@ class RoutedChatModel(BaseChatModel):
         context: RunContext | None = None,
         **kwargs: Any,
     ) -> None:
-        if context is None:
-            context = RunContext(catalog=catalog if catalog is not None else Catalog.default())
+        if context is None and catalog is not None:
+            context = RunContext(catalog=catalog)
         super().__init__(needs=needs or Needs(), context=context, **kwargs)
+
+    def run_context(self) -> RunContext:
+        """This model's run context: its own, else the one of the LangGraph run it is in."""
+        if self.context is not None:
+            return self.context  # type: ignore[no-any-return]
+        try:
+            ctx = get_runtime().context
+        except RuntimeError:
+            ctx = None
+        if not isinstance(ctx, RunContext):
+            raise UserError(
+                f"routed model of node {self.node!r} has no run context: give it a catalog "
+                "(RoutedChatModel(catalog)) or run it inside a frugalflow flow"
+            )
+        return ctx
 
     @property
     def _llm_type(self) -> str:
         return "frugalflow-routed"
+
+    def __repr_args__(self) -> Any:
+        # The default repr walks the run context (catalog, attempts): keep it small, since
+        # LangChain computes it for every run's serialized form.
+        return [("node", self.node), ("needs", self.needs.describe())]
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -457,9 +509,14 @@ class RoutedChatModel(BaseChatModel):
         tool_choice: Any = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        return self._copy(
-            tools=list(tools), tool_choice=tool_choice, needs=self.needs.with_(tools=True)
-        )
+        # Nodes bind the same tools on every call: reuse the bound copy.
+        key = ("tools", tuple(id(t) for t in tools), repr(tool_choice))
+        hit = self._variants.get(key)
+        if hit is None:
+            hit = self._variants[key] = self._copy(
+                tools=list(tools), tool_choice=tool_choice, needs=self.needs.with_(tools=True)
+            )
+        return hit  # type: ignore[no-any-return]
 
     def with_structured_output(  # type: ignore[override]
         self,
@@ -468,11 +525,17 @@ class RoutedChatModel(BaseChatModel):
         include_raw: bool = False,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, Any]:
-        routed = self._copy(
-            response_schema=schema, needs=self.needs.with_(structured_output=True)
-        )
-        # The base class binds `schema` as a forced tool and parses the tool call.
-        return BaseChatModel.with_structured_output(routed, schema, include_raw=include_raw)
+        key = ("schema", id(schema), include_raw)
+        hit = self._variants.get(key)
+        if hit is None:
+            routed = self._copy(
+                response_schema=schema, needs=self.needs.with_(structured_output=True)
+            )
+            # The base class binds `schema` as a forced tool and parses the tool call.
+            hit = self._variants[key] = BaseChatModel.with_structured_output(
+                routed, schema, include_raw=include_raw
+            )
+        return hit  # type: ignore[no-any-return]
 
     # -- calls -----------------------------------------------------------------------
 
@@ -533,17 +596,22 @@ class RoutedChatModel(BaseChatModel):
         stream: bool,
     ) -> AsyncIterator[tuple[Literal["message", "chunk"], Any]]:
         """Try candidates in order; yield the answer (or its chunks) of the first that works."""
-        ctx = self.context
+        ctx = self.run_context()
         usage = ctx.usage
         remaining = usage.remaining_usd
         static = ctx.static(self.needs)
-        ranking = rank(ctx.catalog, self.needs, messages, tools=self.tools, _static=static)
-        if not ranking.candidates:
+        n_in = estimate_tokens(messages)
+        if self.tools:
+            if self._tool_tokens is None:
+                self._tool_tokens = tool_tokens(self.tools)
+            n_in += self._tool_tokens
+        ranking = rank(ctx.catalog, self.needs, messages, _static=static, input_tokens=n_in)
+        if not ranking.rows:
             raise no_capable_model_error(self.node, self.needs, ranking, ctx.catalog)
-        if remaining is not None and ranking.candidates[0].expected_cost > remaining:
+        if remaining is not None and ranking.rows[0][0] > remaining:
             raise self._budget_error(ranking.candidates[0])
 
-        call_id = uuid.uuid4().hex
+        call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
         failures: list[Exception] = []
         attempts: list[Attempt] = []
         skipped: list[str] = []
@@ -554,16 +622,16 @@ class RoutedChatModel(BaseChatModel):
         policy = ctx.policy
         breakers = ctx.breakers
 
-        for cand in ranking.candidates:
-            spec = cand.spec
+        for row in ranking.rows:
+            expected_cost, spec = row[0], row[4]
             if spec.provider in banned_providers:
                 continue
             if spec.window <= min_window:
                 continue
             left = usage.remaining_usd
-            if left is not None and cand.expected_cost > left:
+            if left is not None and expected_cost > left:
                 skipped.append(f"{spec.key}: over the remaining budget")
-                over_budget = over_budget or cand
+                over_budget = over_budget or Candidate._make(row)
                 continue
             tries = 0
             while True:
@@ -594,11 +662,13 @@ class RoutedChatModel(BaseChatModel):
                             )
                         message: AIMessage = gathered
                     else:
-                        coro = model.ainvoke(messages, config=_INNER_CONFIG, stop=stop, **kwargs)
-                        if policy.timeout is not None:
-                            message = await asyncio.wait_for(coro, policy.timeout)
+                        if spec.adapter.timeout_param is None and policy.timeout is not None:
+                            # The client has no timeout of its own: enforce the policy's.
+                            async with asyncio.timeout(policy.timeout):
+                                message = await _generate_once(model, messages, stop, kwargs)
                         else:
-                            message = await coro
+                            # The client was built with timeout=policy.timeout and raises.
+                            message = await _generate_once(model, messages, stop, kwargs)
                     self._check_output(spec, message)
                 except asyncio.CancelledError:
                     raise
@@ -667,7 +737,7 @@ class RoutedChatModel(BaseChatModel):
         n = len(attempts)
         detail = f"; skipped: {'; '.join(skipped)}" if skipped else ""
         group = AllModelsFailedError(
-            f"node {self.node!r}: all {len(ranking.candidates)} capable models failed "
+            f"node {self.node!r}: all {len(ranking.rows)} capable models failed "
             f"({n} attempts){detail}",
             failures or [ModelAPIError("no candidate could be tried" + detail)],
             node=self.node,
@@ -678,7 +748,7 @@ class RoutedChatModel(BaseChatModel):
         raise group
 
     def _budget_error(self, cheapest: Candidate) -> BudgetExceededError:
-        usage = self.context.usage
+        usage = self.run_context().usage
         return BudgetExceededError(
             f"node {self.node!r}: the run's budget is spent (${usage.spent_usd:.6f} of "
             f"${usage.budget_usd}); the next capable call ({cheapest.spec.key}) needs about "
@@ -688,7 +758,7 @@ class RoutedChatModel(BaseChatModel):
         )
 
     def _bound(self, spec: ModelSpec) -> Runnable[Any, Any]:
-        model = self.context.model(spec)
+        model = self.run_context().model(spec)
         if self.tools:
             kwargs: dict[str, Any] = {}
             if self.tool_choice is not None:
@@ -714,6 +784,34 @@ class RoutedChatModel(BaseChatModel):
                     f"{spec.key} output fails schema {schema.__name__}: {_short(e)}",
                     provider=spec.provider, model=spec.model,
                 ) from e
+
+
+async def _generate_once(
+    model: Runnable[Any, Any], messages: list[BaseMessage], stop: list[str] | None,
+    kwargs: dict[str, Any],
+) -> AIMessage:
+    """One generation from a candidate model.
+
+    The routed model is the LangChain run that callbacks, tracing and streaming observe;
+    the candidate is called through its generation hook (`_agenerate`, the method every
+    chat model implements) rather than a second, nested `ainvoke` run. A model with a
+    cache, a rate limiter or v1 output blocks goes through `ainvoke`, which applies them.
+    """
+    target, bound_kwargs = model, {}
+    if isinstance(model, RunnableBinding) and isinstance(model.bound, BaseChatModel):
+        target, bound_kwargs = model.bound, dict(model.kwargs)
+    if (
+        isinstance(target, BaseChatModel)
+        and target.cache is None
+        and target.rate_limiter is None
+        and getattr(target, "output_version", None) != "v1"
+    ):
+        result = await target._agenerate(messages, stop=stop, **{**bound_kwargs, **kwargs})
+        message = result.generations[0].message
+        if not isinstance(message, AIMessage):  # pragma: no cover - defensive
+            raise MalformedResponseError(f"{type(target).__name__} returned {type(message).__name__}")
+        return message
+    return await model.ainvoke(messages, config=_INNER_CONFIG, stop=stop, **kwargs)  # type: ignore[no-any-return]
 
 
 def _short(error: BaseException, limit: int = 300) -> str:

@@ -26,7 +26,7 @@ def test_ranked_by_expected_cost_of_this_call() -> None:
     r = rank(cat, Needs(expected_output_tokens=5_000), [HumanMessage("hi")])
     assert [c.spec.model for c in r.candidates] == ["out-cheap", "in-cheap"]
     c = r.candidates[0]
-    assert c.expected_cost == pytest.approx((c.input_tokens * 5.0 + 5_000 * 0.5) / 1e6)
+    assert c.expected_cost == pytest.approx((r.input_tokens * 5.0 + 5_000 * 0.5) / 1e6)
 
 
 def test_ties_broken_by_quality_then_latency() -> None:

@@ -204,6 +204,8 @@ class SimulatedChatModel(BaseChatModel):
     scaled_latency: float = 0.0
     """Seconds multiplied by the simulator's `latency_scale` (the catalog's latency_ms)."""
     output_tokens: int = 60
+    timeout: float | None = None
+    """Like an SDK's read timeout: a hanging call raises TimeoutError after this long."""
     context_window: int | None = None
     responder: Callable[[list[BaseMessage]], str | AIMessage] | None = Field(
         default=None, exclude=True
@@ -340,7 +342,10 @@ class SimulatedChatModel(BaseChatModel):
             time.sleep(seconds)
         if fault is not None:
             if fault.kind == "timeout":
-                raise TimeoutError(f"{self.key}: timed out")
+                if self.timeout is None:
+                    raise TimeoutError(f"{self.key}: timed out (sync calls cannot hang here)")
+                time.sleep(self.timeout)
+                raise TimeoutError(f"{self.key}: no answer within {self.timeout} s")
             self._raise(fault)
         return ChatResult(generations=[ChatGeneration(message=self._answer(messages))])
 
@@ -356,12 +361,19 @@ class SimulatedChatModel(BaseChatModel):
         malformed = False
         if fault is not None:
             if fault.kind == "timeout":
-                await asyncio.Event().wait()  # hang until the caller's timeout cancels us
+                await self._hang()
             if fault.kind == "malformed" and self.bound_tools:
                 malformed = True
             elif fault.kind != "stream_cut":
                 self._raise(fault)
         return ChatResult(generations=[ChatGeneration(message=self._answer(messages, malformed))])
+
+    async def _hang(self) -> None:
+        """The provider never answers: give up after `timeout`, as an HTTP client would."""
+        if self.timeout is None:
+            await asyncio.Event().wait()  # until cancelled
+        await asyncio.sleep(self.timeout)
+        raise TimeoutError(f"{self.key}: no answer within {self.timeout} s")
 
     def _raise(self, fault: Fault) -> None:
         raise _error(fault.kind, fault, self.provider, self.model_name)
@@ -386,7 +398,7 @@ class SimulatedChatModel(BaseChatModel):
         fault = self._fault(messages)
         await self._delay()
         if fault is not None and fault.kind == "timeout":
-            await asyncio.Event().wait()
+            await self._hang()
         if fault is not None and fault.kind not in ("stream_cut", "malformed"):
             self._raise(fault)
         message = self._answer(messages, malformed=fault is not None and fault.kind == "malformed")
@@ -472,6 +484,7 @@ class SimulatedAdapter(ProviderAdapter):
     """Catalog entries with `simulated = true` or a provider named `sim-*`."""
 
     name = "simulated"
+    timeout_param = "timeout"
     extra = ""
     package = "langchain_core"
 
@@ -489,6 +502,7 @@ class SimulatedAdapter(ProviderAdapter):
             context_window=spec.window,
             profile=self.profile(spec),
             scaled_latency=spec.latency_ms / 1000.0,
+            timeout=timeout,
             **kwargs,
         )
         return model
