@@ -177,3 +177,17 @@ def test_usage_adds() -> None:
     total = Usage(1, 2, 0, 0, 1) + Usage(10, 20, 5, 0, 1)
     assert total == Usage(11, 22, 5, 0, 2)
     assert total.total_tokens == 33
+
+
+def test_tiered_prices_follow_genai_prices() -> None:
+    # Sonnet charges more past 200k input tokens: the cost must come from genai-prices.
+    spec = Catalog.builtin()["anthropic/claude-sonnet-4-5"]
+    assert not spec._resolved.linear
+    for n in (1_000, 300_000):
+        usage = Usage(input_tokens=n, output_tokens=1_000)
+        direct = calc_price(GUsage(input_tokens=n, output_tokens=1_000), "claude-sonnet-4-5",
+                            provider_id="anthropic")
+        assert spec.cost(usage) == pytest.approx(float(direct.total_price))
+    small = spec.cost(Usage(input_tokens=1_000)) / 1_000
+    large = spec.cost(Usage(input_tokens=300_000)) / 300_000
+    assert large > small

@@ -322,3 +322,14 @@ async def test_cancellation_propagates_and_frees_the_probe(routed: Any, sim: Any
         await task
     assert breakers.get("sim-a").probe_in_flight is False
     assert breakers.acquire(small)  # the probe slot was released
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_prebuilt_agents_accept_the_routed_model(routed: Any) -> None:
+    from langchain.agents import create_agent
+    from langgraph.prebuilt import create_react_agent
+
+    for agent in (create_agent(routed(), [add]), create_react_agent(routed(), [add])):
+        out = await agent.ainvoke({"messages": [HumanMessage("what is 2 + 3?")]})
+        kinds = [type(m).__name__ for m in out["messages"]]
+        assert kinds == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
