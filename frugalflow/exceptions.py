@@ -17,7 +17,13 @@
     │   ├── MalformedResponseError     unparseable answer, or output that fails its schema
     │   └── InvalidRequestError        400 that is the caller's bug: raised at once, no fallback
     ├── AllModelsFailedError           (also an ExceptionGroup) every candidate failed
-    └── BudgetExceededError            the run's budget cannot pay for the next call
+    ├── BudgetExceededError            the run's budget cannot pay for the next call
+    └── StoreError                     persistence problems
+        ├── StoreUnavailableError      the database cannot be reached
+        ├── SchemaVersionError         the database was written by a newer frugalflow
+        ├── RunNotFoundError           no run with that id
+        ├── RunStateError              the run cannot do that now (e.g. resume a finished run)
+        └── LeaseError                 another process holds the run's lease, or ours was lost
 
 Every exception pickles (runs cross process boundaries): constructors take the message
 positionally and everything else as keywords with defaults.
@@ -35,6 +41,12 @@ __all__ = [
     "AllModelsFailedError",
     "AuthenticationError",
     "BudgetExceededError",
+    "LeaseError",
+    "RunNotFoundError",
+    "RunStateError",
+    "SchemaVersionError",
+    "StoreError",
+    "StoreUnavailableError",
     "CatalogError",
     "ContentFilterError",
     "ContextLengthError",
@@ -181,6 +193,39 @@ class BudgetExceededError(FrugalflowError):
         super().__init__(
             message, node=node, budget_usd=budget_usd, spent_usd=spent_usd, needed_usd=needed_usd
         )
+
+
+class StoreError(FrugalflowError):
+    """A persistence problem."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached or opened."""
+
+
+class SchemaVersionError(StoreError):
+    """The database schema is newer than this frugalflow knows."""
+
+
+class RunNotFoundError(StoreError):
+    """No run with that id."""
+
+    def __init__(self, message: str, *, run_id: str = "") -> None:
+        super().__init__(message, run_id=run_id)
+
+
+class RunStateError(StoreError):
+    """The run is in a state that does not allow the operation."""
+
+    def __init__(self, message: str, *, run_id: str = "", status: str = "") -> None:
+        super().__init__(message, run_id=run_id, status=status)
+
+
+class LeaseError(StoreError):
+    """Another executor holds the run's lease, or this executor lost it."""
+
+    def __init__(self, message: str, *, run_id: str = "", holder: str = "") -> None:
+        super().__init__(message, run_id=run_id, holder=holder)
 
 
 class AllModelsFailedError(ExceptionGroup, FrugalflowError):  # type: ignore[misc]

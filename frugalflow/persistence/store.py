@@ -1,0 +1,276 @@
+"""The database: engines (async and sync) for SQLite or PostgreSQL, and versioned migrations.
+
+`Store(url)` does no I/O; `await store.setup()` creates or migrates the schema. URLs:
+`sqlite:///path.db` (default: `FRUGALFLOW_DATABASE_URL`, else `./frugalflow.db`) or
+`postgresql://user@host/db`. Drivers are picked here: aiosqlite/pysqlite for SQLite,
+asyncpg/psycopg for PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+from sqlalchemy import event, select, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+from sqlmodel import create_engine
+
+from ..exceptions import SchemaVersionError, StoreUnavailableError
+from . import tables
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Store", "default_url"]
+
+
+def _v1(conn: Connection) -> None:
+    """The first schema: every table of `tables` as it was at version 1."""
+    tables.metadata.create_all(conn)
+
+
+# Append-only: the index + 1 is the schema version. A release that changes a table adds a
+# function here that alters existing databases (and must be a no-op where _v1 already
+# created the new shape). Never edit or reorder an applied migration.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups
+
+
+def default_url() -> str:
+    return os.environ.get("FRUGALFLOW_DATABASE_URL") or "sqlite:///frugalflow.db"
+
+
+def _driver_urls(url: str) -> tuple[str, str, str]:
+    """(dialect, async URL, sync URL) for a user URL."""
+    if url.startswith("sqlite"):
+        u = make_url(url)
+        base = u.set(drivername="sqlite")
+        return "sqlite", base.set(drivername="sqlite+aiosqlite").render_as_string(False), base.render_as_string(False)
+    if url.startswith(("postgresql", "postgres")):
+        u = make_url(url.replace("postgres://", "postgresql://", 1))
+        return (
+            "postgresql",
+            u.set(drivername="postgresql+asyncpg").render_as_string(False),
+            u.set(drivername="postgresql+psycopg").render_as_string(False),
+        )
+    raise StoreUnavailableError(
+        f"unsupported database URL {_mask(url)!r}: use sqlite:///path.db or postgresql://user@host/db"
+    )
+
+
+def _mask(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show only its scheme
+        return url.split(":", 1)[0] + ":..."
+
+
+class Store:
+    """Engines and migrations for one database. Share one Store per process and database."""
+
+    def __init__(self, url: str | None = None, *, pool_size: int = 10) -> None:
+        self.url = url or default_url()
+        self.dialect, self._async_url, self._sync_url = _driver_urls(self.url)
+        self._pool_size = pool_size
+        self._engine: AsyncEngine | None = None
+        self._sync_engine: Engine | None = None
+        self._ready = False
+        # SQLite has one writer at a time: writers of this process queue here instead of
+        # spinning on "database is locked"; other processes wait on busy_timeout.
+        self._alock: asyncio.Lock | None = None
+        self._tlock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Store({_mask(self.url)!r})"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            if self.is_sqlite:
+                self._prepare_sqlite_path()
+                self._engine = create_async_engine(self._async_url, poolclass=NullPool)
+                _sqlite_pragmas(self._engine.sync_engine)
+            else:
+                self._engine = create_async_engine(
+                    self._async_url, pool_size=self._pool_size, max_overflow=self._pool_size * 2,
+                    pool_pre_ping=True,
+                )
+        return self._engine
+
+    @property
+    def sync_engine(self) -> Engine:
+        if self._sync_engine is None:
+            if self.is_sqlite:
+                self._prepare_sqlite_path()
+                self._sync_engine = create_engine(self._sync_url, poolclass=NullPool)
+                _sqlite_pragmas(self._sync_engine)
+            else:
+                self._sync_engine = create_engine(self._sync_url, pool_pre_ping=True)
+        return self._sync_engine
+
+    def _prepare_sqlite_path(self) -> None:
+        db = make_url(self._sync_url).database
+        if db and db != ":memory:":
+            parent = os.path.dirname(os.path.abspath(db))
+            if not os.path.isdir(parent):
+                raise StoreUnavailableError(
+                    f"cannot open SQLite database {db!r}: folder {parent!r} does not exist"
+                )
+
+    # -- transactions --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (serialised per process on SQLite)."""
+        if self.is_sqlite:
+            if self._alock is None:
+                self._alock = asyncio.Lock()
+            async with self._alock:
+                async with self._connect(begin=True) as conn:
+                    yield conn
+        else:
+            async with self._connect(begin=True) as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self._connect(begin=False) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _connect(self, *, begin: bool) -> AsyncIterator[AsyncConnection]:
+        try:
+            engine = self.engine.execution_options(ff_write=True) if begin else self.engine
+            cm = engine.begin() if begin else engine.connect()
+            conn = await cm.__aenter__()
+        except (OSError, DBAPIError) as e:
+            raise self._unavailable(e) from e
+        try:
+            yield conn
+        except BaseException as e:
+            await cm.__aexit__(type(e), e, e.__traceback__)
+            raise
+        else:
+            await cm.__aexit__(None, None, None)
+
+    @contextmanager
+    def write_sync(self) -> Iterator[Connection]:
+        lock = self._tlock if self.is_sqlite else None
+        if lock:
+            lock.acquire()
+        try:
+            try:
+                cm = self.sync_engine.execution_options(ff_write=True).begin()
+                conn = cm.__enter__()
+            except (OSError, DBAPIError) as e:
+                raise self._unavailable(e) from e
+            try:
+                yield conn
+            except BaseException as e:
+                cm.__exit__(type(e), e, e.__traceback__)
+                raise
+            else:
+                cm.__exit__(None, None, None)
+        finally:
+            if lock:
+                lock.release()
+
+    @contextmanager
+    def read_sync(self) -> Iterator[Connection]:
+        try:
+            conn = self.sync_engine.connect()
+        except (OSError, DBAPIError) as e:
+            raise self._unavailable(e) from e
+        with conn:
+            yield conn
+
+    def _unavailable(self, error: BaseException) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"cannot connect to database {_mask(self.url)}: {type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}. Check that the server "
+            "is running and the URL (FRUGALFLOW_DATABASE_URL) is right."
+        )
+
+    # -- schema --------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Create the schema, or migrate it to this release's version. Idempotent."""
+        if self._ready:
+            return
+        async with self.write() as conn:
+            await conn.run_sync(self._migrate)
+        self._ready = True
+
+    def setup_sync(self) -> None:
+        if self._ready:
+            return
+        with self.write_sync() as conn:
+            self._migrate(conn)
+        self._ready = True
+
+    def _migrate(self, conn: Connection) -> None:
+        if self.dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        elif self.dialect == "sqlite":
+            # Take the write lock before reading the version (no lost upgrade race).
+            conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS ff_schema_lock (x INTEGER)")
+        tables.SchemaVersionRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+        rows = conn.execute(select(tables.SchemaVersionRow.v)).scalars().all()  # type: ignore[call-overload]
+        current = max(rows, default=0)
+        if current > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"database {_mask(self.url)} has schema version {current}, newer than this "
+                f"frugalflow's {SCHEMA_VERSION}: upgrade frugalflow (nothing was changed)"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[version - 1](conn)
+            conn.execute(tables.SchemaVersionRow.__table__.insert().values(v=version))  # type: ignore[attr-defined]
+
+    async def version(self) -> int:
+        async with self.read() as conn:
+            try:
+                rows = (await conn.execute(select(tables.SchemaVersionRow.v))).scalars().all()  # type: ignore[call-overload]
+            except (OperationalError, DBAPIError):
+                return 0
+        return max(rows, default=0)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+            self._sync_engine = None
+        self._ready = False
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers take the write lock up front (BEGIN IMMEDIATE): a deferred transaction
+        # that reads first and writes later can fail at once with SQLITE_BUSY instead of
+        # waiting on busy_timeout when another process writes too.
+        write = conn.get_execution_options().get("ff_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN (the driver's own is always deferred).
+        dbapi_conn.isolation_level = None
+        # WAL: readers never block the writer; busy_timeout: writers of other processes
+        # wait instead of failing with "database is locked".
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()

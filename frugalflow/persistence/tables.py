@@ -1,0 +1,162 @@
+"""The database tables, as SQLModel models: checkpoints, the run ledger, leases, schema version.
+
+Checkpoint tables follow LangGraph's own Postgres saver: a checkpoint row holds the
+checkpoint without its channel values; each channel value is a blob stored once per
+(channel, version), so a step writes only the channels it changed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, LargeBinary
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "AttemptRow",
+    "CheckpointBlobRow",
+    "CheckpointRow",
+    "CheckpointWriteRow",
+    "LeaseRow",
+    "NodeRunRow",
+    "RunRow",
+    "SchemaVersionRow",
+    "metadata",
+]
+
+metadata = SQLModel.metadata
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SchemaVersionRow(SQLModel, table=True):
+    """Applied migrations; the highest `v` is the schema version of the database."""
+
+    __tablename__ = "ff_schema"
+
+    v: int = Field(primary_key=True)
+    applied_at: datetime = Field(default_factory=utcnow)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+class CheckpointRow(SQLModel, table=True):
+    __tablename__ = "ff_checkpoints"
+
+    thread_id: str = Field(primary_key=True)
+    checkpoint_ns: str = Field(default="", primary_key=True)
+    checkpoint_id: str = Field(primary_key=True)
+    parent_checkpoint_id: str | None = None
+    run_id: str | None = Field(default=None, index=True)
+    type: str | None = None
+    checkpoint: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    metadata_: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("metadata", JSON, nullable=False)
+    )
+
+
+class CheckpointBlobRow(SQLModel, table=True):
+    __tablename__ = "ff_checkpoint_blobs"
+
+    thread_id: str = Field(primary_key=True)
+    checkpoint_ns: str = Field(default="", primary_key=True)
+    channel: str = Field(primary_key=True)
+    version: str = Field(primary_key=True)
+    type: str
+    blob: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+
+
+class CheckpointWriteRow(SQLModel, table=True):
+    __tablename__ = "ff_checkpoint_writes"
+    __table_args__ = (Index("ff_checkpoint_writes_run", "run_id"),)
+
+    thread_id: str = Field(primary_key=True)
+    checkpoint_ns: str = Field(default="", primary_key=True)
+    checkpoint_id: str = Field(primary_key=True)
+    task_id: str = Field(primary_key=True)
+    idx: int = Field(primary_key=True)
+    channel: str
+    type: str | None = None
+    blob: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    task_path: str = ""
+    run_id: str | None = None
+
+
+# -- the run ledger ------------------------------------------------------------------------
+
+
+class RunRow(SQLModel, table=True):
+    """One run of a flow: what it was asked, what it has spent, where it stands."""
+
+    __tablename__ = "ff_runs"
+
+    id: str = Field(primary_key=True)
+    flow: str = Field(index=True)
+    status: str = Field(default="pending", index=True)
+    input: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    budget_usd: float | None = None
+    cost_usd: float = 0.0
+    error: str | None = None
+    error_type: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    updated_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class NodeRunRow(SQLModel, table=True):
+    """One execution of one node in a run (a LangGraph task)."""
+
+    __tablename__ = "ff_node_runs"
+
+    id: str = Field(primary_key=True)  # LangGraph task id
+    run_id: str = Field(index=True)
+    node: str
+    status: str = "running"
+    cost_usd: float = 0.0
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+class AttemptRow(SQLModel, table=True):
+    """One try of one model for one call: the finance and reliability record."""
+
+    __tablename__ = "ff_attempts"
+    __table_args__ = (Index("ff_attempts_run_node", "run_id", "node"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str | None = Field(default=None)
+    task_id: str | None = None
+    call_id: str = Field(index=True)
+    flow: str | None = None
+    node: str
+    model: str
+    provider: str
+    try_number: int
+    outcome: str
+    error_class: str | None = None
+    error: str | None = None
+    action: str | None = None
+    fallback_from: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    started_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class LeaseRow(SQLModel, table=True):
+    """Who may execute a run, until when. `epoch` grows with every new holder (fencing)."""
+
+    __tablename__ = "ff_leases"
+
+    run_id: str = Field(primary_key=True)
+    holder: str
+    epoch: int = 1
+    expires_at: datetime
+    acquired_at: datetime = Field(default_factory=utcnow)
