@@ -321,6 +321,7 @@ class Attempt:
     outcome: str  # "ok" | "error"
     call_id: str = ""
     run_id: str | None = None
+    task_id: str | None = None  # the LangGraph task (node execution) that made the call
     try_number: int = 1
     usage: Usage | None = None
     cost_usd: float = 0.0

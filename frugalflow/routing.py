@@ -454,18 +454,23 @@ class RoutedChatModel(BaseChatModel):
 
     def run_context(self) -> RunContext:
         """This model's run context: its own, else the one of the LangGraph run it is in."""
-        if self.context is not None:
-            return self.context  # type: ignore[no-any-return]
+        return self._context_and_task()[0]
+
+    def _context_and_task(self) -> tuple[RunContext, str | None]:
         try:
-            ctx = get_runtime().context
+            runtime = get_runtime()
         except RuntimeError:
-            ctx = None
+            runtime = None
+        task_id = runtime.execution_info.task_id if runtime and runtime.execution_info else None
+        if self.context is not None:
+            return self.context, task_id
+        ctx = runtime.context if runtime is not None else None
         if not isinstance(ctx, RunContext):
             raise UserError(
                 f"routed model of node {self.node!r} has no run context: give it a catalog "
                 "(RoutedChatModel(catalog)) or run it inside a frugalflow flow"
             )
-        return ctx
+        return ctx, task_id
 
     @property
     def _llm_type(self) -> str:
@@ -596,7 +601,7 @@ class RoutedChatModel(BaseChatModel):
         stream: bool,
     ) -> AsyncIterator[tuple[Literal["message", "chunk"], Any]]:
         """Try candidates in order; yield the answer (or its chunks) of the first that works."""
-        ctx = self.run_context()
+        ctx, task_id = self._context_and_task()
         usage = ctx.usage
         remaining = usage.remaining_usd
         static = ctx.static(self.needs)
@@ -690,10 +695,10 @@ class RoutedChatModel(BaseChatModel):
                         try_number=len(attempts) + 1,
                         latency_ms=(time.perf_counter() - t0) * 1000, error_class=err.error_class,
                         error=_short(err), fallback_from=previous, action=action.value,
-                        started_at=started,
+                        started_at=started, task_id=task_id,
                     )
                     attempts.append(attempt)
-                    usage.record(attempt)
+                    await usage.arecord(attempt)
                     failures.append(err)
                     if action is Action.RAISE:
                         raise err from e
@@ -716,10 +721,10 @@ class RoutedChatModel(BaseChatModel):
                         outcome="ok", call_id=call_id, run_id=usage.run_id,
                         try_number=len(attempts) + 1, usage=call_usage, cost_usd=cost,
                         latency_ms=(time.perf_counter() - t0) * 1000,
-                        fallback_from=previous, started_at=started,
+                        fallback_from=previous, started_at=started, task_id=task_id,
                     )
                     attempts.append(attempt)
-                    usage.record(attempt)
+                    await usage.arecord(attempt)
                     self._last_model = spec.key
                     message.response_metadata = {
                         **message.response_metadata,
@@ -750,9 +755,11 @@ class RoutedChatModel(BaseChatModel):
     def _budget_error(self, cheapest: Candidate) -> BudgetExceededError:
         usage = self.run_context().usage
         return BudgetExceededError(
-            f"node {self.node!r}: the run's budget is spent (${usage.spent_usd:.6f} of "
-            f"${usage.budget_usd}); the next capable call ({cheapest.spec.key}) needs about "
-            f"${cheapest.expected_cost:.6f}. Resume the run with a larger budget.",
+            f"node {self.node!r}: the run's budget cannot pay for the next call: "
+            f"${usage.spent_usd:.6f} of ${usage.budget_usd} spent, "
+            f"${usage.remaining_usd or 0.0:.6f} left; the cheapest capable call "
+            f"({cheapest.spec.key}) needs about ${cheapest.expected_cost:.6f}. "
+            "Resume the run with a larger budget.",
             node=self.node, budget_usd=usage.budget_usd or 0.0,
             spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -58,6 +59,7 @@ class Usage:
 
 
 Listener = Callable[["Attempt"], Any]
+"""Called with each attempt as it ends; may be a coroutine function (then awaited)."""
 
 
 @dataclass
@@ -82,11 +84,27 @@ class RunUsage:
         return max(self.budget_usd - self.spent_usd, 0.0)
 
     def record(self, attempt: Attempt) -> None:
+        """Record an attempt; coroutine listeners are not awaited here (use `arecord`)."""
         self.attempts.append(attempt)
         self.spent_usd += attempt.cost_usd
         for listener in self.listeners:
             try:
-                listener(attempt)
+                result = listener(attempt)
+                if inspect.isawaitable(result):
+                    result.close()  # type: ignore[attr-defined]
+                    raise TypeError("async listener called from sync record(); use arecord()")
+            except Exception:  # a broken listener must not fail the model call it observes
+                log.exception("frugalflow: attempt listener %r failed", listener)
+
+    async def arecord(self, attempt: Attempt) -> None:
+        """Record an attempt and await coroutine listeners (the ledger writes here)."""
+        self.attempts.append(attempt)
+        self.spent_usd += attempt.cost_usd
+        for listener in self.listeners:
+            try:
+                result = listener(attempt)
+                if inspect.isawaitable(result):
+                    await result
             except Exception:  # a broken listener must not fail the model call it observes
                 log.exception("frugalflow: attempt listener %r failed", listener)
 

@@ -100,6 +100,10 @@ class RunRow(SQLModel, table=True):
     input: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     budget_usd: float | None = None
     cost_usd: float = 0.0
+    output: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """A JSON-safe, secret-scrubbed copy of the final (or interrupted) state."""
+    interrupts: list[Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    cancel_requested: bool = False
     error: str | None = None
     error_type: str | None = None
     created_at: datetime = Field(default_factory=utcnow, index=True)

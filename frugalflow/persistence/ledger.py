@@ -1,0 +1,289 @@
+"""The run ledger: runs, node executions and every model attempt, and the questions finance
+and operations ask of them ("what did this run cost, per node and model?")."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..exceptions import RunNotFoundError, RunStateError
+from ..fallback import Attempt
+from .store import Store
+from .tables import AttemptRow, NodeRunRow, RunRow, utcnow
+
+__all__ = ["CostRow", "Ledger", "RunRecord", "scrub"]
+
+_SECRET_KEY = re.compile(r"api_?key|authorization|password|secret|token(?!s)", re.I)
+_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+)")
+_RUNS = RunRow.__table__  # type: ignore[attr-defined]
+_NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
+_ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
+
+GroupBy = Literal["node", "model", "provider", "flow", "day", "run"]
+
+
+def scrub(value: Any) -> Any:
+    """A JSON-safe copy of `value` with secret-looking keys and values redacted."""
+    if isinstance(value, Mapping):
+        return {
+            str(k): "[redacted]" if _SECRET_KEY.search(str(k)) else scrub(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub("[redacted]", value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if hasattr(value, "model_dump"):
+        return scrub(value.model_dump(mode="json"))
+    return scrub(json.loads(json.dumps(value, default=str)))
+
+
+@dataclass
+class CostRow:
+    key: str
+    cost_usd: float
+    calls: int
+    attempts: int
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class RunRecord:
+    """A run with its node executions and model attempts."""
+
+    run: RunRow
+    nodes: list[NodeRunRow] = field(default_factory=list)
+    attempts: list[AttemptRow] = field(default_factory=list)
+
+    def cost_by(self, key: Literal["node", "model", "provider"]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for a in self.attempts:
+            k = getattr(a, key)
+            out[k] = out.get(k, 0.0) + a.cost_usd
+        return out
+
+
+class Ledger:
+    """Writes and reads the run ledger in a Store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- writes --------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        run_id: str,
+        flow: str,
+        input: Any,
+        *,
+        budget_usd: float | None = None,
+        status: str = "pending",
+    ) -> RunRow:
+        await self.store.setup()
+        row = RunRow(id=run_id, flow=flow, status=status, input=_as_dict(scrub(input)),
+                     budget_usd=budget_usd)
+        try:
+            async with self.store.write() as conn:
+                await conn.execute(_RUNS.insert().values(**_values(row)))
+        except IntegrityError:
+            raise RunStateError(
+                f"a run with id {run_id!r} already exists; resume it or use another id",
+                run_id=run_id,
+            ) from None
+        return row
+
+    async def update_run(self, run_id: str, **changes: Any) -> None:
+        changes["updated_at"] = utcnow()
+        if changes.get("status") in ("succeeded", "failed", "cancelled"):
+            changes.setdefault("finished_at", changes["updated_at"])
+        if "error" in changes and changes["error"] is not None:
+            changes["error"] = scrub(str(changes["error"]))[:4000]
+        async with self.store.write() as conn:
+            await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
+
+    async def node_started(self, task_id: str, run_id: str, node: str) -> None:
+        async with self.store.write() as conn:
+            await _upsert_node(conn, self.store, task_id, run_id, node)
+
+    async def node_finished(
+        self, task_id: str, *, status: str = "done", error: str | None = None
+    ) -> None:
+        async with self.store.write() as conn:
+            cost = (
+                await conn.execute(
+                    select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
+                        _ATTEMPTS.c.task_id == task_id
+                    )
+                )
+            ).scalar_one()
+            await conn.execute(
+                update(_NODES).where(_NODES.c.id == task_id).values(
+                    status=status, finished_at=utcnow(), cost_usd=float(cost),
+                    error=scrub(error)[:2000] if error else None,
+                )
+            )
+
+    async def record_attempt(self, attempt: Attempt, *, flow: str | None = None) -> None:
+        """Write one attempt and add its cost to its run, in one transaction."""
+        usage = attempt.usage
+        row = AttemptRow(
+            run_id=attempt.run_id, task_id=attempt.task_id, call_id=attempt.call_id, flow=flow,
+            node=attempt.node, model=attempt.model, provider=attempt.provider,
+            try_number=attempt.try_number, outcome=attempt.outcome,
+            error_class=attempt.error_class,
+            error=scrub(attempt.error)[:2000] if attempt.error else None,
+            action=attempt.action, fallback_from=attempt.fallback_from,
+            input_tokens=usage.input_tokens if usage else 0,
+            output_tokens=usage.output_tokens if usage else 0,
+            cache_read_tokens=usage.cache_read_tokens if usage else 0,
+            cost_usd=attempt.cost_usd, latency_ms=attempt.latency_ms,
+            started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
+        )
+        values = _values(row)
+        values.pop("id", None)
+        async with self.store.write() as conn:
+            await conn.execute(_ATTEMPTS.insert().values(**values))
+            if attempt.run_id and attempt.cost_usd:
+                await conn.execute(
+                    update(_RUNS).where(_RUNS.c.id == attempt.run_id).values(
+                        cost_usd=_RUNS.c.cost_usd + attempt.cost_usd, updated_at=utcnow()
+                    )
+                )
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunRow:
+        await self.store.setup()
+        async with self.store.read() as conn:
+            row = (await conn.execute(select(_RUNS).where(_RUNS.c.id == run_id))).first()
+        if row is None:
+            raise RunNotFoundError(f"no run {run_id!r} in {self.store!r}", run_id=run_id)
+        return RunRow.model_validate(dict(row._mapping))
+
+    async def run_record(self, run_id: str) -> RunRecord:
+        """The run with its node executions and attempts, in order."""
+        run = await self.get_run(run_id)
+        async with self.store.read() as conn:
+            nodes = (
+                await conn.execute(
+                    select(_NODES).where(_NODES.c.run_id == run_id).order_by(_NODES.c.started_at)
+                )
+            ).all()
+            attempts = (
+                await conn.execute(
+                    select(_ATTEMPTS).where(_ATTEMPTS.c.run_id == run_id).order_by(_ATTEMPTS.c.id)
+                )
+            ).all()
+        return RunRecord(
+            run,
+            [NodeRunRow.model_validate(dict(r._mapping)) for r in nodes],
+            [AttemptRow.model_validate(dict(r._mapping)) for r in attempts],
+        )
+
+    async def list_runs(
+        self, *, flow: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[RunRow]:
+        await self.store.setup()
+        q = select(_RUNS).order_by(_RUNS.c.created_at.desc()).limit(limit)
+        if flow:
+            q = q.where(_RUNS.c.flow == flow)
+        if status:
+            q = q.where(_RUNS.c.status == status)
+        async with self.store.read() as conn:
+            rows = (await conn.execute(q)).all()
+        return [RunRow.model_validate(dict(r._mapping)) for r in rows]
+
+    async def costs(
+        self,
+        by: GroupBy = "model",
+        *,
+        run_id: str | None = None,
+        flow: str | None = None,
+        since: datetime | None = None,
+    ) -> list[CostRow]:
+        """Spend grouped by node, model, provider, flow, run or day, dearest first."""
+        await self.store.setup()
+        if by == "day":
+            key = func.date(_ATTEMPTS.c.started_at) if self.store.is_sqlite else func.to_char(
+                _ATTEMPTS.c.started_at, "YYYY-MM-DD")
+        elif by == "run":
+            key = _ATTEMPTS.c.run_id
+        elif by in ("node", "model", "provider", "flow"):
+            key = _ATTEMPTS.c[by]
+        else:
+            raise ValueError(f"costs(by={by!r}): use node, model, provider, flow, run or day")
+        ok = (_ATTEMPTS.c.outcome == "ok").cast(_ATTEMPTS.c.try_number.type)
+        q = (
+            select(
+                key.label("k"),
+                func.sum(_ATTEMPTS.c.cost_usd),
+                func.sum(ok),
+                func.count(),
+                func.sum(_ATTEMPTS.c.input_tokens),
+                func.sum(_ATTEMPTS.c.output_tokens),
+            )
+            .group_by(key)
+            .order_by(func.sum(_ATTEMPTS.c.cost_usd).desc())
+        )
+        if run_id:
+            q = q.where(_ATTEMPTS.c.run_id == run_id)
+        if flow:
+            q = q.where(_ATTEMPTS.c.flow == flow)
+        if since:
+            q = q.where(_ATTEMPTS.c.started_at >= since)
+        async with self.store.read() as conn:
+            rows = (await conn.execute(q)).all()
+        return [
+            CostRow(str(k), float(c or 0), int(n or 0), int(a or 0), int(i or 0), int(o or 0))
+            for k, c, n, a, i, o in rows
+        ]
+
+    async def all_attempts(self, run_ids: Sequence[str] | None = None) -> list[AttemptRow]:
+        q = select(_ATTEMPTS).order_by(_ATTEMPTS.c.id)
+        if run_ids is not None:
+            q = q.where(_ATTEMPTS.c.run_id.in_(list(run_ids)))
+        async with self.store.read() as conn:
+            rows = (await conn.execute(q)).all()
+        return [AttemptRow.model_validate(dict(r._mapping)) for r in rows]
+
+
+async def _upsert_node(
+    conn: AsyncConnection, store: Store, task_id: str, run_id: str, node: str
+) -> None:
+    values = {"id": task_id, "run_id": run_id, "node": node, "status": "running",
+              "started_at": utcnow()}
+    if store.is_sqlite:
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+    stmt = insert(_NODES).values(**values)
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["id"],
+            set_={"status": "running", "started_at": values["started_at"], "finished_at": None},
+        )
+    )
+
+
+def _values(row: Any) -> dict[str, Any]:
+    return {c.name: getattr(row, _attr(c.name)) for c in row.__table__.columns}
+
+
+def _attr(column: str) -> str:
+    return "metadata_" if column == "metadata" else column
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {"value": value}

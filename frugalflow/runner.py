@@ -1,0 +1,462 @@
+"""The runner: start, resume and cancel durable runs by id.
+
+A run is a row in the ledger plus a LangGraph thread (its checkpoints), both in one Store.
+Whoever holds a run's *lease* may execute it: the runner takes the lease, renews it while
+the run executes, and releases it at the end. A crashed process's lease expires after
+`lease_ttl` seconds, and any process (this one, another one, a worker elsewhere) can then
+resume the run from its last checkpoint. Completed nodes never run again; the node that
+was executing at the crash runs again from its start.
+
+    runner = Runner("sqlite:///runs.db", flows=[triage_flow], catalog=Catalog.default())
+    result = await runner.start("support_triage", {"ticket": "..."}, budget=0.10)
+    result = await runner.resume(result.run_id, budget=0.50)   # after budget_exceeded
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from langgraph.types import Command
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .catalog import Catalog
+from .exceptions import (
+    BudgetExceededError,
+    FrugalflowError,
+    LeaseError,
+    RunStateError,
+    UserError,
+)
+from .fallback import Attempt, BreakerRegistry, FallbackPolicy
+from .flow import CompiledFlow, Flow
+from .persistence.ledger import Ledger, RunRecord, scrub
+from .persistence.store import Store
+from .persistence.tables import LeaseRow, RunRow, utcnow
+from .usage import RunUsage
+
+__all__ = ["FINAL_STATUSES", "Lease", "RunResult", "Runner"]
+
+log = logging.getLogger("frugalflow")
+
+FINAL_STATUSES = frozenset({"succeeded", "cancelled"})
+"""Runs in these states cannot be resumed."""
+
+_LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
+_RUNS = RunRow.__table__  # type: ignore[attr-defined]
+
+
+def _holder_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Lease:
+    """The right to execute one run until `expires_at`; `epoch` fences stale holders."""
+
+    run_id: str
+    holder: str
+    epoch: int
+    ttl: float
+    store: Store
+    lost: bool = False
+
+    async def renew(self) -> bool:
+        """Extend the lease; False when it was lost (expired and taken by someone else)."""
+        async with self.store.write() as conn:
+            result = await conn.execute(
+                update(_LEASES)
+                .where(_LEASES.c.run_id == self.run_id, _LEASES.c.holder == self.holder,
+                       _LEASES.c.epoch == self.epoch)
+                .values(expires_at=utcnow() + timedelta(seconds=self.ttl))
+            )
+        return bool(result.rowcount)
+
+    async def release(self) -> None:
+        async with self.store.write() as conn:
+            await conn.execute(
+                delete(_LEASES).where(_LEASES.c.run_id == self.run_id,
+                                      _LEASES.c.holder == self.holder,
+                                      _LEASES.c.epoch == self.epoch)
+            )
+
+
+async def acquire_lease(store: Store, run_id: str, holder: str, ttl: float) -> Lease:
+    """Take the run's lease, or raise LeaseError naming the current holder."""
+    now = utcnow()
+    expires = now + timedelta(seconds=ttl)
+    try:
+        async with store.write() as conn:
+            q = select(_LEASES).where(_LEASES.c.run_id == run_id)
+            if not store.is_sqlite:
+                q = q.with_for_update()
+            row = (await conn.execute(q)).first()
+            if row is None:
+                await conn.execute(
+                    _LEASES.insert().values(run_id=run_id, holder=holder, epoch=1,
+                                            expires_at=expires, acquired_at=now)
+                )
+                return Lease(run_id, holder, 1, ttl, store)
+            current = LeaseRow.model_validate(dict(row._mapping))
+            if current.holder != holder and _aware(current.expires_at) > now:
+                left = (_aware(current.expires_at) - now).total_seconds()
+                raise LeaseError(
+                    f"run {run_id!r} is being executed by {current.holder} (lease valid for "
+                    f"{left:.1f} s more); wait for it to finish, or resume after the lease expires",
+                    run_id=run_id, holder=current.holder,
+                )
+            epoch = current.epoch + 1
+            await conn.execute(
+                update(_LEASES).where(_LEASES.c.run_id == run_id).values(
+                    holder=holder, epoch=epoch, expires_at=expires, acquired_at=now)
+            )
+            return Lease(run_id, holder, epoch, ttl, store)
+    except IntegrityError:  # another process inserted the lease first
+        raise LeaseError(
+            f"run {run_id!r} was just taken by another executor", run_id=run_id
+        ) from None
+
+
+def _aware(dt: Any) -> Any:
+    from datetime import timezone
+
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+@dataclass
+class RunResult:
+    """Where a run stands after the runner returned from it."""
+
+    run_id: str
+    status: str
+    state: dict[str, Any] | None = None
+    cost_usd: float = 0.0
+    error: str | None = None
+    interrupts: list[Any] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+class Runner:
+    """Executes flows as durable runs in a Store (SQLite by default, PostgreSQL by URL)."""
+
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        *,
+        flows: Iterable[Flow[Any]] = (),
+        catalog: Catalog | None = None,
+        policy: FallbackPolicy | None = None,
+        breakers: BreakerRegistry | None = None,
+        lease_ttl: float = 30.0,
+        max_concurrency: int = 64,
+        holder: str | None = None,
+        checkpointer: Any = None,
+    ) -> None:
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.ledger = Ledger(self.store)
+        self.catalog = catalog
+        self.policy = policy
+        self.breakers = breakers
+        self.lease_ttl = lease_ttl
+        self.holder = holder or _holder_id()
+        self._flows: dict[str, Flow[Any]] = {}
+        self._compiled: dict[str, CompiledFlow] = {}
+        self._tasks: dict[str, asyncio.Task[RunResult]] = {}
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._closing = False
+        self._saver: Any = checkpointer  # default: SQLModelSaver on the same store
+        for f in flows:
+            self.register(f)
+
+    # -- flows ---------------------------------------------------------------------
+
+    def register(self, flow: Flow[Any]) -> None:
+        """Make `flow` runnable (and resumable) by this runner, under `flow.name`."""
+        self._flows[flow.name] = flow
+        self._compiled.pop(flow.name, None)
+
+    @property
+    def flows(self) -> dict[str, Flow[Any]]:
+        return dict(self._flows)
+
+    def compiled(self, name: str) -> CompiledFlow:
+        """The flow compiled against the catalog with this store's checkpointer."""
+        hit = self._compiled.get(name)
+        if hit is None:
+            flow = self._flows.get(name)
+            if flow is None:
+                import difflib
+
+                close = difflib.get_close_matches(name, list(self._flows), n=1)
+                raise UserError(
+                    f"unknown flow {name!r}"
+                    + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + f"; registered flows: {', '.join(sorted(self._flows)) or 'none'}"
+                )
+            hit = self._compiled[name] = flow.compile(
+                self.catalog or Catalog.default(), checkpointer=self.saver,
+                policy=self.policy, breakers=self.breakers,
+            )
+        return hit
+
+    @property
+    def saver(self) -> Any:
+        if self._saver is None:
+            from .persistence.checkpointer import SQLModelSaver
+
+            self._saver = SQLModelSaver(self.store)
+        return self._saver
+
+    # -- runs ----------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        await self.store.setup()
+
+    async def start(
+        self,
+        flow: str | Flow[Any],
+        input: Any,
+        *,
+        budget: float | None = None,
+        run_id: str | None = None,
+        wait: bool = True,
+    ) -> RunResult:
+        """Create a run and execute it; with `wait=False`, execute it in the background."""
+        if isinstance(flow, Flow):
+            if flow.name not in self._flows:
+                self.register(flow)
+            name = flow.name
+        else:
+            name = flow
+        self.compiled(name)  # unknown flow or impossible needs: fail before writing anything
+        if budget is not None and budget < 0:
+            raise UserError(f"budget must be >= 0 USD, got {budget}")
+        run_id = run_id or uuid.uuid4().hex
+        await self.store.setup()
+        await self.ledger.create_run(run_id, name, input, budget_usd=budget)
+        return await self._launch(run_id, input, wait=wait)
+
+    async def resume(
+        self,
+        run_id: str,
+        value: Any = None,
+        *,
+        budget: float | None = None,
+        wait: bool = True,
+        wait_for_lease: float = 0.0,
+    ) -> RunResult:
+        """Continue a run from its last checkpoint.
+
+        `value` answers an interrupt; `budget` replaces the run's budget (e.g. after
+        `budget_exceeded`); `wait_for_lease` waits up to that many seconds for a crashed
+        executor's lease to expire.
+        """
+        row = await self.ledger.get_run(run_id)
+        if row.status in FINAL_STATUSES:
+            raise RunStateError(
+                f"run {run_id!r} already {row.status}; it cannot be resumed (start a new run)",
+                run_id=run_id, status=row.status,
+            )
+        if run_id in self._tasks:
+            raise LeaseError(f"run {run_id!r} is already executing in this process",
+                             run_id=run_id, holder=self.holder)
+        self.compiled(row.flow)
+        if budget is not None:
+            if budget < row.cost_usd:
+                raise UserError(
+                    f"run {run_id!r} has already spent ${row.cost_usd:.6f}; a budget of "
+                    f"${budget} would be exceeded at once"
+                )
+            await self.ledger.update_run(run_id, budget_usd=budget)
+        graph_input: Any = None
+        if row.status == "interrupted":
+            graph_input = Command(resume=value)
+        elif value is not None:
+            raise RunStateError(
+                f"run {run_id!r} is {row.status}, not waiting on an interrupt: resume it "
+                "without a value", run_id=run_id, status=row.status,
+            )
+        return await self._launch(run_id, graph_input, wait=wait, wait_for_lease=wait_for_lease)
+
+    async def cancel(self, run_id: str) -> RunResult:
+        """Stop a run: cancel it here if it executes here, else ask its executor to stop."""
+        row = await self.ledger.get_run(run_id)
+        if row.status in FINAL_STATUSES:
+            return self._result(row)
+        task = self._tasks.get(run_id)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return self._result(await self.ledger.get_run(run_id))
+        if row.status == "running":
+            # Executing elsewhere: its executor sees the request when it renews its lease.
+            await self.ledger.update_run(run_id, cancel_requested=True)
+            return self._result(await self.ledger.get_run(run_id))
+        await self.ledger.update_run(run_id, status="cancelled")
+        return self._result(await self.ledger.get_run(run_id))
+
+    async def wait(self, run_id: str) -> RunResult:
+        """The result of a background run started with `wait=False`."""
+        task = self._tasks.get(run_id)
+        if task is None:
+            return self._result(await self.ledger.get_run(run_id))
+        return await asyncio.shield(task)
+
+    async def get(self, run_id: str) -> RunRecord:
+        """The run with its node executions and model attempts."""
+        return await self.ledger.run_record(run_id)
+
+    async def state(self, run_id: str) -> Any:
+        """The run's LangGraph state snapshot (values, next nodes, interrupts)."""
+        row = await self.ledger.get_run(run_id)
+        return await self.compiled(row.flow).graph.aget_state(self._config(run_id))
+
+    async def close(self) -> None:
+        """Stop background runs (they stay resumable, status `paused`) and close the store."""
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.store.close()
+
+    # -- execution -----------------------------------------------------------------
+
+    async def _launch(
+        self, run_id: str, graph_input: Any, *, wait: bool, wait_for_lease: float = 0.0
+    ) -> RunResult:
+        lease = await self._take_lease(run_id, wait_for_lease)
+        task = asyncio.create_task(self._execute(run_id, graph_input, lease), name=f"run:{run_id}")
+        self._tasks[run_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(run_id, None))
+        if not wait:
+            return RunResult(run_id, "running")
+        return await asyncio.shield(task) if not task.done() else task.result()
+
+    async def _take_lease(self, run_id: str, wait_for_lease: float) -> Lease:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_for_lease
+        while True:
+            try:
+                return await acquire_lease(self.store, run_id, self.holder, self.lease_ttl)
+            except LeaseError:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(min(0.2, max(self.lease_ttl / 10, 0.02)))
+
+    def _config(self, run_id: str) -> dict[str, Any]:
+        config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "metadata": {"run_id": run_id}}
+        with contextlib.suppress(ValueError):
+            config["run_id"] = uuid.UUID(run_id)
+        return config
+
+    async def _execute(self, run_id: str, graph_input: Any, lease: Lease) -> RunResult:
+        me = asyncio.current_task()
+        keeper = asyncio.create_task(self._keep_lease(lease, me))
+        status, error, error_type = "failed", None, None
+        values: dict[str, Any] | None = None
+        interrupts: list[Any] = []
+        try:
+            async with self._slots:
+                row = await self.ledger.get_run(run_id)
+                compiled = self.compiled(row.flow)
+                usage = RunUsage(budget_usd=row.budget_usd, run_id=run_id, spent_usd=row.cost_usd)
+                ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
+                await self.ledger.update_run(run_id, status="running", error=None, error_type=None)
+                config = self._config(run_id)
+                async for mode, chunk in compiled.graph.astream(
+                    graph_input, config, context=ctx, stream_mode=["tasks", "values"]
+                ):
+                    if mode == "values":
+                        values = chunk if isinstance(chunk, dict) else {"value": chunk}
+                    elif mode == "tasks":
+                        await self._on_task(run_id, chunk)
+                snapshot = await compiled.graph.aget_state(config)
+                interrupts = [scrub(i.value) for i in snapshot.interrupts]
+                status = "interrupted" if snapshot.next or interrupts else "succeeded"
+                values = dict(snapshot.values) if snapshot.values else values
+        except BudgetExceededError as e:
+            status, error, error_type = "budget_exceeded", str(e), type(e).__name__
+        except asyncio.CancelledError:
+            status = "paused" if self._closing else "cancelled"
+            error = "stopped by shutdown; resume it" if self._closing else "cancelled"
+            await asyncio.shield(self._finish(run_id, status, values, [], error, None, lease, keeper))
+            raise
+        except FrugalflowError as e:
+            status, error, error_type = "failed", str(e), type(e).__name__
+        except Exception as e:  # a bug in a node: the run fails, persisted and resumable
+            log.exception("frugalflow: run %s failed", run_id)
+            status, error, error_type = "failed", f"{type(e).__name__}: {e}", type(e).__name__
+        await asyncio.shield(
+            self._finish(run_id, status, values, interrupts, error, error_type, lease, keeper)
+        )
+        row = await self.ledger.get_run(run_id)
+        return RunResult(run_id, row.status, values, row.cost_usd, row.error, interrupts)
+
+    async def _finish(
+        self, run_id: str, status: str, values: dict[str, Any] | None, interrupts: list[Any],
+        error: str | None, error_type: str | None, lease: Lease, keeper: asyncio.Task[Any],
+    ) -> None:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        if lease.lost:
+            return  # another executor owns the run now: write nothing more
+        try:
+            await self.ledger.update_run(
+                run_id, status=status, output=scrub(values) if values is not None else None,
+                interrupts=interrupts or None, error=error, error_type=error_type,
+            )
+        finally:
+            await lease.release()
+
+    async def _on_task(self, run_id: str, chunk: dict[str, Any]) -> None:
+        if "input" in chunk:  # a task started
+            await self.ledger.node_started(chunk["id"], run_id, chunk["name"])
+        else:
+            err = chunk.get("error")
+            status = "error" if err else ("interrupted" if chunk.get("interrupts") else "done")
+            await self.ledger.node_finished(chunk["id"], status=status,
+                                            error=str(err) if err else None)
+
+    def _ledger_listener(self, flow: str) -> Any:
+        async def write(attempt: Attempt) -> None:
+            await self.ledger.record_attempt(attempt, flow=flow)
+
+        return write
+
+    async def _keep_lease(self, lease: Lease, task: asyncio.Task[Any] | None) -> None:
+        """Renew the lease; stop the run if the lease is lost or a cancel was requested."""
+        while True:
+            await asyncio.sleep(lease.ttl / 3)
+            try:
+                kept = await lease.renew()
+                row = await self.ledger.get_run(lease.run_id)
+            except Exception:  # the database hiccupped: try again at the next beat
+                log.warning("frugalflow: lease renewal of %s failed", lease.run_id, exc_info=True)
+                continue
+            if not kept:
+                lease.lost = True
+                log.error("frugalflow: lost the lease of run %s; stopping it", lease.run_id)
+            if (not kept or row.cancel_requested) and task is not None:
+                task.cancel()
+                return
+
+    def _result(self, row: RunRow) -> RunResult:
+        return RunResult(row.id, row.status, row.output, row.cost_usd, row.error,
+                         list(row.interrupts or []))
