@@ -156,6 +156,312 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
     )
 
 
+# -- durable runs -------------------------------------------------------------------------
+
+DbOption = typer.Option(None, "--db", help="Database URL (default: FRUGALFLOW_DATABASE_URL or sqlite:///frugalflow.db).")
+JsonOption = typer.Option(False, "--json", help="Machine-readable output.")
+CatalogOption = typer.Option(None, "--catalog", help="Catalog file (default: FRUGALFLOW_CATALOG, else built-in).")
+
+
+def _catalog(path: str | None) -> Catalog:
+    return Catalog.from_file(path) if path else Catalog.default()
+
+
+def _runner(db: str | None, catalog: str | None, flows: list[Flow[Any]]) -> Any:
+    from .runner import Runner
+
+    return Runner(db, flows=flows, catalog=_catalog(catalog))
+
+
+def _parse_json(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FrugalflowError(f"{what} is not valid JSON ({e.msg} at column {e.colno}): {text[:80]!r}") from None
+
+
+def _print_event(e: dict[str, Any]) -> None:
+    kind = e["event"]
+    if kind == "node_started":
+        console.print(f"  [cyan]>[/] {e['node']}")
+    elif kind == "attempt":
+        if e["outcome"] == "ok":
+            console.print(f"    {e['model']}  {e['input_tokens']}/{e['output_tokens']} tok  "
+                          f"${e['cost_usd']:.6f}  {e['latency_ms']:.0f} ms")
+        else:
+            console.print(f"    [yellow]{e['model']} {e['error_class']} -> {e['action']}[/]")
+    elif kind == "node_finished" and e["status"] != "done":
+        console.print(f"  [red]{e['node']} {e['status']}[/]")
+
+
+async def _run_with_progress(runner: Any, coro_factory: Any, as_json: bool) -> Any:
+    async with runner.events.subscribe() as events:
+        task = asyncio.create_task(coro_factory())
+        if not as_json:
+            async def show() -> None:
+                async for e in events:
+                    _print_event(e)
+
+            printer = asyncio.create_task(show())
+        try:
+            result = await task
+        finally:
+            if not as_json:
+                printer.cancel()
+    return result
+
+
+@app.command()
+def run(
+    flow: str = typer.Argument(..., help="A flow in flows/ (e.g. support_triage) or path/to/file.py:attr."),
+    input: str = typer.Option("{}", "--input", "-i", help="The run's input as JSON."),
+    budget: float = typer.Option(None, "--budget", help="USD the run may spend."),
+    db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
+) -> None:
+    """Start a durable run: live per-node progress, then a cost table."""
+    try:
+        f = load_flow(flow)
+        value = _parse_json(input, "--input")
+        asyncio.run(_start_or_resume(f, db, catalog, as_json, lambda r: r.start(f.name, value, budget=budget)))
+    except FrugalflowError as e:
+        _fail(e)
+
+
+@app.command()
+def resume(
+    run_id: str = typer.Argument(..., help="The run's id."),
+    value: str = typer.Option(None, "--value", help="Answer to an interrupt, as JSON."),
+    budget: float = typer.Option(None, "--budget", help="A new budget in USD."),
+    flow: str = typer.Option(None, "--flow", help="Where the run's flow is defined, if not in flows/."),
+    db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
+) -> None:
+    """Resume a run from its last checkpoint (after a crash, a budget stop or an interrupt)."""
+    try:
+        answer = _parse_json(value, "--value")
+        asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json))
+    except FrugalflowError as e:
+        _fail(e)
+
+
+async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | None,
+                  db: str | None, catalog: str | None, as_json: bool) -> None:
+    from .persistence import Store
+    from .persistence.ledger import Ledger
+
+    store = Store(db)
+    try:
+        row = await Ledger(store).get_run(run_id)
+    finally:
+        await store.close()
+    f = load_flow(flow or row.flow)
+    await _start_or_resume(f, db, catalog, as_json,
+                           lambda r: r.resume(run_id, answer, budget=budget))
+
+
+async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as_json: bool,
+                           action: Any) -> None:
+    runner = _runner(db, catalog, [f])
+    try:
+        if not as_json:
+            console.print(f"[bold]{f.name}[/] on catalog [cyan]{runner.catalog.name}[/], "
+                          f"database {runner.store!r}")
+        result = await _run_with_progress(runner, lambda: action(runner), as_json)
+        record = await runner.get(result.run_id)
+    finally:
+        await runner.close()
+    if as_json:
+        print(json.dumps({"run_id": result.run_id, "status": result.status,
+                          "cost_usd": result.cost_usd, "error": result.error,
+                          "interrupts": result.interrupts, "state": result.state,
+                          "cost_by_node": record.cost_by("node"),
+                          "cost_by_model": record.cost_by("model")}, indent=2, default=str))
+        if result.status in ("failed", "budget_exceeded"):
+            raise typer.Exit(code=1)
+        return
+    _cost_table(record)
+    color = "green" if result.status == "succeeded" else "yellow"
+    console.print(f"run [bold]{result.run_id}[/]: [{color}]{result.status}[/], "
+                  f"${result.cost_usd:.6f}")
+    if result.error:
+        console.print(f"  {result.error.splitlines()[0]}")
+    if result.interrupts:
+        console.print(f"  waiting on: {json.dumps(result.interrupts, default=str)[:300]}")
+        console.print(f"  resume with: frugalflow resume {result.run_id} --value '\"...\"'")
+    if result.status == "budget_exceeded":
+        console.print(f"  resume with: frugalflow resume {result.run_id} --budget <USD>")
+
+
+def _cost_table(record: Any) -> None:
+    table = Table(title=f"run {record.run.id}: calls")
+    for col in ("node", "model", "outcome", "tokens in/out", "cost $", "latency ms"):
+        table.add_column(col)
+    for a in record.attempts:
+        outcome = "ok" if a.outcome == "ok" else f"{a.error_class} -> {a.action}"
+        table.add_row(a.node, a.model, outcome, f"{a.input_tokens}/{a.output_tokens}",
+                      f"{a.cost_usd:.6f}", f"{a.latency_ms:.0f}")
+    console.print(table)
+
+
+runs_app = typer.Typer(help="Runs in the ledger.", invoke_without_command=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
+def runs(
+    ctx: typer.Context,
+    flow: str = typer.Option(None, "--flow"), status: str = typer.Option(None, "--status"),
+    limit: int = typer.Option(20, "--limit"), db: str = DbOption, as_json: bool = JsonOption,
+) -> None:
+    """List recent runs (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        rows = asyncio.run(_ledger_call(db, lambda l: l.list_runs(flow=flow, status=status, limit=limit)))
+    except FrugalflowError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return
+    table = Table(title="runs")
+    for col in ("id", "flow", "status", "cost $", "budget $", "created"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.id, r.flow, r.status, f"{r.cost_usd:.6f}",
+                      "-" if r.budget_usd is None else f"{r.budget_usd}", str(r.created_at)[:19])
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, db: str = DbOption, as_json: bool = JsonOption) -> None:
+    """One run: status, cost per node and model, every call."""
+    try:
+        record = asyncio.run(_ledger_call(db, lambda l: l.run_record(run_id)))
+    except FrugalflowError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps({"run": record.run.model_dump(mode="json"),
+                          "nodes": [n.model_dump(mode="json") for n in record.nodes],
+                          "attempts": [a.model_dump(mode="json") for a in record.attempts]},
+                         indent=2))
+        return
+    r = record.run
+    console.print(f"run [bold]{r.id}[/] flow {r.flow}: {r.status}, ${r.cost_usd:.6f}"
+                  + (f" of ${r.budget_usd}" if r.budget_usd is not None else ""))
+    if r.error:
+        console.print(f"  error: {r.error.splitlines()[0]}")
+    for key in ("node", "model", "provider"):
+        costs = record.cost_by(key)
+        console.print(f"  by {key}: " + ", ".join(f"{k} ${v:.6f}" for k, v in costs.items()))
+    _cost_table(record)
+
+
+async def _ledger_call(db: str | None, fn: Any) -> Any:
+    from .persistence import Store
+    from .persistence.ledger import Ledger
+
+    store = Store(db)
+    try:
+        return await fn(Ledger(store))
+    finally:
+        await store.close()
+
+
+@app.command()
+def explain(
+    flow: str = typer.Argument(..., help="A flow in flows/ or path/to/file.py:attr."),
+    tokens: int = typer.Option(1000, "--tokens", help="Input tokens of the call to price."),
+    catalog: str = CatalogOption, as_json: bool = JsonOption,
+) -> None:
+    """Per node: candidate models in order, rejected models and why, expected cost range."""
+    try:
+        compiled = load_flow(flow).compile(_catalog(catalog))
+    except FrugalflowError as e:
+        _fail(e)
+    plan = compiled.explain(input_tokens=tokens)
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return
+    for node, rows in plan.items():
+        ok = [r for r in rows if r["accepted"]]
+        costs = [r["expected_cost_usd"] for r in ok]
+        console.print(f"[bold]{node}[/] ({compiled.flow.nodes[node].needs.describe()}): "  # type: ignore[union-attr]
+                      f"{len(ok)} candidates, ${min(costs):.6f} .. ${max(costs):.6f} per call")
+        for r in ok:
+            console.print(f"  {r['rank']:>2}. {r['model']}  ${r['expected_cost_usd']:.6f}")
+        for r in rows:
+            if not r["accepted"]:
+                console.print(f"   [dim]x {r['model']}: {'; '.join(r['reasons'])}[/]")
+
+
+@app.command("catalog")
+def catalog_cmd(catalog: str = CatalogOption, as_json: bool = JsonOption) -> None:
+    """Models, prices, capabilities, availability and circuit-breaker state."""
+    from .fallback import default_breakers
+
+    try:
+        cat = _catalog(catalog)
+    except FrugalflowError as e:
+        _fail(e)
+    rows = []
+    for s in cat:
+        rows.append({
+            "model": s.key, "input_per_mtok": s.input_price_per_mtok,
+            "output_per_mtok": s.output_price_per_mtok, "context": s.window,
+            "capabilities": [c for c, v in s.caps.model_dump().items() if v],
+            "quality": s.quality, "available": cat.is_available(s),
+            "why_not": cat.unavailable_reason(s), "simulated": s.simulated,
+            "breaker": default_breakers.state(s.provider).value,
+        })
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"catalog {cat.name}")
+    for col in ("model", "$/M in", "$/M out", "context", "capabilities", "available", "breaker"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], f"{r['input_per_mtok']:.3f}", f"{r['output_per_mtok']:.3f}",
+                      str(r["context"]), ",".join(r["capabilities"]),
+                      "yes" if r["available"] else f"no: {r['why_not']}", r["breaker"])
+    console.print(table)
+
+
+def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
+    """Every flow defined in `folder/*.py` (each module's `flow`)."""
+    out = []
+    for path in sorted(Path(folder).glob("*.py")):
+        if path.stem.startswith("_"):
+            continue
+        out.append(load_flow(str(path)))
+    return out
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    flows: str = typer.Option("flows", "--flows", help="Folder of flow modules to serve."),
+    token: str = typer.Option(None, "--token", envvar="FRUGALFLOW_TOKEN",
+                              help="Bearer token (required unless bound to loopback)."),
+    max_concurrency: int = typer.Option(64, "--max-concurrency"),
+    db: str = DbOption, catalog: str = CatalogOption,
+) -> None:
+    """Serve the HTTP API (runs, events, resume, cancel, flows, catalog) with uvicorn."""
+    import uvicorn
+
+    from .runner import Runner
+    from .service import create_app
+
+    try:
+        runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
+                        max_concurrency=max_concurrency)
+        application = create_app(runner, token=token, host=host)
+    except FrugalflowError as e:
+        _fail(e)
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
 def _fail(error: BaseException) -> None:
     lines = str(error).splitlines() or [type(error).__name__]
     console.print(f"[red]error:[/] {lines[0]}")

@@ -37,14 +37,14 @@ from .exceptions import (
     RunStateError,
     UserError,
 )
-from .fallback import Attempt, BreakerRegistry, FallbackPolicy
+from .fallback import Attempt, BreakerRegistry, FallbackPolicy, default_breakers
 from .flow import CompiledFlow, Flow
 from .persistence.ledger import Ledger, RunRecord, scrub
 from .persistence.store import Store
 from .persistence.tables import LeaseRow, RunRow, utcnow
 from .usage import RunUsage
 
-__all__ = ["FINAL_STATUSES", "Lease", "RunResult", "Runner"]
+__all__ = ["FINAL_STATUSES", "EventBus", "Lease", "RunResult", "Runner"]
 
 log = logging.getLogger("frugalflow")
 
@@ -132,6 +132,48 @@ def _aware(dt: Any) -> Any:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
+def _attempt_event(a: Attempt) -> dict[str, Any]:
+    u = a.usage
+    return {
+        "node": a.node, "model": a.model, "provider": a.provider, "outcome": a.outcome,
+        "error_class": a.error_class, "error": scrub(a.error) if a.error else None,
+        "action": a.action, "fallback_from": a.fallback_from, "cost_usd": a.cost_usd,
+        "latency_ms": round(a.latency_ms, 2), "call_id": a.call_id,
+        "input_tokens": u.input_tokens if u else 0, "output_tokens": u.output_tokens if u else 0,
+    }
+
+
+class EventBus:
+    """In-process publish/subscribe of run events (`subscribe(run_id)` or all runs)."""
+
+    def __init__(self, maxsize: int = 1000) -> None:
+        self._subs: list[tuple[str | None, asyncio.Queue[dict[str, Any]]]] = []
+        self._maxsize = maxsize
+
+    def publish(self, run_id: str, kind: str, **data: Any) -> None:
+        event = {"run_id": run_id, "event": kind, "at": utcnow().isoformat(), **data}
+        for rid, queue in list(self._subs):
+            if rid is None or rid == run_id:
+                with contextlib.suppress(asyncio.QueueFull):  # a slow consumer loses events
+                    queue.put_nowait(event)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, run_id: str | None = None) -> Any:
+        """`async with bus.subscribe(id) as events: async for e in events: ...`"""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self._maxsize)
+        entry = (run_id, queue)
+        self._subs.append(entry)
+
+        async def iterate() -> Any:
+            while True:
+                yield await queue.get()
+
+        try:
+            yield iterate()
+        finally:
+            self._subs.remove(entry)
+
+
 @dataclass
 class RunResult:
     """Where a run stands after the runner returned from it."""
@@ -166,9 +208,9 @@ class Runner:
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
-        self.catalog = catalog
+        self.catalog = catalog if catalog is not None else Catalog.default()
         self.policy = policy
-        self.breakers = breakers
+        self.breakers = breakers if breakers is not None else default_breakers
         self.lease_ttl = lease_ttl
         self.holder = holder or _holder_id()
         self._flows: dict[str, Flow[Any]] = {}
@@ -176,6 +218,8 @@ class Runner:
         self._tasks: dict[str, asyncio.Task[RunResult]] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
         self._closing = False
+        self.events = EventBus()
+        """Live run events in this process: run/node start and finish, every model attempt."""
         self._saver: Any = checkpointer  # default: SQLModelSaver on the same store
         for f in flows:
             self.register(f)
@@ -206,7 +250,7 @@ class Runner:
                     + f"; registered flows: {', '.join(sorted(self._flows)) or 'none'}"
                 )
             hit = self._compiled[name] = flow.compile(
-                self.catalog or Catalog.default(), checkpointer=self.saver,
+                self.catalog, checkpointer=self.saver,
                 policy=self.policy, breakers=self.breakers,
             )
         return hit
@@ -378,6 +422,7 @@ class Runner:
                 usage = RunUsage(budget_usd=row.budget_usd, run_id=run_id, spent_usd=row.cost_usd)
                 ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
                 await self.ledger.update_run(run_id, status="running", error=None, error_type=None)
+                self.events.publish(run_id, "run_started", flow=row.flow)
                 config = self._config(run_id)
                 async for mode, chunk in compiled.graph.astream(
                     graph_input, config, context=ctx, stream_mode=["tasks", "values"]
@@ -424,19 +469,25 @@ class Runner:
             )
         finally:
             await lease.release()
+            self.events.publish(run_id, "run_finished", status=status,
+                                error=scrub(error) if error else None)
 
     async def _on_task(self, run_id: str, chunk: dict[str, Any]) -> None:
         if "input" in chunk:  # a task started
             await self.ledger.node_started(chunk["id"], run_id, chunk["name"])
+            self.events.publish(run_id, "node_started", node=chunk["name"], task_id=chunk["id"])
         else:
             err = chunk.get("error")
             status = "error" if err else ("interrupted" if chunk.get("interrupts") else "done")
             await self.ledger.node_finished(chunk["id"], status=status,
                                             error=str(err) if err else None)
+            self.events.publish(run_id, "node_finished", node=chunk["name"],
+                                task_id=chunk["id"], status=status)
 
     def _ledger_listener(self, flow: str) -> Any:
         async def write(attempt: Attempt) -> None:
             await self.ledger.record_attempt(attempt, flow=flow)
+            self.events.publish(attempt.run_id or "", "attempt", **_attempt_event(attempt))
 
         return write
 
