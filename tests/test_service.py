@@ -1,0 +1,138 @@
+"""The HTTP service on a real uvicorn bound to 127.0.0.1, driven by an HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from durable_flows import chain_flow, review_flow
+
+from frugalflow import Catalog, UserError
+from frugalflow.fallback import BreakerRegistry
+from frugalflow.runner import Runner
+from frugalflow.service import create_app
+
+
+@contextlib.asynccontextmanager
+async def serving(db: str, *, token: str | None = None, catalog: Catalog | None = None
+                  ) -> AsyncIterator[httpx.AsyncClient]:
+    runner = Runner(db, flows=[chain_flow(3), review_flow()],
+                    catalog=catalog or Catalog.simulated(), breakers=BreakerRegistry())
+    app = create_app(runner, token=token)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)  # bound before serving: clients queue in the backlog, no start-up race
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers,
+                                     timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'service.db'}"
+
+
+async def test_start_watch_events_and_read_the_run(db: str) -> None:
+    async with serving(db) as client:
+        flows = (await client.get("/flows")).json()
+        assert {f["name"] for f in flows} == {"chain", "review"}
+        started = await client.post("/runs", json={"flow": "chain", "input": {"topic": "sse"},
+                                                   "budget": 1.0})
+        assert started.status_code == 202
+        run_id = started.json()["run_id"]
+        events = []
+        async with client.stream("GET", f"/runs/{run_id}/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            async for line in stream.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    if events[-1]["event"] == "run_finished":
+                        break
+        kinds = [e["event"] for e in events]
+        assert kinds[0] == "status"
+        assert kinds[-1] == "run_finished" and events[-1]["status"] == "succeeded"
+        assert kinds.count("attempt") >= 3 or (await client.get(f"/runs/{run_id}")).json()["calls"]
+        run = (await client.get(f"/runs/{run_id}")).json()
+        assert run["status"] == "succeeded" and len(run["calls"]) == 3
+        assert sum(run["cost_by_node"].values()) == pytest.approx(run["cost_usd"])
+        assert [r["id"] for r in (await client.get("/runs")).json()] == [run_id]
+        schema = (await client.get("/openapi.json")).json()
+        assert "/runs/{run_id}/resume" in schema["paths"]
+        catalog = (await client.get("/catalog")).json()
+        assert all(m["available"] and m["provider_health"] == "closed" for m in catalog)
+
+
+async def test_bad_requests_get_clear_4xx(db: str) -> None:
+    async with serving(db) as client:
+        r = await client.post("/runs", json={"flow": "nope", "input": {}})
+        assert r.status_code == 404 and "flows: chain, review" in r.json()["detail"]["message"]
+        r = await client.post("/runs", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        r = await client.post("/runs", json={"flow": "chain", "budget": -1})
+        assert r.status_code == 422 and "budget" in r.text
+        r = await client.post("/runs", json={"flow": "chain", "inputs": {}})
+        assert r.status_code == 422 and "inputs" in r.text
+        r = await client.post("/runs", content=b"x" * 2_000_000,
+                              headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert (await client.get("/runs/missing")).status_code == 404
+        done = (await client.post("/runs", json={"flow": "chain", "input": {"topic": "a"},
+                                                 "wait": True})).json()
+        assert done["status"] == "succeeded"
+        r = await client.post(f"/runs/{done['run_id']}/resume", json={})
+        assert r.status_code == 409 and "already succeeded" in r.json()["detail"]["message"]
+
+
+async def test_token_is_required_when_set(db: str) -> None:
+    async with serving(db, token="s3cret") as client:
+        assert (await client.get("/flows")).status_code == 200
+        bare = await client.get("/flows", headers={"Authorization": ""})
+        assert bare.status_code == 401
+        wrong = await client.get("/flows", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+    with pytest.raises(UserError, match="without a bearer token"):
+        create_app(Runner(db, catalog=Catalog.simulated()), host="0.0.0.0")
+
+
+async def test_interrupted_run_resumes_after_a_server_restart(db: str) -> None:
+    async with serving(db) as client:
+        r = await client.post("/runs", json={"flow": "review", "input": {"text": "hi"},
+                                             "wait": True})
+        body = r.json()
+        assert body["status"] == "interrupted" and body["interrupts"][0]["question"]
+        run_id = body["run_id"]
+    async with serving(db) as client:  # a new server process state, same database
+        r = await client.post(f"/runs/{run_id}/resume", json={"value": "yes", "wait": True})
+        assert r.status_code == 200 and r.json()["status"] == "succeeded"
+        assert r.json()["state"]["verdict"] == "yes"
+
+
+async def test_cancel_and_shutdown_leave_runs_resumable(db: str) -> None:
+    slow = Catalog([s.model_copy(update={"model_kwargs": {"latency": 30}})
+                    for s in Catalog.simulated()], name="slow")
+    async with serving(db, catalog=slow) as client:
+        a = (await client.post("/runs", json={"flow": "chain", "input": {"topic": "a"}})).json()
+        b = (await client.post("/runs", json={"flow": "chain", "input": {"topic": "b"}})).json()
+        r = await client.post(f"/runs/{a['run_id']}/cancel")
+        assert r.json()["status"] == "cancelled"
+    async with serving(db) as client:  # shutdown stopped b: paused, resumable
+        assert (await client.get(f"/runs/{b['run_id']}")).json()["status"] == "paused"
+        r = await client.post(f"/runs/{b['run_id']}/resume", json={"wait": True})
+        assert r.json()["status"] == "succeeded"
