@@ -27,7 +27,7 @@ from .exceptions import (
     UserError,
 )
 from .fallback import Attempt, BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
-from .flow import END, START, CompiledFlow, Flow
+from .flow import END, START, Agent, CompiledFlow, Flow
 from .providers.simulated import SimulatedChatModel, Simulator
 from .routing import Needs, RoutedChatModel, RunContext, estimate_tokens, explain, rank
 from .usage import RunUsage, Usage
@@ -41,6 +41,7 @@ __all__ = [
     "END",
     "SKILLS",
     "START",
+    "Agent",
     "AllModelsFailedError",
     "Attempt",
     "AuthenticationError",

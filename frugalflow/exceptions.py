@@ -15,6 +15,7 @@
     │   ├── ContextLengthError         the prompt does not fit this model's window
     │   ├── ContentFilterError         the provider refused the content
     │   ├── MalformedResponseError     unparseable answer, or output that fails its schema
+    │   │   └── ValidationFailedError  an answer the node's validator rejected: escalate
     │   └── InvalidRequestError        400 that is the caller's bug: raised at once, no fallback
     ├── AllModelsFailedError           (also an ExceptionGroup) every candidate failed
     ├── BudgetExceededError            the run's budget cannot pay for the next call
@@ -62,6 +63,7 @@ __all__ = [
     "ProviderOverloadedError",
     "RateLimitError",
     "UserError",
+    "ValidationFailedError",
 ]
 
 
@@ -172,6 +174,12 @@ class ContentFilterError(ModelAPIError):
 
 class MalformedResponseError(ModelAPIError):
     error_class = "malformed"
+
+
+class ValidationFailedError(MalformedResponseError):
+    """The node's validator rejected the answer; the call escalates to a stronger model."""
+
+    error_class = "validation"
 
 
 class InvalidRequestError(ModelAPIError):

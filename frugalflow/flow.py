@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from langchain_core.messages import AIMessage as AIMessageT
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
@@ -37,7 +38,7 @@ from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
 from .routing import Needs, RoutedChatModel, RunContext, no_capable_model_error, rank
 from .usage import Listener, RunUsage
 
-__all__ = ["END", "START", "CompiledFlow", "Flow", "NodeSpec"]
+__all__ = ["END", "START", "Agent", "CompiledFlow", "Flow", "NodeSpec"]
 
 S = TypeVar("S")
 NodeFn = Callable[..., Any]
@@ -53,6 +54,7 @@ class NodeSpec:
     needs: Needs | None = None
     subflow: Flow[Any] | None = None
     description: str = ""
+    validator: Any = None
 
     @property
     def uses_model(self) -> bool:
@@ -88,6 +90,7 @@ class Flow(Generic[S]):
         needs: Needs | Mapping[str, Any] | None = None,
         model: bool | None = None,
         description: str = "",
+        validator: Any = None,
         **need_fields: Any,
     ) -> Callable[[NodeFn], NodeFn]:
         """Decorator form of `add_node`: `@flow.node(needs=Needs(tools=True))`."""
@@ -95,7 +98,7 @@ class Flow(Generic[S]):
         def decorate(fn: NodeFn) -> NodeFn:
             self.add_node(
                 name or fn.__name__, fn, needs=needs, model=model,
-                description=description, **need_fields,
+                description=description, validator=validator, **need_fields,
             )
             return fn
 
@@ -109,9 +112,14 @@ class Flow(Generic[S]):
         needs: Needs | Mapping[str, Any] | None = None,
         model: bool | None = None,
         description: str = "",
+        validator: Any = None,
         **need_fields: Any,
     ) -> Flow[S]:
-        """Add a node. It is a model node if it has needs or its function takes `model`."""
+        """Add a node. It is a model node if it has needs or its function takes `model`.
+
+        `validator` checks the node's model answers (see `RoutedChatModel.validator`); a
+        rejected answer escalates to a more capable model.
+        """
         if not isinstance(name, str) or not name or name in _RESERVED or name.startswith("__"):
             raise FlowError(f"flow {self.name!r}: invalid node name {name!r}", node=str(name))
         if name in self.nodes:
@@ -148,8 +156,17 @@ class Flow(Generic[S]):
                     "`model` parameter; add one: def {0}(state, model): ...".format(name),
                     node=name,
                 )
-        self.nodes[name] = NodeSpec(name, fn=fn, needs=resolved, description=description)
+        if validator is not None and resolved is None:
+            raise FlowError(f"flow {self.name!r}, node {name!r}: a validator needs a model node",
+                            node=name)
+        self.nodes[name] = NodeSpec(name, fn=fn, needs=resolved, description=description,
+                                    validator=validator)
         return self
+
+    def add_agent(self, agent: Agent, name: str | None = None) -> Flow[S]:
+        """Add a reusable `Agent` as a model node."""
+        return self.add_node(name or agent.name, agent.node(), needs=agent.needs,
+                             validator=agent.validator)
 
     def add_edge(self, start: str | Sequence[str], end: str) -> Flow[S]:
         """An edge; a list of starts waits for all of them (a join)."""
@@ -352,7 +369,8 @@ def _wrap(spec: NodeSpec) -> Callable[..., Any]:
 
     # One routed model per node, shared by every run: it finds the run's RunContext (budget,
     # spend, breakers) in LangGraph's runtime at call time.
-    shared = RoutedChatModel(needs=needs, node=name) if "model" in wants else None
+    shared = (RoutedChatModel(needs=needs, node=name, validator=spec.validator)
+              if "model" in wants else None)
 
     def kwargs_for(config: RunnableConfig, runtime: Runtime[RunContext]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -480,3 +498,70 @@ class CompiledFlow:
             if spec.needs is not None:
                 out[spec.name] = explain(self.catalog, spec.needs, input_tokens=input_tokens)
         return out
+
+
+@dataclass
+class Agent:
+    """A reusable model node: instructions, needs, tools and an output schema.
+
+    As a node it sends `instructions` and the prompt built from the state, runs a bounded
+    tool loop when it has tools, and writes its answer (text, or an `output` model when
+    given) to `state[output_key]`.
+    """
+
+    name: str
+    instructions: str
+    needs: Needs = field(default_factory=Needs)
+    tools: Sequence[Any] = ()
+    output: type[Any] | None = None
+    prompt: Callable[[Any], str] = field(default=lambda state: str(state))
+    output_key: str | None = None
+    max_tool_rounds: int = 5
+    validator: Any = None
+
+    def __post_init__(self) -> None:
+        changes: dict[str, Any] = {}
+        if self.tools and not self.needs.tools:
+            changes["tools"] = True
+        if self.output is not None and not self.needs.structured_output:
+            changes["structured_output"] = True
+        if changes:
+            self.needs = self.needs.with_(**changes)
+
+    async def run(self, state: Any, model: RoutedChatModel) -> dict[str, Any]:
+        from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+
+        messages: list[Any] = [SystemMessage(self.instructions), HumanMessage(self.prompt(state))]
+        if self.tools:
+            by_name = {t.name: t for t in self.tools}
+            bound = model.bind_tools(list(self.tools))
+            for _ in range(self.max_tool_rounds):
+                reply = await bound.ainvoke(messages)
+                messages.append(reply)
+                if not reply.tool_calls:
+                    break
+                for call in reply.tool_calls:
+                    tool = by_name.get(call["name"])
+                    result = (await tool.ainvoke(call["args"]) if tool is not None
+                              else f"unknown tool {call['name']!r}")
+                    messages.append(ToolMessage(str(result), tool_call_id=call["id"]))
+            else:
+                messages.append(HumanMessage("Answer now, without calling tools."))
+        if self.output is not None:
+            value: Any = await model.with_structured_output(self.output).ainvoke(messages)
+            value = value.model_dump() if hasattr(value, "model_dump") else value
+        elif self.tools and isinstance(messages[-1], AIMessageT) and not messages[-1].tool_calls:
+            value = str(messages[-1].content)
+        else:
+            value = str((await model.ainvoke(messages)).content)
+        return {self.output_key or self.name: value}
+
+    def node(self) -> Callable[..., Any]:
+        """This agent as a flow node function `(state, model) -> update`."""
+
+        async def agent_node(state: Any, model: RoutedChatModel) -> dict[str, Any]:
+            return await self.run(state, model)
+
+        agent_node.__name__ = self.name
+        return agent_node
+

@@ -9,6 +9,7 @@ tries those candidates in order, falling back between providers as `fallback` de
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
 import time
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from .catalog import SKILLS, Catalog, ModelSpec
 from .exceptions import (
+    ValidationFailedError,
     AllModelsFailedError,
     BudgetExceededError,
     MalformedResponseError,
@@ -436,6 +438,10 @@ class RoutedChatModel(BaseChatModel):
     tools: list[Any] = Field(default_factory=list, exclude=True)
     tool_choice: Any = None
     response_schema: Any = Field(default=None, exclude=True)
+    validator: Any = Field(default=None, exclude=True)
+    """Checks each answer: a callable (sync or async) returning True/None to accept, False
+    or a reason string (or raising) to reject, or a pydantic model the answer must fit.
+    A rejected answer escalates to a more capable model."""
     _last_model: str | None = PrivateAttr(default=None)
     _variants: dict[Any, Any] = PrivateAttr(default_factory=dict)
     _tool_tokens: int | None = PrivateAttr(default=None)
@@ -500,8 +506,13 @@ class RoutedChatModel(BaseChatModel):
             tools=update.pop("tools", self.tools),
             tool_choice=update.pop("tool_choice", self.tool_choice),
             response_schema=update.pop("response_schema", self.response_schema),
+            validator=update.pop("validator", self.validator),
             **update,
         )
+
+    def with_validator(self, validator: Any) -> RoutedChatModel:
+        """A copy whose answers must pass `validator` (see the field's documentation)."""
+        return self._copy(validator=validator)
 
     def with_needs(self, **changes: Any) -> RoutedChatModel:
         """A routed model for the same run with some needs changed."""
@@ -624,6 +635,8 @@ class RoutedChatModel(BaseChatModel):
         banned_providers: set[str] = set()
         previous: str | None = None
         over_budget: Candidate | None = None
+        min_quality = -1.0
+        skills = list(self.needs.quality) or None
         policy = ctx.policy
         breakers = ctx.breakers
 
@@ -632,6 +645,8 @@ class RoutedChatModel(BaseChatModel):
             if spec.provider in banned_providers:
                 continue
             if spec.window <= min_window:
+                continue
+            if min_quality >= 0 and spec.mean_quality(skills) <= min_quality:
                 continue
             left = usage.remaining_usd
             if left is not None and expected_cost > left:
@@ -647,6 +662,7 @@ class RoutedChatModel(BaseChatModel):
                 t0 = time.perf_counter()
                 verdict = False
                 emitted = False
+                message = None
                 try:
                     model = self._bound(spec)
                     if stream:
@@ -674,7 +690,9 @@ class RoutedChatModel(BaseChatModel):
                         else:
                             # The client was built with timeout=policy.timeout and raises.
                             message = await _generate_once(model, messages, stop, kwargs)
-                    self._check_output(spec, message)
+                    parsed = self._check_output(spec, message)
+                    if self.validator is not None:
+                        await self._validate(spec, message, parsed)
                 except asyncio.CancelledError:
                     raise
                 except UserError:
@@ -689,10 +707,13 @@ class RoutedChatModel(BaseChatModel):
                     if emitted:
                         # Tokens already reached the consumer: retrying would glue two answers.
                         action, delay = Action.RAISE, 0.0
+                    # An answer that failed its schema or validator was still paid for.
+                    paid = Usage.from_message(message) if message is not None else None
                     attempt = Attempt(
                         node=self.node or "", model=spec.key, provider=spec.provider,
                         outcome="error", call_id=call_id, run_id=usage.run_id,
-                        try_number=len(attempts) + 1,
+                        try_number=len(attempts) + 1, usage=paid,
+                        cost_usd=spec.cost(paid) if paid else 0.0,
                         latency_ms=(time.perf_counter() - t0) * 1000, error_class=err.error_class,
                         error=_short(err), fallback_from=previous, action=action.value,
                         started_at=started, task_id=task_id,
@@ -706,7 +727,10 @@ class RoutedChatModel(BaseChatModel):
                         tries += 1
                         await ctx.pause(delay)
                         continue
-                    if err.error_class == "context_length":
+                    if err.error_class == "validation":
+                        # Escalate: only models more capable than the one that failed.
+                        min_quality = max(min_quality, spec.mean_quality(skills))
+                    elif err.error_class == "context_length":
                         min_window = max(min_window, spec.window)
                     elif err.error_class == "content_filter":
                         banned_providers.add(spec.provider)
@@ -773,10 +797,11 @@ class RoutedChatModel(BaseChatModel):
             return model.bind_tools(self.tools, **kwargs)
         return model
 
-    def _check_output(self, spec: ModelSpec, message: AIMessage) -> None:
+    def _check_output(self, spec: ModelSpec, message: AIMessage) -> Any:
+        """The structured output parsed from `message` (None without a schema)."""
         schema = self.response_schema
         if schema is None:
-            return
+            return None
         calls = message.tool_calls
         if not calls:
             raise MalformedResponseError(
@@ -785,12 +810,42 @@ class RoutedChatModel(BaseChatModel):
             )
         if isinstance(schema, type) and issubclass(schema, BaseModel):
             try:
-                schema.model_validate(calls[0]["args"])
+                return schema.model_validate(calls[0]["args"])
             except Exception as e:  # pydantic.ValidationError or a bad type
                 raise MalformedResponseError(
                     f"{spec.key} output fails schema {schema.__name__}: {_short(e)}",
                     provider=spec.provider, model=spec.model,
                 ) from e
+        return calls[0]["args"]
+
+    async def _validate(self, spec: ModelSpec, message: AIMessage, parsed: Any) -> None:
+        """Run the node's validator; a failure escalates to a more capable model."""
+        validator = self.validator
+        subject = parsed if parsed is not None else message
+        reason: str | None = None
+        try:
+            if isinstance(validator, type) and issubclass(validator, BaseModel):
+                if parsed is None:
+                    validator.model_validate_json(str(message.content))
+                else:
+                    validator.model_validate(
+                        parsed.model_dump() if isinstance(parsed, BaseModel) else parsed)
+                verdict: Any = True
+            else:
+                verdict = validator(subject)
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+        except (UserError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # the validator's own words are the reason
+            reason = _short(e)
+            verdict = False
+        if verdict is False or isinstance(verdict, str):
+            raise ValidationFailedError(
+                f"{spec.key} output rejected by the validator: "
+                f"{verdict if isinstance(verdict, str) else reason or 'returned False'}",
+                provider=spec.provider, model=spec.model,
+            )
 
 
 async def _generate_once(

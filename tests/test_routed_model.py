@@ -333,3 +333,61 @@ async def test_prebuilt_agents_accept_the_routed_model(routed: Any) -> None:
         out = await agent.ainvoke({"messages": [HumanMessage("what is 2 + 3?")]})
         kinds = [type(m).__name__ for m in out["messages"]]
         assert kinds == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+
+
+async def test_validator_rejection_escalates_to_a_stronger_model(cat: Catalog, make_ctx: Any) -> None:
+    graded = Catalog(
+        [spec("sim-a", "weak", 0.1).model_copy(update={"quality": {"writing": 0.5}}),
+         spec("sim-b", "same", 0.2).model_copy(update={"quality": {"writing": 0.5}}),
+         spec("sim-c", "strong", 1.0).model_copy(update={"quality": {"writing": 0.9}})],
+        name="graded")
+    seen: list[str] = []
+
+    def only_strong(message: AIMessage) -> bool | str:
+        seen.append(str(message.content))
+        return True if message.content.startswith("[strong]") else "too vague"
+
+    model = RoutedChatModel(context=make_ctx(cat=graded), node="n",
+                            needs=Needs(quality={"writing": 0.4})).with_validator(only_strong)
+    answer = await model.ainvoke(HI)
+    assert answer.content.startswith("[strong]")
+    attempts = model.context.usage.attempts
+    # weak is rejected; "same" is no more capable, so it is skipped; strong answers
+    assert [(a.model, a.error_class) for a in attempts] == [
+        ("sim-a/weak", "validation"), ("sim-c/strong", None)]
+    assert attempts[0].cost_usd > 0  # the rejected answer was paid for, and recorded
+    assert "too vague" in attempts[0].error
+
+
+def _graded() -> Catalog:
+    return Catalog(
+        [spec("sim-a", "weak", 0.1).model_copy(update={"quality": {"writing": 0.5}}),
+         spec("sim-b", "same", 0.2).model_copy(update={"quality": {"writing": 0.5}}),
+         spec("sim-c", "strong", 1.0).model_copy(update={"quality": {"writing": 0.9}})],
+        name="graded")
+
+
+async def test_async_judge_on_structured_output(make_ctx: Any) -> None:
+    verdicts = iter([False, True])
+    judged: list[Ticket] = []
+
+    async def judge(ticket: Ticket) -> bool:
+        judged.append(ticket)
+        return next(verdicts)
+
+    model = RoutedChatModel(context=make_ctx(cat=_graded()), node="n",
+                            needs=Needs(quality={"writing": 0.4})).with_validator(judge)
+    result = await model.with_structured_output(Ticket).ainvoke(HI)
+    assert isinstance(result, Ticket) and all(isinstance(t, Ticket) for t in judged)
+    assert [a.model for a in model.context.usage.attempts] == ["sim-a/weak", "sim-c/strong"]
+
+
+async def test_pydantic_validator_checks_text_answers(make_ctx: Any) -> None:
+    class Fields(BaseModel):
+        category: Literal["billing", "shipping"]
+
+    model = RoutedChatModel(context=make_ctx(cat=_graded()), node="n",
+                            needs=Needs(quality={"writing": 0.4})).with_validator(Fields)
+    with pytest.raises(AllModelsFailedError) as info:
+        await model.ainvoke(HI)  # simulated prose is never that JSON
+    assert [a.error_class for a in info.value.attempts] == ["validation", "validation"]

@@ -1,0 +1,894 @@
+"""A LangGraph checkpoint saver on frugalflow's Store: SQLModel tables, SQLite or PostgreSQL.
+
+    saver = SQLModelSaver(Store("postgresql://user@host/db"))
+    graph = builder.compile(checkpointer=saver)
+
+Layout (as LangGraph's own Postgres saver): a checkpoint row holds the checkpoint without
+its channel values; a channel value is a blob stored once per (thread, namespace, channel,
+version), written only by the put whose `new_versions` names it. A step that changes one
+channel of ten writes one blob, and loading reassembles the values from the blobs the
+checkpoint's `channel_versions` point at.
+
+Every operation is written once as a *plan*: a generator that yields SQLAlchemy Core
+statements and receives their rows. The plans do no I/O, so the sync and async methods
+share them and differ only in the driver that runs a plan on a connection (`_drive`,
+`_adrive`). Row building, serialisation and tuple assembly are plain functions too.
+
+I/O choices, all for speed and atomicity:
+
+* PostgreSQL: a put is ONE statement (a data-modifying CTE inserts the blobs from arrays
+  with `unnest`, then upserts the checkpoint), a put_writes is one statement too; both run
+  on an autocommit connection of the Store's async pool, so a put costs one round trip and
+  is atomic without BEGIN/COMMIT. Reads also run in autocommit (a checkpoint's blobs are
+  immutable and committed with or before it, so no snapshot is needed).
+* SQLite: the async methods run the sync plan in a worker thread on the Store's sync
+  engine (`write_sync`: serialised per process, BEGIN IMMEDIATE). One thread hop per
+  operation is much cheaper than aiosqlite's thread hop per statement plus a new thread
+  per connection (the Store opens a connection per transaction).
+* A put or put_writes is one transaction (or one statement): a cancelled caller leaves
+  either the whole checkpoint or nothing. On SQLite the worker thread finishes the
+  transaction even if the awaiting task is cancelled.
+
+Metadata is stored as JSON, after `get_serializable_checkpoint_metadata` and a scrub that
+replaces the value of any secret-looking key (api_key, authorization, password, secret,
+token but not tokens) with "[redacted]", at any depth: API keys never reach the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, NamedTuple, TypeVar
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_serializable_checkpoint_metadata,
+    writes_sort_key,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Integer,
+    LargeBinary,
+    String,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite as sq
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Executable
+
+from .store import Store
+from .tables import CheckpointBlobRow, CheckpointRow, CheckpointWriteRow
+
+__all__ = ["REDACTED", "SQLModelSaver", "scrub_metadata"]
+
+T = TypeVar("T")
+
+_CK = CheckpointRow.__table__  # type: ignore[attr-defined]
+_BL = CheckpointBlobRow.__table__  # type: ignore[attr-defined]
+_WR = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
+
+REDACTED = "[redacted]"
+# "token" but not "tokens": keep usage counters such as input_tokens.
+_SECRET_KEY = re.compile(r"api_?key|authorization|password|secret|token(?!s)", re.I)
+_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+)")
+# LangGraph's own maps keyed by namespace or channel names, not by secrets: a subgraph
+# node called "get_token" must not lose its entry in `parents`.
+_STRUCTURAL_KEYS = frozenset({"parents", "counters_since_delta_snapshot"})
+
+_EMPTY = "empty"  # blob type of a channel that has a version but no value
+_CHUNK = 500  # rows per IN list (SQLite's bound-parameter limit is 999 on old builds)
+_LIST_PAGE = 100  # checkpoints whose blobs and writes are loaded per round of alist
+
+
+# -- pure helpers: metadata, rows, tuples ---------------------------------------------------
+
+
+def scrub_metadata(value: Any, *, redact: bool = True) -> Any:
+    """A JSON-safe copy of checkpoint metadata with secret-looking keys and values redacted.
+
+    Strings lose NUL characters (PostgreSQL's JSONB refuses them); values JSON cannot
+    hold become their `str()`, so a checkpoint never fails on a metadata detail.
+    """
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            key = k if isinstance(k, str) else str(k)
+            if redact and _SECRET_KEY.search(key):
+                out[key] = REDACTED
+            else:
+                out[key] = scrub_metadata(v, redact=redact and key not in _STRUCTURAL_KEYS)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [scrub_metadata(v, redact=redact) for v in value]
+    if isinstance(value, str):
+        value = value.replace("\x00", "")
+        return _SECRET_VALUE.sub(REDACTED, value) if redact else value
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return scrub_metadata(str(value), redact=redact)
+
+
+def _run_id(config: RunnableConfig, metadata: dict[str, Any] | None = None) -> str | None:
+    """The run a checkpoint or write belongs to (for delete_for_runs)."""
+    for source in (metadata, config.get("metadata"), config.get("configurable")):
+        if source and source.get("run_id") is not None:
+            return str(source["run_id"])
+    return None
+
+
+def _thread_ns(config: RunnableConfig) -> tuple[str, str]:
+    conf = config["configurable"]
+    return str(conf["thread_id"]), str(conf.get("checkpoint_ns") or "")
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class _Op(NamedTuple):
+    """One statement of a plan; `params` is a dict, or a list of dicts for executemany."""
+
+    stmt: Executable
+    params: Any = None
+    fetch: bool = False
+
+
+# A plan yields statements, is sent back their rows (a list when `fetch`, else None) and
+# returns its result. Plans do no I/O themselves: `_drive` and `_adrive` run them.
+Plan = Generator[_Op, Any, T]
+
+
+def _drive(conn: Connection, plan: Plan[T]) -> T:
+    rows: Any = None
+    while True:
+        try:
+            op = plan.send(rows)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        result = conn.execute(op.stmt, op.params) if op.params is not None else conn.execute(op.stmt)
+        rows = result.all() if op.fetch else None
+
+
+async def _adrive(conn: AsyncConnection, plan: Plan[T]) -> T:
+    rows: Any = None
+    while True:
+        try:
+            op = plan.send(rows)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        if op.params is not None:
+            result = await conn.execute(op.stmt, op.params)
+        else:
+            result = await conn.execute(op.stmt)
+        rows = result.all() if op.fetch else None
+
+
+class _Loaded(NamedTuple):
+    """What tuple assembly needs besides the checkpoint rows."""
+
+    checkpoints: list[dict[str, Any]]  # deserialised, in row order, without channel_values
+    blobs: dict[tuple[str, str, str, str], tuple[str, bytes | None]]
+    writes: dict[tuple[str, str, str], list[Row[Any]]]
+
+
+# -- the saver -----------------------------------------------------------------------------
+
+
+class SQLModelSaver(BaseCheckpointSaver[str]):
+    """LangGraph checkpointer storing into frugalflow's SQLModel tables through a `Store`.
+
+    Construction does no I/O; the schema is created on first use (`store.setup()`).
+    Passes `langgraph-checkpoint-conformance` at level FULL on SQLite and PostgreSQL.
+    """
+
+    def __init__(self, store: Store, *, serde: SerializerProtocol | None = None) -> None:
+        super().__init__(serde=serde)
+        self.store = store
+        self._pg = store.dialect == "postgresql"
+        self._build_statements()
+
+    # -- statements built once (SQLAlchemy caches their compiled form) ----------------------
+
+    def _build_statements(self) -> None:
+        ck_pk = list(_CK.primary_key.columns)
+        wr_pk = list(_WR.primary_key.columns)
+        if self._pg:
+            ck = pg.insert(_CK).values(
+                {c: bindparam(c, type_=_CK.c[c].type) for c in _CK.c.keys()}
+            )
+            self._put_checkpoint = ck.on_conflict_do_update(
+                index_elements=ck_pk,
+                set_={c: ck.excluded[c] for c in ("type", "checkpoint", "metadata", "run_id")},
+            )
+            # The blobs arrive as parallel arrays: one statement, one prepared plan,
+            # whatever the number of channels changed.
+            blobs = _unnest("b_", channel=String, version=String, type=String, blob=LargeBinary)
+            blob_insert = pg.insert(_BL).from_select(
+                ["thread_id", "checkpoint_ns", "channel", "version", "type", "blob"],
+                select(
+                    bindparam("thread_id", type_=String),
+                    bindparam("checkpoint_ns", type_=String),
+                    blobs.c.channel, blobs.c.version, blobs.c.type, blobs.c.blob,
+                ),
+            ).on_conflict_do_nothing()
+            # The CTE and the upsert are one statement: atomic in autocommit mode.
+            self._put_checkpoint_and_blobs = self._put_checkpoint.add_cte(blob_insert.cte("b"))
+            writes = _unnest("w_", task_id=String, idx=Integer, channel=String, type=String,
+                             blob=LargeBinary, task_path=String)
+            wr: Any = pg.insert(_WR).from_select(
+                ["thread_id", "checkpoint_ns", "checkpoint_id", "run_id", "task_id", "idx",
+                 "channel", "type", "blob", "task_path"],
+                select(
+                    bindparam("thread_id", type_=String),
+                    bindparam("checkpoint_ns", type_=String),
+                    bindparam("checkpoint_id", type_=String),
+                    bindparam("run_id", type_=String),
+                    writes.c.task_id, writes.c.idx, writes.c.channel, writes.c.type,
+                    writes.c.blob, writes.c.task_path,
+                ),
+            )
+        else:
+            ck = sq.insert(_CK)
+            self._put_checkpoint = ck.on_conflict_do_update(
+                index_elements=ck_pk,
+                set_={c: ck.excluded[c] for c in ("type", "checkpoint", "metadata", "run_id")},
+            )
+            self._put_blobs = sq.insert(_BL).on_conflict_do_nothing()
+            wr = sq.insert(_WR)
+        # Writes to special channels (errors, interrupts, resumes: negative idx) replace
+        # what the task wrote before; ordinary writes are kept from the first attempt.
+        self._put_writes = wr.on_conflict_do_update(
+            index_elements=wr_pk,
+            set_={c: wr.excluded[c] for c in ("channel", "type", "blob", "task_path", "run_id")},
+            where=wr.excluded.idx < 0,
+        )
+
+    def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
+        """`column IN values`: one array parameter on PostgreSQL (one prepared plan)."""
+        values = list(values)
+        if self._pg:
+            return column == any_(literal(values, pg.ARRAY(column.type)))  # type: ignore[no-any-return]
+        return column.in_(values)  # type: ignore[no-any-return]
+
+    # -- drivers: the only places that differ between sync and async ------------------------
+
+    def _read(self, plan: Plan[T]) -> T:
+        self.store.setup_sync()
+        with self._connect_sync() as conn:
+            return _drive(conn, plan)
+
+    def _write(self, plan: Plan[T], *, single: bool = False) -> T:
+        """Run a write plan in one transaction; `single`: its one statement is atomic."""
+        self.store.setup_sync()
+        if single and self._pg:
+            with self._connect_sync() as conn:
+                return _drive(conn, plan)
+        with self.store.write_sync() as conn:
+            return _drive(conn, plan)
+
+    async def _aread(self, plan: Plan[T]) -> T:
+        if not self._pg:
+            return await asyncio.to_thread(self._read, plan)
+        await self.store.setup()
+        async with self._connect_async() as conn:
+            return await _adrive(conn, plan)
+
+    async def _awrite(self, plan: Plan[T], *, single: bool = False) -> T:
+        if not self._pg:
+            # The thread commits or rolls back the whole transaction even if the awaiting
+            # task is cancelled: never a half-written checkpoint.
+            return await asyncio.to_thread(self._write, plan, single=single)
+        await self.store.setup()
+        if single:
+            async with self._connect_async() as conn:
+                return await _adrive(conn, plan)
+        async with self.store.write() as conn:
+            return await _adrive(conn, plan)
+
+    @asynccontextmanager
+    async def _connect_async(self) -> AsyncIterator[AsyncConnection]:
+        """An autocommit connection from the Store's async pool (no BEGIN/COMMIT trips)."""
+        try:
+            conn = await self.store.engine.connect()
+        except (OSError, DBAPIError) as e:
+            raise self.store._unavailable(e) from e  # the Store's own message
+        try:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+        finally:
+            await conn.close()
+
+    @contextmanager
+    def _connect_sync(self) -> Iterator[Connection]:
+        if not self._pg:  # SQLite: the Store's read connection (WAL: never blocks a writer)
+            with self.store.read_sync() as conn:
+                yield conn
+            return
+        try:
+            conn = self.store.sync_engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except (OSError, DBAPIError) as e:
+            raise self.store._unavailable(e) from e
+        with conn:
+            yield conn
+
+    async def setup(self) -> None:
+        """Create or migrate the schema now (otherwise done on first use)."""
+        await self.store.setup()
+
+    # -- put -------------------------------------------------------------------------------
+
+    def _put_plan(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> tuple[Plan[None], RunnableConfig]:
+        thread_id, ns = _thread_ns(config)
+        values = checkpoint["channel_values"]
+        blobs = []
+        # Only the channels whose version changed in this step get a blob: unchanged
+        # channels keep pointing at the blob an earlier checkpoint wrote.
+        for channel, version in new_versions.items():
+            if channel in values:
+                type_, blob = self.serde.dumps_typed(values[channel])
+            else:
+                type_, blob = _EMPTY, None
+            blobs.append((channel, str(version), type_, blob))
+        bare = {k: v for k, v in checkpoint.items() if k != "channel_values"}
+        type_, data = self.serde.dumps_typed(bare)
+        md = scrub_metadata(get_serializable_checkpoint_metadata(config, metadata))
+        row = {
+            "thread_id": thread_id,
+            "checkpoint_ns": ns,
+            "checkpoint_id": checkpoint["id"],
+            "parent_checkpoint_id": config["configurable"].get("checkpoint_id"),
+            "run_id": _run_id(config, md),
+            "type": type_,
+            "checkpoint": data,
+            "metadata": md,
+        }
+        next_config: RunnableConfig = {
+            "configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
+                             "checkpoint_id": checkpoint["id"]}
+        }
+        return self._put_statements(row, blobs), next_config
+
+    def _put_statements(self, row: dict[str, Any], blobs: list[tuple[Any, ...]]) -> Plan[None]:
+        if self._pg:
+            if blobs:
+                channels, versions, types, datas = (list(col) for col in zip(*blobs, strict=True))
+                yield _Op(self._put_checkpoint_and_blobs, {
+                    **row, "b_channel": channels, "b_version": versions, "b_type": types,
+                    "b_blob": datas,
+                })
+            else:
+                yield _Op(self._put_checkpoint, row)
+            return
+        if blobs:
+            yield _Op(self._put_blobs, [
+                {"thread_id": row["thread_id"], "checkpoint_ns": row["checkpoint_ns"],
+                 "channel": c, "version": v, "type": t, "blob": b}
+                for c, v, t, b in blobs
+            ])
+        yield _Op(self._put_checkpoint, row)
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Store a checkpoint and the blobs of the channels in `new_versions`."""
+        plan, next_config = self._put_plan(config, checkpoint, metadata, new_versions)
+        self._write(plan, single=True)
+        return next_config
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Store a checkpoint and the blobs of the channels in `new_versions`."""
+        plan, next_config = self._put_plan(config, checkpoint, metadata, new_versions)
+        await self._awrite(plan, single=True)
+        return next_config
+
+    # -- put_writes ------------------------------------------------------------------------
+
+    def _writes_plan(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str,
+    ) -> Plan[None]:
+        thread_id, ns = _thread_ns(config)
+        base = {
+            "thread_id": thread_id,
+            "checkpoint_ns": ns,
+            "checkpoint_id": config["configurable"]["checkpoint_id"],
+            "run_id": _run_id(config),
+        }
+        # One row per (task, idx): a special channel written twice in one call keeps the
+        # last value (as successive upserts would), and PostgreSQL refuses to upsert one
+        # row twice in a statement.
+        by_idx: dict[int, tuple[str, str, bytes]] = {}
+        for i, (channel, value) in enumerate(writes):
+            idx = WRITES_IDX_MAP.get(channel, i)
+            by_idx[idx] = (channel, *self.serde.dumps_typed(value))
+        if not by_idx:
+            return
+        if self._pg:
+            idxs = list(by_idx)
+            yield _Op(self._put_writes, {
+                **base,
+                "w_task_id": [task_id] * len(idxs),
+                "w_idx": idxs,
+                "w_channel": [w[0] for w in by_idx.values()],
+                "w_type": [w[1] for w in by_idx.values()],
+                "w_blob": [w[2] for w in by_idx.values()],
+                "w_task_path": [task_path] * len(idxs),
+            })
+        else:
+            yield _Op(self._put_writes, [
+                {**base, "task_id": task_id, "idx": idx, "channel": channel, "type": type_,
+                 "blob": blob, "task_path": task_path}
+                for idx, (channel, type_, blob) in by_idx.items()
+            ])
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Store a task's writes, pending on the checkpoint `config` points at."""
+        self._write(self._writes_plan(config, writes, task_id, task_path), single=True)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Store a task's writes, pending on the checkpoint `config` points at."""
+        await self._awrite(self._writes_plan(config, writes, task_id, task_path), single=True)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _select_checkpoints(
+        self,
+        config: RunnableConfig | None,
+        filter: dict[str, Any] | None,
+        before: RunnableConfig | None,
+        limit: int | None,
+    ) -> Any:
+        stmt = select(
+            _CK.c.thread_id, _CK.c.checkpoint_ns, _CK.c.checkpoint_id,
+            _CK.c.parent_checkpoint_id, _CK.c.type, _CK.c.checkpoint, _CK.c.metadata,
+        )
+        if config is not None:
+            conf = config["configurable"]
+            stmt = stmt.where(_CK.c.thread_id == str(conf["thread_id"]))
+            if conf.get("checkpoint_ns") is not None:
+                stmt = stmt.where(_CK.c.checkpoint_ns == conf["checkpoint_ns"])
+            if checkpoint_id := get_checkpoint_id(config):
+                stmt = stmt.where(_CK.c.checkpoint_id == checkpoint_id)
+        for key, value in (filter or {}).items():
+            stmt = stmt.where(self._metadata_equals(key, value))
+        if before is not None and (before_id := get_checkpoint_id(before)):
+            stmt = stmt.where(_CK.c.checkpoint_id < before_id)
+        # Checkpoint IDs are time-ordered (uuid6): newest first.
+        stmt = stmt.order_by(_CK.c.checkpoint_id.desc())
+        if limit is not None:
+            stmt = stmt.limit(int(limit))
+        return stmt
+
+    def _metadata_equals(self, key: str, value: Any) -> ColumnElement[bool]:
+        """metadata[key] equals value as JSON (true is not 1, "1" is not 1); None matches a
+        missing key or null. The same answers on both databases."""
+        if self._pg:
+            node = cast(_CK.c.metadata, pg.JSONB).op("->", return_type=pg.JSONB)(
+                literal(key, String)
+            )
+            if value is None:
+                return or_(node.is_(None), func.jsonb_typeof(node) == "null")
+            as_json = json.dumps(scrub_metadata(value, redact=False))
+            return node == cast(literal(as_json, String), pg.JSONB)  # type: ignore[no-any-return]
+        if '"' in key:
+            raise ValueError(f"metadata filter keys cannot contain '\"': {key!r}")
+        path = literal(f'$."{key}"', String)
+        kind = func.json_type(_CK.c.metadata, path)
+        extracted = func.json_extract(_CK.c.metadata, path)
+        if value is None:
+            return or_(kind.is_(None), kind == "null")
+        if isinstance(value, bool):
+            return kind == ("true" if value else "false")  # type: ignore[no-any-return]
+        if isinstance(value, (int, float)):
+            return and_(kind.in_(("integer", "real")), extracted == value)
+        if isinstance(value, (dict, list, tuple)):
+            minified = json.dumps(scrub_metadata(value, redact=False), separators=(",", ":"))
+            return and_(kind.in_(("object", "array")), extracted == func.json(minified))
+        return and_(kind == "text", extracted == str(value))
+
+    def _attach_plan(self, rows: Sequence[Row[Any]]) -> Plan[_Loaded]:
+        """Load the blobs and pending writes of some checkpoint rows."""
+        checkpoints = [self.serde.loads_typed((r.type, r.checkpoint)) for r in rows]
+        wanted: dict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
+        ids: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for r, cp in zip(rows, checkpoints, strict=True):
+            group = (r.thread_id, r.checkpoint_ns)
+            ids[group].append(r.checkpoint_id)
+            wanted[group].update((ch, str(v)) for ch, v in cp["channel_versions"].items())
+        blobs: dict[tuple[str, str, str, str], tuple[str, bytes | None]] = {}
+        writes: dict[tuple[str, str, str], list[Row[Any]]] = defaultdict(list)
+        for (thread_id, ns), pairs in wanted.items():
+            if not pairs:
+                continue
+            # channel IN (...) AND version IN (...) is a superset of the pairs wanted (a
+            # cheap index range); the exact pairs are picked below.
+            found = yield _Op(
+                select(_BL.c.channel, _BL.c.version, _BL.c.type, _BL.c.blob).where(
+                    _BL.c.thread_id == thread_id, _BL.c.checkpoint_ns == ns,
+                    self._in(_BL.c.channel, {c for c, _ in pairs}),
+                    self._in(_BL.c.version, {v for _, v in pairs}),
+                ),
+                fetch=True,
+            )
+            for b in found:
+                if (b.channel, b.version) in pairs:
+                    blobs[(thread_id, ns, b.channel, b.version)] = (b.type, b.blob)
+        for (thread_id, ns), checkpoint_ids in ids.items():
+            found = yield _Op(
+                select(_WR.c.checkpoint_id, _WR.c.task_id, _WR.c.idx, _WR.c.channel,
+                       _WR.c.type, _WR.c.blob, _WR.c.task_path).where(
+                    _WR.c.thread_id == thread_id, _WR.c.checkpoint_ns == ns,
+                    self._in(_WR.c.checkpoint_id, checkpoint_ids),
+                ),
+                fetch=True,
+            )
+            for w in found:
+                writes[(thread_id, ns, w.checkpoint_id)].append(w)
+        return _Loaded(checkpoints, blobs, writes)
+
+    def _assemble(self, rows: Sequence[Row[Any]], loaded: _Loaded) -> list[CheckpointTuple]:
+        out = []
+        for r, cp in zip(rows, loaded.checkpoints, strict=True):
+            values = {}
+            for channel, version in cp["channel_versions"].items():
+                blob = loaded.blobs.get((r.thread_id, r.checkpoint_ns, channel, str(version)))
+                if blob is not None and blob[0] != _EMPTY:
+                    values[channel] = self.serde.loads_typed(blob)
+            # Live execution applies a step's writes in writes_sort_key order; so must we.
+            pending = sorted(
+                loaded.writes.get((r.thread_id, r.checkpoint_ns, r.checkpoint_id), ()),
+                key=lambda w: writes_sort_key(w.task_path, w.task_id, w.idx),
+            )
+            out.append(CheckpointTuple(
+                config=_config(r.thread_id, r.checkpoint_ns, r.checkpoint_id),
+                checkpoint={**cp, "channel_values": values},  # type: ignore[typeddict-item]
+                metadata=r.metadata or {},
+                parent_config=(
+                    _config(r.thread_id, r.checkpoint_ns, r.parent_checkpoint_id)
+                    if r.parent_checkpoint_id else None
+                ),
+                pending_writes=[
+                    (w.task_id, w.channel, self.serde.loads_typed((w.type, w.blob)))
+                    for w in pending
+                ],
+            ))
+        return out
+
+    def _get_plan(self, config: RunnableConfig) -> Plan[tuple[list[Row[Any]], _Loaded] | None]:
+        thread_id, ns = _thread_ns(config)
+        stmt = select(
+            _CK.c.thread_id, _CK.c.checkpoint_ns, _CK.c.checkpoint_id,
+            _CK.c.parent_checkpoint_id, _CK.c.type, _CK.c.checkpoint, _CK.c.metadata,
+        ).where(_CK.c.thread_id == thread_id, _CK.c.checkpoint_ns == ns)
+        if checkpoint_id := get_checkpoint_id(config):
+            stmt = stmt.where(_CK.c.checkpoint_id == checkpoint_id)
+        else:
+            stmt = stmt.order_by(_CK.c.checkpoint_id.desc()).limit(1)
+        rows = yield _Op(stmt, fetch=True)
+        if not rows:
+            return None
+        return rows, (yield from self._attach_plan(rows))
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint `config` names, or the thread's latest in its namespace."""
+        found = self._read(self._get_plan(config))
+        return self._assemble(*found)[0] if found else None
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint `config` names, or the thread's latest in its namespace."""
+        found = await self._aread(self._get_plan(config))
+        return self._assemble(*found)[0] if found else None
+
+    def _list_plan(self, stmt: Any) -> Plan[tuple[list[Row[Any]], _Loaded]]:
+        """The matching rows, with the first page's blobs and writes (one connection)."""
+        rows = yield _Op(stmt, fetch=True)
+        return rows, (yield from self._attach_plan(rows[:_LIST_PAGE]))
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        """Checkpoints matching `config`, metadata `filter` and `before`, newest first."""
+        rows, loaded = self._read(self._list_plan(
+            self._select_checkpoints(config, filter, before, limit)))
+        yield from self._assemble(rows[:_LIST_PAGE], loaded)
+        # Later pages load lazily, each on a short connection (none held across yields).
+        for page in _chunks(rows[_LIST_PAGE:], _LIST_PAGE):
+            yield from self._assemble(page, self._read(self._attach_plan(page)))
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        """Checkpoints matching `config`, metadata `filter` and `before`, newest first."""
+        rows, loaded = await self._aread(self._list_plan(
+            self._select_checkpoints(config, filter, before, limit)))
+        for tup in self._assemble(rows[:_LIST_PAGE], loaded):
+            yield tup
+        for page in _chunks(rows[_LIST_PAGE:], _LIST_PAGE):
+            for tup in self._assemble(page, await self._aread(self._attach_plan(page))):
+                yield tup
+
+    # -- deletes, copies, pruning ------------------------------------------------------------
+
+    def _delete_threads_plan(self, thread_ids: Sequence[str]) -> Plan[None]:
+        for chunk in _chunks(thread_ids):
+            for table in (_WR, _BL, _CK):
+                yield _Op(delete(table).where(self._in(table.c.thread_id, chunk)))
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Delete every checkpoint, blob and write of a thread (all namespaces)."""
+        self._write(self._delete_threads_plan([str(thread_id)]))
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        """Delete every checkpoint, blob and write of a thread (all namespaces)."""
+        await self._awrite(self._delete_threads_plan([str(thread_id)]))
+
+    def _referenced_plan(self, thread_id: str, ns: str) -> Plan[set[tuple[str, str]]]:
+        """The (channel, version) pairs the remaining checkpoints of a namespace use."""
+        rows = yield _Op(select(_CK.c.type, _CK.c.checkpoint).where(
+            _CK.c.thread_id == thread_id, _CK.c.checkpoint_ns == ns), fetch=True)
+        used: set[tuple[str, str]] = set()
+        for r in rows:
+            cp = self.serde.loads_typed((r.type, r.checkpoint))
+            used.update((ch, str(v)) for ch, v in cp["channel_versions"].items())
+        return used
+
+    def _collect_blobs_plan(self, thread_id: str, ns: str) -> Plan[None]:
+        """Delete the blobs no remaining checkpoint of the namespace points at."""
+        used = yield from self._referenced_plan(thread_id, ns)
+        stored = yield _Op(select(_BL.c.channel, _BL.c.version).where(
+            _BL.c.thread_id == thread_id, _BL.c.checkpoint_ns == ns), fetch=True)
+        garbage: dict[str, list[str]] = defaultdict(list)
+        for b in stored:
+            if (b.channel, b.version) not in used:
+                garbage[b.channel].append(b.version)
+        for channel, versions in garbage.items():
+            for chunk in _chunks(versions):
+                yield _Op(delete(_BL).where(
+                    _BL.c.thread_id == thread_id, _BL.c.checkpoint_ns == ns,
+                    _BL.c.channel == channel, self._in(_BL.c.version, chunk)))
+
+    def _unlink_orphans_plan(self, thread_id: str, ns: str) -> Plan[None]:
+        """A checkpoint whose parent was deleted is left with no parent."""
+        parent = _CK.alias("parent")
+        yield _Op(update(_CK).where(
+            _CK.c.thread_id == thread_id, _CK.c.checkpoint_ns == ns,
+            _CK.c.parent_checkpoint_id.is_not(None),
+            ~exists().where(
+                parent.c.thread_id == thread_id, parent.c.checkpoint_ns == ns,
+                parent.c.checkpoint_id == _CK.c.parent_checkpoint_id,
+            ),
+        ).values(parent_checkpoint_id=None))
+
+    def _delete_runs_plan(self, run_ids: Sequence[str]) -> Plan[None]:
+        touched: set[tuple[str, str]] = set()
+        for chunk in _chunks(run_ids):
+            rows = yield _Op(select(_CK.c.thread_id, _CK.c.checkpoint_ns).distinct().where(
+                self._in(_CK.c.run_id, chunk)), fetch=True)
+            touched.update((r.thread_id, r.checkpoint_ns) for r in rows)
+            # The runs' own writes, and any write pending on a checkpoint deleted here
+            # (writes saved without a run_id in their config).
+            yield _Op(delete(_WR).where(or_(
+                self._in(_WR.c.run_id, chunk),
+                exists().where(
+                    _CK.c.thread_id == _WR.c.thread_id,
+                    _CK.c.checkpoint_ns == _WR.c.checkpoint_ns,
+                    _CK.c.checkpoint_id == _WR.c.checkpoint_id,
+                    self._in(_CK.c.run_id, chunk),
+                ),
+            )))
+            yield _Op(delete(_CK).where(self._in(_CK.c.run_id, chunk)))
+        # Blobs are shared between the checkpoints of a namespace: keep those still used.
+        for thread_id, ns in sorted(touched):
+            yield from self._unlink_orphans_plan(thread_id, ns)
+            yield from self._collect_blobs_plan(thread_id, ns)
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints and writes of these runs, and blobs left unused."""
+        if run_ids := [str(r) for r in _ids(run_ids, "run_ids")]:
+            self._write(self._delete_runs_plan(run_ids))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints and writes of these runs, and blobs left unused."""
+        if run_ids := [str(r) for r in _ids(run_ids, "run_ids")]:
+            await self._awrite(self._delete_runs_plan(run_ids))
+
+    def _copy_plan(self, source: str, target: str) -> Plan[None]:
+        insert = pg.insert if self._pg else sq.insert
+        for table in (_CK, _BL, _WR):
+            columns = [c for c in table.c.keys() if c != "thread_id"]
+            rows = select(literal(target, String), *(table.c[c] for c in columns)).where(
+                table.c.thread_id == source)
+            # Rows the target already has are kept (a copy never clobbers a thread).
+            yield _Op(insert(table).from_select(["thread_id", *columns], rows)
+                      .on_conflict_do_nothing())
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy every checkpoint, blob and write of a thread to another thread ID."""
+        self._write(self._copy_plan(str(source_thread_id), str(target_thread_id)))
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy every checkpoint, blob and write of a thread to another thread ID."""
+        await self._awrite(self._copy_plan(str(source_thread_id), str(target_thread_id)))
+
+    def _prune_plan(self, thread_ids: Sequence[str], strategy: str) -> Plan[None]:
+        if strategy == "delete":
+            yield from self._delete_threads_plan(thread_ids)
+            return
+        # keep_latest would cut a DeltaChannel off the ancestors it is rebuilt from; refuse
+        # before deleting anything (the transaction rolls back).
+        for chunk in _chunks(thread_ids):
+            delta = yield _Op(select(_CK.c.thread_id).distinct().where(
+                self._in(_CK.c.thread_id, chunk),
+                cast(_CK.c.metadata, String).contains('"counters_since_delta_snapshot"'),
+            ), fetch=True)
+            if delta:
+                raise NotImplementedError(
+                    "keep_latest cannot prune threads that use a DeltaChannel: "
+                    + ", ".join(sorted(r.thread_id for r in delta))
+                )
+        for thread_id in thread_ids:
+            yield from self._keep_latest_plan(thread_id)
+
+    def _keep_latest_plan(self, thread_id: str) -> Plan[None]:
+        latest = select(_CK.c.checkpoint_ns, func.max(_CK.c.checkpoint_id).label("head")).where(
+            _CK.c.thread_id == thread_id).group_by(_CK.c.checkpoint_ns).subquery()
+        heads = yield _Op(select(latest.c.checkpoint_ns, latest.c.head, _CK.c.metadata).join(
+            _CK, and_(_CK.c.thread_id == thread_id,
+                      _CK.c.checkpoint_ns == latest.c.checkpoint_ns,
+                      _CK.c.checkpoint_id == latest.c.head)), fetch=True)
+        if not heads:
+            return
+        root_ids = {h.head for h in heads if h.checkpoint_ns == ""}
+        saved_roots: set[str] = set()
+        wanted_roots = {
+            (h.metadata or {}).get("parents", {}).get("") for h in heads if ":" in h.checkpoint_ns
+        } - {None}
+        if wanted_roots:
+            found = yield _Op(select(_CK.c.checkpoint_id).where(
+                _CK.c.thread_id == thread_id, _CK.c.checkpoint_ns == "",
+                self._in(_CK.c.checkpoint_id, wanted_roots)), fetch=True)
+            saved_roots = {r.checkpoint_id for r in found}
+        for h in heads:
+            ns, head = h.checkpoint_ns, h.head
+            root = (h.metadata or {}).get("parents", {}).get("")
+            if ":" in ns and root in saved_roots and root not in root_ids:
+                # A subgraph call's namespace (task ID after ":") belongs to the root
+                # checkpoint it started from; that one is being deleted, so is the call.
+                for table in (_WR, _BL, _CK):
+                    yield _Op(delete(table).where(
+                        table.c.thread_id == thread_id, table.c.checkpoint_ns == ns))
+                continue
+            # `< head`, not `!= head`: a checkpoint a run saves meanwhile is newer, kept.
+            for table in (_WR, _CK):
+                yield _Op(delete(table).where(
+                    table.c.thread_id == thread_id, table.c.checkpoint_ns == ns,
+                    table.c.checkpoint_id < head))
+            yield _Op(update(_CK).where(
+                _CK.c.thread_id == thread_id, _CK.c.checkpoint_ns == ns,
+                _CK.c.checkpoint_id == head,
+            ).values(parent_checkpoint_id=None))
+            yield from self._collect_blobs_plan(thread_id, ns)
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """`keep_latest`: keep each namespace's latest checkpoint, its writes and the blobs
+        it uses; `delete`: delete the threads. One transaction."""
+        if ids := _prune_args(thread_ids, strategy):
+            self._write(self._prune_plan(ids, strategy))
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """`keep_latest`: keep each namespace's latest checkpoint, its writes and the blobs
+        it uses; `delete`: delete the threads. One transaction."""
+        if ids := _prune_args(thread_ids, strategy):
+            await self._awrite(self._prune_plan(ids, strategy))
+
+    # -- versions --------------------------------------------------------------------------
+
+    def get_next_version(self, current: str | None, channel: None = None) -> str:
+        """"<counter, 32 digits>.<random>": sorts as a string; the random part keeps two
+        forks that write the same channel at the same step from sharing a blob key."""
+        if current is None:
+            n = 0
+        elif isinstance(current, (int, float)):
+            n = int(current)
+        else:
+            n = int(str(current).split(".", 1)[0])
+        return f"{n + 1:032}.{random.random():016}"
+
+
+# -- small helpers -------------------------------------------------------------------------
+
+
+def _config(thread_id: str, ns: str, checkpoint_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
+                             "checkpoint_id": checkpoint_id}}
+
+
+def _unnest(prefix: str, **columns: Any) -> Any:
+    """`unnest(:<prefix>a, :<prefix>b, ...) AS x(a, b, ...)`: rows from parallel arrays."""
+    fn = func.unnest(*(bindparam(prefix + name, type_=pg.ARRAY(t)) for name, t in columns.items()))
+    return fn.table_valued(*columns).render_derived()
+
+
+def _ids(ids: Sequence[str], name: str) -> list[str]:
+    if isinstance(ids, str):  # a lone ID would be iterated character by character
+        raise TypeError(f"{name} must be a sequence of IDs, not a str")
+    return list(ids)
+
+
+def _prune_args(thread_ids: Sequence[str], strategy: str) -> list[str]:
+    if strategy not in ("keep_latest", "delete"):
+        raise ValueError(f"unknown prune strategy {strategy!r}: use 'keep_latest' or 'delete'")
+    return [str(t) for t in _ids(thread_ids, "thread_ids")]
+
