@@ -12,6 +12,8 @@ from frugalflow import BreakerRegistry, Catalog, FallbackPolicy, RunContext, Run
 from frugalflow.fallback import default_breakers
 from frugalflow.providers.simulated import simulator as _simulator
 
+pytest_plugins = ["pg"]  # the session-wide throwaway PostgreSQL database (tests/pg.py)
+
 _real_connect = socket.socket.connect
 
 
@@ -91,3 +93,24 @@ def make_ctx(catalog: Catalog, clock: FakeClock) -> Any:
         )
 
     return make
+
+
+@pytest.fixture
+async def fresh_pg_url() -> Any:
+    """A PostgreSQL database of its own for one test (created and dropped around it)."""
+    from pg import ADMIN_URL, create_database, drop_database
+
+    try:
+        url = await create_database()
+    except Exception as e:  # CI has PostgreSQL: an unusable server fails, never skips
+        pytest.fail(f"PostgreSQL at {ADMIN_URL} is required and unusable: {e!r}", pytrace=False)
+    yield url
+    await drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Each durable test runs on a SQLite file and on a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runs.db'}"
+    return request.getfixturevalue("fresh_pg_url")  # type: ignore[no-any-return]

@@ -22,13 +22,6 @@ from frugalflow.persistence import Store
 from frugalflow.runner import Runner, acquire_lease
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'runs.db'}"
-    return request.getfixturevalue("pg_url")  # type: ignore[no-any-return]
-
-
 @pytest.fixture
 async def runner(db_url: str) -> Any:
     r = Runner(db_url, flows=[chain_flow(3), review_flow()], catalog=Catalog.simulated(),
