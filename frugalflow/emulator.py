@@ -33,55 +33,62 @@ tool choice is not forced (then the answer is text). A requested JSON schema (Op
 (provider, model, request_json) -> str | None dictates the text when it returns a string.
 
 Fault kinds (`emu.fault(provider, kind, ...)`), what each provider sends, and what the client
-raises (langchain-openai 1.7 / openai 3.x, langchain-anthropic 1.7 / anthropic 2.x,
-langchain-google-genai 4.4 / google-genai 3.x, langchain-ollama 1.1 / ollama 0.6):
+raises - as observed (tests/test_emulator.py) with langchain-openai 1.7 / openai 3.x,
+langchain-anthropic 1.7 / anthropic 2.x, langchain-google-genai 4.4 / google-genai 3.x and
+langchain-ollama 1.1 / ollama 0.6. The LangChain classes subclass the SDK's (OpenAIRateLimitError
+is an openai.RateLimitError); langchain-google-genai's 4xx classes keep the genai error as
+`__cause__` instead. ChatOllama streams even for invoke, so its "plain" call is a stream.
 
-    rate_limit      429 + Retry-After (each provider's body; Gemini adds RetryInfo)
-                    openai.RateLimitError, anthropic.RateLimitError,
-                    GoogleRateLimitError (genai ClientError 429), ollama.ResponseError 429
-    overloaded      anthropic 529 overloaded_error -> anthropic.OverloadedError;
-                    openai 503 -> openai.InternalServerError; gemini 503 UNAVAILABLE
-                    "The model is overloaded" -> GoogleAPIError (genai ServerError);
-                    ollama 503 "server busy" -> ResponseError
+    rate_limit      429 + Retry-After header (each provider's body; Gemini adds a RetryInfo
+                    retryDelay): openai/anthropic RateLimitError, GoogleRateLimitError (cause:
+                    genai ClientError 429), ollama.ResponseError 429 (headers not exposed)
+    overloaded      anthropic 529 overloaded_error -> anthropic.OverloadedError; openai 503
+                    -> InternalServerError; gemini 503 UNAVAILABLE "The model is overloaded"
+                    -> GoogleAPIError (a genai ServerError); ollama 503 "server busy"
     server_error    500 -> openai/anthropic InternalServerError, GoogleAPIError, ResponseError
-    unavailable     503 -> openai.InternalServerError, anthropic.ServiceUnavailableError,
-                    GoogleAPIError, ResponseError
+    unavailable     503 -> openai/anthropic InternalServerError (langchain-anthropic re-raises
+                    the SDK's ServiceUnavailableError as one), GoogleAPIError, ResponseError
     auth            401 -> openai/anthropic AuthenticationError, GoogleAuthenticationError
-                    (UNAUTHENTICATED; the real Gemini says 400 API_KEY_INVALID for a bad key),
-                    ResponseError 401
-    context_length  400 with each provider's wording: OpenAI code context_length_exceeded,
-                    Anthropic "prompt is too long", Gemini INVALID_ARGUMENT "The input token
-                    count (N) exceeds the maximum number of tokens allowed (M)", Ollama "the
-                    input length exceeds the context length" -> OpenAIContextOverflowError,
+                    (UNAUTHENTICATED; the real Gemini answers 400 API_KEY_INVALID to a bad
+                    key), ResponseError 401
+    context_length  400 in each provider's words: OpenAI code context_length_exceeded,
+                    Anthropic "prompt is too long: N tokens > M maximum", Gemini
+                    INVALID_ARGUMENT "The input token count (N) exceeds the maximum number of
+                    tokens allowed (M)", Ollama "the input length exceeds the context length"
+                    -> openai.BadRequestError (error.code says it; langchain-openai does not
+                    spot it since openai 3.x left the body out of str(error)),
                     AnthropicContextOverflowError, GoogleContextOverflowError, ResponseError
     invalid_request 400 -> openai/anthropic BadRequestError, GoogleInvalidRequestError,
                     ResponseError
     content_filter  openai: 400 code content_filter (Azure's wording) -> BadRequestError;
-                    anthropic: 200, stop_reason "refusal", no content (an answer whose
-                    response_metadata["stop_reason"] == "refusal"); gemini: 200, finishReason
-                    SAFETY, no content (response_metadata["finish_reason"] == "SAFETY");
-                    ollama (no such thing upstream): 400 "content_filter: ..." -> ResponseError
-    connection      the socket is reset (RST) before any byte is sent ("reset" is an alias)
+                    anthropic: 200, stop_reason "refusal", no content -> an empty answer with
+                    response_metadata["stop_reason"] == "refusal"; gemini: 200, finishReason
+                    SAFETY, no parts -> an empty answer with response_metadata
+                    ["finish_reason"] == "SAFETY"; ollama (no such thing upstream): 400
+                    "content_filter: ..." -> ResponseError
+    connection      the socket is reset (RST) before any response byte ("reset" is an alias)
                     -> openai/anthropic APIConnectionError; genai and ollama let the raw
-                    httpx2/httpx RemoteProtocolError or ReadError through
-    timeout         the connection stays open and silent for `hang_seconds`, then closes
-                    ("hang" is an alias) -> openai/anthropic APITimeoutError; genai raises
-                    httpx2.ReadTimeout, ollama httpx.ReadTimeout (raw)
-    slow            like timeout, but answers normally after `hang_seconds`
-    malformed       200 with a truncated JSON body (streams: one broken event); raw
-                    json.JSONDecodeError from openai/anthropic/ollama, genai
-                    UnknownApiResponseError
-    stream_cut      streams: `after_chunks` events, then the connection is closed without
-                    ending the chunked body (always before the last event); plain calls: half
-                    the body of a longer Content-Length. openai/anthropic APIConnectionError,
+                    httpx2.ReadError / httpx.ReadError through
+    timeout         the connection stays open and silent for `hang_seconds` (or until the
+                    client gives up), then closes ("hang" is an alias) -> openai/anthropic
+                    APITimeoutError; raw httpx2.ReadTimeout (genai), httpx.ReadTimeout (ollama)
+    slow            silence for `hang_seconds`, then the normal answer
+    malformed       200 with a truncated JSON body (streams: the first event broken) -> a bare
+                    json.JSONDecodeError from every client, but genai's streams raise
+                    UnknownApiResponseError (a ValueError)
+    stream_cut      streams: `after_chunks` events, then the connection closes without ending
+                    the chunked body (always before the last event); plain calls: half of a
+                    longer Content-Length -> openai APIConnectionError, anthropic
+                    APIConnectionError (plain) but a raw httpx2.RemoteProtocolError (stream),
                     raw httpx2/httpx RemoteProtocolError from genai and ollama
-    stream_stall    streams: `after_chunks` events, then silence for `hang_seconds`
-                    -> openai/anthropic APITimeoutError, raw ReadTimeout otherwise
+    stream_stall    like stream_cut, but silence for `hang_seconds` instead of the close
+                    -> openai APITimeoutError, anthropic APITimeoutError (plain) / raw
+                    httpx2.ReadTimeout (stream), raw httpx2/httpx ReadTimeout otherwise
     stream_error    streams: `after_chunks` events, then the provider's in-stream error
-                    (OpenAI `data: {"error":...}`, Anthropic `event: error` overloaded_error,
+                    (OpenAI `data: {"error": ...}`, Anthropic `event: error` overloaded_error,
                     Gemini `{"error": 503 UNAVAILABLE}`, Ollama `{"error": ...}`) -> openai
-                    APIError, anthropic APIStatusError, GoogleAPIError, ResponseError;
-                    plain calls get the provider's 500
+                    APIError, anthropic APIStatusError (status 200), GoogleAPIError,
+                    ResponseError (status -1); plain calls get the provider's 500
 
 Every request to a generation route is recorded in `emu.requests` (provider, model, path
 without query, stream flag, whether a key was sent - never the key - the fault applied, the
@@ -94,6 +101,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import random
 import re
 import socket
@@ -123,6 +131,8 @@ __all__ = [
     "Responder",
 ]
 
+_log = logging.getLogger(__name__)
+
 PROVIDERS: Final = ("openai", "anthropic", "gemini", "ollama")
 
 FAULT_KINDS: Final[dict[str, str]] = {
@@ -146,8 +156,9 @@ FAULT_KINDS: Final[dict[str, str]] = {
 _ALIASES: Final = {"reset": "connection", "hang": "timeout", "refusal": "content_filter",
                    "context_length_exceeded": "context_length"}
 
-Responder = Callable[[str, str, dict[str, Any]], "str | None"]
-"""(provider, model, request_json) -> the answer's text, or None for the default answer."""
+Responder = Callable[[str, str, dict[str, Any]], Any]
+"""(provider, model, request_json) -> the answer's text (a dict or list is sent as JSON text),
+or None for the default answer."""
 
 DEFAULT_MODELS: Final[dict[str, tuple[str, ...]]] = {
     "openai": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
@@ -947,8 +958,11 @@ class ProviderEmulator:
         self.port = port
         self.requests: list[RecordedRequest] = []
         self.faults: list[EmulatedFault] = []
+        self.errors: list[BaseException] = []
+        """Requests the emulator could not understand or serve (a 400, or a dropped socket)."""
         self._lock = threading.Lock()
         self._server: asyncio.Server | None = None
+        self._stopping: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -961,6 +975,7 @@ class ProviderEmulator:
         """Bind and start serving; returns self."""
         if self._server is not None:
             raise RuntimeError("the emulator is already running")
+        self._stopping = asyncio.Event()
         self._server = await asyncio.start_server(
             self._on_connection, self.host, self.port, limit=_MAX_HEAD
         )
@@ -973,13 +988,17 @@ class ProviderEmulator:
         if server is None:
             return
         server.close()
+        if self._stopping is not None:
+            self._stopping.set()
         for writer in list(self._writers):
             writer.transport.abort()
         tasks = [t for t in self._tasks if not t.done()]
-        for task in tasks:
-            task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
+            _, pending = await asyncio.wait(tasks, timeout=1.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 5.0)
 
@@ -1149,6 +1168,17 @@ class ProviderEmulator:
                     if (provider is None or r.provider == provider)
                     and (model is None or r.model == model)]
 
+    async def wait_for_requests(self, n: int = 1, timeout: float = 5.0) -> list[RecordedRequest]:
+        """Wait until `n` generation requests have arrived (e.g. a hang has begun)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if len(self.requests) >= n:
+                    return list(self.requests)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(self.requests)} of {n} requests in {timeout} s")
+            await asyncio.sleep(0.005)
+
     def _take_fault(self, provider: str, model: str, stream: bool) -> EmulatedFault | None:
         with self._lock:
             chosen = None
@@ -1172,7 +1202,8 @@ class ProviderEmulator:
         n_in = _tokens(ask.prompt_chars)
         if refused:
             return _Answer("", [], n_in, 1, refused=True)
-        text = self.responder(ctx.provider, ctx.model, ctx.body) if self.responder else None
+        said: Any = self.responder(ctx.provider, ctx.model, ctx.body) if self.responder else None
+        text = said if said is None or isinstance(said, str) else _dumps(said)
         calls: list[tuple[str, str, dict[str, Any]]] = []
         if text is None:
             forced = ask.choice not in (None, "auto", "none")
@@ -1217,6 +1248,13 @@ class ProviderEmulator:
         except (_Closed, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ValueError, OSError):
             pass
+        except asyncio.CancelledError:
+            # stop() cancels stragglers; end quietly (3.11's start_server callback would
+            # otherwise log the cancellation as an error).
+            pass
+        except Exception as e:  # an emulator bug: keep it for inspection, drop the connection
+            self.errors.append(e)
+            _log.exception("provider emulator: error while serving a request")
         finally:
             self._writers.discard(writer)
             if task is not None:
@@ -1272,11 +1310,17 @@ class ProviderEmulator:
                                  None, body)
         with self._lock:
             self.requests.append(record)
-        ask = dialect.parse(body)
+        try:
+            ask = dialect.parse(body)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            status, payload = dialect.error("invalid_request", ctx, None, 0)
+            record.status = status
+            self.errors.append(e)
+            return await self._send_json(writer, status, payload, dialect)
         n_in = _tokens(ask.prompt_chars)
 
         if self.latency > 0:
-            await asyncio.sleep(self.latency)
+            await self._sleep(self.latency)
         if kind == "connection":
             self._reset(writer)
             raise _Closed
@@ -1284,7 +1328,7 @@ class ProviderEmulator:
             await self._hang(reader, fault.hang_seconds if fault else 0.0)
             raise _Closed
         if kind == "slow" and fault is not None:
-            await asyncio.sleep(fault.hang_seconds)
+            await self._sleep(fault.hang_seconds)
         refused = kind == "content_filter" and provider in _REFUSAL_ANSWERS
         http_error = kind in ("rate_limit", "overloaded", "server_error", "unavailable", "auth",
                               "context_length", "invalid_request") or (
@@ -1306,8 +1350,8 @@ class ProviderEmulator:
             payload_bytes = _dumps(dialect.full(ctx, answer)).encode()
             if kind == "malformed":
                 payload_bytes = payload_bytes[: max(1, len(payload_bytes) // 2)]
-            if kind == "stream_cut":
-                return await self._send_cut_body(writer, payload_bytes, dialect)
+            if kind in ("stream_cut", "stream_stall") and fault is not None:
+                return await self._send_cut_body(writer, reader, payload_bytes, dialect, fault)
             return await self._send_bytes(writer, 200, payload_bytes, "application/json",
                                           dialect)
         if not ctx.sse:  # Gemini streamGenerateContent without alt=sse: one JSON array
@@ -1351,7 +1395,7 @@ class ProviderEmulator:
             return await self._send_json(writer, 200, {"models": data})
         if req.method == "GET" and path in ("/ollama/api/version", "/api/version"):
             return await self._send_json(writer, 200, {"version": "0.0.0-emulator"})
-        if req.method in ("GET", "HEAD") and path in ("", "/ollama"):
+        if req.method == "GET" and path in ("", "/ollama"):
             return await self._send_bytes(writer, 200, b"Ollama is running", "text/plain")
         return await self._send_json(writer, 404, {"error": {
             "message": f"no route for {req.method} {req.path}", "code": 404,
@@ -1387,12 +1431,16 @@ class ProviderEmulator:
                                       "application/json", dialect, extra)
 
     async def _send_cut_body(
-        self, writer: asyncio.StreamWriter, payload: bytes, dialect: _Dialect
+        self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, payload: bytes,
+        dialect: _Dialect, fault: EmulatedFault,
     ) -> bool:
+        """Half of a plain body, then a close (stream_cut) or silence (stream_stall)."""
         headers = self._headers("application/json")
         headers["content-length"] = str(len(payload))
         writer.write(_head(200, headers, dialect.status_words) + payload[: len(payload) // 2])
         await writer.drain()
+        if fault.kind == "stream_stall":
+            await self._hang(reader, fault.hang_seconds)
         raise _Closed
 
     async def _stream(
@@ -1413,7 +1461,7 @@ class ProviderEmulator:
             if stop_at is not None and i >= stop_at:
                 break
             if self.chunk_delay > 0 and i > 0:
-                await asyncio.sleep(self.chunk_delay)
+                await self._sleep(self.chunk_delay)
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             await writer.drain()
         else:
@@ -1439,8 +1487,18 @@ class ProviderEmulator:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep `seconds`; raise _Closed at once if the emulator stops meanwhile."""
+        stopping = self._stopping
+        if stopping is None:
+            raise _Closed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), seconds)
+        if stopping.is_set():
+            raise _Closed
+
     @staticmethod
     async def _hang(reader: asyncio.StreamReader, seconds: float) -> None:
-        """Send nothing for `seconds`, or until the client gives up and closes."""
+        """Send nothing for `seconds`, or until the client gives up or stop() aborts."""
         with contextlib.suppress(TimeoutError, ConnectionError):
             await asyncio.wait_for(reader.read(1), seconds)

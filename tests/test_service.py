@@ -136,3 +136,21 @@ async def test_cancel_and_shutdown_leave_runs_resumable(db: str) -> None:
         assert (await client.get(f"/runs/{b['run_id']}")).json()["status"] == "paused"
         r = await client.post(f"/runs/{b['run_id']}/resume", json={"wait": True})
         assert r.json()["status"] == "succeeded"
+
+
+async def test_the_embedded_service_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setenv("FRUGALFLOW_DATABASE_URL", f"sqlite:///{tmp_path / 'example.db'}")
+    path = Path(__file__).resolve().parents[1] / "examples" / "service" / "app.py"
+    spec = importlib.util.spec_from_file_location("example_service_app", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    transport = httpx.ASGITransport(app=module.app)
+    async with module.lifespan(module.app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            r = await client.post("/tickets", json={"text": "charged twice, order 9"})
+            assert r.status_code == 200 and r.json()["status"] == "succeeded"
+            flows = (await client.get("/frugalflow/flows")).json()
+            assert "support_triage" in {f["name"] for f in flows}

@@ -41,6 +41,7 @@ import json
 import math
 import random
 import re
+import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -70,6 +71,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     delete,
+    event,
     exists,
     func,
     literal,
@@ -202,6 +204,152 @@ class _Loaded(NamedTuple):
     writes: dict[tuple[str, str, str], list[Row[Any]]]
 
 
+# -- connections kept between operations ---------------------------------------------------
+#
+# The Store hands out a connection per transaction: on PostgreSQL a checkout pre-pings
+# (BEGIN; ping; ROLLBACK: three round trips), on SQLite it opens a new connection (and the
+# last one to close checkpoints the WAL). A step's checkpoint costs one statement, so the
+# saver keeps a few connections checked out of the Store's own pools and reuses them.
+# `store.close()` (the `engine_disposed` event) or `saver.aclose()` returns them.
+
+_LANE_MAX_IDLE_S = 10.0  # older idle lanes go back to the pool (its pre-ping guards them)
+
+
+class _AsyncLanes:
+    """Autocommit connections checked out of the Store's async pool, reused (PostgreSQL).
+
+    At most `pool.size()` at a time (operations beyond that wait for a free lane): the
+    pool's overflow stays free for the Store's other users, and no connection is opened,
+    pinged and closed per operation under load.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._engine: Any = None
+        self._idle: list[tuple[float, AsyncConnection]] = []  # (last used, connection)
+        self._free: asyncio.Semaphore | None = None
+
+    def _adopt(self, engine: Any) -> None:
+        self._engine = engine
+        self._idle = []  # lanes of a previous engine were released when it was disposed
+        self._free = asyncio.Semaphore(max(1, engine.pool.size()))
+        event.listen(engine.sync_engine, "engine_disposed", self._on_dispose)
+
+    def _on_dispose(self, sync_engine: Any) -> None:
+        # Runs inside AsyncEngine.dispose()'s greenlet: the sync API may do I/O here.
+        idle, self._idle, self._engine = self._idle, [], None
+        for _, conn in idle:
+            _release_sync(conn.sync_connection)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        engine = self.store.engine
+        if engine is not self._engine:
+            self._adopt(engine)
+        assert self._free is not None
+        async with self._free:
+            conn = await self._take(engine)
+            try:
+                yield conn
+            except BaseException:
+                # An error or a cancellation mid-statement: the connection's state is
+                # unknown, so it is not reused.
+                await _discard(conn)
+                raise
+            if engine is self._engine:
+                self._idle.append((asyncio.get_running_loop().time(), conn))
+            else:  # the Store was closed meanwhile: its old pool is gone
+                await _discard(conn)
+
+    async def _take(self, engine: Any) -> AsyncConnection:
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            used, conn = self._idle.pop()
+            if now - used < _LANE_MAX_IDLE_S:
+                return conn
+            await conn.close()  # back to the pool, which pings it on its next checkout
+        try:
+            conn = await engine.connect()
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        except (OSError, DBAPIError) as e:
+            raise self.store._unavailable(e) from e  # the Store's own message
+        return conn
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for _, conn in idle:
+            await conn.close()
+
+
+async def _discard(conn: AsyncConnection) -> None:
+    try:
+        await conn.invalidate()
+    finally:
+        await conn.close()
+
+
+def _release_sync(conn: Connection) -> None:
+    conn.invalidate()  # closes the DBAPI connection: its pool is being disposed
+    conn.close()
+
+
+class _SqliteLanes:
+    """One write and one read connection of the Store's sync engine, kept open (SQLite).
+
+    Used from worker threads (the async methods) and from callers' threads (the sync
+    methods), one at a time each. WAL: the reader never blocks the writer.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._engine: Any = None
+        self._conns: dict[bool, Connection] = {}
+        self._locks = {True: threading.Lock(), False: threading.Lock()}
+
+    def run(self, plan: Plan[T], *, write: bool) -> T:
+        self.store.setup_sync()
+        with self._locks[write]:
+            engine = self.store.sync_engine
+            if engine is not self._engine:
+                self._engine = engine
+                self._conns = {}
+                event.listen(engine, "engine_disposed", self._on_dispose)
+            conn = self._conns.get(write)
+            if conn is None:
+                conn = engine.connect()
+                # The Store's "begin" hook issues BEGIN IMMEDIATE on connections with
+                # ff_write: a writer takes the write lock before it reads.
+                conn.execution_options(ff_write=write)
+                self._conns[write] = conn
+            try:
+                with conn.begin():  # also ends each read: no snapshot pins the WAL
+                    return _drive(conn, plan)
+            except BaseException:
+                self._conns.pop(write, None)
+                conn.invalidate()
+                conn.close()
+                raise
+
+    def _on_dispose(self, engine: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for write in (True, False):
+            with self._locks[write]:
+                conn = self._conns.pop(write, None)
+                if conn is not None:
+                    conn.close()
+
+
+@asynccontextmanager
+async def _sqlite_writer_queue(store: Store) -> AsyncIterator[None]:
+    # The Store's per-process queue of async SQLite writers, created as store.write() does.
+    if store._alock is None:
+        store._alock = asyncio.Lock()
+    async with store._alock:
+        yield
+
+
 # -- the saver -----------------------------------------------------------------------------
 
 
@@ -216,6 +364,8 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         super().__init__(serde=serde)
         self.store = store
         self._pg = store.dialect == "postgresql"
+        self._lanes = _AsyncLanes(store)
+        self._sqlite = _SqliteLanes(store)
         self._build_statements()
 
     # -- statements built once (SQLAlchemy caches their compiled form) ----------------------
@@ -274,6 +424,37 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             where=wr.excluded.idx < 0,
         )
 
+        # Reads: prebuilt too (building a select costs more than running it on SQLite).
+        row = select(
+            _CK.c.thread_id, _CK.c.checkpoint_ns, _CK.c.checkpoint_id,
+            _CK.c.parent_checkpoint_id, _CK.c.type, _CK.c.checkpoint, _CK.c.metadata,
+        ).where(_CK.c.thread_id == bindparam("thread_id"),
+                _CK.c.checkpoint_ns == bindparam("checkpoint_ns"))
+        self._get_latest = row.order_by(_CK.c.checkpoint_id.desc()).limit(1)
+        self._get_by_id = row.where(_CK.c.checkpoint_id == bindparam("checkpoint_id"))
+        # channel IN (...) AND version IN (...) is a superset of the (channel, version)
+        # pairs wanted (one index range scan); `_attach_plan` keeps the exact pairs.
+        self._get_blobs = select(_BL.c.channel, _BL.c.version, _BL.c.type, _BL.c.blob).where(
+            _BL.c.thread_id == bindparam("thread_id"),
+            _BL.c.checkpoint_ns == bindparam("checkpoint_ns"),
+            self._in_param(_BL.c.channel, "channels"),
+            self._in_param(_BL.c.version, "versions"),
+        )
+        self._get_writes = select(
+            _WR.c.checkpoint_id, _WR.c.task_id, _WR.c.idx, _WR.c.channel, _WR.c.type,
+            _WR.c.blob, _WR.c.task_path,
+        ).where(
+            _WR.c.thread_id == bindparam("thread_id"),
+            _WR.c.checkpoint_ns == bindparam("checkpoint_ns"),
+            self._in_param(_WR.c.checkpoint_id, "checkpoint_ids"),
+        )
+
+    def _in_param(self, column: Any, name: str) -> ColumnElement[bool]:
+        """`column IN :name` for a prebuilt statement; the values come at execution."""
+        if self._pg:  # one array parameter: one prepared plan whatever the count
+            return column == any_(bindparam(name, type_=pg.ARRAY(column.type)))  # type: ignore[no-any-return]
+        return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
+
     def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
         """`column IN values`: one array parameter on PostgreSQL (one prepared plan)."""
         values = list(values)
@@ -284,63 +465,69 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     # -- drivers: the only places that differ between sync and async ------------------------
 
     def _read(self, plan: Plan[T]) -> T:
+        if not self._pg:
+            return self._sqlite.run(plan, write=False)
         self.store.setup_sync()
-        with self._connect_sync() as conn:
+        with self._pg_sync_connection() as conn:
             return _drive(conn, plan)
 
     def _write(self, plan: Plan[T], *, single: bool = False) -> T:
-        """Run a write plan in one transaction; `single`: its one statement is atomic."""
+        """Run a write plan atomically: one transaction, or one statement (`single`)."""
+        if not self._pg:
+            return self._sqlite.run(plan, write=True)
         self.store.setup_sync()
-        if single and self._pg:
-            with self._connect_sync() as conn:
+        if single:
+            with self._pg_sync_connection() as conn:
                 return _drive(conn, plan)
         with self.store.write_sync() as conn:
             return _drive(conn, plan)
 
     async def _aread(self, plan: Plan[T]) -> T:
         if not self._pg:
-            return await asyncio.to_thread(self._read, plan)
+            return await asyncio.to_thread(self._sqlite.run, plan, write=False)
         await self.store.setup()
-        async with self._connect_async() as conn:
+        async with self._lanes.connection() as conn:
             return await _adrive(conn, plan)
 
     async def _awrite(self, plan: Plan[T], *, single: bool = False) -> T:
+        """Run a write plan atomically: one transaction, or one statement (`single`)."""
         if not self._pg:
-            # The thread commits or rolls back the whole transaction even if the awaiting
-            # task is cancelled: never a half-written checkpoint.
-            return await asyncio.to_thread(self._write, plan, single=single)
+            # Queue with the Store's other writers of this process (store.write() takes the
+            # same lock) rather than in SQLite's busy handler. The thread commits or rolls
+            # back the whole transaction even if this task is cancelled meanwhile.
+            async with _sqlite_writer_queue(self.store):
+                return await asyncio.to_thread(self._sqlite.run, plan, write=True)
         await self.store.setup()
         if single:
-            async with self._connect_async() as conn:
+            async with self._lanes.connection() as conn:
                 return await _adrive(conn, plan)
         async with self.store.write() as conn:
             return await _adrive(conn, plan)
 
-    @asynccontextmanager
-    async def _connect_async(self) -> AsyncIterator[AsyncConnection]:
-        """An autocommit connection from the Store's async pool (no BEGIN/COMMIT trips)."""
+    @contextmanager
+    def _pg_sync_connection(self) -> Iterator[Connection]:
+        """An autocommit connection from the Store's sync (psycopg) pool."""
         try:
-            conn = await self.store.engine.connect()
+            conn = self.store.sync_engine.connect()
         except (OSError, DBAPIError) as e:
             raise self.store._unavailable(e) from e  # the Store's own message
-        try:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            yield conn
-        finally:
-            await conn.close()
-
-    @contextmanager
-    def _connect_sync(self) -> Iterator[Connection]:
-        if not self._pg:  # SQLite: the Store's read connection (WAL: never blocks a writer)
-            with self.store.read_sync() as conn:
-                yield conn
-            return
-        try:
-            conn = self.store.sync_engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        except (OSError, DBAPIError) as e:
-            raise self.store._unavailable(e) from e
         with conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
+
+    async def aclose(self) -> None:
+        """Return the connections this saver keeps to the Store's pools.
+
+        Optional: `await store.close()` returns them too."""
+        if self._pg:
+            await self._lanes.aclose()
+        else:
+            await asyncio.to_thread(self._sqlite.close)
+
+    def close(self) -> None:
+        """Sync twin of `aclose` (SQLite; PostgreSQL lanes need `aclose` or store.close())."""
+        if not self._pg:
+            self._sqlite.close()
 
     async def setup(self) -> None:
         """Create or migrate the schema now (otherwise done on first use)."""
@@ -562,28 +749,18 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         for (thread_id, ns), pairs in wanted.items():
             if not pairs:
                 continue
-            # channel IN (...) AND version IN (...) is a superset of the pairs wanted (a
-            # cheap index range); the exact pairs are picked below.
-            found = yield _Op(
-                select(_BL.c.channel, _BL.c.version, _BL.c.type, _BL.c.blob).where(
-                    _BL.c.thread_id == thread_id, _BL.c.checkpoint_ns == ns,
-                    self._in(_BL.c.channel, {c for c, _ in pairs}),
-                    self._in(_BL.c.version, {v for _, v in pairs}),
-                ),
-                fetch=True,
-            )
+            found = yield _Op(self._get_blobs, {
+                "thread_id": thread_id, "checkpoint_ns": ns,
+                "channels": sorted({c for c, _ in pairs}),
+                "versions": sorted({v for _, v in pairs}),
+            }, fetch=True)
             for b in found:
                 if (b.channel, b.version) in pairs:
                     blobs[(thread_id, ns, b.channel, b.version)] = (b.type, b.blob)
         for (thread_id, ns), checkpoint_ids in ids.items():
-            found = yield _Op(
-                select(_WR.c.checkpoint_id, _WR.c.task_id, _WR.c.idx, _WR.c.channel,
-                       _WR.c.type, _WR.c.blob, _WR.c.task_path).where(
-                    _WR.c.thread_id == thread_id, _WR.c.checkpoint_ns == ns,
-                    self._in(_WR.c.checkpoint_id, checkpoint_ids),
-                ),
-                fetch=True,
-            )
+            found = yield _Op(self._get_writes, {
+                "thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_ids": checkpoint_ids,
+            }, fetch=True)
             for w in found:
                 writes[(thread_id, ns, w.checkpoint_id)].append(w)
         return _Loaded(checkpoints, blobs, writes)
@@ -618,15 +795,12 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
 
     def _get_plan(self, config: RunnableConfig) -> Plan[tuple[list[Row[Any]], _Loaded] | None]:
         thread_id, ns = _thread_ns(config)
-        stmt = select(
-            _CK.c.thread_id, _CK.c.checkpoint_ns, _CK.c.checkpoint_id,
-            _CK.c.parent_checkpoint_id, _CK.c.type, _CK.c.checkpoint, _CK.c.metadata,
-        ).where(_CK.c.thread_id == thread_id, _CK.c.checkpoint_ns == ns)
+        params = {"thread_id": thread_id, "checkpoint_ns": ns}
         if checkpoint_id := get_checkpoint_id(config):
-            stmt = stmt.where(_CK.c.checkpoint_id == checkpoint_id)
+            rows = yield _Op(self._get_by_id, {**params, "checkpoint_id": checkpoint_id},
+                             fetch=True)
         else:
-            stmt = stmt.order_by(_CK.c.checkpoint_id.desc()).limit(1)
-        rows = yield _Op(stmt, fetch=True)
+            rows = yield _Op(self._get_latest, params, fetch=True)
         if not rows:
             return None
         return rows, (yield from self._attach_plan(rows))
