@@ -629,13 +629,9 @@ _ADAPTER_CASES = [
     ("ollama", "overloaded", ff.ProviderOverloadedError),
     ("ollama", "timeout", ff.ModelTimeoutError),
     ("ollama", "connection", ff.ProviderConnectionError),
-    pytest.param("gemini", "timeout", ff.ModelTimeoutError, marks=pytest.mark.xfail(
-        strict=True, reason="google-genai raises raw httpx2 errors; translate_common knows "
-                            "only httpx")),
-    pytest.param("anthropic", "stream_cut", ff.ProviderConnectionError, marks=pytest.mark.xfail(
-        strict=True, reason="anthropic lets httpx2 errors out of a stream unwrapped")),
-    pytest.param("openai", "malformed", ff.MalformedResponseError, marks=pytest.mark.xfail(
-        strict=True, reason="openai raises a bare json.JSONDecodeError on a broken body")),
+    pytest.param("gemini", "timeout", ff.ModelTimeoutError),  # raw httpx2 error
+    pytest.param("anthropic", "stream_cut", ff.ProviderConnectionError),  # raw httpx2 in stream
+    pytest.param("openai", "malformed", ff.MalformedResponseError),  # bare JSONDecodeError
 ]
 
 
@@ -718,3 +714,51 @@ async def test_raw_http_edge_cases(emu: ProviderEmulator) -> None:
         assert keyed.status_code == 200
     assert len(emu.errors) == 1  # the tool_choice that was not an object
     assert emu.requests[-1].auth and "secret" not in emu.requests[-1].path
+
+
+# -- frugalflow's fallback over the wire ---------------------------------------------------
+
+
+async def test_routed_model_falls_back_across_real_clients(
+    emu: ProviderEmulator, make_ctx: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from frugalflow import Catalog, FallbackPolicy, Needs, RoutedChatModel
+
+    def entry(provider: str, model: str, price: float, base: str,
+              window: int = 100_000) -> ModelSpec:
+        monkeypatch.setenv(f"EMU_{provider.upper()}_KEY", "test-key")
+        return ModelSpec(provider=provider, model=model, base_url=emu.base_url(base),
+                         api_key_env=f"EMU_{provider.upper()}_KEY", input_price=price,
+                         output_price=price, context_window=window,
+                         capabilities={"tool_calling": True, "structured_output": True},
+                         quality={"writing": 0.8})
+
+    cat = Catalog([
+        entry("openai", "gpt-4o-mini", 0.1, "openai"),
+        entry("anthropic", "claude-haiku-4-5", 0.2, "anthropic"),
+        entry("google", "gemini-2.5-flash", 0.3, "gemini"),
+        entry("ollama", "llama3.2", 0.4, "ollama", window=2_000_000),
+    ], name="emulated")
+    emu.fault("openai", "rate_limit", retry_after=30)  # beyond the cap: move on at once
+    emu.fault("anthropic", "overloaded", times=None)  # retried once, then the next model
+    emu.fault("gemini", "context_length")  # next, with a larger context window
+    model = RoutedChatModel(needs=Needs(), node="n",
+                            context=make_ctx(cat=cat, policy=FallbackPolicy(timeout=5.0)))
+    try:
+        answer = await model.ainvoke("hello over the wire")
+    finally:
+        for _, built in cat._built.values():
+            await _aclose(built)
+
+    assert answer.text and model.last_model == "ollama/llama3.2"
+    tried = [(a.model, a.outcome, a.action) for a in model.context.usage.attempts]
+    assert tried == [
+        ("openai/gpt-4o-mini", "error", "next"),
+        ("anthropic/claude-haiku-4-5", "error", "retry"),
+        ("anthropic/claude-haiku-4-5", "error", "next"),
+        ("google/gemini-2.5-flash", "error", "next"),
+        ("ollama/llama3.2", "ok", None),
+    ]
+    assert [(r.provider, r.fault) for r in emu.requests] == [
+        ("openai", "rate_limit"), ("anthropic", "overloaded"), ("anthropic", "overloaded"),
+        ("gemini", "context_length"), ("ollama", None)]

@@ -43,7 +43,15 @@ import random
 import re
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NamedTuple, TypeVar
 
@@ -204,6 +212,131 @@ class _Loaded(NamedTuple):
     writes: dict[tuple[str, str, str], list[Row[Any]]]
 
 
+# -- writes: rows, batches, group commit ---------------------------------------------------
+
+_CK_COLUMNS = ("thread_id", "checkpoint_ns", "checkpoint_id", "parent_checkpoint_id", "run_id",
+               "type", "checkpoint", "metadata")
+_BL_COLUMNS = ("thread_id", "checkpoint_ns", "channel", "version", "type", "blob")
+_WR_COLUMNS = ("thread_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx", "channel",
+               "type", "blob", "task_path", "run_id")
+_MAX_BATCH = 256  # calls written by one statement / transaction at most
+
+
+class _Rows(NamedTuple):
+    """The rows one put or put_writes adds (dicts keyed by column)."""
+
+    checkpoints: list[dict[str, Any]]
+    blobs: list[dict[str, Any]]
+    writes: list[dict[str, Any]]
+
+
+def _pg_arrays(checkpoints: list[dict[str, Any]], blobs: list[dict[str, Any]],
+               writes: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The array parameters of the PostgreSQL write statement.
+
+    One statement may not upsert a row twice, so rows of a batch with the same key are
+    merged as running the calls one after the other would: the last checkpoint wins, the
+    first ordinary write wins, the last special write wins. Blobs are insert-if-absent.
+    """
+    cks = {(r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"]): r for r in checkpoints}
+    wrs: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in writes:
+        key = (r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"], r["task_id"], r["idx"])
+        if r["idx"] < 0 or key not in wrs:
+            wrs[key] = r
+    params: dict[str, list[Any]] = {}
+    for prefix, rows, columns in (("c_", list(cks.values()), _CK_COLUMNS),
+                                  ("b_", blobs, _BL_COLUMNS),
+                                  ("w_", list(wrs.values()), _WR_COLUMNS)):
+        for col in columns:
+            params[prefix + col] = [r[col] for r in rows]
+    params["c_metadata"] = [json.dumps(m) for m in params["c_metadata"]]
+    return params
+
+
+class _GroupCommit:
+    """Concurrent puts and put_writes written together (group commit).
+
+    A call alone is written at once, as a batch of one. Under load, calls that arrive while
+    `width()` batches are in flight queue up, and the next batch writes all of them in ONE
+    statement (PostgreSQL) or transaction (SQLite): one round trip instead of one each.
+    Each call stays atomic (a batch commits whole or not at all), and a failed batch is
+    retried call by call, so a call only ever sees its own error. A caller cancelled
+    before its batch starts is dropped; once started, its rows are written anyway.
+    """
+
+    def __init__(self, write: Callable[[list[_Rows]], Awaitable[None]],
+                 width: Callable[[], int]) -> None:
+        self._write = write
+        self._width = width
+        self._queue: list[tuple[_Rows, asyncio.Future[None]]] = []
+        self._draining = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, rows: _Rows) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.append((rows, done))
+        if self._draining < self._width():
+            self._draining += 1
+            task = loop.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await done
+
+    async def _drain(self) -> None:
+        batch: list[tuple[_Rows, asyncio.Future[None]]] = []
+        try:
+            while self._queue:
+                batch = [(r, f) for r, f in self._queue[:_MAX_BATCH] if not f.done()]
+                del self._queue[:_MAX_BATCH]
+                if batch:
+                    await self._flush(batch)
+                batch = []
+        except BaseException:  # cancelled (loop shutdown): so are the calls waiting on us
+            for _, f in batch:
+                f.cancel()
+            raise
+        finally:
+            self._draining -= 1
+            if not self._draining:
+                for _, f in self._queue:
+                    f.cancel()
+                self._queue.clear()
+
+    async def _flush(self, batch: list[tuple[_Rows, asyncio.Future[None]]]) -> None:
+        try:
+            await self._write([rows for rows, _ in batch])
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch[0][1], error)
+                return
+            for rows, done in batch:  # isolate the failing call(s)
+                try:
+                    await self._write([rows])
+                except Exception as e:
+                    _settle(done, e)
+                else:
+                    _settle(done, None)
+            return
+        for _, done in batch:
+            _settle(done, None)
+
+    async def wait(self) -> None:
+        """Until the batches in flight are written."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():  # the caller was cancelled and no longer waits
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
 # -- connections kept between operations ---------------------------------------------------
 #
 # The Store hands out a connection per transaction: on PostgreSQL a checkout pre-pings
@@ -274,6 +407,13 @@ class _AsyncLanes:
         except (OSError, DBAPIError) as e:
             raise self.store._unavailable(e) from e  # the Store's own message
         return conn
+
+    def width(self) -> int:
+        """How many lanes there may be (the pool's size)."""
+        engine = self.store.engine
+        if engine is not self._engine:
+            self._adopt(engine)
+        return max(1, engine.pool.size())
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -366,6 +506,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         self._pg = store.dialect == "postgresql"
         self._lanes = _AsyncLanes(store)
         self._sqlite = _SqliteLanes(store)
+        # SQLite has one writer at a time: one batch in flight; PostgreSQL: one per lane.
+        self._group = _GroupCommit(
+            self._store_async, lambda: self._lanes.width() if self._pg else 1)
         self._build_statements()
 
     # -- statements built once (SQLAlchemy caches their compiled form) ----------------------
@@ -373,56 +516,38 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     def _build_statements(self) -> None:
         ck_pk = list(_CK.primary_key.columns)
         wr_pk = list(_WR.primary_key.columns)
+        ck_update = ("type", "checkpoint", "metadata", "run_id")
+        wr_update = ("channel", "type", "blob", "task_path", "run_id")
         if self._pg:
-            ck = pg.insert(_CK).values(
-                {c: bindparam(c, type_=_CK.c[c].type) for c in _CK.c.keys()}
+            # Rows arrive as parallel arrays (`unnest`), so ONE prepared statement writes
+            # any number of checkpoints, blobs and writes; its CTEs and the final upsert
+            # commit together, atomically, in autocommit mode.
+            c = _unnest("c_", _CK_COLUMNS, checkpoint=LargeBinary)
+            ck: Any = pg.insert(_CK).from_select(
+                list(_CK_COLUMNS),
+                select(*(cast(c.c.metadata, JSON) if col == "metadata" else c.c[col]
+                         for col in _CK_COLUMNS)),
             )
-            self._put_checkpoint = ck.on_conflict_do_update(
-                index_elements=ck_pk,
-                set_={c: ck.excluded[c] for c in ("type", "checkpoint", "metadata", "run_id")},
-            )
-            # The blobs arrive as parallel arrays: one statement, one prepared plan,
-            # whatever the number of channels changed.
-            blobs = _unnest("b_", channel=String, version=String, type=String, blob=LargeBinary)
-            blob_insert = pg.insert(_BL).from_select(
-                ["thread_id", "checkpoint_ns", "channel", "version", "type", "blob"],
-                select(
-                    bindparam("thread_id", type_=String),
-                    bindparam("checkpoint_ns", type_=String),
-                    blobs.c.channel, blobs.c.version, blobs.c.type, blobs.c.blob,
-                ),
-            ).on_conflict_do_nothing()
-            # The CTE and the upsert are one statement: atomic in autocommit mode.
-            self._put_checkpoint_and_blobs = self._put_checkpoint.add_cte(blob_insert.cte("b"))
-            writes = _unnest("w_", task_id=String, idx=Integer, channel=String, type=String,
-                             blob=LargeBinary, task_path=String)
+            b = _unnest("b_", _BL_COLUMNS, blob=LargeBinary)
+            bl: Any = pg.insert(_BL).from_select(
+                list(_BL_COLUMNS), select(*(b.c[col] for col in _BL_COLUMNS)))
+            w = _unnest("w_", _WR_COLUMNS, idx=Integer, blob=LargeBinary)
             wr: Any = pg.insert(_WR).from_select(
-                ["thread_id", "checkpoint_ns", "checkpoint_id", "run_id", "task_id", "idx",
-                 "channel", "type", "blob", "task_path"],
-                select(
-                    bindparam("thread_id", type_=String),
-                    bindparam("checkpoint_ns", type_=String),
-                    bindparam("checkpoint_id", type_=String),
-                    bindparam("run_id", type_=String),
-                    writes.c.task_id, writes.c.idx, writes.c.channel, writes.c.type,
-                    writes.c.blob, writes.c.task_path,
-                ),
-            )
+                list(_WR_COLUMNS), select(*(w.c[col] for col in _WR_COLUMNS)))
         else:
-            ck = sq.insert(_CK)
-            self._put_checkpoint = ck.on_conflict_do_update(
-                index_elements=ck_pk,
-                set_={c: ck.excluded[c] for c in ("type", "checkpoint", "metadata", "run_id")},
-            )
-            self._put_blobs = sq.insert(_BL).on_conflict_do_nothing()
-            wr = sq.insert(_WR)
+            ck, bl, wr = sq.insert(_CK), sq.insert(_BL), sq.insert(_WR)
+        self._put_checkpoints = ck.on_conflict_do_update(
+            index_elements=ck_pk, set_={col: ck.excluded[col] for col in ck_update})
+        # A blob is immutable: (thread, namespace, channel, version) names one value.
+        self._put_blobs = bl.on_conflict_do_nothing()
         # Writes to special channels (errors, interrupts, resumes: negative idx) replace
         # what the task wrote before; ordinary writes are kept from the first attempt.
         self._put_writes = wr.on_conflict_do_update(
-            index_elements=wr_pk,
-            set_={c: wr.excluded[c] for c in ("channel", "type", "blob", "task_path", "run_id")},
-            where=wr.excluded.idx < 0,
-        )
+            index_elements=wr_pk, set_={col: wr.excluded[col] for col in wr_update},
+            where=wr.excluded.idx < 0)
+        if self._pg:
+            self._put_all = self._put_checkpoints.add_cte(self._put_blobs.cte("b")).add_cte(
+                self._put_writes.cte("w"))
 
         # Reads: prebuilt too (building a select costs more than running it on SQLite).
         row = select(
@@ -516,9 +641,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             yield conn
 
     async def aclose(self) -> None:
-        """Return the connections this saver keeps to the Store's pools.
-
-        Optional: `await store.close()` returns them too."""
+        """Finish the writes in flight and return the connections this saver keeps to
+        the Store's pools. Optional: `await store.close()` returns the connections too."""
+        await self._group.wait()
         if self._pg:
             await self._lanes.aclose()
         else:
@@ -535,13 +660,13 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
 
     # -- put -------------------------------------------------------------------------------
 
-    def _put_plan(
+    def _put_rows(
         self,
         config: RunnableConfig,
         checkpoint: Checkpoint,
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
-    ) -> tuple[Plan[None], RunnableConfig]:
+    ) -> tuple[_Rows, RunnableConfig]:
         thread_id, ns = _thread_ns(config)
         values = checkpoint["channel_values"]
         blobs = []
@@ -552,7 +677,8 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
                 type_, blob = self.serde.dumps_typed(values[channel])
             else:
                 type_, blob = _EMPTY, None
-            blobs.append((channel, str(version), type_, blob))
+            blobs.append({"thread_id": thread_id, "checkpoint_ns": ns, "channel": channel,
+                          "version": str(version), "type": type_, "blob": blob})
         bare = {k: v for k, v in checkpoint.items() if k != "channel_values"}
         type_, data = self.serde.dumps_typed(bare)
         md = scrub_metadata(get_serializable_checkpoint_metadata(config, metadata))
@@ -566,30 +692,46 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             "checkpoint": data,
             "metadata": md,
         }
-        next_config: RunnableConfig = {
-            "configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
-                             "checkpoint_id": checkpoint["id"]}
-        }
-        return self._put_statements(row, blobs), next_config
+        return _Rows([row], blobs, []), _config(thread_id, ns, checkpoint["id"])
 
-    def _put_statements(self, row: dict[str, Any], blobs: list[tuple[Any, ...]]) -> Plan[None]:
+    def _writes_rows(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str,
+    ) -> _Rows:
+        thread_id, ns = _thread_ns(config)
+        checkpoint_id = config["configurable"]["checkpoint_id"]
+        run_id = _run_id(config)
+        # One row per (task, idx): a special channel written twice in one call keeps the
+        # last value, as successive upserts would.
+        by_idx: dict[int, dict[str, Any]] = {}
+        for i, (channel, value) in enumerate(writes):
+            idx = WRITES_IDX_MAP.get(channel, i)
+            type_, blob = self.serde.dumps_typed(value)
+            by_idx[idx] = {"thread_id": thread_id, "checkpoint_ns": ns,
+                           "checkpoint_id": checkpoint_id, "task_id": task_id, "idx": idx,
+                           "channel": channel, "type": type_, "blob": blob,
+                           "task_path": task_path, "run_id": run_id}
+        return _Rows([], [], list(by_idx.values()))
+
+    def _store_plan(self, batch: Sequence[_Rows]) -> Plan[None]:
+        """Write the rows of one or more puts / put_writes, atomically together."""
+        checkpoints = [r for rows in batch for r in rows.checkpoints]
+        blobs = [r for rows in batch for r in rows.blobs]
+        writes = [r for rows in batch for r in rows.writes]
         if self._pg:
-            if blobs:
-                channels, versions, types, datas = (list(col) for col in zip(*blobs, strict=True))
-                yield _Op(self._put_checkpoint_and_blobs, {
-                    **row, "b_channel": channels, "b_version": versions, "b_type": types,
-                    "b_blob": datas,
-                })
-            else:
-                yield _Op(self._put_checkpoint, row)
+            yield _Op(self._put_all, _pg_arrays(checkpoints, blobs, writes))
             return
-        if blobs:
-            yield _Op(self._put_blobs, [
-                {"thread_id": row["thread_id"], "checkpoint_ns": row["checkpoint_ns"],
-                 "channel": c, "version": v, "type": t, "blob": b}
-                for c, v, t, b in blobs
-            ])
-        yield _Op(self._put_checkpoint, row)
+        # Blobs before the checkpoint that points at them (one transaction anyway).
+        for stmt, rows in ((self._put_blobs, blobs), (self._put_writes, writes),
+                           (self._put_checkpoints, checkpoints)):
+            if rows:
+                yield _Op(stmt, rows)
+
+    async def _store_async(self, batch: list[_Rows]) -> None:
+        await self._awrite(self._store_plan(batch), single=True)
 
     def put(
         self,
@@ -599,8 +741,8 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Store a checkpoint and the blobs of the channels in `new_versions`."""
-        plan, next_config = self._put_plan(config, checkpoint, metadata, new_versions)
-        self._write(plan, single=True)
+        rows, next_config = self._put_rows(config, checkpoint, metadata, new_versions)
+        self._write(self._store_plan([rows]), single=True)
         return next_config
 
     async def aput(
@@ -611,52 +753,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Store a checkpoint and the blobs of the channels in `new_versions`."""
-        plan, next_config = self._put_plan(config, checkpoint, metadata, new_versions)
-        await self._awrite(plan, single=True)
+        rows, next_config = self._put_rows(config, checkpoint, metadata, new_versions)
+        await self._group.submit(rows)
         return next_config
-
-    # -- put_writes ------------------------------------------------------------------------
-
-    def _writes_plan(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str,
-    ) -> Plan[None]:
-        thread_id, ns = _thread_ns(config)
-        base = {
-            "thread_id": thread_id,
-            "checkpoint_ns": ns,
-            "checkpoint_id": config["configurable"]["checkpoint_id"],
-            "run_id": _run_id(config),
-        }
-        # One row per (task, idx): a special channel written twice in one call keeps the
-        # last value (as successive upserts would), and PostgreSQL refuses to upsert one
-        # row twice in a statement.
-        by_idx: dict[int, tuple[str, str, bytes]] = {}
-        for i, (channel, value) in enumerate(writes):
-            idx = WRITES_IDX_MAP.get(channel, i)
-            by_idx[idx] = (channel, *self.serde.dumps_typed(value))
-        if not by_idx:
-            return
-        if self._pg:
-            idxs = list(by_idx)
-            yield _Op(self._put_writes, {
-                **base,
-                "w_task_id": [task_id] * len(idxs),
-                "w_idx": idxs,
-                "w_channel": [w[0] for w in by_idx.values()],
-                "w_type": [w[1] for w in by_idx.values()],
-                "w_blob": [w[2] for w in by_idx.values()],
-                "w_task_path": [task_path] * len(idxs),
-            })
-        else:
-            yield _Op(self._put_writes, [
-                {**base, "task_id": task_id, "idx": idx, "channel": channel, "type": type_,
-                 "blob": blob, "task_path": task_path}
-                for idx, (channel, type_, blob) in by_idx.items()
-            ])
 
     def put_writes(
         self,
@@ -666,7 +765,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         task_path: str = "",
     ) -> None:
         """Store a task's writes, pending on the checkpoint `config` points at."""
-        self._write(self._writes_plan(config, writes, task_id, task_path), single=True)
+        rows = self._writes_rows(config, writes, task_id, task_path)
+        if rows.writes:
+            self._write(self._store_plan([rows]), single=True)
 
     async def aput_writes(
         self,
@@ -676,7 +777,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         task_path: str = "",
     ) -> None:
         """Store a task's writes, pending on the checkpoint `config` points at."""
-        await self._awrite(self._writes_plan(config, writes, task_id, task_path), single=True)
+        rows = self._writes_rows(config, writes, task_id, task_path)
+        if rows.writes:
+            await self._group.submit(rows)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -1049,9 +1152,11 @@ def _config(thread_id: str, ns: str, checkpoint_id: str) -> RunnableConfig:
                              "checkpoint_id": checkpoint_id}}
 
 
-def _unnest(prefix: str, **columns: Any) -> Any:
-    """`unnest(:<prefix>a, :<prefix>b, ...) AS x(a, b, ...)`: rows from parallel arrays."""
-    fn = func.unnest(*(bindparam(prefix + name, type_=pg.ARRAY(t)) for name, t in columns.items()))
+def _unnest(prefix: str, columns: Sequence[str], **types: Any) -> Any:
+    """`unnest(:<prefix>a, :<prefix>b, ...) AS x(a, b, ...)`: rows from parallel arrays
+    (of strings unless `types` says otherwise)."""
+    fn = func.unnest(*(bindparam(prefix + col, type_=pg.ARRAY(types.get(col, String)))
+                       for col in columns))
     return fn.table_valued(*columns).render_derived()
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import importlib.util
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..exceptions import (
+    MalformedResponseError,
     MissingIntegrationError,
     ModelAPIError,
     ModelTimeoutError,
@@ -103,14 +105,11 @@ def translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
     where = {"provider": spec.provider, "model": spec.model}
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
         return ModelTimeoutError(f"{spec.key} did not answer in time", **where)
-    try:
-        import httpx
-    except ImportError:  # pragma: no cover - httpx comes with langgraph
-        httpx = None  # type: ignore[assignment]
-    if httpx is not None:
-        if isinstance(error, httpx.TimeoutException):
+    # httpx and its successor httpx2 (used by some SDKs) share the exception names.
+    for module in _http_modules():
+        if isinstance(error, module.TimeoutException):
             return ModelTimeoutError(f"{spec.key} timed out: {type(error).__name__}", **where)
-        if isinstance(error, httpx.HTTPStatusError):
+        if isinstance(error, module.HTTPStatusError):
             resp = error.response
             return error_from_status(
                 resp.status_code,
@@ -119,13 +118,26 @@ def translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
                 retry_after=resp.headers.get("retry-after"),
                 **where,
             )
-        if isinstance(error, httpx.TransportError):
+        if isinstance(error, module.TransportError):
             return ProviderConnectionError(
                 f"{spec.key}: connection failed ({type(error).__name__})", **where
             )
+    if isinstance(error, json.JSONDecodeError):
+        return MalformedResponseError(f"{spec.key} sent a body that is not JSON", **where)
     if isinstance(error, (ConnectionError, OSError)):
         return ProviderConnectionError(f"{spec.key}: {type(error).__name__}: {error}", **where)
     return ModelAPIError(f"{spec.key} failed: {type(error).__name__}: {error}", **where)
+
+
+@lru_cache(maxsize=1)
+def _http_modules() -> tuple[Any, ...]:
+    modules = []
+    for name in ("httpx", "httpx2"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return tuple(modules)
 
 
 def _safe_text(resp: Any) -> str | None:

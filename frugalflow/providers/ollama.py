@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ModelAPIError
 from ..fallback import error_from_status
@@ -31,6 +31,14 @@ class OllamaAdapter(ProviderAdapter):
         import os
 
         return spec.base_url or os.environ.get("OLLAMA_HOST") or self.default_base_url["ollama"]
+
+    def constructor_kwargs(
+        self, spec: ModelSpec, *, api_key: str | None, timeout: float | None
+    ) -> dict[str, Any]:
+        kwargs = super().constructor_kwargs(spec, api_key=api_key, timeout=timeout)
+        if timeout is not None:  # ChatOllama takes its HTTP timeout through client_kwargs
+            kwargs.setdefault("client_kwargs", {})["timeout"] = timeout
+        return kwargs
 
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
         try:

@@ -3,7 +3,7 @@ through `langchain-openai`'s ChatOpenAI."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import (
     ContentFilterError,
@@ -38,6 +38,14 @@ class OpenAIAdapter(ProviderAdapter):
     chat_class = "langchain_openai:ChatOpenAI"
     default_base_url = {p: url for p, (url, _) in OPENAI_COMPATIBLE.items() if url}
     default_key_env = {p: env for p, (_, env) in OPENAI_COMPATIBLE.items() if env}
+
+    def constructor_kwargs(
+        self, spec: ModelSpec, *, api_key: str | None, timeout: float | None
+    ) -> dict[str, Any]:
+        kwargs = super().constructor_kwargs(spec, api_key=api_key, timeout=timeout)
+        # ChatOpenAI asks for streamed usage only on OpenAI's own URL; costs need it everywhere.
+        kwargs.setdefault("stream_usage", True)
+        return kwargs
 
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
         try:

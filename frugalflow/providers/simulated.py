@@ -95,6 +95,9 @@ class Simulator:
         """Each model sleeps its catalog `latency_ms` times this (0: instant)."""
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
+        self.oracles: dict[str, Callable[[list[BaseMessage]], tuple[dict[str, Any], float]]] = {}
+        """Tool/schema name -> (right answer, difficulty 0..1) for the messages: simulated
+        models answer that tool call correctly with a probability set by their quality."""
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
@@ -204,6 +207,8 @@ class SimulatedChatModel(BaseChatModel):
     scaled_latency: float = 0.0
     """Seconds multiplied by the simulator's `latency_scale` (the catalog's latency_ms)."""
     output_tokens: int = 60
+    accuracy: float = 1.0
+    """How often answers from a simulator oracle are right (the catalog sets its quality)."""
     timeout: float | None = None
     """Like an SDK's read timeout: a hanging call raises TimeoutError after this long."""
     context_window: int | None = None
@@ -277,6 +282,8 @@ class SimulatedChatModel(BaseChatModel):
             elif self.responder is not None:
                 out = self.responder(messages)
                 args = out if isinstance(out, dict) else _fake(fn.get("parameters", {}), rng)
+            elif fn["name"] in self._sim().oracles:
+                args = self._oracle_answer(fn["name"], messages, rng)
             else:
                 args = _fake(fn.get("parameters", {}), rng)
             msg = AIMessage(
@@ -299,6 +306,28 @@ class SimulatedChatModel(BaseChatModel):
         }
         msg.response_metadata = {"model_name": self.model_name, "model_provider": self.provider}
         return msg
+
+    def _oracle_answer(
+        self, name: str, messages: Sequence[BaseMessage], rng: random.Random
+    ) -> dict[str, Any]:
+        """The oracle's right answer with probability accuracy**(1 + 4*difficulty), else a
+        copy with one field wrong: weaker models fail more, and more on hard inputs."""
+        answer, difficulty = self._sim().oracles[name](list(messages))
+        p_right = self.accuracy ** (1.0 + 4.0 * max(0.0, min(1.0, difficulty)))
+        if rng.random() < p_right or not answer:
+            return dict(answer)
+        wrong = dict(answer)
+        key = rng.choice(sorted(wrong))
+        value = wrong[key]
+        if isinstance(value, bool):
+            wrong[key] = not value
+        elif isinstance(value, (int, float)):
+            wrong[key] = type(value)(value * 1.1 + 1)
+        elif isinstance(value, str):
+            wrong[key] = value[::-1] if len(value) > 1 else value + "?"
+        else:
+            wrong[key] = None
+        return wrong
 
     def _wants_tool(self, messages: Sequence[BaseMessage]) -> bool:
         if self.tool_choice not in (None, "auto", "none"):
@@ -503,6 +532,7 @@ class SimulatedAdapter(ProviderAdapter):
             profile=self.profile(spec),
             scaled_latency=spec.latency_ms / 1000.0,
             timeout=timeout,
+            accuracy=spec.mean_quality() if spec.quality else 1.0,
             **kwargs,
         )
         return model
