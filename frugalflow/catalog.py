@@ -386,6 +386,12 @@ class Catalog:
             {e for s in self._models.values() if (e := s.adapter.key_env(s))}
         )
 
+    async def aclose(self) -> None:
+        """Close the HTTP clients of every model this catalog built (they are rebuilt on use)."""
+        built, self._built = self._built, {}
+        for (key, _timeout), (_hash, model) in built.items():
+            await self._models[key].adapter.aclose(model)
+
     def prefiltered(self, needs: Any, compute: Any) -> Any:
         """`compute(self, needs)`, cached per needs while the providers' keys stay the same."""
         env_hash = hash(tuple(self._getenv(e) for e in self._key_envs))

@@ -162,7 +162,7 @@ or None for the default answer."""
 
 DEFAULT_MODELS: Final[dict[str, tuple[str, ...]]] = {
     "openai": ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"),
-    "anthropic": ("claude-haiku-4-5", "claude-sonnet-4-5"),
+    "anthropic": ("claude-haiku-4-5", "claude-sonnet-4-6"),
     "gemini": ("gemini-2.5-flash", "gemini-2.5-flash-lite"),
     "ollama": ("llama3.2", "qwen2.5"),
 }
@@ -1502,3 +1502,48 @@ class ProviderEmulator:
         """Send nothing for `seconds`, or until the client gives up or stop() aborts."""
         with contextlib.suppress(TimeoutError, ConnectionError):
             await asyncio.wait_for(reader.read(1), seconds)
+
+
+# -- a catalog of real provider integrations pointed at an emulator ------------------------
+
+EMULATOR_KEY_ENV = "FRUGALFLOW_EMULATOR_KEY"
+"""The emulated catalog's models read their (dummy) key from this variable."""
+
+# catalog provider -> emulator API; OpenAI-compatible vendors use the OpenAI route.
+_ROUTES = {"openai": "openai", "deepseek": "openai", "groq": "openai", "together": "openai",
+           "anthropic": "anthropic", "google": "gemini", "ollama": "ollama"}
+
+EMULATED_MODELS: tuple[str, ...] = (
+    "groq/llama-3.1-8b-instant",
+    "openai/gpt-4.1-nano",
+    "openai/gpt-4o-mini",
+    "google/gemini-2.5-flash-lite",
+    "google/gemini-2.5-flash",
+    "deepseek/deepseek-chat",
+    "anthropic/claude-haiku-4-5",
+    "openai/gpt-4.1",
+    "anthropic/claude-sonnet-4-6",
+    "google/gemini-2.5-pro",
+    "ollama/llama3.2:3b",
+)
+
+
+def emulated_catalog(emu: ProviderEmulator, models: Iterable[str] = EMULATED_MODELS) -> Any:
+    """Built-in catalog entries for `models`, served by `emu` through the real integrations.
+
+    Prices, windows, capabilities and quality are the real models' (genai-prices, profiles,
+    quality.toml); only the base URL and the key variable change. Set EMULATOR_KEY_ENV to
+    any value to make them available.
+    """
+    from .catalog import Catalog
+
+    builtin = Catalog.builtin()
+    specs = []
+    for key in models:
+        spec = builtin[key]
+        route = _ROUTES[spec.provider]
+        update: dict[str, Any] = {"base_url": emu.base_url(route), "api_key_env": EMULATOR_KEY_ENV}
+        if spec.provider == "ollama":
+            update["local"] = False  # priced 0 anyway; available with the key variable
+        specs.append(spec.model_copy(update=update))
+    return Catalog(specs, name="emulated")

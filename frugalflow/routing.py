@@ -21,7 +21,7 @@ from typing import Any, Literal, NamedTuple
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -571,12 +571,30 @@ class RoutedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        # A streaming consumer (LangGraph's `messages` mode, astream_events) gets each
+        # attempt's tokens live; the result is the successful attempt's message alone.
+        live = run_manager is not None and BaseChatModel._should_stream(
+            self, async_api=True, run_manager=run_manager, **kwargs
+        )
         message: AIMessage | None = None
-        async for kind, value in self._attempts(messages, stop, kwargs, stream=False):
+        async for kind, value in self._attempts(
+            messages, stop, kwargs, stream=live, forward=run_manager if live else None
+        ):
             if kind == "message":
                 message = value
         assert message is not None
         return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
+        # invoke/ainvoke always go through _agenerate, which streams by itself when a
+        # consumer listens: LangChain's own stream-then-aggregate would glue a broken
+        # attempt's tokens to the next attempt's answer. astream() asks with stream=True.
+        return bool(kwargs.get("stream"))
+
+    def _should_use_protocol_streaming(
+        self, *, async_api: bool, run_manager: Any = None, **kwargs: Any
+    ) -> bool:
+        return False
 
     def _stream(
         self,
@@ -610,8 +628,14 @@ class RoutedChatModel(BaseChatModel):
         kwargs: dict[str, Any],
         *,
         stream: bool,
+        forward: AsyncCallbackManagerForLLMRun | None = None,
     ) -> AsyncIterator[tuple[Literal["message", "chunk"], Any]]:
-        """Try candidates in order; yield the answer (or its chunks) of the first that works."""
+        """Try candidates in order; yield the answer (or its chunks) of the first that works.
+
+        With `forward`, chunks go to its callbacks (each attempt under its own message id)
+        and a broken stream restarts on the next candidate; without it, chunks are yielded
+        and a stream that breaks after yielding raises (the consumer holds a partial answer).
+        """
         ctx, task_id = self._context_and_task()
         usage = ctx.usage
         remaining = usage.remaining_usd
@@ -667,21 +691,28 @@ class RoutedChatModel(BaseChatModel):
                     model = self._bound(spec)
                     if stream:
                         gathered: AIMessageChunk | None = None
+                        attempt_id = f"lc_run--{call_id}-{len(attempts) + 1}"
                         async for chunk in _with_timeout_iter(
                             model.astream(messages, config=_INNER_CONFIG, stop=stop, **kwargs),
                             policy.timeout,
                         ):
                             if not isinstance(chunk, AIMessageChunk):
                                 continue
+                            chunk.id = attempt_id
                             gathered = chunk if gathered is None else gathered + chunk
-                            emitted = True
-                            yield "chunk", chunk
+                            if forward is not None:
+                                await forward.on_llm_new_token(
+                                    chunk.text, chunk=ChatGenerationChunk(message=chunk)
+                                )
+                            else:
+                                emitted = True
+                                yield "chunk", chunk
                         if gathered is None:
                             raise MalformedResponseError(
                                 f"{spec.key} streamed no content", provider=spec.provider,
                                 model=spec.model,
                             )
-                        message: AIMessage = gathered
+                        message: AIMessage = message_chunk_to_message(gathered)  # type: ignore[assignment]
                     else:
                         if spec.adapter.timeout_param is None and policy.timeout is not None:
                             # The client has no timeout of its own: enforce the policy's.
@@ -690,6 +721,7 @@ class RoutedChatModel(BaseChatModel):
                         else:
                             # The client was built with timeout=policy.timeout and raises.
                             message = await _generate_once(model, messages, stop, kwargs)
+                    spec.adapter.check(message, spec)
                     parsed = self._check_output(spec, message)
                     if self.validator is not None:
                         await self._validate(spec, message, parsed)
@@ -755,7 +787,7 @@ class RoutedChatModel(BaseChatModel):
                         "frugalflow": {"model": spec.key, "cost_usd": cost,
                                        "attempts": len(attempts), "call_id": call_id},
                     }
-                    if not stream:
+                    if not stream or forward is not None:
                         yield "message", message
                     return
                 finally:

@@ -180,13 +180,13 @@ def test_usage_adds() -> None:
 
 
 def test_tiered_prices_follow_genai_prices() -> None:
-    # Sonnet charges more past 200k input tokens: the cost must come from genai-prices.
-    spec = Catalog.builtin()["anthropic/claude-sonnet-4-5"]
+    # Gemini 2.5 Pro charges more past 200k input tokens: the cost must come from genai-prices.
+    spec = Catalog.builtin()["google/gemini-2.5-pro"]
     assert not spec._resolved.linear
     for n in (1_000, 300_000):
         usage = Usage(input_tokens=n, output_tokens=1_000)
-        direct = calc_price(GUsage(input_tokens=n, output_tokens=1_000), "claude-sonnet-4-5",
-                            provider_id="anthropic")
+        direct = calc_price(GUsage(input_tokens=n, output_tokens=1_000), "gemini-2.5-pro",
+                            provider_id="google")
         assert spec.cost(usage) == pytest.approx(float(direct.total_price))
     small = spec.cost(Usage(input_tokens=1_000)) / 1_000
     large = spec.cost(Usage(input_tokens=300_000)) / 300_000

@@ -22,6 +22,9 @@ from frugalflow.persistence import Store
 from frugalflow.persistence import tables as t
 from frugalflow.persistence.checkpointer import REDACTED, SQLModelSaver, scrub_metadata
 
+BLOBS: Any = t.CheckpointBlobRow.__table__  # type: ignore[attr-defined]
+CHECKPOINTS: Any = t.CheckpointRow.__table__  # type: ignore[attr-defined]
+
 # -- fixtures --------------------------------------------------------------------------------
 
 
@@ -99,13 +102,13 @@ async def test_blobs_are_written_only_for_changed_channels(
     v1 = {ch: saver.get_next_version(None, None) for ch in ("a", "b", "c")}
     first = await saver.aput(_config(tid), _checkpoint({"a": [1], "b": {"x": 1}, "c": "big" * 100},
                                                         v1), {"step": 0}, v1)
-    assert await _count(store, t.CheckpointBlobRow.__table__, tid) == 3  # type: ignore[attr-defined]
+    assert await _count(store, BLOBS, tid) == 3
 
     v2 = {**v1, "a": saver.get_next_version(v1["a"], None)}
     second = await saver.aput(first, _checkpoint({"a": [1, 2], "b": {"x": 1}, "c": "big" * 100},
                                                  v2), {"step": 1}, {"a": v2["a"]})
     # One new blob (channel a), not three: b and c point at the first put's blobs.
-    assert await _count(store, t.CheckpointBlobRow.__table__, tid) == 4  # type: ignore[attr-defined]
+    assert await _count(store, BLOBS, tid) == 4
 
     latest = await saver.aget_tuple(second)
     older = await saver.aget_tuple(first)
@@ -121,9 +124,9 @@ async def test_checkpoint_row_holds_no_channel_values(saver: SQLModelSaver, stor
     marker = "value-only-in-blobs-" + uuid.uuid4().hex
     versions = {"a": saver.get_next_version(None, None)}
     await saver.aput(_config(tid), _checkpoint({"a": marker}, versions), {}, versions)
-    ck = t.CheckpointRow.__table__  # type: ignore[attr-defined]
     async with store.read() as conn:
-        (row,) = (await conn.execute(select(ck.c.checkpoint).where(ck.c.thread_id == tid))).all()
+        (row,) = (await conn.execute(
+            select(CHECKPOINTS.c.checkpoint).where(CHECKPOINTS.c.thread_id == tid))).all()
     assert marker.encode() not in row.checkpoint
 
 
@@ -166,7 +169,7 @@ async def test_secrets_in_metadata_never_reach_the_database(
     assert tup.metadata["input_tokens"] == 12 and tup.metadata["user"] == "ann"
 
     async with store.read() as conn:
-        rows = (await conn.execute(select(t.CheckpointRow.__table__))).all()  # type: ignore[attr-defined]
+        rows = (await conn.execute(select(CHECKPOINTS))).all()
     assert rows and secret not in repr(rows)
 
 
@@ -210,7 +213,7 @@ async def test_special_writes_overwrite_and_ordinary_writes_are_kept(
 async def test_delete_for_runs_and_prune_collect_unused_blobs(
     saver: SQLModelSaver, store: Store
 ) -> None:
-    blobs = t.CheckpointBlobRow.__table__  # type: ignore[attr-defined]
+    blobs = BLOBS
     tid = uuid.uuid4().hex
     cfg, versions = _config(tid), {}
     for step, run in enumerate(["r1", "r1", "r2", "r2"]):
@@ -254,7 +257,8 @@ def test_sync_api_round_trip(db_url: str) -> None:
         assert tup is not None and tup.config == second
         assert tup.checkpoint["channel_values"] == {"a": {"n": 2}}
         assert tup.parent_config == first
-        assert saver.get_tuple(first).pending_writes == [("task-1", "a", {"n": 2})]  # type: ignore[union-attr]
+        at_first = saver.get_tuple(first)
+        assert at_first is not None and at_first.pending_writes == [("task-1", "a", {"n": 2})]
         assert [x.metadata["step"] for x in saver.list(_config(tid))] == [1, 0]
         assert [x.metadata["step"] for x in saver.list(None, filter={"step": 0})
                 if x.config["configurable"]["thread_id"] == tid] == [0]

@@ -270,3 +270,36 @@ def test_node_without_keys_explains_the_fix() -> None:
     flow.add_edge(START, "a")
     with pytest.raises(NoCapableModelError, match="set .*_API_KEY"):
         flow.compile(Catalog.builtin())
+
+
+async def test_messages_stream_restarts_a_broken_stream_coherently(sim: Any) -> None:
+    from frugalflow import ModelSpec
+
+    cat = Catalog([
+        ModelSpec(provider="sim-a", model="small", simulated=True, input_price=0.1, output_price=0.1),
+        ModelSpec(provider="sim-b", model="medium", simulated=True, input_price=1, output_price=1),
+    ], name="two")
+    flow: Flow[S] = Flow("stream", S)
+
+    @flow.node(needs=Needs())
+    async def talk(state: S, model: RoutedChatModel) -> S:
+        return {"answer": str((await model.ainvoke([HumanMessage(state["text"])])).content)}
+
+    flow.add_edge(START, "talk")
+    sim.fail("sim-a/small", "stream_cut", after_chunks=2)
+    app = flow.compile(cat)
+    by_id: dict[str, str] = {}
+    final: dict[str, Any] = {}
+    async for mode, chunk in app.astream({"text": "hello"}, stream_mode=["messages", "values"]):
+        if mode == "messages":
+            message, _meta = chunk
+            by_id[message.id] = by_id.get(message.id, "") + str(message.content)
+        else:
+            final = chunk
+    # Each attempt streams under its own message id: small broke (and broke again on its
+    # retry), medium answered in full.
+    *broken, restarted = list(by_id.values())
+    assert len(broken) == 2 and all(b.startswith("[small]") for b in broken)
+    assert restarted.startswith("[medium]")
+    assert final["answer"] == restarted  # the state holds one coherent answer
+    assert "[small]" not in final["answer"]

@@ -6,34 +6,33 @@
 Layout (as LangGraph's own Postgres saver): a checkpoint row holds the checkpoint without
 its channel values; a channel value is a blob stored once per (thread, namespace, channel,
 version), written only by the put whose `new_versions` names it. A step that changes one
-channel of ten writes one blob, and loading reassembles the values from the blobs the
+channel of ten writes one blob; loading reassembles the values from the blobs the
 checkpoint's `channel_versions` point at.
 
 Every operation is written once as a *plan*: a generator that yields SQLAlchemy Core
-statements and receives their rows. The plans do no I/O, so the sync and async methods
-share them and differ only in the driver that runs a plan on a connection (`_drive`,
-`_adrive`). Row building, serialisation and tuple assembly are plain functions too.
+statements and receives their rows. Plans do no I/O, so the sync and async methods share
+them and differ only in the driver that runs a plan on a connection (`_drive`, `_adrive`).
+Row building, serialisation and tuple assembly are plain functions too.
 
-I/O choices, all for speed and atomicity:
+Why the I/O looks the way it does (speed, and atomicity):
 
-* PostgreSQL: a put is ONE statement (a data-modifying CTE inserts the blobs from arrays
-  with `unnest`, then upserts the checkpoint), a put_writes is one statement too; both run
-  on an autocommit connection of the Store's async pool, so a put costs one round trip and
-  is atomic without BEGIN/COMMIT. Reads also run in autocommit (a checkpoint's blobs are
-  immutable and committed with or before it, so no snapshot is needed).
-* SQLite: the async methods run the sync plan in a worker thread on the Store's sync
-  engine (`write_sync`: serialised per process, BEGIN IMMEDIATE). One thread hop per
-  operation is much cheaper than aiosqlite's thread hop per statement plus a new thread
-  per connection (the Store opens a connection per transaction).
-* A put or put_writes is one transaction (or one statement): a cancelled caller leaves
-  either the whole checkpoint or nothing. On SQLite the worker thread finishes the
-  transaction even if the awaiting task is cancelled.
+* One statement per write on PostgreSQL: a put's blobs and checkpoint (data-modifying
+  CTEs, arrays through `unnest`) commit together in autocommit mode; no BEGIN/COMMIT trips.
+  One transaction per write on SQLite (BEGIN IMMEDIATE). A cancelled caller leaves the
+  whole checkpoint or nothing.
+* Group commit: concurrent puts and put_writes (many runs on one saver) are written
+  together, one statement or transaction for the lot (`_GroupCommit`).
+* Lanes: the Store gives a connection per transaction (PostgreSQL pre-pings each checkout
+  with three round trips; SQLite opens a file per transaction). The saver keeps a few
+  connections checked out of the Store's own pools instead, at most the pool's size, and
+  returns them on `store.close()` or `saver.aclose()`.
+* SQLite work runs in a worker thread on the Store's sync engine: one thread hop per
+  operation (aiosqlite hops per statement). Async SQLite writes queue on the Store's
+  per-process writer lock, with the Store's other writers.
 
-Metadata is stored as JSON, after `get_serializable_checkpoint_metadata` and a scrub that
-replaces the value of any secret-looking key (api_key, authorization, password, secret,
-token but not tokens) with "[redacted]", at any depth: API keys never reach the database.
+Metadata is stored as JSON, after `get_serializable_checkpoint_metadata` and
+`scrub_metadata`: API keys never reach the database.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -83,6 +82,7 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    literal_column,
     or_,
     select,
     update,
@@ -109,8 +109,7 @@ REDACTED = "[redacted]"
 # "token" but not "tokens": keep usage counters such as input_tokens.
 _SECRET_KEY = re.compile(r"api_?key|authorization|password|secret|token(?!s)", re.I)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+)")
-# LangGraph's own maps keyed by namespace or channel names, not by secrets: a subgraph
-# node called "get_token" must not lose its entry in `parents`.
+# Top-level metadata maps LangGraph keys by namespace or channel names (not redacted).
 _STRUCTURAL_KEYS = frozenset({"parents", "counters_since_delta_snapshot"})
 
 _EMPTY = "empty"  # blob type of a channel that has a version but no value
@@ -121,23 +120,35 @@ _LIST_PAGE = 100  # checkpoints whose blobs and writes are loaded per round of a
 # -- pure helpers: metadata, rows, tuples ---------------------------------------------------
 
 
-def scrub_metadata(value: Any, *, redact: bool = True) -> Any:
+def scrub_metadata(value: Any) -> Any:
     """A JSON-safe copy of checkpoint metadata with secret-looking keys and values redacted.
 
-    Strings lose NUL characters (PostgreSQL's JSONB refuses them); values JSON cannot
-    hold become their `str()`, so a checkpoint never fails on a metadata detail.
+    A key (at any depth) whose name contains api_key/apikey, authorization, password,
+    secret or token (not tokens: input_tokens stays) gets the value "[redacted]"; strings
+    that look like keys ("sk-...", "Bearer ...") are redacted too. Strings lose NUL
+    characters (PostgreSQL's JSONB refuses them); values JSON cannot hold become their
+    `str()`, so a checkpoint never fails on a metadata detail.
     """
+    if not isinstance(value, dict):
+        return _scrub(value, redact=True)
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        key = str(k)
+        if _SECRET_KEY.search(key):
+            out[key] = REDACTED
+        else:
+            # LangGraph's own top-level maps are keyed by namespaces and channel names,
+            # not secrets: a subgraph node called "get_token" keeps its `parents` entry.
+            out[key] = _scrub(v, redact=key not in _STRUCTURAL_KEYS)
+    return out
+
+
+def _scrub(value: Any, *, redact: bool) -> Any:
     if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            key = k if isinstance(k, str) else str(k)
-            if redact and _SECRET_KEY.search(key):
-                out[key] = REDACTED
-            else:
-                out[key] = scrub_metadata(v, redact=redact and key not in _STRUCTURAL_KEYS)
-        return out
+        return {str(k): REDACTED if redact and _SECRET_KEY.search(str(k))
+                else _scrub(v, redact=redact) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [scrub_metadata(v, redact=redact) for v in value]
+        return [_scrub(v, redact=redact) for v in value]
     if isinstance(value, str):
         value = value.replace("\x00", "")
         return _SECRET_VALUE.sub(REDACTED, value) if redact else value
@@ -145,7 +156,7 @@ def scrub_metadata(value: Any, *, redact: bool = True) -> Any:
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    return scrub_metadata(str(value), redact=redact)
+    return _scrub(str(value), redact=redact)
 
 
 def _run_id(config: RunnableConfig, metadata: dict[str, Any] | None = None) -> str | None:
@@ -186,7 +197,10 @@ def _drive(conn: Connection, plan: Plan[T]) -> T:
             op = plan.send(rows)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        result = conn.execute(op.stmt, op.params) if op.params is not None else conn.execute(op.stmt)
+        if op.params is not None:
+            result = conn.execute(op.stmt, op.params)
+        else:
+            result = conn.execute(op.stmt)
         rows = result.all() if op.fetch else None
 
 
@@ -230,28 +244,33 @@ class _Rows(NamedTuple):
     writes: list[dict[str, Any]]
 
 
-def _pg_arrays(checkpoints: list[dict[str, Any]], blobs: list[dict[str, Any]],
-               writes: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """The array parameters of the PostgreSQL write statement.
+def _pg_params(checkpoints: list[dict[str, Any]], blobs: list[dict[str, Any]],
+               writes: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The parameters of the PostgreSQL write statement, and how many checkpoints it has.
 
     One statement may not upsert a row twice, so rows of a batch with the same key are
     merged as running the calls one after the other would: the last checkpoint wins, the
     first ordinary write wins, the last special write wins. Blobs are insert-if-absent.
     """
-    cks = {(r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"]): r for r in checkpoints}
+    cks = list({(r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"]): r
+                for r in checkpoints}.values())
     wrs: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in writes:
         key = (r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"], r["task_id"], r["idx"])
         if r["idx"] < 0 or key not in wrs:
             wrs[key] = r
-    params: dict[str, list[Any]] = {}
-    for prefix, rows, columns in (("c_", list(cks.values()), _CK_COLUMNS),
-                                  ("b_", blobs, _BL_COLUMNS),
+    params: dict[str, Any] = {}
+    for prefix, rows, columns in (("b_", blobs, _BL_COLUMNS),
                                   ("w_", list(wrs.values()), _WR_COLUMNS)):
         for col in columns:
             params[prefix + col] = [r[col] for r in rows]
-    params["c_metadata"] = [json.dumps(m) for m in params["c_metadata"]]
-    return params
+    if len(cks) == 1:
+        params.update({f"c1_{col}": value for col, value in cks[0].items()})
+    else:
+        for col in _CK_COLUMNS:
+            params["c_" + col] = [r[col] for r in cks]
+        params["c_metadata"] = [json.dumps(m) for m in params["c_metadata"]]
+    return params, len(cks)
 
 
 class _GroupCommit:
@@ -274,15 +293,26 @@ class _GroupCommit:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, rows: _Rows) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._queue.append((rows, done))
-        if self._draining < self._width():
+        if not self._queue and self._draining < self._width():
+            # Nobody waits and a lane is free: write now, in this task (no hand-off).
             self._draining += 1
-            task = loop.create_task(self._drain())
+            try:
+                await self._write([rows])
+            finally:
+                self._draining -= 1
+                self._start_drain()  # for calls that queued meanwhile
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((rows, done))
+        self._start_drain()
+        await done
+
+    def _start_drain(self) -> None:
+        if self._queue and self._draining < self._width():
+            self._draining += 1
+            task = asyncio.get_running_loop().create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        await done
 
     async def _drain(self) -> None:
         batch: list[tuple[_Rows, asyncio.Future[None]]] = []
@@ -519,21 +549,26 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         ck_update = ("type", "checkpoint", "metadata", "run_id")
         wr_update = ("channel", "type", "blob", "task_path", "run_id")
         if self._pg:
-            # Rows arrive as parallel arrays (`unnest`), so ONE prepared statement writes
-            # any number of checkpoints, blobs and writes; its CTEs and the final upsert
-            # commit together, atomically, in autocommit mode.
+            # Several rows arrive as parallel arrays (`unnest`): ONE prepared statement
+            # writes any number of checkpoints, blobs and writes.
             c = _unnest("c_", _CK_COLUMNS, checkpoint=LargeBinary)
             ck: Any = pg.insert(_CK).from_select(
                 list(_CK_COLUMNS),
                 select(*(cast(c.c.metadata, JSON) if col == "metadata" else c.c[col]
                          for col in _CK_COLUMNS)),
             )
+            # A single checkpoint (the common case) as plain VALUES: cheaper to execute.
+            ck1: Any = pg.insert(_CK).values(
+                {col: bindparam(f"c1_{col}", type_=_CK.c[col].type) for col in _CK_COLUMNS})
             b = _unnest("b_", _BL_COLUMNS, blob=LargeBinary)
             bl: Any = pg.insert(_BL).from_select(
                 list(_BL_COLUMNS), select(*(b.c[col] for col in _BL_COLUMNS)))
             w = _unnest("w_", _WR_COLUMNS, idx=Integer, blob=LargeBinary)
             wr: Any = pg.insert(_WR).from_select(
                 list(_WR_COLUMNS), select(*(w.c[col] for col in _WR_COLUMNS)))
+            self._put_one_checkpoint = ck1.on_conflict_do_update(
+                index_elements=ck_pk, set_={col: ck1.excluded[col] for col in ck_update})
+            self._pg_shapes: dict[tuple[int, bool, bool], Any] = {}
         else:
             ck, bl, wr = sq.insert(_CK), sq.insert(_BL), sq.insert(_WR)
         self._put_checkpoints = ck.on_conflict_do_update(
@@ -544,10 +579,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         # what the task wrote before; ordinary writes are kept from the first attempt.
         self._put_writes = wr.on_conflict_do_update(
             index_elements=wr_pk, set_={col: wr.excluded[col] for col in wr_update},
-            where=wr.excluded.idx < 0)
-        if self._pg:
-            self._put_all = self._put_checkpoints.add_cte(self._put_blobs.cte("b")).add_cte(
-                self._put_writes.cte("w"))
+            where=wr.excluded.idx < literal_column("0"))
 
         # Reads: prebuilt too (building a select costs more than running it on SQLite).
         row = select(
@@ -577,14 +609,37 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     def _in_param(self, column: Any, name: str) -> ColumnElement[bool]:
         """`column IN :name` for a prebuilt statement; the values come at execution."""
         if self._pg:  # one array parameter: one prepared plan whatever the count
-            return column == any_(bindparam(name, type_=pg.ARRAY(column.type)))  # type: ignore[no-any-return]
+            array = bindparam(name, type_=pg.ARRAY(column.type))
+            return column == any_(array)  # type: ignore[no-any-return]
         return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
+
+    def _pg_statement(self, checkpoints: int, blobs: bool, writes: bool) -> Any:
+        """The PostgreSQL statement writing a batch: its parts as CTEs of one statement
+        (atomic in autocommit mode), only the parts the batch has (an empty part still
+        costs the server an insert)."""
+        key = (min(checkpoints, 2), blobs, writes)
+        stmt = self._pg_shapes.get(key)
+        if stmt is None:
+            parts = []
+            if checkpoints:
+                parts.append(self._put_one_checkpoint if checkpoints == 1
+                             else self._put_checkpoints)
+            if writes:
+                parts.append(self._put_writes)
+            if blobs:
+                parts.append(self._put_blobs)
+            stmt = parts[0]
+            for name, part in zip("xyz", parts[1:], strict=False):
+                stmt = stmt.add_cte(part.cte(name))
+            self._pg_shapes[key] = stmt
+        return stmt
 
     def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
         """`column IN values`: one array parameter on PostgreSQL (one prepared plan)."""
         values = list(values)
         if self._pg:
-            return column == any_(literal(values, pg.ARRAY(column.type)))  # type: ignore[no-any-return]
+            array = literal(values, pg.ARRAY(column.type))
+            return column == any_(array)  # type: ignore[no-any-return]
         return column.in_(values)  # type: ignore[no-any-return]
 
     # -- drivers: the only places that differ between sync and async ------------------------
@@ -722,7 +777,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         blobs = [r for rows in batch for r in rows.blobs]
         writes = [r for rows in batch for r in rows.writes]
         if self._pg:
-            yield _Op(self._put_all, _pg_arrays(checkpoints, blobs, writes))
+            params, n = _pg_params(checkpoints, blobs, writes)
+            if n or blobs or params["w_idx"]:
+                yield _Op(self._pg_statement(n, bool(blobs), bool(params["w_idx"])), params)
             return
         # Blobs before the checkpoint that points at them (one transaction anyway).
         for stmt, rows in ((self._put_blobs, blobs), (self._put_writes, writes),
@@ -820,7 +877,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             )
             if value is None:
                 return or_(node.is_(None), func.jsonb_typeof(node) == "null")
-            as_json = json.dumps(scrub_metadata(value, redact=False))
+            as_json = json.dumps(_scrub(value, redact=False))
             return node == cast(literal(as_json, String), pg.JSONB)  # type: ignore[no-any-return]
         if '"' in key:
             raise ValueError(f"metadata filter keys cannot contain '\"': {key!r}")
@@ -834,7 +891,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         if isinstance(value, (int, float)):
             return and_(kind.in_(("integer", "real")), extracted == value)
         if isinstance(value, (dict, list, tuple)):
-            minified = json.dumps(scrub_metadata(value, redact=False), separators=(",", ":"))
+            minified = json.dumps(_scrub(value, redact=False), separators=(",", ":"))
             return and_(kind.in_(("object", "array")), extracted == func.json(minified))
         return and_(kind == "text", extracted == str(value))
 

@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..exceptions import (
+    ContentFilterError,
     MalformedResponseError,
     MissingIntegrationError,
     ModelAPIError,
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
     from ..catalog import ModelSpec
 
 __all__ = ["ProviderAdapter", "adapter_for", "register_adapter"]
+
+_REFUSALS = frozenset({"content_filter", "refusal", "safety", "prohibited_content", "blocklist",
+                       "spii"})
 
 # A stand-in key used only to construct a model for reading its profile; never sent anywhere.
 _PROFILE_PROBE_KEY = "frugalflow-profile-probe"
@@ -96,6 +100,26 @@ class ProviderAdapter:
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
         """Map an exception raised by this provider's client to a frugalflow error."""
         return translate_common(error, spec)
+
+    async def aclose(self, model: BaseChatModel) -> None:
+        """Close the HTTP clients `model` holds (adapters know where their SDK keeps them)."""
+        closer = getattr(model, "aclose", None)
+        if callable(closer):
+            await closer()
+
+    def check(self, message: Any, spec: ModelSpec) -> None:
+        """Raise for an answer that is a refusal in disguise (HTTP 200, nothing usable).
+
+        OpenAI reports finish_reason "content_filter", Anthropic stop_reason "refusal",
+        Gemini finish_reason "SAFETY"/"PROHIBITED_CONTENT"; all mean: try another provider.
+        """
+        meta = getattr(message, "response_metadata", None) or {}
+        reason = str(meta.get("finish_reason") or meta.get("stop_reason") or "")
+        if reason.lower() in _REFUSALS:
+            raise ContentFilterError(
+                f"{spec.key} refused to answer ({reason})", provider=spec.provider,
+                model=spec.model,
+            )
 
 
 def translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ModelAPIError, ModelTimeoutError, ProviderConnectionError
 from ..fallback import error_from_status
@@ -20,6 +20,13 @@ class AnthropicAdapter(ProviderAdapter):
     chat_class = "langchain_anthropic:ChatAnthropic"
     timeout_param = "default_request_timeout"
     default_key_env = {"anthropic": "ANTHROPIC_API_KEY"}
+
+    async def aclose(self, model: Any) -> None:
+        # The clients are cached properties: close only those that were created.
+        if "_async_client" in model.__dict__:
+            await model._async_client.close()
+        if "_client" in model.__dict__:
+            model._client.close()
 
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
         try:

@@ -40,6 +40,18 @@ class OllamaAdapter(ProviderAdapter):
             kwargs.setdefault("client_kwargs", {})["timeout"] = timeout
         return kwargs
 
+    async def aclose(self, model: Any) -> None:
+        for name in ("_async_client", "_client"):
+            client = getattr(model, name, None)
+            inner = getattr(client, "_client", None)  # ollama's client wraps an httpx client
+            if inner is None:
+                continue
+            closing = inner.aclose() if hasattr(inner, "aclose") else None
+            if closing is not None:
+                await closing
+            else:
+                inner.close()
+
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
         try:
             import ollama

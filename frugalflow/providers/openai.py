@@ -47,6 +47,14 @@ class OpenAIAdapter(ProviderAdapter):
         kwargs.setdefault("stream_usage", True)
         return kwargs
 
+    async def aclose(self, model: Any) -> None:
+        client = getattr(model, "root_async_client", None)
+        if client is not None:
+            await client.close()
+        sync = getattr(model, "root_client", None)
+        if sync is not None:
+            sync.close()
+
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
         try:
             import openai
