@@ -238,7 +238,7 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=30, help="sequential runs at concurrency 1")
     ap.add_argument("--puts", type=int, default=400, help="puts per writer at concurrency 1 "
                     "(each of the 64 writers does puts/16)")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds per figure (best is kept)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds per figure (best is kept)")
     ap.add_argument("--pool-size", type=int, default=16, help="Store pool_size for ours-pg")
     ap.add_argument("--databases", default="sqlite,postgres",
                     help="comma-separated subset of sqlite,postgres")
