@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Attempt",
+    "RedisBreakerRegistry",
     "BreakerRegistry",
     "BreakerState",
     "CircuitBreaker",
@@ -305,6 +306,173 @@ class BreakerRegistry:
     def reset(self) -> None:
         with self._lock:
             self._breakers.clear()
+
+    # The routed model uses these: a shared (networked) registry overrides them.
+    async def aacquire(self, spec: ModelSpec) -> bool:
+        return self.acquire(spec)
+
+    async def arecord(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
+        self.record(spec, error)
+
+    async def arelease(self, spec: ModelSpec) -> None:
+        self.release(spec)
+
+    async def ablocked_reason(self, spec: ModelSpec) -> str | None:
+        return self.blocked_reason(spec)
+
+    async def astate(self, key: str) -> BreakerState:
+        return self.state(key)
+
+
+_ACQUIRE = """
+-- KEYS: breaker hashes (provider, then model). ARGV: now, cooldown.
+local now, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2])
+local taken = {}
+for i, key in ipairs(KEYS) do
+  local state = redis.call('HGET', key, 'state') or 'closed'
+  local ok = 0
+  if state == 'closed' then
+    ok = 1
+  elseif state == 'open' or state == 'half_open' then
+    local opened = tonumber(redis.call('HGET', key, 'opened_at') or '0')
+    local probe_at = tonumber(redis.call('HGET', key, 'probe_at') or '0')
+    local probing = redis.call('HGET', key, 'probe') == '1' and now - probe_at < cooldown
+    if now - opened >= cooldown and not probing then
+      redis.call('HSET', key, 'state', 'half_open', 'probe', '1', 'probe_at', ARGV[1])
+      taken[#taken + 1] = key
+      ok = 1
+    end
+  end
+  if ok == 0 then
+    for _, k in ipairs(taken) do redis.call('HSET', k, 'probe', '0') end
+    return 0
+  end
+end
+return 1
+"""
+
+_FAILURE = """
+-- KEYS[1]: breaker hash. ARGV: now, threshold, reason.
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if state == 'disabled' then return state end
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('HSET', KEYS[1], 'reason', ARGV[3])
+if state == 'half_open' or failures >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1], 'probe', '0')
+  return 'open'
+end
+return state
+"""
+
+_SUCCESS = """
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if state == 'disabled' then return state end
+if state ~= 'closed' or redis.call('HGET', KEYS[1], 'failures') ~= '0' then
+  redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', '0', 'probe', '0')
+end
+return 'closed'
+"""
+
+
+class RedisBreakerRegistry(BreakerRegistry):
+    """Circuit breakers kept in Redis, so every worker of a fleet shares provider health:
+    one worker's discovery of a dead provider protects all the others.
+
+    The transitions are Lua scripts (atomic in Redis); times are wall-clock seconds, so the
+    workers' clocks should agree to well under the cooldown.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        threshold: int = 5,
+        cooldown: float = 30.0,
+        prefix: str = "frugalflow:breaker:",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(threshold=threshold, cooldown=cooldown, clock=clock)
+        self.url = url
+        self.prefix = prefix
+        self._redis: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._known: dict[str, BreakerState] = {}
+
+    def _client(self) -> Any:
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(self.url, decode_responses=True)
+            self._scripts = {
+                name: self._redis.register_script(src)
+                for name, src in (("acquire", _ACQUIRE), ("failure", _FAILURE),
+                                  ("success", _SUCCESS))
+            }
+        return self._redis
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def aacquire(self, spec: ModelSpec) -> bool:
+        self._client()
+        ok = await self._scripts["acquire"](
+            keys=[self._key(spec.provider), self._key(spec.key)],
+            args=[self.clock(), self.cooldown],
+        )
+        return bool(ok)
+
+    async def arecord(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
+        r = self._client()
+        now = self.clock()
+        if error is None or error.error_class not in HEALTH_ERRORS | {"auth", "malformed"}:
+            for key in (spec.provider, spec.key):
+                self._known[key] = BreakerState(
+                    await self._scripts["success"](keys=[self._key(key)], args=[]))
+        elif error.error_class == "auth":
+            reason = f"authentication failed ({error.status_code or 'no status'})"
+            await r.hset(self._key(spec.provider), mapping={"state": "disabled", "reason": reason})
+            self._known[spec.provider] = BreakerState.DISABLED
+        else:
+            keys = [spec.key] if error.error_class == "malformed" else [spec.provider, spec.key]
+            for key in keys:
+                self._known[key] = BreakerState(await self._scripts["failure"](
+                    keys=[self._key(key)], args=[now, self.threshold, error.error_class]))
+
+    async def arelease(self, spec: ModelSpec) -> None:
+        r = self._client()
+        for key in (spec.provider, spec.key):
+            await r.hset(self._key(key), "probe", "0")
+
+    async def ablocked_reason(self, spec: ModelSpec) -> str | None:
+        r = self._client()
+        for key in (spec.provider, spec.key):
+            state = await r.hget(self._key(key), "state")
+            if state == "disabled":
+                return f"{key} disabled (shared): {await r.hget(self._key(key), 'reason')}"
+            if state in ("open", "half_open"):
+                return f"circuit {state} for {key} (shared)"
+        return None
+
+    async def astate(self, key: str) -> BreakerState:
+        state = await self._client().hget(self._key(key), "state")
+        self._known[key] = BreakerState(state or "closed")
+        return self._known[key]
+
+    def state(self, key: str) -> BreakerState:
+        """The last state this process saw (use `astate` for the fleet's current one)."""
+        return self._known.get(key, BreakerState.CLOSED)
+
+    async def areset(self) -> None:
+        r = self._client()
+        keys = [k async for k in r.scan_iter(match=self.prefix + "*")]
+        if keys:
+            await r.delete(*keys)
+        self._known.clear()
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
 
 
 default_breakers = BreakerRegistry()

@@ -679,8 +679,9 @@ class RoutedChatModel(BaseChatModel):
                 continue
             tries = 0
             while True:
-                if not breakers.acquire(spec):
-                    skipped.append(f"{spec.key}: {breakers.blocked_reason(spec) or 'circuit open'}")
+                if not await breakers.aacquire(spec):
+                    why = await breakers.ablocked_reason(spec)
+                    skipped.append(f"{spec.key}: {why or 'circuit open'}")
                     break
                 started = time.time()
                 t0 = time.perf_counter()
@@ -734,7 +735,7 @@ class RoutedChatModel(BaseChatModel):
                     if err is not e and err.__cause__ is None:
                         err.__cause__ = e
                     verdict = True
-                    breakers.record(spec, err)
+                    await breakers.arecord(spec, err)
                     action, delay = policy.decide(err, tries)
                     if emitted:
                         # Tokens already reached the consumer: retrying would glue two answers.
@@ -769,7 +770,7 @@ class RoutedChatModel(BaseChatModel):
                     break
                 else:
                     verdict = True
-                    breakers.record(spec, None)
+                    await breakers.arecord(spec, None)
                     call_usage = Usage.from_message(message)
                     cost = spec.cost(call_usage) if call_usage else 0.0
                     attempt = Attempt(
@@ -792,7 +793,7 @@ class RoutedChatModel(BaseChatModel):
                     return
                 finally:
                     if not verdict:
-                        breakers.release(spec)
+                        await asyncio.shield(breakers.arelease(spec))
             previous = spec.key
 
         n = len(attempts)

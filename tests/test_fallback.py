@@ -149,3 +149,34 @@ def test_exceptions_pickle() -> None:
     assert back_group.node == "n" and len(back_group.exceptions) == 2
     assert back_group.attempts[0].model == "p/m"
     assert "p/m (p): rate_limit: slow" in str(back_group)
+
+
+async def test_redis_breakers_are_shared_between_workers(clock) -> None:  # type: ignore[no-untyped-def]
+    import uuid
+
+    from frugalflow import ProviderOverloadedError as Overloaded
+    from frugalflow.fallback import RedisBreakerRegistry
+
+    prefix = f"frugalflow:test:{uuid.uuid4().hex}:"
+    a = RedisBreakerRegistry(threshold=2, cooldown=10, prefix=prefix, clock=clock)
+    b = RedisBreakerRegistry(threshold=2, cooldown=10, prefix=prefix, clock=clock)
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
+    try:
+        assert await b.aacquire(spec)
+        await a.arecord(spec, Overloaded("503"))
+        await a.arecord(spec, Overloaded("503"))  # worker a opens the breaker...
+        assert await b.astate("sim-openai") is BreakerState.OPEN
+        assert not await b.aacquire(spec)  # ...and worker b no longer calls the provider
+        assert "open" in (await b.ablocked_reason(spec) or "")
+        clock.now += 11
+        assert await b.aacquire(spec)  # one half-open probe for the whole fleet
+        assert not await a.aacquire(spec)
+        await b.arecord(spec, None)  # the probe succeeded
+        assert await a.astate("sim-openai") is BreakerState.CLOSED
+        assert await a.aacquire(spec)
+        await a.arecord(spec, AuthenticationError("401", status_code=401))
+        assert await b.astate("sim-openai") is BreakerState.DISABLED
+    finally:
+        await a.areset()
+        await a.aclose()
+        await b.aclose()

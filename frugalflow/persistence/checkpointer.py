@@ -178,11 +178,34 @@ def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
 
 
 class _Op(NamedTuple):
-    """One statement of a plan; `params` is a dict, or a list of dicts for executemany."""
+    """One statement of a plan; `params` is a dict, or a list of dicts for executemany.
+
+    `lean`: the same statement precompiled for the async driver (see `_Lean`)."""
 
     stmt: Executable
     params: Any = None
     fetch: bool = False
+    lean: _Lean | None = None
+
+
+class _Lean:
+    """A Core statement compiled once for a dialect, run with `exec_driver_sql`.
+
+    The hot write statement skips SQLAlchemy's per-call work (cache lookup, parameter
+    processing): a quarter of a put's client CPU with asyncpg. Its parameters need no
+    processing but JSON's (lists become arrays, bytes bytea in the driver itself).
+    """
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.order = tuple(compiled.positiontup or ())
+        self.json = frozenset(name for name, bind in compiled.binds.items()
+                              if isinstance(bind.type, JSON))
+
+    def args(self, params: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(json.dumps(params[k]) if k in self.json else params[k]
+                     for k in self.order)
 
 
 # A plan yields statements, is sent back their rows (a list when `fetch`, else None) and
@@ -211,7 +234,9 @@ async def _adrive(conn: AsyncConnection, plan: Plan[T]) -> T:
             op = plan.send(rows)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        if op.params is not None:
+        if op.lean is not None:
+            result = await conn.exec_driver_sql(op.lean.sql, op.lean.args(op.params))
+        elif op.params is not None:
             result = await conn.execute(op.stmt, op.params)
         else:
             result = await conn.execute(op.stmt)
@@ -568,7 +593,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
                 list(_WR_COLUMNS), select(*(w.c[col] for col in _WR_COLUMNS)))
             self._put_one_checkpoint = ck1.on_conflict_do_update(
                 index_elements=ck_pk, set_={col: ck1.excluded[col] for col in ck_update})
-            self._pg_shapes: dict[tuple[int, bool, bool], Any] = {}
+            self._pg_shapes: dict[tuple[int, bool, bool], tuple[Any, _Lean]] = {}
         else:
             ck, bl, wr = sq.insert(_CK), sq.insert(_BL), sq.insert(_WR)
         self._put_checkpoints = ck.on_conflict_do_update(
@@ -613,13 +638,13 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             return column == any_(array)  # type: ignore[no-any-return]
         return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
 
-    def _pg_statement(self, checkpoints: int, blobs: bool, writes: bool) -> Any:
+    def _pg_statement(self, checkpoints: int, blobs: bool, writes: bool) -> tuple[Any, _Lean]:
         """The PostgreSQL statement writing a batch: its parts as CTEs of one statement
         (atomic in autocommit mode), only the parts the batch has (an empty part still
-        costs the server an insert)."""
+        costs the server an insert); and that statement compiled for asyncpg."""
         key = (min(checkpoints, 2), blobs, writes)
-        stmt = self._pg_shapes.get(key)
-        if stmt is None:
+        shape = self._pg_shapes.get(key)
+        if shape is None:
             parts = []
             if checkpoints:
                 parts.append(self._put_one_checkpoint if checkpoints == 1
@@ -631,8 +656,8 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             stmt = parts[0]
             for name, part in zip("xyz", parts[1:], strict=False):
                 stmt = stmt.add_cte(part.cte(name))
-            self._pg_shapes[key] = stmt
-        return stmt
+            shape = self._pg_shapes[key] = (stmt, _Lean(stmt, self.store.engine.dialect))
+        return shape
 
     def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
         """`column IN values`: one array parameter on PostgreSQL (one prepared plan)."""
@@ -779,13 +804,14 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         if self._pg:
             params, n = _pg_params(checkpoints, blobs, writes)
             if n or blobs or params["w_idx"]:
-                yield _Op(self._pg_statement(n, bool(blobs), bool(params["w_idx"])), params)
+                stmt, lean = self._pg_statement(n, bool(blobs), bool(params["w_idx"]))
+                yield _Op(stmt, params, lean=lean)  # `lean` used by the async driver
             return
         # Blobs before the checkpoint that points at them (one transaction anyway).
         for stmt, rows in ((self._put_blobs, blobs), (self._put_writes, writes),
                            (self._put_checkpoints, checkpoints)):
-            if rows:
-                yield _Op(stmt, rows)
+            if rows:  # executemany, or a plain execute for one row (less overhead)
+                yield _Op(stmt, rows if len(rows) > 1 else rows[0])
 
     async def _store_async(self, batch: list[_Rows]) -> None:
         await self._awrite(self._store_plan(batch), single=True)
