@@ -462,6 +462,47 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 
+@app.command()
+def worker(
+    db: str = typer.Option(None, "--db", envvar="FRUGALFLOW_DATABASE_URL",
+                           help="PostgreSQL URL shared by the service and all workers."),
+    flows: str = typer.Option("flows", "--flows", help="Folder of flow modules."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Runs executed at once."),
+    queue: str = typer.Option("frugalflow", "--queue"),
+    lease_ttl: float = typer.Option(30.0, "--lease-ttl", help="Seconds a dead worker holds its runs."),
+    stall_timeout: float = typer.Option(30.0, "--stall-timeout",
+                                        help="Seconds without heartbeat before a worker's jobs are requeued."),
+    redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
+                              help="Share circuit breakers through Redis (e.g. redis://127.0.0.1:6379/0)."),
+    catalog: str = CatalogOption,
+) -> None:
+    """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
+    from .dispatch import ProcrastinateDispatcher, run_worker
+    from .fallback import RedisBreakerRegistry
+    from .runner import Runner
+
+    try:
+        if not db or not db.startswith(("postgresql", "postgres")):
+            raise FrugalflowError("workers need a PostgreSQL database: --db postgresql://... "
+                                  "(or FRUGALFLOW_DATABASE_URL)")
+        dispatcher = ProcrastinateDispatcher(db, queue=queue, stall_timeout=stall_timeout,
+                                             heartbeat=max(stall_timeout / 6, 0.2))
+        runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
+                        dispatcher=dispatcher, lease_ttl=lease_ttl, max_concurrency=concurrency,
+                        breakers=RedisBreakerRegistry(redis) if redis else None)
+    except FrugalflowError as e:
+        _fail(e)
+
+    async def main() -> None:
+        try:
+            await run_worker(runner, concurrency=concurrency, queues=[queue])
+        finally:
+            await runner.close()
+
+    console.print(f"worker {runner.holder}: queue {queue}, concurrency {concurrency}")
+    asyncio.run(main())
+
+
 def _fail(error: BaseException) -> None:
     lines = str(error).splitlines() or [type(error).__name__]
     console.print(f"[red]error:[/] {lines[0]}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -25,8 +26,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from langgraph.graph import START
 from langgraph.types import Command
 from sqlalchemy import delete, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from .catalog import Catalog
@@ -40,8 +43,8 @@ from .exceptions import (
 from .fallback import Attempt, BreakerRegistry, FallbackPolicy, default_breakers
 from .flow import CompiledFlow, Flow
 from .persistence.ledger import Ledger, RunRecord, scrub
-from .persistence.store import Store
-from .persistence.tables import LeaseRow, RunRow, utcnow
+from .persistence.store import Fence, Store, fenced, unfenced
+from .persistence.tables import LeaseHistoryRow, LeaseRow, RunRow, utcnow
 from .usage import RunUsage
 
 __all__ = ["FINAL_STATUSES", "EventBus", "Lease", "RunResult", "Runner"]
@@ -52,6 +55,7 @@ FINAL_STATUSES = frozenset({"succeeded", "cancelled"})
 """Runs in these states cannot be resumed."""
 
 _LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
+_HISTORY = LeaseHistoryRow.__table__  # type: ignore[attr-defined]
 _RUNS = RunRow.__table__  # type: ignore[attr-defined]
 
 
@@ -88,6 +92,12 @@ class Lease:
                                       _LEASES.c.holder == self.holder,
                                       _LEASES.c.epoch == self.epoch)
             )
+            await conn.execute(
+                update(_HISTORY).where(_HISTORY.c.run_id == self.run_id,
+                                       _HISTORY.c.epoch == self.epoch,
+                                       _HISTORY.c.holder == self.holder)
+                .values(released_at=utcnow())
+            )
 
 
 async def acquire_lease(store: Store, run_id: str, holder: str, ttl: float) -> Lease:
@@ -105,6 +115,8 @@ async def acquire_lease(store: Store, run_id: str, holder: str, ttl: float) -> L
                     _LEASES.insert().values(run_id=run_id, holder=holder, epoch=1,
                                             expires_at=expires, acquired_at=now)
                 )
+                await conn.execute(_HISTORY.insert().values(
+                    run_id=run_id, holder=holder, epoch=1, acquired_at=now))
                 return Lease(run_id, holder, 1, ttl, store)
             current = LeaseRow.model_validate(dict(row._mapping))
             if current.holder != holder and _aware(current.expires_at) > now:
@@ -119,6 +131,8 @@ async def acquire_lease(store: Store, run_id: str, holder: str, ttl: float) -> L
                 update(_LEASES).where(_LEASES.c.run_id == run_id).values(
                     holder=holder, epoch=epoch, expires_at=expires, acquired_at=now)
             )
+            await conn.execute(_HISTORY.insert().values(
+                run_id=run_id, holder=holder, epoch=epoch, acquired_at=now))
             return Lease(run_id, holder, epoch, ttl, store)
     except IntegrityError:  # another process inserted the lease first
         raise LeaseError(
@@ -130,6 +144,12 @@ def _aware(dt: Any) -> Any:
     from datetime import timezone
 
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+@contextlib.asynccontextmanager
+async def _fenced_async(fence: Fence) -> Any:
+    with fenced(fence):
+        yield
 
 
 def _attempt_event(a: Attempt) -> dict[str, Any]:
@@ -150,8 +170,18 @@ class EventBus:
         self._subs: list[tuple[str | None, asyncio.Queue[dict[str, Any]]]] = []
         self._maxsize = maxsize
 
+        self.relay: Any = None
+        """Set to a PostgresEventRelay to share events with every process of the database."""
+
     def publish(self, run_id: str, kind: str, **data: Any) -> None:
         event = {"run_id": run_id, "event": kind, "at": utcnow().isoformat(), **data}
+        self.deliver(event)
+        if self.relay is not None:
+            self.relay.send(event)
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        """Hand `event` to this process's subscribers."""
+        run_id = event.get("run_id")
         for rid, queue in list(self._subs):
             if rid is None or rid == run_id:
                 with contextlib.suppress(asyncio.QueueFull):  # a slow consumer loses events
@@ -160,18 +190,82 @@ class EventBus:
     @contextlib.asynccontextmanager
     async def subscribe(self, run_id: str | None = None) -> Any:
         """`async with bus.subscribe(id) as events: async for e in events: ...`"""
+        async with self.queue(run_id) as queue:
+
+            async def iterate() -> Any:
+                while True:
+                    yield await queue.get()
+
+            yield iterate()
+
+    @contextlib.asynccontextmanager
+    async def queue(self, run_id: str | None = None) -> Any:
+        """The events as an asyncio.Queue (safe to `wait_for(queue.get(), t)`)."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self._maxsize)
         entry = (run_id, queue)
         self._subs.append(entry)
-
-        async def iterate() -> Any:
-            while True:
-                yield await queue.get()
-
         try:
-            yield iterate()
+            yield queue
         finally:
             self._subs.remove(entry)
+
+
+class PostgresEventRelay:
+    """Shares run events between processes through PostgreSQL LISTEN/NOTIFY, so a service's
+    event stream shows what workers on other machines do."""
+
+    CHANNEL = "frugalflow_events"
+
+    def __init__(self, url: str, bus: EventBus) -> None:
+        self.dsn = make_url(url.replace("postgres://", "postgresql://", 1)).set(
+            drivername="postgresql").render_as_string(hide_password=False)
+        self.bus = bus
+        self.origin = uuid.uuid4().hex
+        self._conn: Any = None
+        self._outbox: asyncio.Queue[str] | None = None
+        self._sender: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        import asyncpg
+
+        self._conn = await asyncpg.connect(self.dsn)
+        await self._conn.add_listener(self.CHANNEL, self._on_notify)
+        self._outbox = asyncio.Queue(10_000)
+        self._sender = asyncio.create_task(self._send_loop())
+        self.bus.relay = self
+
+    def send(self, event: dict[str, Any]) -> None:
+        if self._outbox is None:
+            return
+        payload = json.dumps({**event, "origin": self.origin}, default=str)
+        if len(payload) > 7900:  # NOTIFY payloads are limited to 8000 bytes
+            payload = json.dumps({k: event[k] for k in ("run_id", "event", "at") if k in event}
+                                 | {"origin": self.origin, "truncated": True})
+        with contextlib.suppress(asyncio.QueueFull):
+            self._outbox.put_nowait(payload)
+
+    async def _send_loop(self) -> None:
+        assert self._outbox is not None
+        while True:
+            payload = await self._outbox.get()
+            try:
+                await self._conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, payload)
+            except Exception:  # a lost event is logged, never fatal to the run
+                log.warning("frugalflow: could not relay an event", exc_info=True)
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        event = json.loads(payload)
+        if event.pop("origin", None) != self.origin:
+            self.bus.deliver(event)
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        if self._conn is not None:
+            await self._conn.close()
+        self.bus.relay = None
 
 
 @dataclass
@@ -205,6 +299,8 @@ class Runner:
         max_concurrency: int = 64,
         holder: str | None = None,
         checkpointer: Any = None,
+        dispatcher: Any = None,
+        share_events: bool | None = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
@@ -221,6 +317,12 @@ class Runner:
         self.events = EventBus()
         """Live run events in this process: run/node start and finish, every model attempt."""
         self._saver: Any = checkpointer  # default: SQLModelSaver on the same store
+        self.dispatcher = dispatcher
+        """With a dispatcher (e.g. ProcrastinateDispatcher), start/resume enqueue the run
+        for a worker process instead of executing it here."""
+        self._share_events = share_events if share_events is not None else (
+            dispatcher is not None and not self.store.is_sqlite)
+        self._relay: PostgresEventRelay | None = None
         for f in flows:
             self.register(f)
 
@@ -267,6 +369,11 @@ class Runner:
 
     async def setup(self) -> None:
         await self.store.setup()
+        if self._share_events and self._relay is None and not self.store.is_sqlite:
+            self._relay = PostgresEventRelay(self.store.url, self.events)
+            await self._relay.start()
+        if self.dispatcher is not None:
+            await self.dispatcher.open()
 
     async def start(
         self,
@@ -288,9 +395,17 @@ class Runner:
         if budget is not None and budget < 0:
             raise UserError(f"budget must be >= 0 USD, got {budget}")
         run_id = run_id or uuid.uuid4().hex
-        await self.store.setup()
-        await self.ledger.create_run(run_id, name, input, budget_usd=budget)
-        return await self._launch(run_id, input, wait=wait)
+        await self.setup()
+        if self.dispatcher is None:
+            await self.ledger.create_run(run_id, name, input, budget_usd=budget)
+            return await self._launch(run_id, input, wait=wait)
+        # Dispatched: the input becomes the thread's first checkpoint (state, not a message),
+        # then the queue says "run X is ready".
+        await self.ledger.create_run(run_id, name, input, budget_usd=budget, status="queued")
+        graph = self.compiled(name).graph
+        await graph.aupdate_state(self._config(run_id), input, as_node=START)
+        await self.dispatcher.submit(run_id)
+        return await self._await_dispatched(run_id) if wait else RunResult(run_id, "queued")
 
     async def resume(
         self,
@@ -332,7 +447,48 @@ class Runner:
                 f"run {run_id!r} is {row.status}, not waiting on an interrupt: resume it "
                 "without a value", run_id=run_id, status=row.status,
             )
+        if self.dispatcher is not None:
+            await self.ledger.update_run(
+                run_id, status="queued",
+                pending_resume={"value": value} if row.status == "interrupted" else None)
+            await self.dispatcher.submit(run_id)
+            return await self._await_dispatched(run_id) if wait else RunResult(run_id, "queued")
         return await self._launch(run_id, graph_input, wait=wait, wait_for_lease=wait_for_lease)
+
+    async def execute_dispatched(self, run_id: str) -> RunResult | None:
+        """Execute a run a dispatcher delivered (in a worker). A run that another live
+        executor holds, or that already finished, is left alone."""
+        row = await self.ledger.get_run(run_id)
+        if row.status in FINAL_STATUSES:
+            return None
+        graph_input: Any = None
+        if row.pending_resume is not None:
+            graph_input = Command(resume=row.pending_resume.get("value"))
+        try:
+            # A crashed worker's lease expires after lease_ttl: wait that long, no longer.
+            result = await self._launch(run_id, graph_input, wait=True,
+                                        wait_for_lease=self.lease_ttl * 1.5)
+        except LeaseError:
+            log.info("frugalflow: run %s is held by a live executor; not executing it", run_id)
+            return None
+        if result.status == "lease_lost":
+            # This worker stalled past its lease. If nobody took the run over, it must not
+            # stay orphaned: queue it again; whoever gets it resumes from the checkpoint.
+            row = await self.ledger.get_run(run_id)
+            if row.status not in FINAL_STATUSES and self.dispatcher is not None:
+                await self.dispatcher.submit(run_id)
+        return result
+
+    async def _await_dispatched(self, run_id: str, poll: float = 0.1) -> RunResult:
+        """Wait for a dispatched run to stop (finish, interrupt, budget, failure)."""
+        async with self.events.queue(run_id) as events:
+            while True:
+                row = await self.ledger.get_run(run_id)
+                if row.status not in ("queued", "running", "pending"):
+                    return self._result(row)
+                # Woken by the run's events (relayed from workers), re-checked every second.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(events.get(), poll * 10)
 
     async def cancel(self, run_id: str) -> RunResult:
         """Stop a run: cancel it here if it executes here, else ask its executor to stop."""
@@ -345,6 +501,8 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             return self._result(await self.ledger.get_run(run_id))
+        if self.dispatcher is not None and row.status == "queued":
+            await self.dispatcher.cancel(run_id)
         if row.status == "running":
             # Executing elsewhere: its executor sees the request when it renews its lease.
             await self.ledger.update_run(run_id, cancel_requested=True)
@@ -377,6 +535,11 @@ class Runner:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._relay is not None:
+            await self._relay.close()
+            self._relay = None
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
         await self.store.close()
 
     # -- execution -----------------------------------------------------------------
@@ -415,8 +578,9 @@ class Runner:
         status, error, error_type = "failed", None, None
         values: dict[str, Any] | None = None
         interrupts: list[Any] = []
+        fence = Fence(run_id, lease.holder, lease.epoch)
         try:
-            async with self._slots:
+            async with self._slots, _fenced_async(fence):
                 row = await self.ledger.get_run(run_id)
                 compiled = self.compiled(row.flow)
                 usage = RunUsage(budget_usd=row.budget_usd, run_id=run_id, spent_usd=row.cost_usd)
@@ -450,6 +614,8 @@ class Runner:
         await asyncio.shield(
             self._finish(run_id, status, values, interrupts, error, error_type, lease, keeper)
         )
+        if lease.lost:
+            return RunResult(run_id, "lease_lost", values, error=error)
         row = await self.ledger.get_run(run_id)
         return RunResult(run_id, row.status, values, row.cost_usd, row.error, interrupts)
 
@@ -463,18 +629,30 @@ class Runner:
         if lease.lost:
             return  # another executor owns the run now: write nothing more
         try:
-            await self.ledger.update_run(
-                run_id, status=status, output=scrub(values) if values is not None else None,
-                interrupts=interrupts or None, error=error, error_type=error_type,
-            )
+            with fenced(Fence(run_id, lease.holder, lease.epoch)):
+                await self.ledger.update_run(
+                    run_id, status=status, output=scrub(values) if values is not None else None,
+                    interrupts=interrupts or None, error=error, error_type=error_type,
+                    pending_resume=None,
+                )
+        except LeaseError:
+            lease.lost = True
+            log.error("frugalflow: run %s: lease lost before its end was recorded", run_id)
+            return
         finally:
-            await lease.release()
+            if not lease.lost:
+                with unfenced():
+                    await lease.release()
+                    if status == "paused" and self.dispatcher is not None:
+                        # Stopped by this worker's shutdown: hand it to another worker.
+                        with contextlib.suppress(Exception):
+                            await self.dispatcher.submit(run_id)
             self.events.publish(run_id, "run_finished", status=status,
                                 error=scrub(error) if error else None)
 
     async def _on_task(self, run_id: str, chunk: dict[str, Any]) -> None:
         if "input" in chunk:  # a task started
-            await self.ledger.node_started(chunk["id"], run_id, chunk["name"])
+            await self.ledger.node_started(chunk["id"], run_id, chunk["name"], self.holder)
             self.events.publish(run_id, "node_started", node=chunk["name"], task_id=chunk["id"])
         else:
             err = chunk.get("error")

@@ -171,3 +171,34 @@ async def test_two_hundred_concurrent_runs(db_url: str) -> None:
     for r in results:
         assert r.state and r.state["n2"]
     await runner.close()
+
+
+async def test_a_stale_executor_cannot_write_a_single_row(db_url: str) -> None:
+    from frugalflow.persistence.checkpointer import SQLModelSaver
+    from frugalflow.persistence.ledger import Ledger
+    from frugalflow.persistence.store import Fence, fenced
+
+    store = Store(db_url)
+    await store.setup()
+    ledger = Ledger(store)
+    await ledger.create_run("r1", "chain", {"topic": "x"})
+    old = await acquire_lease(store, "r1", "worker-old", ttl=0.05)
+    with fenced(Fence("r1", old.holder, old.epoch)):
+        await ledger.update_run("r1", status="running")  # while the lease holds: fine
+    await asyncio.sleep(0.1)  # the old worker stalls past its lease (time, not a sync point)
+    new = await acquire_lease(store, "r1", "worker-new", ttl=60)
+    saver = SQLModelSaver(store)
+    from langgraph.checkpoint.base import empty_checkpoint
+
+    with fenced(Fence("r1", old.holder, old.epoch)):
+        with pytest.raises(LeaseError, match="no longer holds the lease"):
+            await ledger.update_run("r1", status="succeeded")
+        with pytest.raises(LeaseError):
+            await saver.aput({"configurable": {"thread_id": "r1", "checkpoint_ns": ""}},
+                             empty_checkpoint(), {"source": "loop", "step": 1}, {})
+    assert (await ledger.get_run("r1")).status == "running"  # nothing of the stale write
+    assert await saver.aget_tuple({"configurable": {"thread_id": "r1"}}) is None
+    with fenced(Fence("r1", new.holder, new.epoch)):
+        await ledger.update_run("r1", status="succeeded")
+    assert (await ledger.get_run("r1")).status == "succeeded"
+    await store.close()

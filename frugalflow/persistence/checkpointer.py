@@ -51,7 +51,9 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 from langchain_core.runnables import RunnableConfig
@@ -89,6 +91,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite as sq
+from sqlalchemy.dialects.sqlite import pysqlite
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -180,7 +183,8 @@ def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
 class _Op(NamedTuple):
     """One statement of a plan; `params` is a dict, or a list of dicts for executemany.
 
-    `lean`: the same statement precompiled for the async driver (see `_Lean`)."""
+    `lean`: the same statement precompiled for one driver (see `_Lean`); a driver for
+    another dialect or driver runs `stmt` as usual."""
 
     stmt: Executable
     params: Any = None
@@ -189,15 +193,17 @@ class _Op(NamedTuple):
 
 
 class _Lean:
-    """A Core statement compiled once for a dialect, run with `exec_driver_sql`.
+    """A Core statement compiled once for one driver, run on that driver directly.
 
-    The hot write statement skips SQLAlchemy's per-call work (cache lookup, parameter
-    processing): a quarter of a put's client CPU with asyncpg. Its parameters need no
-    processing but JSON's (lists become arrays, bytes bytea in the driver itself).
+    The write statements of puts skip SQLAlchemy's per-call work (cache lookup, parameter
+    processing, execution context): about a quarter of a put's client CPU. Their
+    parameters need no processing but JSON's: lists become arrays and bytes bytea or
+    BLOB in the drivers themselves.
     """
 
-    def __init__(self, stmt: Any, dialect: Any) -> None:
-        compiled = stmt.compile(dialect=dialect)
+    def __init__(self, stmt: Any, dialect: Any, columns: Sequence[str] | None = None) -> None:
+        compiled = stmt.compile(dialect=dialect, column_keys=columns)
+        self.driver = dialect.driver
         self.sql = str(compiled)
         self.order = tuple(compiled.positiontup or ())
         self.json = frozenset(name for name, bind in compiled.binds.items()
@@ -220,6 +226,18 @@ def _drive(conn: Connection, plan: Plan[T]) -> T:
             op = plan.send(rows)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+        rows = None
+        if op.lean is not None and op.lean.driver == conn.dialect.driver:
+            # On the DBAPI connection, inside the transaction SQLAlchemy began.
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                if isinstance(op.params, list):
+                    cursor.executemany(op.lean.sql, [op.lean.args(p) for p in op.params])
+                else:
+                    cursor.execute(op.lean.sql, op.lean.args(op.params))
+            finally:
+                cursor.close()
+            continue
         if op.params is not None:
             result = conn.execute(op.stmt, op.params)
         else:
@@ -234,7 +252,7 @@ async def _adrive(conn: AsyncConnection, plan: Plan[T]) -> T:
             op = plan.send(rows)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        if op.lean is not None:
+        if op.lean is not None and op.lean.driver == conn.dialect.driver:
             result = await conn.exec_driver_sql(op.lean.sql, op.lean.args(op.params))
         elif op.params is not None:
             result = await conn.execute(op.stmt, op.params)
@@ -491,8 +509,9 @@ def _release_sync(conn: Connection) -> None:
 class _SqliteLanes:
     """One write and one read connection of the Store's sync engine, kept open (SQLite).
 
-    Used from worker threads (the async methods) and from callers' threads (the sync
-    methods), one at a time each. WAL: the reader never blocks the writer.
+    The async methods run on each lane's own worker thread (a connection stays on one
+    thread); the sync methods run on the caller's thread. One user at a time per lane.
+    WAL: the reader never blocks the writer.
     """
 
     def __init__(self, store: Store) -> None:
@@ -500,8 +519,20 @@ class _SqliteLanes:
         self._engine: Any = None
         self._conns: dict[bool, Connection] = {}
         self._locks = {True: threading.Lock(), False: threading.Lock()}
+        self._threads: dict[bool, ThreadPoolExecutor] = {}
 
-    def run(self, plan: Plan[T], *, write: bool) -> T:
+    async def arun(self, plan: Plan[T], *, write: bool, lean: bool = False) -> T:
+        """`run` on the lane's worker thread. If the caller is cancelled, the thread still
+        finishes the transaction: all of it or none of it is written."""
+        thread = self._threads.get(write)
+        if thread is None:
+            thread = self._threads[write] = ThreadPoolExecutor(
+                1, thread_name_prefix=f"frugalflow-sqlite-{'write' if write else 'read'}")
+        return await asyncio.get_running_loop().run_in_executor(
+            thread, partial(self.run, plan, write=write, lean=lean))
+
+    def run(self, plan: Plan[T], *, write: bool, lean: bool = False) -> T:
+        """Run `plan` in one transaction; `lean`: all its statements are `_Lean`."""
         self.store.setup_sync()
         with self._locks[write]:
             engine = self.store.sync_engine
@@ -517,6 +548,8 @@ class _SqliteLanes:
                 conn.execution_options(ff_write=write)
                 self._conns[write] = conn
             try:
+                if lean:  # every statement runs on the driver: so can the transaction
+                    return _drive_in_driver_transaction(conn, plan)
                 with conn.begin():  # also ends each read: no snapshot pins the WAL
                     return _drive(conn, plan)
             except BaseException:
@@ -534,6 +567,23 @@ class _SqliteLanes:
                 conn = self._conns.pop(write, None)
                 if conn is not None:
                     conn.close()
+                thread = self._threads.pop(write, None)
+                if thread is not None:
+                    thread.shutdown(wait=False)  # its idle thread exits; a new one on demand
+
+
+def _drive_in_driver_transaction(conn: Connection, plan: Plan[T]) -> T:
+    """`_drive` a plan of `_Lean` statements in a transaction of the DBAPI connection
+    itself (SQLAlchemy's transaction bookkeeping costs as much as the statements)."""
+    raw = conn.connection.driver_connection
+    raw.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+    try:
+        result = _drive(conn, plan)
+    except BaseException:
+        raw.execute("ROLLBACK")  # type: ignore[union-attr]
+        raise
+    raw.execute("COMMIT")  # type: ignore[union-attr]
+    return result
 
 
 @asynccontextmanager
@@ -605,6 +655,11 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         self._put_writes = wr.on_conflict_do_update(
             index_elements=wr_pk, set_={col: wr.excluded[col] for col in wr_update},
             where=wr.excluded.idx < literal_column("0"))
+        if not self._pg:  # compiled for pysqlite (the Store's sync driver): `_drive`
+            dialect = pysqlite.dialect()
+            self._lean_blobs = _Lean(self._put_blobs, dialect, _BL_COLUMNS)
+            self._lean_writes = _Lean(self._put_writes, dialect, _WR_COLUMNS)
+            self._lean_checkpoints = _Lean(self._put_checkpoints, dialect, _CK_COLUMNS)
 
         # Reads: prebuilt too (building a select costs more than running it on SQLite).
         row = select(
@@ -676,10 +731,11 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         with self._pg_sync_connection() as conn:
             return _drive(conn, plan)
 
-    def _write(self, plan: Plan[T], *, single: bool = False) -> T:
-        """Run a write plan atomically: one transaction, or one statement (`single`)."""
+    def _write(self, plan: Plan[T], *, single: bool = False, lean: bool = False) -> T:
+        """Run a write plan atomically: one transaction, or one statement (`single`);
+        `lean`: all its statements are `_Lean` (the put/put_writes plans)."""
         if not self._pg:
-            return self._sqlite.run(plan, write=True)
+            return self._sqlite.run(plan, write=True, lean=lean)
         self.store.setup_sync()
         if single:
             with self._pg_sync_connection() as conn:
@@ -689,19 +745,20 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
 
     async def _aread(self, plan: Plan[T]) -> T:
         if not self._pg:
-            return await asyncio.to_thread(self._sqlite.run, plan, write=False)
+            return await self._sqlite.arun(plan, write=False)
         await self.store.setup()
         async with self._lanes.connection() as conn:
             return await _adrive(conn, plan)
 
-    async def _awrite(self, plan: Plan[T], *, single: bool = False) -> T:
-        """Run a write plan atomically: one transaction, or one statement (`single`)."""
+    async def _awrite(self, plan: Plan[T], *, single: bool = False, lean: bool = False) -> T:
+        """Run a write plan atomically: one transaction, or one statement (`single`);
+        `lean`: all its statements are `_Lean` (the put/put_writes plans)."""
         if not self._pg:
             # Queue with the Store's other writers of this process (store.write() takes the
             # same lock) rather than in SQLite's busy handler. The thread commits or rolls
             # back the whole transaction even if this task is cancelled meanwhile.
             async with _sqlite_writer_queue(self.store):
-                return await asyncio.to_thread(self._sqlite.run, plan, write=True)
+                return await self._sqlite.arun(plan, write=True, lean=lean)
         await self.store.setup()
         if single:
             async with self._lanes.connection() as conn:
@@ -727,7 +784,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         if self._pg:
             await self._lanes.aclose()
         else:
-            await asyncio.to_thread(self._sqlite.close)
+            await asyncio.to_thread(self._sqlite.close)  # waits for a lane in use
 
     def close(self) -> None:
         """Sync twin of `aclose` (SQLite; PostgreSQL lanes need `aclose` or store.close())."""
@@ -805,16 +862,17 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             params, n = _pg_params(checkpoints, blobs, writes)
             if n or blobs or params["w_idx"]:
                 stmt, lean = self._pg_statement(n, bool(blobs), bool(params["w_idx"]))
-                yield _Op(stmt, params, lean=lean)  # `lean` used by the async driver
+                yield _Op(stmt, params, lean=lean)  # lean: asyncpg; psycopg runs `stmt`
             return
         # Blobs before the checkpoint that points at them (one transaction anyway).
-        for stmt, rows in ((self._put_blobs, blobs), (self._put_writes, writes),
-                           (self._put_checkpoints, checkpoints)):
+        for stmt, lean, rows in ((self._put_blobs, self._lean_blobs, blobs),
+                                 (self._put_writes, self._lean_writes, writes),
+                                 (self._put_checkpoints, self._lean_checkpoints, checkpoints)):
             if rows:  # executemany, or a plain execute for one row (less overhead)
-                yield _Op(stmt, rows if len(rows) > 1 else rows[0])
+                yield _Op(stmt, rows if len(rows) > 1 else rows[0], lean=lean)
 
     async def _store_async(self, batch: list[_Rows]) -> None:
-        await self._awrite(self._store_plan(batch), single=True)
+        await self._awrite(self._store_plan(batch), single=True, lean=True)
 
     def put(
         self,
@@ -825,7 +883,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     ) -> RunnableConfig:
         """Store a checkpoint and the blobs of the channels in `new_versions`."""
         rows, next_config = self._put_rows(config, checkpoint, metadata, new_versions)
-        self._write(self._store_plan([rows]), single=True)
+        self._write(self._store_plan([rows]), single=True, lean=True)
         return next_config
 
     async def aput(
@@ -850,7 +908,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         """Store a task's writes, pending on the checkpoint `config` points at."""
         rows = self._writes_rows(config, writes, task_id, task_path)
         if rows.writes:
-            self._write(self._store_plan([rows]), single=True)
+            self._write(self._store_plan([rows]), single=True, lean=True)
 
     async def aput_writes(
         self,

@@ -113,9 +113,10 @@ class Ledger:
         async with self.store.write() as conn:
             await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
 
-    async def node_started(self, task_id: str, run_id: str, node: str) -> None:
+    async def node_started(self, task_id: str, run_id: str, node: str,
+                           holder: str | None = None) -> None:
         async with self.store.write() as conn:
-            await _upsert_node(conn, self.store, task_id, run_id, node)
+            await _upsert_node(conn, self.store, task_id, run_id, node, holder)
 
     async def node_finished(
         self, task_id: str, *, status: str = "done", error: str | None = None
@@ -260,10 +261,11 @@ class Ledger:
 
 
 async def _upsert_node(
-    conn: AsyncConnection, store: Store, task_id: str, run_id: str, node: str
+    conn: AsyncConnection, store: Store, task_id: str, run_id: str, node: str,
+    holder: str | None,
 ) -> None:
     values = {"id": task_id, "run_id": run_id, "node": node, "status": "running",
-              "started_at": utcnow()}
+              "started_at": utcnow(), "holder": holder}
     if store.is_sqlite:
         from sqlalchemy.dialects.sqlite import insert
     else:
@@ -272,7 +274,8 @@ async def _upsert_node(
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["id"],
-            set_={"status": "running", "started_at": values["started_at"], "finished_at": None},
+            set_={"status": "running", "started_at": values["started_at"], "finished_at": None,
+                  "holder": holder},
         )
     )
 

@@ -13,6 +13,9 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import event, select, text
@@ -22,10 +25,37 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 from sqlmodel import create_engine
 
-from ..exceptions import SchemaVersionError, StoreUnavailableError
+from ..exceptions import LeaseError, SchemaVersionError, StoreUnavailableError
 from . import tables
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Store", "default_url"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Fence", "Store", "default_url", "fenced", "unfenced"]
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Writes made under this fence commit only while (run_id, holder, epoch) holds the lease."""
+
+    run_id: str
+    holder: str
+    epoch: int
+
+
+_FENCE: ContextVar[Fence | None] = ContextVar("frugalflow_fence", default=None)
+
+
+@contextmanager
+def fenced(fence: Fence | None) -> Iterator[None]:
+    """Fence every Store write of this context (and of tasks it starts) with `fence`."""
+    token = _FENCE.set(fence)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+def unfenced() -> Any:
+    """A context for writes that must go through whatever the lease says (lease bookkeeping)."""
+    return fenced(None)
 
 
 def _v1(conn: Connection) -> None:
@@ -74,7 +104,7 @@ def _mask(url: str) -> str:
 class Store:
     """Engines and migrations for one database. Share one Store per process and database."""
 
-    def __init__(self, url: str | None = None, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str | None = None, *, pool_size: int = 5) -> None:
         self.url = url or default_url()
         self.dialect, self._async_url, self._sync_url = _driver_urls(self.url)
         self._pool_size = pool_size
@@ -101,9 +131,11 @@ class Store:
                 self._engine = create_async_engine(self._async_url, poolclass=NullPool)
                 _sqlite_pragmas(self._engine.sync_engine)
             else:
+                # Several processes share the server's max_connections (100 by default):
+                # keep each process's pool small; writes are short transactions.
                 self._engine = create_async_engine(
-                    self._async_url, pool_size=self._pool_size, max_overflow=self._pool_size * 2,
-                    pool_pre_ping=True,
+                    self._async_url, pool_size=self._pool_size, max_overflow=self._pool_size,
+                    pool_pre_ping=True, pool_timeout=60,
                 )
         return self._engine
 
@@ -131,16 +163,40 @@ class Store:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction (serialised per process on SQLite)."""
+        """A write transaction (serialised per process on SQLite), fenced if a Fence is set."""
+        fence = _FENCE.get()
         if self.is_sqlite:
             if self._alock is None:
                 self._alock = asyncio.Lock()
             async with self._alock:
                 async with self._connect(begin=True) as conn:
+                    if fence is not None:
+                        await self._check_fence(conn, fence)
                     yield conn
         else:
             async with self._connect(begin=True) as conn:
+                if fence is not None:
+                    await self._check_fence(conn, fence)
                 yield conn
+
+    async def _check_fence(self, conn: AsyncConnection, fence: Fence) -> None:
+        # In the writing transaction itself: on PostgreSQL the row lock makes a concurrent
+        # takeover wait until this write commits; on SQLite the write lock is already held.
+        table = tables.LeaseRow.__table__  # type: ignore[attr-defined]
+        q = select(table.c.holder, table.c.epoch, table.c.expires_at).where(
+            table.c.run_id == fence.run_id)
+        if not self.is_sqlite:
+            q = q.with_for_update()
+        row = (await conn.execute(q)).first()
+        now = datetime.now(timezone.utc)
+        expires = None if row is None else (
+            row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc))
+        if row is None or row.holder != fence.holder or row.epoch != fence.epoch or expires <= now:
+            raise LeaseError(
+                f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
+                "longer holds the lease; the write was rejected",
+                run_id=fence.run_id, holder=row.holder if row is not None else "",
+            )
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

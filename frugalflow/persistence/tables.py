@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointBlobRow",
     "CheckpointRow",
     "CheckpointWriteRow",
+    "LeaseHistoryRow",
     "LeaseRow",
     "NodeRunRow",
     "RunRow",
@@ -104,6 +105,9 @@ class RunRow(SQLModel, table=True):
     """A JSON-safe, secret-scrubbed copy of the final (or interrupted) state."""
     interrupts: list[Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     cancel_requested: bool = False
+    pending_resume: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(JSON, nullable=True))
+    """{"value": v}: the answer a dispatched resume carries to the worker that executes it."""
     error: str | None = None
     error_type: str | None = None
     created_at: datetime = Field(default_factory=utcnow, index=True)
@@ -120,6 +124,8 @@ class NodeRunRow(SQLModel, table=True):
     run_id: str = Field(index=True)
     node: str
     status: str = "running"
+    holder: str | None = None
+    """The executor (worker) that ran it."""
     cost_usd: float = 0.0
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
@@ -152,6 +158,19 @@ class AttemptRow(SQLModel, table=True):
     cost_usd: float = 0.0
     latency_ms: float = 0.0
     started_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class LeaseHistoryRow(SQLModel, table=True):
+    """Every lease ever taken on a run: who executed it, from when (audit of one-executor)."""
+
+    __tablename__ = "ff_lease_history"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True)
+    holder: str
+    epoch: int
+    acquired_at: datetime = Field(default_factory=utcnow)
+    released_at: datetime | None = None
 
 
 class LeaseRow(SQLModel, table=True):

@@ -1,0 +1,183 @@
+"""Dispatching runs to worker processes through an existing task engine.
+
+PostgreSQL holds the truth (runs, checkpoints, ledger, leases); the queue only says "run X
+is ready". A `Dispatcher` submits, cancels and reports on those messages; the default engine
+is procrastinate (a PostgreSQL task queue: per-job locks, priorities, retries, worker
+heartbeats, stalled-job detection), so adding workers adds no new server. Another engine
+(Celery or taskiq on RabbitMQ, Temporal) fits the same three methods.
+
+    dispatcher = ProcrastinateDispatcher("postgresql://...")
+    runner = Runner(url, flows=[...], dispatcher=dispatcher)   # start/resume enqueue
+    await run_worker(runner, concurrency=8)                     # `frugalflow worker`
+
+What may run twice: the node that was executing when its worker died (it restarts from its
+last checkpoint on another worker; its unfinished model call was never recorded). What never
+runs twice: a completed node, a recorded model call, and two executors on one run at once
+(the lease, fenced on every checkpoint and ledger write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+__all__ = ["Dispatcher", "ProcrastinateDispatcher", "run_worker"]
+
+log = logging.getLogger("frugalflow")
+
+TASK_NAME = "frugalflow.execute_run"
+
+
+class Dispatcher(Protocol):
+    """What the runner needs of a task engine."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def submit(self, run_id: str, *, priority: int = 0) -> None:
+        """Enqueue "execute run `run_id`" (at most one such message per run at a time)."""
+
+    async def cancel(self, run_id: str) -> bool:
+        """Drop the run's queued message if no worker took it yet; True if dropped."""
+
+    async def status(self, run_id: str) -> str | None:
+        """The engine's view of the run's message (e.g. todo, doing, succeeded), or None."""
+
+
+def _libpq(url: str) -> str:
+    u = make_url(url.replace("postgres://", "postgresql://", 1))
+    return u.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class ProcrastinateDispatcher:
+    """Runs dispatched through procrastinate's queue in the runs' own PostgreSQL database."""
+
+    def __init__(self, url: str, *, queue: str = "frugalflow", stall_timeout: float = 30.0,
+                 heartbeat: float = 10.0) -> None:
+        import procrastinate
+
+        self.url = url
+        self.queue = queue
+        self.stall_timeout = stall_timeout
+        self.heartbeat = heartbeat
+        self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
+            conninfo=_libpq(url), min_size=1, max_size=4))
+        self.runner: Runner | None = None
+        self._opened = False
+
+        @self.app.task(name=TASK_NAME, queue=queue, pass_context=False)
+        async def execute_run(run_id: str) -> None:
+            if self.runner is None:
+                raise RuntimeError("this process has no runner bound: use run_worker(runner)")
+            await self.runner.execute_dispatched(run_id)
+
+        self._task = execute_run
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        await self.app.open_async()
+        self._opened = True
+        await self._ensure_schema()
+
+    async def _ensure_schema(self) -> None:
+        async with self.app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+            # Serialise concurrent first starts (several workers at once).
+            await conn.execute("SELECT pg_advisory_lock(7430119553)")
+            try:
+                cur = await conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
+                row = await cur.fetchone()
+                if not (row and row[0]):
+                    await self.app.schema_manager.apply_schema_async()
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(7430119553)")
+
+    async def close(self) -> None:
+        if self._opened:
+            await self.app.close_async()
+            self._opened = False
+
+    async def submit(self, run_id: str, *, priority: int = 0) -> None:
+        await self.open()
+        from procrastinate import exceptions
+
+        try:
+            # lock: one job of a run executes at a time; queueing_lock: one queued at a time.
+            await self._task.configure(lock=run_id, queueing_lock=run_id,
+                                       priority=priority).defer_async(run_id=run_id)
+        except exceptions.AlreadyEnqueued:
+            log.info("frugalflow: run %s is already queued", run_id)
+
+    async def _job_ids(self, run_id: str) -> list[Any]:
+        jobs = await self.app.job_manager.list_jobs_async(lock=run_id)
+        return list(jobs)
+
+    async def cancel(self, run_id: str) -> bool:
+        await self.open()
+        dropped = False
+        for job in await self._job_ids(run_id):
+            if job.status == "todo":
+                dropped |= bool(await self.app.job_manager.cancel_job_by_id_async(job.id))
+        return dropped
+
+    async def status(self, run_id: str) -> str | None:
+        await self.open()
+        jobs = await self._job_ids(run_id)
+        return str(jobs[-1].status) if jobs else None
+
+    async def retry_stalled(self) -> int:
+        """Requeue jobs whose worker stopped heartbeating (it died); their runs resume elsewhere."""
+        stalled = await self.app.job_manager.get_stalled_jobs(
+            seconds_since_heartbeat=self.stall_timeout)
+        n = 0
+        for job in stalled:
+            with contextlib.suppress(Exception):  # another worker may have retried it already
+                await self.app.job_manager.retry_job(job)
+                n += 1
+        if n:
+            log.warning("frugalflow: requeued %d stalled run(s)", n)
+        return n
+
+
+async def run_worker(
+    runner: Runner, *, concurrency: int = 8, queues: list[str] | None = None,
+    stall_check: float | None = None,
+) -> None:
+    """Execute dispatched runs until cancelled (SIGINT/SIGTERM stop it gracefully: the runs
+    in flight stop as `paused` and are requeued for other workers)."""
+    dispatcher = runner.dispatcher
+    if not isinstance(dispatcher, ProcrastinateDispatcher):
+        raise TypeError("run_worker needs a runner with a ProcrastinateDispatcher")
+    dispatcher.runner = runner
+    await runner.setup()
+    await dispatcher.open()
+    check = stall_check if stall_check is not None else max(dispatcher.stall_timeout / 3, 0.5)
+
+    async def stall_loop() -> None:
+        while True:
+            await asyncio.sleep(check)
+            try:
+                await dispatcher.retry_stalled()
+            except Exception:  # the database hiccupped: try again at the next beat
+                log.warning("frugalflow: stalled-job check failed", exc_info=True)
+
+    watcher = asyncio.create_task(stall_loop())
+    try:
+        await dispatcher.app.run_worker_async(
+            queues=queues or [dispatcher.queue], concurrency=concurrency,
+            update_heartbeat_interval=dispatcher.heartbeat,
+            stalled_worker_timeout=dispatcher.stall_timeout,
+            fetch_job_polling_interval=1.0, install_signal_handlers=True,
+        )
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher

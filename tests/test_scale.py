@@ -1,0 +1,158 @@
+"""Scale-out on real parts: worker processes executing dispatched runs from PostgreSQL
+(procrastinate), one of them SIGKILLed mid-run; cancellation and live events across
+processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from scale_worker import make_runner
+from sqlalchemy import select
+
+from frugalflow.persistence import tables as t
+from frugalflow.runner import Runner
+from frugalflow.service import create_app
+
+HERE = Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def workers(url: str, n: int, *extra: str) -> Iterator[list[subprocess.Popen[str]]]:
+    procs = [subprocess.Popen([sys.executable, str(HERE / "scale_worker.py"), url, *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()  # blocks until the worker is up: no sleeps
+            assert "ready" in line, p.stderr.read() if p.stderr else line
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+
+
+@contextlib.asynccontextmanager
+async def submitter(url: str, **kw: Any) -> AsyncIterator[Runner]:
+    runner = make_runner(url, **kw)
+    await runner.setup()
+    try:
+        yield runner
+    finally:
+        await runner.close()
+
+
+async def rows(runner: Runner, table: Any) -> list[Any]:
+    async with runner.store.read() as conn:
+        return list((await conn.execute(select(table))).all())
+
+
+async def test_three_workers_200_runs_one_killed(fresh_pg_url: str) -> None:
+    url = fresh_pg_url
+    async with submitter(url, latency=0.2, nodes=3) as sub:
+        with workers(url, 3, "--latency", "0.2") as procs:
+            ids = [(await sub.start("chain", {"topic": f"t{i}"}, wait=False)).run_id
+                   for i in range(200)]
+            victim = procs[0]
+            # Kill worker 0 once it has completed some node executions (and holds runs).
+            async with sub.events.subscribe() as events:
+                async for e in events:
+                    if e["event"] == "node_finished":
+                        node_rows = await rows(sub, t.NodeRunRow.__table__)
+                        holders = {r.holder for r in node_rows if r.status == "done"}
+                        if len(holders) == 3:
+                            break
+            victim_holder = next(
+                r.holder for r in await rows(sub, t.NodeRunRow.__table__)
+                if r.holder and f":{victim.pid}:" in r.holder)
+            victim.send_signal(signal.SIGKILL)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(sub._await_dispatched(i) for i in ids)), timeout=240)
+        assert [r.status for r in results].count("succeeded") == 200
+
+        nodes = await rows(sub, t.NodeRunRow.__table__)
+        attempts = await rows(sub, t.AttemptRow.__table__)
+        history = await rows(sub, t.LeaseHistoryRow.__table__)
+        # Every run: each node completed exactly once, each completed call recorded once.
+        for run_id in ids:
+            done = [n.node for n in nodes if n.run_id == run_id and n.status == "done"]
+            assert sorted(done) == ["n1", "n2", "n3"], run_id
+            ok = [a.node for a in attempts if a.run_id == run_id and a.outcome == "ok"]
+            assert sorted(ok) == ["n1", "n2", "n3"], run_id
+        # The killed worker's runs were taken over under a higher lease epoch.
+        taken_over = {h.run_id for h in history if h.holder == victim_holder and h.released_at is None}
+        assert taken_over, "the killed worker held no run"
+        for run_id in taken_over:
+            epochs = sorted((h.epoch, h.holder) for h in history if h.run_id == run_id)
+            assert epochs[-1][1] != victim_holder and epochs[-1][0] > 1
+        # Never two executors at once: node executions of a run by different workers are
+        # ordered (the next one starts after the previous one's start, under a new epoch).
+        for run_id in taken_over:
+            execs = sorted((n.started_at, n.holder) for n in nodes if n.run_id == run_id)
+            holders_in_order = [h for _, h in execs]
+            first_new = next(i for i, h in enumerate(holders_in_order) if h != victim_holder)
+            assert all(h != victim_holder for h in holders_in_order[first_new:])
+
+
+async def test_cancel_reaches_the_worker_executing_the_run(fresh_pg_url: str) -> None:
+    url = fresh_pg_url
+    async with submitter(url, latency=5.0, nodes=3) as sub:
+        with workers(url, 1, "--latency", "5.0"):
+            run_id = (await sub.start("chain", {"topic": "c"}, wait=False)).run_id
+            async with sub.events.subscribe(run_id) as events:
+                async for e in events:  # the worker's events, relayed through PostgreSQL
+                    if e["event"] == "node_started":
+                        break
+            await sub.cancel(run_id)
+            result = await asyncio.wait_for(sub._await_dispatched(run_id), timeout=30)
+        assert result.status == "cancelled"
+
+
+async def test_worker_events_reach_a_service_client_as_sse(fresh_pg_url: str) -> None:
+    url = fresh_pg_url
+    async with submitter(url, latency=0.05, nodes=2) as sub:
+        app = create_app(sub)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            with workers(url, 1, "--latency", "0.05"):
+                async with httpx.AsyncClient(
+                        base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=30) as client:
+                    r = await client.post("/runs", json={"flow": "chain", "input": {"topic": "sse"}})
+                    run_id = r.json()["run_id"]
+                    seen = []
+                    async with client.stream("GET", f"/runs/{run_id}/events") as stream:
+                        async for line in stream.aiter_lines():
+                            if line.startswith("data: "):
+                                seen.append(json.loads(line[6:]))
+                                if seen[-1]["event"] == "run_finished":
+                                    break
+        finally:
+            server.should_exit = True
+            await serving
+            sock.close()
+    kinds = [e["event"] for e in seen]
+    assert "node_started" in kinds and "attempt" in kinds
+    assert seen[-1]["status"] == "succeeded"
