@@ -222,7 +222,8 @@ def _token_notes(models: Sequence[str], in_tokens: np.ndarray, out_tokens: np.nd
     return lines
 
 
-def load_mmlu_pro(data: Path, prefix_tokens: int, prices: dict[str, tuple[float, float]]) -> Dataset:
+def load_mmlu_pro(data: Path, prefix_tokens: int,
+                  prices: dict[str, tuple[float, float]]) -> Dataset:
     rows = _read_rows(data / "mmlu-pro" / "mmlu_pro_correctness.csv.gz")
     models = MMLU_PRO_LADDER
     kept = _keep_complete(rows, models)
@@ -253,7 +254,8 @@ def load_routellm_mmlu(data: Path, prices: dict[str, tuple[float, float]]) -> Da
     by_subject: dict[str, list[int]] = {}
     for r in kept:
         by_subject.setdefault(r["subject"], []).append(len(r["prompt"]))
-    prefix = {s: min(1536.0, 20 + 5 * (np.mean(v) / 4 + 2)) for s, v in by_subject.items()}
+    prefix = {s: min(1536.0, 20 + 5 * (float(np.mean(v)) / 4 + 2))
+              for s, v in by_subject.items()}
     in_tok = np.array([prefix[r["subject"]] + len(r["prompt"]) / 4 for r in kept])
     out_tok = np.full((len(kept), 2), float(ROUTELLM_MMLU_OUTPUT_TOKENS))
     cost, unit, pnotes = _costs(models, in_tok, out_tok, prices)
@@ -342,7 +344,7 @@ def split(n: int, groups: Sequence[str | None] | None, frac: float, seed: int,
     """(first, second) index arrays: `frac` of each group (of `among`) in `second`."""
     idx = np.arange(n) if among is None else np.asarray(among)
     rng = np.random.default_rng(seed)
-    keys = [groups[i] if groups is not None else None for i in idx]
+    keys = [groups[int(i)] if groups is not None else None for i in idx]
     first: list[int] = []
     second: list[int] = []
     for g in sorted(set(keys), key=lambda k: (k is None, str(k))):
@@ -360,7 +362,7 @@ def split(n: int, groups: Sequence[str | None] | None, frac: float, seed: int,
 def examples(ds: Dataset, rows: np.ndarray) -> list[Example]:
     cats = ds.categories
     return [
-        Example(None, ds.texts[i], m, bool(ds.correct[i, j]), cats[i] if cats else None)
+        Example(None, ds.texts[i], m, bool(ds.correct[i, j]), cats[int(i)] if cats else None)
         for i in rows for j, m in enumerate(ds.models)
     ]
 
@@ -455,7 +457,7 @@ def curve_table(points: Sequence[Point], models: Sequence[str], best_cost: float
     chosen: list[Point] = []
     for c in np.linspace(lo, hi, k):
         p = min(pts, key=lambda q: abs(q.cost - c))
-        if p not in chosen:
+        if all(p is not q for q in chosen):
             chosen.append(p)
     label = "lambda/USD" if rule == "value" else "target p"
     short = [_short(m) for m in models]
@@ -578,8 +580,9 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) 
         if hit is None:
             print(f"  cost to reach {target:.4f}: not reached on the curve")
         else:
-            print(f"  cost to reach {target:.4f} (read off the test curve): {100 * hit.cost / best_cost:.1f}% "
-                  f"of {ds.models[best]}'s cost (accuracy {hit.acc:.4f}, param {hit.param:.4g})")
+            print(f"  cost to reach {target:.4f} (read off the test curve): "
+                  f"{100 * hit.cost / best_cost:.1f}% of {ds.models[best]}'s cost "
+                  f"(accuracy {hit.acc:.4f}, param {hit.param:.4g})")
             out[f"{kind.name}:curve_pct"] = 100 * hit.cost / best_cost
         # Operating point chosen without test labels: out-of-fold predictions on the train
         # split (k folds, each predicted by a router fitted on the other folds).
@@ -605,8 +608,9 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) 
         else:
             pick = route(kind.rule, P, C_test, chosen.param)
             v_acc, v_cost = Y[rows, pick].mean(), paid[rows, pick].sum()
-            shares = " ".join(f"{_short(m)} {100 * s:.1f}%" for m, s in
-                              zip(ds.models, np.bincount(pick, minlength=M) / len(pick), strict=True))
+            counts = np.bincount(pick, minlength=M) / len(pick)
+            shares = " ".join(f"{_short(m)} {100 * s:.1f}%"
+                              for m, s in zip(ds.models, counts, strict=True))
             verdict = "reaches" if v_acc >= target else "misses"
             print(f"  operating point chosen without test labels (param {chosen.param:.4g}: the "
                   f"cheapest reaching {train_target:.4f} on {args.val_folds}-fold out-of-fold "

@@ -73,7 +73,11 @@ class ProcrastinateDispatcher:
         self.runner: Runner | None = None
         self._opened = False
 
-        @self.app.task(name=TASK_NAME, queue=queue, pass_context=False)
+        # A worker that cannot reach the database (or dies) does not fail the run: the job is
+        # retried with backoff, and the run resumes from its last checkpoint.
+        retry = procrastinate.RetryStrategy(max_attempts=30, wait=1, linear_wait=1)
+
+        @self.app.task(name=TASK_NAME, queue=queue, pass_context=False, retry=retry)
         async def execute_run(run_id: str) -> None:
             if self.runner is None:
                 raise RuntimeError("this process has no runner bound: use run_worker(runner)")

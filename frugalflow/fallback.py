@@ -499,10 +499,14 @@ class Attempt:
     fallback_from: str | None = None
     action: str | None = None  # what followed a failure: retry, next, raise
     started_at: float = field(default_factory=time.time)
+    call_key: str | None = None  # identifies the call for replay after a crash
+    response: Any = field(default=None, repr=False)  # the answer (an AIMessage), if ok
 
     def describe(self) -> str:
         if self.outcome == "ok":
             return f"{self.model}: ok in {self.latency_ms:.0f} ms, ${self.cost_usd:.6f}"
+        if self.outcome == "replayed":
+            return f"{self.model}: replayed from the ledger (not paid again)"
         return f"{self.model} ({self.provider}): {self.error_class}: {self.error}"
 
 

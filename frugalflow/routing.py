@@ -402,9 +402,21 @@ class RunContext:
     breakers: BreakerRegistry = field(default_factory=lambda: default_breakers)
     usage: RunUsage = field(default_factory=RunUsage)
     sleep: Any = None  # an awaitable sleep(seconds); tests pass a fake clock's
+    replay: Any = None
+    """When resuming: `await replay(node, call_key) -> AIMessage | None`, the answer a
+    completed call with this key already got (the runner looks it up in the ledger), so a
+    node re-executed after a crash does not pay again for calls it had finished."""
+    _occurrences: dict[tuple[str | None, str], int] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         return f"RunContext(catalog={self.catalog.name!r}, run_id={self.usage.run_id!r})"
+
+    def call_key(self, task_id: str | None, node: str | None, digest: str) -> str:
+        """`digest#n`: the n-th identical call of this node execution."""
+        k = (task_id, digest)
+        n = self._occurrences.get(k, 0) + 1
+        self._occurrences[k] = n
+        return f"{node}:{digest}#{n}"
 
     def static(self, needs: Needs) -> Prefilter:
         return self.catalog.prefiltered(needs, prefilter)
@@ -638,6 +650,19 @@ class RoutedChatModel(BaseChatModel):
         """
         ctx, task_id = self._context_and_task()
         usage = ctx.usage
+        call_key = None
+        if ctx.replay is not None:
+            call_key = ctx.call_key(task_id, self.node, self._digest(messages, kwargs))
+            replayed = await ctx.replay(self.node, call_key)
+            if replayed is not None:
+                await usage.arecord(Attempt(
+                    node=self.node or "", model=str(replayed.response_metadata.get(
+                        "frugalflow", {}).get("model", "replay")),
+                    provider="replay", outcome="replayed", run_id=usage.run_id,
+                    task_id=task_id, call_key=call_key,
+                ))
+                yield "message", replayed
+                return
         remaining = usage.remaining_usd
         static = ctx.static(self.needs)
         n_in = estimate_tokens(messages)
@@ -773,21 +798,23 @@ class RoutedChatModel(BaseChatModel):
                     await breakers.arecord(spec, None)
                     call_usage = Usage.from_message(message)
                     cost = spec.cost(call_usage) if call_usage else 0.0
+                    message.response_metadata = {
+                        **message.response_metadata,
+                        "frugalflow": {"model": spec.key, "cost_usd": cost,
+                                       "attempts": len(attempts) + 1, "call_id": call_id},
+                    }
                     attempt = Attempt(
                         node=self.node or "", model=spec.key, provider=spec.provider,
                         outcome="ok", call_id=call_id, run_id=usage.run_id,
                         try_number=len(attempts) + 1, usage=call_usage, cost_usd=cost,
                         latency_ms=(time.perf_counter() - t0) * 1000,
                         fallback_from=previous, started_at=started, task_id=task_id,
+                        call_key=call_key or self._key_for_ledger(ctx, task_id, messages, kwargs),
+                        response=message,
                     )
                     attempts.append(attempt)
                     await usage.arecord(attempt)
                     self._last_model = spec.key
-                    message.response_metadata = {
-                        **message.response_metadata,
-                        "frugalflow": {"model": spec.key, "cost_usd": cost,
-                                       "attempts": len(attempts), "call_id": call_id},
-                    }
                     if not stream or forward is not None:
                         yield "message", message
                     return
@@ -829,6 +856,28 @@ class RoutedChatModel(BaseChatModel):
                 kwargs["tool_choice"] = self.tool_choice
             return model.bind_tools(self.tools, **kwargs)
         return model
+
+    def _digest(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> str:
+        """A stable digest of what this call asks: messages, tools, schema, needs."""
+        import hashlib
+
+        from langchain_core.messages import messages_to_dict
+
+        payload = json.dumps(
+            [messages_to_dict(list(messages)), [_tool_schema(t) for t in self.tools],
+             repr(self.tool_choice), getattr(self.response_schema, "__name__",
+                                             repr(self.response_schema)),
+             self.needs.cache_key, sorted(kwargs)],
+            sort_keys=True, default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    def _key_for_ledger(self, ctx: RunContext, task_id: str | None,
+                        messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> str | None:
+        # Keys are recorded only for runs the runner persists (their replay needs them).
+        if not ctx.usage.listeners or task_id is None:
+            return None
+        return ctx.call_key(task_id, self.node, self._digest(messages, kwargs))
 
     def _check_output(self, spec: ModelSpec, message: AIMessage) -> Any:
         """The structured output parsed from `message` (None without a schema)."""

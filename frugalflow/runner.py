@@ -38,6 +38,7 @@ from .exceptions import (
     FrugalflowError,
     LeaseError,
     RunStateError,
+    StoreUnavailableError,
     UserError,
 )
 from .fallback import Attempt, BreakerRegistry, FallbackPolicy, default_breakers
@@ -585,6 +586,9 @@ class Runner:
                 compiled = self.compiled(row.flow)
                 usage = RunUsage(budget_usd=row.budget_usd, run_id=run_id, spent_usd=row.cost_usd)
                 ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
+                if row.status not in ("pending", "queued") or row.pending_resume is not None:
+                    # A continuation: calls that completed before a crash are replayed.
+                    ctx.replay = self._replayer(run_id)
                 await self.ledger.update_run(run_id, status="running", error=None, error_type=None)
                 self.events.publish(run_id, "run_started", flow=row.flow)
                 config = self._config(run_id)
@@ -605,6 +609,11 @@ class Runner:
             status = "paused" if self._closing else "cancelled"
             error = "stopped by shutdown; resume it" if self._closing else "cancelled"
             await asyncio.shield(self._finish(run_id, status, values, [], error, None, lease, keeper))
+            raise
+        except StoreUnavailableError:
+            # The database is unreachable: no status can be written; the lease expires and
+            # the run is retried (dispatched) or resumed later. Not a failure of the run.
+            keeper.cancel()
             raise
         except FrugalflowError as e:
             status, error, error_type = "failed", str(e), type(e).__name__
@@ -661,6 +670,12 @@ class Runner:
                                             error=str(err) if err else None)
             self.events.publish(run_id, "node_finished", node=chunk["name"],
                                 task_id=chunk["id"], status=status)
+
+    def _replayer(self, run_id: str) -> Any:
+        async def replay(node: str | None, call_key: str) -> Any:
+            return await self.ledger.replayable(run_id, node, call_key)
+
+        return replay
 
     def _ledger_listener(self, flow: str) -> Any:
         async def write(attempt: Attempt) -> None:

@@ -1,6 +1,6 @@
 """SQLModelSaver: LangGraph's conformance suite at level FULL, on SQLite and PostgreSQL, and
 what the suite does not check (blobs per changed channel, secret scrubbing, the sync API,
-a real graph resumed by a new process-like saver, group commit, cancellation)."""
+a real graph resumed by a new process-like saver, group commit, cancellation, lease fences)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import operator
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -18,9 +19,11 @@ from langgraph.checkpoint.serde.types import ERROR, INTERRUPT
 from langgraph.graph import END, START, StateGraph
 from sqlalchemy import func, select
 
+from frugalflow.exceptions import LeaseError
 from frugalflow.persistence import Store
 from frugalflow.persistence import tables as t
 from frugalflow.persistence.checkpointer import REDACTED, SQLModelSaver, scrub_metadata
+from frugalflow.persistence.store import Fence, fenced
 
 BLOBS: Any = t.CheckpointBlobRow.__table__  # type: ignore[attr-defined]
 CHECKPOINTS: Any = t.CheckpointRow.__table__  # type: ignore[attr-defined]
@@ -403,3 +406,62 @@ async def test_closing_the_store_releases_and_later_reopens_connections(
     second = await saver.aput(first, _checkpoint({}, {}), {"step": 1}, {})
     tup = await saver.aget_tuple(_config(tid))
     assert tup is not None and tup.config == second
+
+
+# -- lease fencing ---------------------------------------------------------------------------
+
+
+async def _lease(store: Store, run_id: str, holder: str, epoch: int, ttl: float) -> Fence:
+    leases = t.LeaseRow.__table__  # type: ignore[attr-defined]
+    expires = datetime.now(timezone.utc) + timedelta(seconds=ttl)
+    async with store.write() as conn:
+        await conn.execute(leases.insert().values(run_id=run_id, holder=holder, epoch=epoch,
+                                                  expires_at=expires))
+    return Fence(run_id, holder, epoch)
+
+
+async def test_writes_under_a_stale_fence_are_rejected_and_leave_nothing(
+    saver: SQLModelSaver, store: Store
+) -> None:
+    await store.setup()
+    live = await _lease(store, f"live-{uuid.uuid4().hex}", "worker-a", 1, ttl=60)
+    expired = await _lease(store, f"gone-{uuid.uuid4().hex}", "worker-b", 1, ttl=-1)
+    taken = Fence(live.run_id, "worker-old", 1)  # another holder has the lease now
+
+    async def put(fence: Fence) -> Any:
+        with fenced(fence):  # as the Runner does around a run
+            cfg = await saver.aput(_config(f"{fence.run_id}-{fence.holder}"),
+                                   _checkpoint({}, {}), {}, {})
+            await saver.aput_writes(cfg, [("ch", 1)], "task")
+            return cfg
+
+    # Concurrent calls under different fences: each is checked against its own lease.
+    outcomes = await asyncio.gather(put(live), put(expired), put(taken), put(live),
+                                    return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes] == ["dict", "LeaseError", "LeaseError", "dict"]
+    for fence in (expired, taken):
+        assert await saver.aget_tuple(_config(f"{fence.run_id}-{fence.holder}")) is None
+    with fenced(taken), pytest.raises(LeaseError):
+        await saver.adelete_thread(f"{live.run_id}-{live.holder}")
+    tup = await saver.aget_tuple(_config(f"{live.run_id}-{live.holder}"))
+    assert tup is not None and tup.pending_writes == [("task", "ch", 1)]
+
+
+def test_sync_writes_are_fenced_too(db_url: str) -> None:
+    store = Store(db_url)
+    saver = SQLModelSaver(store)
+
+    async def stale_lease() -> Fence:
+        await store.setup()
+        fence = await _lease(store, f"sync-{uuid.uuid4().hex}", "w", 1, ttl=-1)
+        await store.close()  # its async engine belongs to this event loop
+        return fence
+
+    try:
+        stale = asyncio.run(stale_lease())
+        with fenced(stale), pytest.raises(LeaseError):
+            saver.put(_config(stale.run_id), _checkpoint({}, {}), {}, {})
+        assert saver.get_tuple(_config(stale.run_id)) is None
+        saver.close()
+    finally:
+        asyncio.run(store.close())

@@ -41,6 +41,7 @@ import math
 import random
 import re
 import threading
+from datetime import datetime, timezone
 from collections import defaultdict
 from collections.abc import (
     AsyncIterator,
@@ -97,8 +98,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
-from .store import Store
-from .tables import CheckpointBlobRow, CheckpointRow, CheckpointWriteRow
+from ..exceptions import LeaseError
+from .store import _FENCE, Fence, Store
+from .tables import CheckpointBlobRow, CheckpointRow, CheckpointWriteRow, LeaseRow
 
 __all__ = ["REDACTED", "SQLModelSaver", "scrub_metadata"]
 
@@ -107,6 +109,7 @@ T = TypeVar("T")
 _CK = CheckpointRow.__table__  # type: ignore[attr-defined]
 _BL = CheckpointBlobRow.__table__  # type: ignore[attr-defined]
 _WR = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
+_LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
 
 REDACTED = "[redacted]"
 # "token" but not "tokens": keep usage counters such as input_tokens.
@@ -280,11 +283,13 @@ _MAX_BATCH = 256  # calls written by one statement / transaction at most
 
 
 class _Rows(NamedTuple):
-    """The rows one put or put_writes adds (dicts keyed by column)."""
+    """The rows one put or put_writes adds (dicts keyed by column), and the lease fence of
+    the caller's context (`store.fenced`), captured when it called."""
 
     checkpoints: list[dict[str, Any]]
     blobs: list[dict[str, Any]]
     writes: list[dict[str, Any]]
+    fence: Fence | None = None
 
 
 def _pg_params(checkpoints: list[dict[str, Any]], blobs: list[dict[str, Any]],
@@ -361,8 +366,15 @@ class _GroupCommit:
         batch: list[tuple[_Rows, asyncio.Future[None]]] = []
         try:
             while self._queue:
-                batch = [(r, f) for r, f in self._queue[:_MAX_BATCH] if not f.done()]
-                del self._queue[:_MAX_BATCH]
+                # Only calls under the same lease fence (or none) share a batch: the batch
+                # is checked against it once, in its transaction.
+                fence = self._queue[0][0].fence
+                batch, rest = [], []
+                for item in self._queue:
+                    same = item[0].fence == fence and len(batch) < _MAX_BATCH
+                    (batch if same else rest).append(item)
+                self._queue = rest
+                batch = [(r, f) for r, f in batch if not f.done()]
                 if batch:
                     await self._flush(batch)
                 batch = []
@@ -381,8 +393,9 @@ class _GroupCommit:
         try:
             await self._write([rows for rows, _ in batch])
         except Exception as error:
-            if len(batch) == 1:
-                _settle(batch[0][1], error)
+            if len(batch) == 1 or isinstance(error, LeaseError):  # a lost lease: all of them
+                for _, done in batch:
+                    _settle(done, error)
                 return
             for rows, done in batch:  # isolate the failing call(s)
                 try:
@@ -466,6 +479,17 @@ class _AsyncLanes:
                 self._idle.append((asyncio.get_running_loop().time(), conn))
             else:  # the Store was closed meanwhile: its old pool is gone
                 await _discard(conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A lane in a transaction (BEGIN ... COMMIT) instead of autocommit mode."""
+        async with self.connection() as conn:
+            if conn.in_transaction():  # SQLAlchemy's autobegun no-op one of autocommit mode
+                await conn.commit()  # (sends nothing: the driver is in autocommit)
+            await conn.execution_options(isolation_level=conn.default_isolation_level)
+            async with conn.begin():
+                yield conn
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def _take(self, engine: Any) -> AsyncConnection:
         now = asyncio.get_running_loop().time()
@@ -731,9 +755,24 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         with self._pg_sync_connection() as conn:
             return _drive(conn, plan)
 
-    def _write(self, plan: Plan[T], *, single: bool = False, lean: bool = False) -> T:
-        """Run a write plan atomically: one transaction, or one statement (`single`);
-        `lean`: all its statements are `_Lean` (the put/put_writes plans)."""
+    def _fenced(self, fence: Fence | None, plan: Plan[T]) -> Plan[T]:
+        """`plan`, after checking in its transaction that `fence` still holds its run's
+        lease (the rule of `Store.write`): a stale executor writes nothing."""
+        if fence is not None:
+            q = select(_LEASES.c.holder, _LEASES.c.epoch, _LEASES.c.expires_at).where(
+                _LEASES.c.run_id == fence.run_id)
+            if self._pg:  # a takeover waits until this write commits
+                q = q.with_for_update()
+            rows = yield _Op(q, fetch=True)
+            _check_lease(fence, rows[0] if rows else None)
+        return (yield from plan)
+
+    def _write(self, plan: Plan[T], *, fence: Fence | None, single: bool = False,
+               lean: bool = False) -> T:
+        """Run a write plan atomically, fenced by `fence`: one transaction, or one statement
+        (`single`); `lean`: all its statements are `_Lean` (put/put_writes plans)."""
+        if fence is not None:  # the lease check and the write: one transaction
+            plan, single, lean = self._fenced(fence, plan), False, False
         if not self._pg:
             return self._sqlite.run(plan, write=True, lean=lean)
         self.store.setup_sync()
@@ -750,9 +789,12 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         async with self._lanes.connection() as conn:
             return await _adrive(conn, plan)
 
-    async def _awrite(self, plan: Plan[T], *, single: bool = False, lean: bool = False) -> T:
-        """Run a write plan atomically: one transaction, or one statement (`single`);
-        `lean`: all its statements are `_Lean` (the put/put_writes plans)."""
+    async def _awrite(self, plan: Plan[T], *, fence: Fence | None, single: bool = False,
+                      lean: bool = False) -> T:
+        """Run a write plan atomically, fenced by `fence`: one transaction, or one statement
+        (`single`); `lean`: all its statements are `_Lean` (put/put_writes plans)."""
+        if fence is not None:  # the lease check and the write: one transaction
+            plan, single, lean = self._fenced(fence, plan), False, False
         if not self._pg:
             # Queue with the Store's other writers of this process (store.write() takes the
             # same lock) rather than in SQLite's busy handler. The thread commits or rolls
@@ -763,7 +805,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         if single:
             async with self._lanes.connection() as conn:
                 return await _adrive(conn, plan)
-        async with self.store.write() as conn:
+        async with self._lanes.transaction() as conn:
             return await _adrive(conn, plan)
 
     @contextmanager
@@ -829,7 +871,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             "checkpoint": data,
             "metadata": md,
         }
-        return _Rows([row], blobs, []), _config(thread_id, ns, checkpoint["id"])
+        return _Rows([row], blobs, [], _FENCE.get()), _config(thread_id, ns, checkpoint["id"])
 
     def _writes_rows(
         self,
@@ -851,7 +893,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
                            "checkpoint_id": checkpoint_id, "task_id": task_id, "idx": idx,
                            "channel": channel, "type": type_, "blob": blob,
                            "task_path": task_path, "run_id": run_id}
-        return _Rows([], [], list(by_idx.values()))
+        return _Rows([], [], list(by_idx.values()), _FENCE.get())
 
     def _store_plan(self, batch: Sequence[_Rows]) -> Plan[None]:
         """Write the rows of one or more puts / put_writes, atomically together."""
@@ -872,7 +914,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
                 yield _Op(stmt, rows if len(rows) > 1 else rows[0], lean=lean)
 
     async def _store_async(self, batch: list[_Rows]) -> None:
-        await self._awrite(self._store_plan(batch), single=True, lean=True)
+        # The calls of a batch share one fence (`_GroupCommit` groups them so).
+        await self._awrite(self._store_plan(batch), fence=batch[0].fence, single=True,
+                           lean=True)
 
     def put(
         self,
@@ -883,7 +927,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     ) -> RunnableConfig:
         """Store a checkpoint and the blobs of the channels in `new_versions`."""
         rows, next_config = self._put_rows(config, checkpoint, metadata, new_versions)
-        self._write(self._store_plan([rows]), single=True, lean=True)
+        self._write(self._store_plan([rows]), fence=rows.fence, single=True, lean=True)
         return next_config
 
     async def aput(
@@ -908,7 +952,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         """Store a task's writes, pending on the checkpoint `config` points at."""
         rows = self._writes_rows(config, writes, task_id, task_path)
         if rows.writes:
-            self._write(self._store_plan([rows]), single=True, lean=True)
+            self._write(self._store_plan([rows]), fence=rows.fence, single=True, lean=True)
 
     async def aput_writes(
         self,
@@ -1106,11 +1150,11 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
 
     def delete_thread(self, thread_id: str) -> None:
         """Delete every checkpoint, blob and write of a thread (all namespaces)."""
-        self._write(self._delete_threads_plan([str(thread_id)]))
+        self._write(self._delete_threads_plan([str(thread_id)]), fence=_FENCE.get())
 
     async def adelete_thread(self, thread_id: str) -> None:
         """Delete every checkpoint, blob and write of a thread (all namespaces)."""
-        await self._awrite(self._delete_threads_plan([str(thread_id)]))
+        await self._awrite(self._delete_threads_plan([str(thread_id)]), fence=_FENCE.get())
 
     def _referenced_plan(self, thread_id: str, ns: str) -> Plan[set[tuple[str, str]]]:
         """The (channel, version) pairs the remaining checkpoints of a namespace use."""
@@ -1175,12 +1219,12 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints and writes of these runs, and blobs left unused."""
         if run_ids := [str(r) for r in _ids(run_ids, "run_ids")]:
-            self._write(self._delete_runs_plan(run_ids))
+            self._write(self._delete_runs_plan(run_ids), fence=_FENCE.get())
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints and writes of these runs, and blobs left unused."""
         if run_ids := [str(r) for r in _ids(run_ids, "run_ids")]:
-            await self._awrite(self._delete_runs_plan(run_ids))
+            await self._awrite(self._delete_runs_plan(run_ids), fence=_FENCE.get())
 
     def _copy_plan(self, source: str, target: str) -> Plan[None]:
         insert = pg.insert if self._pg else sq.insert
@@ -1194,11 +1238,13 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint, blob and write of a thread to another thread ID."""
-        self._write(self._copy_plan(str(source_thread_id), str(target_thread_id)))
+        plan = self._copy_plan(str(source_thread_id), str(target_thread_id))
+        self._write(plan, fence=_FENCE.get())
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint, blob and write of a thread to another thread ID."""
-        await self._awrite(self._copy_plan(str(source_thread_id), str(target_thread_id)))
+        plan = self._copy_plan(str(source_thread_id), str(target_thread_id))
+        await self._awrite(plan, fence=_FENCE.get())
 
     def _prune_plan(self, thread_ids: Sequence[str], strategy: str) -> Plan[None]:
         if strategy == "delete":
@@ -1263,13 +1309,13 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         """`keep_latest`: keep each namespace's latest checkpoint, its writes and the blobs
         it uses; `delete`: delete the threads. One transaction."""
         if ids := _prune_args(thread_ids, strategy):
-            self._write(self._prune_plan(ids, strategy))
+            self._write(self._prune_plan(ids, strategy), fence=_FENCE.get())
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """`keep_latest`: keep each namespace's latest checkpoint, its writes and the blobs
         it uses; `delete`: delete the threads. One transaction."""
         if ids := _prune_args(thread_ids, strategy):
-            await self._awrite(self._prune_plan(ids, strategy))
+            await self._awrite(self._prune_plan(ids, strategy), fence=_FENCE.get())
 
     # -- versions --------------------------------------------------------------------------
 
@@ -1299,6 +1345,20 @@ def _unnest(prefix: str, columns: Sequence[str], **types: Any) -> Any:
     fn = func.unnest(*(bindparam(prefix + col, type_=pg.ARRAY(types.get(col, String)))
                        for col in columns))
     return fn.table_valued(*columns).render_derived()
+
+
+def _check_lease(fence: Fence, row: Any) -> None:
+    """Raise LeaseError unless the lease row says `fence` holds its run (Store's rule)."""
+    now = datetime.now(timezone.utc)
+    held = row is not None and row.holder == fence.holder and row.epoch == fence.epoch and (
+        row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc)
+    ) > now
+    if not held:
+        raise LeaseError(
+            f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
+            "longer holds the lease; the checkpoint write was rejected",
+            run_id=fence.run_id, holder=row.holder if row is not None else "",
+        )
 
 
 def _ids(ids: Sequence[str], name: str) -> list[str]:

@@ -151,6 +151,8 @@ class Ledger:
             cache_read_tokens=usage.cache_read_tokens if usage else 0,
             cost_usd=attempt.cost_usd, latency_ms=attempt.latency_ms,
             started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
+            call_key=attempt.call_key,
+            response=_message_json(attempt.response) if attempt.response is not None else None,
         )
         values = _values(row)
         values.pop("id", None)
@@ -251,6 +253,21 @@ class Ledger:
             for k, c, n, a, i, o in rows
         ]
 
+    async def replayable(self, run_id: str, node: str | None, call_key: str) -> Any:
+        """The recorded answer of a completed call (run, node, key), or None."""
+        from langchain_core.messages import messages_from_dict
+
+        q = (select(_ATTEMPTS.c.response)
+             .where(_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.call_key == call_key,
+                    _ATTEMPTS.c.outcome == "ok")
+             .order_by(_ATTEMPTS.c.id.desc()).limit(1))
+        async with self.store.read() as conn:
+            row = (await conn.execute(q)).first()
+        if row is None or row.response is None:
+            return None
+        (message,) = messages_from_dict([row.response])
+        return message
+
     async def all_attempts(self, run_ids: Sequence[str] | None = None) -> list[AttemptRow]:
         q = select(_ATTEMPTS).order_by(_ATTEMPTS.c.id)
         if run_ids is not None:
@@ -278,6 +295,12 @@ async def _upsert_node(
                   "holder": holder},
         )
     )
+
+
+def _message_json(message: Any) -> dict[str, Any]:
+    from langchain_core.messages import message_to_dict
+
+    return json.loads(json.dumps(message_to_dict(message), default=str))
 
 
 def _values(row: Any) -> dict[str, Any]:

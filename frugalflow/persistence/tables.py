@@ -158,6 +158,9 @@ class AttemptRow(SQLModel, table=True):
     cost_usd: float = 0.0
     latency_ms: float = 0.0
     started_at: datetime = Field(default_factory=utcnow, index=True)
+    call_key: str | None = Field(default=None, index=True)
+    response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The answer of a successful call, so a node re-executed after a crash replays it."""
 
 
 class LeaseHistoryRow(SQLModel, table=True):
