@@ -6,7 +6,7 @@ def test_all_lists_exactly_the_public_names() -> None:
         name for name in dir(frugalflow)
         if not name.startswith("_") and name not in {
             # submodules are reachable but not part of the flat API
-            "catalog", "cli", "emulator", "exceptions", "fallback", "flow", "learning", "persistence",
+            "catalog", "cli", "dispatch", "emulator", "exceptions", "fallback", "flow", "learning", "persistence",
             "providers", "routing", "runner", "service", "usage",
             "annotations", "PackageNotFoundError", "version",
         }

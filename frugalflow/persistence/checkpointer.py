@@ -17,7 +17,8 @@ Row building, serialisation and tuple assembly are plain functions too.
 Why the I/O looks the way it does (speed, and atomicity):
 
 * One statement per write on PostgreSQL: a put's blobs and checkpoint (data-modifying
-  CTEs, arrays through `unnest`) commit together in autocommit mode; no BEGIN/COMMIT trips.
+  CTEs, arrays through `unnest`) commit together in autocommit mode; no BEGIN/COMMIT trips
+  (a fenced write adds BEGIN, the lease check and COMMIT).
   One transaction per write on SQLite (BEGIN IMMEDIATE). A cancelled caller leaves the
   whole checkpoint or nothing.
 * Group commit: concurrent puts and put_writes (many runs on one saver) are written
@@ -29,6 +30,10 @@ Why the I/O looks the way it does (speed, and atomicity):
 * SQLite work runs in a worker thread on the Store's sync engine: one thread hop per
   operation (aiosqlite hops per statement). Async SQLite writes queue on the Store's
   per-process writer lock, with the Store's other writers.
+
+Lease fences (`store.fenced`, set by the Runner around a run) hold for every write, as for
+`Store.write`: the caller's fence is captured when it calls, checked in the transaction of
+the write (row-locked on PostgreSQL), and only calls under the same fence share a batch.
 
 Metadata is stored as JSON, after `get_serializable_checkpoint_metadata` and
 `scrub_metadata`: API keys never reach the database.
