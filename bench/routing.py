@@ -44,6 +44,7 @@ import argparse
 import csv
 import gzip
 import io
+import json
 import math
 import sys
 import time
@@ -222,12 +223,22 @@ def _token_notes(models: Sequence[str], in_tokens: np.ndarray, out_tokens: np.nd
     return lines
 
 
+def _mc_prompt(question: str, options: str) -> str:
+    """The question and its lettered options, as the model saw them."""
+    try:
+        opts = json.loads(options)
+    except json.JSONDecodeError:
+        return f"{question}\n{options}"
+    letters = "ABCDEFGHIJKLMNOP"
+    return question + "".join(f"\n{letters[i]}. {o}" for i, o in enumerate(opts[:16]))
+
+
 def load_mmlu_pro(data: Path, prefix_tokens: int,
                   prices: dict[str, tuple[float, float]]) -> Dataset:
     rows = _read_rows(data / "mmlu-pro" / "mmlu_pro_correctness.csv.gz")
     models = MMLU_PRO_LADDER
     kept = _keep_complete(rows, models)
-    texts = [f"{r['question']}\n{r['options']}" for r in kept]
+    texts = [_mc_prompt(r["question"], r["options"]) for r in kept]
     in_tok = np.array([prefix_tokens + (len(r["question"]) + len(r["options"])) / 4 for r in kept])
     out_tok = np.array([[float(r[f"out_chars:{m}"] or 0) / 4 for m in models] for r in kept])
     cost, unit, pnotes = _costs(models, in_tok, out_tok, prices)

@@ -500,6 +500,8 @@ class Attempt:
     action: str | None = None  # what followed a failure: retry, next, raise
     started_at: float = field(default_factory=time.time)
     call_key: str | None = None  # identifies the call for replay after a crash
+    route_reason: str | None = None  # why the router put this model where it did
+    prompt: str | None = None  # the input text routers learn from (persisted runs only)
     response: Any = field(default=None, repr=False)  # the answer (an AIMessage), if ok
 
     def describe(self) -> str:

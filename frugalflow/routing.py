@@ -88,6 +88,11 @@ class Needs(BaseModel):
     max_latency_ms: float | None = Field(default=None, gt=0)
     expected_output_tokens: int = Field(default=400, gt=0)
     max_output_tokens: int | None = Field(default=None, gt=0)
+    target: float | None = Field(default=None, ge=0, le=1)
+    """With a router in the run: first the cheapest model predicted to succeed with at least
+    this probability on *this* input."""
+    price_weight: float | None = Field(default=None, ge=0)
+    """With a router: order by predicted success minus this weight times the expected cost."""
 
     @field_validator("quality")
     @classmethod
@@ -402,6 +407,9 @@ class RunContext:
     breakers: BreakerRegistry = field(default_factory=lambda: default_breakers)
     usage: RunUsage = field(default_factory=RunUsage)
     sleep: Any = None  # an awaitable sleep(seconds); tests pass a fake clock's
+    router: Any = None
+    """A `frugalflow.learning.Router` predicting per-input success; used by nodes whose needs
+    set `target` or `price_weight`."""
     replay: Any = None
     """When resuming: `await replay(node, call_key) -> AIMessage | None`, the answer a
     completed call with this key already got (the runner looks it up in the ledger), so a
@@ -673,6 +681,10 @@ class RoutedChatModel(BaseChatModel):
         ranking = rank(ctx.catalog, self.needs, messages, _static=static, input_tokens=n_in)
         if not ranking.rows:
             raise no_capable_model_error(self.node, self.needs, ranking, ctx.catalog)
+        reasons: dict[str, str] = {}
+        if ctx.router is not None and (self.needs.target is not None
+                                       or self.needs.price_weight is not None):
+            ranking.rows, reasons = self._route(ctx.router, messages, ranking.rows)
         if remaining is not None and ranking.rows[0][0] > remaining:
             raise self._budget_error(ranking.candidates[0])
 
@@ -774,7 +786,8 @@ class RoutedChatModel(BaseChatModel):
                         cost_usd=spec.cost(paid) if paid else 0.0,
                         latency_ms=(time.perf_counter() - t0) * 1000, error_class=err.error_class,
                         error=_short(err), fallback_from=previous, action=action.value,
-                        started_at=started, task_id=task_id,
+                        started_at=started, task_id=task_id, route_reason=reasons.get(spec.key),
+                        prompt=_prompt_text(messages) if ctx.usage.listeners else None,
                     )
                     attempts.append(attempt)
                     await usage.arecord(attempt)
@@ -810,7 +823,8 @@ class RoutedChatModel(BaseChatModel):
                         latency_ms=(time.perf_counter() - t0) * 1000,
                         fallback_from=previous, started_at=started, task_id=task_id,
                         call_key=call_key or self._key_for_ledger(ctx, task_id, messages, kwargs),
-                        response=message,
+                        response=message, route_reason=reasons.get(spec.key),
+                        prompt=_prompt_text(messages) if ctx.usage.listeners else None,
                     )
                     attempts.append(attempt)
                     await usage.arecord(attempt)
@@ -856,6 +870,22 @@ class RoutedChatModel(BaseChatModel):
                 kwargs["tool_choice"] = self.tool_choice
             return model.bind_tools(self.tools, **kwargs)
         return model
+
+    def _route(
+        self, router: Any, messages: Sequence[BaseMessage],
+        rows: list[tuple[float, float, float, int, ModelSpec]],
+    ) -> tuple[list[tuple[float, float, float, int, ModelSpec]], dict[str, str]]:
+        """Reorder the capable models by the router's per-input predictions."""
+        from .learning import choose
+
+        keys = [r[4].key for r in rows]
+        probs = router.predict(_prompt_text(messages), keys, node=self.node)
+        costs = {r[4].key: r[0] for r in rows}
+        order = choose(probs, costs, target=self.needs.target,
+                       price_weight=self.needs.price_weight)
+        by_key = {r[4].key: r for r in rows}
+        reasons = {m: f"{why}; p={probs[m]:.2f}, ${costs[m]:.6f}" for m, why in order}
+        return [by_key[m] for m, _ in order], reasons
 
     def _digest(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> str:
         """A stable digest of what this call asks: messages, tools, schema, needs."""
@@ -956,6 +986,16 @@ async def _generate_once(
             raise MalformedResponseError(f"{type(target).__name__} returned {type(message).__name__}")
         return message
     return await model.ainvoke(messages, config=_INNER_CONFIG, stop=stop, **kwargs)  # type: ignore[no-any-return]
+
+
+def _prompt_text(messages: Sequence[BaseMessage], limit: int = 4000) -> str:
+    """The text a router reads: the last human message (or the last message)."""
+    from langchain_core.messages import HumanMessage
+
+    for m in reversed(messages):
+        if isinstance(m, HumanMessage):
+            return str(m.content)[:limit]
+    return str(messages[-1].content)[:limit] if messages else ""
 
 
 def _short(error: BaseException, limit: int = 300) -> str:

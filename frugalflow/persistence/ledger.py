@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..exceptions import RunNotFoundError, RunStateError
 from ..fallback import Attempt
 from .store import Store
-from .tables import AttemptRow, NodeRunRow, RunRow, utcnow
+from .tables import AttemptRow, NodeRunRow, RouterRow, RunRow, utcnow
 
 __all__ = ["CostRow", "Ledger", "RunRecord", "scrub"]
 
@@ -151,7 +151,8 @@ class Ledger:
             cache_read_tokens=usage.cache_read_tokens if usage else 0,
             cost_usd=attempt.cost_usd, latency_ms=attempt.latency_ms,
             started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
-            call_key=attempt.call_key,
+            call_key=attempt.call_key, route_reason=attempt.route_reason,
+            prompt=scrub(attempt.prompt)[:4000] if attempt.prompt else None,
             response=_message_json(attempt.response) if attempt.response is not None else None,
         )
         values = _values(row)
@@ -267,6 +268,65 @@ class Ledger:
             return None
         (message,) = messages_from_dict([row.response])
         return message
+
+    # -- outcomes and routers (learned routing) ------------------------------------
+
+    async def feedback(self, call_id: str, good: bool) -> int:
+        """Record explicit feedback on a call's answer; returns the rows updated."""
+        async with self.store.write() as conn:
+            result = await conn.execute(
+                update(_ATTEMPTS).where(_ATTEMPTS.c.call_id == call_id,
+                                        _ATTEMPTS.c.outcome == "ok").values(feedback=good))
+        return int(result.rowcount or 0)
+
+    async def examples(self, *, flow: str | None = None, node: str | None = None) -> list[Any]:
+        """Training examples from outcomes: an answer is a success unless its validator
+        rejected it or explicit feedback says it was bad; transport failures say nothing
+        about the model's ability and are left out."""
+        from ..learning import Example
+
+        q = select(_ATTEMPTS).where(_ATTEMPTS.c.prompt.is_not(None))
+        if flow:
+            q = q.where(_ATTEMPTS.c.flow == flow)
+        if node:
+            q = q.where(_ATTEMPTS.c.node == node)
+        async with self.store.read() as conn:
+            rows = (await conn.execute(q.order_by(_ATTEMPTS.c.id))).all()
+        out = []
+        for r in rows:
+            if r.outcome == "ok":
+                success = r.feedback is not False
+            elif r.error_class in ("validation", "malformed"):
+                success = False
+            else:
+                continue
+            out.append(Example(node=r.node, text=r.prompt, model=r.model, success=success))
+        return out
+
+    async def save_router(self, name: str, router: Any, *, examples: int = 0,
+                          metrics: dict[str, Any] | None = None) -> int:
+        """Store a trained router as the next version of `name`; returns the version."""
+        table = RouterRow.__table__  # type: ignore[attr-defined]
+        await self.store.setup()
+        async with self.store.write() as conn:
+            current = (await conn.execute(
+                select(func.max(table.c.version)).where(table.c.name == name))).scalar()
+            version = int(current or 0) + 1
+            await conn.execute(table.insert().values(
+                name=name, version=version, blob=router.to_bytes(), examples=examples,
+                metrics=metrics or {}, created_at=utcnow()))
+        return version
+
+    async def load_router(self, name: str) -> Any:
+        """The newest version of router `name`, or None."""
+        from ..learning import LearnedRouter
+
+        table = RouterRow.__table__  # type: ignore[attr-defined]
+        await self.store.setup()
+        async with self.store.read() as conn:
+            row = (await conn.execute(select(table.c.blob).where(table.c.name == name)
+                                      .order_by(table.c.version.desc()).limit(1))).first()
+        return LearnedRouter.from_bytes(row.blob) if row else None
 
     async def all_attempts(self, run_ids: Sequence[str] | None = None) -> list[AttemptRow]:
         q = select(_ATTEMPTS).order_by(_ATTEMPTS.c.id)

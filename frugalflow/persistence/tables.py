@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointRow",
     "CheckpointWriteRow",
     "LeaseHistoryRow",
+    "RouterRow",
     "LeaseRow",
     "NodeRunRow",
     "RunRow",
@@ -159,8 +160,26 @@ class AttemptRow(SQLModel, table=True):
     latency_ms: float = 0.0
     started_at: datetime = Field(default_factory=utcnow, index=True)
     call_key: str | None = Field(default=None, index=True)
+    route_reason: str | None = None
+    prompt: str | None = None
+    """The input text (scrubbed, truncated) that learned routers train on."""
+    feedback: bool | None = None
+    """Explicit feedback on this answer (True good, False bad), from `Ledger.feedback`."""
     response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     """The answer of a successful call, so a node re-executed after a crash replays it."""
+
+
+class RouterRow(SQLModel, table=True):
+    """A trained router, versioned: the newest version of a name is the one in use."""
+
+    __tablename__ = "ff_routers"
+
+    name: str = Field(primary_key=True)
+    version: int = Field(primary_key=True)
+    blob: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    examples: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class LeaseHistoryRow(SQLModel, table=True):
