@@ -302,6 +302,7 @@ class Runner:
         checkpointer: Any = None,
         dispatcher: Any = None,
         share_events: bool | None = None,
+        router: Any = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
@@ -318,6 +319,9 @@ class Runner:
         self.events = EventBus()
         """Live run events in this process: run/node start and finish, every model attempt."""
         self._saver: Any = checkpointer  # default: SQLModelSaver on the same store
+        self.router = router
+        """A `frugalflow.learning.Router` for nodes whose needs set `target`/`price_weight`;
+        swap it (e.g. after `retrain_router`) and the next runs use the new one."""
         self.dispatcher = dispatcher
         """With a dispatcher (e.g. ProcrastinateDispatcher), start/resume enqueue the run
         for a worker process instead of executing it here."""
@@ -511,6 +515,23 @@ class Runner:
         await self.ledger.update_run(run_id, status="cancelled")
         return self._result(await self.ledger.get_run(run_id))
 
+    async def retrain_router(
+        self, name: str = "default", *, flow: str | None = None, node: str | None = None,
+        min_examples: int = 20,
+    ) -> Any:
+        """Train a router on the ledger's outcomes, store it as a new version of `name`, and
+        use it for the next runs. Returns the router (None if too few examples)."""
+        from .learning import LearnedRouter, PriorRouter
+
+        examples = await self.ledger.examples(flow=flow, node=node)
+        if len(examples) < min_examples:
+            return None
+        prior = PriorRouter.from_catalog(self.catalog)
+        router = LearnedRouter(prior=prior).fit(examples)
+        await self.ledger.save_router(name, router, examples=len(examples))
+        self.router = router
+        return router
+
     async def wait(self, run_id: str) -> RunResult:
         """The result of a background run started with `wait=False`."""
         task = self._tasks.get(run_id)
@@ -586,6 +607,7 @@ class Runner:
                 compiled = self.compiled(row.flow)
                 usage = RunUsage(budget_usd=row.budget_usd, run_id=run_id, spent_usd=row.cost_usd)
                 ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
+                ctx.router = self.router
                 if row.status not in ("pending", "queued") or row.pending_resume is not None:
                     # A continuation: calls that completed before a crash are replayed.
                     ctx.replay = self._replayer(run_id)
