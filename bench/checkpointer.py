@@ -3,7 +3,7 @@
     python bench/checkpointer.py [--steps 10] [--sqlite-path /tmp/ff-bench.db]
                                  [--pg-url postgresql://postgres@127.0.0.1:5432/test]
 
-Four savers, measured in one process, one after the other, with the same work:
+Four savers in one process, the same work for each (a database's pair in alternating rounds):
 
     ours-sqlite     SQLModelSaver(Store("sqlite:///<path>"))
     official-sqlite langgraph-checkpoint-sqlite AsyncSqliteSaver.from_conn_string(<path>-official),
@@ -19,7 +19,8 @@ Two workloads, each at concurrency 1 and 64:
                 official PostgreSQL saver stores those inline, without a blob). Figure:
                 puts per second (higher is better).
     graph       a LangGraph StateGraph, a chain of --steps nodes (each node writes its own
-                key and a counter), compiled with the saver, run to completion, durability
+                key, a 100-character str, and an int counter: values the official
+                PostgreSQL saver inlines), compiled with the saver, run to completion, durability
                 "sync" so every checkpoint is on the run's critical path. 64 concurrent runs
                 for concurrency 64. Figures: steps per second, and the saver's overhead per
                 step = (wall time with the saver - wall time of the same runs compiled without
@@ -30,7 +31,8 @@ hits both alike); every figure is the best of --repeat rounds after a warm-up; r
 ours / official for throughput and official / ours for overhead (> 1: ours is better).
 PostgreSQL: a temporary database is created on the --pg-url server and dropped at the end.
 It prints figures; it asserts nothing. Targets (issue): ratio >= 1 at concurrency 1,
->= 2 against AsyncPostgresSaver at concurrency 64.
+>= 2 against AsyncPostgresSaver at concurrency 64. Runtime: about a minute on an idle
+2-CPU machine (more when other work shares it: the load average is printed).
 """
 
 from __future__ import annotations
