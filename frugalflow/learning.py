@@ -111,16 +111,6 @@ class SparseRows:
         np.add.at(out, (rows, self.indices), self.data)
         return out
 
-    def take(self, rows: Sequence[int] | np.ndarray) -> SparseRows:
-        rows = np.asarray(rows, dtype=np.int64)
-        starts, ends = self.indptr[rows], self.indptr[rows + 1]
-        lengths = ends - starts
-        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        # positions of the kept entries: each row's start plus 0..length-1
-        offsets = np.arange(int(indptr[-1])) - np.repeat(indptr[:-1], lengths)
-        sel = np.repeat(starts, lengths) + offsets
-        return SparseRows(indptr, self.indices[sel], self.data[sel], self.n_cols)
-
 
 @runtime_checkable
 class Featurizer(Protocol):
@@ -649,6 +639,7 @@ class LearnedRouter(Router):
         self.W: np.ndarray | None = None
         self.b: np.ndarray | None = None
         self.n_iter = 0
+        self.l2_used: float | None = None
 
     def __repr__(self) -> str:
         state = f"{len(self.models)} models, {len(self.heads)} heads" if self.fitted else "unfitted"
@@ -702,7 +693,7 @@ class LearnedRouter(Router):
         )
         self.b = np.log(rate / (1 - rate))
         X = _features(self.featurizer, data.texts, data.tags)
-        self._optimise(_Design(X), data.labels, data.weights, self.max_iter)
+        self._optimise(_Design(X), data.labels, data.weights, self.max_iter, anchored=False)
         return self
 
     refit = fit
@@ -711,7 +702,8 @@ class LearnedRouter(Router):
         """Update a fitted router with new outcomes (warm-started; the idf stays as fitted).
 
         Runs `max_iter` passes over the new examples only, starting from the current
-        weights: good for small updates; `fit` on all outcomes now and then. Models not
+        weights and penalising the distance to them (so the update keeps what the last fit
+        learned): good for small updates; `fit` on all outcomes now and then. Models not
         seen before get an intercept (and a head once they have enough examples).
         """
         if not self.fitted:
@@ -740,10 +732,17 @@ class LearnedRouter(Router):
         labels[:, cols] = data.labels
         weights[:, cols] = data.weights
         X = _features(self.featurizer, data.texts, data.tags)
-        self._optimise(_Design(X), labels, weights, max_iter)
+        self._optimise(_Design(X), labels, weights, max_iter, anchored=True)
         return self
 
-    def _optimise(self, X: _Design, Y: np.ndarray, Wt: np.ndarray, max_iter: int) -> None:
+    def _optimise(
+        self, X: _Design, Y: np.ndarray, Wt: np.ndarray, max_iter: int, *, anchored: bool
+    ) -> None:
+        """Minimise the penalised log-loss from the current weights.
+
+        `anchored`: penalise the distance to the current weights (an update that keeps
+        what the last fit learned) instead of their size, with the last fit's penalty.
+        """
         assert self.w_shared is not None and self.W is not None and self.b is not None
         M = len(self.models)
         head_col = np.array([self.heads.index(m) if m in self.heads else -1 for m in self.models])
@@ -755,10 +754,17 @@ class LearnedRouter(Router):
         Wn = Wt / total
         use_shared = self.shared
         # Default penalty: 1/N on the mean loss (scikit-learn's C=1), at least 1e-4.
-        l2 = self.l2 if self.l2 is not None else max(1e-4, 1.0 / total)
+        if anchored and self.l2_used is not None:
+            l2 = self.l2_used
+        else:
+            l2 = self.l2 if self.l2 is not None else max(1e-4, 1.0 / total)
+            self.l2_used = l2
         hl2 = self.head_l2 if self.head_l2 is not None else 2.0 * l2
         H = len(self.heads)
         d = X.d
+        # centre of the penalty: zero, or the current weights for an anchored update
+        c0 = self.w_shared.astype(np.float64) if anchored and use_shared else np.zeros(d)
+        cW = self.W.astype(np.float64) if anchored else np.zeros((H, d))
 
         def pack(w0: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
             return np.concatenate([w0, W.ravel(), b])
@@ -790,9 +796,10 @@ class LearnedRouter(Router):
             w0, W, b = unpack(theta)
             Z = logits(theta)
             loss = float((Wn * (np.logaddexp(0.0, Z) - Y * Z)).sum())
-            loss += 0.5 * (l2 * float(w0 @ w0) + hl2 * float((W * W).sum()))
+            d0, dW = w0 - c0, W - cW
+            loss += 0.5 * (l2 * float(d0 @ d0) + hl2 * float((dW * dW).sum()))
             g0, GW, gb = back(Wn * (_sigmoid(Z) - Y))
-            return loss, pack(g0 + l2 * w0, GW + hl2 * W, gb)
+            return loss, pack(g0 + l2 * d0, GW + hl2 * dW, gb)
 
         # Step 1/L, L bounding the log-loss's curvature 1/4 * A^T diag(weights) A (A: the
         # linear map `logits`), estimated by power iteration from a fixed start, with margin.
@@ -908,6 +915,7 @@ class LearnedRouter(Router):
             "counts": [self.counts[m] for m in self.models],
             "base_rate": self.base_rate,
             "n_iter": self.n_iter,
+            "l2_used": self.l2_used,
             "w_shared": _encode(self.w_shared) if self.w_shared is not None else None,
             "W": _encode(self.W) if self.W is not None else None,
             "b": _encode(self.b) if self.b is not None else None,
@@ -942,6 +950,7 @@ class LearnedRouter(Router):
         r.counts = {m: float(c) for m, c in zip(r.models, doc["counts"], strict=True)}
         r.base_rate = float(doc["base_rate"])
         r.n_iter = int(doc.get("n_iter", 0))
+        r.l2_used = doc.get("l2_used")
         r.w_shared = _decode(doc["w_shared"]) if doc.get("w_shared") is not None else None
         r.W = _decode(doc["W"]) if doc.get("W") is not None else None
         r.b = _decode(doc["b"]) if doc.get("b") is not None else None
