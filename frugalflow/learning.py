@@ -702,9 +702,10 @@ class LearnedRouter(Router):
         """Update a fitted router with new outcomes (warm-started; the idf stays as fitted).
 
         Runs `max_iter` passes over the new examples only, starting from the current
-        weights and penalising the distance to them (so the update keeps what the last fit
-        learned): good for small updates; `fit` on all outcomes now and then. Models not
-        seen before get an intercept (and a head once they have enough examples).
+        weights and penalising the distance to them. Only the weights of the models in
+        `examples` move (their own weights and intercepts); the shared weights and the other
+        models' change only with `fit`, so call `fit` on all outcomes now and then. Models
+        not seen before get an intercept (and a head once they have enough examples).
         """
         if not self.fitted:
             return self.fit(examples)
@@ -732,16 +733,20 @@ class LearnedRouter(Router):
         labels[:, cols] = data.labels
         weights[:, cols] = data.weights
         X = _features(self.featurizer, data.texts, data.tags)
-        self._optimise(_Design(X), labels, weights, max_iter, anchored=True)
+        self._optimise(_Design(X), labels, weights, max_iter, anchored=True,
+                       only=set(data.models))
         return self
 
     def _optimise(
-        self, X: _Design, Y: np.ndarray, Wt: np.ndarray, max_iter: int, *, anchored: bool
+        self, X: _Design, Y: np.ndarray, Wt: np.ndarray, max_iter: int, *, anchored: bool,
+        only: set[str] | None = None,
     ) -> None:
         """Minimise the penalised log-loss from the current weights.
 
         `anchored`: penalise the distance to the current weights (an update that keeps
         what the last fit learned) instead of their size, with the last fit's penalty.
+        `only`: train just these models' own weights and intercepts; the shared weights
+        and the other models' stay as they are.
         """
         assert self.w_shared is not None and self.W is not None and self.b is not None
         M = len(self.models)
@@ -801,13 +806,22 @@ class LearnedRouter(Router):
             g0, GW, gb = back(Wn * (_sigmoid(Z) - Y))
             return loss, pack(g0 + l2 * d0, GW + hl2 * dW, gb)
 
+        trainable = np.ones(d + H * d + M)
+        if only is not None:
+            trainable[:] = 0.0
+            for h, m in enumerate(self.heads):
+                if m in only:
+                    trainable[d + h * d: d + (h + 1) * d] = 1.0
+            for i, m in enumerate(self.models):
+                if m in only:
+                    trainable[d + H * d + i] = 1.0
         # Step 1/L, L bounding the log-loss's curvature 1/4 * A^T diag(weights) A (A: the
         # linear map `logits`), estimated by power iteration from a fixed start, with margin.
-        v = np.ones(d + H * d + M)
+        v = trainable.copy()
         v /= np.linalg.norm(v)
         top = 0.0
         for _ in range(12):
-            hv = pack(*back(0.25 * Wn * logits(v)))
+            hv = pack(*back(0.25 * Wn * logits(v))) * trainable
             top = float(np.linalg.norm(hv))
             if top <= 0:
                 break
@@ -823,6 +837,7 @@ class LearnedRouter(Router):
         while it < max_iter:
             it += 1
             f_y, g = loss_grad(y)
+            g *= trainable
             x_new = y - step * g
             if float(g @ (x_new - x)) > 0:
                 t = 1.0  # momentum points uphill: drop it (adaptive restart)

@@ -85,28 +85,33 @@ class RunUsage:
 
     def record(self, attempt: Attempt) -> None:
         """Record an attempt; coroutine listeners are not awaited here (use `arecord`)."""
-        self.attempts.append(attempt)
-        self.spent_usd += attempt.cost_usd
-        for listener in self.listeners:
-            try:
-                result = listener(attempt)
-                if inspect.isawaitable(result):
-                    result.close()  # type: ignore[attr-defined]
-                    raise TypeError("async listener called from sync record(); use arecord()")
-            except Exception:  # a broken listener must not fail the model call it observes
-                log.exception("frugalflow: attempt listener %r failed", listener)
+        for pending in self._notify(attempt):
+            pending.close()
+            log.error("frugalflow: async listener %r called from record(); use arecord()",
+                      pending)
 
     async def arecord(self, attempt: Attempt) -> None:
         """Record an attempt and await coroutine listeners (the ledger writes here)."""
+        for pending in self._notify(attempt):
+            try:
+                await pending
+            except Exception:  # a broken listener must not fail the model call it observes
+                log.exception("frugalflow: attempt listener failed")
+
+    def _notify(self, attempt: Attempt) -> list[Any]:
+        """Add the attempt; call the listeners; return the coroutines they gave back."""
         self.attempts.append(attempt)
         self.spent_usd += attempt.cost_usd
+        pending = []
         for listener in self.listeners:
             try:
                 result = listener(attempt)
-                if inspect.isawaitable(result):
-                    await result
             except Exception:  # a broken listener must not fail the model call it observes
                 log.exception("frugalflow: attempt listener %r failed", listener)
+                continue
+            if inspect.isawaitable(result):
+                pending.append(result)
+        return pending
 
     @property
     def usage(self) -> Usage:

@@ -156,6 +156,9 @@ def test_partial_fit_adds_a_new_model(fitted: LearnedRouter) -> None:
     hist = router.predict("a history question: empire war", ["medium"], node="answer")
     cook = router.predict("a cooking question: oven flour", ["medium"], node="answer")
     assert hist["medium"] < cook["medium"]
+    # the update keeps what the first fit learned about the other models
+    calc = "a calculus question: integral limit the of"
+    assert router.predict(calc, ["small"], node="answer")["small"] < 0.3
 
 
 def test_choose_orders_by_target_price_weight_and_cost() -> None:

@@ -22,24 +22,13 @@ from frugalflow import (
     RunContext,
 )
 from frugalflow.cli import load_flow
+from conftest import FakeClock
+
 from frugalflow.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
 
 ROUTE = {"openai": "openai", "groq": "openai", "deepseek": "openai", "anthropic": "anthropic",
          "google": "gemini", "ollama": "ollama"}
 TICKET = {"ticket": "Hi, Dana here. I was charged twice for order 88231, please refund."}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +59,7 @@ def tracked(catalog: Any) -> Any:
 @contextlib.asynccontextmanager
 async def triage(policy: FallbackPolicy | None = None) -> AsyncIterator[Any]:
     async with ProviderEmulator(seed=3) as emu:
-        clock = Clock()
+        clock = FakeClock()
         catalog = tracked(emulated_catalog(emu))
         app = load_flow("flows/support_triage.py").compile(
             catalog, breakers=BreakerRegistry(threshold=3, cooldown=30, clock=clock),

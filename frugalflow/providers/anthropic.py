@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ModelAPIError, ModelTimeoutError, ProviderConnectionError
-from ..fallback import error_from_status
+from ..exceptions import ModelAPIError
 from . import ProviderAdapter, translate_common
-from .openai import _body, _message
+from .openai import translate_sdk
 
 if TYPE_CHECKING:
     from ..catalog import ModelSpec
@@ -33,18 +32,4 @@ class AnthropicAdapter(ProviderAdapter):
             import anthropic
         except ImportError:  # pragma: no cover
             return translate_common(error, spec)
-        where = {"provider": spec.provider, "model": spec.model}
-        if isinstance(error, anthropic.APIStatusError):
-            headers = error.response.headers if error.response is not None else {}
-            return error_from_status(
-                error.status_code,
-                f"{spec.key}: HTTP {error.status_code}: {_message(error)}",
-                body=_body(error),
-                retry_after=headers.get("retry-after"),
-                **where,
-            )
-        if isinstance(error, anthropic.APITimeoutError):
-            return ModelTimeoutError(f"{spec.key}: request timed out", **where)
-        if isinstance(error, anthropic.APIConnectionError):
-            return ProviderConnectionError(f"{spec.key}: connection error: {error}", **where)
-        return translate_common(error, spec)
+        return translate_sdk(anthropic, error, spec) or translate_common(error, spec)
