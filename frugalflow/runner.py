@@ -28,7 +28,7 @@ from typing import Any
 
 from langgraph.graph import START
 from langgraph.types import Command
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -87,11 +87,13 @@ class Lease:
         return bool(result.rowcount)
 
     async def release(self) -> None:
+        # Expire rather than delete: the row keeps the epoch, so the next holder's is higher.
         async with self.store.write() as conn:
             await conn.execute(
-                delete(_LEASES).where(_LEASES.c.run_id == self.run_id,
+                update(_LEASES).where(_LEASES.c.run_id == self.run_id,
                                       _LEASES.c.holder == self.holder,
                                       _LEASES.c.epoch == self.epoch)
+                .values(expires_at=utcnow())
             )
             await conn.execute(
                 update(_HISTORY).where(_HISTORY.c.run_id == self.run_id,

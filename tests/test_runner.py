@@ -182,11 +182,16 @@ async def test_a_stale_executor_cannot_write_a_single_row(db_url: str) -> None:
     await store.setup()
     ledger = Ledger(store)
     await ledger.create_run("r1", "chain", {"topic": "x"})
-    old = await acquire_lease(store, "r1", "worker-old", ttl=0.05)
+    old = await acquire_lease(store, "r1", "worker-old", ttl=60)
     with fenced(Fence("r1", old.holder, old.epoch)):
         await ledger.update_run("r1", status="running")  # while the lease holds: fine
-    await asyncio.sleep(0.1)  # the old worker stalls past its lease (time, not a sync point)
+    # The old worker stalls past its lease: its expiry passes (set directly, no waiting).
+    from frugalflow.persistence.tables import LeaseRow, utcnow
+
+    async with store.write() as conn:
+        await conn.execute(LeaseRow.__table__.update().values(expires_at=utcnow()))  # type: ignore[attr-defined]
     new = await acquire_lease(store, "r1", "worker-new", ttl=60)
+    assert new.epoch == old.epoch + 1
     saver = SQLModelSaver(store)
     from langgraph.checkpoint.base import empty_checkpoint
 
