@@ -118,7 +118,9 @@ async def test_three_workers_200_runs_one_killed(fresh_pg_url: str) -> None:
             assert [c[0] for c in chain] == list(range(1, len(chain) + 1)), run_id
             for (_, _, released, _), (_, acquired, _, _) in zip(chain, chain[1:]):
                 assert released is None or released <= acquired
-            assert chain[-1][2] is not None  # the last executor finished and let go
+            # the last executor let go, unless it was the killed worker caught between
+            # recording the run's end and releasing the lease
+            assert chain[-1][2] is not None or chain[-1][3] == victim_holder
 
 
 async def test_cancel_reaches_the_worker_executing_the_run(fresh_pg_url: str) -> None:
