@@ -523,13 +523,15 @@ class Runner:
     ) -> Any:
         """Train a router on the ledger's outcomes, store it as a new version of `name`, and
         use it for the next runs. Returns the router (None if too few examples)."""
-        from .learning import LearnedRouter, PriorRouter
+        from .learning import LearnedRouter, LexicalFeaturizer, PriorRouter
 
         examples = await self.ledger.examples(flow=flow, node=node)
         if len(examples) < min_examples:
             return None
         prior = PriorRouter.from_catalog(self.catalog)
-        router = LearnedRouter(prior=prior).fit(examples)
+        # Lexical features: fast and dependency-free (embeddings are an opt-in featurizer).
+        router = await asyncio.to_thread(
+            LearnedRouter(LexicalFeaturizer(), prior=prior).fit, examples)
         await self.ledger.save_router(name, router, examples=len(examples))
         self.router = router
         return router
