@@ -110,6 +110,10 @@ class ModelSpec(BaseModel):
     quality_sources: dict[str, str] = Field(default_factory=dict)
     quality_ref: str | None = None
     """Key of this model's scores in the catalog's quality table (same weights, other host)."""
+    rpm: int | None = Field(default=None, gt=0)
+    """Requests per minute this account may send to this model (None: no limit enforced)."""
+    tpm: int | None = Field(default=None, gt=0)
+    """Tokens (input + expected output) per minute, likewise."""
     latency_ms: float = Field(default=1000.0, ge=0)
     """Typical latency of a short call, used to break ties and for `max_latency_ms`."""
     local: bool = False

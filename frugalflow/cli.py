@@ -473,12 +473,12 @@ def worker(
     stall_timeout: float = typer.Option(30.0, "--stall-timeout",
                                         help="Seconds without heartbeat before a worker's jobs are requeued."),
     redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
-                              help="Share circuit breakers through Redis (e.g. redis://127.0.0.1:6379/0)."),
+                              help="Share circuit breakers and rate limits through Redis (redis://host:6379/0)."),
     catalog: str = CatalogOption,
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
     from .dispatch import ProcrastinateDispatcher, run_worker
-    from .fallback import RedisBreakerRegistry
+    from .fallback import RedisBreakerRegistry, RedisRateLimiter
     from .runner import Runner
 
     try:
@@ -489,7 +489,8 @@ def worker(
                                              heartbeat=max(stall_timeout / 6, 0.2))
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
                         dispatcher=dispatcher, lease_ttl=lease_ttl, max_concurrency=concurrency,
-                        breakers=RedisBreakerRegistry(redis) if redis else None)
+                        breakers=RedisBreakerRegistry(redis) if redis else None,
+                        limiter=RedisRateLimiter(redis) if redis else None)
     except FrugalflowError as e:
         _fail(e)
 

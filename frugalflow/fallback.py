@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Attempt",
+    "RateLimiter",
+    "RedisRateLimiter",
     "RedisBreakerRegistry",
     "BreakerRegistry",
     "BreakerState",
@@ -514,3 +516,78 @@ class Attempt:
 
 Sleep = Callable[[float], Awaitable[Any]]
 _default_sleep: Sleep = asyncio.sleep
+
+
+class RateLimiter:
+    """Keeps calls under each model's `rpm`/`tpm` (catalog fields), per fixed minute window.
+
+    A call that would exceed a limit is not sent: the routed model moves to the next
+    candidate at once (no 429 round trip). This one counts in this process;
+    `RedisRateLimiter` counts for the whole fleet.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._counts: dict[tuple[str, int], list[int]] = {}
+        self._lock = threading.Lock()
+
+    async def aacquire(self, spec: ModelSpec, tokens: int) -> bool:
+        if spec.rpm is None and spec.tpm is None:
+            return True
+        window = int(self.clock() // 60)
+        with self._lock:
+            used = self._counts.setdefault((spec.key, window), [0, 0])
+            if (spec.rpm is not None and used[0] + 1 > spec.rpm) or (
+                spec.tpm is not None and used[1] + tokens > spec.tpm
+            ):
+                return False
+            used[0] += 1
+            used[1] += tokens
+            for key in [k for k in self._counts if k[1] < window]:
+                del self._counts[key]  # old windows
+        return True
+
+
+_RATE = """
+-- KEYS: requests key, tokens key. ARGV: rpm (0 = none), tpm (0 = none), tokens, ttl.
+local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local reqs = tonumber(redis.call('GET', KEYS[1]) or '0')
+local toks = tonumber(redis.call('GET', KEYS[2]) or '0')
+if (rpm > 0 and reqs + 1 > rpm) or (tpm > 0 and toks + tokens > tpm) then return 0 end
+redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('INCRBY', KEYS[2], tokens); redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    """Per-model request and token budgets per minute, shared by every worker through Redis
+    (one atomic Lua check-and-count per call), so the fleet as a whole stays under a
+    provider's limits."""
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *,
+                 prefix: str = "frugalflow:rate:", clock: Callable[[], float] = time.time) -> None:
+        super().__init__(clock)
+        self.url = url
+        self.prefix = prefix
+        self._redis: Any = None
+        self._script: Any = None
+
+    async def aacquire(self, spec: ModelSpec, tokens: int) -> bool:
+        if spec.rpm is None and spec.tpm is None:
+            return True
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(self.url, decode_responses=True)
+            self._script = self._redis.register_script(_RATE)
+        window = int(self.clock() // 60)
+        base = f"{self.prefix}{spec.key}:{window}"
+        ok = await self._script(keys=[base + ":r", base + ":t"],
+                                args=[spec.rpm or 0, spec.tpm or 0, tokens, 120])
+        return bool(ok)
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None

@@ -407,6 +407,9 @@ class RunContext:
     breakers: BreakerRegistry = field(default_factory=lambda: default_breakers)
     usage: RunUsage = field(default_factory=RunUsage)
     sleep: Any = None  # an awaitable sleep(seconds); tests pass a fake clock's
+    limiter: Any = None
+    """A `RateLimiter` keeping calls under the catalog's rpm/tpm (`RedisRateLimiter` for a
+    fleet); None: limits are not enforced here."""
     router: Any = None
     """A `frugalflow.learning.Router` predicting per-input success; used by nodes whose needs
     set `target` or `price_weight`."""
@@ -713,6 +716,11 @@ class RoutedChatModel(BaseChatModel):
             if left is not None and expected_cost > left:
                 skipped.append(f"{spec.key}: over the remaining budget")
                 over_budget = over_budget or Candidate._make(row)
+                continue
+            if ctx.limiter is not None and not await ctx.limiter.aacquire(
+                spec, n_in + self.needs.expected_output_tokens
+            ):
+                skipped.append(f"{spec.key}: over its rate limit this minute")
                 continue
             tries = 0
             while True:

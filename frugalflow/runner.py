@@ -305,6 +305,7 @@ class Runner:
         dispatcher: Any = None,
         share_events: bool | None = None,
         router: Any = None,
+        limiter: Any = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
@@ -321,6 +322,8 @@ class Runner:
         self.events = EventBus()
         """Live run events in this process: run/node start and finish, every model attempt."""
         self._saver: Any = checkpointer  # default: SQLModelSaver on the same store
+        self.limiter = limiter
+        """A RateLimiter for the catalog's rpm/tpm (RedisRateLimiter: shared by the fleet)."""
         self.router = router
         """A `frugalflow.learning.Router` for nodes whose needs set `target`/`price_weight`;
         swap it (e.g. after `retrain_router`) and the next runs use the new one."""
@@ -533,6 +536,8 @@ class Runner:
         router = await asyncio.to_thread(
             LearnedRouter(LexicalFeaturizer(), prior=prior).fit, examples)
         await self.ledger.save_router(name, router, examples=len(examples))
+        self.limiter = limiter
+        """A RateLimiter for the catalog's rpm/tpm (RedisRateLimiter: shared by the fleet)."""
         self.router = router
         return router
 
@@ -612,6 +617,7 @@ class Runner:
                 usage = RunUsage(budget_usd=row.budget_usd, run_id=run_id, spent_usd=row.cost_usd)
                 ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
                 ctx.router = self.router
+                ctx.limiter = self.limiter
                 if row.status not in ("pending", "queued") or row.pending_resume is not None:
                     # A continuation: calls that completed before a crash are replayed.
                     ctx.replay = self._replayer(run_id)

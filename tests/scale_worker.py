@@ -20,7 +20,7 @@ from durable_flows import chain_flow  # noqa: E402
 
 from frugalflow import Catalog  # noqa: E402
 from frugalflow.dispatch import ProcrastinateDispatcher, run_worker  # noqa: E402
-from frugalflow.fallback import BreakerRegistry, RedisBreakerRegistry  # noqa: E402
+from frugalflow.fallback import BreakerRegistry, RedisBreakerRegistry, RedisRateLimiter  # noqa: E402
 from frugalflow.runner import Runner  # noqa: E402
 
 
@@ -39,6 +39,7 @@ def make_runner(url: str, *, latency: float, nodes: int, concurrency: int = 16,
             url, stall_timeout=stall_timeout, heartbeat=0.5),
         lease_ttl=lease_ttl, max_concurrency=concurrency,
         breakers=RedisBreakerRegistry(redis) if redis else BreakerRegistry(),
+        limiter=RedisRateLimiter(redis) if redis else None,
     )
 
 

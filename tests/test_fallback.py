@@ -180,3 +180,26 @@ async def test_redis_breakers_are_shared_between_workers(clock) -> None:  # type
         await a.areset()
         await a.aclose()
         await b.aclose()
+
+
+async def test_rate_limits_are_shared_by_the_fleet(clock) -> None:  # type: ignore[no-untyped-def]
+    import uuid
+
+    from frugalflow.fallback import RedisRateLimiter
+
+    prefix = f"frugalflow:test-rate:{uuid.uuid4().hex}:"
+    wall = lambda: 600.0 + clock.now  # noqa: E731 - a minute window we control
+    a = RedisRateLimiter(prefix=prefix, clock=wall)
+    b = RedisRateLimiter(prefix=prefix, clock=wall)
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"].model_copy(update={"rpm": 3, "tpm": 1000})
+    try:
+        assert await a.aacquire(spec, 100) and await a.aacquire(spec, 100)
+        assert await b.aacquire(spec, 100)
+        assert not await b.aacquire(spec, 100)  # 3 requests this minute, fleet-wide
+        assert not await a.aacquire(spec, 100)
+        clock.now += 60  # the next minute
+        assert not await a.aacquire(spec, 1001)  # over the token budget
+        assert await a.aacquire(spec, 900)
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -391,3 +391,17 @@ async def test_pydantic_validator_checks_text_answers(make_ctx: Any) -> None:
     with pytest.raises(AllModelsFailedError) as info:
         await model.ainvoke(HI)  # simulated prose is never that JSON
     assert [a.error_class for a in info.value.attempts] == ["validation", "validation"]
+
+
+async def test_rate_limited_model_is_skipped_without_a_call(cat: Catalog, make_ctx: Any, sim: Any) -> None:
+    from frugalflow.fallback import RateLimiter
+
+    limited = Catalog([s.model_copy(update={"rpm": 1}) if s.key == "sim-a/small" else s
+                       for s in cat], name="limited")
+    ctx = make_ctx(cat=limited)
+    ctx.limiter = RateLimiter()
+    model = RoutedChatModel(context=ctx, node="n")
+    await model.ainvoke(HI)
+    await model.ainvoke(HI)  # small's one request this minute is used: medium answers
+    assert [a.model for a in ctx.usage.attempts] == ["sim-a/small", "sim-a/medium"]
+    assert sim.calls["sim-a/small"] == 1
