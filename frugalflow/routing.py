@@ -596,9 +596,9 @@ class RoutedChatModel(BaseChatModel):
     ) -> ChatResult:
         # A streaming consumer (LangGraph's `messages` mode, astream_events) gets each
         # attempt's tokens live; the result is the successful attempt's message alone.
-        live = run_manager is not None and BaseChatModel._should_stream(
-            self, async_api=True, run_manager=run_manager, **kwargs
-        )
+        live = bool(run_manager is not None and run_manager.handlers
+                    and BaseChatModel._should_stream(self, async_api=True,
+                                                     run_manager=run_manager, **kwargs))
         message: AIMessage | None = None
         async for kind, value in self._attempts(
             messages, stop, kwargs, stream=live, forward=run_manager if live else None
@@ -703,6 +703,7 @@ class RoutedChatModel(BaseChatModel):
         skills = list(self.needs.quality) or None
         policy = ctx.policy
         breakers = ctx.breakers
+        local_breakers = type(breakers) is BreakerRegistry
 
         for row in ranking.rows:
             expected_cost, spec = row[0], row[4]
@@ -724,7 +725,9 @@ class RoutedChatModel(BaseChatModel):
                 continue
             tries = 0
             while True:
-                if not await breakers.aacquire(spec):
+                # A shared (Redis) registry needs awaiting; the in-process one answers at once.
+                if not (breakers.acquire(spec) if local_breakers
+                        else await breakers.aacquire(spec)):
                     why = await breakers.ablocked_reason(spec)
                     skipped.append(f"{spec.key}: {why or 'circuit open'}")
                     break
@@ -816,7 +819,10 @@ class RoutedChatModel(BaseChatModel):
                     break
                 else:
                     verdict = True
-                    await breakers.arecord(spec, None)
+                    if local_breakers:
+                        breakers.record(spec, None)
+                    else:
+                        await breakers.arecord(spec, None)
                     call_usage = Usage.from_message(message)
                     cost = spec.cost(call_usage) if call_usage else 0.0
                     message.response_metadata = {

@@ -552,3 +552,7 @@ class SimulatedAdapter(ProviderAdapter):
         from . import translate_common
 
         return translate_common(error, spec)
+
+    def check(self, message: Any, spec: ModelSpec) -> None:
+        """Simulated refusals are raised as errors (fault kind content_filter), never
+        disguised as answers: nothing to inspect."""
