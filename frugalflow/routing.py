@@ -418,6 +418,7 @@ class RunContext:
     completed call with this key already got (the runner looks it up in the ledger), so a
     node re-executed after a crash does not pay again for calls it had finished."""
     _occurrences: dict[tuple[str | None, str], int] = field(default_factory=dict, repr=False)
+    _static: dict[int, tuple[Needs, Prefilter]] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         return f"RunContext(catalog={self.catalog.name!r}, run_id={self.usage.run_id!r})"
@@ -430,7 +431,12 @@ class RunContext:
         return f"{node}:{digest}#{n}"
 
     def static(self, needs: Needs) -> Prefilter:
-        return self.catalog.prefiltered(needs, prefilter)
+        # Per run, by identity (a node's needs object is shared by all its calls); the
+        # catalog-level cache behind it also watches the providers' keys.
+        hit = self._static.get(id(needs))
+        if hit is None or hit[0] is not needs:
+            hit = self._static[id(needs)] = (needs, self.catalog.prefiltered(needs, prefilter))
+        return hit[1]
 
     def model(self, spec: ModelSpec) -> BaseChatModel:
         """The built chat model for `spec` (built once per catalog, timeout and key)."""
