@@ -620,10 +620,6 @@ class RoutedChatModel(BaseChatModel):
         # attempt's tokens to the next attempt's answer. astream() asks with stream=True.
         return bool(kwargs.get("stream"))
 
-    def _should_use_protocol_streaming(
-        self, *, async_api: bool, run_manager: Any = None, **kwargs: Any
-    ) -> bool:
-        return False
 
     def _stream(
         self,
