@@ -53,9 +53,11 @@ from typing import Any, TypedDict
 from langgraph.checkpoint.base import BaseCheckpointSaver, Checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.graph import END, START, StateGraph
-from sqlalchemy.engine import make_url
 
 from frugalflow.persistence import Store
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from pg import create_database, drop_database  # noqa: E402  (the tests' throwaway databases)
 from frugalflow.persistence.checkpointer import SQLModelSaver
 
 CHANNELS = 10  # channels per checkpoint in the aput workload
@@ -163,32 +165,6 @@ async def official_pg(url: str) -> AsyncIterator[Saver]:
     async with AsyncPostgresSaver.from_conn_string(url) as saver:
         await saver.setup()
         yield saver
-
-
-async def create_database(admin_url: str) -> str:
-    import asyncpg
-
-    name = f"ff_bench_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(_plain(admin_url), timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-async def drop_database(admin_url: str, url: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(_plain(admin_url), timeout=10)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-def _plain(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -302,7 +278,7 @@ async def main() -> None:
                     await compare({"ours-pg": a, "official-pg": b}, args, baseline, results)
     finally:
         if pg_url:
-            await drop_database(args.pg_url, pg_url)
+            await drop_database(pg_url, args.pg_url)
         for p in (path, official_path):
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(p + suffix):
