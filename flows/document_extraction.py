@@ -47,6 +47,8 @@ def check_invoice(invoice: Invoice, document: str | None = None) -> bool | str:
             return f"invoice number {invoice.invoice_number!r} is not in the document"
         if invoice.vendor.lower() not in document.lower():
             return f"vendor {invoice.vendor!r} is not in the document"
+        if invoice.currency not in document:
+            return f"currency {invoice.currency!r} is not in the document"
     return True
 
 
@@ -56,7 +58,7 @@ flow: Flow[ExtractionState] = Flow(
 )
 
 
-@flow.node(needs=Needs(quality={"extraction": 0.5}, expected_output_tokens=80))
+@flow.node(needs=Needs(quality={"extraction": 0.5}, expected_output_tokens=80, cascade=True))
 async def extract(state: ExtractionState, model: RoutedChatModel) -> ExtractionState:
     document = state["document"]
     validated = model.with_validator(lambda inv: check_invoice(inv, document))

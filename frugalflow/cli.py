@@ -161,16 +161,20 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
 DbOption = typer.Option(None, "--db", help="Database URL (default: FRUGALFLOW_DATABASE_URL or sqlite:///frugalflow.db).")
 JsonOption = typer.Option(False, "--json", help="Machine-readable output.")
 CatalogOption = typer.Option(None, "--catalog", help="Catalog file (default: FRUGALFLOW_CATALOG, else built-in).")
+RouterOption = typer.Option(None, "--router", envvar="FRUGALFLOW_ROUTER",
+                            help="Route nodes that ask for it (Needs target/price_weight/cascade) "
+                                 "with this stored router's newest version (see `frugalflow router`).")
 
 
 def _catalog(path: str | None) -> Catalog:
     return Catalog.from_file(path) if path else Catalog.default()
 
 
-def _runner(db: str | None, catalog: str | None, flows: list[Flow[Any]]) -> Any:
+def _runner(db: str | None, catalog: str | None, flows: list[Flow[Any]],
+            router: str | None = None) -> Any:
     from .runner import Runner
 
-    return Runner(db, flows=flows, catalog=_catalog(catalog))
+    return Runner(db, flows=flows, catalog=_catalog(catalog), router=router)
 
 
 def _parse_json(text: str | None, what: str) -> Any:
@@ -219,12 +223,14 @@ def run(
     input: str = typer.Option("{}", "--input", "-i", help="The run's input as JSON."),
     budget: float = typer.Option(None, "--budget", help="USD the run may spend."),
     db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
+    router: str = RouterOption,
 ) -> None:
     """Start a durable run: live per-node progress, then a cost table."""
     try:
         f = load_flow(flow)
         value = _parse_json(input, "--input")
-        asyncio.run(_start_or_resume(f, db, catalog, as_json, lambda r: r.start(f.name, value, budget=budget)))
+        asyncio.run(_start_or_resume(f, db, catalog, as_json,
+                                     lambda r: r.start(f.name, value, budget=budget), router))
     except FrugalflowError as e:
         _fail(e)
 
@@ -236,17 +242,19 @@ def resume(
     budget: float = typer.Option(None, "--budget", help="A new budget in USD."),
     flow: str = typer.Option(None, "--flow", help="Where the run's flow is defined, if not in flows/."),
     db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
+    router: str = RouterOption,
 ) -> None:
     """Resume a run from its last checkpoint (after a crash, a budget stop or an interrupt)."""
     try:
         answer = _parse_json(value, "--value")
-        asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json))
+        asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json, router))
     except FrugalflowError as e:
         _fail(e)
 
 
 async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | None,
-                  db: str | None, catalog: str | None, as_json: bool) -> None:
+                  db: str | None, catalog: str | None, as_json: bool,
+                  router: str | None = None) -> None:
     from .persistence import Store
     from .persistence.ledger import Ledger
 
@@ -257,12 +265,12 @@ async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | No
         await store.close()
     f = load_flow(flow or row.flow)
     await _start_or_resume(f, db, catalog, as_json,
-                           lambda r: r.resume(run_id, answer, budget=budget))
+                           lambda r: r.resume(run_id, answer, budget=budget), router)
 
 
 async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as_json: bool,
-                           action: Any) -> None:
-    runner = _runner(db, catalog, [f])
+                           action: Any, router: str | None = None) -> None:
+    runner = _runner(db, catalog, [f], router)
     try:
         if not as_json:
             console.print(f"[bold]{f.name}[/] on catalog [cyan]{runner.catalog.name}[/], "
@@ -368,6 +376,87 @@ async def _ledger_call(db: str | None, fn: Any) -> Any:
         await store.close()
 
 
+router_app = typer.Typer(help="Learned routers stored in the database.", no_args_is_help=True)
+app.add_typer(router_app, name="router")
+
+
+@router_app.command("train")
+def router_train(
+    name: str = typer.Option("default", "--name", help="Stored as the next version of this name."),
+    flow: str = typer.Option(None, "--flow", help="Only this flow's outcomes."),
+    node: str = typer.Option(None, "--node", help="Only this node's outcomes."),
+    min_examples: int = typer.Option(20, "--min-examples"),
+    embeddings: bool = typer.Option(False, "--embeddings",
+                                    help="MiniLM sentence embeddings (the embeddings extra) "
+                                         "instead of lexical features."),
+    db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
+) -> None:
+    """Train a router on the ledger's outcomes (validator verdicts, feedback) and store it."""
+    try:
+        out = asyncio.run(_router_train(name, flow, node, min_examples, embeddings, db, catalog))
+    except FrugalflowError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(out, indent=2, default=str))
+        return
+    console.print(f"router [bold]{out['name']}[/] version {out['version']}: "
+                  f"{out['examples']} outcomes ({out['successes']} successes) on "
+                  f"{len(out['models'])} models; runs started with --router {out['name']} use it")
+
+
+async def _router_train(name: str, flow: str | None, node: str | None, min_examples: int,
+                        embeddings: bool, db: str | None, catalog: str | None) -> dict[str, Any]:
+    from .learning import EmbeddingFeaturizer, embeddings_available, train_router
+    from .persistence import Store
+    from .persistence.ledger import Ledger
+
+    if embeddings and not embeddings_available():
+        raise FrugalflowError("--embeddings needs the embeddings extra: "
+                              "pip install 'frugalflow[embeddings]'")
+    store = Store(db)
+    try:
+        ledger = Ledger(store)
+        examples = await ledger.examples(flow=flow, node=node)
+        where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
+        if len(examples) < min_examples:
+            raise FrugalflowError(
+                f"only {len(examples)} outcomes in the ledger{' for ' + where if where else ''}; "
+                f"need {min_examples} (--min-examples): run flows whose nodes have a validator, "
+                "or record feedback on their calls")
+        featurizer = EmbeddingFeaturizer() if embeddings else None
+        router = await asyncio.to_thread(train_router, examples, _catalog(catalog),
+                                         featurizer=featurizer)
+        successes = sum(e.success for e in examples)
+        version = await ledger.save_router(
+            name, router, examples=len(examples),
+            metrics={"flow": flow, "node": node, "successes": successes})
+    finally:
+        await store.close()
+    return {"name": name, "version": version, "examples": len(examples),
+            "successes": successes, "models": router.models}
+
+
+@router_app.command("list")
+def router_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
+    """Stored routers and their versions (the newest version of a name is the one used)."""
+    try:
+        rows = asyncio.run(_ledger_call(db, lambda l: l.routers()))
+    except FrugalflowError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="routers")
+    for col in ("name", "version", "outcomes", "trained on", "created"):
+        table.add_column(col)
+    for r in rows:
+        scope = ", ".join(f"{k}={v}" for k, v in (r["metrics"] or {}).items()
+                          if k in ("flow", "node") and v) or "all outcomes"
+        table.add_row(r["name"], str(r["version"]), str(r["examples"]), scope,
+                      str(r["created_at"])[:19])
+    console.print(table)
+
+
 @app.command()
 def explain(
     flow: str = typer.Argument(..., help="A flow in flows/ or path/to/file.py:attr."),
@@ -445,7 +534,7 @@ def serve(
     token: str = typer.Option(None, "--token", envvar="FRUGALFLOW_TOKEN",
                               help="Bearer token (required unless bound to loopback)."),
     max_concurrency: int = typer.Option(64, "--max-concurrency"),
-    db: str = DbOption, catalog: str = CatalogOption,
+    db: str = DbOption, catalog: str = CatalogOption, router: str = RouterOption,
 ) -> None:
     """Serve the HTTP API (runs, events, resume, cancel, flows, catalog) with uvicorn."""
     import uvicorn
@@ -455,7 +544,7 @@ def serve(
 
     try:
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
-                        max_concurrency=max_concurrency)
+                        max_concurrency=max_concurrency, router=router)
         application = create_app(runner, token=token, host=host)
     except FrugalflowError as e:
         _fail(e)
@@ -474,7 +563,7 @@ def worker(
                                         help="Seconds without heartbeat before a worker's jobs are requeued."),
     redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
                               help="Share circuit breakers and rate limits through Redis (redis://host:6379/0)."),
-    catalog: str = CatalogOption,
+    catalog: str = CatalogOption, router: str = RouterOption,
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
     from .dispatch import ProcrastinateDispatcher, run_worker
@@ -490,7 +579,7 @@ def worker(
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
                         dispatcher=dispatcher, lease_ttl=lease_ttl, max_concurrency=concurrency,
                         breakers=RedisBreakerRegistry(redis) if redis else None,
-                        limiter=RedisRateLimiter(redis) if redis else None)
+                        limiter=RedisRateLimiter(redis) if redis else None, router=router)
     except FrugalflowError as e:
         _fail(e)
 

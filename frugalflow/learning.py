@@ -53,6 +53,7 @@ __all__ = [
     "default_featurizer",
     "embeddings_available",
     "tags_for",
+    "train_router",
 ]
 
 _FORMAT = "frugalflow.router"
@@ -1026,19 +1027,44 @@ def _decode(d: Mapping[str, Any]) -> np.ndarray:
 # -- choosing ------------------------------------------------------------------------
 
 
+def train_router(
+    examples: Sequence[Example], catalog: Catalog | None = None, *,
+    featurizer: Featurizer | None = None, **options: Any,
+) -> LearnedRouter:
+    """A `LearnedRouter` fitted on `examples` (blocking: run it in a thread from async code).
+
+    The catalog's quality scores are the prior; features are lexical unless `featurizer`
+    says otherwise (pass `EmbeddingFeaturizer()` with the embeddings extra installed).
+    `options` go to `LearnedRouter`.
+    """
+    if not examples:
+        raise UserError("train_router: no examples; run flows with a validator or record "
+                        "feedback first (Ledger.feedback)")
+    prior = PriorRouter.from_catalog(catalog) if catalog is not None else None
+    # A light prior: a node's own outcomes should soon outweigh catalog-wide scores.
+    options.setdefault("prior_strength", 5.0)
+    router = LearnedRouter(featurizer or LexicalFeaturizer(), prior=prior, **options)
+    return router.fit(examples)
+
+
 def choose(
     probs: Mapping[str, float],
     costs: Mapping[str, float],
     *,
     target: float | None = None,
     price_weight: float | None = None,
+    cascade: bool = False,
 ) -> list[tuple[str, str]]:
     """The order in which to try the models of `probs`, each with the reason for its place.
 
     - `target`: first the cheapest model whose p >= target; if none reaches it, the most
       likely model. The rest follow by `price_weight` score when given, else by cost.
     - `price_weight` (lambda, per USD): by expected value ``p - lambda * cost``, best first.
-    - neither: by cost, cheapest first.
+    - `cascade`: by expected cost per success, ``cost / p``, lowest first. When each answer is
+      checked and a failure moves on to the next model, this order minimises the expected
+      total spend until one passes (for independent outcomes: the classic optimal order of
+      a sequential search).
+    - none of them: by cost, cheapest first.
 
     Ties are broken by higher p, then by name. Every model in `probs` needs a cost.
     """
@@ -1049,7 +1075,15 @@ def choose(
         raise UserError(f"choose: target must be in 0..1, got {target}")
     if price_weight is not None and price_weight < 0:
         raise UserError(f"choose: price_weight must be >= 0, got {price_weight}")
+    if cascade and (target is not None or price_weight is not None):
+        raise UserError("choose: cascade cannot be combined with target or price_weight")
     models = list(probs)
+    if cascade:
+        def per_success(m: str) -> float:
+            return costs[m] / probs[m] if probs[m] > 0 else math.inf
+
+        return [(m, f"cost per success ${per_success(m):.6g} (p={probs[m]:.3f})")
+                for m in sorted(models, key=lambda m: (per_success(m), costs[m], m))]
 
     def by_cost(m: str) -> tuple[float, float, str]:
         return (costs[m], -probs[m], m)

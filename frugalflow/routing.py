@@ -26,7 +26,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.runtime import get_runtime
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .catalog import SKILLS, Catalog, ModelSpec
 from .exceptions import (
@@ -93,6 +93,23 @@ class Needs(BaseModel):
     this probability on *this* input."""
     price_weight: float | None = Field(default=None, ge=0)
     """With a router: order by predicted success minus this weight times the expected cost."""
+    cascade: bool = False
+    """With a router: try models in order of expected cost per success (cost / p), the order
+    that minimises the expected spend until an answer passes the node's validator (outcomes
+    taken as independent). For nodes whose validator escalates: quality is held by the
+    validator, the router only saves the calls that would fail."""
+
+    @model_validator(mode="after")
+    def _one_routing_rule(self) -> Needs:
+        if self.cascade and (self.target is not None or self.price_weight is not None):
+            raise ValueError("cascade orders by cost per success; it cannot be combined with "
+                             "target or price_weight (choose one routing rule)")
+        return self
+
+    @property
+    def routed(self) -> bool:
+        """Whether a run's router reorders the candidates for these needs."""
+        return self.target is not None or self.price_weight is not None or self.cascade
 
     @field_validator("quality")
     @classmethod
@@ -140,7 +157,8 @@ class Needs(BaseModel):
                 parts.append(name)
         parts += [f"quality.{k}>={v}" for k, v in sorted(self.quality.items())]
         for name in ("min_context", "providers", "exclude_providers", "models",
-                     "exclude_models", "max_cost_per_call", "max_latency_ms"):
+                     "exclude_models", "max_cost_per_call", "max_latency_ms", "target",
+                     "price_weight", "cascade"):
             value = getattr(self, name)
             if value:
                 parts.append(f"{name}={value}")
@@ -412,7 +430,7 @@ class RunContext:
     fleet); None: limits are not enforced here."""
     router: Any = None
     """A `frugalflow.learning.Router` predicting per-input success; used by nodes whose needs
-    set `target` or `price_weight`."""
+    set `target`, `price_weight` or `cascade`."""
     replay: Any = None
     """When resuming: `await replay(node, call_key) -> AIMessage | None`, the answer a
     completed call with this key already got (the runner looks it up in the ledger), so a
@@ -687,8 +705,7 @@ class RoutedChatModel(BaseChatModel):
         if not ranking.rows:
             raise no_capable_model_error(self.node, self.needs, ranking, ctx.catalog)
         reasons: dict[str, str] = {}
-        if ctx.router is not None and (self.needs.target is not None
-                                       or self.needs.price_weight is not None):
+        if ctx.router is not None and self.needs.routed:
             ranking.rows, reasons = self._route(ctx.router, messages, ranking.rows)
         if remaining is not None and ranking.rows[0][0] > remaining:
             raise self._budget_error(ranking.candidates[0])
@@ -898,7 +915,7 @@ class RoutedChatModel(BaseChatModel):
         probs = router.predict(_prompt_text(messages), keys, node=self.node)
         costs = {r[4].key: r[0] for r in rows}
         order = choose(probs, costs, target=self.needs.target,
-                       price_weight=self.needs.price_weight)
+                       price_weight=self.needs.price_weight, cascade=self.needs.cascade)
         by_key = {r[4].key: r for r in rows}
         reasons = {m: f"{why}; p={probs[m]:.2f}, ${costs[m]:.6f}" for m, why in order}
         return [by_key[m] for m, _ in order], reasons

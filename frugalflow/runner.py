@@ -324,9 +324,13 @@ class Runner:
         self._saver: Any = checkpointer  # default: SQLModelSaver on the same store
         self.limiter = limiter
         """A RateLimiter for the catalog's rpm/tpm (RedisRateLimiter: shared by the fleet)."""
-        self.router = router
-        """A `frugalflow.learning.Router` for nodes whose needs set `target`/`price_weight`;
-        swap it (e.g. after `retrain_router`) and the next runs use the new one."""
+        self._router_name: str | None = router if isinstance(router, str) else None
+        self._router_version: int | None = None
+        self.router: Any = None if isinstance(router, str) else router
+        """The `frugalflow.learning.Router` for nodes whose needs set `target`, `price_weight`
+        or `cascade`; swap it and the next runs use the new one. Given by name, the runner
+        uses the newest stored version (checked at each run's start, so every worker picks
+        up a `frugalflow router train`), the catalog's prior until one is stored."""
         self.dispatcher = dispatcher
         """With a dispatcher (e.g. ProcrastinateDispatcher), start/resume enqueue the run
         for a worker process instead of executing it here."""
@@ -521,25 +525,41 @@ class Runner:
         return self._result(await self.ledger.get_run(run_id))
 
     async def retrain_router(
-        self, name: str = "default", *, flow: str | None = None, node: str | None = None,
+        self, name: str | None = None, *, flow: str | None = None, node: str | None = None,
         min_examples: int = 20,
     ) -> Any:
-        """Train a router on the ledger's outcomes, store it as a new version of `name`, and
-        use it for the next runs. Returns the router (None if too few examples)."""
-        from .learning import LearnedRouter, LexicalFeaturizer, PriorRouter
+        """Train a router on the ledger's outcomes, store it as a new version of `name`
+        (default: the runner's router name, else "default") and use it for the next runs.
+        Returns the router, or None when the ledger holds fewer than `min_examples`."""
+        from .learning import train_router
 
+        name = name or self._router_name or "default"
         examples = await self.ledger.examples(flow=flow, node=node)
         if len(examples) < min_examples:
             return None
-        prior = PriorRouter.from_catalog(self.catalog)
-        # Lexical features: fast and dependency-free (embeddings are an opt-in featurizer).
-        router = await asyncio.to_thread(
-            LearnedRouter(LexicalFeaturizer(), prior=prior).fit, examples)
-        await self.ledger.save_router(name, router, examples=len(examples))
-        self.limiter = limiter
-        """A RateLimiter for the catalog's rpm/tpm (RedisRateLimiter: shared by the fleet)."""
+        router = await asyncio.to_thread(train_router, examples, self.catalog)
+        self._router_version = await self.ledger.save_router(
+            name, router, examples=len(examples),
+            metrics={"flow": flow, "node": node, "successes": sum(e.success for e in examples)})
+        self._router_name = name
         self.router = router
         return router
+
+    async def _current_router(self) -> Any:
+        """The router for a run starting now (a named one: its newest stored version)."""
+        name = self._router_name
+        if name is None:
+            return self.router
+        version = await self.ledger.router_version(name)
+        if version is None:
+            if self.router is None:
+                from .learning import PriorRouter
+
+                self.router = PriorRouter.from_catalog(self.catalog)
+        elif version != self._router_version:
+            self.router = await self.ledger.load_router(name, version)
+            self._router_version = version
+        return self.router
 
     async def wait(self, run_id: str) -> RunResult:
         """The result of a background run started with `wait=False`."""
@@ -616,7 +636,7 @@ class Runner:
                 compiled = self.compiled(row.flow)
                 usage = RunUsage(budget_usd=row.budget_usd, run_id=run_id, spent_usd=row.cost_usd)
                 ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
-                ctx.router = self.router
+                ctx.router = await self._current_router()
                 ctx.limiter = self.limiter
                 if row.status not in ("pending", "queued") or row.pending_resume is not None:
                     # A continuation: calls that completed before a crash are replayed.

@@ -3,6 +3,7 @@ and operations ask of them ("what did this run cost, per node and model?")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -285,6 +286,7 @@ class Ledger:
         about the model's ability and are left out."""
         from ..learning import Example
 
+        await self.store.setup()
         q = select(_ATTEMPTS).where(_ATTEMPTS.c.prompt.is_not(None))
         if flow:
             q = q.where(_ATTEMPTS.c.flow == flow)
@@ -317,16 +319,40 @@ class Ledger:
                 metrics=metrics or {}, created_at=utcnow()))
         return version
 
-    async def load_router(self, name: str) -> Any:
-        """The newest version of router `name`, or None."""
+    async def router_version(self, name: str) -> int | None:
+        """The newest stored version of router `name` (None: none stored)."""
+        table = RouterRow.__table__  # type: ignore[attr-defined]
+        await self.store.setup()
+        async with self.store.read() as conn:
+            v = (await conn.execute(
+                select(func.max(table.c.version)).where(table.c.name == name))).scalar()
+        return int(v) if v is not None else None
+
+    async def load_router(self, name: str, version: int | None = None) -> Any:
+        """Version `version` (default: the newest) of router `name`, or None."""
         from ..learning import LearnedRouter
 
         table = RouterRow.__table__  # type: ignore[attr-defined]
         await self.store.setup()
+        q = select(table.c.blob).where(table.c.name == name)
+        q = (q.where(table.c.version == version) if version is not None
+             else q.order_by(table.c.version.desc()).limit(1))
         async with self.store.read() as conn:
-            row = (await conn.execute(select(table.c.blob).where(table.c.name == name)
-                                      .order_by(table.c.version.desc()).limit(1))).first()
-        return LearnedRouter.from_bytes(row.blob) if row else None
+            row = (await conn.execute(q)).first()
+        if row is None:
+            return None
+        # Decoding a large router is CPU work: keep it off the event loop.
+        return await asyncio.to_thread(LearnedRouter.from_bytes, row.blob)
+
+    async def routers(self) -> list[dict[str, Any]]:
+        """Every stored router version (name, version, examples, metrics, created_at)."""
+        table = RouterRow.__table__  # type: ignore[attr-defined]
+        await self.store.setup()
+        async with self.store.read() as conn:
+            rows = (await conn.execute(
+                select(table.c.name, table.c.version, table.c.examples, table.c.metrics,
+                       table.c.created_at).order_by(table.c.name, table.c.version))).all()
+        return [dict(r._mapping) for r in rows]
 
     async def all_attempts(self, run_ids: Sequence[str] | None = None) -> list[AttemptRow]:
         q = select(_ATTEMPTS).order_by(_ATTEMPTS.c.id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import threading
 import time
@@ -190,6 +191,18 @@ _WORDS = (
 ).split()
 
 
+def oracle_success(ability: float, difficulty: float) -> float:
+    """P(a simulated model answers an oracle task right): an item-response curve.
+
+    Success is likely while a model's ability (its mean quality score) is above the input's
+    difficulty threshold ``0.45 + 0.4 * difficulty`` and falls steeply below it (slope 30):
+    every model reads a tidy invoice, only strong ones a messy one. This is the shape of
+    item response theory's two-parameter model; the constants are the simulation's own.
+    """
+    d = max(0.0, min(1.0, difficulty))
+    return 1.0 / (1.0 + math.exp(-30.0 * (ability - (0.45 + 0.4 * d))))
+
+
 class SimulatedChatModel(BaseChatModel):
     """An offline chat model for demos and tests: deterministic, priced, fault-injectable.
 
@@ -310,10 +323,10 @@ class SimulatedChatModel(BaseChatModel):
     def _oracle_answer(
         self, name: str, messages: Sequence[BaseMessage], rng: random.Random
     ) -> dict[str, Any]:
-        """The oracle's right answer with probability accuracy**(1 + 4*difficulty), else a
+        """The oracle's right answer with probability `p_right(accuracy, difficulty)`, else a
         copy with one field wrong: weaker models fail more, and more on hard inputs."""
         answer, difficulty = self._sim().oracles[name](list(messages))
-        p_right = self.accuracy ** (1.0 + 4.0 * max(0.0, min(1.0, difficulty)))
+        p_right = oracle_success(self.accuracy, difficulty)
         if rng.random() < p_right or not answer:
             return dict(answer)
         wrong = dict(answer)
