@@ -740,12 +740,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if len(models) < 2:
             ap.error("--models needs at least two models")
-        datasets.append(lambda: load_csv(args.csv, models, args.prefix_tokens or 0,
-                                         args.output_tokens, prices))
+        prefix = args.prefix_tokens if args.prefix_tokens is not None else 0
+        datasets.append(lambda: load_csv(args.csv, models, prefix, args.output_tokens, prices))
     else:
         known = {
             "mmlu-pro": lambda: load_mmlu_pro(
-                args.data, args.prefix_tokens or MMLU_PRO_PREFIX_TOKENS, prices),
+                args.data, MMLU_PRO_PREFIX_TOKENS if args.prefix_tokens is None else args.prefix_tokens, prices),
             "routellm-mmlu": lambda: load_routellm_mmlu(args.data, prices),
             "routellm-gsm8k": lambda: load_routellm_gsm8k(
                 args.data, args.gsm8k_prefix_tokens, prices),
