@@ -29,7 +29,9 @@ model and last message. When tools are offered the first (or the forced) tool is
 arguments valid against its JSON schema, unless the last message is a tool result and the
 tool choice is not forced (then the answer is text). A requested JSON schema (OpenAI
 `response_format`, Anthropic `output_config.format`, Gemini `responseJsonSchema`, Ollama
-`format`) yields schema-valid JSON text. Token counts are about len(text) / 4. A `responder`
+`format`) yields schema-valid JSON text; a tool or schema a simulator oracle knows (flows
+register theirs in `simulator.oracles`) gets that oracle's right answer instead, so the flows'
+validators accept it. Token counts are about len(text) / 4. A `responder`
 (provider, model, request_json) -> str | None dictates the text when it returns a string.
 
 Fault kinds (`emu.fault(provider, kind, ...)`), what each provider sends, and what the client
@@ -306,6 +308,20 @@ def _text_of(content: Any) -> str:
                         out.append(_text_of(part["content"]))
         return " ".join(out)
     return "" if content is None else json.dumps(content, sort_keys=True)
+
+
+def _oracle(name: str, ask: _Ask) -> dict[str, Any] | None:
+    """The right answer when a simulator oracle knows this schema (flows register theirs),
+    so validators in flows accept the emulator's answers; else None (a fake is generated)."""
+    from .providers.simulated import simulator
+
+    read = simulator.oracles.get(name)
+    if read is None:
+        return None
+    from langchain_core.messages import HumanMessage
+
+    answer, _difficulty = read([HumanMessage(ask.last_text)])
+    return dict(answer) if answer else None
 
 
 def _lower_types(schema: Any) -> Any:
@@ -1210,12 +1226,15 @@ class ProviderEmulator:
             if ask.tools and ask.choice != "none" and (forced or not ask.after_tool):
                 name, schema = next(((n, s) for n, s in ask.tools if n == ask.choice),
                                     ask.tools[0])
-                args = _fake(schema, rng)
+                args = _oracle(name, ask)
+                if args is None:
+                    args = _fake(schema, rng)
                 calls.append((f"call_{rng.getrandbits(64):016x}", name,
                               args if isinstance(args, dict) else {}))
                 text = ""
             elif ask.json_schema is not None:
-                text = _dumps(_fake(ask.json_schema, rng))
+                known = _oracle(str(ask.json_schema.get("title", "")), ask)
+                text = _dumps(known if known is not None else _fake(ask.json_schema, rng))
             else:
                 sentences = []
                 for _ in range(rng.randint(2, 3)):

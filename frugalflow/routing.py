@@ -151,6 +151,11 @@ class Needs(BaseModel):
 
     def describe(self) -> str:
         """The non-default needs, e.g. `tools, quality.writing>=0.8`."""
+        return self._description
+
+    @cached_property
+    def _description(self) -> str:
+        # LangChain asks for it on every call (identifying params): computed once.
         parts: list[str] = []
         for name in ("tools", "structured_output", "vision", "reasoning", "streaming"):
             if getattr(self, name):
