@@ -497,6 +497,7 @@ class RoutedChatModel(BaseChatModel):
     _last_model: str | None = PrivateAttr(default=None)
     _variants: dict[Any, Any] = PrivateAttr(default_factory=dict)
     _tool_tokens: int | None = PrivateAttr(default=None)
+    _with_tools: dict[str, tuple[Any, Any]] = PrivateAttr(default_factory=dict)
 
     def __init__(
         self,
@@ -761,7 +762,7 @@ class RoutedChatModel(BaseChatModel):
                 emitted = False
                 message = None
                 try:
-                    model = self._bound(spec)
+                    model = self._bound(spec, ctx)
                     if stream:
                         gathered: AIMessageChunk | None = None
                         attempt_id = f"lc_run--{call_id}-{len(attempts) + 1}"
@@ -900,14 +901,20 @@ class RoutedChatModel(BaseChatModel):
             spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
         )
 
-    def _bound(self, spec: ModelSpec) -> Runnable[Any, Any]:
-        model = self.run_context().model(spec)
-        if self.tools:
-            kwargs: dict[str, Any] = {}
-            if self.tool_choice is not None:
-                kwargs["tool_choice"] = self.tool_choice
-            return model.bind_tools(self.tools, **kwargs)
-        return model
+    def _bound(self, spec: ModelSpec, ctx: RunContext) -> Runnable[Any, Any]:
+        model = ctx.model(spec)
+        if not self.tools:
+            return model
+        # Binding converts every tool's schema: once per built model, not once per call.
+        hit = self._with_tools.get(spec.key)
+        if hit is not None and hit[0] is model:
+            return hit[1]  # type: ignore[no-any-return]
+        kwargs: dict[str, Any] = {}
+        if self.tool_choice is not None:
+            kwargs["tool_choice"] = self.tool_choice
+        bound = model.bind_tools(self.tools, **kwargs)
+        self._with_tools[spec.key] = (model, bound)
+        return bound
 
     def _route(
         self, router: Any, messages: Sequence[BaseMessage],

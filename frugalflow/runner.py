@@ -691,6 +691,7 @@ class Runner:
             return  # another executor owns the run now: write nothing more
         try:
             with fenced(Fence(run_id, lease.holder, lease.epoch)):
+                await self.ledger.close_nodes(run_id)
                 await self.ledger.update_run(
                     run_id, status=status, output=scrub(values) if values is not None else None,
                     interrupts=interrupts or None, error=error, error_type=error_type,

@@ -63,6 +63,15 @@ async def test_sigkill_mid_call_then_resume_elsewhere_never_repays(db_url: str) 
     calls = [a.node for a in record.attempts if a.outcome == "ok"]
     assert calls == ["n1", "n2", "n3", "n4", "n5"]  # each completed call exactly once
     assert len({a.call_id for a in record.attempts}) == len(record.attempts)
+    # No node row is left `running` by the dead executor: each node is done once; n4, killed
+    # mid-call, ran again (as the same task, or as a new one with the old row abandoned).
+    done = sorted(n.node for n in record.nodes if n.status == "done")
+    assert done == ["n1", "n2", "n3", "n4", "n5"]
+    assert [n.node for n in record.nodes if n.status != "done"] in ([], ["n4"])
+    assert {n.status for n in record.nodes} <= {"done", "abandoned"}
+    paid = {a.node: a.cost_usd for a in record.attempts if a.outcome == "ok"}
+    assert all(n.cost_usd == pytest.approx(paid[n.node] if n.status == "done" else 0.0)
+               for n in record.nodes)
     final = record.run.output
 
     # The same input run uninterrupted gives the same final state.

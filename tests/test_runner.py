@@ -207,3 +207,34 @@ async def test_a_stale_executor_cannot_write_a_single_row(db_url: str) -> None:
         await ledger.update_run("r1", status="succeeded")
     assert (await ledger.get_run("r1")).status == "succeeded"
     await store.close()
+
+
+async def test_node_rows_a_dead_executor_left_running_are_settled(db_url: str) -> None:
+    from frugalflow.fallback import Attempt
+    from frugalflow.persistence.ledger import Ledger
+    from frugalflow.persistence.tables import CheckpointWriteRow
+    from frugalflow.usage import Usage
+
+    store = Store(db_url)
+    ledger = Ledger(store)
+    try:
+        await ledger.create_run("r1", "chain", {})
+        for task in ("t1", "t2", "t3"):
+            await ledger.node_started(task, "r1", task.replace("t", "n"), "dead-worker")
+        await ledger.record_attempt(Attempt(node="n1", model="m", provider="p", outcome="ok",
+                                            run_id="r1", task_id="t1", cost_usd=0.25,
+                                            usage=Usage(input_tokens=1, output_tokens=1)))
+        await ledger.node_finished("t3", status="error", error="boom")
+        # t1's writes reached the checkpoint before the executor died; t2's did not.
+        async with store.write() as conn:
+            await conn.execute(CheckpointWriteRow.__table__.insert().values(  # type: ignore[attr-defined]
+                thread_id="r1", checkpoint_ns="", checkpoint_id="c1", task_id="t1", idx=0,
+                channel="x", type="json", blob=b"1", run_id="r1"))
+        assert await ledger.close_nodes("r1") == 2
+        nodes = {n.id: n for n in (await ledger.run_record("r1")).nodes}
+        assert {k: n.status for k, n in nodes.items()} == {
+            "t1": "done", "t2": "abandoned", "t3": "error"}
+        assert nodes["t1"].cost_usd == pytest.approx(0.25) and nodes["t1"].finished_at
+        assert await ledger.close_nodes("r1") == 0  # settled rows are left alone
+    finally:
+        await store.close()

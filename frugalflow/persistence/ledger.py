@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..exceptions import RunNotFoundError, RunStateError
 from ..fallback import Attempt
 from .store import Store
-from .tables import AttemptRow, NodeRunRow, RouterRow, RunRow, utcnow
+from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
 __all__ = ["CostRow", "Ledger", "RunRecord", "scrub"]
 
@@ -27,6 +27,7 @@ _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+)")
 _RUNS = RunRow.__table__  # type: ignore[attr-defined]
 _NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
 _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
+_WRITES = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
 
 GroupBy = Literal["node", "model", "provider", "flow", "day", "run"]
 
@@ -136,6 +137,26 @@ class Ledger:
                     error=scrub(error)[:2000] if error else None,
                 )
             )
+
+    async def close_nodes(self, run_id: str) -> int:
+        """Settle the node rows of `run_id` that no executor will finish (left `running` by
+        a crashed, cancelled or stopped executor): `done` when the task's writes reached the
+        checkpoint (its work is kept and never re-executed), else `abandoned` (the work was
+        lost; if the run goes on, the node runs again as a new task). Tasks checkpointed by
+        another saver than `SQLModelSaver` cannot be told apart and count as abandoned.
+        Returns how many rows changed."""
+        saved = (select(_WRITES.c.task_id)
+                 .where(_WRITES.c.thread_id == run_id, _WRITES.c.task_id == _NODES.c.id)
+                 .exists())
+        cost = (select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0))
+                .where(_ATTEMPTS.c.task_id == _NODES.c.id).scalar_subquery())
+        async with self.store.write() as conn:
+            result = await conn.execute(
+                update(_NODES)
+                .where(_NODES.c.run_id == run_id, _NODES.c.status == "running")
+                .values(status=case((saved, "done"), else_="abandoned"),
+                        finished_at=utcnow(), cost_usd=cost))
+        return int(result.rowcount or 0)
 
     async def record_attempt(self, attempt: Attempt, *, flow: str | None = None) -> None:
         """Write one attempt and add its cost to its run, in one transaction."""
