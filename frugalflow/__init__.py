@@ -29,7 +29,7 @@ from .exceptions import (
 from .fallback import Attempt, BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
 from .flow import END, START, Agent, CompiledFlow, Flow
 from .providers.simulated import SimulatedChatModel, Simulator
-from .routing import Needs, RoutedChatModel, RunContext, estimate_tokens, explain, rank
+from .routing import Judge, Needs, RoutedChatModel, RunContext, estimate_tokens, explain, rank
 from .usage import RunUsage, Usage
 
 try:
@@ -60,6 +60,7 @@ __all__ = [
     "FlowError",
     "FrugalflowError",
     "InvalidRequestError",
+    "Judge",
     "MalformedResponseError",
     "MissingIntegrationError",
     "ModelAPIError",

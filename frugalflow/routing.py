@@ -21,7 +21,14 @@ from typing import Any, Literal, NamedTuple
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    message_chunk_to_message,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -43,6 +50,7 @@ from .usage import RunUsage, Usage
 
 __all__ = [
     "Candidate",
+    "Judge",
     "Needs",
     "Ranking",
     "RoutedChatModel",
@@ -473,6 +481,63 @@ class RunContext:
 # -- the routed chat model -----------------------------------------------------------------
 
 
+class Judge:
+    """A validator that asks another model whether an answer is acceptable.
+
+    ``model.with_validator(Judge("The reply answers the customer's question politely."))``:
+    after each answer, a routed model with the judge's `needs` (never the model that wrote
+    the answer) reads the criteria, the conversation's last message and the answer, and
+    replies APPROVE or REJECT with a reason. A rejection escalates the answer to a more
+    capable model like any validator failure (and is an outcome routers learn from); an
+    unreadable verdict counts as a rejection. The judge's own calls are routed, priced and
+    recorded under the node name `<node>:judge`.
+    """
+
+    def __init__(self, criteria: str, *, needs: Needs | None = None) -> None:
+        if not criteria.strip():
+            raise UserError("Judge needs criteria: what makes an answer acceptable")
+        self.criteria = criteria.strip()
+        self.needs = needs if needs is not None else Needs(quality={"reasoning": 0.8},
+                                                           expected_output_tokens=60)
+
+    def __repr__(self) -> str:
+        return f"Judge({self.criteria[:40]!r})"
+
+    def prompt(self, question: str, answer: str) -> list[BaseMessage]:
+        return [
+            SystemMessage(
+                "You check another model's answer against criteria. Reply with APPROVE or "
+                "REJECT as the first word, then one sentence of reasons.\n"
+                f"Criteria: {self.criteria}"),
+            HumanMessage(f"Input:\n{question}\n\nAnswer:\n{answer}"),
+        ]
+
+    @staticmethod
+    def verdict(text: str) -> bool | str:
+        """True for APPROVE; the reason for REJECT or an unreadable reply."""
+        words = text.strip().split(None, 1)
+        first = words[0].strip("*:.,!").upper() if words else ""
+        rest = words[1].strip() if len(words) > 1 else ""
+        if first == "APPROVE":
+            return True
+        if first == "REJECT":
+            return f"the judge rejected it: {rest or 'no reason given'}"
+        return f"the judge's verdict was unreadable: {text.strip()[:120]!r}"
+
+    async def check(self, routed: RoutedChatModel, spec: ModelSpec,
+                    messages: Sequence[BaseMessage], subject: Any) -> bool | str:
+        answer = (subject.model_dump_json() if isinstance(subject, BaseModel)
+                  else json.dumps(subject, default=str) if isinstance(subject, dict)
+                  else str(getattr(subject, "content", subject)))
+        judge = RoutedChatModel(
+            needs=self.needs.with_(exclude_models=(*self.needs.exclude_models, spec.key)),
+            context=routed.context, node=f"{routed.node or 'model'}:judge",
+        )
+        reply = await judge.ainvoke(self.prompt(_prompt_text(messages), answer),
+                                    config=_INNER_CONFIG)
+        return self.verdict(str(reply.content))
+
+
 class RoutedChatModel(BaseChatModel):
     """A chat model that routes each call to the cheapest capable catalog model.
 
@@ -492,7 +557,8 @@ class RoutedChatModel(BaseChatModel):
     response_schema: Any = Field(default=None, exclude=True)
     validator: Any = Field(default=None, exclude=True)
     """Checks each answer: a callable (sync or async) returning True/None to accept, False
-    or a reason string (or raising) to reject, or a pydantic model the answer must fit.
+    or a reason string (or raising) to reject, a pydantic model the answer must fit, or a
+    `Judge` (another model decides).
     A rejected answer escalates to a more capable model."""
     _last_model: str | None = PrivateAttr(default=None)
     _variants: dict[Any, Any] = PrivateAttr(default_factory=dict)
@@ -798,7 +864,7 @@ class RoutedChatModel(BaseChatModel):
                     spec.adapter.check(message, spec)
                     parsed = self._check_output(spec, message)
                     if self.validator is not None:
-                        await self._validate(spec, message, parsed)
+                        await self._validate(spec, message, parsed, messages)
                 except asyncio.CancelledError:
                     raise
                 except UserError:
@@ -975,13 +1041,16 @@ class RoutedChatModel(BaseChatModel):
                 ) from e
         return calls[0]["args"]
 
-    async def _validate(self, spec: ModelSpec, message: AIMessage, parsed: Any) -> None:
+    async def _validate(self, spec: ModelSpec, message: AIMessage, parsed: Any,
+                        messages: Sequence[BaseMessage]) -> None:
         """Run the node's validator; a failure escalates to a more capable model."""
         validator = self.validator
         subject = parsed if parsed is not None else message
         reason: str | None = None
         try:
-            if isinstance(validator, type) and issubclass(validator, BaseModel):
+            if isinstance(validator, Judge):
+                verdict = await validator.check(self, spec, messages, subject)
+            elif isinstance(validator, type) and issubclass(validator, BaseModel):
                 if parsed is None:
                     validator.model_validate_json(str(message.content))
                 else:

@@ -405,3 +405,55 @@ async def test_rate_limited_model_is_skipped_without_a_call(cat: Catalog, make_c
     await model.ainvoke(HI)  # small's one request this minute is used: medium answers
     assert [a.model for a in ctx.usage.attempts] == ["sim-a/small", "sim-a/medium"]
     assert sim.calls["sim-a/small"] == 1
+
+
+def _judged_catalog(judge_says: Any) -> Catalog:
+    return Catalog(
+        [spec("sim-a", "weak", 0.1).model_copy(update={"quality": {"writing": 0.5}}),
+         spec("sim-c", "strong", 1.0).model_copy(update={"quality": {"writing": 0.9}}),
+         spec("sim-j", "judge", 0.5).model_copy(update={
+             "quality": {"reasoning": 0.9}, "model_kwargs": {"responder": judge_says}})],
+        name="judged")
+
+
+async def test_judge_model_rejects_and_the_answer_escalates(make_ctx: Any) -> None:
+    from frugalflow import Judge
+
+    shown: list[str] = []
+
+    def judge_says(messages: list[Any]) -> str:
+        shown.append(str(messages[-1].content))
+        return "APPROVE: clear." if "[strong]" in shown[-1] else "REJECT: too vague."
+
+    model = RoutedChatModel(context=make_ctx(cat=_judged_catalog(judge_says)), node="n",
+                            needs=Needs(quality={"writing": 0.4}))
+    answer = await model.with_validator(Judge("The answer is specific.")).ainvoke(HI)
+    assert answer.content.startswith("[strong]")
+    assert all("hello there" in s for s in shown)  # the judge sees the input and the answer
+    calls = [(a.node, a.model, a.error_class) for a in model.context.usage.attempts]
+    # Each answer is recorded once judged: the judge's call comes first.
+    assert calls == [("n:judge", "sim-j/judge", None), ("n", "sim-a/weak", "validation"),
+                     ("n:judge", "sim-j/judge", None), ("n", "sim-c/strong", None)]
+    rejected = model.context.usage.attempts[1]
+    assert "the judge rejected it: too vague" in (rejected.error or "")
+
+
+async def test_judge_never_judges_its_own_answer(make_ctx: Any) -> None:
+    from frugalflow import Judge
+
+    only = Catalog([spec("sim-j", "judge", 0.5).model_copy(update={
+        "quality": {"reasoning": 0.9, "writing": 0.9},
+        "model_kwargs": {"responder": lambda m: "APPROVE"}})], name="alone")
+    model = RoutedChatModel(context=make_ctx(cat=only), node="n", needs=Needs())
+    with pytest.raises(NoCapableModelError, match="n:judge"):
+        await model.with_validator(Judge("Be right.")).ainvoke(HI)
+
+
+def test_judge_verdicts_are_read_strictly() -> None:
+    from frugalflow import Judge, UserError
+
+    assert Judge.verdict("APPROVE") is True and Judge.verdict("**Approve.** fine") is True
+    assert Judge.verdict("REJECT: wrong total") == "the judge rejected it: wrong total"
+    assert "unreadable" in str(Judge.verdict("Looks good to me"))
+    with pytest.raises(UserError, match="criteria"):
+        Judge("  ")
