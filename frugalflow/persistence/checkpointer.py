@@ -46,7 +46,6 @@ import math
 import random
 import re
 import threading
-from datetime import datetime, timezone
 from collections import defaultdict
 from collections.abc import (
     AsyncIterator,
@@ -104,7 +103,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
 from ..exceptions import LeaseError
-from .store import _FENCE, Fence, Store
+from .store import Fence, Store, check_lease, current_fence
 from .tables import CheckpointBlobRow, CheckpointRow, CheckpointWriteRow, LeaseRow
 
 __all__ = ["REDACTED", "SQLModelSaver", "scrub_metadata"]
@@ -507,7 +506,7 @@ class _AsyncLanes:
             conn = await engine.connect()
             await conn.execution_options(isolation_level="AUTOCOMMIT")
         except (OSError, DBAPIError) as e:
-            raise self.store._unavailable(e) from e  # the Store's own message
+            raise self.store.unavailable(e) from e
         return conn
 
     def width(self) -> int:
@@ -613,15 +612,6 @@ def _drive_in_driver_transaction(conn: Connection, plan: Plan[T]) -> T:
         raise
     raw.execute("COMMIT")  # type: ignore[union-attr]
     return result
-
-
-@asynccontextmanager
-async def _sqlite_writer_queue(store: Store) -> AsyncIterator[None]:
-    # The Store's per-process queue of async SQLite writers, created as store.write() does.
-    if store._alock is None:
-        store._alock = asyncio.Lock()
-    async with store._alock:
-        yield
 
 
 # -- the saver -----------------------------------------------------------------------------
@@ -769,7 +759,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             if self._pg:  # a takeover waits until this write commits
                 q = q.with_for_update()
             rows = yield _Op(q, fetch=True)
-            _check_lease(fence, rows[0] if rows else None)
+            check_lease(fence, rows[0] if rows else None, "checkpoint write")
         return (yield from plan)
 
     def _write(self, plan: Plan[T], *, fence: Fence | None, single: bool = False,
@@ -804,7 +794,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             # Queue with the Store's other writers of this process (store.write() takes the
             # same lock) rather than in SQLite's busy handler. The thread commits or rolls
             # back the whole transaction even if this task is cancelled meanwhile.
-            async with _sqlite_writer_queue(self.store):
+            async with self.store.sqlite_writer():
                 return await self._sqlite.arun(plan, write=True, lean=lean)
         await self.store.setup()
         if single:
@@ -819,7 +809,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         try:
             conn = self.store.sync_engine.connect()
         except (OSError, DBAPIError) as e:
-            raise self.store._unavailable(e) from e  # the Store's own message
+            raise self.store.unavailable(e) from e
         with conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
@@ -876,7 +866,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             "checkpoint": data,
             "metadata": md,
         }
-        return _Rows([row], blobs, [], _FENCE.get()), _config(thread_id, ns, checkpoint["id"])
+        return _Rows([row], blobs, [], current_fence()), _config(thread_id, ns, checkpoint["id"])
 
     def _writes_rows(
         self,
@@ -898,7 +888,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
                            "checkpoint_id": checkpoint_id, "task_id": task_id, "idx": idx,
                            "channel": channel, "type": type_, "blob": blob,
                            "task_path": task_path, "run_id": run_id}
-        return _Rows([], [], list(by_idx.values()), _FENCE.get())
+        return _Rows([], [], list(by_idx.values()), current_fence())
 
     def _store_plan(self, batch: Sequence[_Rows]) -> Plan[None]:
         """Write the rows of one or more puts / put_writes, atomically together."""
@@ -1155,11 +1145,11 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
 
     def delete_thread(self, thread_id: str) -> None:
         """Delete every checkpoint, blob and write of a thread (all namespaces)."""
-        self._write(self._delete_threads_plan([str(thread_id)]), fence=_FENCE.get())
+        self._write(self._delete_threads_plan([str(thread_id)]), fence=current_fence())
 
     async def adelete_thread(self, thread_id: str) -> None:
         """Delete every checkpoint, blob and write of a thread (all namespaces)."""
-        await self._awrite(self._delete_threads_plan([str(thread_id)]), fence=_FENCE.get())
+        await self._awrite(self._delete_threads_plan([str(thread_id)]), fence=current_fence())
 
     def _referenced_plan(self, thread_id: str, ns: str) -> Plan[set[tuple[str, str]]]:
         """The (channel, version) pairs the remaining checkpoints of a namespace use."""
@@ -1224,12 +1214,12 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints and writes of these runs, and blobs left unused."""
         if run_ids := [str(r) for r in _ids(run_ids, "run_ids")]:
-            self._write(self._delete_runs_plan(run_ids), fence=_FENCE.get())
+            self._write(self._delete_runs_plan(run_ids), fence=current_fence())
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints and writes of these runs, and blobs left unused."""
         if run_ids := [str(r) for r in _ids(run_ids, "run_ids")]:
-            await self._awrite(self._delete_runs_plan(run_ids), fence=_FENCE.get())
+            await self._awrite(self._delete_runs_plan(run_ids), fence=current_fence())
 
     def _copy_plan(self, source: str, target: str) -> Plan[None]:
         insert = pg.insert if self._pg else sq.insert
@@ -1244,12 +1234,12 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint, blob and write of a thread to another thread ID."""
         plan = self._copy_plan(str(source_thread_id), str(target_thread_id))
-        self._write(plan, fence=_FENCE.get())
+        self._write(plan, fence=current_fence())
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint, blob and write of a thread to another thread ID."""
         plan = self._copy_plan(str(source_thread_id), str(target_thread_id))
-        await self._awrite(plan, fence=_FENCE.get())
+        await self._awrite(plan, fence=current_fence())
 
     def _prune_plan(self, thread_ids: Sequence[str], strategy: str) -> Plan[None]:
         if strategy == "delete":
@@ -1314,13 +1304,13 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         """`keep_latest`: keep each namespace's latest checkpoint, its writes and the blobs
         it uses; `delete`: delete the threads. One transaction."""
         if ids := _prune_args(thread_ids, strategy):
-            self._write(self._prune_plan(ids, strategy), fence=_FENCE.get())
+            self._write(self._prune_plan(ids, strategy), fence=current_fence())
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """`keep_latest`: keep each namespace's latest checkpoint, its writes and the blobs
         it uses; `delete`: delete the threads. One transaction."""
         if ids := _prune_args(thread_ids, strategy):
-            await self._awrite(self._prune_plan(ids, strategy), fence=_FENCE.get())
+            await self._awrite(self._prune_plan(ids, strategy), fence=current_fence())
 
     # -- versions --------------------------------------------------------------------------
 
@@ -1350,20 +1340,6 @@ def _unnest(prefix: str, columns: Sequence[str], **types: Any) -> Any:
     fn = func.unnest(*(bindparam(prefix + col, type_=pg.ARRAY(types.get(col, String)))
                        for col in columns))
     return fn.table_valued(*columns).render_derived()
-
-
-def _check_lease(fence: Fence, row: Any) -> None:
-    """Raise LeaseError unless the lease row says `fence` holds its run (Store's rule)."""
-    now = datetime.now(timezone.utc)
-    held = row is not None and row.holder == fence.holder and row.epoch == fence.epoch and (
-        row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc)
-    ) > now
-    if not held:
-        raise LeaseError(
-            f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
-            "longer holds the lease; the checkpoint write was rejected",
-            run_id=fence.run_id, holder=row.holder if row is not None else "",
-        )
 
 
 def _ids(ids: Sequence[str], name: str) -> list[str]:

@@ -28,7 +28,17 @@ from sqlmodel import create_engine
 from ..exceptions import LeaseError, SchemaVersionError, StoreUnavailableError
 from . import tables
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Fence", "Store", "default_url", "fenced", "unfenced"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Fence",
+    "Store",
+    "check_lease",
+    "current_fence",
+    "default_url",
+    "fenced",
+    "unfenced",
+]
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,25 @@ def fenced(fence: Fence | None) -> Iterator[None]:
 def unfenced() -> Any:
     """A context for writes that must go through whatever the lease says (lease bookkeeping)."""
     return fenced(None)
+
+
+def current_fence() -> Fence | None:
+    """The fence of this context's writes (None: unfenced)."""
+    return _FENCE.get()
+
+
+def check_lease(fence: Fence, row: Any, what: str = "write") -> None:
+    """Raise LeaseError unless `row` (the run's lease row: holder, epoch, expires_at, or
+    None) says `fence` still holds its run. The one rule every fenced write applies."""
+    now = datetime.now(timezone.utc)
+    expires = None if row is None else (
+        row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc))
+    if row is None or row.holder != fence.holder or row.epoch != fence.epoch or expires <= now:
+        raise LeaseError(
+            f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
+            f"longer holds the lease; the {what} was rejected",
+            run_id=fence.run_id, holder=row.holder if row is not None else "",
+        )
 
 
 def _v1(conn: Connection) -> None:
@@ -165,19 +194,24 @@ class Store:
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction (serialised per process on SQLite), fenced if a Fence is set."""
         fence = _FENCE.get()
-        if self.is_sqlite:
-            if self._alock is None:
-                self._alock = asyncio.Lock()
-            async with self._alock:
-                async with self._connect(begin=True) as conn:
-                    if fence is not None:
-                        await self._check_fence(conn, fence)
-                    yield conn
-        else:
+        async with self.sqlite_writer():
             async with self._connect(begin=True) as conn:
                 if fence is not None:
                     await self._check_fence(conn, fence)
                 yield conn
+
+    @asynccontextmanager
+    async def sqlite_writer(self) -> AsyncIterator[None]:
+        """This process's turn to write to SQLite (one async writer at a time: SQLite has a
+        single write lock, and waiting here is cheaper than its busy timeout). A no-op on
+        PostgreSQL. Writers that bypass `write()` (the checkpoint saver) take it too."""
+        if not self.is_sqlite:
+            yield
+            return
+        if self._alock is None:
+            self._alock = asyncio.Lock()
+        async with self._alock:
+            yield
 
     async def _check_fence(self, conn: AsyncConnection, fence: Fence) -> None:
         # In the writing transaction itself: on PostgreSQL the row lock makes a concurrent
@@ -187,16 +221,7 @@ class Store:
             table.c.run_id == fence.run_id)
         if not self.is_sqlite:
             q = q.with_for_update()
-        row = (await conn.execute(q)).first()
-        now = datetime.now(timezone.utc)
-        expires = None if row is None else (
-            row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc))
-        if row is None or row.holder != fence.holder or row.epoch != fence.epoch or expires <= now:
-            raise LeaseError(
-                f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
-                "longer holds the lease; the write was rejected",
-                run_id=fence.run_id, holder=row.holder if row is not None else "",
-            )
+        check_lease(fence, (await conn.execute(q)).first())
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -210,7 +235,7 @@ class Store:
             cm = engine.begin() if begin else engine.connect()
             conn = await cm.__aenter__()
         except (OSError, DBAPIError) as e:
-            raise self._unavailable(e) from e
+            raise self.unavailable(e) from e
         try:
             yield conn
         except BaseException as e:
@@ -229,7 +254,7 @@ class Store:
                 cm = self.sync_engine.execution_options(ff_write=True).begin()
                 conn = cm.__enter__()
             except (OSError, DBAPIError) as e:
-                raise self._unavailable(e) from e
+                raise self.unavailable(e) from e
             try:
                 yield conn
             except BaseException as e:
@@ -246,11 +271,12 @@ class Store:
         try:
             conn = self.sync_engine.connect()
         except (OSError, DBAPIError) as e:
-            raise self._unavailable(e) from e
+            raise self.unavailable(e) from e
         with conn:
             yield conn
 
-    def _unavailable(self, error: BaseException) -> StoreUnavailableError:
+    def unavailable(self, error: BaseException) -> StoreUnavailableError:
+        """The error for an unreachable database (its URL shown with the password masked)."""
         return StoreUnavailableError(
             f"cannot connect to database {_mask(self.url)}: {type(error).__name__}: "
             f"{str(error).splitlines()[0][:200] if str(error) else ''}. Check that the server "
