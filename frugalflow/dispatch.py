@@ -151,6 +151,26 @@ class ProcrastinateDispatcher:
         return n
 
 
+    async def requeue_orphans(self, runner: Runner, older_than: float) -> int:
+        """Queue again the runs left `queued` without a job for `older_than` seconds: their
+        starter died between writing the run and queueing it (two databases' worth of
+        transactions: the run's row and procrastinate's job). Idempotent."""
+        from datetime import timedelta
+
+        from .persistence.tables import utcnow
+
+        rows = await runner.ledger.list_runs(
+            status="queued", limit=500, updated_before=utcnow() - timedelta(seconds=older_than))
+        n = 0
+        for row in rows:
+            if await self.status(row.id) in (None, "succeeded", "failed", "cancelled", "aborted"):
+                await self.submit(row.id)
+                n += 1
+        if n:
+            log.warning("frugalflow: queued %d run(s) that had no job", n)
+        return n
+
+
 async def run_worker(
     runner: Runner, *, concurrency: int = 8, queues: list[str] | None = None,
     stall_check: float | None = None,
@@ -170,6 +190,7 @@ async def run_worker(
             await asyncio.sleep(check)
             try:
                 await dispatcher.retry_stalled()
+                await dispatcher.requeue_orphans(runner, older_than=dispatcher.stall_timeout)
             except Exception:  # the database hiccupped: try again at the next beat
                 log.warning("frugalflow: stalled-job check failed", exc_info=True)
 

@@ -478,6 +478,9 @@ class Runner:
         graph_input: Any = None
         if row.pending_resume is not None:
             graph_input = Command(resume=row.pending_resume.get("value"))
+        elif row.status == "queued" and not await self._has_checkpoint(row.flow, run_id):
+            # Its starter died before seeding the thread: start from the recorded input.
+            graph_input = row.input
         try:
             # A crashed worker's lease expires after lease_ttl: wait that long, no longer.
             result = await self._launch(run_id, graph_input, wait=True,
@@ -492,6 +495,10 @@ class Runner:
             if row.status not in FINAL_STATUSES and self.dispatcher is not None:
                 await self.dispatcher.submit(run_id)
         return result
+
+    async def _has_checkpoint(self, flow: str, run_id: str) -> bool:
+        snapshot = await self.compiled(flow).graph.aget_state(self._config(run_id))
+        return snapshot.created_at is not None
 
     async def _await_dispatched(self, run_id: str, poll: float = 0.1) -> RunResult:
         """Wait for a dispatched run to stop (finish, interrupt, budget, failure)."""

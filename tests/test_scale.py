@@ -166,3 +166,17 @@ async def test_worker_events_reach_a_service_client_as_sse(fresh_pg_url: str) ->
     kinds = [e["event"] for e in seen]
     assert "node_started" in kinds and "attempt" in kinds
     assert seen[-1]["status"] == "succeeded"
+
+
+async def test_a_run_whose_starter_died_before_queueing_still_executes(fresh_pg_url: str) -> None:
+    url = fresh_pg_url
+    async with submitter(url, latency=0.05, nodes=3) as sub:
+        # The starter wrote the run's row, then died: no seeded checkpoint, no job.
+        await sub.ledger.create_run("orphan", "chain", {"topic": "o"}, status="queued")
+        assert await sub.dispatcher.status("orphan") is None
+        assert await sub.dispatcher.requeue_orphans(sub, older_than=0.0) == 1
+        assert await sub.dispatcher.requeue_orphans(sub, older_than=0.0) == 0  # queued once
+        with workers(url, 1):
+            result = await asyncio.wait_for(sub._await_dispatched("orphan"), timeout=60)
+        assert result.status == "succeeded"
+        assert result.state is not None and result.state["topic"] == "o"

@@ -219,14 +219,18 @@ class Ledger:
         )
 
     async def list_runs(
-        self, *, flow: str | None = None, status: str | None = None, limit: int = 50
+        self, *, flow: str | None = None, status: str | None = None, limit: int = 50,
+        updated_before: datetime | None = None,
     ) -> list[RunRow]:
+        """Runs, newest first; `updated_before`: only those untouched since then."""
         await self.store.setup()
         q = select(_RUNS).order_by(_RUNS.c.created_at.desc()).limit(limit)
         if flow:
             q = q.where(_RUNS.c.flow == flow)
         if status:
             q = q.where(_RUNS.c.status == status)
+        if updated_before is not None:
+            q = q.where(_RUNS.c.updated_at < updated_before)
         async with self.store.read() as conn:
             rows = (await conn.execute(q)).all()
         return [RunRow.model_validate(dict(r._mapping)) for r in rows]
