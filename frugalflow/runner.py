@@ -497,8 +497,8 @@ class Runner:
         return result
 
     async def _has_checkpoint(self, flow: str, run_id: str) -> bool:
-        snapshot = await self.compiled(flow).graph.aget_state(self._config(run_id))
-        return snapshot.created_at is not None
+        saver = self.compiled(flow).graph.checkpointer
+        return await saver.aget_tuple(self._config(run_id)) is not None
 
     async def _await_dispatched(self, run_id: str, poll: float = 0.1) -> RunResult:
         """Wait for a dispatched run to stop (finish, interrupt, budget, failure)."""
