@@ -492,6 +492,26 @@ def _short(model: str) -> str:
     return table.get(model, model[:7])
 
 
+def auc(score: np.ndarray, label: np.ndarray) -> float:
+    """Area under the ROC curve: P(a random success scores above a random failure)."""
+    label = np.asarray(label, dtype=bool)
+    pos, neg = int(label.sum()), int((~label).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="stable")
+    ranks = np.empty(len(score))
+    ranks[order] = np.arange(1, len(score) + 1)
+    # Ties share their mean rank.
+    s_sorted = score[order]
+    start = 0
+    for i in range(1, len(score) + 1):
+        if i == len(score) or s_sorted[i] != s_sorted[start]:
+            if i - start > 1:
+                ranks[order[start:i]] = (start + 1 + i) / 2
+            start = i
+    return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
 def pgr_curve(score: np.ndarray, correct: np.ndarray, weak: int, strong: int,
               grid: np.ndarray) -> np.ndarray:
     """Accuracy when the top share (by score) of queries goes to the strong model."""
@@ -584,6 +604,9 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) 
                 if kind.rule == "value" else "cheapest with p >= t (choose(target=t))")
         print(f"{kind.name}: rule {rule}; fit + predict {fit_s:.1f} s")
         _check_choose(kind.rule, P, C_test, ds.models)
+        aucs = "  ".join(f"{_short(m)} {auc(P[:, j], Y[:, j]):.3f}"
+                         for j, m in enumerate(ds.models))
+        print(f"  ROC AUC of predicted success on test (0.5 = blind): {aucs}")
         print("  cost-quality curve on test (shares of calls per model):")
         for line in curve_table(pts, ds.models, best_cost, kind.rule, args.points):
             print(line)
