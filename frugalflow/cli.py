@@ -365,6 +365,23 @@ def runs_show(run_id: str, db: str = DbOption, as_json: bool = JsonOption) -> No
     _cost_table(record)
 
 
+@runs_app.command("feedback")
+def runs_feedback(
+    run_id: str,
+    good: bool = typer.Option(..., "--good/--bad", help="Was the answer good?"),
+    node: str = typer.Option(None, "--node", help="Every answer of this node in the run."),
+    call_id: str = typer.Option(None, "--call", help="Or this one call."),
+    db: str = DbOption,
+) -> None:
+    """Record whether a run's answer was good; `frugalflow router train` learns from it."""
+    try:
+        n = asyncio.run(_ledger_call(
+            db, lambda l: l.run_feedback(run_id, good, node=node, call_id=call_id)))
+    except FrugalflowError as e:
+        _fail(e)
+    console.print(f"run {run_id}: {n} answer(s) marked {'good' if good else 'bad'}")
+
+
 async def _ledger_call(db: str | None, fn: Any) -> Any:
     from .persistence import Store
     from .persistence.ledger import Ledger

@@ -56,6 +56,16 @@ class ResumeRun(BaseModel):
     wait: bool = False
 
 
+class Feedback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    good: bool
+    node: str | None = Field(default=None, max_length=200)
+    """Every answer of this node in the run..."""
+    call_id: str | None = Field(default=None, max_length=200)
+    """...or this one call (one of the two)."""
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return True
@@ -155,6 +165,16 @@ def create_router(runner: Runner, *, token: str | None = None) -> APIRouter:
             return _result(await runner.cancel(run_id))
         except FrugalflowError as e:
             raise _translate(e) from None
+
+    @router.post("/runs/{run_id}/feedback")
+    async def run_feedback(run_id: str, body: Feedback) -> dict[str, Any]:
+        """Was an answer good? Learned routers trained afterwards learn from it."""
+        try:
+            n = await runner.ledger.run_feedback(run_id, body.good, node=body.node,
+                                                 call_id=body.call_id)
+        except FrugalflowError as e:
+            raise _translate(e) from None
+        return {"run_id": run_id, "answers": n, "good": body.good}
 
     @router.get("/runs/{run_id}/events")
     async def run_events(run_id: str, request: Request) -> StreamingResponse:

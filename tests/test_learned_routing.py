@@ -156,3 +156,9 @@ def test_cli_trains_lists_and_runs_with_a_router(tmp_path: Path,
                            "--json", "--input", json.dumps({"document": doc})])
     assert ran.exit_code == 0, ran.output
     assert json.loads(ran.output)["status"] == "succeeded"
+    run_id = json.loads(ran.output)["run_id"]
+    marked = cli.invoke(app, ["runs", "feedback", run_id, "--bad", "--node", "extract",
+                              "--db", db])
+    assert marked.exit_code == 0 and "1 answer(s) marked bad" in marked.output
+    wrong = cli.invoke(app, ["runs", "feedback", run_id, "--good", "--db", db])
+    assert wrong.exit_code == 1 and "exactly one of node or call_id" in wrong.output

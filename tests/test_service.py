@@ -154,3 +154,29 @@ async def test_the_embedded_service_example(tmp_path: Path, monkeypatch: pytest.
             assert r.status_code == 200 and r.json()["status"] == "succeeded"
             flows = (await client.get("/frugalflow/flows")).json()
             assert "support_triage" in {f["name"] for f in flows}
+
+
+async def test_feedback_on_a_runs_answer_is_recorded_for_learning(db: str) -> None:
+    async with serving(db) as client:
+        done = (await client.post("/runs", json={"flow": "chain", "input": {"topic": "f"},
+                                                 "wait": True})).json()
+        run_id = done["run_id"]
+        r = await client.post(f"/runs/{run_id}/feedback", json={"good": False, "node": "n2"})
+        assert r.status_code == 200 and r.json() == {"run_id": run_id, "answers": 1,
+                                                     "good": False}
+        calls = (await client.get(f"/runs/{run_id}")).json()["calls"]
+        assert [(c["node"], c["feedback"]) for c in calls] == [
+            ("n1", None), ("n2", False), ("n3", None)]
+        r = await client.post(f"/runs/{run_id}/feedback", json={"good": True})
+        assert r.status_code == 400 and "exactly one of node or call_id" in r.text
+        r = await client.post(f"/runs/{run_id}/feedback", json={"good": True, "node": "n9"})
+        assert r.status_code == 400 and "no answer from node 'n9'" in r.text
+        r = await client.post("/runs/missing/feedback", json={"good": True, "node": "n1"})
+        assert r.status_code == 404
+    # The ledger's training examples now count n2's answer as a failure.
+    runner = Runner(db, flows=[chain_flow(3)], catalog=Catalog.simulated())
+    try:
+        examples = await runner.ledger.examples(flow="chain")
+    finally:
+        await runner.close()
+    assert [(e.node, e.success) for e in examples] == [("n1", True), ("n2", False), ("n3", True)]

@@ -15,7 +15,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..exceptions import RunNotFoundError, RunStateError
+from ..exceptions import RunNotFoundError, RunStateError, UserError
 from ..fallback import Attempt
 from .store import Store
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
@@ -304,6 +304,27 @@ class Ledger:
                 update(_ATTEMPTS).where(_ATTEMPTS.c.call_id == call_id,
                                         _ATTEMPTS.c.outcome == "ok").values(feedback=good))
         return int(result.rowcount or 0)
+
+    async def run_feedback(self, run_id: str, good: bool, *, node: str | None = None,
+                           call_id: str | None = None) -> int:
+        """Record feedback on the answers of a run: one call (`call_id`), or every answer of
+        `node` in the run. Routers trained afterwards learn from it. Returns the answers
+        marked; raises UserError when neither is given or nothing matches."""
+        if (node is None) == (call_id is None):
+            raise UserError("feedback names exactly one of node or call_id: which answer "
+                            "was good or bad")
+        await self.get_run(run_id)  # RunNotFoundError names the id
+        where = [_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == "ok"]
+        where.append(_ATTEMPTS.c.node == node if node is not None
+                     else _ATTEMPTS.c.call_id == call_id)
+        async with self.store.write() as conn:
+            result = await conn.execute(update(_ATTEMPTS).where(*where).values(feedback=good))
+        n = int(result.rowcount or 0)
+        if n == 0:
+            what = f"node {node!r}" if node is not None else f"call {call_id!r}"
+            raise UserError(f"run {run_id!r} has no answer from {what}; see its calls with "
+                            f"`frugalflow runs show {run_id}`")
+        return n
 
     async def examples(self, *, flow: str | None = None, node: str | None = None) -> list[Any]:
         """Training examples from outcomes: an answer is a success unless its validator
