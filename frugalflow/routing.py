@@ -490,7 +490,8 @@ class Judge:
     replies APPROVE or REJECT with a reason. A rejection escalates the answer to a more
     capable model like any validator failure (and is an outcome routers learn from); an
     unreadable verdict counts as a rejection. The judge's own calls are routed, priced and
-    recorded under the node name `<node>:judge`.
+    recorded under the node name `<node>:judge`. On the simulated catalog, judges check
+    answers against the flows' oracles and err as often as their quality says.
     """
 
     def __init__(self, criteria: str, *, needs: Needs | None = None) -> None:

@@ -110,3 +110,20 @@ async def test_latency_is_configurable() -> None:
     t0 = loop.time()
     await model.ainvoke(HI)
     assert loop.time() - t0 >= 0.05
+
+
+async def test_simulated_judge_checks_answers_against_the_oracle() -> None:
+    from flows.document_extraction import Invoice, read_invoice, sample_invoices
+    from frugalflow import Judge, SimulatedChatModel
+
+    doc = sample_invoices(2, seed=1)[1]
+    right = Invoice(**read_invoice([HumanMessage(doc)])[0])
+    wrong = right.model_copy(update={"total": right.total + 1})
+    sound = SimulatedChatModel(model_name="judge", provider="sim-j", accuracy=1.0)
+    judge = Judge("Every field is as printed.")
+    for answer, verdict in ((right, True), (wrong, False)):
+        reply = await sound.ainvoke(judge.prompt(doc, answer.model_dump_json()))
+        assert (Judge.verdict(str(reply.content)) is True) is verdict
+    unsound = SimulatedChatModel(model_name="judge", provider="sim-j", accuracy=0.0)
+    reply = await unsound.ainvoke(judge.prompt(doc, right.model_dump_json()))
+    assert Judge.verdict(str(reply.content)) is not True  # a bad judge gets it wrong

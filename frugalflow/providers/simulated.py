@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
@@ -203,6 +210,11 @@ def oracle_success(ability: float, difficulty: float) -> float:
     return 1.0 / (1.0 + math.exp(-30.0 * (ability - (0.45 + 0.4 * d))))
 
 
+def _is_judge_request(messages: Sequence[BaseMessage]) -> bool:
+    return bool(messages) and isinstance(messages[0], SystemMessage) and \
+        "Reply with APPROVE or REJECT" in str(messages[0].content)
+
+
 class SimulatedChatModel(BaseChatModel):
     """An offline chat model for demos and tests: deterministic, priced, fault-injectable.
 
@@ -308,6 +320,8 @@ class SimulatedChatModel(BaseChatModel):
             if self.responder is not None:
                 out = self.responder(messages)
                 msg = out if isinstance(out, AIMessage) else AIMessage(content=str(out))
+            elif _is_judge_request(messages):
+                msg = AIMessage(content=self._judge(messages, rng))
             else:
                 n = max(1, self.output_tokens * 3 // 4)
                 words = [rng.choice(_WORDS) for _ in range(n)]
@@ -319,6 +333,27 @@ class SimulatedChatModel(BaseChatModel):
         }
         msg.response_metadata = {"model_name": self.model_name, "model_provider": self.provider}
         return msg
+
+    def _judge(self, messages: Sequence[BaseMessage], rng: random.Random) -> str:
+        """A `Judge` verdict: right (by an oracle that knows the input) with probability
+        `accuracy`, else the opposite; with no oracle for the input, APPROVE that often."""
+        text = str(messages[-1].content)
+        question, _, answer = text.partition("\n\nAnswer:\n")
+        question = question.removeprefix("Input:\n")
+        truth: bool | None = None
+        try:
+            given = json.loads(answer)
+        except ValueError:
+            given = None
+        if isinstance(given, dict):
+            for read in self._sim().oracles.values():
+                right, _ = read([HumanMessage(question)])
+                if right and set(right) <= set(given):
+                    truth = all(given[k] == v for k, v in right.items())
+                    break
+        sound = rng.random() < self.accuracy  # a sound judgment this time
+        approve = sound if truth is None else (truth if sound else not truth)
+        return "APPROVE: it holds up." if approve else "REJECT: a field does not match the input."
 
     def _oracle_answer(
         self, name: str, messages: Sequence[BaseMessage], rng: random.Random
