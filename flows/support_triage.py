@@ -77,7 +77,10 @@ def check_fields(fields: TicketFields, ticket: str) -> bool | str:
                        expected_output_tokens=120, cascade=True))
 async def extract(state: TriageState, model: RoutedChatModel) -> TriageState:
     ticket = state["ticket"]
-    checked = model.with_validator(lambda f: check_fields(f, ticket))
+    # The category from `classify` is a routing feature: billing tickets may need another
+    # model than shipping ones, and a learned router can tell from the outcomes.
+    checked = model.with_category(state.get("category")).with_validator(
+        lambda f: check_fields(f, ticket))
     fields = await checked.with_structured_output(TicketFields).ainvoke(
         [SystemMessage("Extract the ticket's fields."), HumanMessage(ticket)]
     )

@@ -504,6 +504,7 @@ class Attempt:
     call_key: str | None = None  # identifies the call for replay after a crash
     route_reason: str | None = None  # why the router put this model where it did
     prompt: str | None = None  # the input text routers learn from (persisted runs only)
+    category: str | None = None  # the input's category, another feature routers learn from
     response: Any = field(default=None, repr=False)  # the answer (an AIMessage), if ok
 
     def describe(self) -> str:

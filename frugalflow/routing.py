@@ -556,6 +556,9 @@ class RoutedChatModel(BaseChatModel):
     tools: list[Any] = Field(default_factory=list, exclude=True)
     tool_choice: Any = None
     response_schema: Any = Field(default=None, exclude=True)
+    category: str | None = None
+    """What kind of input this is (a customer tier, a document type, ...): learned routers
+    use it as a feature and the ledger records it. Set with `with_category`."""
     validator: Any = Field(default=None, exclude=True)
     """Checks each answer: a callable (sync or async) returning True/None to accept, False
     or a reason string (or raising) to reject, a pydantic model the answer must fit, or a
@@ -627,12 +630,17 @@ class RoutedChatModel(BaseChatModel):
             tool_choice=update.pop("tool_choice", self.tool_choice),
             response_schema=update.pop("response_schema", self.response_schema),
             validator=update.pop("validator", self.validator),
+            category=update.pop("category", self.category),
             **update,
         )
 
     def with_validator(self, validator: Any) -> RoutedChatModel:
         """A copy whose answers must pass `validator` (see the field's documentation)."""
         return self._copy(validator=validator)
+
+    def with_category(self, category: str | None) -> RoutedChatModel:
+        """A copy whose calls carry `category` (see the field)."""
+        return self._copy(category=category)
 
     def with_needs(self, **changes: Any) -> RoutedChatModel:
         """A routed model for the same run with some needs changed."""
@@ -891,6 +899,7 @@ class RoutedChatModel(BaseChatModel):
                         error=_short(err), fallback_from=previous, action=action.value,
                         started_at=started, task_id=task_id, route_reason=reasons.get(spec.key),
                         prompt=_prompt_text(messages) if ctx.usage.listeners else None,
+                        category=self.category,
                     )
                     attempts.append(attempt)
                     await usage.arecord(attempt)
@@ -931,6 +940,7 @@ class RoutedChatModel(BaseChatModel):
                         call_key=call_key or self._key_for_ledger(ctx, task_id, messages, kwargs),
                         response=message, route_reason=reasons.get(spec.key),
                         prompt=_prompt_text(messages) if ctx.usage.listeners else None,
+                        category=self.category,
                     )
                     attempts.append(attempt)
                     await usage.arecord(attempt)
@@ -991,7 +1001,8 @@ class RoutedChatModel(BaseChatModel):
         from .learning import choose
 
         keys = [r[4].key for r in rows]
-        probs = router.predict(_prompt_text(messages), keys, node=self.node)
+        probs = router.predict(_prompt_text(messages), keys, node=self.node,
+                               category=self.category)
         costs = {r[4].key: r[0] for r in rows}
         order = choose(probs, costs, target=self.needs.target,
                        price_weight=self.needs.price_weight, cascade=self.needs.cascade)

@@ -162,3 +162,42 @@ def test_cli_trains_lists_and_runs_with_a_router(tmp_path: Path,
     assert marked.exit_code == 0 and "1 answer(s) marked bad" in marked.output
     wrong = cli.invoke(app, ["runs", "feedback", run_id, "--good", "--db", db])
     assert wrong.exit_code == 1 and "exactly one of node or call_id" in wrong.output
+
+
+async def test_category_is_a_routing_feature_and_is_recorded(tmp_path: Path) -> None:
+    from frugalflow.learning import Example, LexicalFeaturizer
+    from frugalflow.routing import RunContext
+    from frugalflow.usage import RunUsage
+
+    catalog = Catalog.simulated()
+    cheap, strong = "sim-groq/llama-3.1-8b-instant", "sim-deepseek/deepseek-chat"
+    # The same words in every ticket: only the category says which model succeeds.
+    examples = [Example("extract", "please read this ticket", m, ok, cat)
+                for cat in ("billing", "legal") for _ in range(40)
+                for m, ok in ((cheap, cat == "billing"), (strong, True))]
+    router = LearnedRouter(LexicalFeaturizer(), prior_strength=1.0).fit(examples)
+    seen: list[Any] = []
+    ctx = RunContext(catalog=catalog, usage=RunUsage(listeners=[seen.append]))
+    ctx.router = router
+    from frugalflow import RoutedChatModel
+
+    model = RoutedChatModel(context=ctx, node="extract",
+                            needs=Needs(models=(cheap, strong), cascade=True))
+    for category, first in (("billing", cheap), ("legal", strong)):
+        await model.with_category(category).ainvoke([HumanMessage("please read this ticket")])
+        assert (seen[-1].model, seen[-1].category) == (first, category)
+
+
+async def test_triage_records_the_ticket_category_with_its_extraction(tmp_path: Path) -> None:
+    from flows.support_triage import flow as triage
+
+    runner = Runner(f"sqlite:///{tmp_path / 'triage.db'}", flows=[triage],
+                    catalog=Catalog.simulated())
+    try:
+        ticket = "Hi, I'm Dana Reyes. I was charged twice for order 88231 (the standing desk)."
+        result = await runner.start(triage.name, {"ticket": ticket})
+        assert result.ok
+        examples = await runner.ledger.examples(flow=triage.name, node="extract")
+    finally:
+        await runner.close()
+    assert examples and {e.category for e in examples} == {result.state["category"]}

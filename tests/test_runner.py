@@ -157,6 +157,36 @@ async def test_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
     await again.close()
 
 
+async def test_a_version_1_database_is_migrated_in_place(db_url: str) -> None:
+    from sqlalchemy import inspect, text
+
+    from frugalflow.persistence.store import SCHEMA_VERSION
+
+    store = Store(db_url)
+    runner = Runner(store, flows=[chain_flow(2)], catalog=Catalog.simulated(),
+                    breakers=BreakerRegistry())
+    kept = await runner.start("chain", {"topic": "v1"})
+    # Make it a database written by release 1: no ff_attempts.category, schema version 1.
+    async with store.write() as conn:
+        await conn.execute(text("ALTER TABLE ff_attempts DROP COLUMN category"))
+        await conn.execute(text("DELETE FROM ff_schema WHERE v > 1"))
+    await runner.close()
+
+    again = Store(db_url)
+    upgraded = Runner(again, flows=[chain_flow(2)], catalog=Catalog.simulated(),
+                      breakers=BreakerRegistry())
+    try:
+        assert (await upgraded.start("chain", {"topic": "v2"})).ok
+        assert await again.version() == SCHEMA_VERSION >= 2
+        async with again.read() as conn:
+            columns = await conn.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns("ff_attempts")})
+        assert "category" in columns
+        assert len((await upgraded.get(kept.run_id)).attempts) == 2  # nothing lost
+    finally:
+        await upgraded.close()
+
+
 async def test_two_hundred_concurrent_runs(db_url: str) -> None:
     runner = Runner(db_url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
                     breakers=BreakerRegistry(), max_concurrency=200)

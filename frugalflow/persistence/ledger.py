@@ -175,6 +175,7 @@ class Ledger:
             started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
             call_key=attempt.call_key, route_reason=attempt.route_reason,
             prompt=scrub(attempt.prompt)[:4000] if attempt.prompt else None,
+            category=attempt.category,
             response=_message_json(attempt.response) if attempt.response is not None else None,
         )
         values = _values(row)
@@ -348,7 +349,8 @@ class Ledger:
                 success = False
             else:
                 continue
-            out.append(Example(node=r.node, text=r.prompt, model=r.model, success=success))
+            out.append(Example(node=r.node, text=r.prompt, model=r.model, success=success,
+                               category=r.category))
         return out
 
     async def save_router(self, name: str, router: Any, *, examples: int = 0,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -92,10 +92,17 @@ def _v1(conn: Connection) -> None:
     tables.metadata.create_all(conn)
 
 
+def _v2(conn: Connection) -> None:
+    """ff_attempts.category: the input's category, which learned routers use as a feature."""
+    columns = {c["name"] for c in inspect(conn).get_columns("ff_attempts")}
+    if "category" not in columns:  # _v1 on this release already created it
+        conn.execute(text("ALTER TABLE ff_attempts ADD COLUMN category VARCHAR"))
+
+
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
 # function here that alters existing databases (and must be a no-op where _v1 already
 # created the new shape). Never edit or reorder an applied migration.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups

@@ -165,6 +165,8 @@ class AttemptRow(SQLModel, table=True):
     """The input text (scrubbed, truncated) that learned routers train on."""
     feedback: bool | None = None
     """Explicit feedback on this answer (True good, False bad), from `Ledger.feedback`."""
+    category: str | None = None
+    """The input's category (`RoutedChatModel.with_category`), a feature routers learn from."""
     response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     """The answer of a successful call, so a node re-executed after a crash replays it."""
 
