@@ -533,10 +533,11 @@ class Runner:
 
     async def retrain_router(
         self, name: str | None = None, *, flow: str | None = None, node: str | None = None,
-        min_examples: int = 20,
+        min_examples: int = 20, featurizer: Any = None,
     ) -> Any:
         """Train a router on the ledger's outcomes, store it as a new version of `name`
         (default: the runner's router name, else "default") and use it for the next runs.
+        `featurizer`: lexical features unless given (e.g. `EmbeddingFeaturizer()`).
         Returns the router, or None when the ledger holds fewer than `min_examples`."""
         from .learning import train_router
 
@@ -544,7 +545,8 @@ class Runner:
         examples = await self.ledger.examples(flow=flow, node=node)
         if len(examples) < min_examples:
             return None
-        router = await asyncio.to_thread(train_router, examples, self.catalog)
+        router = await asyncio.to_thread(train_router, examples, self.catalog,
+                                         featurizer=featurizer)
         self._router_version = await self.ledger.save_router(
             name, router, examples=len(examples),
             metrics={"flow": flow, "node": node, "successes": sum(e.success for e in examples)})
@@ -636,6 +638,7 @@ class Runner:
         status, error, error_type = "failed", None, None
         values: dict[str, Any] | None = None
         interrupts: list[Any] = []
+        continuation = False
         fence = Fence(run_id, lease.holder, lease.epoch)
         try:
             async with self._slots, _fenced_async(fence):
@@ -647,6 +650,7 @@ class Runner:
                 ctx.limiter = self.limiter
                 if row.status not in ("pending", "queued") or row.pending_resume is not None:
                     # A continuation: calls that completed before a crash are replayed.
+                    continuation = True
                     ctx.replay = self._replayer(run_id)
                 await self.ledger.update_run(run_id, status="running", error=None, error_type=None)
                 self.events.publish(run_id, "run_started", flow=row.flow)
@@ -667,7 +671,8 @@ class Runner:
         except asyncio.CancelledError:
             status = "paused" if self._closing else "cancelled"
             error = "stopped by shutdown; resume it" if self._closing else "cancelled"
-            await asyncio.shield(self._finish(run_id, status, values, [], error, None, lease, keeper))
+            await asyncio.shield(self._finish(run_id, status, values, [], error, None, lease,
+                                              keeper, settle_nodes=True))
             raise
         except StoreUnavailableError:
             # The database is unreachable: no status can be written; the lease expires and
@@ -680,7 +685,9 @@ class Runner:
             log.exception("frugalflow: run %s failed", run_id)
             status, error, error_type = "failed", f"{type(e).__name__}: {e}", type(e).__name__
         await asyncio.shield(
-            self._finish(run_id, status, values, interrupts, error, error_type, lease, keeper)
+            self._finish(run_id, status, values, interrupts, error, error_type, lease, keeper,
+                         # Only a cut-short execution, or an earlier one, leaves node rows open.
+                         settle_nodes=continuation or status != "succeeded")
         )
         if lease.lost:
             return RunResult(run_id, "lease_lost", values, error=error)
@@ -690,6 +697,7 @@ class Runner:
     async def _finish(
         self, run_id: str, status: str, values: dict[str, Any] | None, interrupts: list[Any],
         error: str | None, error_type: str | None, lease: Lease, keeper: asyncio.Task[Any],
+        *, settle_nodes: bool,
     ) -> None:
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -698,7 +706,8 @@ class Runner:
             return  # another executor owns the run now: write nothing more
         try:
             with fenced(Fence(run_id, lease.holder, lease.epoch)):
-                await self.ledger.close_nodes(run_id)
+                if settle_nodes:
+                    await self.ledger.close_nodes(run_id)
                 await self.ledger.update_run(
                     run_id, status=status, output=scrub(values) if values is not None else None,
                     interrupts=interrupts or None, error=error, error_type=error_type,
