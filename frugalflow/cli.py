@@ -423,34 +423,28 @@ def router_train(
 
 async def _router_train(name: str, flow: str | None, node: str | None, min_examples: int,
                         embeddings: bool, db: str | None, catalog: str | None) -> dict[str, Any]:
-    from .learning import EmbeddingFeaturizer, embeddings_available, train_router
-    from .persistence import Store
-    from .persistence.ledger import Ledger
+    from .learning import EmbeddingFeaturizer, embeddings_available
 
     if embeddings and not embeddings_available():
         raise FrugalflowError("--embeddings needs the embeddings extra: "
                               "pip install 'frugalflow[embeddings]'")
-    store = Store(db)
+    runner = _runner(db, catalog, [])
     try:
-        ledger = Ledger(store)
-        examples = await ledger.examples(flow=flow, node=node)
-        where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
-        if len(examples) < min_examples:
+        router = await runner.retrain_router(
+            name, flow=flow, node=node, min_examples=min_examples,
+            featurizer=EmbeddingFeaturizer() if embeddings else None)
+        if router is None:
+            found = len(await runner.ledger.examples(flow=flow, node=node))
+            where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
             raise FrugalflowError(
-                f"only {len(examples)} outcomes in the ledger{' for ' + where if where else ''}; "
+                f"only {found} outcomes in the ledger{' for ' + where if where else ''}; "
                 f"need {min_examples} (--min-examples): run flows whose nodes have a validator, "
                 "or record feedback on their calls")
-        featurizer = EmbeddingFeaturizer() if embeddings else None
-        router = await asyncio.to_thread(train_router, examples, _catalog(catalog),
-                                         featurizer=featurizer)
-        successes = sum(e.success for e in examples)
-        version = await ledger.save_router(
-            name, router, examples=len(examples),
-            metrics={"flow": flow, "node": node, "successes": successes})
+        stored = [r for r in await runner.ledger.routers() if r["name"] == name][-1]
     finally:
-        await store.close()
-    return {"name": name, "version": version, "examples": len(examples),
-            "successes": successes, "models": router.models}
+        await runner.close()
+    return {"name": name, "version": stored["version"], "examples": stored["examples"],
+            "successes": stored["metrics"]["successes"], "models": router.models}
 
 
 @router_app.command("list")
