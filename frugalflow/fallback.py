@@ -5,15 +5,21 @@
 - `CircuitBreaker` / `BreakerRegistry` stop calls to a provider (or model) that keeps
   failing, shared by every run in the process; a half-open probe tests it after a cooldown.
 - `Attempt` is the event every model call emits, success or failure.
+- `RateLimiter` / `RedisRateLimiter` keep calls under a model's rpm/tpm (sliding window).
+- `SharedRedis` is the Redis link of the shared (fleet) variants: when Redis is unreachable,
+  slow or failing they fall back to in-process state and come back when it answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -40,12 +46,17 @@ __all__ = [
     "RedisRateLimiter",
     "RedisBreakerRegistry",
     "BreakerRegistry",
+    "RateReservation",
+    "SharedRedis",
     "BreakerState",
     "CircuitBreaker",
     "FallbackPolicy",
     "default_breakers",
     "error_from_status",
+    "shared_state",
 ]
+
+log = logging.getLogger("frugalflow.shared")
 
 _CONTEXT_MARKERS = (
     "context_length",
@@ -239,11 +250,16 @@ class BreakerRegistry:
         threshold: int = 5,
         cooldown: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        max_retry_after: float = 600.0,
     ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
         self.clock = clock
+        self.max_retry_after = max_retry_after
+        """A 429's Retry-After is honoured up to this many seconds (a bogus huge value must
+        not bench a model for a day)."""
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._cooldowns: dict[str, float] = {}  # model key -> clock() until which it rests
         self._lock = threading.Lock()
 
     def get(self, key: str) -> CircuitBreaker:
@@ -283,7 +299,42 @@ class BreakerRegistry:
             return False
         return True
 
+    def _retry_after(self, error: ModelAPIError | None) -> float | None:
+        """Seconds a 429 asked us to wait (capped), or None."""
+        if error is None or error.error_class != "rate_limit":
+            return None
+        wait = getattr(error, "retry_after", None)
+        if wait is None or wait <= 0:
+            return None
+        return min(float(wait), self.max_retry_after)
+
+    def note_retry_after(self, spec: ModelSpec, seconds: float) -> None:
+        """No call to `spec` (this model) for `seconds` from now: a 429's Retry-After."""
+        until = self.clock() + seconds
+        with self._lock:
+            if until > self._cooldowns.get(spec.key, 0.0):
+                self._cooldowns[spec.key] = until
+
+    def _cooldown_text(self, until: float) -> str:
+        # The registry's clock may be monotonic: say the wall-clock time it ends.
+        wall = time.time() + (until - self.clock())
+        return "rate limited until " + time.strftime("%H:%M:%SZ", time.gmtime(wall)) + \
+            f" (Retry-After, {until - self.clock():.1f} s left)"
+
+    def cooldown_reason(self, spec: ModelSpec) -> str | None:
+        """Why `spec` must not be called now because of a Retry-After, or None."""
+        until = self._cooldowns.get(spec.key)
+        if until is None:
+            return None
+        if self.clock() >= until:
+            self._cooldowns.pop(spec.key, None)
+            return None
+        return self._cooldown_text(until)
+
     def record(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
+        wait = self._retry_after(error)
+        if wait is not None:
+            self.note_retry_after(spec, wait)
         provider, model = self.get(spec.provider), self.get(spec.key)
         if error is None or error.error_class not in HEALTH_ERRORS | {"auth", "malformed"}:
             # An answer, even a refusal, shows the provider is up.
@@ -308,8 +359,20 @@ class BreakerRegistry:
     def reset(self) -> None:
         with self._lock:
             self._breakers.clear()
+            self._cooldowns.clear()
+
+    def shared_state(self) -> str:
+        """'local': this registry lives in the process (no shared state to lose)."""
+        return "local"
 
     # The routed model uses these: a shared (networked) registry overrides them.
+    async def acooldown_reason(self, spec: ModelSpec) -> str | None:
+        return self.cooldown_reason(spec)
+
+    async def acheck(self) -> str:
+        """The shared state's health ("ok", "unavailable" or "local"), checked now."""
+        return self.shared_state()
+
     async def aacquire(self, spec: ModelSpec) -> bool:
         return self.acquire(spec)
 
@@ -376,12 +439,153 @@ return 'closed'
 """
 
 
+_DOWN: Any = object()  # what `SharedRedis.call` returns when Redis cannot answer
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import RedisError
+
+    # RedisError covers ConnectionError (BusyLoadingError included), TimeoutError,
+    # ResponseError (NOSCRIPT after a restart, ReadOnlyError on a demoted replica, ...);
+    # OSError covers socket errors redis-py lets through and the builtin TimeoutError.
+    return (RedisError, OSError)
+
+
+class SharedRedis:
+    """The Redis link of a shared registry or limiter, and its health.
+
+    `call(fn)` runs `fn(client)`; if Redis errs in any way (refused, reset, timed out,
+    loading, read-only, script missing) it returns `_DOWN` and the caller uses its
+    in-process state instead. The first failure logs one warning; while Redis is down it
+    is not touched again until `retry_interval` seconds have passed (one caller probes,
+    the others stay local), so a dead Redis costs nothing per call. Short socket timeouts
+    keep a black-holed Redis from stalling calls.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 0.5, retry_interval: float = 5.0,
+                 name: str = "shared state") -> None:
+        self.url = url
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.name = name
+        self.clock: Callable[[], float] = time.monotonic
+        self.ok = True
+        """False from a failure until Redis answers again."""
+        self.last_error: str | None = None
+        self._retry_at = 0.0
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._sources: dict[str, str] = {}
+        self._errors: tuple[type[BaseException], ...] = ()
+
+    def script(self, name: str, source: str) -> None:
+        self._sources[name] = source
+
+    def client(self) -> Any:
+        if self._client is None:
+            import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
+
+            self._errors = _redis_errors()
+            self._client = aioredis.from_url(
+                self.url, decode_responses=True, socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                # One immediate reconnect for a pooled connection a Redis restart closed;
+                # no retry on timeouts (a hung Redis would stall every call twice as long).
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+            self._scripts = {n: self._client.register_script(src)
+                             for n, src in self._sources.items()}
+        return self._client
+
+    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """A registered Lua script (redis-py reloads it after a NOSCRIPT)."""
+        self.client()
+        return await self._scripts[name](keys=keys, args=args)
+
+    def state(self) -> str:
+        return "ok" if self.ok else "unavailable"
+
+    async def call(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """`await fn(client)`, or `_DOWN` when Redis is (or just went) unavailable."""
+        if not self.ok:
+            now = self.clock()
+            if now < self._retry_at:
+                return _DOWN
+            self._retry_at = now + self.retry_interval  # this caller probes, others stay local
+        client = self.client()
+        try:
+            # The socket timeouts bound each read; this bounds the whole exchange.
+            async with asyncio.timeout(self.timeout * 4):
+                result = await fn(client)
+        except self._errors as e:
+            self._down(e)
+            return _DOWN
+        if not self.ok:
+            self.ok = True
+            self.last_error = None
+            log.warning("%s: Redis at %s answers again; shared state restored", self.name,
+                        _safe_url(self.url))
+        return result
+
+    def _down(self, error: BaseException) -> None:
+        self._retry_at = self.clock() + self.retry_interval
+        self.last_error = f"{type(error).__name__}: {error}"
+        if self.ok:
+            self.ok = False
+            log.warning("%s: Redis at %s unavailable (%s); using in-process state, retrying "
+                        "every %.0f s", self.name, _safe_url(self.url), self.last_error,
+                        self.retry_interval)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.aclose()
+            except self._errors:
+                pass  # closing a dead link: nothing to tell
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password (it goes to logs)."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+def shared_state(*parts: Any) -> str:
+    """One word for the health display: "unavailable" if any shared part lost Redis,
+    "ok" if some part is shared and all answer, "local" if nothing is shared."""
+    states = [p.shared_state() for p in parts if p is not None and hasattr(p, "shared_state")]
+    if "unavailable" in states:
+        return "unavailable"
+    return "ok" if "ok" in states else "local"
+
+
+async def acheck_shared_state(*parts: Any) -> str:
+    """`shared_state`, after asking each shared part's Redis (respecting its retry interval)."""
+    for p in parts:
+        if p is not None and hasattr(p, "acheck"):
+            await p.acheck()
+    return shared_state(*parts)
+
+
+async def _ping(r: Any) -> Any:
+    return await r.ping()
+
+
 class RedisBreakerRegistry(BreakerRegistry):
     """Circuit breakers kept in Redis, so every worker of a fleet shares provider health:
-    one worker's discovery of a dead provider protects all the others.
+    one worker's discovery of a dead provider protects all the others; a 429's
+    Retry-After rests the model for the whole fleet (a key with a TTL).
 
     The transitions are Lua scripts (atomic in Redis); times are wall-clock seconds, so the
-    workers' clocks should agree to well under the cooldown.
+    workers' clocks should agree to well under the cooldown. When Redis is unreachable the
+    registry works in-process (one warning; `shared_state()` says "unavailable") and goes
+    back to Redis when it answers again; a run never fails because Redis is down.
     """
 
     def __init__(
@@ -392,89 +596,136 @@ class RedisBreakerRegistry(BreakerRegistry):
         cooldown: float = 30.0,
         prefix: str = "frugalflow:breaker:",
         clock: Callable[[], float] = time.time,
+        timeout: float = 0.5,
+        retry_interval: float = 5.0,
+        max_retry_after: float = 600.0,
     ) -> None:
-        super().__init__(threshold=threshold, cooldown=cooldown, clock=clock)
+        super().__init__(threshold=threshold, cooldown=cooldown, clock=clock,
+                         max_retry_after=max_retry_after)
         self.url = url
         self.prefix = prefix
-        self._redis: Any = None
-        self._scripts: dict[str, Any] = {}
+        self.shared = SharedRedis(url, timeout=timeout, retry_interval=retry_interval,
+                                  name="circuit breakers")
+        for name, src in (("acquire", _ACQUIRE), ("failure", _FAILURE), ("success", _SUCCESS)):
+            self.shared.script(name, src)
         self._known: dict[str, BreakerState] = {}
-
-    def _client(self) -> Any:
-        if self._redis is None:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(self.url, decode_responses=True)
-            self._scripts = {
-                name: self._redis.register_script(src)
-                for name, src in (("acquire", _ACQUIRE), ("failure", _FAILURE),
-                                  ("success", _SUCCESS))
-            }
-        return self._redis
 
     def _key(self, key: str) -> str:
         return self.prefix + key
 
+    def _cooldown_key(self, spec: ModelSpec) -> str:
+        return self.prefix + "retry-after:" + spec.key
+
+    def shared_state(self) -> str:
+        return self.shared.state()
+
+    async def acheck(self) -> str:
+        await self.shared.call(_ping)
+        return self.shared.state()
+
     async def aacquire(self, spec: ModelSpec) -> bool:
-        self._client()
-        ok = await self._scripts["acquire"](
-            keys=[self._key(spec.provider), self._key(spec.key)],
-            args=[self.clock(), self.cooldown],
-        )
-        return bool(ok)
+        async def go(r: Any) -> bool:
+            return bool(await self.shared.run(
+                "acquire", [self._key(spec.provider), self._key(spec.key)],
+                [self.clock(), self.cooldown]))
+
+        ok = await self.shared.call(go)
+        return self.acquire(spec) if ok is _DOWN else bool(ok)
 
     async def arecord(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
-        r = self._client()
         now = self.clock()
-        if error is None or error.error_class not in HEALTH_ERRORS | {"auth", "malformed"}:
-            for key in (spec.provider, spec.key):
-                self._known[key] = BreakerState(
-                    await self._scripts["success"](keys=[self._key(key)], args=[]))
-        elif error.error_class == "auth":
-            reason = f"authentication failed ({error.status_code or 'no status'})"
-            await r.hset(self._key(spec.provider), mapping={"state": "disabled", "reason": reason})
-            self._known[spec.provider] = BreakerState.DISABLED
-        else:
-            keys = [spec.key] if error.error_class == "malformed" else [spec.provider, spec.key]
-            for key in keys:
-                self._known[key] = BreakerState(await self._scripts["failure"](
-                    keys=[self._key(key)], args=[now, self.threshold, error.error_class]))
+        wait = self._retry_after(error)
+        if wait is not None:
+            self.note_retry_after(spec, wait)  # this process knows even if Redis does not
+
+        async def go(r: Any) -> None:
+            if wait is not None:
+                await r.set(self._cooldown_key(spec), repr(now + wait),
+                            px=max(int(wait * 1000), 1))
+            if error is None or error.error_class not in HEALTH_ERRORS | {"auth", "malformed"}:
+                for key in (spec.provider, spec.key):
+                    self._known[key] = BreakerState(
+                        await self.shared.run("success", [self._key(key)], []))
+            elif error.error_class == "auth":
+                reason = f"authentication failed ({error.status_code or 'no status'})"
+                await r.hset(self._key(spec.provider),
+                             mapping={"state": "disabled", "reason": reason})
+                self._known[spec.provider] = BreakerState.DISABLED
+            else:
+                keys = [spec.key] if error.error_class == "malformed" else [spec.provider,
+                                                                             spec.key]
+                for key in keys:
+                    self._known[key] = BreakerState(await self.shared.run(
+                        "failure", [self._key(key)], [now, self.threshold, error.error_class]))
+
+        if await self.shared.call(go) is _DOWN:
+            BreakerRegistry.record(self, spec, error)
 
     async def arelease(self, spec: ModelSpec) -> None:
-        r = self._client()
-        for key in (spec.provider, spec.key):
-            await r.hset(self._key(key), "probe", "0")
+        async def go(r: Any) -> None:
+            for key in (spec.provider, spec.key):
+                await r.hset(self._key(key), "probe", "0")
+
+        await self.shared.call(go)
+        self.release(spec)  # the in-process breakers may have given the slot while down
 
     async def ablocked_reason(self, spec: ModelSpec) -> str | None:
-        r = self._client()
-        for key in (spec.provider, spec.key):
-            state = await r.hget(self._key(key), "state")
-            if state == "disabled":
-                return f"{key} disabled (shared): {await r.hget(self._key(key), 'reason')}"
-            if state in ("open", "half_open"):
-                return f"circuit {state} for {key} (shared)"
-        return None
+        async def go(r: Any) -> str | None:
+            for key in (spec.provider, spec.key):
+                state = await r.hget(self._key(key), "state")
+                if state == "disabled":
+                    return f"{key} disabled (shared): {await r.hget(self._key(key), 'reason')}"
+                if state in ("open", "half_open"):
+                    return f"circuit {state} for {key} (shared)"
+            return None
+
+        why = await self.shared.call(go)
+        return self.blocked_reason(spec) if why is _DOWN else why
+
+    async def acooldown_reason(self, spec: ModelSpec) -> str | None:
+        local = self.cooldown_reason(spec)
+        if local is not None:
+            return local  # known here: no round trip
+
+        async def go(r: Any) -> str | None:
+            return await r.get(self._cooldown_key(spec))  # type: ignore[no-any-return]
+
+        until = await self.shared.call(go)
+        if until is _DOWN or until is None:
+            return None
+        until = float(until)
+        if self.clock() >= until:
+            return None
+        return self._cooldown_text(until) + " (shared)"
 
     async def astate(self, key: str) -> BreakerState:
-        state = await self._client().hget(self._key(key), "state")
+        async def go(r: Any) -> str | None:
+            return await r.hget(self._key(key), "state")  # type: ignore[no-any-return]
+
+        state = await self.shared.call(go)
+        if state is _DOWN:
+            return BreakerRegistry.state(self, key)
         self._known[key] = BreakerState(state or "closed")
         return self._known[key]
 
     def state(self, key: str) -> BreakerState:
         """The last state this process saw (use `astate` for the fleet's current one)."""
+        if not self.shared.ok:
+            return BreakerRegistry.state(self, key)
         return self._known.get(key, BreakerState.CLOSED)
 
     async def areset(self) -> None:
-        r = self._client()
-        keys = [k async for k in r.scan_iter(match=self.prefix + "*")]
-        if keys:
-            await r.delete(*keys)
+        async def go(r: Any) -> None:
+            keys = [k async for k in r.scan_iter(match=self.prefix + "*")]
+            if keys:
+                await r.delete(*keys)
+
+        await self.shared.call(go)
         self._known.clear()
+        self.reset()
 
     async def aclose(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        await self.shared.aclose()
 
 
 default_breakers = BreakerRegistry()
@@ -519,76 +770,214 @@ Sleep = Callable[[float], Awaitable[Any]]
 _default_sleep: Sleep = asyncio.sleep
 
 
-class RateLimiter:
-    """Keeps calls under each model's `rpm`/`tpm` (catalog fields), per fixed minute window.
+@dataclass
+class RateReservation:
+    """Room taken in a model's rate window for one call: `tokens` were estimated; `acorrect`
+    replaces them with the call's actual usage."""
 
-    A call that would exceed a limit is not sent: the routed model moves to the next
-    candidate at once (no 429 round trip). This one counts in this process;
+    key: str
+    id: str
+    tokens: int
+    at: float
+    shared: bool = False  # counted in Redis (else in this process)
+
+
+class _Window:
+    """One model's sliding-window log: (time, id, tokens) per request of the last minute."""
+
+    __slots__ = ("entries", "tokens", "by_id")
+
+    def __init__(self) -> None:
+        self.entries: deque[list[Any]] = deque()
+        self.tokens = 0
+        self.by_id: dict[str, list[Any]] = {}
+
+    def expire(self, edge: float) -> None:
+        while self.entries and self.entries[0][0] <= edge:
+            _, rid, tokens = self.entries.popleft()
+            self.tokens -= tokens
+            self.by_id.pop(rid, None)
+
+
+class RateLimiter:
+    """Keeps calls under each model's `rpm`/`tpm` (catalog fields) over any 60 seconds.
+
+    A sliding-window log: every request of the last `window` seconds is remembered with its
+    tokens, so no 60 s span ever holds more than the limit (a fixed per-minute window lets
+    twice the limit through across a boundary). A call reserves its estimated tokens;
+    `acorrect` puts in the actual usage once the answer is back (adds or refunds the
+    difference). A call that would exceed a limit is not sent: the routed model moves to the
+    next candidate at once (no 429 round trip). This one counts in this process;
     `RedisRateLimiter` counts for the whole fleet.
+
+    Why not the `limits` library: its moving window can neither refund nor add tokens to a
+    request already counted (the usage correction), checks one limit per call (rpm and tpm
+    must be taken together or not at all), reads the wall clock itself (no fake clock in
+    tests), and its redis-py extra pins redis<8.
     """
+
+    window = 60.0
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._counts: dict[tuple[str, int], list[int]] = {}
+        self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
 
-    async def aacquire(self, spec: ModelSpec, tokens: int) -> bool:
+    def acquire(self, spec: ModelSpec, tokens: int) -> RateReservation | None:
+        """Take room for one request of `tokens` (estimated), or None if over a limit."""
+        now = self.clock()
+        tokens = max(int(tokens), 0)
+        with self._lock:
+            w = self._windows.get(spec.key)
+            if w is None:
+                w = self._windows[spec.key] = _Window()
+            w.expire(now - self.window)
+            if (spec.rpm is not None and len(w.entries) + 1 > spec.rpm) or (
+                spec.tpm is not None and w.tokens + tokens > spec.tpm
+            ):
+                return None
+            res = RateReservation(spec.key, uuid.uuid4().hex, tokens, now)
+            entry = [now, res.id, tokens]
+            w.entries.append(entry)
+            w.by_id[res.id] = entry
+            w.tokens += tokens
+            return res
+
+    def correct(self, reservation: RateReservation, actual_tokens: int) -> None:
+        with self._lock:
+            w = self._windows.get(reservation.key)
+            entry = w.by_id.get(reservation.id) if w is not None else None
+            if entry is None:
+                return  # already out of the window: nothing left to correct
+            actual = max(int(actual_tokens), 0)
+            w.tokens += actual - entry[2]  # type: ignore[union-attr]
+            entry[2] = actual
+        reservation.tokens = actual
+
+    def used(self, spec: ModelSpec) -> tuple[int, int]:
+        """(requests, tokens) counted for `spec` in the last `window` seconds (in process)."""
+        with self._lock:
+            w = self._windows.get(spec.key)
+            if w is None:
+                return 0, 0
+            w.expire(self.clock() - self.window)
+            return len(w.entries), w.tokens
+
+    def shared_state(self) -> str:
+        return "local"
+
+    async def acheck(self) -> str:
+        return self.shared_state()
+
+    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | bool | None:
+        """A reservation (truthy), None when over a limit, True when `spec` has no limits."""
         if spec.rpm is None and spec.tpm is None:
             return True
-        window = int(self.clock() // 60)
-        with self._lock:
-            used = self._counts.setdefault((spec.key, window), [0, 0])
-            if (spec.rpm is not None and used[0] + 1 > spec.rpm) or (
-                spec.tpm is not None and used[1] + tokens > spec.tpm
-            ):
-                return False
-            used[0] += 1
-            used[1] += tokens
-            for key in [k for k in self._counts if k[1] < window]:
-                del self._counts[key]  # old windows
-        return True
+        return self.acquire(spec, tokens)
+
+    async def acorrect(self, reservation: Any, actual_tokens: int) -> None:
+        """Replace a reservation's estimated tokens with the call's actual usage."""
+        if isinstance(reservation, RateReservation):
+            self.correct(reservation, actual_tokens)
 
 
 _RATE = """
--- KEYS: requests key, tokens key. ARGV: rpm (0 = none), tpm (0 = none), tokens, ttl.
-local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local reqs = tonumber(redis.call('GET', KEYS[1]) or '0')
-local toks = tonumber(redis.call('GET', KEYS[2]) or '0')
-if (rpm > 0 and reqs + 1 > rpm) or (tpm > 0 and toks + tokens > tpm) then return 0 end
-redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('INCRBY', KEYS[2], tokens); redis.call('EXPIRE', KEYS[2], ARGV[4])
+-- A sliding-window log. KEYS: zset (request id by time), hash (id -> tokens), total tokens.
+-- ARGV: now, window, rpm (0 = none), tpm (0 = none), tokens, id.
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rpm, tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local edge = now - window
+while true do
+  local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', edge, 'LIMIT', 0, 500)
+  if #old == 0 then break end
+  local sum = 0
+  for _, t in ipairs(redis.call('HMGET', KEYS[2], unpack(old))) do sum = sum + (tonumber(t) or 0) end
+  redis.call('DECRBY', KEYS[3], sum)
+  redis.call('HDEL', KEYS[2], unpack(old))
+  redis.call('ZREM', KEYS[1], unpack(old))
+end
+local n = redis.call('ZCARD', KEYS[1])
+local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+if used < 0 then used = 0; redis.call('SET', KEYS[3], 0) end
+if (rpm > 0 and n + 1 > rpm) or (tpm > 0 and used + tokens > tpm) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[6])
+redis.call('HSET', KEYS[2], ARGV[6], tokens)
+redis.call('INCRBY', KEYS[3], tokens)
+local ttl = math.ceil(window * 1000) + 1000
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
 return 1
+"""
+
+_RATE_CORRECT = """
+-- KEYS: hash (id -> tokens), total tokens. ARGV: id, actual tokens.
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+local diff = tonumber(ARGV[2]) - tonumber(old)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCRBY', KEYS[2], diff)
+return diff
 """
 
 
 class RedisRateLimiter(RateLimiter):
-    """Per-model request and token budgets per minute, shared by every worker through Redis
-    (one atomic Lua check-and-count per call), so the fleet as a whole stays under a
-    provider's limits."""
+    """Per-model request and token limits over any 60 s, shared by every worker through
+    Redis (one atomic Lua check-and-count per call, a sliding-window log per model), so the
+    fleet as a whole stays under a provider's limits. When Redis is unreachable it counts in
+    this process (one warning; `shared_state()` says "unavailable") until Redis is back."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *,
-                 prefix: str = "frugalflow:rate:", clock: Callable[[], float] = time.time) -> None:
+                 prefix: str = "frugalflow:rate:", clock: Callable[[], float] = time.time,
+                 timeout: float = 0.5, retry_interval: float = 5.0) -> None:
         super().__init__(clock)
         self.url = url
         self.prefix = prefix
-        self._redis: Any = None
-        self._script: Any = None
+        self.shared = SharedRedis(url, timeout=timeout, retry_interval=retry_interval,
+                                  name="rate limits")
+        self.shared.script("acquire", _RATE)
+        self.shared.script("correct", _RATE_CORRECT)
 
-    async def aacquire(self, spec: ModelSpec, tokens: int) -> bool:
+    def _keys(self, key: str) -> list[str]:
+        base = f"{self.prefix}{{{key}}}"  # one hash tag: the three keys live on one node
+        return [base + ":log", base + ":tokens", base + ":total"]
+
+    def shared_state(self) -> str:
+        return self.shared.state()
+
+    async def acheck(self) -> str:
+        await self.shared.call(_ping)
+        return self.shared.state()
+
+    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | bool | None:
         if spec.rpm is None and spec.tpm is None:
             return True
-        if self._redis is None:
-            import redis.asyncio as aioredis
+        tokens = max(int(tokens), 0)
+        now = self.clock()
+        rid = uuid.uuid4().hex
 
-            self._redis = aioredis.from_url(self.url, decode_responses=True)
-            self._script = self._redis.register_script(_RATE)
-        window = int(self.clock() // 60)
-        base = f"{self.prefix}{spec.key}:{window}"
-        ok = await self._script(keys=[base + ":r", base + ":t"],
-                                args=[spec.rpm or 0, spec.tpm or 0, tokens, 120])
-        return bool(ok)
+        async def go(r: Any) -> int:
+            return int(await self.shared.run(
+                "acquire", self._keys(spec.key),
+                [now, self.window, spec.rpm or 0, spec.tpm or 0, tokens, rid]))
+
+        ok = await self.shared.call(go)
+        if ok is _DOWN:
+            return self.acquire(spec, tokens)
+        return RateReservation(spec.key, rid, tokens, now, shared=True) if ok else None
+
+    async def acorrect(self, reservation: Any, actual_tokens: int) -> None:
+        if not isinstance(reservation, RateReservation):
+            return
+        if not reservation.shared:
+            self.correct(reservation, actual_tokens)
+            return
+        keys = self._keys(reservation.key)
+
+        async def go(r: Any) -> Any:
+            return await self.shared.run("correct", keys[1:],
+                                         [reservation.id, max(int(actual_tokens), 0)])
+
+        if await self.shared.call(go) is not _DOWN:
+            reservation.tokens = max(int(actual_tokens), 0)
 
     async def aclose(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        await self.shared.aclose()

@@ -818,11 +818,19 @@ class RoutedChatModel(BaseChatModel):
                 skipped.append(f"{spec.key}: over the remaining budget")
                 over_budget = over_budget or Candidate._make(row)
                 continue
-            if ctx.limiter is not None and not await ctx.limiter.aacquire(
-                spec, n_in + self.needs.expected_output_tokens
-            ):
-                skipped.append(f"{spec.key}: over its rate limit this minute")
+            # A 429's Retry-After rests the model for every run (and the fleet, via Redis).
+            resting = (breakers.cooldown_reason(spec) if local_breakers
+                       else await breakers.acooldown_reason(spec))
+            if resting is not None:
+                skipped.append(f"{spec.key}: {resting}")
                 continue
+            reservation = None
+            if ctx.limiter is not None:
+                reservation = await ctx.limiter.aacquire(
+                    spec, n_in + self.needs.expected_output_tokens)
+                if not reservation:
+                    skipped.append(f"{spec.key}: over its rate limit (last 60 s)")
+                    continue
             tries = 0
             while True:
                 # A shared (Redis) registry needs awaiting; the in-process one answers at once.
@@ -925,6 +933,9 @@ class RoutedChatModel(BaseChatModel):
                     else:
                         await breakers.arecord(spec, None)
                     call_usage = Usage.from_message(message)
+                    if reservation is not None and call_usage is not None:
+                        # The rate window counted an estimate: put in what was used.
+                        await ctx.limiter.acorrect(reservation, call_usage.total_tokens)
                     cost = spec.cost(call_usage) if call_usage else 0.0
                     message.response_metadata = {
                         **message.response_metadata,
