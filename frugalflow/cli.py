@@ -496,14 +496,34 @@ def explain(
 
 
 @app.command("catalog")
-def catalog_cmd(catalog: str = CatalogOption, as_json: bool = JsonOption) -> None:
+def catalog_cmd(
+    catalog: str = CatalogOption, as_json: bool = JsonOption,
+    redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
+                              help="Show the fleet's breakers shared through Redis."),
+) -> None:
     """Models, prices, capabilities, availability and circuit-breaker state."""
-    from .fallback import default_breakers
+    from .fallback import BreakerRegistry, RedisBreakerRegistry, default_breakers
 
     try:
         cat = _catalog(catalog)
     except FrugalflowError as e:
         _fail(e)
+    breakers: BreakerRegistry = default_breakers
+    shared = "local"
+    if redis:
+        fleet = RedisBreakerRegistry(redis, retry_interval=0.0)
+
+        async def read_fleet() -> str:
+            try:
+                state = await fleet.acheck()
+                for provider in {s.provider for s in cat}:
+                    await fleet.astate(provider)
+                return state
+            finally:
+                await fleet.aclose()
+
+        shared = asyncio.run(read_fleet())
+        breakers = fleet
     rows = []
     for s in cat:
         rows.append({
@@ -512,7 +532,7 @@ def catalog_cmd(catalog: str = CatalogOption, as_json: bool = JsonOption) -> Non
             "capabilities": [c for c, v in s.caps.model_dump().items() if v],
             "quality": s.quality, "available": cat.is_available(s),
             "why_not": cat.unavailable_reason(s), "simulated": s.simulated,
-            "breaker": default_breakers.state(s.provider).value,
+            "breaker": breakers.state(s.provider).value, "shared_state": shared,
         })
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -525,6 +545,7 @@ def catalog_cmd(catalog: str = CatalogOption, as_json: bool = JsonOption) -> Non
                       str(r["context"]), ",".join(r["capabilities"]),
                       "yes" if r["available"] else f"no: {r['why_not']}", r["breaker"])
     console.print(table)
+    console.print(f"shared state: {shared}")
 
 
 def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:

@@ -203,7 +203,12 @@ def create_router(runner: Runner, *, token: str | None = None) -> APIRouter:
 
     @router.get("/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True}
+        from .fallback import acheck_shared_state
+
+        # "unavailable": Redis (shared breakers / rate limits) is down and this process
+        # uses in-process state until it is back; "local": nothing is shared.
+        return {"ok": True,
+                "shared_state": await acheck_shared_state(runner.breakers, runner.limiter)}
 
     return router
 

@@ -4,6 +4,7 @@ and Retry-After cool-downs. Real Redis at 127.0.0.1:6379, cut through tests/tcp_
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import socket
@@ -445,3 +446,45 @@ async def test_retry_after_over_the_wire_is_remembered(_emulator_key: None, shar
                 if shared:
                     await r.aclose()
             await catalog.aclose()
+
+
+# -- the health display ------------------------------------------------------------------
+
+
+async def test_health_shows_shared_state(tmp_path: Any) -> None:
+    import httpx
+
+    from frugalflow.runner import Runner
+    from frugalflow.service import create_app
+
+    down = f"redis://127.0.0.1:{closed_port()}/0"
+    up = f"redis://{REDIS[0]}:{REDIS[1]}/0"
+    for url, expected in ((down, "unavailable"), (up, "ok")):
+        breakers, limiter = shared_pair(url)
+        runner = Runner(f"sqlite:///{tmp_path / 'h.db'}", catalog=Catalog.simulated(),
+                        breakers=breakers, limiter=limiter)
+        try:
+            transport = httpx.ASGITransport(app=create_app(runner))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                body = (await client.get("/health")).json()
+            assert body["shared_state"] == expected
+        finally:
+            await runner.close()
+            await breakers.aclose()
+            await limiter.aclose()
+
+
+def test_catalog_command_shows_shared_state() -> None:
+    from typer.testing import CliRunner
+
+    from frugalflow.cli import app
+
+    out = CliRunner().invoke(app, ["catalog", "--redis", f"redis://127.0.0.1:{closed_port()}/0"])
+    assert out.exit_code == 0, out.output
+    assert "shared state: unavailable" in out.output
+    out = CliRunner().invoke(app, ["catalog", "--redis", f"redis://{REDIS[0]}:{REDIS[1]}/0",
+                                   "--json"])
+    assert out.exit_code == 0, out.output
+    assert {row["shared_state"] for row in json.loads(out.output)} == {"ok"}
+    out = CliRunner().invoke(app, ["catalog"], env={"FRUGALFLOW_REDIS_URL": ""})
+    assert "shared state: local" in out.output
