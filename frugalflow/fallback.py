@@ -526,20 +526,31 @@ class SharedRedis:
         if not self.ok:
             self.ok = True
             self.last_error = None
-            log.warning("%s: Redis at %s answers again; shared state restored", self.name,
-                        _safe_url(self.url))
+            SharedRedis._down_links[self.url] -= 1
+            log.info("%s: Redis at %s answers again; shared state restored", self.name,
+                     _safe_url(self.url))
         return result
+
+    # Links (breakers, limiter) to one Redis that are down: an outage warns once, not once
+    # per link.
+    _down_links: dict[str, int] = {}
 
     def _down(self, error: BaseException) -> None:
         self._retry_at = self.clock() + self.retry_interval
         self.last_error = f"{type(error).__name__}: {error}"
         if self.ok:
             self.ok = False
-            log.warning("%s: Redis at %s unavailable (%s); using in-process state, retrying "
-                        "every %.0f s", self.name, _safe_url(self.url), self.last_error,
-                        self.retry_interval)
+            others = SharedRedis._down_links.get(self.url, 0)
+            SharedRedis._down_links[self.url] = others + 1
+            log.log(logging.INFO if others else logging.WARNING,
+                    "%s: Redis at %s unavailable (%s); shared state degrades to in-process "
+                    "state, retried every %.0f s", self.name, _safe_url(self.url),
+                    self.last_error, self.retry_interval)
 
     async def aclose(self) -> None:
+        if not self.ok:  # a closed link no longer counts as one that is down
+            self.ok = True
+            SharedRedis._down_links[self.url] -= 1
         if self._client is not None:
             client, self._client = self._client, None
             try:

@@ -118,8 +118,8 @@ async def test_unreachable_redis_from_the_start_never_fails_a_run(
             assert result["review"] and all(a.outcome == "ok" for a in ctx.usage.attempts)
         assert breakers.shared_state() == limiter.shared_state() == "unavailable"
         assert shared_state(breakers, limiter) == "unavailable"
-        # One warning per shared part for the whole outage, not one per call.
-        assert len(shared_warnings(caplog)) == 2
+        # One warning for the whole outage, not one per call or per shared part.
+        assert len(shared_warnings(caplog)) == 1
         assert limiter.used(ctx.catalog["sim-openai/gpt-4o-mini"])[0] >= 0  # counted locally
         # While down, breakers still work in-process.
         spec = ctx.catalog["sim-openai/gpt-4o-mini"]
@@ -164,7 +164,7 @@ async def test_redis_lost_mid_run_and_back(proxy: TcpProxy,
         for _ in range(2):
             await run_flow(app, limiter)
         warned = shared_warnings(caplog)
-        assert len(warned) == 2 and all("unavailable" in w for w in warned)
+        assert len(warned) == 1 and "unavailable" in warned[0]
 
         await proxy.restore()
         await run_flow(app, limiter)
@@ -175,7 +175,7 @@ async def test_redis_lost_mid_run_and_back(proxy: TcpProxy,
         await run_flow(app, limiter)
         assert shared_state(breakers, limiter) == "ok"  # back on Redis
         assert await fleet_count() == 9
-        assert any("answers again" in w for w in shared_warnings(caplog))
+        assert any("answers again" in r.getMessage() for r in caplog.records)
     finally:
         await breakers.aclose()
         await limiter.aclose()
@@ -187,15 +187,19 @@ async def test_hung_redis_does_not_stall_calls(proxy: TcpProxy) -> None:
     app = load_flow("flows/support_triage.py").compile(limited_catalog(), breakers=breakers)
     try:
         await run_flow(app, limiter)
+        t0 = time.monotonic()
+        for _ in range(3):
+            await run_flow(app, limiter)
+        baseline = time.monotonic() - t0  # three runs with Redis answering
         proxy.blackhole()  # Redis accepts bytes and never answers
         t0 = time.monotonic()
         for _ in range(3):
             result, ctx = await run_flow(app, limiter)
             assert [a.outcome for a in ctx.usage.attempts] == ["ok"] * 4
         elapsed = time.monotonic() - t0
-        # Each link waits out one socket timeout, then stays local: well under 3 runs x 4
-        # calls x several Redis round trips x the timeout.
-        assert elapsed < 2.5, elapsed
+        # Each link waits out one 0.2 s timeout, then stays local; waiting on every Redis
+        # round trip (3 runs x 4 calls x 5+ round trips) would take 12 s and more.
+        assert elapsed < 2 * baseline + 1.5, (elapsed, baseline)
         assert shared_state(breakers, limiter) == "unavailable"
     finally:
         await proxy.restore()
@@ -252,7 +256,7 @@ async def test_a_routed_model_keeps_answering_without_redis(
         for i in range(20):
             answer = await model.ainvoke([HumanMessage(f"question {i}")])
             assert answer.content
-        assert len(shared_warnings(caplog)) == 2
+        assert len(shared_warnings(caplog)) == 1
     finally:
         await breakers.aclose()
         await limiter.aclose()
