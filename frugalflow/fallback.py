@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .exceptions import (
     AuthenticationError,
@@ -53,6 +53,7 @@ __all__ = [
     "FallbackPolicy",
     "default_breakers",
     "error_from_status",
+    "acheck_shared_state",
     "shared_state",
 ]
 
@@ -533,7 +534,7 @@ class SharedRedis:
 
     # Links (breakers, limiter) to one Redis that are down: an outage warns once, not once
     # per link.
-    _down_links: dict[str, int] = {}
+    _down_links: ClassVar[dict[str, int]] = {}
 
     def _down(self, error: BaseException) -> None:
         self._retry_at = self.clock() + self.retry_interval
@@ -902,7 +903,9 @@ while true do
   local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', edge, 'LIMIT', 0, 500)
   if #old == 0 then break end
   local sum = 0
-  for _, t in ipairs(redis.call('HMGET', KEYS[2], unpack(old))) do sum = sum + (tonumber(t) or 0) end
+  for _, t in ipairs(redis.call('HMGET', KEYS[2], unpack(old))) do
+    sum = sum + (tonumber(t) or 0)
+  end
   redis.call('DECRBY', KEYS[3], sum)
   redis.call('HDEL', KEYS[2], unpack(old))
   redis.call('ZREM', KEYS[1], unpack(old))

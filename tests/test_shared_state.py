@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from langchain_core.messages import HumanMessage
-
 from conftest import FakeClock
+from langchain_core.messages import HumanMessage
+from tcp_proxy import TcpProxy
+
 from frugalflow import (
     BreakerRegistry,
     Catalog,
@@ -32,7 +33,6 @@ from frugalflow.fallback import (
     acheck_shared_state,
     shared_state,
 )
-from tcp_proxy import TcpProxy
 
 REDIS = ("127.0.0.1", 6379)
 TICKET = {"ticket": "Hi, Dana here. I was charged twice for order 88231, please refund."}
@@ -194,7 +194,7 @@ async def test_hung_redis_does_not_stall_calls(proxy: TcpProxy) -> None:
         proxy.blackhole()  # Redis accepts bytes and never answers
         t0 = time.monotonic()
         for _ in range(3):
-            result, ctx = await run_flow(app, limiter)
+            _, ctx = await run_flow(app, limiter)
             assert [a.outcome for a in ctx.usage.attempts] == ["ok"] * 4
         elapsed = time.monotonic() - t0
         # Each link waits out one 0.2 s timeout, then stays local; waiting on every Redis
