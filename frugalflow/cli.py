@@ -511,7 +511,10 @@ def catalog_cmd(
     breakers: BreakerRegistry = default_breakers
     shared = "local"
     if redis:
-        fleet = RedisBreakerRegistry(redis, retry_interval=0.0)
+        try:
+            fleet = RedisBreakerRegistry(redis)
+        except ValueError as e:
+            _fail(e)
 
         async def read_fleet() -> str:
             try:

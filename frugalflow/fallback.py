@@ -465,6 +465,10 @@ class SharedRedis:
 
     def __init__(self, url: str, *, timeout: float = 0.5, retry_interval: float = 5.0,
                  name: str = "shared state") -> None:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            # A typo must not pass as an outage: say so at start-up.
+            raise ValueError(f"{name}: {_safe_url(url)!r} is not a Redis URL; use "
+                             "redis://host:6379/0 (or rediss://, unix://)")
         self.url = url
         self.timeout = timeout
         self.retry_interval = retry_interval

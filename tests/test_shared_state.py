@@ -492,3 +492,13 @@ def test_catalog_command_shows_shared_state() -> None:
     assert {row["shared_state"] for row in json.loads(out.output)} == {"ok"}
     out = CliRunner().invoke(app, ["catalog"], env={"FRUGALFLOW_REDIS_URL": ""})
     assert "shared state: local" in out.output
+    out = CliRunner().invoke(app, ["catalog", "--redis", "127.0.0.1:6379"])
+    assert out.exit_code == 1 and "is not a Redis URL; use redis://" in out.output
+
+
+def test_a_bad_redis_url_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        RedisBreakerRegistry("localhost:6379")
+    with pytest.raises(ValueError, match="not a Redis URL") as raised:
+        RedisRateLimiter("http://user:secret@cache:6379")
+    assert "secret" not in str(raised.value)  # the password never reaches an error or log
