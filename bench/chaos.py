@@ -1,0 +1,531 @@
+"""Chaos: durable runs on PostgreSQL while the database, Redis, the providers and the workers fail.
+
+N runs of a 4-node flow (classify -> extract (structured) -> draft -> review), dispatched to
+worker processes (`python bench/chaos.py --worker ...`, procrastinate on PostgreSQL) that call
+the provider emulator on 127.0.0.1 through the real OpenAI, Anthropic, Gemini and Ollama
+clients. At random moments, until every run has ended:
+  - PostgreSQL and Redis connections are cut through a TCP proxy (tests/tcp_proxy.py) for
+    50 ms to 5 s: open connections are reset and new ones refused;
+  - the emulator injects provider faults: 429 with Retry-After, 500, 503, hang, stream cut
+    (transport abort), stream truncated (clean close, no end marker), a 401 whose body echoes
+    the API key, content filter;
+  - a worker is SIGKILLed and a new one started; another worker resumes its runs.
+Then it prints:
+  runs completed; completed nodes executed twice (a node whose function had returned ran
+  again although its executor was not killed in between); paid calls missing from the ledger
+  (answers the emulator sent in full that no ledger row records); calls paid twice (the same
+  request answered in full twice); runs stuck (not ended within --deadline of the last
+  submit); secrets found at rest (the API key's bytes in a pg_dump of the database); recovery
+  time after each SIGKILL (until every run the victim held executes elsewhere or has ended).
+
+    python bench/chaos.py [--runs 200] [--workers 2] [--concurrency 8] [--seed 0]
+                          [--pg postgresql://postgres@127.0.0.1:5432/test]
+                          [--redis redis://127.0.0.1:6379/0]
+
+Target (issue 11): every run completes and every other count is 0. It prints figures; it is
+not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, TypedDict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from langchain_core.messages import HumanMessage, SystemMessage  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from frugalflow import END, START, Flow, Needs, RoutedChatModel  # noqa: E402
+from frugalflow.emulator import EMULATED_MODELS, EMULATOR_KEY_ENV  # noqa: E402
+
+FLOW = "chaos"
+# A realistic-looking key: the emulator's key-echoing 401 repeats it, as OpenAI's does.
+KEY = "sk-proj-CHAOS" + "x7Qm2Lr9Vt4Wb8Nc3Zp6Hd1Ke5Jf0Ys" * 2
+PROVIDER_FAULTS = ["rate_limit", "server_error", "unavailable", "timeout", "stream_cut",
+                   "stream_truncated", "auth_echo", "content_filter"]
+ROUTES = ("openai", "anthropic", "gemini", "ollama")
+
+
+# -- the flow (imported by the workers) ---------------------------------------------------
+
+class Fields(BaseModel):
+    """What the extraction node returns."""
+
+    customer: str = Field(description="the customer's name")
+    topic: str = Field(description="what the message is about, in a few words")
+
+
+class ChaosState(TypedDict, total=False):
+    ticket: str
+    category: str
+    fields: dict[str, Any]
+    draft: str
+    review: str
+
+
+def chaos_flow(log_path: str | None = None) -> Flow[ChaosState]:
+    """Four model nodes in a row; each logs its start and end (pid, time) to `log_path`."""
+    flow: Flow[ChaosState] = Flow(FLOW, ChaosState)
+
+    def log(event: str, node: str, config: Any) -> None:
+        if log_path is None:
+            return
+        run_id = config["configurable"]["thread_id"]
+        line = json.dumps({"e": event, "run": run_id, "node": node, "pid": os.getpid(),
+                           "t": time.time()})
+        # O_APPEND writes of one short line are atomic between processes, and a SIGKILL
+        # loses nothing already written.
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    @flow.node(needs=Needs(quality={"classification": 0.6}, expected_output_tokens=5))
+    async def classify(state: ChaosState, model: RoutedChatModel, config: Any) -> ChaosState:
+        log("start", "classify", config)
+        answer = await model.ainvoke([SystemMessage("Classify: billing, shipping or other."),
+                                      HumanMessage(state["ticket"])])
+        log("end", "classify", config)
+        return {"category": str(answer.content)[:40]}
+
+    @flow.node(needs=Needs(structured_output=True, expected_output_tokens=60))
+    async def extract(state: ChaosState, model: RoutedChatModel, config: Any) -> ChaosState:
+        log("start", "extract", config)
+        fields = await model.with_structured_output(Fields).ainvoke(
+            [HumanMessage(f"Extract the fields of: {state['ticket']}")])
+        log("end", "extract", config)
+        return {"fields": fields.model_dump()}  # type: ignore[union-attr]
+
+    @flow.node(needs=Needs(quality={"writing": 0.7}, expected_output_tokens=120))
+    async def draft(state: ChaosState, model: RoutedChatModel, config: Any) -> ChaosState:
+        log("start", "draft", config)
+        answer = await model.ainvoke([HumanMessage(
+            f"Draft a reply to: {state['ticket']} (about {state['fields'].get('topic')})")])
+        log("end", "draft", config)
+        return {"draft": str(answer.content)}
+
+    @flow.node(needs=Needs(quality={"reasoning": 0.6}, expected_output_tokens=40))
+    async def review(state: ChaosState, model: RoutedChatModel, config: Any) -> ChaosState:
+        log("start", "review", config)
+        answer = await model.ainvoke([HumanMessage(
+            f"Review this reply to {state['ticket']!r}: {state['draft']}")])
+        log("end", "review", config)
+        return {"review": str(answer.content)[:200]}
+
+    flow.add_edge(START, "classify")
+    flow.add_edge("classify", "extract")
+    flow.add_edge("extract", "draft")
+    flow.add_edge("draft", "review")
+    flow.add_edge("review", END)
+    return flow
+
+
+class _Endpoint:
+    """Stands in for a ProviderEmulator where only its URL is known (in a worker)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def base_url(self, provider: str) -> str:
+        return self.url + {"openai": "/openai/v1", "anthropic": "/anthropic",
+                           "gemini": "/gemini", "ollama": "/ollama"}[provider]
+
+
+def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str | None,
+                lease_ttl: float, stall: float, concurrency: int) -> Any:
+    from frugalflow import BreakerRegistry, FallbackPolicy
+    from frugalflow.dispatch import ProcrastinateDispatcher
+    from frugalflow.emulator import emulated_catalog
+    from frugalflow.fallback import RedisBreakerRegistry, RedisRateLimiter
+    from frugalflow.runner import Runner
+
+    catalog = emulated_catalog(_Endpoint(emulator_url))  # type: ignore[arg-type]
+    return Runner(
+        db, flows=[chaos_flow(log_path)], catalog=catalog,
+        dispatcher=ProcrastinateDispatcher(db, stall_timeout=stall, heartbeat=0.5),
+        lease_ttl=lease_ttl, max_concurrency=concurrency,
+        breakers=RedisBreakerRegistry(redis, cooldown=2.0) if redis else BreakerRegistry(),
+        limiter=RedisRateLimiter(redis) if redis else None,
+        policy=FallbackPolicy(timeout=2.0, max_retries=1, backoff_base=0.02, backoff_max=0.2,
+                              retry_after_cap=0.5),
+    )
+
+
+async def worker_main(args: argparse.Namespace) -> None:
+    from frugalflow.dispatch import run_worker
+
+    os.environ[EMULATOR_KEY_ENV] = KEY
+    runner = make_runner(args.db, emulator_url=args.emulator, redis=args.redis,
+                         log_path=args.log, lease_ttl=args.lease_ttl, stall=args.stall,
+                         concurrency=args.concurrency)
+    print(f"worker {runner.holder} ready", flush=True)
+    try:
+        await run_worker(runner, concurrency=args.concurrency, stall_check=0.5)
+    finally:
+        await runner.close()
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+def _with_host(url: str, port: int) -> str:
+    return make_url(url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+class Workers:
+    """The worker processes: spawn, SIGKILL, replace, stop."""
+
+    def __init__(self, args: argparse.Namespace, db: str, redis: str, emulator: str,
+                 log_path: str) -> None:
+        self.cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--db", db,
+                    "--redis", redis, "--emulator", emulator, "--log", log_path,
+                    "--lease-ttl", str(args.lease_ttl), "--stall", str(args.stall),
+                    "--concurrency", str(args.concurrency)]
+        self.procs: list[subprocess.Popen[str]] = []
+        self.kills: list[tuple[int, float]] = []  # (pid, when)
+        self.logs = Path(log_path).with_suffix(".workers.log")
+
+    def spawn(self) -> subprocess.Popen[str]:
+        with self.logs.open("a") as err:
+            p = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                 env={**os.environ, EMULATOR_KEY_ENV: KEY})
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if "ready" not in line:
+            raise RuntimeError(f"worker did not start (see {self.logs})")
+        self.procs.append(p)
+        return p
+
+    def kill_one(self, rng: random.Random) -> subprocess.Popen[str]:
+        alive = [p for p in self.procs if p.poll() is None]
+        victim = rng.choice(alive)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        self.kills.append((victim.pid, time.time()))
+        return victim
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def chaos_loop(args: argparse.Namespace, rng: random.Random, emu: Any, pg: Any, rd: Any,
+                     workers: Workers, sub: Any, done: asyncio.Event,
+                     recoveries: list[float], events: Counter[str]) -> None:
+    from sqlalchemy import text
+
+    from frugalflow.emulator import FAULT_KINDS
+
+    kinds = [k for k in PROVIDER_FAULTS if k in FAULT_KINDS]
+    if missing := [k for k in PROVIDER_FAULTS if k not in FAULT_KINDS]:
+        print(f"  (the emulator has no fault {', '.join(missing)}: not injected)", flush=True)
+    last_kill = time.monotonic()
+    background: set[asyncio.Task[Any]] = set()
+
+    async def recovery(victim_pid: int, held: list[str], killed_at: float) -> None:
+        marker = f":{victim_pid}:"
+        while not done.is_set():
+            async with sub.store.read() as c:
+                rows = (await c.execute(text(
+                    "select id from ff_runs where id = any(:ids) and (status not in "
+                    "('running', 'queued') or id in (select run_id from ff_node_runs where "
+                    "holder not like :h and started_at > to_timestamp(:t)))"),
+                    {"ids": held, "h": f"%{marker}%", "t": killed_at})).all()
+            if len(rows) == len(held):
+                recoveries.append(time.time() - killed_at)
+                return
+            await asyncio.sleep(0.1)
+
+    while not done.is_set():
+        try:
+            await asyncio.wait_for(done.wait(), rng.expovariate(1 / args.mean_gap))
+            break
+        except TimeoutError:
+            pass
+        what = rng.choices(["pg", "redis", "provider", "kill"], weights=[3, 2, 5, 2])[0]
+        if what == "pg":
+            events["postgres cut"] += 1
+            t = asyncio.create_task(cut_for(pg, rng.uniform(0.05, args.max_cut)))
+        elif what == "redis":
+            events["redis cut"] += 1
+            t = asyncio.create_task(cut_for(rd, rng.uniform(0.05, args.max_cut)))
+        elif what == "provider":
+            kind = rng.choice(kinds)
+            route = rng.choice(ROUTES)
+            events[f"provider {kind}"] += 1
+            emu.fault(route, kind, times=rng.randint(1, 4), retry_after=rng.choice([0.2, 1, 5]),
+                      hang_seconds=3.0, after_chunks=rng.randint(1, 3))
+            continue
+        else:
+            if time.monotonic() - last_kill < args.kill_gap:
+                continue
+            last_kill = time.monotonic()
+            async with sub.store.read() as c:
+                held_before = {r[0]: r[1] for r in (await c.execute(text(
+                    "select run_id, holder from ff_leases where expires_at > now()"))).all()}
+            victim = workers.kill_one(rng)
+            events["worker SIGKILL"] += 1
+            held = [run for run, h in held_before.items() if f":{victim.pid}:" in (h or "")]
+            workers.spawn()
+            if held:
+                t = asyncio.create_task(recovery(victim.pid, held, workers.kills[-1][1]))
+            else:
+                continue
+        background.add(t)
+        t.add_done_callback(background.discard)
+    for t in list(background):
+        t.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    await pg.restore()
+    await rd.restore()
+    emu.clear_faults()
+
+
+async def cut_for(proxy: Any, seconds: float) -> None:
+    """Cut every connection through `proxy` and refuse new ones for `seconds`."""
+    await proxy.cut()
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        await proxy.restore()
+
+
+async def driver(args: argparse.Namespace) -> None:
+    from pg import create_database, drop_database
+    from sqlalchemy import text
+    from tcp_proxy import TcpProxy
+
+    from frugalflow.emulator import ProviderEmulator
+
+    rng = random.Random(args.seed)
+    os.environ[EMULATOR_KEY_ENV] = KEY
+    work = Path(args.workdir or "/tmp") / f"frugalflow-chaos-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = str(work / "nodes.jsonl")
+    db = await create_database(args.pg)
+    redis_url = make_url(args.redis)
+    events: Counter[str] = Counter()
+    recoveries: list[float] = []
+    try:
+        async with ProviderEmulator(seed=args.seed, latency=args.latency) as emu, \
+                TcpProxy(make_url(db).host or "127.0.0.1", make_url(db).port or 5432) as pg, \
+                TcpProxy(redis_url.host or "127.0.0.1", redis_url.port or 6379) as rd:
+            proxied_db = _with_host(db, pg.port)
+            proxied_redis = f"redis://127.0.0.1:{rd.port}/{redis_url.database or 0}"
+            sub = make_runner(db, emulator_url=emu.url, redis=None, log_path=None,
+                              lease_ttl=args.lease_ttl, stall=args.stall, concurrency=1)
+            await sub.setup()
+            await sub.dispatcher.open()
+            workers = Workers(args, proxied_db, proxied_redis, emu.url, log_path)
+            for _ in range(args.workers):
+                workers.spawn()
+            print(f"{args.runs} runs of a 4-node flow; {args.workers} workers x concurrency "
+                  f"{args.concurrency}; lease TTL {args.lease_ttl} s, stall timeout "
+                  f"{args.stall} s; emulated latency {args.latency * 1000:.0f} ms; seed "
+                  f"{args.seed}; logs in {work}", flush=True)
+            t0 = time.monotonic()
+            run_ids: dict[str, int] = {}
+            for i in range(args.runs):
+                r = await sub.start(FLOW, {"ticket": f"chaos-{i}: Ann Lee was charged twice "
+                                                     f"for order {1000 + i}"}, wait=False)
+                run_ids[r.run_id] = i
+            done = asyncio.Event()
+            chaos = asyncio.create_task(chaos_loop(args, rng, emu, pg, rd, workers, sub, done,
+                                                   recoveries, events))
+            terminal = ("succeeded", "failed", "cancelled", "budget_exceeded", "interrupted")
+            statuses: dict[str, str] = {}
+            deadline = time.monotonic() + args.deadline
+            chaos_until = time.monotonic() + args.chaos_for
+            while time.monotonic() < deadline:
+                async with sub.store.read() as c:
+                    statuses = {r[0]: r[1] for r in (await c.execute(text(
+                        "select id, status from ff_runs"))).all()}
+                ended = sum(s in terminal for s in statuses.values())
+                if ended == len(run_ids):
+                    break
+                if time.monotonic() > chaos_until and not done.is_set():
+                    done.set()  # calm: let paused and requeued runs finish
+                    print(f"  chaos stopped after {args.chaos_for:.0f} s; {ended} runs ended",
+                          flush=True)
+                await asyncio.sleep(0.5)
+            done.set()
+            await chaos
+            elapsed = time.monotonic() - t0
+            workers.stop()
+            emu_requests = list(emu.requests)
+            await sub.dispatcher.close()
+            async with sub.store.read() as c:
+                attempts = (await c.execute(text(
+                    "select run_id, node, model, outcome, input_tokens, output_tokens, "
+                    "cost_usd from ff_attempts"))).all()
+                statuses = {r[0]: r[1] for r in (await c.execute(text(
+                    "select id, status from ff_runs"))).all()}
+            await sub.close()
+        dump = _pg_dump(db)
+    finally:
+        await drop_database(db, args.pg)
+    report(args, run_ids, statuses, attempts, emu_requests, log_path, workers.kills, dump,
+           recoveries, events, elapsed)
+
+
+def _pg_dump(url: str) -> bytes | None:
+    exe = shutil.which("pg_dump")
+    if exe is None:
+        return None
+    u = make_url(url)
+    out = subprocess.run([exe, "-h", u.host or "127.0.0.1", "-p", str(u.port or 5432), "-U",
+                          u.username or "postgres", "-d", u.database or "", "--data-only"],
+                         capture_output=True, check=False, timeout=120)
+    return out.stdout if out.returncode == 0 else None
+
+
+def _marker(body: dict[str, Any]) -> int | None:
+    text = json.dumps(body)
+    i = text.find("chaos-")
+    if i < 0:
+        return None
+    digits = ""
+    for ch in text[i + 6:]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str, str],
+           attempts: list[Any], requests: list[Any], log_path: str,
+           kills: list[tuple[int, float]], dump: bytes | None, recoveries: list[float],
+           events: Counter[str], elapsed: float) -> None:
+    index_to_run = {i: r for r, i in run_ids.items()}
+    completed = sum(statuses.get(r) == "succeeded" for r in run_ids)
+    stuck = [r for r in run_ids if statuses.get(r) not in
+             ("succeeded", "failed", "cancelled", "budget_exceeded", "interrupted")]
+    failed = Counter(statuses.get(r) for r in run_ids if statuses.get(r) != "succeeded")
+
+    # Nodes executed twice: a start after an end of the same (run, node) whose process was
+    # not killed in between (a kill between a node's end and its checkpoint may rerun it).
+    runs_nodes: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    with open(log_path) as f:
+        for line in f:
+            e = json.loads(line)
+            runs_nodes[(e["run"], e["node"])].append(e)
+    twice = rerun_after_kill = 0
+    for evs in runs_nodes.values():
+        evs.sort(key=lambda e: e["t"])
+        ends = [e for e in evs if e["e"] == "end"]
+        for s in (e for e in evs if e["e"] == "start"):
+            earlier = [e for e in ends if e["t"] < s["t"]]
+            if not earlier:
+                continue
+            first_end = earlier[0]
+            killed = any(pid == first_end["pid"] and first_end["t"] <= t <= s["t"]
+                         for pid, t in kills)
+            if killed:
+                rerun_after_kill += 1
+            else:
+                twice += 1
+
+    # Paid calls: answers the emulator sent in full (200, no fault), per run and model,
+    # against the ledger's rows that carry tokens (outcome other than replayed).
+    paid: Counter[tuple[int, str]] = Counter()
+    bodies: Counter[tuple[str, str]] = Counter()
+    for r in requests:
+        if r.status != 200 or r.fault is not None:
+            continue
+        m = _marker(r.body)
+        if m is None:
+            continue
+        paid[(m, r.model)] += 1
+        bodies[(r.model, json.dumps(r.body, sort_keys=True))] += 1
+    ledger: Counter[tuple[int, str]] = Counter()
+    for run, _node, model, outcome, tin, tout, _cost in attempts:
+        if run in run_ids and outcome != "replayed" and (tin or tout):
+            ledger[(run_ids[run], model.split("/", 1)[-1])] += 1
+    missing = sum(max(0, n - ledger.get(k, 0)) for k, n in paid.items())
+    if os.environ.get("CHAOS_DEBUG"):
+        print("paid", sorted(paid.items())[:8], "ledger", sorted(ledger.items())[:8])
+        print("attempts", [a for a in attempts if a[0] == index_to_run.get(0)])
+        print("dups", [k for k, n in bodies.items() if n > 1][:2])
+    paid_twice = sum(n - 1 for n in bodies.values() if n > 1)
+    secrets = None if dump is None else dump.count(KEY.encode()) + dump.count(KEY[8:40].encode())
+
+    print()
+    print(f"chaos injected ({elapsed:.0f} s): " + ", ".join(f"{k} {v}" for k, v in
+                                                            sorted(events.items())))
+    print(f"runs completed                     {completed} of {len(run_ids)}"
+          + (f"  (others: {dict(failed)})" if failed else ""))
+    print(f"completed nodes executed twice     {twice}"
+          f"  (+{rerun_after_kill} re-run after their executor was SIGKILLed, allowed)")
+    print(f"paid calls missing from the ledger {missing}  ({sum(paid.values())} paid calls)")
+    print(f"calls paid twice                   {paid_twice}")
+    print(f"runs stuck                         {len(stuck)}")
+    print(f"secrets found at rest              "
+          f"{'pg_dump not found' if secrets is None else secrets}")
+    if recoveries:
+        print(f"recovery after SIGKILL             p50 {statistics.median(recoveries):.1f} s, "
+              f"max {max(recoveries):.1f} s over {len(recoveries)} kills with runs in flight "
+              f"(lease TTL {args.lease_ttl} s, stall timeout {args.stall} s)")
+    else:
+        print("recovery after SIGKILL             no kill hit a worker holding runs")
+    ok = (completed == len(run_ids) and twice == 0 and missing == 0 and paid_twice == 0
+          and not stuck and secrets == 0)
+    print(f"target (every run completes, every other count 0): {'met' if ok else 'NOT met'}")
+    del index_to_run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latency", type=float, default=0.05, help="emulated seconds per call")
+    ap.add_argument("--lease-ttl", type=float, default=3.0)
+    ap.add_argument("--stall", type=float, default=3.0, help="worker stall timeout (s)")
+    ap.add_argument("--mean-gap", type=float, default=1.0, help="mean seconds between faults")
+    ap.add_argument("--max-cut", type=float, default=5.0, help="longest connection cut (s)")
+    ap.add_argument("--kill-gap", type=float, default=8.0, help="min seconds between kills")
+    ap.add_argument("--chaos-for", type=float, default=120.0, help="seconds of chaos at most")
+    ap.add_argument("--deadline", type=float, default=600.0,
+                    help="seconds after which runs not ended count as stuck")
+    ap.add_argument("--pg", default=os.environ.get("FRUGALFLOW_TEST_PG_URL",
+                                                   "postgresql://postgres@127.0.0.1:5432/test"))
+    ap.add_argument("--redis", default=os.environ.get("FRUGALFLOW_TEST_REDIS_URL",
+                                                      "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--workdir", default=None)
+    # worker mode (spawned by the driver)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--db", help=argparse.SUPPRESS)
+    ap.add_argument("--emulator", help=argparse.SUPPRESS)
+    ap.add_argument("--log", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        asyncio.run(worker_main(args))
+    else:
+        asyncio.run(driver(args))
+
+
+if __name__ == "__main__":
+    main()
