@@ -402,3 +402,22 @@ def test_document_search_bounds_the_query(kb: tuple[Path, Path]) -> None:
     many = " ".join(f"w{i}" for i in range(300)) + " refunds"
     assert search.invoke({"query": many}) == "no matching passage"  # 64 distinct terms scored
     assert search.invoke({"query": "refunds " + many}).startswith("[refunds.md]")
+
+
+def test_readme_limits_are_the_defaults(shop: Path, kb: tuple[Path, Path]) -> None:
+    """The limits the README states are the tools' defaults."""
+    import inspect
+
+    assert calc.MAX_DIGITS == 1000
+    params = inspect.signature(make_sql_query).parameters
+    assert (params["max_seconds"].default, params["max_steps"].default) == (5.0, 100_000_000)
+    tool = make_sql_query(shop)
+    assert tool.invoke({"query": "select length(printf('%.*c', 100001, 'x'))"}).endswith(
+        "above the limit of 100,000")
+    assert tool.invoke({"query": "select id from orders"}).splitlines()[-1] == \
+        "... more than 50 rows; add a LIMIT or a WHERE"
+    root, _ = kb
+    with open(root / "big.md", "wb") as f:
+        f.truncate(2_000_001)
+    assert dict(documents.DocumentIndex(root).skipped) == {
+        "big.md": "larger than 2,000,000 bytes (2,000,001)"}
