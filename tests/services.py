@@ -105,8 +105,8 @@ class Throwaway:
 
 # --- child processes ------------------------------------------------------------------------
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when the test process dies (Linux), so a
+def _die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get `sig` when the test process dies (Linux), so a
     killed pytest leaves no server behind; runs after the switch of user, which would reset it."""
     if not sys.platform.startswith("linux"):
         return None
@@ -116,7 +116,7 @@ def _die_with_parent() -> Callable[[], None] | None:
     pr_set_pdeathsig = 1
 
     def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, sig)
 
     return preexec
 
@@ -270,7 +270,9 @@ def start_postgres(*, copy_binaries: bool | None = None) -> Throwaway:
                      "-c", "fsync=off", "-c", "synchronous_commit=off",
                      "-c", "full_page_writes=off"],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True, preexec_fn=_die_with_parent(), **run_as)
+                    # SIGQUIT: immediate shutdown, whoever is still connected
+                    start_new_session=True, preexec_fn=_die_with_parent(signal.SIGQUIT),
+                    **run_as)
             try:
                 # postmaster.pid's 8th line says "ready" once connections are accepted
                 _wait_until(lambda: _pid_file_ready(data / "postmaster.pid"), proc,
