@@ -322,11 +322,12 @@ except KeyboardInterrupt:
 """
 
 
-def start_redis(*, redis_server: str | None | bool = True) -> Throwaway:
-    """Start a throwaway Redis on an ephemeral port: `redis-server` from PATH (or the path given),
-    else (or with `redis_server=None`) fakeredis's TCP server with Lua in a child process."""
+def start_redis(*, redis_server: str | None = "redis-server") -> Throwaway:
+    """Start a throwaway Redis on an ephemeral port: `redis_server` (a name on PATH or a path) if
+    it is there, else (or with `redis_server=None`) fakeredis's TCP server with Lua, in a child
+    process."""
     started = time.monotonic()
-    binary = shutil.which("redis-server") if redis_server is True else redis_server or None
+    binary = shutil.which(redis_server) if redis_server else None
     tmp = _make_tmp("redis")
     try:
         if binary:
