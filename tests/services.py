@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -79,7 +79,6 @@ class Throwaway:
     startup_seconds: float
     proc: subprocess.Popen[bytes]
     tmp: Path | None = None
-    _extra: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self) -> None:
         """Stop the server (fast shutdown, then a kill) and remove its files."""
@@ -91,8 +90,6 @@ class Throwaway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for undo in self._extra:
-            undo()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -59,6 +59,12 @@ async def test_a_throwaway_postgresql_runs_real_queries() -> None:
                     assert uid.split()[1] != "0"
             finally:
                 await conn.close()
+            # a pg_dump that can read it (the wheel's: a fresh machine has none of its own)
+            pg_dump = services.pg_tool("pg_dump")
+            assert pg_dump is not None
+            dump = subprocess.run([pg_dump, "--data-only", db], capture_output=True, text=True,
+                                  timeout=60, check=True).stdout
+            assert '{"n": 2}' in dump
         finally:
             await drop_database(db, pg.url)
     assert _refused(pg) and pg.tmp is not None and not pg.tmp.exists()  # stopped, files gone
