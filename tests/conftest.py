@@ -12,7 +12,9 @@ from frugalflow import BreakerRegistry, Catalog, FallbackPolicy, RunContext, Run
 from frugalflow.fallback import default_breakers
 from frugalflow.providers.simulated import simulator as _simulator
 
-pytest_plugins = ["pg"]  # the session-wide throwaway PostgreSQL database (tests/pg.py)
+# the session's PostgreSQL and Redis servers, real or throwaway (tests/services.py), and the
+# session-wide throwaway PostgreSQL database (tests/pg.py)
+pytest_plugins = ["services", "pg"]
 
 _real_connect = socket.socket.connect
 
@@ -96,16 +98,16 @@ def make_ctx(catalog: Catalog, clock: FakeClock) -> Any:
 
 
 @pytest.fixture
-async def fresh_pg_url() -> Any:
+async def fresh_pg_url(pg_admin_url: str) -> Any:
     """A PostgreSQL database of its own for one test (created and dropped around it)."""
-    from pg import ADMIN_URL, create_database, drop_database
+    from pg import create_database, drop_database
 
     try:
-        url = await create_database()
+        url = await create_database(pg_admin_url)
     except Exception as e:  # CI has PostgreSQL: an unusable server fails, never skips
-        pytest.fail(f"PostgreSQL at {ADMIN_URL} is required and unusable: {e!r}", pytrace=False)
+        pytest.fail(f"PostgreSQL at {pg_admin_url} is required and unusable: {e!r}", pytrace=False)
     yield url
-    await drop_database(url)
+    await drop_database(url, pg_admin_url)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

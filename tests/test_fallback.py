@@ -151,15 +151,15 @@ def test_exceptions_pickle() -> None:
     assert "p/m (p): rate_limit: slow" in str(back_group)
 
 
-async def test_redis_breakers_are_shared_between_workers(clock) -> None:  # type: ignore[no-untyped-def]
+async def test_redis_breakers_are_shared_between_workers(clock, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     import uuid
 
     from frugalflow import ProviderOverloadedError as Overloaded
     from frugalflow.fallback import RedisBreakerRegistry
 
     prefix = f"frugalflow:test:{uuid.uuid4().hex}:"
-    a = RedisBreakerRegistry(threshold=2, cooldown=10, prefix=prefix, clock=clock)
-    b = RedisBreakerRegistry(threshold=2, cooldown=10, prefix=prefix, clock=clock)
+    a = RedisBreakerRegistry(redis_url, threshold=2, cooldown=10, prefix=prefix, clock=clock)
+    b = RedisBreakerRegistry(redis_url, threshold=2, cooldown=10, prefix=prefix, clock=clock)
     spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
     try:
         assert await b.aacquire(spec)
@@ -182,15 +182,15 @@ async def test_redis_breakers_are_shared_between_workers(clock) -> None:  # type
         await b.aclose()
 
 
-async def test_rate_limits_are_shared_by_the_fleet(clock) -> None:  # type: ignore[no-untyped-def]
+async def test_rate_limits_are_shared_by_the_fleet(clock, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     import uuid
 
     from frugalflow.fallback import RedisRateLimiter
 
     prefix = f"frugalflow:test-rate:{uuid.uuid4().hex}:"
     wall = lambda: 600.0 + clock.now  # noqa: E731 - a minute window we control
-    a = RedisRateLimiter(prefix=prefix, clock=wall)
-    b = RedisRateLimiter(prefix=prefix, clock=wall)
+    a = RedisRateLimiter(redis_url, prefix=prefix, clock=wall)
+    b = RedisRateLimiter(redis_url, prefix=prefix, clock=wall)
     spec = Catalog.simulated()["sim-openai/gpt-4o-mini"].model_copy(update={"rpm": 3, "tpm": 1000})
     try:
         assert await a.aacquire(spec, 100) and await a.aacquire(spec, 100)
