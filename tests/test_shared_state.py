@@ -34,7 +34,18 @@ from frugalflow.fallback import (
     shared_state,
 )
 
-REDIS = ("127.0.0.1", 6379)
+REDIS = ("127.0.0.1", 6379)  # the session's Redis (set from the redis_url fixture below)
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(autouse=True)
+def _session_redis(redis_url: str) -> None:
+    """Point this module at the session's Redis (real on CI, else a throwaway one)."""
+    from sqlalchemy.engine import make_url
+
+    global REDIS, REDIS_URL
+    u = make_url(redis_url)
+    REDIS, REDIS_URL = (u.host or "127.0.0.1", u.port or 6379), redis_url
 TICKET = {"ticket": "Hi, Dana here. I was charged twice for order 88231, please refund."}
 
 
@@ -294,7 +305,7 @@ async def test_no_60s_span_exceeds_the_limits(clock: FakeClock, shared: bool) ->
     spec = limited_catalog(rpm=20, tpm=2000)["sim-openai/gpt-4o-mini"]
     prefix = f"frugalflow:test-rate:{uuid.uuid4().hex}:"
     # Two workers of one fleet (Redis), or one process.
-    workers = ([RedisRateLimiter(prefix=prefix, clock=clock) for _ in range(2)] if shared
+    workers = ([RedisRateLimiter(REDIS_URL, prefix=prefix, clock=clock) for _ in range(2)] if shared
                else [RateLimiter(clock=clock)])
     granted: list[tuple[float, int]] = []
     try:
@@ -318,7 +329,7 @@ async def test_no_60s_span_exceeds_the_limits(clock: FakeClock, shared: bool) ->
 async def test_actual_usage_corrects_the_estimate(clock: FakeClock, shared: bool) -> None:
     spec = limited_catalog(rpm=100, tpm=1000)["sim-openai/gpt-4o-mini"]
     prefix = f"frugalflow:test-rate:{uuid.uuid4().hex}:"
-    a, b = ((RedisRateLimiter(prefix=prefix, clock=clock), RedisRateLimiter(prefix=prefix,
+    a, b = ((RedisRateLimiter(REDIS_URL, prefix=prefix, clock=clock), RedisRateLimiter(REDIS_URL, prefix=prefix,
             clock=clock)) if shared else (RateLimiter(clock=clock),) * 2)
     try:
         res = await a.aacquire(spec, 800)  # estimated
@@ -372,8 +383,8 @@ async def test_retry_after_rests_the_model_for_the_fleet(clock: FakeClock) -> No
     wall = FakeClock()
     wall.now = time.time()  # a TTL key in Redis: the clock must be wall time
     prefix = f"frugalflow:test-ra:{uuid.uuid4().hex}:"
-    a = RedisBreakerRegistry(prefix=prefix, clock=wall)
-    b = RedisBreakerRegistry(prefix=prefix, clock=wall)
+    a = RedisBreakerRegistry(REDIS_URL, prefix=prefix, clock=wall)
+    b = RedisBreakerRegistry(REDIS_URL, prefix=prefix, clock=wall)
     spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
     try:
         await a.arecord(spec, RateLimitError("slow down", status_code=429, retry_after=30.0))
@@ -419,7 +430,7 @@ async def test_retry_after_over_the_wire_is_remembered(_emulator_key: None, shar
         catalog = emulated_catalog(emu)
         flow = load_flow("flows/support_triage.py")
         # Two workers (apps) sharing Redis, or one process's registry shared by its runs.
-        regs = ([RedisBreakerRegistry(prefix=prefix, clock=clock) for _ in range(2)] if shared
+        regs = ([RedisBreakerRegistry(REDIS_URL, prefix=prefix, clock=clock) for _ in range(2)] if shared
                 else [BreakerRegistry(clock=clock)] * 2)
         apps = [flow.compile(catalog, breakers=r, policy=policy) for r in regs]
 
