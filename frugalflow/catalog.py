@@ -381,7 +381,12 @@ class Catalog:
         for spec in models:
             if spec.key in self._models:
                 raise CatalogError(f"catalog {name!r} lists {spec.key!r} twice; keep one entry")
-            _ = spec.adapter  # an unknown provider is a catalog error now, not at call time
+            # An unknown provider, or a custom endpoint without its URL, is a catalog error
+            # now, not at call time (and no key ever goes to a vendor's default URL).
+            try:
+                spec.adapter.validate(spec)
+            except CatalogError as e:
+                raise CatalogError(f"catalog {name!r}: {e}") from None
             self._models[spec.key] = spec
         self._env = env
         self._built: dict[tuple[str, float | None], tuple[int, BaseChatModel]] = {}

@@ -91,6 +91,33 @@ is an openai.RateLimitError); langchain-google-genai's 4xx classes keep the gena
                     Gemini `{"error": 503 UNAVAILABLE}`, Ollama `{"error": ...}`) -> openai
                     APIError, anthropic APIStatusError (status 200), GoogleAPIError,
                     ResponseError (status -1); plain calls get the provider's 500
+    stream_reset    like stream_cut, but the connection is reset (RST) instead of closed
+                    -> openai/anthropic APIConnectionError (anthropic streams: a raw
+                    httpx2.ReadError), raw httpx2/httpx ReadError from genai and ollama
+
+Answers that look fine but are not - no client raises anything for these; frugalflow's
+adapters catch them (tests/test_wire_faults.py):
+
+    stream_truncated  streams: at most `after_chunks` events, never the ones that end the
+                    answer (OpenAI's chunk with finish_reason and its usage chunk,
+                    Anthropic's message_delta/message_stop, Gemini's chunk with
+                    finishReason, Ollama's done: true), then a clean end of the chunked body
+                    (OpenAI: after `data: [DONE]`, as proxies that end a stream early send);
+                    plain calls: a whole body without the end marker (finish_reason null,
+                    stop_reason null, no finishReason, done: false)
+    stream_eof      the same events in a body delimited by the connection's close (no
+                    Content-Length, no chunked encoding), then a clean close (FIN): to the
+                    client the body simply ended; plain calls: half the body, then the close
+                    -> a bare json.JSONDecodeError
+    filtered        200, the answer stopped by the provider's filter part-way: OpenAI
+                    finish_reason "content_filter", Anthropic stop_reason "refusal", Gemini
+                    a candidate with finishReason `reason` (SAFETY, PROHIBITED_CONTENT,
+                    BLOCKLIST, RECITATION) and no parts; streamed and plain (not Ollama)
+    prompt_blocked  Gemini only: 200 with no candidates and promptFeedback.blockReason
+                    `reason` (default SAFETY); langchain-google-genai returns an empty answer
+    no_usage        200, a complete answer without token usage: OpenAI no `usage` (plain) or
+                    no usage chunk (stream), Gemini no usageMetadata, Ollama's last message
+                    without prompt_eval_count/eval_count (not Anthropic: it always reports)
 
 Every request to a generation route is recorded in `emu.requests` (provider, model, path
 without query, stream flag, whether a key was sent - never the key - the fault applied, the
@@ -131,6 +158,7 @@ __all__ = [
     "ProviderEmulator",
     "RecordedRequest",
     "Responder",
+    "fault_supported",
 ]
 
 _log = logging.getLogger(__name__)
@@ -153,10 +181,37 @@ FAULT_KINDS: Final[dict[str, str]] = {
     "stream_cut": "after_chunks stream events, then the connection closes mid-body",
     "stream_stall": "after_chunks stream events, then silence for hang_seconds",
     "stream_error": "after_chunks stream events, then the provider's in-stream error",
+    "stream_reset": "after_chunks stream events, then the connection is reset (RST)",
+    "stream_truncated": "after_chunks stream events, then a clean end of the body: no finish "
+                        "reason, no usage; plain calls: an answer without its finish reason",
+    "stream_eof": "after_chunks stream events in a body delimited by the connection's close, "
+                  "then a clean close",
+    "filtered": "200: an answer stopped by the provider's content filter",
+    "prompt_blocked": "Gemini: 200 with no candidates and promptFeedback.blockReason",
+    "no_usage": "200: a complete answer that reports no token usage",
+}
+
+# Faults a provider has no such thing for (emu.fault refuses them, saying why; see
+# `fault_supported`).
+_UNSUPPORTED: Final[dict[tuple[str, str], str]] = {
+    ("ollama", "filtered"): "Ollama has no content filter",
+    ("openai", "prompt_blocked"): "OpenAI answers a filtered prompt with a 400: use "
+                                  "'content_filter'",
+    ("anthropic", "prompt_blocked"): "Anthropic does not block prompts with a 200",
+    ("ollama", "prompt_blocked"): "Ollama has no content filter",
+    ("anthropic", "no_usage"): "Anthropic always reports usage",
 }
 
 _ALIASES: Final = {"reset": "connection", "hang": "timeout", "refusal": "content_filter",
                    "context_length_exceeded": "context_length"}
+
+
+
+def fault_supported(provider: str, kind: str) -> bool:
+    """Whether `emu.fault(provider, kind)` exists (some faults have no counterpart at some
+    providers, e.g. Gemini's blocked prompt)."""
+    return (provider, _ALIASES.get(kind, kind)) not in _UNSUPPORTED
+
 
 Responder = Callable[[str, str, dict[str, Any]], Any]
 """(provider, model, request_json) -> the answer's text (a dict or list is sent as JSON text),
@@ -202,6 +257,8 @@ class EmulatedFault:
     hang_seconds: float = 5.0
     status: int | None = None
     stream: bool | None = None
+    reason: str | None = None
+    """`filtered`: Gemini's finishReason (default SAFETY); `prompt_blocked`: the blockReason."""
     hits: int = 0
     seen: int = 0
     """Requests that matched the provider/model/stream filter so far."""
@@ -260,6 +317,14 @@ class _Answer:
     input_tokens: int
     output_tokens: int
     refused: bool = False
+    unfinished: bool = False
+    """No finish reason (stream_truncated on a plain call)."""
+    filtered: str | None = None
+    """The content filter's reason (fault `filtered`): the answer stops early with it."""
+    blocked: str | None = None
+    """Gemini's promptFeedback.blockReason (fault `prompt_blocked`): no candidates at all."""
+    usage: bool = True
+    """Whether token usage is reported (False: fault `no_usage`)."""
 
     @property
     def total_tokens(self) -> int:
@@ -390,6 +455,11 @@ class _Dialect:
     def stream_tail(self, ctx: _Ctx) -> list[bytes]:
         return []
 
+    def ending(self, ctx: _Ctx, ans: _Answer) -> int:
+        """How many of `events(ctx, ans)`, at the end, carry the finish reason or usage: a
+        truncated stream stops before them."""
+        return 1
+
 
 def _rate_message(fault: EmulatedFault | None) -> str:
     ra = fault.retry_after if fault is not None else None
@@ -453,12 +523,25 @@ class _OpenAI(_Dialect):
                  "function": {"name": name, "arguments": _dumps(args)}}
                 for cid, name, args in ans.tool_calls
             ]
-        return {
+        out = {
             **self._base(ctx, "chat.completion"),
             "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "tool_calls" if ans.tool_calls else "stop"}],
-            "usage": self._usage(ans),
+                         "finish_reason": self._finish(ans)}],
         }
+        if ans.usage:
+            out["usage"] = self._usage(ans)
+        return out
+
+    @staticmethod
+    def _finish(ans: _Answer) -> str | None:
+        if ans.unfinished:
+            return None
+        if ans.filtered:
+            return "content_filter"
+        return "tool_calls" if ans.tool_calls else "stop"
+
+    def ending(self, ctx: _Ctx, ans: _Answer) -> int:
+        return 2 if ctx.include_usage and ans.usage else 1
 
     def events(self, ctx: _Ctx, ans: _Answer) -> list[bytes]:
         base = self._base(ctx, "chat.completion.chunk")
@@ -479,8 +562,8 @@ class _OpenAI(_Dialect):
                                                       "function": {"arguments": part}}]}))
         else:
             out.extend(chunk({"content": p}) for p in _pieces(ans.text))
-        out.append(chunk({}, "tool_calls" if ans.tool_calls else "stop"))
-        if ctx.include_usage:
+        out.append(chunk({}, self._finish(ans)))
+        if ctx.include_usage and ans.usage:
             out.append(self.frame({**base, "choices": [], "usage": self._usage(ans)}))
         return out
 
@@ -572,8 +655,15 @@ class _Anthropic(_Dialect):
                     for cid, name, args in ans.tool_calls]
         return [{"type": "text", "text": ans.text}]
 
-    def _stop(self, ans: _Answer) -> str:
-        return "refusal" if ans.refused else "tool_use" if ans.tool_calls else "end_turn"
+    def _stop(self, ans: _Answer) -> str | None:
+        if ans.unfinished:
+            return None
+        if ans.refused or ans.filtered:
+            return "refusal"
+        return "tool_use" if ans.tool_calls else "end_turn"
+
+    def ending(self, ctx: _Ctx, ans: _Answer) -> int:
+        return 2  # message_delta (stop_reason, usage) and message_stop
 
     def full(self, ctx: _Ctx, ans: _Answer) -> dict[str, Any]:
         return {"id": f"msg_{ctx.rid}", "type": "message", "role": "assistant",
@@ -714,14 +804,47 @@ class _Gemini(_Dialect):
                     for _, name, args in ans.tool_calls]
         return [{"text": ans.text}]
 
+    def _blocked(self, ctx: _Ctx, ans: _Answer) -> dict[str, Any]:
+        """A blocked prompt: no candidates, the reason in promptFeedback."""
+        out: dict[str, Any] = {
+            "promptFeedback": {"blockReason": ans.blocked, "safetyRatings": [
+                {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH",
+                 "blocked": True}]},
+            "modelVersion": ctx.model, "responseId": ctx.rid}
+        if ans.usage:
+            out["usageMetadata"] = self._usage(ans, False)
+        return out
+
     def full(self, ctx: _Ctx, ans: _Answer) -> dict[str, Any]:
-        if ans.refused:
-            return self._chunk(ctx, ans, None, "SAFETY")
+        out = self._full(ctx, ans)
+        if not ans.usage:
+            out.pop("usageMetadata", None)
+        return out
+
+    def _full(self, ctx: _Ctx, ans: _Answer) -> dict[str, Any]:
+        if ans.blocked:
+            return self._blocked(ctx, ans)
+        if ans.refused or ans.filtered:
+            return self._chunk(ctx, ans, None, ans.filtered or "SAFETY")
+        if ans.unfinished:
+            return self._chunk(ctx, ans, self._parts(ans), None)
         return self._chunk(ctx, ans, self._parts(ans), "STOP")
 
     def events(self, ctx: _Ctx, ans: _Answer) -> list[bytes]:
-        if ans.refused:
-            return [self.frame(self._chunk(ctx, ans, None, "SAFETY"))]
+        if ans.usage:
+            return self._events(ctx, ans)
+        out = []
+        for event in self._events(ctx, ans):
+            obj = json.loads(event.decode().removeprefix("data: "))
+            obj.pop("usageMetadata", None)
+            out.append(self.frame(obj))
+        return out
+
+    def _events(self, ctx: _Ctx, ans: _Answer) -> list[bytes]:
+        if ans.blocked:
+            return [self.frame(self._blocked(ctx, ans))]
+        if ans.refused or ans.filtered:
+            return [self.frame(self._chunk(ctx, ans, None, ans.filtered or "SAFETY"))]
         if ans.tool_calls:
             return [self.frame(self._chunk(ctx, ans, self._parts(ans), "STOP"))]
         pieces = _pieces(ans.text)
@@ -802,11 +925,19 @@ class _Ollama(_Dialect):
             "%Y-%m-%dT%H:%M:%S.000000Z")
 
     def _done(self, ctx: _Ctx, ans: _Answer, message: dict[str, Any]) -> dict[str, Any]:
-        return {"model": ctx.model, "created_at": self._created(ctx), "message": message,
-                "done": True, "done_reason": "stop", "total_duration": 1_000_000,
-                "load_duration": 100_000, "prompt_eval_count": ans.input_tokens,
-                "prompt_eval_duration": 200_000, "eval_count": ans.output_tokens,
-                "eval_duration": 700_000}
+        if ans.unfinished:
+            return {"model": ctx.model, "created_at": self._created(ctx), "message": message,
+                    "done": False}
+        out = {"model": ctx.model, "created_at": self._created(ctx), "message": message,
+               "done": True, "done_reason": "stop", "total_duration": 1_000_000,
+               "load_duration": 100_000, "prompt_eval_count": ans.input_tokens,
+               "prompt_eval_duration": 200_000, "eval_count": ans.output_tokens,
+               "eval_duration": 700_000}
+        if not ans.usage:  # e.g. a prompt served from Ollama's cache: no counts at all
+            for key in ("prompt_eval_count", "prompt_eval_duration", "eval_count",
+                        "eval_duration"):
+                del out[key]
+        return out
 
     def _tool_calls(self, ans: _Answer) -> list[dict[str, Any]]:
         return [{"function": {"name": name, "arguments": args}}
@@ -1139,6 +1270,7 @@ class ProviderEmulator:
         hang_seconds: float = 5.0,
         status: int | None = None,
         stream: bool | None = None,
+        reason: str | None = None,
     ) -> EmulatedFault:
         """Script a fault for `provider` (and `model`); returns it (see `.hits`).
 
@@ -1151,11 +1283,15 @@ class ProviderEmulator:
             raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        if (provider, kind) in _UNSUPPORTED:
+            raise ValueError(f"no fault {kind!r} for {provider}: "
+                             f"{_UNSUPPORTED[provider, kind]}")
         chosen = frozenset(calls) if calls is not None else None
         if isinstance(times, _Unset):
             times = len(chosen) if chosen else 1
         fault = EmulatedFault(provider, kind, model, chosen, times, retry_after,
-                              max(0, after_chunks), max(0.0, hang_seconds), status, stream)
+                              max(0, after_chunks), max(0.0, hang_seconds), status, stream,
+                              reason)
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -1213,7 +1349,27 @@ class ProviderEmulator:
         digest = hashlib.sha256("|".join((str(self.seed), *parts)).encode()).digest()
         return random.Random(int.from_bytes(digest[:8], "big"))
 
-    def _answer(self, ctx: _Ctx, ask: _Ask, refused: bool) -> _Answer:
+    def _answer(self, ctx: _Ctx, ask: _Ask, refused: bool,
+                fault: EmulatedFault | None = None) -> _Answer:
+        kind = fault.kind if fault is not None else None
+        answer = self._answer_text(ctx, ask, refused)
+        if kind == "stream_truncated" and not ctx.stream:
+            answer.unfinished = True
+        elif kind == "filtered":
+            # The filter stops the answer part-way (Gemini's blocked candidate has no parts).
+            answer.filtered = (fault.reason if fault is not None and fault.reason
+                               else "SAFETY") if ctx.provider == "gemini" else "content_filter"
+            answer.text = "".join(_pieces(answer.text)[:2]) if not answer.tool_calls else ""
+            answer.tool_calls = []
+            answer.output_tokens = _tokens(len(answer.text))
+        elif kind == "prompt_blocked":
+            answer.blocked = fault.reason if fault is not None and fault.reason else "SAFETY"
+            answer.text, answer.tool_calls, answer.output_tokens = "", [], 0
+        elif kind == "no_usage":
+            answer.usage = False
+        return answer
+
+    def _answer_text(self, ctx: _Ctx, ask: _Ask, refused: bool) -> _Answer:
         rng = self._rng(ctx.provider, ctx.model, ask.last_text)
         n_in = _tokens(ask.prompt_chars)
         if refused:
@@ -1363,13 +1519,17 @@ class ProviderEmulator:
                 extra["retry-after"] = f"{fault.retry_after:g}"
             return await self._send_json(writer, status, payload, dialect, extra)
 
-        answer = self._answer(ctx, ask, refused)
+        answer = self._answer(ctx, ask, refused, fault)
         record.status = 200
         if not stream:
             payload_bytes = _dumps(dialect.full(ctx, answer)).encode()
             if kind == "malformed":
                 payload_bytes = payload_bytes[: max(1, len(payload_bytes) // 2)]
-            if kind in ("stream_cut", "stream_stall") and fault is not None:
+            if kind == "stream_eof":
+                return await self._send_until_close(
+                    writer, [payload_bytes[: max(1, len(payload_bytes) // 2)]],
+                    "application/json", dialect)
+            if kind in ("stream_cut", "stream_stall", "stream_reset") and fault is not None:
                 return await self._send_cut_body(writer, reader, payload_bytes, dialect, fault)
             return await self._send_bytes(writer, 200, payload_bytes, "application/json",
                                           dialect)
@@ -1382,6 +1542,12 @@ class ProviderEmulator:
         tail = dialect.stream_tail(ctx)
         if kind == "malformed":
             events = [dialect.broken_event(ctx), *events[1:]]
+        if kind in ("stream_truncated", "stream_eof") and fault is not None:
+            # The events before the finish reason / usage / done, at most after_chunks.
+            kept = events[: min(fault.after_chunks, len(events) - dialect.ending(ctx, answer))]
+            if kind == "stream_eof":
+                return await self._send_until_close(writer, kept, dialect.stream_type, dialect)
+            events, fault = kept, None  # then the tail ([DONE]) and a clean end of the body
         return await self._stream(writer, reader, dialect, ctx, events, tail, fault)
 
     async def _serve_other(self, req: _HttpRequest, writer: asyncio.StreamWriter) -> bool:
@@ -1460,6 +1626,8 @@ class ProviderEmulator:
         await writer.drain()
         if fault.kind == "stream_stall":
             await self._hang(reader, fault.hang_seconds)
+        if fault.kind == "stream_reset":
+            self._reset(writer)
         raise _Closed
 
     async def _stream(
@@ -1473,7 +1641,8 @@ class ProviderEmulator:
         kind = fault.kind if fault is not None else None
         everything = events + tail
         stop_at = None
-        if kind in ("stream_cut", "stream_stall", "stream_error") and fault is not None:
+        if kind in ("stream_cut", "stream_stall", "stream_error", "stream_reset") \
+                and fault is not None:
             # Always before the last event, so the client cannot have finished cleanly.
             stop_at = min(fault.after_chunks, len(everything) - 1)
         for i, event in enumerate(everything):
@@ -1495,7 +1664,29 @@ class ProviderEmulator:
             return True
         if kind == "stream_stall":
             await self._hang(reader, fault.hang_seconds)
+        if kind == "stream_reset":
+            self._reset(writer)
         raise _Closed  # stream_cut: the chunked body never ends
+
+    async def _send_until_close(
+        self, writer: asyncio.StreamWriter, parts: list[bytes], content_type: str,
+        dialect: _Dialect,
+    ) -> bool:
+        """A body with neither Content-Length nor chunked encoding: it ends where the
+        connection does. After `parts`, a clean close (FIN, no reset): to the client, the
+        body simply ended."""
+        headers = self._headers(content_type, {"connection": "close",
+                                               "cache-control": "no-cache"})
+        writer.write(_head(200, headers, dialect.status_words))
+        await writer.drain()
+        for i, part in enumerate(parts):
+            if self.chunk_delay > 0 and i > 0:
+                await self._sleep(self.chunk_delay)
+            writer.write(part)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        raise _Closed
 
     @staticmethod
     def _reset(writer: asyncio.StreamWriter) -> None:

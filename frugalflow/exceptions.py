@@ -11,6 +11,7 @@
     │   ├── ProviderOverloadedError    5xx, 529 overloaded
     │   ├── ModelTimeoutError          no answer within the timeout
     │   ├── ProviderConnectionError    reset, refused, broken stream
+    │   ├── IncompleteResponseError    an answer that ended cleanly without its end marker
     │   ├── AuthenticationError        401/403: the provider is disabled for the process
     │   ├── ContextLengthError         the prompt does not fit this model's window
     │   ├── ContentFilterError         the provider refused the content
@@ -53,6 +54,7 @@ __all__ = [
     "ContextLengthError",
     "FlowError",
     "FrugalflowError",
+    "IncompleteResponseError",
     "InvalidRequestError",
     "MalformedResponseError",
     "MissingIntegrationError",
@@ -158,6 +160,14 @@ class ModelTimeoutError(ModelAPIError):
 
 class ProviderConnectionError(ModelAPIError):
     error_class = "connection"
+
+
+class IncompleteResponseError(ModelAPIError):
+    """The answer ended without its end marker (no finish reason, stop reason or `done`):
+    a stream or body the server or a proxy closed cleanly part-way. Retried like a broken
+    connection, then the next candidate."""
+
+    error_class = "incomplete"
 
 
 class AuthenticationError(ModelAPIError):

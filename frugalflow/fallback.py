@@ -126,8 +126,9 @@ class Action(Enum):
 
 
 # Errors that say the provider is unhealthy; the others say nothing about its health.
-HEALTH_ERRORS = frozenset({"rate_limit", "overloaded", "timeout", "connection", "unknown"})
-_RETRYABLE = frozenset({"overloaded", "timeout", "connection"})
+HEALTH_ERRORS = frozenset({"rate_limit", "overloaded", "timeout", "connection", "incomplete",
+                           "unknown"})
+_RETRYABLE = frozenset({"overloaded", "timeout", "connection", "incomplete"})
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class FallbackPolicy:
     """Retries on one model before moving to the next, and the circuit breakers' settings."""
 
     max_retries: int = 1
-    """Extra tries on the same model for overloaded/timeout/connection errors."""
+    """Extra tries on the same model for overloaded/timeout/connection/incomplete errors."""
     backoff_base: float = 0.25
     backoff_max: float = 4.0
     retry_after_cap: float = 5.0
@@ -772,6 +773,7 @@ class Attempt:
     route_reason: str | None = None  # why the router put this model where it did
     prompt: str | None = None  # the input text routers learn from (persisted runs only)
     category: str | None = None  # the input's category, another feature routers learn from
+    usage_estimated: bool = False  # the provider reported no (or partial) usage: tokens estimated
     response: Any = field(default=None, repr=False)  # the answer (an AIMessage), if ok
 
     def describe(self) -> str:

@@ -805,11 +805,15 @@ class RoutedChatModel(BaseChatModel):
         breakers = ctx.breakers
         local_breakers = type(breakers) is BreakerRegistry
 
+        too_long: ModelSpec | None = None  # the model that last said the prompt is too long
         for row in ranking.rows:
             expected_cost, spec = row[0], row[4]
             if spec.provider in banned_providers:
                 continue
             if spec.window <= min_window:
+                if too_long is not None:
+                    skipped.append(f"{spec.key}: context window {spec.window} not larger "
+                                   f"than {too_long.key}'s")
                 continue
             if min_quality >= 0 and spec.mean_quality(skills) <= min_quality:
                 continue
@@ -844,10 +848,10 @@ class RoutedChatModel(BaseChatModel):
                 verdict = False
                 emitted = False
                 message = None
+                gathered: AIMessageChunk | None = None
                 try:
                     model = self._bound(spec, ctx)
                     if stream:
-                        gathered: AIMessageChunk | None = None
                         attempt_id = f"lc_run--{call_id}-{len(attempts) + 1}"
                         async for chunk in _with_timeout_iter(
                             model.astream(messages, config=_INNER_CONFIG, stop=stop, **kwargs),
@@ -893,15 +897,23 @@ class RoutedChatModel(BaseChatModel):
                     verdict = True
                     await breakers.arecord(spec, err)
                     action, delay = policy.decide(err, tries)
+                    if action is Action.RETRY and await breakers.ablocked_reason(spec):
+                        # This failure opened the circuit: the next try goes to another
+                        # model, and the ledger must say so.
+                        action, delay = Action.NEXT, 0.0
                     if emitted:
                         # Tokens already reached the consumer: retrying would glue two answers.
                         action, delay = Action.RAISE, 0.0
-                    # An answer that failed its schema or validator was still paid for.
-                    paid = Usage.from_message(message) if message is not None else None
+                    # An answer that failed its schema or validator, or that was cut short,
+                    # was still paid for: its tokens, as reported or else estimated.
+                    if message is None and gathered is not None:
+                        message = message_chunk_to_message(gathered)  # type: ignore[assignment]
+                    paid, estimated = _billed(message, n_in, partial=err.error_class in (
+                        "incomplete", "connection", "timeout"))
                     attempt = Attempt(
                         node=self.node or "", model=spec.key, provider=spec.provider,
                         outcome="error", call_id=call_id, run_id=usage.run_id,
-                        try_number=len(attempts) + 1, usage=paid,
+                        try_number=len(attempts) + 1, usage=paid, usage_estimated=estimated,
                         cost_usd=spec.cost(paid) if paid else 0.0,
                         latency_ms=(time.perf_counter() - t0) * 1000, error_class=err.error_class,
                         error=_short(err), fallback_from=previous, action=action.value,
@@ -923,6 +935,7 @@ class RoutedChatModel(BaseChatModel):
                         min_quality = max(min_quality, spec.mean_quality(skills))
                     elif err.error_class == "context_length":
                         min_window = max(min_window, spec.window)
+                        too_long = spec
                     elif err.error_class == "content_filter":
                         banned_providers.add(spec.provider)
                     break
@@ -932,7 +945,7 @@ class RoutedChatModel(BaseChatModel):
                         breakers.record(spec, None)
                     else:
                         await breakers.arecord(spec, None)
-                    call_usage = Usage.from_message(message)
+                    call_usage, estimated = _billed(message, n_in, partial=False)
                     if reservation is not None and call_usage is not None:
                         # The rate window counted an estimate: put in what was used.
                         await ctx.limiter.acorrect(reservation, call_usage.total_tokens)
@@ -946,6 +959,7 @@ class RoutedChatModel(BaseChatModel):
                         node=self.node or "", model=spec.key, provider=spec.provider,
                         outcome="ok", call_id=call_id, run_id=usage.run_id,
                         try_number=len(attempts) + 1, usage=call_usage, cost_usd=cost,
+                        usage_estimated=estimated,
                         latency_ms=(time.perf_counter() - t0) * 1000,
                         fallback_from=previous, started_at=started, task_id=task_id,
                         call_key=call_key or self._key_for_ledger(ctx, task_id, messages, kwargs),
@@ -966,9 +980,17 @@ class RoutedChatModel(BaseChatModel):
 
         n = len(attempts)
         detail = f"; skipped: {'; '.join(skipped)}" if skipped else ""
+        headline = (f"node {self.node!r}: all {len(ranking.rows)} capable models failed "
+                    f"({n} attempts){detail}")
+        if too_long is not None and failures and failures[-1].error_class == "context_length" \
+                and not any(r[4].window > too_long.window for r in ranking.rows):
+            headline = (
+                f"node {self.node!r}: the prompt is too long for {too_long.key} (context "
+                f"window {too_long.window} tokens) and no capable model has a larger window; "
+                f"shorten the input or add a model with a larger context window "
+                f"({n} attempts){detail}")
         group = AllModelsFailedError(
-            f"node {self.node!r}: all {len(ranking.rows)} capable models failed "
-            f"({n} attempts){detail}",
+            headline,
             failures or [ModelAPIError("no candidate could be tried" + detail)],
             node=self.node,
             attempts=attempts,
@@ -1118,11 +1140,41 @@ async def _generate_once(
         and getattr(target, "output_version", None) != "v1"
     ):
         result = await target._agenerate(messages, stop=stop, **{**bound_kwargs, **kwargs})
-        message = result.generations[0].message
+        generation = result.generations[0]
+        message = generation.message
         if not isinstance(message, AIMessage):  # pragma: no cover - defensive
             raise MalformedResponseError(f"{type(target).__name__} returned {type(message).__name__}")
+        # As `ainvoke` does: the finish/stop reason (and more) that integrations keep in
+        # generation_info or llm_output belongs to the message, where adapters check it.
+        message.response_metadata = {**(result.llm_output or {}),
+                                     **(generation.generation_info or {}),
+                                     **message.response_metadata}
         return message
     return await model.ainvoke(messages, config=_INNER_CONFIG, stop=stop, **kwargs)  # type: ignore[no-any-return]
+
+
+def _billed(message: AIMessage | None, n_in: int, *, partial: bool) -> tuple[Usage | None, bool]:
+    """The tokens an answer is billed for, and whether they are estimated.
+
+    The provider's count when it sent one; for an answer without usage (or with all
+    zeros) the estimate: `n_in` input tokens and the answer's own size in output tokens.
+    A `partial` answer (cut short) may carry only the counts sent before its end (Gemini's
+    prompt count, Anthropic's message_start): its output is at least what arrived.
+    """
+    if message is None:
+        return None, False
+    reported = Usage.from_message(message)
+    if reported is not None and reported.total_tokens > 0 and not partial:
+        return reported, False
+    out = max(estimate_tokens([message]) - 4, 1)
+    if reported is None or reported.total_tokens == 0:
+        return Usage(input_tokens=n_in, output_tokens=out, requests=1), True
+    if reported.output_tokens >= out and reported.input_tokens > 0:
+        return reported, False
+    return Usage(input_tokens=reported.input_tokens or n_in,
+                 output_tokens=max(reported.output_tokens, out),
+                 cache_read_tokens=reported.cache_read_tokens,
+                 cache_write_tokens=reported.cache_write_tokens, requests=1), True
 
 
 def _prompt_text(messages: Sequence[BaseMessage], limit: int = 4000) -> str:

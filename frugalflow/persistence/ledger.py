@@ -175,7 +175,7 @@ class Ledger:
             started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
             call_key=attempt.call_key, route_reason=attempt.route_reason,
             prompt=scrub(attempt.prompt)[:4000] if attempt.prompt else None,
-            category=attempt.category,
+            category=attempt.category, usage_estimated=attempt.usage_estimated,
             response=_message_json(attempt.response) if attempt.response is not None else None,
         )
         values = _values(row)

@@ -169,6 +169,9 @@ class AttemptRow(SQLModel, table=True):
     """The input's category (`RoutedChatModel.with_category`), a feature routers learn from."""
     response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     """The answer of a successful call, so a node re-executed after a crash replays it."""
+    usage_estimated: bool | None = None
+    """True: the provider reported no (or only partial) usage, so the tokens and cost are
+    frugalflow's estimate; None: written before schema v3."""
 
 
 class RouterRow(SQLModel, table=True):

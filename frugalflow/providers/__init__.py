@@ -16,7 +16,9 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..exceptions import (
+    CatalogError,
     ContentFilterError,
+    IncompleteResponseError,
     MalformedResponseError,
     MissingIntegrationError,
     ModelAPIError,
@@ -33,7 +35,11 @@ if TYPE_CHECKING:
 __all__ = ["ProviderAdapter", "adapter_for", "register_adapter"]
 
 _REFUSALS = frozenset({"content_filter", "refusal", "safety", "prohibited_content", "blocklist",
-                       "spii"})
+                       "spii", "recitation", "image_safety", "image_prohibited_content"})
+
+# Constructor arguments through which an entry may name its endpoint instead of base_url.
+_ENDPOINT_KWARGS = ("base_url", "azure_endpoint", "openai_api_base", "anthropic_api_url",
+                    "client_options", "host")
 
 # A stand-in key used only to construct a model for reading its profile; never sent anywhere.
 _PROFILE_PROBE_KEY = "frugalflow-profile-probe"
@@ -52,6 +58,9 @@ class ProviderAdapter:
     retries_param: ClassVar[str | None] = "max_retries"
     default_key_env: ClassVar[Mapping[str, str]] = {}
     default_base_url: ClassVar[Mapping[str, str]] = {}
+    vendor: ClassVar[str] = ""
+    """The provider whose own API this wire format is. The client's default URL is that
+    vendor's: an entry under another provider name must name its endpoint."""
 
     def installed(self) -> bool:
         return _installed(self.package)
@@ -82,9 +91,25 @@ class ProviderAdapter:
         kwargs.update(spec.model_kwargs)
         return kwargs
 
+    def validate(self, spec: ModelSpec) -> None:
+        """Raise CatalogError for an entry this adapter cannot serve safely: one that is not
+        the vendor's own but names no endpoint, whose client would send its key to the
+        vendor's default URL."""
+        if not self.vendor or spec.provider == self.vendor or self.base_url(spec):
+            return
+        if any(spec.model_kwargs.get(k) for k in _ENDPOINT_KWARGS):
+            return
+        raise CatalogError(
+            f"{spec.key}: provider {spec.provider!r} speaks the {self.name} API "
+            f"({spec.integration or self.chat_class}) but names no endpoint; set base_url to "
+            f"its API's URL (without it, the client would send its key to {self.vendor}'s "
+            "own API)"
+        )
+
     def build(self, spec: ModelSpec, *, timeout: float | None = None) -> BaseChatModel:
         import os
 
+        self.validate(spec)  # also for specs used outside a Catalog
         env = self.key_env(spec)
         api_key = os.environ.get(env) if env else None
         cls = self.model_class(spec)
@@ -108,25 +133,67 @@ class ProviderAdapter:
             await closer()
 
     def check(self, message: Any, spec: ModelSpec) -> None:
-        """Raise for an answer that is a refusal in disguise (HTTP 200, nothing usable).
-
-        OpenAI reports finish_reason "content_filter", Anthropic stop_reason "refusal",
-        Gemini finish_reason "SAFETY"/"PROHIBITED_CONTENT"; all mean: try another provider.
-        """
+        """Raise for an answer (HTTP 200) that is not a whole answer: a refusal or block
+        (ContentFilterError: try another provider), or one that ended without its end
+        marker (IncompleteResponseError: a stream or body closed cleanly part-way)."""
         meta = getattr(message, "response_metadata", None) or {}
-        reason = str(meta.get("finish_reason") or meta.get("stop_reason") or "")
-        if reason.lower() in _REFUSALS:
+        reason = self.refusal(meta)
+        if reason:
             raise ContentFilterError(
                 f"{spec.key} refused to answer ({reason})", provider=spec.provider,
                 model=spec.model,
             )
+        if not self.complete(meta):
+            raise IncompleteResponseError(
+                f"{spec.key}: the answer ended without its {self.end_marker} (a truncated "
+                "response)", provider=spec.provider, model=spec.model,
+            )
+
+    end_marker: ClassVar[str] = "finish reason"
+
+    def refusal(self, meta: Mapping[str, Any]) -> str | None:
+        """The refusal or block reason in an answer's response_metadata, or None.
+
+        OpenAI reports finish_reason "content_filter", Anthropic stop_reason "refusal",
+        Gemini finish_reason "SAFETY"/"PROHIBITED_CONTENT"/"BLOCKLIST"/"RECITATION".
+        """
+        reason = str(meta.get("finish_reason") or meta.get("stop_reason") or "")
+        return reason if reason.lower() in _REFUSALS else None
+
+    def complete(self, meta: Mapping[str, Any]) -> bool:
+        """Whether an answer's response_metadata carries its wire format's end marker.
+
+        Adapters that know their wire format say; an unknown integration is taken as
+        complete. A length stop (finish_reason "length", stop_reason "max_tokens", ...) is a
+        complete answer: the caller's own output limit ended it, it was reported and billed
+        in full, and another model with the same limit would stop the same way.
+        """
+        return True
 
 
 def translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
     """Errors that look the same whatever the SDK: timeouts and transport failures."""
+    mapped = _translate_common(error, spec)
+    if type(mapped) is ModelAPIError:
+        # A wrapper we do not know (an integration's own class): what it wraps may say more.
+        seen: set[int] = {id(error)}
+        inner = error.__cause__ or error.__context__
+        while inner is not None and id(inner) not in seen:
+            seen.add(id(inner))
+            deeper = _translate_common(inner, spec)
+            if type(deeper) is not ModelAPIError:
+                return deeper
+            inner = inner.__cause__ or inner.__context__
+    return mapped
+
+
+def _translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
     if isinstance(error, ModelAPIError):
         return error
     where = {"provider": spec.provider, "model": spec.model}
+    if isinstance(error, (ConnectionError, BrokenPipeError)):
+        # Before TimeoutError: both are OSErrors, and a reset is not a timeout.
+        return ProviderConnectionError(f"{spec.key}: {type(error).__name__}: {error}", **where)
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
         return ModelTimeoutError(f"{spec.key} did not answer in time", **where)
     # httpx and its successor httpx2 (used by some SDKs) share the exception names.
@@ -207,26 +274,47 @@ def _profile(class_path: str, model: str, key_param: str | None) -> Mapping[str,
 
 
 _ADAPTERS: dict[str, ProviderAdapter] = {}
+_REGISTERED: set[str] = set()  # providers registered by the user: their adapter always wins
+_WIRE_FORMATS: dict[str, ProviderAdapter] = {}  # integration module -> its adapter
+
+# The built-in integrations and the adapter (wire format) each speaks.
+_INTEGRATION_ADAPTER = {"langchain_openai": "openai", "langchain_anthropic": "anthropic",
+                        "langchain_google_genai": "google", "langchain_ollama": "ollama"}
 
 
 def register_adapter(provider: str, adapter: ProviderAdapter) -> None:
     """Serve catalog entries whose `provider` is `provider` with `adapter`."""
     _ADAPTERS[provider] = adapter
+    _REGISTERED.add(provider)
 
 
 def adapter_for(spec: ModelSpec) -> ProviderAdapter:
+    """The adapter for an entry: chosen by its wire format, not its provider's name.
+
+    A provider registered with `register_adapter` gets its adapter; an entry whose
+    `integration` is one of the built-in ones (langchain_openai, langchain_anthropic,
+    langchain_google_genai, langchain_ollama) gets that integration's adapter, whatever its
+    provider is called (an Anthropic-compatible proxy gets Anthropic's error handling);
+    other integrations get the provider's adapter if it has one, else a generic one; an
+    entry without an integration gets its provider's.
+    """
     _register_builtins()
     if spec.simulated or spec.provider.startswith("sim-"):
         return _ADAPTERS["simulated"]
+    if spec.provider in _REGISTERED:
+        return _ADAPTERS[spec.provider]
+    if spec.integration:
+        module = spec.integration.partition(":")[0].split(".")[0]
+        wire = _WIRE_FORMATS.get(module)
+        if wire is not None:
+            return wire
+        return _ADAPTERS.get(spec.provider) or _GenericAdapter()
     try:
         return _ADAPTERS[spec.provider]
     except KeyError:
-        if spec.integration:
-            return _ADAPTERS["openai"] if "openai" in spec.integration else _GenericAdapter()
         import difflib
 
         close = difflib.get_close_matches(spec.provider, list(_ADAPTERS), n=3)
-        from ..exceptions import CatalogError
 
         raise CatalogError(
             f"{spec.key}: unknown provider {spec.provider!r}"
@@ -262,7 +350,11 @@ def _register_builtins() -> None:
     openai = OpenAIAdapter()
     for provider in OPENAI_COMPATIBLE:
         _ADAPTERS.setdefault(provider, openai)
-    _ADAPTERS.setdefault("anthropic", AnthropicAdapter())
-    _ADAPTERS.setdefault("google", GoogleAdapter())
-    _ADAPTERS.setdefault("ollama", OllamaAdapter())
+    anthropic, google, ollama = AnthropicAdapter(), GoogleAdapter(), OllamaAdapter()
+    _ADAPTERS.setdefault("anthropic", anthropic)
+    _ADAPTERS.setdefault("google", google)
+    _ADAPTERS.setdefault("ollama", ollama)
     _ADAPTERS.setdefault("simulated", SimulatedAdapter())
+    builtin = {"openai": openai, "anthropic": anthropic, "google": google, "ollama": ollama}
+    for module, name in _INTEGRATION_ADAPTER.items():
+        _WIRE_FORMATS[module] = builtin[name]

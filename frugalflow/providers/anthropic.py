@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ModelAPIError
@@ -19,6 +20,13 @@ class AnthropicAdapter(ProviderAdapter):
     chat_class = "langchain_anthropic:ChatAnthropic"
     timeout_param = "default_request_timeout"
     default_key_env = {"anthropic": "ANTHROPIC_API_KEY"}
+    vendor = "anthropic"
+    end_marker = "stop_reason (no message_delta/message_stop)"
+
+    def complete(self, meta: Mapping[str, Any]) -> bool:
+        # message_delta carries stop_reason (end_turn, max_tokens, tool_use, refusal, ...);
+        # a stream that ends after message_start and some deltas has none.
+        return bool(meta.get("stop_reason"))
 
     async def aclose(self, model: Any) -> None:
         # The clients are cached properties: close only those that were created.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ModelAPIError
 from ..fallback import error_from_status
@@ -19,6 +20,20 @@ class GoogleAdapter(ProviderAdapter):
     chat_class = "langchain_google_genai:ChatGoogleGenerativeAI"
     base_url_param = "base_url"
     default_key_env = {"google": "GOOGLE_API_KEY"}
+    vendor = "google"
+
+    def refusal(self, meta: Mapping[str, Any]) -> str | None:
+        # A blocked prompt: no candidates at all, the reason in promptFeedback.blockReason.
+        feedback = meta.get("prompt_feedback") or {}
+        block = feedback.get("block_reason") if isinstance(feedback, Mapping) else None
+        name = str(getattr(block, "value", block) or "")
+        if name and name not in ("0", "BLOCKED_REASON_UNSPECIFIED"):
+            return f"prompt blocked: {name}"
+        return super().refusal(meta)
+
+    def complete(self, meta: Mapping[str, Any]) -> bool:
+        # The last candidate chunk carries finishReason (STOP, MAX_TOKENS, SAFETY, ...).
+        return bool(meta.get("finish_reason"))
 
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
         where = {"provider": spec.provider, "model": spec.model}

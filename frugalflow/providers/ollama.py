@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ModelAPIError
@@ -21,6 +22,12 @@ class OllamaAdapter(ProviderAdapter):
     timeout_param = None
     retries_param = None
     default_base_url = {"ollama": "http://127.0.0.1:11434"}
+    vendor = "ollama"
+    end_marker = "final message (done: true)"
+
+    def complete(self, meta: Mapping[str, Any]) -> bool:
+        # Every Ollama answer, streamed or not, ends with a message that says done: true.
+        return meta.get("done") is True
 
     def key_env(self, spec: ModelSpec) -> str | None:
         # No key, but a host: Ollama models count as configured once OLLAMA_HOST is set,

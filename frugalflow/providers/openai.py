@@ -3,6 +3,7 @@ through `langchain-openai`'s ChatOpenAI."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import (
@@ -38,6 +39,21 @@ class OpenAIAdapter(ProviderAdapter):
     chat_class = "langchain_openai:ChatOpenAI"
     default_base_url = {p: url for p, (url, _) in OPENAI_COMPATIBLE.items() if url}
     default_key_env = {p: env for p, (_, env) in OPENAI_COMPATIBLE.items() if env}
+    vendor = "openai"
+
+    def complete(self, meta: Mapping[str, Any]) -> bool:
+        # Chat Completions: the last chunk (or the body) carries finish_reason (stop,
+        # length, tool_calls, content_filter); a stream closed before it has none, even
+        # when the server still sent `data: [DONE]`. The Responses API reports a status.
+        if meta.get("finish_reason"):
+            return True
+        return meta.get("status") in ("completed", "incomplete")
+
+    def refusal(self, meta: Mapping[str, Any]) -> str | None:
+        details = meta.get("incomplete_details") or {}
+        if isinstance(details, Mapping) and details.get("reason") == "content_filter":
+            return "content_filter"
+        return super().refusal(meta)
 
     def constructor_kwargs(
         self, spec: ModelSpec, *, api_key: str | None, timeout: float | None
