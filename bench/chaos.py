@@ -7,8 +7,9 @@ clients. At random moments, until every run has ended:
   - PostgreSQL and Redis connections are cut through a TCP proxy (tests/tcp_proxy.py) for
     50 ms to 5 s: open connections are reset and new ones refused;
   - the emulator injects provider faults: 429 with Retry-After, 500, 503, hang, stream cut
-    (transport abort), stream truncated (clean close, no end marker), a 401 whose body echoes
-    the API key, content filter;
+    (transport abort) and reset mid-stream, stream truncated (clean close, no end marker), an
+    answer without usage, a 401 whose body echoes the API key, content filter (an error or a
+    200 refusal), a blocked prompt;
   - a worker is SIGKILLed and a new one started; another worker resumes its runs.
 Then it prints:
   runs completed; completed nodes executed twice (a node whose function had returned ran
@@ -57,7 +58,8 @@ FLOW = "chaos"
 # A realistic-looking key: the emulator's key-echoing 401 repeats it, as OpenAI's does.
 KEY = "sk-proj-CHAOS" + "x7Qm2Lr9Vt4Wb8Nc3Zp6Hd1Ke5Jf0Ys" * 2
 PROVIDER_FAULTS = ["rate_limit", "server_error", "unavailable", "timeout", "stream_cut",
-                   "stream_truncated", "auth_echo", "content_filter"]
+                   "stream_reset", "stream_truncated", "no_usage", "auth_echo", "content_filter",
+                   "filtered", "prompt_blocked"]
 ROUTES = ("openai", "anthropic", "gemini", "ollama")
 
 
@@ -236,7 +238,7 @@ async def chaos_loop(args: argparse.Namespace, rng: random.Random, emu: Any, pg:
                      watchers: set[asyncio.Task[None]]) -> None:
     from sqlalchemy import text
 
-    from frugalflow.emulator import FAULT_KINDS
+    from frugalflow.emulator import FAULT_KINDS, fault_supported
 
     kinds = [k for k in PROVIDER_FAULTS if k in FAULT_KINDS]
     if missing := [k for k in PROVIDER_FAULTS if k not in FAULT_KINDS]:
@@ -273,7 +275,7 @@ async def chaos_loop(args: argparse.Namespace, rng: random.Random, emu: Any, pg:
             t = asyncio.create_task(cut_for(rd, rng.uniform(0.05, args.max_cut)))
         elif what == "provider":
             kind = rng.choice(kinds)
-            route = rng.choice(ROUTES)
+            route = rng.choice([r for r in ROUTES if fault_supported(r, kind)] or ["openai"])
             events[f"provider {kind}"] += 1
             emu.fault(route, kind, times=rng.randint(1, 4), retry_after=rng.choice([0.2, 1, 5]),
                       hang_seconds=3.0, after_chunks=rng.randint(1, 3))
