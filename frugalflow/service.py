@@ -113,9 +113,8 @@ SINGLE_TOKEN = Principal("admin", "admin")
 
 def _check_token(token: Any, what: str) -> str:
     if not isinstance(token, str) or not token:
-        raise UserError(
-            f"{what} is empty: a bearer token must be a non-empty secret "
-            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        raise UserError(f"{what} is empty: use a secret, e.g. from "
+                        "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     if not _TOKEN_SHAPE.fullmatch(token):
         raise UserError(
             f"{what} has spaces or non-ASCII characters, which an Authorization header does "
@@ -167,8 +166,7 @@ class _Auth:
             tokens = load_tokens(tokens)
         entries: dict[str, Principal] = {}
         if token is not None:
-            entries[_check_token(token, "the bearer token (--token, FRUGALFLOW_TOKEN)")] = \
-                SINGLE_TOKEN
+            entries[_check_token(token, "the token (--token, FRUGALFLOW_TOKEN)")] = SINGLE_TOKEN
         for t, who in (tokens or {}).items():
             if not isinstance(who, Principal) or who.role not in ("admin", "user"):
                 raise UserError(f"tokens: {who!r} is not a Principal(name, 'admin' or 'user')")
@@ -177,6 +175,13 @@ class _Auth:
                 raise UserError(f"principal {who.name!r} has the same token as "
                                 f"{entries[t].name!r}; give each its own")
             entries[t] = who
+        roles: dict[str, str] = {}
+        for who in entries.values():
+            # Runs belong to a name: one name with two roles would let a user into the
+            # runs of the admin of that name (e.g. a [admin] user and --token's "admin").
+            if roles.setdefault(who.name, who.role) != who.role:
+                raise UserError(f"principal name {who.name!r} is given both roles admin and "
+                                "user (--token's principal is named 'admin'): rename one")
         # Digests, compared in constant time: neither the time nor the length of a
         # comparison says how much of a guess was right.
         self._entries = [(hashlib.sha256(t.encode()).digest(), who) for t, who in entries.items()]
@@ -250,14 +255,6 @@ def _too_large(max_bytes: int) -> HTTPException:
                                       "message": f"request body over {max_bytes} bytes"})
 
 
-class _NotFinite(ValueError):
-    pass
-
-
-def _no_constant(name: str) -> Any:
-    raise _NotFinite(name)
-
-
 def _where(path: tuple[Any, ...] | None) -> str:
     """A JSON path (linked (parent, key) pairs) as text: input.items[3].name."""
     keys: list[Any] = []
@@ -282,7 +279,8 @@ def _json_problem(value: Any, max_depth: int) -> str | None:
                 return _surrogate(bad, path)
             continue
         if isinstance(v, float) and not math.isfinite(v):
-            return f"the number at {_where(path)} is out of range for JSON: send a finite number"
+            return (f"the number at {_where(path)} is not finite (NaN, Infinity, or too large "
+                    "for a double, like 1e400): send a finite number")
         if not isinstance(v, (dict, list)):
             continue
         if depth > max_depth:
@@ -304,15 +302,12 @@ def _surrogate(found: re.Match[str], path: tuple[Any, ...] | None) -> str:
 def parse_request_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """A request body as JSON, or HTTPException 422 naming what is wrong."""
     try:
-        value = json.loads(body, parse_constant=_no_constant)
+        value = json.loads(body)  # NaN, Infinity: floats that _json_problem refuses by path
     except json.JSONDecodeError:
         raise  # FastAPI answers 422 with the position
     except RecursionError:
         raise _invalid(f"the request's JSON is nested deeper than {max_depth} levels: "
                        "flatten it") from None
-    except _NotFinite as e:
-        raise _invalid(f"the request's JSON has {e}, which JSON does not allow: send a "
-                       "finite number") from None
     except ValueError as e:  # not UTF-8, an integer of thousands of digits...
         raise _invalid(f"the request's body cannot be read as JSON: {e}") from None
     problem = _json_problem(value, max_depth)
@@ -365,8 +360,24 @@ def _dumps(content: Any) -> bytes:
                       separators=(",", ":")).encode()
 
 
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities (JSON has neither) as null. Depth is bounded here:
+    stored values deeper than _SHOW_DEPTH were replaced by `_shown`."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _render(content: Any, status_code: int = 200) -> Response:
-    return Response(_dumps(content), status_code=status_code, media_type="application/json")
+    try:
+        body = _dumps(content)
+    except ValueError:  # a NaN or infinite number stored before budgets were checked
+        body = _dumps(_finite(content))
+    return Response(body, status_code=status_code, media_type="application/json")
 
 
 def _depth_over(value: Any, limit: int) -> bool:
@@ -387,7 +398,7 @@ def _shown(name: str, value: Any) -> Any:
     if _depth_over(value, _SHOW_DEPTH):
         return {"not_shown": f"the stored {name} is nested deeper than {_SHOW_DEPTH} levels"}
     try:
-        _dumps(value)
+        _dumps(_finite(value))
     except (ValueError, TypeError, RecursionError) as e:
         return {"not_shown": f"the stored {name} cannot be shown as JSON ({type(e).__name__})"}
     return value
@@ -720,10 +731,8 @@ def create_app(
     auth = _Auth(token, tokens)  # refuses empty and malformed tokens
     if auth.open and not is_loopback(host):
         where = host or "every interface (an empty host)"
-        raise UserError(
-            f"refusing to serve on {where} without a bearer token: set FRUGALFLOW_TOKEN "
-            "(--token) or FRUGALFLOW_TOKENS (--tokens file), or bind to 127.0.0.1"
-        )
+        raise UserError(f"refusing to serve on {where} without a bearer token: set "
+                        "FRUGALFLOW_TOKEN or --tokens, or bind to 127.0.0.1")
     if docs not in ("token", "public", "off"):
         raise UserError(f"docs={docs!r}: use 'token', 'public' or 'off'")
 
