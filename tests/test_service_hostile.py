@@ -378,6 +378,28 @@ async def test_a_lone_surrogate_in_a_prompt_loses_no_attempt_row(db_url: str) ->
         await runner.close()
 
 
+async def test_a_lone_surrogate_in_an_error_still_records_the_failure(db_url: str) -> None:
+    from frugalflow import END, START, Flow
+
+    flow: Flow[OddState] = Flow("oops", OddState)
+
+    @flow.node()
+    def fetch(state: OddState) -> OddState:
+        raise ValueError(json.loads('"no such order: caf\\ud800"'))
+
+    flow.add_edge(START, "fetch")
+    flow.add_edge("fetch", END)
+    runner = Runner(db_url, flows=[flow], catalog=Catalog.simulated(),
+                    breakers=BreakerRegistry())
+    try:
+        result = await runner.start("oops", {"topic": "t"})
+        assert result.status == "failed"
+        row = await runner.ledger.get_run(result.run_id)
+        assert row.status == "failed" and "no such order: caf\\ud800" in (row.error or "")
+    finally:
+        await runner.close()
+
+
 # -- budgets -------------------------------------------------------------------------------
 
 

@@ -135,7 +135,7 @@ class Ledger:
             await conn.execute(
                 update(_NODES).where(_NODES.c.id == task_id).values(
                     status=status, finished_at=utcnow(), cost_usd=float(cost),
-                    error=scrub(error)[:2000] if error else None,
+                    error=_storable(scrub(error)[:2000]) if error else None,
                 )
             )
 
