@@ -440,11 +440,15 @@ def _translate(e: FrugalflowError, run_id: str | None = None) -> HTTPException:
         return _not_found(run_id or getattr(e, "run_id", "") or "")
     if isinstance(e, (RunStateError, LeaseError)):
         return _error(409, e)
-    if isinstance(e, StoreUnavailableError):
-        log.error("frugalflow service: %s", e)  # the details (database URL) stay in the log
-        return HTTPException(503, detail={"error": "StoreUnavailableError",
-                                          "message": "the database is unavailable; try again "
-                                                     "later"})
+    if isinstance(e, StoreError):  # their messages may name the database: keep it in the log
+        log.error("frugalflow service: %s: %s", type(e).__name__, e)
+        if isinstance(e, StoreUnavailableError):
+            return HTTPException(503, detail={"error": "StoreUnavailableError",
+                                              "message": "the database is unavailable; try "
+                                                         "again later"})
+        return HTTPException(500, detail={"error": type(e).__name__,
+                                          "message": "a database error; the server's log "
+                                                     "has the details"})
     if isinstance(e, UserError):
         return _error(400, e)
     return _error(500, e)

@@ -481,6 +481,29 @@ async def test_health_is_public_and_its_details_need_the_token(tmp_path: Path) -
             assert r.status_code == 404 and "secret-place" not in r.text
 
 
+async def test_an_unreachable_database_is_503_without_its_url(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runner = Runner(f"postgresql://app:pw@127.0.0.1:{port}/secretdb",
+                    flows=[chain_flow(2)], catalog=Catalog.simulated(),
+                    breakers=BreakerRegistry())
+    app = FastAPI()
+    app.include_router(create_router(runner, token="t0ken"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app",
+                                 headers=bearer("t0ken")) as client:
+        for r in (await client.get("/runs"), await client.get("/runs/r1"),
+                  await client.post("/runs", json={"flow": "chain", "input": {"topic": "t"}})):
+            assert r.status_code == 503, r.text
+            assert one_line(r) == "the database is unavailable; try again later"
+            assert "secretdb" not in r.text and str(port) not in r.text
+        health = (await client.get("/health")).json()
+        assert health["ok"] is True and health["database"]["reachable"] is False
+    assert "secretdb" in caplog.text  # the operator's log has the details
+    await runner.close()
+
+
 @pytest.mark.parametrize("docs", ["token", "public", "off"])
 async def test_openapi_docs_can_be_behind_the_token(db: str, docs: str) -> None:
     async with serving(db, token="t0ken", docs=docs) as (client, _):
