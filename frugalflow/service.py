@@ -80,6 +80,7 @@ MAX_BODY_BYTES = 1_000_000
 MAX_JSON_DEPTH = 64
 """Request JSON nested deeper than this (objects and arrays, the body itself is level 1) is
 refused (422): deep values cost recursion everywhere they are later read or shown."""
+_INLINE_JSON_BYTES = 64_000  # bigger request bodies are parsed and checked in a thread
 _SHOW_DEPTH = 200  # stored values nested deeper than this are shown as a placeholder
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _TOKEN_SHAPE = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries intact
@@ -268,28 +269,52 @@ def _where(path: tuple[Any, ...] | None) -> str:
     return (text[:120] + "...") if len(text) > 120 else (text or "the top level")
 
 
-def _json_problem(value: Any, max_depth: int) -> str | None:
-    """What is wrong with a request's decoded JSON (None: nothing). Iterative: no recursion
-    on input the client chose."""
+def _json_problem(value: Any, max_depth: int, *, strings: bool = True,
+                  numbers: bool = True) -> str | None:
+    """What is wrong with a request's decoded JSON (None: nothing): too deep, a lone
+    surrogate in a string (`strings`), a non-finite number (`numbers`). Iterative: no
+    recursion on input the client chose. A first pass keeps no paths (cheap); only when it
+    finds a problem does a second one say where."""
+    if _walk(value, max_depth, strings, numbers, track=False) is None:
+        return None
+    return _walk(value, max_depth, strings, numbers, track=True)
+
+
+def _walk(value: Any, max_depth: int, strings: bool, numbers: bool, *,
+          track: bool) -> str | None:
+    def scalar(v: Any, path: tuple[Any, ...] | None) -> str | None:
+        if strings and isinstance(v, str) and (bad := _SURROGATE.search(v)):
+            return _surrogate(bad, path)
+        if numbers and isinstance(v, float) and not math.isfinite(v):
+            return (f"the number at {_where(path)} is not finite (NaN, Infinity, or too large "
+                    "for a double, like 1e400): send a finite number")
+        return None
+
+    if not isinstance(value, (dict, list)):
+        return scalar(value, None)
+    check = strings or numbers
     stack: list[tuple[Any, int, tuple[Any, ...] | None]] = [(value, 1, None)]
     while stack:
         v, depth, path = stack.pop()
-        if isinstance(v, str):
-            if bad := _SURROGATE.search(v):
-                return _surrogate(bad, path)
-            continue
-        if isinstance(v, float) and not math.isfinite(v):
-            return (f"the number at {_where(path)} is not finite (NaN, Infinity, or too large "
-                    "for a double, like 1e400): send a finite number")
-        if not isinstance(v, (dict, list)):
-            continue
         if depth > max_depth:
             return (f"the request's JSON is nested deeper than {max_depth} levels "
                     f"(at {_where(path)}): flatten it")
-        for k, item in (v.items() if isinstance(v, dict) else enumerate(v)):
-            if isinstance(k, str) and (bad := _SURROGATE.search(k)):
-                return _surrogate(bad, (path, k))
-            stack.append((item, depth + 1, (path, k)))
+        if isinstance(v, dict):
+            if strings:
+                for k in v:
+                    if isinstance(k, str) and (bad := _SURROGATE.search(k)):
+                        return _surrogate(bad, (path, k) if track else None)
+            items: Any = v.items() if track else zip(v.values(), v.values())
+        else:
+            items = enumerate(v) if track else zip(v, v)
+        for k, item in items:
+            if isinstance(item, (dict, list)):
+                if item:
+                    stack.append((item, depth + 1, (path, k) if track else None))
+                elif depth + 1 > max_depth:
+                    stack.append((item, depth + 1, (path, k) if track else None))
+            elif check and (problem := scalar(item, (path, k) if track else None)):
+                return problem
     return None
 
 
@@ -299,10 +324,23 @@ def _surrogate(found: re.Match[str], path: tuple[Any, ...] | None) -> str:
             "half of a pair)")
 
 
+# A lone surrogate can only come from a \uD800-\uDFFF escape (UTF-8 cannot encode one):
+# a body without such an escape needs no look at its strings.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
 def parse_request_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """A request body as JSON, or HTTPException 422 naming what is wrong."""
+    odd_number = False
+
+    def number(text: str) -> float:  # NaN, Infinity, 1e400: note them, refuse them below
+        nonlocal odd_number
+        value = float(text)
+        odd_number = odd_number or not math.isfinite(value)
+        return value
+
     try:
-        value = json.loads(body)  # NaN, Infinity: floats that _json_problem refuses by path
+        value = json.loads(body, parse_float=number, parse_constant=number)
     except json.JSONDecodeError:
         raise  # FastAPI answers 422 with the position
     except RecursionError:
@@ -310,7 +348,8 @@ def parse_request_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
                        "flatten it") from None
     except ValueError as e:  # not UTF-8, an integer of thousands of digits...
         raise _invalid(f"the request's body cannot be read as JSON: {e}") from None
-    problem = _json_problem(value, max_depth)
+    problem = _json_problem(value, max_depth, numbers=odd_number,
+                            strings=_SURROGATE_ESCAPE.search(body) is not None)
     if problem:
         raise _invalid(problem)
     return value
@@ -336,7 +375,12 @@ def _route_class(max_body_bytes: int, max_json_depth: int) -> type[APIRoute]:
 
         async def json(self) -> Any:
             if not hasattr(self, "_json"):
-                self._json = parse_request_json(await self.body(), max_json_depth)
+                body = await self.body()
+                if len(body) > _INLINE_JSON_BYTES:  # ~10-100 ms of CPU: off the event loop
+                    self._json = await asyncio.to_thread(parse_request_json, body,
+                                                         max_json_depth)
+                else:
+                    self._json = parse_request_json(body, max_json_depth)
             return self._json
 
     class _Route(APIRoute):

@@ -275,6 +275,12 @@ async def test_deep_json_and_lone_surrogates_get_422_with_one_line(db: str) -> N
         assert one_line(r) == ("the request's JSON has a lone surrogate (\\ud800) at input.topic: "
                                "send valid Unicode text (a \\ud800-\\udfff escape must be half "
                                "of a pair)")
+        big = b'{"flow": "chain", "input": {"pad": "%s", "t": "\\ud800"}}' % (b"x" * 200_000)
+        r = await client.post("/runs", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "lone surrogate (\\ud800) at input.t" in one_line(r)
+        r = await client.post("/runs", json={"flow": "chain",
+                                             "input": {"topic": "t", "pad": ["x" * 9] * 60_000}})
+        assert r.status_code == 202  # 720 KB of valid JSON (parsed off the event loop)
         r = await client.post("/runs", content=b'{"flow": "chain", "input": {"k\\udfff": 1}}',
                               headers={"content-type": "application/json"})
         assert r.status_code == 422 and "lone surrogate (\\udfff)" in one_line(r)
@@ -289,7 +295,7 @@ async def test_deep_json_and_lone_surrogates_get_422_with_one_line(db: str) -> N
                               headers={"content-type": "application/json"})
         assert r.status_code == 422 and "at value" in one_line(r)
         runs = await runner.ledger.list_runs()
-        assert len(runs) == 2  # the two accepted ones, nothing of the refused
+        assert len(runs) == 3  # the three accepted ones, nothing of the refused
 
 
 async def insert_raw_run(runner: Runner, run_id: str, input_json: str, **extra: Any) -> None:
