@@ -582,7 +582,8 @@ def create_router(
                                                  principal=mine)
         except FrugalflowError as e:
             raise _translate(e) from None
-        return _render([_run_json(r) for r in rows])
+        # Up to 500 stored inputs, each up to the body limit: render off the event loop.
+        return await asyncio.to_thread(lambda: _render([_run_json(r) for r in rows]))
 
     @api.get("/runs/{run_id}", response_model=dict[str, Any])
     async def get_run(run_id: str, who: Principal | None = Depends(require)) -> Response:
@@ -591,13 +592,13 @@ def create_router(
             record = await runner.get(run_id)
         except FrugalflowError as e:
             raise _translate(e, run_id) from None
-        return _render({
+        return await asyncio.to_thread(lambda: _render({
             **_run_json(record.run),
             "cost_by_node": record.cost_by("node"),
             "cost_by_model": record.cost_by("model"),
             "nodes": [n.model_dump(mode="json") for n in record.nodes],
             "calls": [_row(a, ("response",)) for a in record.attempts],
-        })
+        }))
 
     @api.post("/runs/{run_id}/resume", status_code=202, response_model=dict[str, Any])
     async def resume_run(run_id: str, body: ResumeRun,
