@@ -558,8 +558,9 @@ def serve(
                               help="Bearer token of an admin (a token or --tokens is required "
                                    "unless bound to loopback)."),
     tokens: str = typer.Option(None, "--tokens", envvar="FRUGALFLOW_TOKENS",
-                               help="TOML file of named tokens: [name] token = \"...\", "
-                                    "role = \"admin\" or \"user\" (users see their own runs)."),
+                               help="TOML file of named tokens: a table per name with "
+                                    "token = \"...\" and role = \"admin\" or \"user\" "
+                                    "(users see only their own runs)."),
     docs: str = typer.Option("token", "--docs",
                              help="OpenAPI schema and /docs: token (need a token), public, off."),
     max_concurrency: int = typer.Option(64, "--max-concurrency"),

@@ -588,6 +588,33 @@ async def test_users_see_and_touch_only_their_own_runs(db: str, tmp_path: Path) 
                                  )).status_code == 401
 
 
+async def test_every_token_is_compared_in_constant_time_without_early_exit(
+        db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hmac
+
+    import frugalflow.service as service
+
+    compared: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(service.hmac, "compare_digest", counting)
+    tokens = {f"token-{i}" + "x" * i: Principal(f"p{i}") for i in range(5)}
+    app = FastAPI()
+    app.include_router(create_router(make_runner(db), token="t0ken", tokens=tokens))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://app") as client:
+        for token in ("t0ken", "token-3xxx", "wrong", "token-0"):
+            for path in ("/flows", "/runs"):  # /runs also asks who the caller is: once
+                compared.clear()
+                await client.get(path, headers=bearer(token))
+                # Every configured token, whichever matched, as equal-length digests.
+                assert compared == [(32, 32)] * 6
+
+
 async def test_a_version_2_database_gains_the_principal_column_in_place(db_url: str) -> None:
     from frugalflow.persistence import Store
     from frugalflow.persistence.store import SCHEMA_VERSION
