@@ -64,6 +64,7 @@ from .runner import FINAL_STATUSES, Runner
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_JSON_DEPTH",
+    "SINGLE_TOKEN",
     "BodyLimitMiddleware",
     "Principal",
     "UnauthenticatedServiceWarning",
@@ -71,6 +72,7 @@ __all__ = [
     "create_router",
     "is_loopback",
     "load_tokens",
+    "parse_request_json",
 ]
 
 log = logging.getLogger("frugalflow.service")
