@@ -227,6 +227,7 @@ def run(
 ) -> None:
     """Start a durable run: live per-node progress, then a cost table."""
     try:
+        _check_budget(budget)
         f = load_flow(flow)
         value = _parse_json(input, "--input")
         asyncio.run(_start_or_resume(f, db, catalog, as_json,
@@ -246,10 +247,21 @@ def resume(
 ) -> None:
     """Resume a run from its last checkpoint (after a crash, a budget stop or an interrupt)."""
     try:
+        _check_budget(budget)
         answer = _parse_json(value, "--value")
         asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json, router))
     except FrugalflowError as e:
         _fail(e)
+
+
+def _check_budget(budget: float | None) -> None:
+    """--budget nan, inf, 0 or below would lift or break the cap: one line, exit 1."""
+    from .flow import check_budget
+
+    try:
+        check_budget(budget)
+    except ValueError as e:
+        raise FrugalflowError(f"--budget: {e}") from None
 
 
 async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | None,
@@ -567,7 +579,14 @@ def serve(
     port: int = typer.Option(8000, "--port"),
     flows: str = typer.Option("flows", "--flows", help="Folder of flow modules to serve."),
     token: str = typer.Option(None, "--token", envvar="FRUGALFLOW_TOKEN",
-                              help="Bearer token (required unless bound to loopback)."),
+                              help="Bearer token of an admin (a token or --tokens is required "
+                                   "unless bound to loopback)."),
+    tokens: str = typer.Option(None, "--tokens", envvar="FRUGALFLOW_TOKENS",
+                               help="TOML file of named tokens: a table per name with "
+                                    "token = \"...\" and role = \"admin\" or \"user\" "
+                                    "(users see only their own runs)."),
+    docs: str = typer.Option("token", "--docs",
+                             help="OpenAPI schema and /docs: token (need a token), public, off."),
     max_concurrency: int = typer.Option(64, "--max-concurrency"),
     db: str = DbOption, catalog: str = CatalogOption, router: str = RouterOption,
 ) -> None:
@@ -580,7 +599,8 @@ def serve(
     try:
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
                         max_concurrency=max_concurrency, router=router)
-        application = create_app(runner, token=token, host=host)
+        application = create_app(runner, token=token, tokens=tokens, host=host,
+                                 docs=docs)  # type: ignore[arg-type]
     except FrugalflowError as e:
         _fail(e)
     uvicorn.run(application, host=host, port=port, log_level="info")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import typing
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
@@ -38,7 +39,27 @@ from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
 from .routing import Needs, RoutedChatModel, RunContext, no_capable_model_error, rank
 from .usage import Listener, RunUsage
 
-__all__ = ["END", "START", "Agent", "CompiledFlow", "Flow", "NodeSpec"]
+__all__ = ["END", "START", "Agent", "CompiledFlow", "Flow", "NodeSpec", "check_budget"]
+
+
+def check_budget(budget: float | None) -> float | None:
+    """`budget` if it is None (no limit) or a finite amount of USD above 0, else ValueError.
+
+    NaN compares false with everything and infinity never runs out: either would quietly
+    lift the cap, so both are refused where a budget enters (Python, CLI, service)."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be a number of USD above 0 (or None: no limit), "
+                         f"got {budget!r}")
+    try:
+        value = float(budget)
+    except OverflowError:  # an int beyond any float
+        value = math.inf
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"budget must be a finite amount of USD above 0 (or None: no limit), "
+                         f"got {value!r}")
+    return value
 
 S = TypeVar("S")
 NodeFn = Callable[..., Any]
@@ -433,6 +454,7 @@ class CompiledFlow:
         usage: RunUsage | None = None,
     ) -> RunContext:
         """The runtime context for one run: its budget, spend and attempt listeners."""
+        check_budget(budget)
         if usage is None:
             usage = RunUsage(budget_usd=budget, run_id=run_id or uuid.uuid4().hex)
         usage.listeners.extend(listeners)

@@ -42,7 +42,7 @@ from .exceptions import (
     UserError,
 )
 from .fallback import Attempt, BreakerRegistry, FallbackPolicy, default_breakers
-from .flow import CompiledFlow, Flow
+from .flow import CompiledFlow, Flow, check_budget
 from .persistence.ledger import Ledger, RunRecord, scrub
 from .persistence.store import Fence, Store, fenced, unfenced
 from .persistence.tables import LeaseHistoryRow, LeaseRow, RunRow, utcnow
@@ -397,8 +397,10 @@ class Runner:
         budget: float | None = None,
         run_id: str | None = None,
         wait: bool = True,
+        principal: str | None = None,
     ) -> RunResult:
-        """Create a run and execute it; with `wait=False`, execute it in the background."""
+        """Create a run and execute it; with `wait=False`, execute it in the background.
+        `principal` records who started it (the service's named tokens)."""
         if isinstance(flow, Flow):
             if flow.name not in self._flows:
                 self.register(flow)
@@ -406,16 +408,17 @@ class Runner:
         else:
             name = flow
         self.compiled(name)  # unknown flow or impossible needs: fail before writing anything
-        if budget is not None and budget < 0:
-            raise UserError(f"budget must be >= 0 USD, got {budget}")
+        budget = check_budget(budget)  # ValueError: NaN, infinite, zero or negative
         run_id = run_id or uuid.uuid4().hex
         await self.setup()
         if self.dispatcher is None:
-            await self.ledger.create_run(run_id, name, input, budget_usd=budget)
+            await self.ledger.create_run(run_id, name, input, budget_usd=budget,
+                                         principal=principal)
             return await self._launch(run_id, input, wait=wait)
         # Dispatched: the input becomes the thread's first checkpoint (state, not a message),
         # then the queue says "run X is ready".
-        await self.ledger.create_run(run_id, name, input, budget_usd=budget, status="queued")
+        await self.ledger.create_run(run_id, name, input, budget_usd=budget, status="queued",
+                                     principal=principal)
         graph = self.compiled(name).graph
         await graph.aupdate_state(self._config(run_id), input, as_node=START)
         await self.dispatcher.submit(run_id)
@@ -436,6 +439,7 @@ class Runner:
         `budget_exceeded`); `wait_for_lease` waits up to that many seconds for a crashed
         executor's lease to expire.
         """
+        budget = check_budget(budget)  # ValueError: NaN, infinite, zero or negative
         row = await self.ledger.get_run(run_id)
         if row.status in FINAL_STATUSES:
             raise RunStateError(

@@ -142,6 +142,7 @@ async def test_the_embedded_service_example(tmp_path: Path, monkeypatch: pytest.
     import importlib.util
 
     monkeypatch.setenv("FRUGALFLOW_DATABASE_URL", f"sqlite:///{tmp_path / 'example.db'}")
+    monkeypatch.setenv("FRUGALFLOW_TOKEN", "example-token")  # the router needs one
     path = Path(__file__).resolve().parents[1] / "examples" / "service" / "app.py"
     spec = importlib.util.spec_from_file_location("example_service_app", path)
     assert spec and spec.loader
@@ -152,7 +153,9 @@ async def test_the_embedded_service_example(tmp_path: Path, monkeypatch: pytest.
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             r = await client.post("/tickets", json={"text": "charged twice, order 9"})
             assert r.status_code == 200 and r.json()["status"] == "succeeded"
-            flows = (await client.get("/frugalflow/flows")).json()
+            assert (await client.get("/frugalflow/flows")).status_code == 401
+            flows = (await client.get("/frugalflow/flows",
+                                      headers={"Authorization": "Bearer example-token"})).json()
             assert "support_triage" in {f["name"] for f in flows}
 
 

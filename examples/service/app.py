@@ -1,6 +1,9 @@
 """frugalflow inside an existing FastAPI app: one lifespan, one database for both.
 
-    uvicorn examples.service.app:app --port 8000      # from the repository root
+    FRUGALFLOW_TOKEN=... uvicorn examples.service.app:app --port 8000   # from the repo root
+
+frugalflow's router takes the bearer token from FRUGALFLOW_TOKEN (without one it warns:
+anyone who reaches the app could use it).
 
 The app owns its SQLAlchemy engine (here for its own `notes` table); frugalflow's Store
 shares the same database URL, and the Runner starts and stops with the app's lifespan:

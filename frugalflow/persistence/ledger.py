@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import Text, case, cast, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -92,10 +92,11 @@ class Ledger:
         *,
         budget_usd: float | None = None,
         status: str = "pending",
+        principal: str | None = None,
     ) -> RunRow:
         await self.store.setup()
         row = RunRow(id=run_id, flow=flow, status=status, input=_as_dict(scrub(input)),
-                     budget_usd=budget_usd)
+                     budget_usd=budget_usd, principal=principal)
         try:
             async with self.store.write() as conn:
                 await conn.execute(_RUNS.insert().values(**_values(row)))
@@ -111,7 +112,7 @@ class Ledger:
         if changes.get("status") in ("succeeded", "failed", "cancelled"):
             changes.setdefault("finished_at", changes["updated_at"])
         if "error" in changes and changes["error"] is not None:
-            changes["error"] = scrub(str(changes["error"]))[:4000]
+            changes["error"] = _storable(scrub(str(changes["error"]))[:4000])
         async with self.store.write() as conn:
             await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
 
@@ -134,7 +135,7 @@ class Ledger:
             await conn.execute(
                 update(_NODES).where(_NODES.c.id == task_id).values(
                     status=status, finished_at=utcnow(), cost_usd=float(cost),
-                    error=scrub(error)[:2000] if error else None,
+                    error=_storable(scrub(error)[:2000]) if error else None,
                 )
             )
 
@@ -178,7 +179,7 @@ class Ledger:
             category=attempt.category, usage_estimated=attempt.usage_estimated,
             response=_message_json(attempt.response) if attempt.response is not None else None,
         )
-        values = _values(row)
+        values = {k: _storable(v) for k, v in _values(row).items()}
         values.pop("id", None)
         async with self.store.write() as conn:
             await conn.execute(_ATTEMPTS.insert().values(**values))
@@ -194,10 +195,10 @@ class Ledger:
     async def get_run(self, run_id: str) -> RunRow:
         await self.store.setup()
         async with self.store.read() as conn:
-            row = (await conn.execute(select(_RUNS).where(_RUNS.c.id == run_id))).first()
+            row = (await conn.execute(_select_runs().where(_RUNS.c.id == run_id))).first()
         if row is None:
             raise RunNotFoundError(f"no run {run_id!r} in {self.store!r}", run_id=run_id)
-        return RunRow.model_validate(dict(row._mapping))
+        return _run_row(row._mapping)
 
     async def run_record(self, run_id: str) -> RunRecord:
         """The run with its node executions and attempts, in order."""
@@ -221,11 +222,14 @@ class Ledger:
 
     async def list_runs(
         self, *, flow: str | None = None, status: str | None = None, limit: int = 50,
-        updated_before: datetime | None = None,
+        updated_before: datetime | None = None, principal: str | None = None,
     ) -> list[RunRow]:
-        """Runs, newest first; `updated_before`: only those untouched since then."""
+        """Runs, newest first; `updated_before`: only those untouched since then;
+        `principal`: only those it started."""
         await self.store.setup()
-        q = select(_RUNS).order_by(_RUNS.c.created_at.desc()).limit(limit)
+        q = _select_runs().order_by(_RUNS.c.created_at.desc()).limit(limit)
+        if principal is not None:
+            q = q.where(_RUNS.c.principal == principal)
         if flow:
             q = q.where(_RUNS.c.flow == flow)
         if status:
@@ -234,7 +238,7 @@ class Ledger:
             q = q.where(_RUNS.c.updated_at < updated_before)
         async with self.store.read() as conn:
             rows = (await conn.execute(q)).all()
-        return [RunRow.model_validate(dict(r._mapping)) for r in rows]
+        return [_run_row(r._mapping) for r in rows]
 
     async def costs(
         self,
@@ -447,3 +451,36 @@ def _attr(column: str) -> str:
 
 def _as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
+
+
+_RUN_JSON = ("input", "output", "interrupts", "pending_resume")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _select_runs() -> Any:
+    """SELECT ff_runs with its JSON columns as text, decoded by `_run_row`: one row that
+    cannot be decoded (nested past the decoder's recursion limit) breaks no read of others."""
+    return select(*(cast(c, Text).label(c.name) if c.name in _RUN_JSON else c
+                    for c in _RUNS.c))
+
+
+def _run_row(mapping: Mapping[str, Any]) -> RunRow:
+    values = dict(mapping)
+    for name in _RUN_JSON:
+        text = values.get(name)
+        if isinstance(text, str):
+            try:
+                values[name] = json.loads(text)
+            except (ValueError, RecursionError) as e:
+                gone = {"unreadable": f"the stored {name} cannot be decoded "
+                                      f"({type(e).__name__})"}
+                values[name] = [gone] if name == "interrupts" else gone
+    return RunRow.model_validate(values)
+
+
+def _storable(value: Any) -> Any:
+    """`value`, with lone surrogates in a string escaped as text (`\\ud800`): the drivers
+    cannot encode them, and a row that fails to write would lose a paid call."""
+    if isinstance(value, str) and _SURROGATE.search(value):
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+    return value

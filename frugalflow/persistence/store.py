@@ -106,10 +106,18 @@ def _v3(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE ff_attempts ADD COLUMN usage_estimated BOOLEAN"))
 
 
+def _v4(conn: Connection) -> None:
+    """ff_runs.principal: who started the run (a named service token), indexed for listing."""
+    columns = {c["name"] for c in inspect(conn).get_columns("ff_runs")}
+    if "principal" not in columns:  # _v1 on this release already created it
+        conn.execute(text("ALTER TABLE ff_runs ADD COLUMN principal VARCHAR"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_ff_runs_principal ON ff_runs (principal)"))
+
+
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
 # function here that alters existing databases (and must be a no-op where _v1 already
 # created the new shape). Never edit or reorder an applied migration.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups

@@ -114,6 +114,8 @@ class RunRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, index=True)
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    principal: str | None = Field(default=None, index=True)
+    """Who started the run: the name of the service token it came with (None: not named)."""
 
 
 class NodeRunRow(SQLModel, table=True):
