@@ -492,3 +492,39 @@ def test_frugalflow_log_records_are_scrubbed(
     child = logging.getLogger("frugalflow.some_module")
     policy.install_log_filter()
     assert any(isinstance(f, SecretFilter) for f in child.filters)
+
+
+async def test_ledger_rows_scrub_errors_and_prompts_but_keep_answers_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from langchain_core.messages import AIMessage
+
+    from frugalflow.fallback import Attempt
+    from frugalflow.persistence.ledger import Ledger
+    from frugalflow.persistence.ledger import scrub as ledger_scrub
+
+    assert ledger_scrub is scrub  # one policy; the old import path still works
+    key = f"sk-proj-{_random(40)}"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    shaped = "sk-" + _random(40)
+    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger(store)
+    await ledger.create_run("r1", "flow", {"topic": f"{key} {shaped}", "api_key": "mine"})
+    await ledger.record_attempt(Attempt(
+        node="n", model="m", provider="openai", outcome="error", call_id="c1", run_id="r1",
+        error=f"401 Incorrect API key provided: {key}", prompt=f"use {shaped} please"))
+    await ledger.record_attempt(Attempt(
+        node="n", model="m", provider="openai", outcome="ok", call_id="c2", run_id="r1",
+        response=AIMessage(f"your key {key}; a made-up one {shaped}")))
+    await ledger.update_run("r1", status="interrupted", error=f"Bearer {shaped}",
+                            pending_resume={"value": f"{key} {shaped}"})
+    record = await ledger.run_record("r1")
+    assert record.run.input == {"topic": f"{REDACTED} {REDACTED}", "api_key": REDACTED}
+    assert record.run.error == f"Bearer {REDACTED}"
+    assert record.run.pending_resume == {"value": f"{REDACTED} {shaped}"}  # the user's answer
+    failed, answered = record.attempts
+    assert failed.error == f"401 Incorrect API key provided: {REDACTED}"
+    assert failed.prompt == f"use {REDACTED} please"
+    assert answered.response is not None  # replayed on resume: only the exact key goes
+    assert answered.response["data"]["content"] == f"your key {REDACTED}; a made-up one {shaped}"
+    await store.close()
