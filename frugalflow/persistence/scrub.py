@@ -71,6 +71,7 @@ _NOT_SECRET_ENVS: Final = frozenset({"OLLAMA_HOST"})
 _lock = threading.Lock()
 _key_envs: set[str] = set(COMMON_KEY_ENVS)
 _registered: set[str] = set()
+_names: tuple[str, ...] = tuple(sorted(_key_envs))  # a snapshot, replaced on registration
 
 # -- the rules ------------------------------------------------------------------------------
 
@@ -90,12 +91,14 @@ _SHAPES = (
 _SHAPE = re.compile(_SHAPES)
 _SHAPE_BYTES = re.compile(_SHAPES.encode())
 _BEARER = re.compile(r"\b(Bearer\s+)[A-Za-z0-9._~+/\-]{8,}=*", re.I)
+_SHAPE_CUES = ("sk-", "AIza", "gsk_", "tgp_v1_", "hf_", "xai-")
+_ASSIGNED_CUES = ("key", "auth", "passw", "secret", "token")
 # `name: value` / `name=value` / `"name": "value"` where name looks like a secret's; the
 # value may carry an auth scheme (Authorization: Basic ...).
 _ASSIGNED = re.compile(
-    # Names start where a word starts and are bounded: no quadratic backtracking on a long
-    # run of word characters (a prompt may hold a base64 blob).
-    r"""(?<![\w.\-])(?P<name>[\w.\-]{0,40}?(?:api[_\-]?key|authorization|passw(?:or)?d"""
+    # The match starts at the secret word itself (x-goog-api-key: its "api-key" part), so
+    # nothing backtracks over long runs of word characters (a prompt may hold a base64 blob).
+    r"""(?P<name>(?:api[_\-]?key|authorization|passw(?:or)?d"""
     r"""|secret|token(?!s)|private_?key|access_?key)[\w\-]{0,40})"""
     r"""(?P<sep>["']?\s*[:=]\s*["']?)"""
     r"""(?P<value>(?:(?:bearer|basic|token)\s+)?(?!\[redacted)[^\s"',;&)\]}]{8,})""",
@@ -128,45 +131,51 @@ def register_secret(value: str | bytes | None) -> None:
 def register_key_envs(names: Iterable[str], env: Mapping[str, str] | None = None) -> None:
     """Scrub the values of these key variables (read from os.environ at each scrub); with a
     private `env` mapping (a Catalog built with `env=`), its current values instead."""
+    global _names
     names = [n for n in names if n and n not in _NOT_SECRET_ENVS]
     if env is not None:
         for name in names:
             register_secret(env.get(name))
         return
     with _lock:
-        _key_envs.update(names)
+        if not _key_envs.issuperset(names):
+            _key_envs.update(names)
+            _names = tuple(sorted(_key_envs))
 
 
 def secret_values() -> tuple[str, ...]:
     """The exact values scrubbed now, longest first (so a key containing another wins)."""
-    with _lock:
-        names = tuple(_key_envs)
-        values = set(_registered)
-    for name in names:
-        value = os.environ.get(name)
-        if value and len(value.strip()) >= MIN_SECRET_LENGTH:
-            values.add(value.strip())
-    return tuple(sorted(values, key=lambda v: (-len(v), v)))
+    return _exact()[0]
 
 
-_cache: tuple[tuple[str, ...], re.Pattern[str] | None, re.Pattern[bytes] | None] = ((), None,
-                                                                                   None)
+class _Exact:
+    """The current exact values, as text and bytes patterns and as byte needles."""
+
+    def __init__(self, key: tuple[Any, ...], values: tuple[str, ...]) -> None:
+        self.key = key
+        self.values = values
+        self.needles = tuple(v.encode() for v in values)
+        self.text = re.compile("|".join(map(re.escape, values))) if values else None
+        self.raw = re.compile(b"|".join(map(re.escape, self.needles))) if values else None
 
 
-def _exact() -> tuple[re.Pattern[str] | None, re.Pattern[bytes] | None]:
-    """Compiled patterns of the current exact values (recompiled only when they change)."""
-    global _cache
-    values = secret_values()
-    cached = _cache
-    if cached[0] == values:
-        return cached[1], cached[2]
-    if not values:
-        text, raw = None, None
-    else:
-        text = re.compile("|".join(re.escape(v) for v in values))
-        raw = re.compile(b"|".join(re.escape(v.encode()) for v in values))
-    _cache = (values, text, raw)
-    return text, raw
+_current = _Exact((), ())
+
+
+def _exact() -> tuple[tuple[str, ...], _Exact]:
+    """The exact values now; recompiled only when a variable or the registry changed (the
+    variables are read at every call: a key set or rotated later is scrubbed at once)."""
+    global _current
+    names, environ = _names, os.environ
+    key = (len(_registered), *(environ.get(n) for n in names))
+    current = _current
+    if current.key != key:
+        with _lock:
+            values = set(_registered)
+        values.update(v.strip() for v in key[1:]
+                      if v and len(v.strip()) >= MIN_SECRET_LENGTH)
+        current = _current = _Exact(key, tuple(sorted(values, key=lambda v: (-len(v), v))))
+    return current.values, current
 
 
 # -- text and bytes -------------------------------------------------------------------------
@@ -181,27 +190,35 @@ def _assigned(m: re.Match[str]) -> str:
 
 def scrub_text(text: str) -> str:
     """`text` with exact secret values and key-shaped values replaced."""
-    exact, _ = _exact()
+    exact = _exact()[1].text
     if exact is not None:
         text = exact.sub(REDACTED, text)
-    text = _SHAPE.sub(REDACTED, text)
-    text = _BEARER.sub(lambda m: m[1] + REDACTED, text)
-    text = _PROVIDED.sub(lambda m: m[1] + REDACTED, text)
-    text = _URL_PARAM.sub(lambda m: m[1] + REDACTED, text)
-    return _ASSIGNED.sub(_assigned, text)
+    # Each rule runs only when its literal cue is present: most text has none (fast path).
+    if any(cue in text for cue in _SHAPE_CUES):
+        text = _SHAPE.sub(REDACTED, text)
+    lower = text.lower()
+    if "bearer" in lower:
+        text = _BEARER.sub(lambda m: m[1] + REDACTED, text)
+    if "key provided" in lower:
+        text = _PROVIDED.sub(lambda m: m[1] + REDACTED, text)
+    if "=" in text:
+        text = _URL_PARAM.sub(lambda m: m[1] + REDACTED, text)
+    if any(cue in lower for cue in _ASSIGNED_CUES):
+        text = _ASSIGNED.sub(_assigned, text)
+    return text
 
 
 def scrub_exact_text(text: str) -> str:
     """`text` with exact secret values replaced; anything else stays as given."""
-    exact, _ = _exact()
+    exact = _exact()[1].text
     return exact.sub(REDACTED, text) if exact is not None else text
 
 
 def scrub_bytes(data: bytes, *, full: bool = False) -> bytes:
     """`data` with exact secret values (their UTF-8 bytes) replaced; `full`: key shapes too."""
-    _, exact = _exact()
-    if exact is not None:
-        data = exact.sub(REDACTED.encode(), data)
+    exact = _exact()[1]
+    if exact.raw is not None and any(n in data for n in exact.needles):
+        data = exact.raw.sub(REDACTED.encode(), data)
     if full:
         data = _SHAPE_BYTES.sub(REDACTED.encode(), data)
     return data
@@ -209,12 +226,10 @@ def scrub_bytes(data: bytes, *, full: bool = False) -> bytes:
 
 def contains_secret(data: str | bytes, *, full: bool = False) -> bool:
     """Whether `data` holds an exact secret value (`full`: or a key-shaped value)."""
-    text_exact, bytes_exact = _exact()
+    exact = _exact()[1]
     if isinstance(data, str):
-        return bool((text_exact is not None and text_exact.search(data))
-                    or (full and scrub_text(data) != data))
-    return bool((bytes_exact is not None and bytes_exact.search(data))
-                or (full and _SHAPE_BYTES.search(data)))
+        return any(v in data for v in exact.values) or (full and scrub_text(data) != data)
+    return any(n in data for n in exact.needles) or bool(full and _SHAPE_BYTES.search(data))
 
 
 # -- structures -----------------------------------------------------------------------------
