@@ -434,6 +434,10 @@ def test_serialised_values_lose_exact_keys_and_errors_lose_key_shapes(
     assert key.encode() not in data and type_ != "pickle"
     clean = Opaque("nothing secret")
     assert dump_scrubbed(pickling, clean)[0] == "pickle"  # untouched when nothing is secret
+    assert dump_scrubbed(pickling, clean, full=True)[0] == "pickle"
+    # As an error (full policy), a pickle holding a header without a key shape goes too.
+    type_, data = dump_scrubbed(pickling, Opaque("Authorization: Bearer tok12345678"), full=True)
+    assert b"tok12345678" not in data and type_ != "pickle"
 
 
 async def test_checkpoint_writes_and_blobs_are_scrubbed(

@@ -324,20 +324,30 @@ def dump_scrubbed(serde: _Serde, value: Any, *, full: bool = False) -> tuple[str
     cannot be rewritten (a pickle, an unknown format) and still holds a secret is stored as
     the scrubbed `repr()` of the value instead: a secret never reaches the database."""
     type_, data = serde.dumps_typed(value)
-    # An error's text is always rewritten: headers and assignments have no byte signature.
-    if not data or not ((full and type_ == "msgpack") or contains_secret(data, full=full)):
+    if not data:
         return type_, data
     text = scrub_text if full else scrub_exact_text
-    if type_ == "msgpack":
+    # An error's text is always rewritten: headers and assignments have no byte signature.
+    if type_ == "msgpack" and (full or contains_secret(data)):
         try:
             data = _rewrite_msgpack(data, text, full)
         except Exception:  # an extension we cannot rebuild: the fallback below
             pass
     elif type_ in ("bytes", "bytearray"):
         data = scrub_bytes(data, full=full)
-    if contains_secret(data, full=full):
+    if _holds_secret(data, full=full):
         type_, data = serde.dumps_typed(text(repr(value)))
     return type_, data
+
+
+def _holds_secret(data: bytes, *, full: bool) -> bool:
+    if contains_secret(data, full=full):
+        return True
+    if not full:
+        return False
+    # Any serialisation (a pickle too) shows its strings' characters as they are.
+    as_text = data.decode("latin-1")
+    return scrub_text(as_text) != as_text
 
 
 def _rewrite_msgpack(data: bytes, text: Callable[[str], str], full: bool) -> bytes:
