@@ -72,6 +72,7 @@ _lock = threading.Lock()
 _key_envs: set[str] = set(COMMON_KEY_ENVS)
 _registered: set[str] = set()
 _names: tuple[str, ...] = tuple(sorted(_key_envs))  # a snapshot, replaced on registration
+_raw_names: tuple[bytes, ...] = tuple(map(os.fsencode, _names))
 
 # -- the rules ------------------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ def register_secret(value: str | bytes | None) -> None:
 def register_key_envs(names: Iterable[str], env: Mapping[str, str] | None = None) -> None:
     """Scrub the values of these key variables (read from os.environ at each scrub); with a
     private `env` mapping (a Catalog built with `env=`), its current values instead."""
-    global _names
+    global _names, _raw_names
     names = [n for n in names if n and n not in _NOT_SECRET_ENVS]
     if env is not None:
         for name in names:
@@ -141,6 +142,7 @@ def register_key_envs(names: Iterable[str], env: Mapping[str, str] | None = None
         if not _key_envs.issuperset(names):
             _key_envs.update(names)
             _names = tuple(sorted(_key_envs))
+            _raw_names = tuple(map(os.fsencode, _names))
 
 
 def secret_values() -> tuple[str, ...]:
@@ -166,14 +168,22 @@ def _exact() -> tuple[tuple[str, ...], _Exact]:
     """The exact values now; recompiled only when a variable or the registry changed (the
     variables are read at every call: a key set or rotated later is scrubbed at once)."""
     global _current
-    names, environ = _names, os.environ
-    key = (len(_registered), *(environ.get(n) for n in names))
+    names, raw_names = _names, _raw_names
+    raw = getattr(os.environ, "_data", None)
+    if isinstance(raw, dict) and os.name == "posix":
+        # os.environ's own store (bytes on POSIX), kept in step by os.environ's setters:
+        # a tenth of the cost of os.environ.get, which runs for every value written.
+        key: tuple[Any, ...] = (len(_registered), *map(raw.get, raw_names))
+    else:
+        key = (len(_registered), *(os.environ.get(n) for n in names))
     current = _current
     if current.key != key:
         with _lock:
             values = set(_registered)
-        values.update(v.strip() for v in key[1:]
-                      if v and len(v.strip()) >= MIN_SECRET_LENGTH)
+        for name in names:
+            value = os.environ.get(name)
+            if value and len(value.strip()) >= MIN_SECRET_LENGTH:
+                values.add(value.strip())
         current = _current = _Exact(key, tuple(sorted(values, key=lambda v: (-len(v), v))))
     return current.values, current
 
@@ -324,11 +334,11 @@ def dump_scrubbed(serde: _Serde, value: Any, *, full: bool = False) -> tuple[str
     cannot be rewritten (a pickle, an unknown format) and still holds a secret is stored as
     the scrubbed `repr()` of the value instead: a secret never reaches the database."""
     type_, data = serde.dumps_typed(value)
-    if not data:
-        return type_, data
-    text = scrub_text if full else scrub_exact_text
     # An error's text is always rewritten: headers and assignments have no byte signature.
-    if type_ == "msgpack" and (full or contains_secret(data)):
+    if not data or not (full or contains_secret(data)):
+        return type_, data  # the common case: one scan for the exact values
+    text = scrub_text if full else scrub_exact_text
+    if type_ == "msgpack":
         try:
             data = _rewrite_msgpack(data, text, full)
         except Exception:  # an extension we cannot rebuild: the fallback below
