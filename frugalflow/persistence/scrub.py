@@ -52,6 +52,7 @@ __all__ = [
     "scrub",
     "scrub_bytes",
     "scrub_exact",
+    "scrub_exact_text",
     "scrub_json",
     "scrub_metadata",
     "scrub_text",
