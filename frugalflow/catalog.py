@@ -394,6 +394,11 @@ class Catalog:
         self._key_envs = sorted(
             {e for s in self._models.values() if (e := s.adapter.key_env(s))}
         )
+        # Their values are secrets: scrubbed from everything written at rest and the logs.
+        from .persistence.scrub import install_log_filter, register_key_envs
+
+        register_key_envs(self._key_envs, env)
+        install_log_filter()  # also on frugalflow.* loggers created since the last call
 
     async def aclose(self) -> None:
         """Close the HTTP clients of every model this catalog built (they are rebuilt on use)."""

@@ -53,6 +53,12 @@ is an openai.RateLimitError); langchain-google-genai's 4xx classes keep the gena
     auth            401 -> openai/anthropic AuthenticationError, GoogleAuthenticationError
                     (UNAUTHENTICATED; the real Gemini answers 400 API_KEY_INVALID to a bad
                     key), ResponseError 401
+    auth_echo       401 as `auth`, whose message repeats the key the request presented, in
+                    full: "Incorrect API key provided: <key>. ..." (OpenAI's own wording: it
+                    echoes keys it does not recognise, e.g. "YOUR_API_KEY"; OpenAI-compatible
+                    servers and proxies echo them too); the other dialects append
+                    "(API key provided: <key>)" to their 401 message, so each client's
+                    error path carries the key. Exceptions as for `auth`
     context_length  400 in each provider's words: OpenAI code context_length_exceeded,
                     Anthropic "prompt is too long: N tokens > M maximum", Gemini
                     INVALID_ARGUMENT "The input token count (N) exceeds the maximum number of
@@ -171,6 +177,7 @@ FAULT_KINDS: Final[dict[str, str]] = {
     "server_error": "500 internal error",
     "unavailable": "503 service unavailable",
     "auth": "401 invalid key",
+    "auth_echo": "401 whose message repeats the presented key",
     "context_length": "400 context length exceeded, in the provider's words",
     "invalid_request": "400 invalid request",
     "content_filter": "a refusal: an error or a refusal answer, per provider",
@@ -1073,6 +1080,29 @@ def _has_key(req: _HttpRequest) -> bool:
     return bool(req.query.get("key", [""])[0])
 
 
+def _presented_key(req: _HttpRequest) -> str:
+    """The key a request carries (header or `?key=`), as sent; "" when none."""
+    for name in ("authorization", "x-api-key", "x-goog-api-key", "api-key"):
+        value = req.headers.get(name, "")
+        if value:
+            return value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value
+    return req.query.get("key", [""])[0]
+
+
+def _echo_key(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    """A 401 body whose message repeats `key` (the `auth_echo` fault)."""
+    error = payload.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        message = error["message"]
+        if message.startswith("Incorrect API key provided."):  # OpenAI's exact wording
+            error["message"] = message.replace("provided.", f"provided: {key}.", 1)
+        else:
+            error["message"] = f"{message} (API key provided: {key})"
+    elif isinstance(error, str):  # Ollama: {"error": "..."}
+        payload["error"] = f"{error} (API key provided: {key})"
+    return payload
+
+
 # -- the emulator ---------------------------------------------------------------------------
 
 
@@ -1506,11 +1536,14 @@ class ProviderEmulator:
             await self._sleep(fault.hang_seconds)
         refused = kind == "content_filter" and provider in _REFUSAL_ANSWERS
         http_error = kind in ("rate_limit", "overloaded", "server_error", "unavailable", "auth",
-                              "context_length", "invalid_request") or (
+                              "auth_echo", "context_length", "invalid_request") or (
             kind == "content_filter" and not refused
         ) or (kind == "stream_error" and not stream)
         if http_error and kind is not None:
-            status, payload = dialect.error(kind, ctx, fault, n_in)
+            status, payload = dialect.error("auth" if kind == "auth_echo" else kind, ctx,
+                                            fault, n_in)
+            if kind == "auth_echo":
+                payload = _echo_key(payload, _presented_key(req))
             if fault is not None and fault.status is not None:
                 status = fault.status
             record.status = status

@@ -694,7 +694,7 @@ class Runner:
                          settle_nodes=continuation or status != "succeeded")
         )
         if lease.lost:
-            return RunResult(run_id, "lease_lost", values, error=error)
+            return RunResult(run_id, "lease_lost", values, error=scrub(error) if error else None)
         row = await self.ledger.get_run(run_id)
         return RunResult(run_id, row.status, values, row.cost_usd, row.error, interrupts)
 

@@ -381,6 +381,9 @@ EXPECTED: dict[str, dict[str, tuple[type[BaseException] | None, type[BaseExcepti
 STATUS = {"rate_limit": 429, "server_error": 500, "unavailable": 503, "auth": 401,
           "context_length": 400, "invalid_request": 400}
 HANGS = {"timeout", "stream_stall"}
+for _table in EXPECTED.values():  # auth_echo: the auth fault whose body repeats the key
+    _table["auth_echo"] = _table["auth"]
+STATUS["auth_echo"] = 401
 
 
 def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

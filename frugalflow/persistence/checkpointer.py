@@ -35,16 +35,16 @@ Lease fences (`store.fenced`, set by the Runner around a run) hold for every wri
 `Store.write`: the caller's fence is captured when it calls, checked in the transaction of
 the write (row-locked on PostgreSQL), and only calls under the same fence share a batch.
 
-Metadata is stored as JSON, after `get_serializable_checkpoint_metadata` and
-`scrub_metadata`: API keys never reach the database.
+Secrets never reach the database (one policy: `scrub.py`): metadata is stored as JSON after
+`get_serializable_checkpoint_metadata` and `scrub_metadata`; every serialised value goes
+through `dump_scrubbed`, which removes exact key values from the state and also key-shaped
+values from the `__error__` channel (a provider's 401 may repeat the key).
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
-import re
 import threading
 from collections import defaultdict
 from collections.abc import (
@@ -63,6 +63,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
+    ERROR,
     WRITES_IDX_MAP,
     BaseCheckpointSaver,
     ChannelVersions,
@@ -103,6 +104,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
 from ..exceptions import LeaseError
+from .scrub import REDACTED, dump_scrubbed, scrub_json, scrub_metadata
 from .store import Fence, Store, check_lease, current_fence
 from .tables import CheckpointBlobRow, CheckpointRow, CheckpointWriteRow, LeaseRow
 
@@ -115,58 +117,12 @@ _BL = CheckpointBlobRow.__table__  # type: ignore[attr-defined]
 _WR = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
 _LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
 
-REDACTED = "[redacted]"
-# "token" but not "tokens": keep usage counters such as input_tokens.
-_SECRET_KEY = re.compile(r"api_?key|authorization|password|secret|token(?!s)", re.I)
-_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+)")
-# Top-level metadata maps LangGraph keys by namespace or channel names (not redacted).
-_STRUCTURAL_KEYS = frozenset({"parents", "counters_since_delta_snapshot"})
-
 _EMPTY = "empty"  # blob type of a channel that has a version but no value
 _CHUNK = 500  # rows per IN list (SQLite's bound-parameter limit is 999 on old builds)
 _LIST_PAGE = 100  # checkpoints whose blobs and writes are loaded per round of alist
 
 
 # -- pure helpers: metadata, rows, tuples ---------------------------------------------------
-
-
-def scrub_metadata(value: Any) -> Any:
-    """A JSON-safe copy of checkpoint metadata with secret-looking keys and values redacted.
-
-    A key (at any depth) whose name contains api_key/apikey, authorization, password,
-    secret or token (not tokens: input_tokens stays) gets the value "[redacted]"; strings
-    that look like keys ("sk-...", "Bearer ...") are redacted too. Strings lose NUL
-    characters (PostgreSQL's JSONB refuses them); values JSON cannot hold become their
-    `str()`, so a checkpoint never fails on a metadata detail.
-    """
-    if not isinstance(value, dict):
-        return _scrub(value, redact=True)
-    out: dict[str, Any] = {}
-    for k, v in value.items():
-        key = str(k)
-        if _SECRET_KEY.search(key):
-            out[key] = REDACTED
-        else:
-            # LangGraph's own top-level maps are keyed by namespaces and channel names,
-            # not secrets: a subgraph node called "get_token" keeps its `parents` entry.
-            out[key] = _scrub(v, redact=key not in _STRUCTURAL_KEYS)
-    return out
-
-
-def _scrub(value: Any, *, redact: bool) -> Any:
-    if isinstance(value, dict):
-        return {str(k): REDACTED if redact and _SECRET_KEY.search(str(k))
-                else _scrub(v, redact=redact) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(v, redact=redact) for v in value]
-    if isinstance(value, str):
-        value = value.replace("\x00", "")
-        return _SECRET_VALUE.sub(REDACTED, value) if redact else value
-    if value is None or isinstance(value, (bool, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    return _scrub(str(value), redact=redact)
 
 
 def _run_id(config: RunnableConfig, metadata: dict[str, Any] | None = None) -> str | None:
@@ -848,13 +804,13 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         # channels keep pointing at the blob an earlier checkpoint wrote.
         for channel, version in new_versions.items():
             if channel in values:
-                type_, blob = self.serde.dumps_typed(values[channel])
+                type_, blob = dump_scrubbed(self.serde, values[channel])
             else:
                 type_, blob = _EMPTY, None
             blobs.append({"thread_id": thread_id, "checkpoint_ns": ns, "channel": channel,
                           "version": str(version), "type": type_, "blob": blob})
         bare = {k: v for k, v in checkpoint.items() if k != "channel_values"}
-        type_, data = self.serde.dumps_typed(bare)
+        type_, data = dump_scrubbed(self.serde, bare)
         md = scrub_metadata(get_serializable_checkpoint_metadata(config, metadata))
         row = {
             "thread_id": thread_id,
@@ -883,7 +839,8 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         by_idx: dict[int, dict[str, Any]] = {}
         for i, (channel, value) in enumerate(writes):
             idx = WRITES_IDX_MAP.get(channel, i)
-            type_, blob = self.serde.dumps_typed(value)
+            # A node's error may quote a provider's 401 body, key included: full policy.
+            type_, blob = dump_scrubbed(self.serde, value, full=channel == ERROR)
             by_idx[idx] = {"thread_id": thread_id, "checkpoint_ns": ns,
                            "checkpoint_id": checkpoint_id, "task_id": task_id, "idx": idx,
                            "channel": channel, "type": type_, "blob": blob,
@@ -1000,7 +957,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             )
             if value is None:
                 return or_(node.is_(None), func.jsonb_typeof(node) == "null")
-            as_json = json.dumps(_scrub(value, redact=False))
+            as_json = json.dumps(scrub_json(value, redact=False))
             return node == cast(literal(as_json, String), pg.JSONB)  # type: ignore[no-any-return]
         if '"' in key:
             raise ValueError(f"metadata filter keys cannot contain '\"': {key!r}")
@@ -1014,7 +971,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         if isinstance(value, (int, float)):
             return and_(kind.in_(("integer", "real")), extracted == value)
         if isinstance(value, (dict, list, tuple)):
-            minified = json.dumps(_scrub(value, redact=False), separators=(",", ":"))
+            minified = json.dumps(scrub_json(value, redact=False), separators=(",", ":"))
             return and_(kind.in_(("object", "array")), extracted == func.json(minified))
         return and_(kind == "text", extracted == str(value))
 

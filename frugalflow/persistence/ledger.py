@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -17,37 +16,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..exceptions import RunNotFoundError, RunStateError, UserError
 from ..fallback import Attempt
+from .scrub import scrub, scrub_exact
 from .store import Store
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
 __all__ = ["CostRow", "Ledger", "RunRecord", "scrub"]
 
-_SECRET_KEY = re.compile(r"api_?key|authorization|password|secret|token(?!s)", re.I)
-_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+)")
 _RUNS = RunRow.__table__  # type: ignore[attr-defined]
 _NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
 _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
 _WRITES = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
 
 GroupBy = Literal["node", "model", "provider", "flow", "day", "run"]
-
-
-def scrub(value: Any) -> Any:
-    """A JSON-safe copy of `value` with secret-looking keys and values redacted."""
-    if isinstance(value, Mapping):
-        return {
-            str(k): "[redacted]" if _SECRET_KEY.search(str(k)) else scrub(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [scrub(v) for v in value]
-    if isinstance(value, str):
-        return _SECRET_VALUE.sub("[redacted]", value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    if hasattr(value, "model_dump"):
-        return scrub(value.model_dump(mode="json"))
-    return scrub(json.loads(json.dumps(value, default=str)))
 
 
 @dataclass
@@ -113,6 +93,8 @@ class Ledger:
             changes.setdefault("finished_at", changes["updated_at"])
         if "error" in changes and changes["error"] is not None:
             changes["error"] = _storable(scrub(str(changes["error"]))[:4000])
+        if changes.get("pending_resume") is not None:  # a user's answer: kept as given
+            changes["pending_resume"] = scrub_exact(changes["pending_resume"])
         async with self.store.write() as conn:
             await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
 
@@ -177,7 +159,9 @@ class Ledger:
             call_key=attempt.call_key, route_reason=attempt.route_reason,
             prompt=scrub(attempt.prompt)[:4000] if attempt.prompt else None,
             category=attempt.category, usage_estimated=attempt.usage_estimated,
-            response=_message_json(attempt.response) if attempt.response is not None else None,
+            # The answer is replayed on resume: kept as given, except exact key values.
+            response=(scrub_exact(_message_json(attempt.response))
+                      if attempt.response is not None else None),
         )
         values = {k: _storable(v) for k, v in _values(row).items()}
         values.pop("id", None)
