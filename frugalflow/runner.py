@@ -586,11 +586,18 @@ class Runner:
         return self.router
 
     async def wait(self, run_id: str) -> RunResult:
-        """The result of a background run started with `wait=False`."""
+        """The result of a background run started with `wait=False`, or of a run paused by
+        a database outage (it resumes here when the database is back)."""
         task = self._tasks.get(run_id)
         if task is None:
             return self._result(await self.ledger.get_run(run_id))
-        return await asyncio.shield(task)
+        while True:
+            result = await asyncio.shield(task)
+            # Paused by a database outage, it goes on in a recovery task: wait for that too.
+            nxt = self._tasks.get(run_id)
+            if nxt is None or nxt is task:
+                return result
+            task = nxt
 
     async def get(self, run_id: str) -> RunRecord:
         """The run with its node executions and model attempts."""
