@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import sqlite3
 from collections import Counter
 from collections.abc import Callable
@@ -167,8 +168,9 @@ async def test_a_dropped_connection_inside_a_transaction_is_store_unavailable(
 
 
 async def test_connections_cut_for_50ms_mid_run_change_nothing(
-    pg_url: str, proxy: TcpProxy, sim: Any
+    pg_url: str, proxy: TcpProxy, sim: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "frugalflow")
     counts: Counter[str] = Counter()
     hooks = {"n1:before": cut_for(proxy, 0.05),   # the attempt row of n1 hits the cut
              "n2:after": cut_for(proxy, 0.05),    # n2's checkpoint write and node row
@@ -180,6 +182,10 @@ async def test_connections_cut_for_50ms_mid_run_change_nothing(
         result = await runner.start("faults", {"topic": "cuts"})
         assert result.status == "succeeded", result.error
         assert proxy.cuts == 4
+        retried = {r.getMessage().split(" failed")[0] for r in caplog.records
+                   if "retrying" in r.getMessage()}
+        # The cuts hit attempt rows and checkpoint writes, which were retried.
+        assert {"frugalflow: attempt row", "frugalflow: checkpoint write"} <= retried
         assert counts == {f"n{i}": 1 for i in range(1, NODES + 1)}  # each node exactly once
         assert result.state and all(result.state[f"n{i}"] for i in range(1, NODES + 1))
         paid, checkpoints, nodes = await ledger_facts(runner, result.run_id)

@@ -373,9 +373,10 @@ class Store:
                 delay = min(delay * 2, 1.0)
 
     async def probe(self) -> bool:
-        """Whether the database answers now (one short query)."""
+        """Whether the database answers now (one short query; on SQLite, whether the write
+        lock can be taken: readers are never blocked there)."""
         try:
-            async with self.read() as conn:
+            async with (self.write() if self.is_sqlite else self.read()) as conn:
                 await conn.execute(text("SELECT 1"))
         except StoreUnavailableError:
             return False
