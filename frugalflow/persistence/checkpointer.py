@@ -34,6 +34,12 @@ Why the I/O looks the way it does (speed, and atomicity):
 Lease fences (`store.fenced`, set by the Runner around a run) hold for every write, as for
 `Store.write`: the caller's fence is captured when it calls, checked in the transaction of
 the write (row-locked on PostgreSQL), and only calls under the same fence share a batch.
+A Runner's fence (with a TTL) also renews the lease in that transaction.
+
+Connection failures: driver errors become `StoreUnavailableError`; a lane that fails is
+discarded with every idle lane (lanes are reused without the pool's pre-ping, so after a
+dropped connection the others are suspect), and writes (upserts: safe to repeat) and reads
+are retried with backoff by `Store.retrying`, for up to the fence's lease TTL.
 
 Metadata is stored as JSON, after `get_serializable_checkpoint_metadata` and
 `scrub_metadata`: API keys never reach the database.
