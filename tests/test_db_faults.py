@@ -354,3 +354,27 @@ async def test_a_takeover_still_fences_the_slow_executor_off(db_url: str, sim: A
         assert "n3" not in nodes
     finally:
         await runner.close()
+
+
+async def test_a_node_whose_checkpoint_writes_were_lost_is_not_left_done(tmp_path: Path) -> None:
+    """LangGraph reports a task's result before its checkpoint write commits; if that write
+    is lost with the database, the runner's recovery re-marks the node (it runs again)."""
+    from frugalflow.persistence.ledger import Ledger
+    from frugalflow.persistence.tables import CheckpointWriteRow
+
+    store = Store(f"sqlite:///{tmp_path / 'n.db'}")
+    ledger = Ledger(store)
+    await ledger.create_run("r", "faults", {"topic": "x"})
+    for task in ("saved", "lost"):
+        await ledger.node_started(task, "r", task)
+        await ledger.node_finished(task, status="done")
+    writes = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
+    async with store.write() as conn:  # only the first task's writes reached the checkpoint
+        await conn.execute(writes.insert().values(
+            thread_id="r", checkpoint_ns="", checkpoint_id="c1", task_id="saved", idx=0,
+            channel="n1", type="json", blob=b"1", task_path="", run_id="r"))
+    assert await ledger.close_nodes("r") == 0  # `done` rows are trusted by default
+    assert await ledger.close_nodes("r", recheck=True) == 1
+    statuses = {n.id: n.status for n in (await ledger.run_record("r")).nodes}
+    assert statuses == {"saved": "done", "lost": "abandoned"}
+    await store.close()
