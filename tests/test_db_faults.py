@@ -9,6 +9,7 @@ SQLite's fault is another connection holding the write lock past the busy timeou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import sqlite3
@@ -378,3 +379,38 @@ async def test_a_node_whose_checkpoint_writes_were_lost_is_not_left_done(tmp_pat
     statuses = {n.id: n.status for n in (await ledger.run_record("r")).nodes}
     assert statuses == {"saved": "done", "lost": "abandoned"}
     await store.close()
+
+
+async def test_the_event_relay_reconnects_after_its_connection_is_cut(
+    pg_url: str, proxy: TcpProxy
+) -> None:
+    from frugalflow.runner import EventBus, PostgresEventRelay
+
+    sender_bus, receiver_bus = EventBus(), EventBus()
+    sender = PostgresEventRelay(via(proxy, pg_url), sender_bus)
+    receiver = PostgresEventRelay(via(proxy, pg_url), receiver_bus)  # both through the proxy
+    await sender.start()
+    await receiver.start()
+    try:
+        async with receiver_bus.queue("r1") as events:
+            sender_bus.publish("r1", "before_cut")
+            assert (await asyncio.wait_for(events.get(), 10))["event"] == "before_cut"
+            connections = proxy.connections
+            proxy.cut()  # both LISTEN/NOTIFY connections die
+            proxy.restore()
+            # Both relays connect again by themselves (polling: an external reconnect).
+            deadline = asyncio.get_running_loop().time() + 10
+            while proxy.connections < connections + 2:
+                assert asyncio.get_running_loop().time() < deadline, "relays did not reconnect"
+                await asyncio.sleep(0.02)
+            # The receiver's LISTEN may lag its connection: publish until one arrives.
+            got = None
+            while got is None:
+                assert asyncio.get_running_loop().time() < deadline, "no event after the cut"
+                sender_bus.publish("r1", "after_cut")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    got = await asyncio.wait_for(events.get(), 0.5)
+            assert got["event"] == "after_cut"
+    finally:
+        await sender.close()
+        await receiver.close()
