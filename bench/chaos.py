@@ -300,18 +300,18 @@ async def chaos_loop(args: argparse.Namespace, rng: random.Random, emu: Any, pg:
     for t in list(background):
         t.cancel()
     await asyncio.gather(*background, return_exceptions=True)
-    await pg.restore()
-    await rd.restore()
+    await pg.reopen()
+    await rd.reopen()
     emu.clear_faults()
 
 
 async def cut_for(proxy: Any, seconds: float) -> None:
-    """Cut every connection through `proxy` and refuse new ones for `seconds`."""
-    await proxy.cut()
+    """Reset every connection through `proxy` and refuse new ones for `seconds`."""
+    await proxy.refuse()
     try:
         await asyncio.sleep(seconds)
     finally:
-        await proxy.restore()
+        await proxy.reopen()
 
 
 async def driver(args: argparse.Namespace) -> None:

@@ -66,6 +66,9 @@ _call_counter = itertools.count(1)
 
 _INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
 
+DEFAULT_ATTEMPT_WINDOW = 1000
+"""Attempts kept by a RoutedChatModel's own context (used outside a run); totals count all."""
+
 
 class Needs(BaseModel):
     """What a node requires of a model.
@@ -578,7 +581,9 @@ class RoutedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> None:
         if context is None and catalog is not None:
-            context = RunContext(catalog=catalog)
+            # Outside a run: totals of every call, but only a window of recent attempts.
+            context = RunContext(catalog=catalog,
+                                 usage=RunUsage(max_attempts=DEFAULT_ATTEMPT_WINDOW))
         super().__init__(needs=needs or Needs(), context=context, **kwargs)
 
     def run_context(self) -> RunContext:

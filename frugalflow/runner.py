@@ -74,19 +74,31 @@ class Lease:
     ttl: float
     store: Store
     lost: bool = False
+    stop: str | None = None  # why the lease keeper stopped the run: "lost" | "cancel"
+
+    @property
+    def fence(self) -> Fence:
+        """The fence of this lease's writes; each of them renews the lease (Fence.ttl)."""
+        return Fence(self.run_id, self.holder, self.epoch, self.ttl)
 
     async def renew(self) -> bool:
         """Extend the lease; False when it was lost (expired and taken by someone else)."""
-        async with self.store.write() as conn:
-            result = await conn.execute(
-                update(_LEASES)
-                .where(_LEASES.c.run_id == self.run_id, _LEASES.c.holder == self.holder,
-                       _LEASES.c.epoch == self.epoch)
-                .values(expires_at=utcnow() + timedelta(seconds=self.ttl))
-            )
-        return bool(result.rowcount)
+        async def once() -> bool:
+            async with self.store.write() as conn:
+                result = await conn.execute(
+                    update(_LEASES)
+                    .where(_LEASES.c.run_id == self.run_id, _LEASES.c.holder == self.holder,
+                           _LEASES.c.epoch == self.epoch)
+                    .values(expires_at=utcnow() + timedelta(seconds=self.ttl))
+                )
+            return bool(result.rowcount)
+
+        return await self.store.retrying(once, what=f"lease renewal of {self.run_id}")
 
     async def release(self) -> None:
+        await self.store.retrying(self._release, what=f"lease release of {self.run_id}")
+
+    async def _release(self) -> None:
         # Expire rather than delete: the row keeps the epoch, so the next holder's is higher.
         async with self.store.write() as conn:
             await conn.execute(
@@ -227,15 +239,43 @@ class PostgresEventRelay:
         self._conn: Any = None
         self._outbox: asyncio.Queue[str] | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self._connect()
+        self._outbox = asyncio.Queue(10_000)
+        self._sender = asyncio.create_task(self._send_loop())
+        self.bus.relay = self
+
+    async def _connect(self) -> None:
         import asyncpg
 
         self._conn = await asyncpg.connect(self.dsn)
         await self._conn.add_listener(self.CHANNEL, self._on_notify)
-        self._outbox = asyncio.Queue(10_000)
-        self._sender = asyncio.create_task(self._send_loop())
-        self.bus.relay = self
+        # A dropped connection (server restart, network cut) is replaced: until then the
+        # events of other processes do not arrive (the service re-reads runs every second).
+        self._conn.add_termination_listener(self._on_terminated)
+
+    def _on_terminated(self, _conn: Any) -> None:
+        if self._outbox is not None and (self._reconnecting is None or self._reconnecting.done()):
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Connect again, with backoff, until it works (or the relay is closed)."""
+        delay = 0.05
+        while self._outbox is not None:
+            with contextlib.suppress(Exception):
+                old, self._conn = self._conn, None
+                if old is not None and not old.is_closed():
+                    old.terminate()
+            try:
+                await self._connect()
+                log.info("frugalflow: event relay reconnected")
+                return
+            except Exception as e:  # still unreachable: try again
+                log.debug("frugalflow: event relay reconnect failed: %s", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def send(self, event: dict[str, Any]) -> None:
         if self._outbox is None:
@@ -248,13 +288,18 @@ class PostgresEventRelay:
             self._outbox.put_nowait(payload)
 
     async def _send_loop(self) -> None:
-        assert self._outbox is not None
+        outbox = self._outbox
+        assert outbox is not None
         while True:
-            payload = await self._outbox.get()
+            payload = await outbox.get()
             try:
+                if self._conn is None or self._conn.is_closed():
+                    raise ConnectionError("the event relay's connection is closed")
                 await self._conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, payload)
             except Exception:  # a lost event is logged, never fatal to the run
                 log.warning("frugalflow: could not relay an event", exc_info=True)
+                if self._conn is None or self._conn.is_closed():
+                    self._on_terminated(self._conn)
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         event = json.loads(payload)
@@ -262,12 +307,15 @@ class PostgresEventRelay:
             self.bus.deliver(event)
 
     async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+        self._outbox = None  # stops reconnecting
+        for task in (self._sender, self._reconnecting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._conn is not None:
-            await self._conn.close()
+            with contextlib.suppress(Exception):  # already dropped by the server
+                await self._conn.close()
         self.bus.relay = None
 
 
@@ -281,6 +329,9 @@ class RunResult:
     cost_usd: float = 0.0
     error: str | None = None
     interrupts: list[Any] = field(default_factory=list)
+    lost_lease: bool = field(default=False, repr=False)
+    """This executor stopped because another executor took the run over (status `paused`
+    here; the run goes on there)."""
 
     @property
     def ok(self) -> bool:
@@ -492,7 +543,7 @@ class Runner:
         except LeaseError:
             log.info("frugalflow: run %s is held by a live executor; not executing it", run_id)
             return None
-        if result.status == "lease_lost":
+        if result.lost_lease:
             # This worker stalled past its lease. If nobody took the run over, it must not
             # stay orphaned: queue it again; whoever gets it resumes from the checkpoint.
             row = await self.ledger.get_run(run_id)
@@ -575,11 +626,18 @@ class Runner:
         return self.router
 
     async def wait(self, run_id: str) -> RunResult:
-        """The result of a background run started with `wait=False`."""
+        """The result of a background run started with `wait=False`, or of a run paused by
+        a database outage (it resumes here when the database is back)."""
         task = self._tasks.get(run_id)
         if task is None:
             return self._result(await self.ledger.get_run(run_id))
-        return await asyncio.shield(task)
+        while True:
+            result = await asyncio.shield(task)
+            # Paused by a database outage, it goes on in a recovery task: wait for that too.
+            nxt = self._tasks.get(run_id)
+            if nxt is None or nxt is task:
+                return result
+            task = nxt
 
     async def get(self, run_id: str) -> RunRecord:
         """The run with its node executions and model attempts."""
@@ -599,6 +657,14 @@ class Runner:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.ledger.unwritten():
+            # Paid calls whose rows could not be written during an outage: a last try.
+            try:
+                with unfenced():
+                    await self.ledger.flush_attempts()
+            except StoreUnavailableError:
+                log.error("frugalflow: %d attempt row(s) (paid model calls) could not be "
+                          "written: the database is unreachable", self.ledger.unwritten())
         if self._relay is not None:
             await self._relay.close()
             self._relay = None
@@ -614,10 +680,14 @@ class Runner:
         lease = await self._take_lease(run_id, wait_for_lease)
         task = asyncio.create_task(self._execute(run_id, graph_input, lease), name=f"run:{run_id}")
         self._tasks[run_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(run_id, None))
+        task.add_done_callback(lambda t: self._forget(run_id, t))
         if not wait:
             return RunResult(run_id, "running")
         return await asyncio.shield(task) if not task.done() else task.result()
+
+    def _forget(self, run_id: str, task: asyncio.Task[Any]) -> None:
+        if self._tasks.get(run_id) is task:  # not a recovery task that replaced it
+            self._tasks.pop(run_id, None)
 
     async def _take_lease(self, run_id: str, wait_for_lease: float) -> Lease:
         loop = asyncio.get_running_loop()
@@ -643,19 +713,15 @@ class Runner:
         values: dict[str, Any] | None = None
         interrupts: list[Any] = []
         continuation = False
-        fence = Fence(run_id, lease.holder, lease.epoch)
+        fence = lease.fence
         try:
             async with self._slots, _fenced_async(fence):
                 row = await self.ledger.get_run(run_id)
                 compiled = self.compiled(row.flow)
-                usage = RunUsage(budget_usd=row.budget_usd, run_id=run_id, spent_usd=row.cost_usd)
-                ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
-                ctx.router = await self._current_router()
-                ctx.limiter = self.limiter
                 if row.status not in ("pending", "queued") or row.pending_resume is not None:
                     # A continuation: calls that completed before a crash are replayed.
                     continuation = True
-                    ctx.replay = self._replayer(run_id)
+                ctx = await self._context(compiled, row, continuation)
                 await self.ledger.update_run(run_id, status="running", error=None, error_type=None)
                 self.events.publish(run_id, "run_started", flow=row.flow)
                 config = self._config(run_id)
@@ -673,43 +739,169 @@ class Runner:
         except BudgetExceededError as e:
             status, error, error_type = "budget_exceeded", str(e), type(e).__name__
         except asyncio.CancelledError:
+            if lease.stop is not None and me is not None and me.uncancel() == 0:
+                # Stopped by the lease keeper, not by our caller: the lease went to another
+                # executor, or a cancel was requested from another process.
+                if lease.stop == "lost":
+                    await self._stop_keeper(keeper)
+                    return self._lost_result(run_id, values)
+                status, error = "cancelled", "cancelled"
+                return await self._end(run_id, status, values, [], error, None, lease, keeper,
+                                       settle_nodes=True)
             status = "paused" if self._closing else "cancelled"
             error = "stopped by shutdown; resume it" if self._closing else "cancelled"
-            await asyncio.shield(self._finish(run_id, status, values, [], error, None, lease,
-                                              keeper, settle_nodes=True))
+            with contextlib.suppress(StoreUnavailableError):  # kept for the next executor
+                await asyncio.shield(self._finish(run_id, status, values, [], error, None,
+                                                  lease, keeper, settle_nodes=True))
             raise
-        except StoreUnavailableError:
-            # The database is unreachable: no status can be written; the lease expires and
-            # the run is retried (dispatched) or resumed later. Not a failure of the run.
-            keeper.cancel()
-            raise
+        except StoreUnavailableError as e:
+            # The database stayed unreachable for the lease's time (every write retries
+            # that long): release the run as `paused` once it is back, and resume it then.
+            return await self._outage(run_id, lease, keeper, graph_input, values, e)
+        except LeaseError:
+            # A fenced write found another executor holding the run (our writes renew the
+            # lease, so only a takeover ends here): write nothing more.
+            lease.lost = True
+            await self._stop_keeper(keeper)
+            return self._lost_result(run_id, values)
         except FrugalflowError as e:
             status, error, error_type = "failed", str(e), type(e).__name__
         except Exception as e:  # a bug in a node: the run fails, persisted and resumable
             log.exception("frugalflow: run %s failed", run_id)
             status, error, error_type = "failed", f"{type(e).__name__}: {e}", type(e).__name__
-        await asyncio.shield(
-            self._finish(run_id, status, values, interrupts, error, error_type, lease, keeper,
-                         # Only a cut-short execution, or an earlier one, leaves node rows open.
-                         settle_nodes=continuation or status != "succeeded")
-        )
+        # Only a cut-short execution, or an earlier one, leaves node rows open.
+        return await self._end(run_id, status, values, interrupts, error, error_type, lease,
+                               keeper, settle_nodes=continuation or status != "succeeded")
+
+    async def _context(self, compiled: CompiledFlow, row: RunRow, continuation: bool) -> Any:
+        """A fresh run context (call keys count from 1 again: replay finds the calls)."""
+        usage = RunUsage(budget_usd=row.budget_usd, run_id=row.id, spent_usd=row.cost_usd)
+        ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
+        ctx.router = await self._current_router()
+        ctx.limiter = self.limiter
+        if continuation:
+            ctx.replay = self._replayer(row.id)
+        return ctx
+
+    async def _end(
+        self, run_id: str, status: str, values: dict[str, Any] | None, interrupts: list[Any],
+        error: str | None, error_type: str | None, lease: Lease, keeper: asyncio.Task[Any],
+        *, settle_nodes: bool,
+    ) -> RunResult:
+        """Record the run's end and release it; the result the caller sees."""
+        try:
+            await asyncio.shield(self._finish(run_id, status, values, interrupts, error,
+                                              error_type, lease, keeper,
+                                              settle_nodes=settle_nodes))
+        except StoreUnavailableError as e:
+            # The run ended but its end could not be written: written when the store is back.
+            self._recover_later(run_id, lease, status, values, interrupts, error, error_type,
+                                reason=e)
+            return RunResult(run_id, status, values, error=error, interrupts=interrupts)
         if lease.lost:
-            return RunResult(run_id, "lease_lost", values, error=scrub(error) if error else None)
-        row = await self.ledger.get_run(run_id)
+            return self._lost_result(run_id, values)
+        try:
+            row = await self.ledger.get_run(run_id)
+        except StoreUnavailableError:  # recorded; only the read of it back failed
+            return RunResult(run_id, status, values, error=error, interrupts=interrupts)
         return RunResult(run_id, row.status, values, row.cost_usd, row.error, interrupts)
+
+    def _lost_result(self, run_id: str, values: dict[str, Any] | None) -> RunResult:
+        return RunResult(run_id, "paused", values, lost_lease=True,
+                         error="another executor took this run over (its lease expired "
+                               "while this one stalled); it continues there")
+
+    async def _stop_keeper(self, keeper: asyncio.Task[Any]) -> None:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+
+    async def _outage(self, run_id: str, lease: Lease, keeper: asyncio.Task[Any],
+                      graph_input: Any, values: dict[str, Any] | None,
+                      e: StoreUnavailableError) -> RunResult:
+        await self._stop_keeper(keeper)
+        reason = (f"paused: the database was unreachable for longer than the lease "
+                  f"({lease.ttl:g} s): {e}; resumed automatically when it is back")
+        log.error("frugalflow: run %s %s", run_id, reason)
+        self._recover_later(run_id, lease, "paused", values, [], reason, "StoreUnavailableError",
+                            reason=e, graph_input=graph_input)
+        return RunResult(run_id, "paused", values, error=reason)
+
+    def _recover_later(
+        self, run_id: str, lease: Lease, status: str, values: dict[str, Any] | None,
+        interrupts: list[Any], error: str | None, error_type: str | None, *,
+        reason: BaseException, graph_input: Any = None,
+    ) -> None:
+        """Once the database is back: write the kept attempt rows and the run's end (or
+        `paused`), release the lease, and resume a paused run (here, or through the
+        dispatcher). `runner.wait(run_id)` returns its final result."""
+        task = asyncio.create_task(self._recover(run_id, lease, status, values, interrupts,
+                                                 error, error_type, graph_input),
+                                   name=f"recover:{run_id}")
+        self._tasks[run_id] = task
+        task.add_done_callback(lambda t: self._forget(run_id, t))
+
+    async def _recover(
+        self, run_id: str, lease: Lease, status: str, values: dict[str, Any] | None,
+        interrupts: list[Any], error: str | None, error_type: str | None, graph_input: Any,
+    ) -> RunResult:
+        while True:
+            await self._wait_for_store()
+            try:
+                with fenced(lease.fence):
+                    await self.ledger.flush_attempts(run_id)
+                    await self.ledger.close_nodes(run_id, recheck=True)
+                    await self.ledger.update_run(
+                        run_id, status=status, error=error, error_type=error_type,
+                        output=scrub(values) if values is not None and status != "paused"
+                        else None, interrupts=interrupts or None, pending_resume=None)
+                with unfenced():
+                    await lease.release()
+                break
+            except StoreUnavailableError:
+                continue  # gone again: wait again
+            except LeaseError:
+                return self._lost_result(run_id, values)
+        self.events.publish(run_id, "run_finished", status=status,
+                            error=scrub(error) if error else None)
+        if status != "paused":
+            return self._result(await self.ledger.get_run(run_id))
+        if self.dispatcher is not None:
+            await self.dispatcher.submit(run_id)
+            return self._result(await self.ledger.get_run(run_id))
+        if self._closing:
+            return self._result(await self.ledger.get_run(run_id))
+        log.info("frugalflow: the database is back; resuming run %s", run_id)
+        row = await self.ledger.get_run(run_id)
+        resume_input: Any = None
+        if isinstance(graph_input, Command):
+            if (await self.compiled(row.flow).graph.aget_state(self._config(run_id))).interrupts:
+                resume_input = graph_input  # the answer never reached the checkpoint
+        elif graph_input is not None and not await self._has_checkpoint(row.flow, run_id):
+            resume_input = graph_input  # not even the input reached the checkpoint
+        new_lease = await acquire_lease(self.store, run_id, self.holder, self.lease_ttl)
+        return await self._execute(run_id, resume_input, new_lease)
+
+    async def _wait_for_store(self) -> None:
+        """Until the database answers (probed with backoff, up to every 2 s)."""
+        delay = 0.05
+        while not await self.store.probe():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _finish(
         self, run_id: str, status: str, values: dict[str, Any] | None, interrupts: list[Any],
         error: str | None, error_type: str | None, lease: Lease, keeper: asyncio.Task[Any],
         *, settle_nodes: bool,
     ) -> None:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        await self._stop_keeper(keeper)
         if lease.lost:
             return  # another executor owns the run now: write nothing more
         try:
-            with fenced(Fence(run_id, lease.holder, lease.epoch)):
+            with fenced(lease.fence):
+                # Attempt rows kept during a database outage go first: the ledger has
+                # every paid call before the run's end is recorded and its lease released.
+                await self.ledger.flush_attempts(run_id)
                 if settle_nodes:
                     await self.ledger.close_nodes(run_id)
                 await self.ledger.update_run(
@@ -719,20 +911,21 @@ class Runner:
                 )
         except LeaseError:
             lease.lost = True
-            log.error("frugalflow: run %s: lease lost before its end was recorded", run_id)
+            log.error("frugalflow: run %s: another executor took it over before its end "
+                      "was recorded", run_id)
             return
-        finally:
-            if not lease.lost:
-                with unfenced():
-                    await lease.release()
-                    if status == "paused" and self.dispatcher is not None:
-                        # Stopped by this worker's shutdown: hand it to another worker.
-                        with contextlib.suppress(Exception):
-                            await self.dispatcher.submit(run_id)
-            self.events.publish(run_id, "run_finished", status=status,
-                                error=scrub(error) if error else None)
+        with unfenced():
+            await lease.release()
+            if status == "paused" and self.dispatcher is not None:
+                # Stopped by this worker's shutdown: hand it to another worker.
+                with contextlib.suppress(Exception):
+                    await self.dispatcher.submit(run_id)
+        self.events.publish(run_id, "run_finished", status=status,
+                            error=scrub(error) if error else None)
 
     async def _on_task(self, run_id: str, chunk: dict[str, Any]) -> None:
+        if self.ledger.unwritten(run_id):  # attempt rows kept during an outage go first
+            await self.ledger.flush_attempts(run_id)
         if "input" in chunk:  # a task started
             await self.ledger.node_started(chunk["id"], run_id, chunk["name"], self.holder)
             self.events.publish(run_id, "node_started", node=chunk["name"], task_id=chunk["id"])
@@ -752,7 +945,13 @@ class Runner:
 
     def _ledger_listener(self, flow: str) -> Any:
         async def write(attempt: Attempt) -> None:
-            await self.ledger.record_attempt(attempt, flow=flow)
+            try:
+                await self.ledger.record_attempt(attempt, flow=flow)
+            except StoreUnavailableError as e:
+                # Kept in memory by the ledger; written before the run's next ledger write,
+                # its end or its release. The model call itself succeeded: go on.
+                log.warning("frugalflow: attempt row of run %s kept until the database is "
+                            "back: %s", attempt.run_id, e)
             self.events.publish(attempt.run_id or "", "attempt", **_attempt_event(attempt))
 
         return write
@@ -771,6 +970,7 @@ class Runner:
                 lease.lost = True
                 log.error("frugalflow: lost the lease of run %s; stopping it", lease.run_id)
             if (not kept or row.cancel_requested) and task is not None:
+                lease.stop = "lost" if not kept else "cancel"
                 task.cancel()
                 return
 

@@ -69,6 +69,10 @@ class RunUsage:
     Routed models record each attempt here; `budget_usd` (None: unlimited) is checked
     before every call. Listeners (the ledger, the demo's printer, the service's event
     stream) are called with each attempt as it ends.
+
+    `usage`, `cost_by` and `recorded` count every attempt recorded here; `attempts` keeps
+    them all, or only the latest `max_attempts` (the default context of a RoutedChatModel
+    used outside a run keeps 1,000: a long-lived process stays flat).
     """
 
     budget_usd: float | None = None
@@ -76,6 +80,18 @@ class RunUsage:
     spent_usd: float = 0.0
     attempts: list[Attempt] = field(default_factory=list)
     listeners: list[Listener] = field(default_factory=list)
+    max_attempts: int | None = None
+    """Keep only this many latest attempts in `attempts` (None: all of them)."""
+    recorded: int = field(default=0, init=False)
+    """Attempts recorded, including those no longer in the window."""
+    _total: Usage = field(default_factory=Usage, init=False, repr=False)
+    _costs: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and self.max_attempts < 0:
+            raise ValueError(f"max_attempts must be >= 0 or None, got {self.max_attempts}")
+        for a in list(self.attempts):  # given at construction: count them too
+            self._aggregate(a)
 
     @property
     def remaining_usd(self) -> float | None:
@@ -101,6 +117,9 @@ class RunUsage:
     def _notify(self, attempt: Attempt) -> list[Any]:
         """Add the attempt; call the listeners; return the coroutines they gave back."""
         self.attempts.append(attempt)
+        if self.max_attempts is not None and len(self.attempts) > self.max_attempts:
+            del self.attempts[: len(self.attempts) - self.max_attempts]
+        self._aggregate(attempt)
         self.spent_usd += attempt.cost_usd
         pending = []
         for listener in self.listeners:
@@ -113,17 +132,27 @@ class RunUsage:
                 pending.append(result)
         return pending
 
+    def _aggregate(self, attempt: Attempt) -> None:
+        self.recorded += 1
+        if attempt.usage is not None:
+            self._total = self._total + attempt.usage
+        for key in _GROUPS:
+            group = self._costs.setdefault(key, defaultdict(float))
+            group[getattr(attempt, key)] += attempt.cost_usd
+
     @property
     def usage(self) -> Usage:
-        total = Usage()
-        for a in self.attempts:
-            if a.usage is not None:
-                total = total + a.usage
-        return total
+        """Tokens of every attempt recorded here."""
+        return self._total
 
     def cost_by(self, key: str) -> dict[str, float]:
-        """Spend grouped by an attempt attribute: "node", "model" or "provider"."""
-        out: dict[str, float] = defaultdict(float)
+        """Spend of every attempt recorded here, grouped by "node", "model" or "provider"."""
+        if key in _GROUPS:
+            return dict(self._costs.get(key, {}))
+        out: dict[str, float] = defaultdict(float)  # another attribute: the window only
         for a in self.attempts:
             out[getattr(a, key)] += a.cost_usd
         return dict(out)
+
+
+_GROUPS = ("node", "model", "provider")

@@ -97,18 +97,22 @@ async def test_tcp_proxy_cuts_refuses_and_restores(proxy: TcpProxy) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"PING\r\n")
     assert await reader.readline() == b"+PONG\r\n"
-    await proxy.cut()
-    assert await reader.read() == b""  # the open connection was closed
+    await proxy.refuse()
+    try:
+        ended = await reader.read()
+    except ConnectionResetError:
+        ended = b""
+    assert ended == b""  # the open connection was reset
     writer.close()
     with pytest.raises(ConnectionRefusedError):  # and the port refuses new ones
         await asyncio.open_connection("127.0.0.1", proxy.port)
-    await proxy.restore()
+    await proxy.reopen()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)  # same port
     proxy.blackhole()
     writer.write(b"PING\r\n")
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(reader.readline(), 0.2)  # nothing comes back
-    await proxy.restore()
+    proxy.restore()
     assert await reader.readline() == b"+PONG\r\n"  # the held bytes go through
     writer.close()
 
@@ -166,7 +170,7 @@ async def test_redis_lost_mid_run_and_back(proxy: TcpProxy,
 
         async def cut_after_first(attempt: Any) -> None:
             if not proxy.is_cut:
-                await proxy.cut()
+                await proxy.refuse()
 
         result, ctx = await run_flow(app, limiter, cut_after_first)  # Redis lost mid-run
         assert result["review"] and [a.outcome for a in ctx.usage.attempts] == ["ok"] * 4
@@ -177,7 +181,7 @@ async def test_redis_lost_mid_run_and_back(proxy: TcpProxy,
         warned = shared_warnings(caplog)
         assert len(warned) == 1 and "unavailable" in warned[0]
 
-        await proxy.restore()
+        await proxy.reopen()
         await run_flow(app, limiter)
         # Not retried on every call: the retry interval has not passed.
         assert shared_state(breakers, limiter) == "unavailable"
@@ -213,7 +217,7 @@ async def test_hung_redis_does_not_stall_calls(proxy: TcpProxy) -> None:
         assert elapsed < 2 * baseline + 1.5, (elapsed, baseline)
         assert shared_state(breakers, limiter) == "unavailable"
     finally:
-        await proxy.restore()
+        proxy.restore()
         await breakers.aclose()
         await limiter.aclose()
 

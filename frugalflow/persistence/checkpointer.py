@@ -34,6 +34,12 @@ Why the I/O looks the way it does (speed, and atomicity):
 Lease fences (`store.fenced`, set by the Runner around a run) hold for every write, as for
 `Store.write`: the caller's fence is captured when it calls, checked in the transaction of
 the write (row-locked on PostgreSQL), and only calls under the same fence share a batch.
+A Runner's fence (with a TTL) also renews the lease in that transaction.
+
+Connection failures: driver errors become `StoreUnavailableError`; a lane that fails is
+discarded with every idle lane (lanes are reused without the pool's pre-ping, so after a
+dropped connection the others are suspect), and writes (upserts: safe to repeat) and reads
+are retried with backoff by `Store.retrying`, for up to the fence's lease TTL.
 
 Secrets never reach the database (one policy: `scrub.py`): metadata is stored as JSON after
 `get_serializable_checkpoint_metadata` and `scrub_metadata`; every serialised value goes
@@ -103,9 +109,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
-from ..exceptions import LeaseError
+from ..exceptions import LeaseError, StoreUnavailableError
 from .scrub import REDACTED, dump_scrubbed, scrub_json, scrub_metadata
-from .store import Fence, Store, check_lease, current_fence
+from .store import Fence, Store, check_lease, current_fence, is_transient, renew_statement
 from .tables import CheckpointBlobRow, CheckpointRow, CheckpointWriteRow, LeaseRow
 
 __all__ = ["REDACTED", "SQLModelSaver", "scrub_metadata"]
@@ -353,7 +359,8 @@ class _GroupCommit:
         try:
             await self._write([rows for rows, _ in batch])
         except Exception as error:
-            if len(batch) == 1 or isinstance(error, LeaseError):  # a lost lease: all of them
+            # A lost lease or an unreachable database (already retried): all of them.
+            if len(batch) == 1 or isinstance(error, (LeaseError, StoreUnavailableError)):
                 for _, done in batch:
                     _settle(done, error)
                 return
@@ -430,10 +437,14 @@ class _AsyncLanes:
             conn = await self._take(engine)
             try:
                 yield conn
-            except BaseException:
+            except BaseException as e:
                 # An error or a cancellation mid-statement: the connection's state is
                 # unknown, so it is not reused.
                 await _discard(conn)
+                if isinstance(e, Exception) and is_transient(e):
+                    # The server or the network dropped connections: the idle lanes (not
+                    # pinged on reuse) are most likely dead too.
+                    await self.drop_idle()
                 raise
             if engine is self._engine:
                 self._idle.append((asyncio.get_running_loop().time(), conn))
@@ -461,8 +472,8 @@ class _AsyncLanes:
         try:
             conn = await engine.connect()
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-        except (OSError, DBAPIError) as e:
-            raise self.store.unavailable(e) from e
+        except Exception as e:
+            raise (self.store.unavailable(e) if is_transient(e) else e) from e
         return conn
 
     def width(self) -> int:
@@ -477,12 +488,22 @@ class _AsyncLanes:
         for _, conn in idle:
             await conn.close()
 
+    async def drop_idle(self) -> None:
+        """Invalidate the idle lanes (after a connection failure)."""
+        idle, self._idle = self._idle, []
+        for _, conn in idle:
+            await _discard(conn)
+
 
 async def _discard(conn: AsyncConnection) -> None:
     try:
-        await conn.invalidate()
-    finally:
-        await conn.close()
+        try:
+            await conn.invalidate()
+        finally:
+            await conn.close()
+    except Exception as e:  # the connection is already dead: nothing more to release
+        if not is_transient(e):
+            raise
 
 
 def _release_sync(conn: Connection) -> None:
@@ -700,6 +721,10 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     # -- drivers: the only places that differ between sync and async ------------------------
 
     def _read(self, plan: Plan[T]) -> T:
+        with self._mapped():
+            return self._read_raw(plan)
+
+    def _read_raw(self, plan: Plan[T]) -> T:
         if not self._pg:
             return self._sqlite.run(plan, write=False)
         self.store.setup_sync()
@@ -709,6 +734,10 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
     def _fenced(self, fence: Fence | None, plan: Plan[T]) -> Plan[T]:
         """`plan`, after checking in its transaction that `fence` still holds its run's
         lease (the rule of `Store.write`): a stale executor writes nothing."""
+        if fence is not None and fence.ttl is not None:
+            renewed = yield _Op(renew_statement(fence), fetch=True)
+            if renewed:  # still the holder: the write renews the lease (Fence.ttl)
+                return (yield from plan)
         if fence is not None:
             q = select(_LEASES.c.holder, _LEASES.c.epoch, _LEASES.c.expires_at).where(
                 _LEASES.c.run_id == fence.run_id)
@@ -718,10 +747,25 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             check_lease(fence, rows[0] if rows else None, "checkpoint write")
         return (yield from plan)
 
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """Driver connection errors (however raised) become StoreUnavailableError."""
+        try:
+            yield
+        except Exception as e:
+            if is_transient(e) and not isinstance(e, StoreUnavailableError):
+                raise self.store.unavailable(e) from e
+            raise
+
     def _write(self, plan: Plan[T], *, fence: Fence | None, single: bool = False,
                lean: bool = False) -> T:
         """Run a write plan atomically, fenced by `fence`: one transaction, or one statement
         (`single`); `lean`: all its statements are `_Lean` (put/put_writes plans)."""
+        with self._mapped():
+            return self._write_raw(plan, fence=fence, single=single, lean=lean)
+
+    def _write_raw(self, plan: Plan[T], *, fence: Fence | None, single: bool = False,
+                   lean: bool = False) -> T:
         if fence is not None:  # the lease check and the write: one transaction
             plan, single, lean = self._fenced(fence, plan), False, False
         if not self._pg:
@@ -734,6 +778,14 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             return _drive(conn, plan)
 
     async def _aread(self, plan: Plan[T]) -> T:
+        with self._mapped():
+            return await self._aread_raw(plan)
+
+    async def _aread_retrying(self, make: Callable[[], Plan[T]]) -> T:
+        """A read, retried while the database is briefly unreachable (`Store.retrying`)."""
+        return await self.store.retrying(lambda: self._aread(make()), what="checkpoint read")
+
+    async def _aread_raw(self, plan: Plan[T]) -> T:
         if not self._pg:
             return await self._sqlite.arun(plan, write=False)
         await self.store.setup()
@@ -744,6 +796,11 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
                       lean: bool = False) -> T:
         """Run a write plan atomically, fenced by `fence`: one transaction, or one statement
         (`single`); `lean`: all its statements are `_Lean` (put/put_writes plans)."""
+        with self._mapped():
+            return await self._awrite_raw(plan, fence=fence, single=single, lean=lean)
+
+    async def _awrite_raw(self, plan: Plan[T], *, fence: Fence | None, single: bool = False,
+                          lean: bool = False) -> T:
         if fence is not None:  # the lease check and the write: one transaction
             plan, single, lean = self._fenced(fence, plan), False, False
         if not self._pg:
@@ -866,9 +923,12 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
                 yield _Op(stmt, rows if len(rows) > 1 else rows[0], lean=lean)
 
     async def _store_async(self, batch: list[_Rows]) -> None:
-        # The calls of a batch share one fence (`_GroupCommit` groups them so).
-        await self._awrite(self._store_plan(batch), fence=batch[0].fence, single=True,
-                           lean=True)
+        # The calls of a batch share one fence (`_GroupCommit` groups them so). A dropped
+        # connection is retried (upserts: safe to repeat), within the fence's lease TTL.
+        fence = batch[0].fence
+        await self.store.retrying(
+            lambda: self._awrite(self._store_plan(batch), fence=fence, single=True, lean=True),
+            what="checkpoint write", fence=fence)
 
     def put(
         self,
@@ -1052,7 +1112,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """The checkpoint `config` names, or the thread's latest in its namespace."""
-        found = await self._aread(self._get_plan(config))
+        found = await self._aread_retrying(lambda: self._get_plan(config))
         return self._assemble(*found)[0] if found else None
 
     def _list_plan(self, stmt: Any) -> Plan[tuple[list[Row[Any]], _Loaded]]:
@@ -1085,8 +1145,8 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
         """Checkpoints matching `config`, metadata `filter` and `before`, newest first."""
-        rows, loaded = await self._aread(self._list_plan(
-            self._select_checkpoints(config, filter, before, limit)))
+        stmt = self._select_checkpoints(config, filter, before, limit)
+        rows, loaded = await self._aread_retrying(lambda: self._list_plan(stmt))
         for tup in self._assemble(rows[:_LIST_PAGE], loaded):
             yield tup
         for page in _chunks(rows[_LIST_PAGE:], _LIST_PAGE):

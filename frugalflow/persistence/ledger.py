@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -15,10 +16,16 @@ from sqlalchemy import Text, case, cast, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..exceptions import RunNotFoundError, RunStateError, UserError
+from ..exceptions import (
+    LeaseError,
+    RunNotFoundError,
+    RunStateError,
+    StoreUnavailableError,
+    UserError,
+)
 from ..fallback import Attempt
 from .scrub import scrub, scrub_exact
-from .store import Store
+from .store import Store, unfenced
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
 __all__ = ["CostRow", "Ledger", "RunRecord", "scrub"]
@@ -62,6 +69,10 @@ class Ledger:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # Attempt rows whose write failed (database unreachable past the retries), per run,
+        # in order: written before the run's next ledger write, at its end or release.
+        self._unwritten: dict[str, list[dict[str, Any]]] = {}
+        self._flushing: dict[str, asyncio.Lock] = {}
 
     # -- writes --------------------------------------------------------------------
 
@@ -96,17 +107,28 @@ class Ledger:
             changes["error"] = _storable(scrub(str(changes["error"]))[:4000])
         if changes.get("pending_resume") is not None:  # a user's answer: kept as given
             changes["pending_resume"] = scrub_exact(changes["pending_resume"])
-        async with self.store.write() as conn:
-            await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
+
+        async def once() -> None:
+            async with self.store.write() as conn:
+                await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
+
+        await self.store.retrying(once, what=f"update of run {run_id}")
 
     async def node_started(self, task_id: str, run_id: str, node: str,
                            holder: str | None = None) -> None:
-        async with self.store.write() as conn:
-            await _upsert_node(conn, self.store, task_id, run_id, node, holder)
+        async def once() -> None:
+            async with self.store.write() as conn:
+                await _upsert_node(conn, self.store, task_id, run_id, node, holder)
+
+        await self.store.retrying(once, what=f"node row of run {run_id}")
 
     async def node_finished(
         self, task_id: str, *, status: str = "done", error: str | None = None
     ) -> None:
+        await self.store.retrying(lambda: self._node_finished(task_id, status, error),
+                                  what=f"node row {task_id}")
+
+    async def _node_finished(self, task_id: str, status: str, error: str | None) -> None:
         async with self.store.write() as conn:
             cost = (
                 await conn.execute(
@@ -122,56 +144,122 @@ class Ledger:
                 )
             )
 
-    async def close_nodes(self, run_id: str) -> int:
+    async def close_nodes(self, run_id: str, *, recheck: bool = False) -> int:
         """Settle the node rows of `run_id` that no executor will finish (left `running` by
         a crashed, cancelled or stopped executor): `done` when the task's writes reached the
         checkpoint (its work is kept and never re-executed), else `abandoned` (the work was
         lost; if the run goes on, the node runs again as a new task). Tasks checkpointed by
         another saver than `SQLModelSaver` cannot be told apart and count as abandoned.
-        Returns how many rows changed."""
+        `recheck`: also rows marked `done` whose writes never reached the checkpoint (the
+        database failed while they were written): they become `abandoned`, since the node
+        runs again on resume. Returns how many rows changed."""
         saved = (select(_WRITES.c.task_id)
                  .where(_WRITES.c.thread_id == run_id, _WRITES.c.task_id == _NODES.c.id)
                  .exists())
         cost = (select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0))
                 .where(_ATTEMPTS.c.task_id == _NODES.c.id).scalar_subquery())
-        async with self.store.write() as conn:
-            result = await conn.execute(
-                update(_NODES)
-                .where(_NODES.c.run_id == run_id, _NODES.c.status == "running")
-                .values(status=case((saved, "done"), else_="abandoned"),
-                        finished_at=utcnow(), cost_usd=cost))
-        return int(result.rowcount or 0)
+
+        async def once() -> int:
+            n = 0
+            async with self.store.write() as conn:
+                result = await conn.execute(
+                    update(_NODES)
+                    .where(_NODES.c.run_id == run_id, _NODES.c.status == "running")
+                    .values(status=case((saved, "done"), else_="abandoned"),
+                            finished_at=utcnow(), cost_usd=cost))
+                n += int(result.rowcount or 0)
+                if recheck:
+                    result = await conn.execute(
+                        update(_NODES)
+                        .where(_NODES.c.run_id == run_id, _NODES.c.status == "done", ~saved)
+                        .values(status="abandoned",
+                                error="its checkpoint write failed; it runs again on resume"))
+                    n += int(result.rowcount or 0)
+            return n
+
+        return await self.store.retrying(once, what=f"node rows of run {run_id}")
 
     async def record_attempt(self, attempt: Attempt, *, flow: str | None = None) -> None:
-        """Write one attempt and add its cost to its run, in one transaction."""
-        usage = attempt.usage
-        row = AttemptRow(
-            run_id=attempt.run_id, task_id=attempt.task_id, call_id=attempt.call_id, flow=flow,
-            node=attempt.node, model=attempt.model, provider=attempt.provider,
-            try_number=attempt.try_number, outcome=attempt.outcome,
-            error_class=attempt.error_class,
-            error=scrub(attempt.error)[:2000] if attempt.error else None,
-            action=attempt.action, fallback_from=attempt.fallback_from,
-            input_tokens=usage.input_tokens if usage else 0,
-            output_tokens=usage.output_tokens if usage else 0,
-            cache_read_tokens=usage.cache_read_tokens if usage else 0,
-            cost_usd=attempt.cost_usd, latency_ms=attempt.latency_ms,
-            started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
-            call_key=attempt.call_key, route_reason=attempt.route_reason,
-            prompt=scrub(attempt.prompt)[:4000] if attempt.prompt else None,
-            category=attempt.category, usage_estimated=attempt.usage_estimated,
-            # The answer is replayed on resume: kept as given, except exact key values.
-            response=(scrub_exact(_message_json(attempt.response))
-                      if attempt.response is not None else None),
-        )
-        values = {k: _storable(v) for k, v in _values(row).items()}
-        values.pop("id", None)
+        """Write one attempt and add its cost to its run, in one transaction.
+
+        A paid call is never dropped: when the database stays unreachable past the retries,
+        the row is kept in memory and written (in order, without duplicates) before the
+        run's next attempt row, by `flush_attempts` (the runner calls it at each node event,
+        before the run's end is recorded and before its lease is released); this raises
+        StoreUnavailableError meanwhile."""
+        values = _attempt_values(attempt, flow)
+        key = attempt.run_id or ""
+        if not self._unwritten.get(key):
+            tries = 0
+
+            async def once() -> None:
+                nonlocal tries
+                tries += 1  # a retry checks first whether the dropped try had committed
+                await self._insert_attempt(values, check=tries > 1)
+
+            try:
+                await self.store.retrying(once, what="attempt row")
+                return
+            except LeaseError:
+                # Another executor took the run over, but this call was paid: its row is a
+                # fact about money spent, recorded whoever holds the lease.
+                with unfenced():
+                    await self.store.retrying(lambda: self._insert_attempt(values, check=True),
+                                              what="attempt row")
+                return
+            except StoreUnavailableError:
+                self._unwritten.setdefault(key, []).append(values)
+                raise
+        self._unwritten[key].append(values)
+        await self.flush_attempts(attempt.run_id)
+
+    def unwritten(self, run_id: str | None = None) -> int:
+        """How many attempt rows of `run_id` (None: of every run) wait to be written."""
+        if run_id is None:
+            return sum(len(rows) for rows in self._unwritten.values())
+        return len(self._unwritten.get(run_id, ()))
+
+    async def flush_attempts(self, run_id: str | None = None) -> int:
+        """Write the attempt rows of `run_id` (None: of every run) kept while the database
+        was unreachable; raises StoreUnavailableError (keeping the rest) if it still is.
+        Returns how many were written."""
+        keys = [run_id or ""] if run_id is not None else list(self._unwritten)
+        written = 0
+        for key in keys:
+            if not self._unwritten.get(key):
+                continue
+            lock = self._flushing.setdefault(key, asyncio.Lock())
+            # One writer per run: rows in order, none twice. Unfenced: a paid call is
+            # recorded even if another executor took the run over meanwhile.
+            async with lock, _unfenced_async():
+                rows = self._unwritten.get(key, [])
+                while rows:
+                    values = rows[0]
+                    await self.store.retrying(
+                        lambda v=values: self._insert_attempt(v, check=True),  # type: ignore[misc]
+                        what="kept attempt row")
+                    rows.pop(0)
+                    written += 1
+                if not rows:
+                    self._unwritten.pop(key, None)
+                    self._flushing.pop(key, None)
+        return written
+
+    async def _insert_attempt(self, values: dict[str, Any], *, check: bool) -> None:
         async with self.store.write() as conn:
+            if check:
+                # An earlier try may have committed before its connection dropped.
+                found = (await conn.execute(select(_ATTEMPTS.c.id).where(
+                    _ATTEMPTS.c.call_id == values["call_id"],
+                    _ATTEMPTS.c.try_number == values["try_number"],
+                    _ATTEMPTS.c.model == values["model"]).limit(1))).first()
+                if found is not None:
+                    return
             await conn.execute(_ATTEMPTS.insert().values(**values))
-            if attempt.run_id and attempt.cost_usd:
+            if values["run_id"] and values["cost_usd"]:
                 await conn.execute(
-                    update(_RUNS).where(_RUNS.c.id == attempt.run_id).values(
-                        cost_usd=_RUNS.c.cost_usd + attempt.cost_usd, updated_at=utcnow()
+                    update(_RUNS).where(_RUNS.c.id == values["run_id"]).values(
+                        cost_usd=_RUNS.c.cost_usd + values["cost_usd"], updated_at=utcnow()
                     )
                 )
 
@@ -179,8 +267,12 @@ class Ledger:
 
     async def get_run(self, run_id: str) -> RunRow:
         await self.store.setup()
-        async with self.store.read() as conn:
-            row = (await conn.execute(_select_runs().where(_RUNS.c.id == run_id))).first()
+
+        async def once() -> Any:
+            async with self.store.read() as conn:
+                return (await conn.execute(_select_runs().where(_RUNS.c.id == run_id))).first()
+
+        row = await self.store.retrying(once, what=f"read of run {run_id}")
         if row is None:
             raise RunNotFoundError(f"no run {run_id!r} in {self.store!r}", run_id=run_id)
         return _run_row(row._mapping)
@@ -278,8 +370,12 @@ class Ledger:
              .where(_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.call_key == call_key,
                     _ATTEMPTS.c.outcome == "ok")
              .order_by(_ATTEMPTS.c.id.desc()).limit(1))
-        async with self.store.read() as conn:
-            row = (await conn.execute(q)).first()
+
+        async def once() -> Any:
+            async with self.store.read() as conn:
+                return (await conn.execute(q)).first()
+
+        row = await self.store.retrying(once, what="replay lookup")
         if row is None or row.response is None:
             return None
         (message,) = messages_from_dict([row.response])
@@ -418,6 +514,39 @@ async def _upsert_node(
                   "holder": holder},
         )
     )
+
+
+@asynccontextmanager
+async def _unfenced_async() -> AsyncIterator[None]:
+    with unfenced():
+        yield
+
+
+def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
+    """The ff_attempts row of `attempt` (without its id)."""
+    usage = attempt.usage
+    row = AttemptRow(
+        run_id=attempt.run_id, task_id=attempt.task_id, call_id=attempt.call_id, flow=flow,
+        node=attempt.node, model=attempt.model, provider=attempt.provider,
+        try_number=attempt.try_number, outcome=attempt.outcome,
+        error_class=attempt.error_class,
+        error=scrub(attempt.error)[:2000] if attempt.error else None,
+        action=attempt.action, fallback_from=attempt.fallback_from,
+        input_tokens=usage.input_tokens if usage else 0,
+        output_tokens=usage.output_tokens if usage else 0,
+        cache_read_tokens=usage.cache_read_tokens if usage else 0,
+        cost_usd=attempt.cost_usd, latency_ms=attempt.latency_ms,
+        started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
+        call_key=attempt.call_key, route_reason=attempt.route_reason,
+        prompt=scrub(attempt.prompt)[:4000] if attempt.prompt else None,
+        category=attempt.category, usage_estimated=attempt.usage_estimated,
+        # The answer is replayed on resume: kept as given, except exact key values.
+        response=(scrub_exact(_message_json(attempt.response))
+                  if attempt.response is not None else None),
+    )
+    values = {k: _storable(v) for k, v in _values(row).items()}
+    values.pop("id", None)
+    return values
 
 
 def _message_json(message: Any) -> dict[str, Any]:

@@ -9,18 +9,28 @@ asyncpg/psycopg for PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
 
-from sqlalchemy import event, inspect, select, text
+from sqlalchemy import event, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    PendingRollbackError,
+    ResourceClosedError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlmodel import create_engine
@@ -37,17 +47,28 @@ __all__ = [
     "current_fence",
     "default_url",
     "fenced",
+    "is_transient",
+    "renew_statement",
     "unfenced",
 ]
+
+T = TypeVar("T")
+log = logging.getLogger("frugalflow")
 
 
 @dataclass(frozen=True)
 class Fence:
-    """Writes made under this fence commit only while (run_id, holder, epoch) holds the lease."""
+    """Writes made under this fence commit only while (run_id, holder, epoch) holds the lease.
+
+    With `ttl` (the Runner's fences), each write also renews the lease for `ttl` seconds in
+    its own transaction, even past its expiry as long as nobody took it over (holder and
+    epoch unchanged): a merely slow executor keeps its run; only a takeover fences it off.
+    Without `ttl`, an expired lease rejects the write."""
 
     run_id: str
     holder: str
     epoch: int
+    ttl: float | None = None
 
 
 _FENCE: ContextVar[Fence | None] = ContextVar("frugalflow_fence", default=None)
@@ -85,6 +106,60 @@ def check_lease(fence: Fence, row: Any, what: str = "write") -> None:
             f"longer holds the lease; the {what} was rejected",
             run_id=fence.run_id, holder=row.holder if row is not None else "",
         )
+
+
+def renew_statement(fence: Fence) -> Any:
+    """UPDATE extending the lease by `fence.ttl` if `fence` still names its holder and epoch
+    (RETURNING the epoch: one row when renewed). Takes the row lock as SELECT FOR UPDATE."""
+    from .tables import utcnow
+
+    table = tables.LeaseRow.__table__  # type: ignore[attr-defined]
+    return (update(table)
+            .where(table.c.run_id == fence.run_id, table.c.holder == fence.holder,
+                   table.c.epoch == fence.epoch)
+            .values(expires_at=utcnow() + timedelta(seconds=fence.ttl or 0.0))
+            .returning(table.c.epoch))
+
+
+# Error texts of SQLite that mean "busy or unreachable", not "your statement is wrong".
+_SQLITE_TRANSIENT = ("database is locked", "database is busy", "database table is locked",
+                     "unable to open database", "disk i/o error")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether `error` means the database is unreachable or busy (a retry may succeed), as
+    opposed to a bad statement or a constraint: connection errors of asyncpg, psycopg and
+    aiosqlite/sqlite3, as raised by the drivers or wrapped by SQLAlchemy."""
+    if isinstance(error, (StoreUnavailableError, OSError, asyncio.TimeoutError, PoolTimeoutError,
+                          PendingRollbackError, ResourceClosedError)):
+        return True
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return True
+        orig = error.orig if error.orig is not None else error
+        if isinstance(orig, sqlite3.Error) or "sqlite" in type(orig).__module__:
+            return any(t in str(orig).lower() for t in _SQLITE_TRANSIENT)
+        if isinstance(error, (InterfaceError, OperationalError)):
+            return True
+        return _driver_transient(orig)
+    if isinstance(error, sqlite3.OperationalError):  # raw driver (lean statements)
+        return any(t in str(error).lower() for t in _SQLITE_TRANSIENT)
+    return _driver_transient(error)
+
+
+def _driver_transient(error: BaseException) -> bool:
+    module = type(error).__module__
+    if module.startswith("asyncpg"):
+        import asyncpg
+
+        return isinstance(error, (asyncpg.exceptions.PostgresConnectionError,
+                                  asyncpg.exceptions.InterfaceError,
+                                  asyncpg.exceptions.CannotConnectNowError))
+    if module.startswith("psycopg"):
+        import psycopg
+
+        return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
+    return False
 
 
 def _v1(conn: Connection) -> None:
@@ -155,10 +230,17 @@ def _mask(url: str) -> str:
 class Store:
     """Engines and migrations for one database. Share one Store per process and database."""
 
-    def __init__(self, url: str | None = None, *, pool_size: int = 5) -> None:
+    def __init__(self, url: str | None = None, *, pool_size: int = 5,
+                 busy_timeout: float = 30.0, retry_for: float = 2.0) -> None:
         self.url = url or default_url()
         self.dialect, self._async_url, self._sync_url = _driver_urls(self.url)
         self._pool_size = pool_size
+        self.busy_timeout = busy_timeout
+        """SQLite: seconds a writer waits for another process's write lock."""
+        self.retry_for = retry_for
+        """Seconds a transient failure (dropped connection, server restarting, SQLite lock)
+        is retried with backoff by `retrying`, for writes outside a run's lease; under a
+        Runner's fence, the lease's TTL bounds it instead."""
         self._engine: AsyncEngine | None = None
         self._sync_engine: Engine | None = None
         self._ready = False
@@ -180,7 +262,7 @@ class Store:
             if self.is_sqlite:
                 self._prepare_sqlite_path()
                 self._engine = create_async_engine(self._async_url, poolclass=NullPool)
-                _sqlite_pragmas(self._engine.sync_engine)
+                _sqlite_pragmas(self._engine.sync_engine, self.busy_timeout)
             else:
                 # Several processes share the server's max_connections (100 by default):
                 # keep each process's pool small; writes are short transactions.
@@ -196,7 +278,7 @@ class Store:
             if self.is_sqlite:
                 self._prepare_sqlite_path()
                 self._sync_engine = create_engine(self._sync_url, poolclass=NullPool)
-                _sqlite_pragmas(self._sync_engine)
+                _sqlite_pragmas(self._sync_engine, self.busy_timeout)
             else:
                 self._sync_engine = create_engine(self._sync_url, pool_pre_ping=True)
         return self._sync_engine
@@ -206,9 +288,11 @@ class Store:
         if db and db != ":memory:":
             parent = os.path.dirname(os.path.abspath(db))
             if not os.path.isdir(parent):
-                raise StoreUnavailableError(
+                error = StoreUnavailableError(
                     f"cannot open SQLite database {db!r}: folder {parent!r} does not exist"
                 )
+                error.retryable = False  # type: ignore[attr-defined]  # waiting will not help
+                raise error
 
     # -- transactions --------------------------------------------------------------
 
@@ -238,6 +322,8 @@ class Store:
     async def _check_fence(self, conn: AsyncConnection, fence: Fence) -> None:
         # In the writing transaction itself: on PostgreSQL the row lock makes a concurrent
         # takeover wait until this write commits; on SQLite the write lock is already held.
+        if fence.ttl is not None and (await conn.execute(renew_statement(fence))).first():
+            return  # still the holder: the write renewed the lease
         table = tables.LeaseRow.__table__  # type: ignore[attr-defined]
         q = select(table.c.holder, table.c.epoch, table.c.expires_at).where(
             table.c.run_id == fence.run_id)
@@ -256,15 +342,60 @@ class Store:
             engine = self.engine.execution_options(ff_write=True) if begin else self.engine
             cm = engine.begin() if begin else engine.connect()
             conn = await cm.__aenter__()
-        except (OSError, DBAPIError) as e:
-            raise self.unavailable(e) from e
+        except Exception as e:
+            raise (self.unavailable(e) if is_transient(e) else e) from e
         try:
             yield conn
         except BaseException as e:
-            await cm.__aexit__(type(e), e, e.__traceback__)
+            try:
+                await cm.__aexit__(type(e), e, e.__traceback__)
+            except Exception as exit_error:  # the rollback on a dead connection failed too
+                if not is_transient(exit_error):
+                    raise
+            if isinstance(e, Exception) and is_transient(e) and not isinstance(
+                    e, StoreUnavailableError):
+                # A connection that broke mid-transaction: SQLAlchemy invalidated it (the
+                # pool drops it); the transaction did not commit.
+                raise self.unavailable(e) from e
             raise
         else:
-            await cm.__aexit__(None, None, None)
+            try:
+                await cm.__aexit__(None, None, None)
+            except Exception as e:  # COMMIT lost with the connection: outcome unknown
+                raise (self.unavailable(e) if is_transient(e) else e) from e
+
+    async def retrying(self, op: Callable[[], Awaitable[T]], *, what: str = "write",
+                       fence: Fence | None | bool = True) -> T:
+        """`await op()`, retried with backoff while it fails with StoreUnavailableError, for
+        up to the fence's lease TTL (in a Runner's run) or `retry_for` seconds. Each try is
+        a new transaction, with its own fence check. `op` must be safe to repeat (its
+        first try may have committed before the connection dropped). `fence`: the one
+        whose TTL bounds the retries (default: this context's)."""
+        if fence is True:
+            fence = _FENCE.get()
+        budget = (fence.ttl if isinstance(fence, Fence) and fence.ttl is not None
+                  else self.retry_for)
+        deadline = time.monotonic() + budget
+        delay = 0.02
+        while True:
+            try:
+                return await op()
+            except StoreUnavailableError as e:
+                if not getattr(e, "retryable", True) or time.monotonic() + delay > deadline:
+                    raise
+                log.info("frugalflow: %s failed (%s); retrying in %.2f s", what, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def probe(self) -> bool:
+        """Whether the database answers now (one short query; on SQLite, whether the write
+        lock can be taken: readers are never blocked there)."""
+        try:
+            async with (self.write() if self.is_sqlite else self.read()) as conn:
+                await conn.execute(text("SELECT 1"))
+        except StoreUnavailableError:
+            return False
+        return True
 
     @contextmanager
     def write_sync(self) -> Iterator[Connection]:
@@ -275,15 +406,25 @@ class Store:
             try:
                 cm = self.sync_engine.execution_options(ff_write=True).begin()
                 conn = cm.__enter__()
-            except (OSError, DBAPIError) as e:
-                raise self.unavailable(e) from e
+            except Exception as e:
+                raise (self.unavailable(e) if is_transient(e) else e) from e
             try:
                 yield conn
             except BaseException as e:
-                cm.__exit__(type(e), e, e.__traceback__)
+                try:
+                    cm.__exit__(type(e), e, e.__traceback__)
+                except Exception as exit_error:
+                    if not is_transient(exit_error):
+                        raise
+                if isinstance(e, Exception) and is_transient(e) and not isinstance(
+                        e, StoreUnavailableError):
+                    raise self.unavailable(e) from e
                 raise
             else:
-                cm.__exit__(None, None, None)
+                try:
+                    cm.__exit__(None, None, None)
+                except Exception as e:
+                    raise (self.unavailable(e) if is_transient(e) else e) from e
         finally:
             if lock:
                 lock.release()
@@ -292,13 +433,20 @@ class Store:
     def read_sync(self) -> Iterator[Connection]:
         try:
             conn = self.sync_engine.connect()
-        except (OSError, DBAPIError) as e:
-            raise self.unavailable(e) from e
+        except Exception as e:
+            raise (self.unavailable(e) if is_transient(e) else e) from e
         with conn:
-            yield conn
+            try:
+                yield conn
+            except Exception as e:
+                if is_transient(e) and not isinstance(e, StoreUnavailableError):
+                    raise self.unavailable(e) from e
+                raise
 
     def unavailable(self, error: BaseException) -> StoreUnavailableError:
         """The error for an unreachable database (its URL shown with the password masked)."""
+        if isinstance(error, StoreUnavailableError):
+            return error
         return StoreUnavailableError(
             f"cannot connect to database {_mask(self.url)}: {type(error).__name__}: "
             f"{str(error).splitlines()[0][:200] if str(error) else ''}. Check that the server "
@@ -358,7 +506,7 @@ class Store:
         self._ready = False
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
+def _sqlite_pragmas(engine: Engine, busy_timeout: float = 30.0) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # Writers take the write lock up front (BEGIN IMMEDIATE): a deferred transaction
@@ -375,6 +523,6 @@ def _sqlite_pragmas(engine: Engine) -> None:
         # wait instead of failing with "database is locked".
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
