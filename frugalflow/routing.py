@@ -14,7 +14,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, NamedTuple
@@ -447,6 +447,10 @@ class RunContext:
     router: Any = None
     """A `frugalflow.learning.Router` predicting per-input success; used by nodes whose needs
     set `target`, `price_weight` or `cascade`."""
+    intent: Callable[[Attempt], Awaitable[None]] | None = None
+    """Durable runs: `await intent(pending_attempt)` writes a call down before it is sent, so
+    a call whose answer never reached the ledger (the process died) is still accounted for.
+    It must not raise (but for cancellation)."""
     replay: Any = None
     """When resuming: `await replay(node, call_key) -> AIMessage | None`, the answer a
     completed call with this key already got (the runner looks it up in the ledger), so a
@@ -855,6 +859,19 @@ class RoutedChatModel(BaseChatModel):
                 message = None
                 gathered: AIMessageChunk | None = None
                 try:
+                    if ctx.intent is not None:
+                        # Durable runs write the call down before it is sent: if the process
+                        # dies before the answer is recorded, the ledger still shows a call
+                        # that may have been paid (settled later at its estimated cost).
+                        await ctx.intent(Attempt(
+                            node=self.node or "", model=spec.key, provider=spec.provider,
+                            outcome="pending", call_id=call_id, run_id=usage.run_id,
+                            try_number=len(attempts) + 1, task_id=task_id,
+                            usage=Usage(input_tokens=n_in, requests=1,
+                                        output_tokens=self.needs.expected_output_tokens),
+                            cost_usd=expected_cost, usage_estimated=True, started_at=started,
+                            fallback_from=previous, category=self.category,
+                        ))
                     model = self._bound(spec, ctx)
                     if stream:
                         attempt_id = f"lc_run--{call_id}-{len(attempts) + 1}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -779,6 +780,7 @@ class Runner:
         ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
         ctx.router = await self._current_router()
         ctx.limiter = self.limiter
+        ctx.intent = functools.partial(self.ledger.record_intent, flow=row.flow)
         if continuation:
             ctx.replay = self._replayer(row.id)
         return ctx

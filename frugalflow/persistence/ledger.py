@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -168,6 +169,21 @@ class Ledger:
                     .values(status=case((saved, "done"), else_="abandoned"),
                             finished_at=utcnow(), cost_usd=cost))
                 n += int(result.rowcount or 0)
+                # Calls written down but never answered in the ledger: their executor died
+                # or stopped mid-call. They may have been paid: settle them at their estimate.
+                pending = (await conn.execute(
+                    select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
+                        _ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == "pending"))
+                ).scalar_one()
+                result = await conn.execute(
+                    update(_ATTEMPTS).where(_ATTEMPTS.c.run_id == run_id,
+                                            _ATTEMPTS.c.outcome == "pending")
+                    .values(outcome="abandoned", error_class="abandoned",
+                            error="its executor stopped before the answer was recorded; "
+                                  "tokens and cost are estimates"))
+                if result.rowcount and pending:
+                    await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(
+                        cost_usd=_RUNS.c.cost_usd + pending, updated_at=utcnow()))
                 if recheck:
                     result = await conn.execute(
                         update(_NODES)
@@ -245,21 +261,44 @@ class Ledger:
                     self._flushing.pop(key, None)
         return written
 
+    async def record_intent(self, attempt: Attempt, *, flow: str | None = None) -> None:
+        """Write a call down before it is sent (outcome `pending`, estimated tokens and cost),
+        so that a call whose answer never reaches the ledger (the process died) is still
+        accounted for: `record_attempt` later fills the same row with what happened, and
+        `close_nodes` settles a row left pending as `abandoned` at its estimated cost.
+        One try, unfenced (money is about to be spent whoever holds the lease); it never
+        delays the call: when the database is away, the final row is kept as usual."""
+        values = _attempt_values(attempt, flow)
+        try:
+            with unfenced():
+                async with self.store.write() as conn:
+                    await conn.execute(_ATTEMPTS.insert().values(**values))
+        except StoreUnavailableError as e:
+            log.warning("frugalflow: could not write down a call before sending it: %s", e)
+
     async def _insert_attempt(self, values: dict[str, Any], *, check: bool) -> None:
+        """Insert the attempt row, or fill the row its call was written down in; `check`
+        is kept for callers that retry (the lookup below also finds an earlier try)."""
         async with self.store.write() as conn:
-            if check:
-                # An earlier try may have committed before its connection dropped.
-                found = (await conn.execute(select(_ATTEMPTS.c.id).where(
+            found = (await conn.execute(
+                select(_ATTEMPTS.c.id, _ATTEMPTS.c.outcome, _ATTEMPTS.c.cost_usd).where(
                     _ATTEMPTS.c.call_id == values["call_id"],
                     _ATTEMPTS.c.try_number == values["try_number"],
                     _ATTEMPTS.c.model == values["model"]).limit(1))).first()
-                if found is not None:
-                    return
-            await conn.execute(_ATTEMPTS.insert().values(**values))
-            if values["run_id"] and values["cost_usd"]:
+            added = values["cost_usd"]
+            if found is None:
+                await conn.execute(_ATTEMPTS.insert().values(**values))
+            elif found.outcome in UNSETTLED:
+                await conn.execute(
+                    update(_ATTEMPTS).where(_ATTEMPTS.c.id == found.id).values(**values))
+                if found.outcome == "abandoned":  # its estimate was added to the run already
+                    added -= found.cost_usd or 0.0
+            else:
+                return  # an earlier try of this write committed before its connection dropped
+            if values["run_id"] and added:
                 await conn.execute(
                     update(_RUNS).where(_RUNS.c.id == values["run_id"]).values(
-                        cost_usd=_RUNS.c.cost_usd + values["cost_usd"], updated_at=utcnow()
+                        cost_usd=_RUNS.c.cost_usd + added, updated_at=utcnow()
                     )
                 )
 
@@ -520,6 +559,12 @@ async def _upsert_node(
 async def _unfenced_async() -> AsyncIterator[None]:
     with unfenced():
         yield
+
+
+log = logging.getLogger("frugalflow")
+
+UNSETTLED = ("pending", "abandoned")
+"""Outcomes of calls written down before they were sent whose answer the ledger lacks."""
 
 
 def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
