@@ -386,7 +386,7 @@ async def driver(args: argparse.Namespace) -> None:
             async with sub.store.read() as c:
                 attempts = (await c.execute(text(
                     "select run_id, node, model, outcome, input_tokens, output_tokens, "
-                    "cost_usd from ff_attempts"))).all()
+                    "cost_usd, error_class, action from ff_attempts order by id"))).all()
                 statuses = {r[0]: r[1] for r in (await c.execute(text(
                     "select id, status from ff_runs"))).all()}
             await sub.close()
@@ -469,14 +469,24 @@ def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str
         paid[(m, r.model)] += 1
         bodies[(r.model, json.dumps(r.body, sort_keys=True))] += 1
     ledger: Counter[tuple[int, str]] = Counter()
-    for run, _node, model, outcome, tin, tout, _cost in attempts:
+    for run, _node, model, outcome, tin, tout, *_ in attempts:
         if run in run_ids and outcome != "replayed" and (tin or tout):
             ledger[(run_ids[run], model.split("/", 1)[-1])] += 1
     missing = sum(max(0, n - ledger.get(k, 0)) for k, n in paid.items())
     if os.environ.get("CHAOS_DEBUG"):
         print("paid", sorted(paid.items())[:8], "ledger", sorted(ledger.items())[:8])
         print("attempts", [a for a in attempts if a[0] == index_to_run.get(0)])
-        print("dups", [k for k, n in bodies.items() if n > 1][:2])
+        by_body: dict[tuple[str, str], list[Any]] = defaultdict(list)
+        for r in requests:
+            if _marker(r.body) is not None:
+                by_body[(r.model, json.dumps(r.body, sort_keys=True))].append(r)
+        for k, n in bodies.items():
+            if n > 1:
+                m = _marker(json.loads(k[1]))
+                print("DUP", k[0], m, [(round(r.at % 1000, 2), r.status, r.fault, r.stream)
+                                       for r in by_body[k]])
+                print("   ledger", [(a[1], a[2], a[3], a[4], a[7], a[8]) for a in attempts
+                                    if a[0] == index_to_run.get(m)])
     paid_twice = sum(n - 1 for n in bodies.values() if n > 1)
     secrets = None if dump is None else dump.count(KEY.encode()) + dump.count(KEY[8:40].encode())
 

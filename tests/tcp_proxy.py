@@ -114,6 +114,12 @@ class TcpProxy:
                 await task
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # close() cancels the connection tasks; asyncio's stream server would log a
+        # cancelled handler as an error, so a cancelled connection just ends here.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._serve(reader, writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.is_cut:
             self.refused += 1
             _abort(writer)
