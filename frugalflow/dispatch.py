@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.engine import make_url
@@ -55,6 +56,35 @@ class Dispatcher(Protocol):
 def _libpq(url: str) -> str:
     u = make_url(url.replace("postgres://", "postgresql://", 1))
     return u.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _database_lost(error: BaseException) -> bool:
+    """Whether `error` says the database (or the way to it) went away, not a bug."""
+    from procrastinate.exceptions import ConnectorException
+
+    from .exceptions import StoreUnavailableError
+    from .persistence.store import is_transient
+
+    if isinstance(error, (ConnectorException, StoreUnavailableError, OSError)):
+        return True
+    return is_transient(error)
+
+
+async def _until_reachable(step: Callable[[], Awaitable[Any]], what: str, *,
+                           first: float = 0.2, cap: float = 5.0) -> None:
+    """Await `step()`, again and again with backoff while the database is unreachable."""
+    delay = first
+    while True:
+        try:
+            await step()
+            return
+        except Exception as e:  # only a lost database is retried; anything else is raised
+            if not _database_lost(e):
+                raise
+            log.warning("frugalflow: worker could not %s (%s: %s); trying again in %.1f s",
+                        what, type(e).__name__, str(e).strip()[:200], delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, cap)
 
 
 class ProcrastinateDispatcher:
@@ -181,8 +211,11 @@ async def run_worker(
     if not isinstance(dispatcher, ProcrastinateDispatcher):
         raise TypeError("run_worker needs a runner with a ProcrastinateDispatcher")
     dispatcher.runner = runner
-    await runner.setup()
-    await dispatcher.open()
+    # A worker outlives its database: it waits for it at start and restarts its job loop
+    # when the loop dies of a lost connection (procrastinate's loop ends on any database
+    # error), as a supervisor would restart the process, without losing its runs in flight.
+    await _until_reachable(runner.setup, "set up the database")
+    await _until_reachable(dispatcher.open, "open the task queue")
     check = stall_check if stall_check is not None else max(dispatcher.stall_timeout / 3, 0.5)
 
     async def stall_loop() -> None:
@@ -194,14 +227,18 @@ async def run_worker(
             except Exception:  # the database hiccupped: try again at the next beat
                 log.warning("frugalflow: stalled-job check failed", exc_info=True)
 
-    watcher = asyncio.create_task(stall_loop())
-    try:
+    async def job_loop() -> None:
         await dispatcher.app.run_worker_async(
             queues=queues or [dispatcher.queue], concurrency=concurrency,
             update_heartbeat_interval=dispatcher.heartbeat,
             stalled_worker_timeout=dispatcher.stall_timeout,
             fetch_job_polling_interval=1.0, install_signal_handlers=True,
         )
+
+    watcher = asyncio.create_task(stall_loop())
+    try:
+        # Returns when a signal stopped the worker gracefully; a database error restarts it.
+        await _until_reachable(job_loop, "fetch jobs")
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -556,12 +556,15 @@ class Runner:
         saver = self.compiled(flow).graph.checkpointer
         return await saver.aget_tuple(self._config(run_id)) is not None
 
-    async def _await_dispatched(self, run_id: str, poll: float = 0.1) -> RunResult:
-        """Wait for a dispatched run to stop (finish, interrupt, budget, failure)."""
+    async def _await_dispatched(self, run_id: str, poll: float = 0.1, *,
+                                through_pauses: bool = False) -> RunResult:
+        """Wait for a dispatched run to stop (finish, interrupt, budget, failure; a pause
+        too unless `through_pauses`)."""
+        going = ("queued", "running", "pending") + (("paused",) if through_pauses else ())
         async with self.events.queue(run_id) as events:
             while True:
                 row = await self.ledger.get_run(run_id)
-                if row.status not in ("queued", "running", "pending"):
+                if row.status not in going:
                     return self._result(row)
                 # Woken by the run's events (relayed from workers), re-checked every second.
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -628,9 +631,14 @@ class Runner:
 
     async def wait(self, run_id: str) -> RunResult:
         """The result of a background run started with `wait=False`, or of a run paused by
-        a database outage (it resumes here when the database is back)."""
+        a database outage (it resumes here when the database is back); with a dispatcher,
+        the end of a run that workers execute."""
         task = self._tasks.get(run_id)
         if task is None:
+            if self.dispatcher is not None:
+                # Executed by a worker: a run paused there (shutdown, database outage) is
+                # queued again, so only its end counts.
+                return await self._await_dispatched(run_id, through_pauses=True)
             return self._result(await self.ledger.get_run(run_id))
         while True:
             result = await asyncio.shield(task)

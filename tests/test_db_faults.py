@@ -415,3 +415,63 @@ async def test_the_event_relay_reconnects_after_its_connection_is_cut(
     finally:
         await sender.close()
         await receiver.close()
+
+
+async def test_a_worker_outlives_its_database(
+    fresh_pg_url: str, proxy: TcpProxy, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run_worker` waits for a database that is away when it starts (through the proxy), and
+    restarts its job loop when procrastinate's loop ends on a database error (as it does when
+    a query loses its connection: ConnectorException): an outage never leaves the fleet
+    without workers."""
+    from durable_flows import chain_flow
+    from procrastinate.exceptions import ConnectorException
+
+    from frugalflow.dispatch import ProcrastinateDispatcher, run_worker
+
+    def make(url: str) -> Runner:
+        return Runner(url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
+                      breakers=BreakerRegistry(), lease_ttl=3.0,
+                      dispatcher=ProcrastinateDispatcher(url, stall_timeout=3.0, heartbeat=0.5))
+
+    submitter = make(fresh_pg_url)  # straight to the server
+    await submitter.setup()
+    await submitter.dispatcher.open()  # type: ignore[union-attr]
+    worker = make(via(proxy, fresh_pg_url))
+    app = worker.dispatcher.app  # type: ignore[union-attr]
+    real_loop = app.run_worker_async
+    loops: list[int] = []
+
+    async def loop_that_dies_once(**kwargs: Any) -> None:
+        loops.append(1)
+        if len(loops) == 1:
+            raise ConnectorException("Database error.")  # what a lost connection gives
+        await real_loop(**kwargs)
+
+    monkeypatch.setattr(app, "run_worker_async", loop_that_dies_once)
+    retried = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "worker could not set up the database" in record.getMessage():
+                retried.set()
+
+    watch = Watch(logging.WARNING)
+    logging.getLogger("frugalflow").addHandler(watch)
+    proxy.cut()  # the database is away when the worker starts
+    task = asyncio.create_task(run_worker(worker, concurrency=2, stall_check=0.5))
+    try:
+        await asyncio.wait_for(retried.wait(), 30)
+        assert not task.done() and not loops  # still waiting for its database
+        proxy.restore()
+        run = await submitter.start("chain", {"topic": "after the outage"}, wait=False)
+        assert (await asyncio.wait_for(submitter.wait(run.run_id), 60)).status == "succeeded"
+        assert len(loops) == 2 and not task.done()  # the job loop died once and came back
+    finally:
+        proxy.restore()  # a worker stops cleanly only with its database
+        logging.getLogger("frugalflow").removeHandler(watch)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
+        await submitter.close()
