@@ -7,7 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import typer
 from rich.console import Console
@@ -507,6 +507,22 @@ def explain(
                 console.print(f"   [dim]x {r['model']}: {'; '.join(r['reasons'])}[/]")
 
 
+class _CatalogRow(TypedDict):
+    """One model in `frugalflow catalog` (also its --json output)."""
+
+    model: str
+    input_per_mtok: float
+    output_per_mtok: float
+    context: int
+    capabilities: list[str]
+    quality: dict[str, float]
+    available: bool
+    why_not: str | None
+    simulated: bool
+    breaker: str
+    shared_state: str
+
+
 @app.command("catalog")
 def catalog_cmd(
     catalog: str = CatalogOption, as_json: bool = JsonOption,
@@ -539,7 +555,7 @@ def catalog_cmd(
 
         shared = asyncio.run(read_fleet())
         breakers = fleet
-    rows = []
+    rows: list[_CatalogRow] = []
     for s in cat:
         rows.append({
             "model": s.key, "input_per_mtok": s.input_price_per_mtok,

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from .exceptions import (
     AuthenticationError,
@@ -152,7 +152,7 @@ class FallbackPolicy:
         if cls == "invalid_request":
             return Action.RAISE, 0.0
         if cls == "rate_limit":
-            wait = error.retry_after  # type: ignore[attr-defined]
+            wait = error.retry_after
             if wait is not None and wait <= self.retry_after_cap and tries < self.max_retries:
                 return Action.RETRY, wait
             return Action.NEXT, 0.0
@@ -190,7 +190,8 @@ class CircuitBreaker:
         if self.state is BreakerState.CLOSED:  # the common case needs no lock
             return True
         with self._lock:
-            if self.state is BreakerState.CLOSED:
+            # Read again under the lock: another thread may have closed it meanwhile.
+            if cast(BreakerState, self.state) is BreakerState.CLOSED:
                 return True
             if self.state is BreakerState.DISABLED:
                 return False

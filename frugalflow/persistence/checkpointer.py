@@ -65,11 +65,11 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
+import typing
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
-    ERROR,
     WRITES_IDX_MAP,
     BaseCheckpointSaver,
     ChannelVersions,
@@ -81,6 +81,7 @@ from langgraph.checkpoint.base import (
     writes_sort_key,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
+from langgraph.checkpoint.serde.types import ERROR
 from sqlalchemy import (
     JSON,
     ColumnElement,
@@ -106,7 +107,7 @@ from sqlalchemy.dialects import sqlite as sq
 from sqlalchemy.dialects.sqlite import pysqlite
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
 from ..exceptions import LeaseError, StoreUnavailableError
@@ -335,6 +336,7 @@ class _GroupCommit:
                 # Only calls under the same lease fence (or none) share a batch: the batch
                 # is checked against it once, in its transaction.
                 fence = self._queue[0][0].fence
+                rest: list[tuple[_Rows, asyncio.Future[None]]]
                 batch, rest = [], []
                 for item in self._queue:
                     same = item[0].fence == fence and len(batch) < _MAX_BATCH
@@ -425,7 +427,8 @@ class _AsyncLanes:
         # Runs inside AsyncEngine.dispose()'s greenlet: the sync API may do I/O here.
         idle, self._idle, self._engine = self._idle, [], None
         for _, conn in idle:
-            _release_sync(conn.sync_connection)
+            # a lane's connection was started (it ran statements): it has its sync side
+            _release_sync(typing.cast(Connection, conn.sync_connection))
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
@@ -462,7 +465,7 @@ class _AsyncLanes:
                 yield conn
             await conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def _take(self, engine: Any) -> AsyncConnection:
+    async def _take(self, engine: AsyncEngine) -> AsyncConnection:
         now = asyncio.get_running_loop().time()
         while self._idle:
             used, conn = self._idle.pop()
@@ -481,7 +484,7 @@ class _AsyncLanes:
         engine = self.store.engine
         if engine is not self._engine:
             self._adopt(engine)
-        return max(1, engine.pool.size())
+        return max(1, typing.cast(_SizedPool, engine.pool).size())
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -504,6 +507,12 @@ async def _discard(conn: AsyncConnection) -> None:
     except Exception as e:  # the connection is already dead: nothing more to release
         if not is_transient(e):
             raise
+
+
+class _SizedPool(Protocol):
+    """The PostgreSQL engine's QueuePool (typed `Pool`, which has no size)."""
+
+    def size(self) -> int: ...
 
 
 def _release_sync(conn: Connection) -> None:
@@ -1018,7 +1027,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             if value is None:
                 return or_(node.is_(None), func.jsonb_typeof(node) == "null")
             as_json = json.dumps(scrub_json(value, redact=False))
-            return node == cast(literal(as_json, String), pg.JSONB)  # type: ignore[no-any-return]
+            return node == cast(literal(as_json, String), pg.JSONB)
         if '"' in key:
             raise ValueError(f"metadata filter keys cannot contain '\"': {key!r}")
         path = literal(f'$."{key}"', String)
@@ -1027,7 +1036,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         if value is None:
             return or_(kind.is_(None), kind == "null")
         if isinstance(value, bool):
-            return kind == ("true" if value else "false")  # type: ignore[no-any-return]
+            return kind == ("true" if value else "false")
         if isinstance(value, (int, float)):
             return and_(kind.in_(("integer", "real")), extracted == value)
         if isinstance(value, (dict, list, tuple)):
@@ -1072,7 +1081,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             for channel, version in cp["channel_versions"].items():
                 blob = loaded.blobs.get((r.thread_id, r.checkpoint_ns, channel, str(version)))
                 if blob is not None and blob[0] != _EMPTY:
-                    values[channel] = self.serde.loads_typed(blob)
+                    # only an empty channel is stored without bytes (checked just above)
+                    values[channel] = self.serde.loads_typed(
+                        typing.cast("tuple[str, bytes]", blob))
             # Live execution applies a step's writes in writes_sort_key order; so must we.
             pending = sorted(
                 loaded.writes.get((r.thread_id, r.checkpoint_ns, r.checkpoint_id), ()),
@@ -1081,7 +1092,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             out.append(CheckpointTuple(
                 config=_config(r.thread_id, r.checkpoint_ns, r.checkpoint_id),
                 checkpoint={**cp, "channel_values": values},  # type: ignore[typeddict-item]
-                metadata=r.metadata or {},
+                metadata=typing.cast(CheckpointMetadata, r.metadata or {}),
                 parent_config=(
                     _config(r.thread_id, r.checkpoint_ns, r.parent_checkpoint_id)
                     if r.parent_checkpoint_id else None

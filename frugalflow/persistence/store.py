@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import event, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -100,7 +100,8 @@ def check_lease(fence: Fence, row: Any, what: str = "write") -> None:
     now = datetime.now(timezone.utc)
     expires = None if row is None else (
         row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc))
-    if row is None or row.holder != fence.holder or row.epoch != fence.epoch or expires <= now:
+    if row is None or row.holder != fence.holder or row.epoch != fence.epoch \
+            or cast(datetime, expires) <= now:
         raise LeaseError(
             f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
             f"longer holds the lease; the {what} was rejected",

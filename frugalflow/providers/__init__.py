@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..exceptions import (
+    ErrorSource,
     CatalogError,
     ContentFilterError,
     IncompleteResponseError,
@@ -190,7 +191,7 @@ def translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
 def _translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
     if isinstance(error, ModelAPIError):
         return error
-    where = {"provider": spec.provider, "model": spec.model}
+    where: ErrorSource = {"provider": spec.provider, "model": spec.model}
     if isinstance(error, (ConnectionError, BrokenPipeError)):
         # Before TimeoutError: both are OSErrors, and a reset is not a timeout.
         return ProviderConnectionError(f"{spec.key}: {type(error).__name__}: {error}", **where)
