@@ -246,6 +246,8 @@ class StoreError(FrugalflowError):
 class StoreUnavailableError(StoreError):
     """The database cannot be reached or opened."""
 
+    retryable: bool  # set False when waiting cannot help (absent: retry)
+
 
 class SchemaVersionError(StoreError):
     """The database schema is newer than this frugalflow knows."""
@@ -312,6 +314,7 @@ class AllModelsFailedError(ExceptionGroup, FrugalflowError):  # type: ignore[ove
         # ExceptionGroup keeps `message` and `exceptions` itself (set in __new__).
         pass
 
+    # typeshed's derive is generic over the group's exception type; ours keeps node and attempts
     def derive(self, excs: Sequence[Exception]) -> AllModelsFailedError:  # type: ignore[override]
         return AllModelsFailedError(self.message, excs, node=self.node, attempts=self.attempts)
 

@@ -706,7 +706,7 @@ class RedisBreakerRegistry(BreakerRegistry):
             return local  # known here: no round trip
 
         async def go(r: Any) -> str | None:
-            return await r.get(self._cooldown_key(spec))  # type: ignore[no-any-return]
+            return cast("str | None", await r.get(self._cooldown_key(spec)))
 
         until = await self.shared.call(go)
         if until is _DOWN or until is None:
@@ -718,7 +718,7 @@ class RedisBreakerRegistry(BreakerRegistry):
 
     async def astate(self, key: str) -> BreakerState:
         async def go(r: Any) -> str | None:
-            return await r.hget(self._key(key), "state")  # type: ignore[no-any-return]
+            return cast("str | None", await r.hget(self._key(key), "state"))
 
         state = await self.shared.call(go)
         if state is _DOWN:
@@ -866,10 +866,10 @@ class RateLimiter:
         with self._lock:
             w = self._windows.get(reservation.key)
             entry = w.by_id.get(reservation.id) if w is not None else None
-            if entry is None:
+            if w is None or entry is None:
                 return  # already out of the window: nothing left to correct
             actual = max(int(actual_tokens), 0)
-            w.tokens += actual - entry[2]  # type: ignore[union-attr]
+            w.tokens += actual - entry[2]
             entry[2] = actual
         reservation.tokens = actual
 

@@ -119,6 +119,7 @@ __all__ = ["REDACTED", "SQLModelSaver", "scrub_metadata"]
 
 T = TypeVar("T")
 
+# SQLModel sets `__table__` on table classes at class creation but does not declare it.
 _CK = CheckpointRow.__table__  # type: ignore[attr-defined]
 _BL = CheckpointBlobRow.__table__  # type: ignore[attr-defined]
 _WR = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
@@ -195,11 +196,12 @@ def _drive(conn: Connection, plan: Plan[T]) -> T:
         try:
             op = plan.send(rows)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return typing.cast(T, stop.value)  # a Plan[T] returns a T
         rows = None
         if op.lean is not None and op.lean.driver == conn.dialect.driver:
             # On the DBAPI connection, inside the transaction SQLAlchemy began.
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            driver: Any = conn.connection.driver_connection  # the DBAPI connection: untyped
+            cursor = driver.cursor()
             try:
                 if isinstance(op.params, list):
                     cursor.executemany(op.lean.sql, [op.lean.args(p) for p in op.params])
@@ -221,7 +223,7 @@ async def _adrive(conn: AsyncConnection, plan: Plan[T]) -> T:
         try:
             op = plan.send(rows)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return typing.cast(T, stop.value)  # a Plan[T] returns a T
         if op.lean is not None and op.lean.driver == conn.dialect.driver:
             result = await conn.exec_driver_sql(op.lean.sql, op.lean.args(op.params))
         elif op.params is not None:
@@ -589,14 +591,14 @@ class _SqliteLanes:
 def _drive_in_driver_transaction(conn: Connection, plan: Plan[T]) -> T:
     """`_drive` a plan of `_Lean` statements in a transaction of the DBAPI connection
     itself (SQLAlchemy's transaction bookkeeping costs as much as the statements)."""
-    raw = conn.connection.driver_connection
-    raw.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+    raw: Any = conn.connection.driver_connection  # sqlite3.Connection (DBAPI: untyped)
+    raw.execute("BEGIN IMMEDIATE")
     try:
         result = _drive(conn, plan)
     except BaseException:
-        raw.execute("ROLLBACK")  # type: ignore[union-attr]
+        raw.execute("ROLLBACK")
         raise
-    raw.execute("COMMIT")  # type: ignore[union-attr]
+    raw.execute("COMMIT")
     return result
 
 
@@ -691,12 +693,12 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             self._in_param(_WR.c.checkpoint_id, "checkpoint_ids"),
         )
 
-    def _in_param(self, column: Any, name: str) -> ColumnElement[bool]:
+    def _in_param(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
         """`column IN :name` for a prebuilt statement; the values come at execution."""
         if self._pg:  # one array parameter: one prepared plan whatever the count
             array = bindparam(name, type_=pg.ARRAY(column.type))
-            return column == any_(array)  # type: ignore[no-any-return]
-        return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
+            return column == any_(array)
+        return column.in_(bindparam(name, expanding=True))
 
     def _pg_statement(self, checkpoints: int, blobs: bool, writes: bool) -> tuple[Any, _Lean]:
         """The PostgreSQL statement writing a batch: its parts as CTEs of one statement
@@ -719,13 +721,13 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             shape = self._pg_shapes[key] = (stmt, _Lean(stmt, self.store.engine.dialect))
         return shape
 
-    def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
+    def _in(self, column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[bool]:
         """`column IN values`: one array parameter on PostgreSQL (one prepared plan)."""
         values = list(values)
         if self._pg:
             array = literal(values, pg.ARRAY(column.type))
-            return column == any_(array)  # type: ignore[no-any-return]
-        return column.in_(values)  # type: ignore[no-any-return]
+            return column == any_(array)
+        return column.in_(values)
 
     # -- drivers: the only places that differ between sync and async ------------------------
 
@@ -1091,7 +1093,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             )
             out.append(CheckpointTuple(
                 config=_config(r.thread_id, r.checkpoint_ns, r.checkpoint_id),
-                checkpoint={**cp, "channel_values": values},  # type: ignore[typeddict-item]
+                checkpoint=typing.cast(Checkpoint, {**cp, "channel_values": values}),
                 metadata=typing.cast(CheckpointMetadata, r.metadata or {}),
                 parent_config=(
                     _config(r.thread_id, r.checkpoint_ns, r.parent_checkpoint_id)

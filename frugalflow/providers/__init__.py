@@ -13,7 +13,7 @@ import json
 import importlib.util
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ..exceptions import (
     ErrorSource,
@@ -258,7 +258,7 @@ def _import_class(path: str, extra: str) -> type[BaseChatModel]:
             f"{module_name} is not installed: {hint}", package=module_name, extra=extra
         ) from e
     try:
-        return getattr(module, attr)  # type: ignore[no-any-return]
+        return cast("type[BaseChatModel]", getattr(module, attr))
     except AttributeError:
         raise MissingIntegrationError(f"{module_name} has no class {attr!r}") from None
 
