@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,16 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The edit-test loop: everything except the tests marked `slow` (3 minutes or less).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+# mypy --strict on frugalflow/ (settings in pyproject.toml [tool.mypy]).
+typecheck: install
+	$(PY) -m mypy
+
 bench: install
 	$(PY) bench/overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache

@@ -3,7 +3,9 @@
 The public API is what `__all__` lists; everything else is internal.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+# private aliases: the stdlib helpers are not part of the flat API (tests/test_exports.py)
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from .catalog import SKILLS, Capabilities, Catalog, ModelSpec
 from .exceptions import (
@@ -34,8 +36,8 @@ from .routing import Judge, Needs, RoutedChatModel, RunContext, estimate_tokens,
 from .usage import RunUsage, Usage
 
 try:
-    __version__ = version("frugalflow")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _version("frugalflow")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [

@@ -254,6 +254,8 @@ def _resolve(spec: ModelSpec) -> _Resolved:
     sources: dict[str, str] = {}
     # Prices: explicit override, else genai-prices at a small call (base tier).
     priced = True
+    inp: float | None
+    out: float | None
     if spec.input_price is not None and spec.output_price is not None:
         inp, out = spec.input_price, spec.output_price
         sources["price"] = "catalog"
@@ -392,7 +394,7 @@ class Catalog:
         self._built: dict[tuple[str, float | None], tuple[int, BaseChatModel]] = {}
         self._prefilters: dict[Any, tuple[int, Any]] = {}
         self._key_envs = sorted(
-            {e for s in self._models.values() if (e := s.adapter.key_env(s))}
+            {var for s in self._models.values() if (var := s.adapter.key_env(s))}
         )
         # Their values are secrets: scrubbed from everything written at rest and the logs.
         from .persistence.scrub import install_log_filter, register_key_envs

@@ -7,7 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import typer
 from rich.console import Console
@@ -17,6 +17,10 @@ from .catalog import Catalog
 from .exceptions import FrugalflowError
 from .fallback import Attempt, BreakerRegistry, FallbackPolicy
 from .flow import Flow
+
+if TYPE_CHECKING:
+    from .routing import Needs
+    from .service import Docs
 
 app = typer.Typer(
     add_completion=False,
@@ -498,13 +502,30 @@ def explain(
     for node, rows in plan.items():
         ok = [r for r in rows if r["accepted"]]
         costs = [r["expected_cost_usd"] for r in ok]
-        console.print(f"[bold]{node}[/] ({compiled.flow.nodes[node].needs.describe()}): "  # type: ignore[union-attr]
+        needs = cast("Needs", compiled.flow.nodes[node].needs)  # explain lists model nodes only
+        console.print(f"[bold]{node}[/] ({needs.describe()}): "
                       f"{len(ok)} candidates, ${min(costs):.6f} .. ${max(costs):.6f} per call")
         for r in ok:
             console.print(f"  {r['rank']:>2}. {r['model']}  ${r['expected_cost_usd']:.6f}")
         for r in rows:
             if not r["accepted"]:
                 console.print(f"   [dim]x {r['model']}: {'; '.join(r['reasons'])}[/]")
+
+
+class _CatalogRow(TypedDict):
+    """One model in `frugalflow catalog` (also its --json output)."""
+
+    model: str
+    input_per_mtok: float
+    output_per_mtok: float
+    context: int
+    capabilities: list[str]
+    quality: dict[str, float]
+    available: bool
+    why_not: str | None
+    simulated: bool
+    breaker: str
+    shared_state: str
 
 
 @app.command("catalog")
@@ -539,7 +560,7 @@ def catalog_cmd(
 
         shared = asyncio.run(read_fleet())
         breakers = fleet
-    rows = []
+    rows: list[_CatalogRow] = []
     for s in cat:
         rows.append({
             "model": s.key, "input_per_mtok": s.input_price_per_mtok,
@@ -600,7 +621,7 @@ def serve(
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
                         max_concurrency=max_concurrency, router=router)
         application = create_app(runner, token=token, tokens=tokens, host=host,
-                                 docs=docs)  # type: ignore[arg-type]
+                                 docs=cast("Docs", docs))  # create_app checks the value
     except FrugalflowError as e:
         _fail(e)
     uvicorn.run(application, host=host, port=port, log_level="info")

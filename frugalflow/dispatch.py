@@ -123,6 +123,7 @@ class ProcrastinateDispatcher:
         await self._ensure_schema()
 
     async def _ensure_schema(self) -> None:
+        # app.connector is typed as the base connector; ours is a PsycopgConnector (has .pool)
         async with self.app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
             # Serialise concurrent first starts (several workers at once).
             await conn.execute("SELECT pg_advisory_lock(7430119553)")

@@ -634,8 +634,8 @@ class _Anthropic(_Dialect):
         )
         tools = [(t["name"], t.get("input_schema") or {}) for t in body.get("tools") or []
                  if isinstance(t, dict) and "name" in t and "input_schema" in t]
-        tc = body.get("tool_choice") or {}
-        choice = {"tool": tc.get("name"), "any": "any", "none": "none"}.get(tc.get("type"))
+        tc: dict[str, Any] = body.get("tool_choice") or {}
+        choice = {"tool": tc.get("name"), "any": "any", "none": "none"}.get(tc.get("type", ""))
         fmt = (body.get("output_config") or {}).get("format") or body.get("output_format") or {}
         schema = fmt.get("schema") if fmt.get("type") == "json_schema" else None
         return _Ask(
@@ -679,7 +679,7 @@ class _Anthropic(_Dialect):
                 "usage": self._usage(ans, ans.output_tokens)}
 
     def events(self, ctx: _Ctx, ans: _Answer) -> list[bytes]:
-        start = {"id": f"msg_{ctx.rid}", "type": "message", "role": "assistant",
+        start: dict[str, Any] = {"id": f"msg_{ctx.rid}", "type": "message", "role": "assistant",
                  "model": ctx.model, "content": [], "stop_reason": None,
                  "stop_sequence": None, "usage": self._usage(ans, 1)}
         out = [self.frame({"type": "message_start", "message": start}, "message_start")]
@@ -1266,12 +1266,12 @@ class ProviderEmulator:
             from langchain_openai import ChatOpenAI
 
             kwargs.setdefault("stream_usage", True)
-            return ChatOpenAI(model=model, base_url=base, api_key=api_key,  # type: ignore[arg-type]
+            return ChatOpenAI(model=model, base_url=base, api_key=api_key,
                               max_retries=0, timeout=timeout, **kwargs)
         if provider == "anthropic":
             from langchain_anthropic import ChatAnthropic
 
-            return ChatAnthropic(model=model, base_url=base, api_key=api_key,  # type: ignore[arg-type,call-arg]
+            return ChatAnthropic(model=model, base_url=base, api_key=api_key,
                                  max_retries=0, default_request_timeout=timeout, **kwargs)
         if provider == "gemini":
             from langchain_google_genai import ChatGoogleGenerativeAI

@@ -34,7 +34,7 @@ positionally and everything else as keywords with defaults.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from .fallback import Attempt
@@ -97,6 +97,9 @@ class CatalogError(UserError):
 class MissingIntegrationError(UserError):
     """A provider's LangChain integration package is not installed."""
 
+    package: str
+    extra: str
+
     def __init__(self, message: str, *, package: str = "", extra: str = "") -> None:
         super().__init__(message, package=package, extra=extra)
 
@@ -104,12 +107,17 @@ class MissingIntegrationError(UserError):
 class FlowError(UserError):
     """A flow definition is invalid; raised when the flow is compiled."""
 
+    node: str | None
+
     def __init__(self, message: str, *, node: str | None = None) -> None:
         super().__init__(message, node=node)
 
 
 class NoCapableModelError(UserError):
     """No available model in the catalog meets a node's needs."""
+
+    node: str | None
+    rejected: list[tuple[str, list[str]]]
 
     def __init__(
         self,
@@ -121,10 +129,23 @@ class NoCapableModelError(UserError):
         super().__init__(message, node=node, rejected=[(m, list(r)) for m, r in rejected])
 
 
+class ErrorSource(TypedDict):
+    """Which model a `ModelAPIError` came from; adapters pass it on as `**where`."""
+
+    provider: str
+    model: str
+
+
 class ModelAPIError(FrugalflowError):
     """A model call failed. `error_class` says how frugalflow reacts to it."""
 
     error_class: str = "unknown"
+    # Set by FrugalflowError.__init__; declared here so type checkers see them.
+    provider: str
+    model: str
+    status_code: int | None
+    retry_after: float | None
+    body: str | None
 
     def __init__(
         self,
@@ -199,6 +220,11 @@ class InvalidRequestError(ModelAPIError):
 class BudgetExceededError(FrugalflowError):
     """The run's remaining budget cannot pay for the cheapest capable call."""
 
+    node: str | None
+    budget_usd: float
+    spent_usd: float
+    needed_usd: float | None
+
     def __init__(
         self,
         message: str,
@@ -220,6 +246,8 @@ class StoreError(FrugalflowError):
 class StoreUnavailableError(StoreError):
     """The database cannot be reached or opened."""
 
+    retryable: bool  # set False when waiting cannot help (absent: retry)
+
 
 class SchemaVersionError(StoreError):
     """The database schema is newer than this frugalflow knows."""
@@ -228,12 +256,17 @@ class SchemaVersionError(StoreError):
 class RunNotFoundError(StoreError):
     """No run with that id."""
 
+    run_id: str
+
     def __init__(self, message: str, *, run_id: str = "") -> None:
         super().__init__(message, run_id=run_id)
 
 
 class RunStateError(StoreError):
     """The run is in a state that does not allow the operation."""
+
+    run_id: str
+    status: str
 
     def __init__(self, message: str, *, run_id: str = "", status: str = "") -> None:
         super().__init__(message, run_id=run_id, status=status)
@@ -242,12 +275,20 @@ class RunStateError(StoreError):
 class LeaseError(StoreError):
     """Another executor holds the run's lease, or this executor lost it."""
 
+    run_id: str
+    holder: str
+
     def __init__(self, message: str, *, run_id: str = "", holder: str = "") -> None:
         super().__init__(message, run_id=run_id, holder=holder)
 
 
-class AllModelsFailedError(ExceptionGroup, FrugalflowError):  # type: ignore[misc]
+# ExceptionGroup's `message` is a read-only property, FrugalflowError's a plain attribute;
+# at runtime ExceptionGroup's wins (it comes first in the MRO) and nothing assigns it here.
+class AllModelsFailedError(ExceptionGroup, FrugalflowError):  # type: ignore[override]
     """Every candidate model failed; `.exceptions` holds each failure, `.attempts` each try."""
+
+    node: str | None
+    attempts: list[Attempt]
 
     def __new__(
         cls,
@@ -273,6 +314,7 @@ class AllModelsFailedError(ExceptionGroup, FrugalflowError):  # type: ignore[mis
         # ExceptionGroup keeps `message` and `exceptions` itself (set in __new__).
         pass
 
+    # typeshed's derive is generic over the group's exception type; ours keeps node and attempts
     def derive(self, excs: Sequence[Exception]) -> AllModelsFailedError:  # type: ignore[override]
         return AllModelsFailedError(self.message, excs, node=self.node, attempts=self.attempts)
 

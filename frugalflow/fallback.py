@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from .exceptions import (
     AuthenticationError,
@@ -152,7 +152,7 @@ class FallbackPolicy:
         if cls == "invalid_request":
             return Action.RAISE, 0.0
         if cls == "rate_limit":
-            wait = error.retry_after  # type: ignore[attr-defined]
+            wait = error.retry_after
             if wait is not None and wait <= self.retry_after_cap and tries < self.max_retries:
                 return Action.RETRY, wait
             return Action.NEXT, 0.0
@@ -190,7 +190,8 @@ class CircuitBreaker:
         if self.state is BreakerState.CLOSED:  # the common case needs no lock
             return True
         with self._lock:
-            if self.state is BreakerState.CLOSED:
+            # Read again under the lock: another thread may have closed it meanwhile.
+            if cast(BreakerState, self.state) is BreakerState.CLOSED:
                 return True
             if self.state is BreakerState.DISABLED:
                 return False
@@ -705,7 +706,7 @@ class RedisBreakerRegistry(BreakerRegistry):
             return local  # known here: no round trip
 
         async def go(r: Any) -> str | None:
-            return await r.get(self._cooldown_key(spec))  # type: ignore[no-any-return]
+            return cast("str | None", await r.get(self._cooldown_key(spec)))
 
         until = await self.shared.call(go)
         if until is _DOWN or until is None:
@@ -717,7 +718,7 @@ class RedisBreakerRegistry(BreakerRegistry):
 
     async def astate(self, key: str) -> BreakerState:
         async def go(r: Any) -> str | None:
-            return await r.hget(self._key(key), "state")  # type: ignore[no-any-return]
+            return cast("str | None", await r.hget(self._key(key), "state"))
 
         state = await self.shared.call(go)
         if state is _DOWN:
@@ -865,10 +866,10 @@ class RateLimiter:
         with self._lock:
             w = self._windows.get(reservation.key)
             entry = w.by_id.get(reservation.id) if w is not None else None
-            if entry is None:
+            if w is None or entry is None:
                 return  # already out of the window: nothing left to correct
             actual = max(int(actual_tokens), 0)
-            w.tokens += actual - entry[2]  # type: ignore[union-attr]
+            w.tokens += actual - entry[2]
             entry[2] = actual
         reservation.tokens = actual
 

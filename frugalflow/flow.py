@@ -23,7 +23,7 @@ import typing
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from langchain_core.messages import AIMessage as AIMessageT
 from langchain_core.runnables import RunnableConfig
@@ -335,7 +335,7 @@ class Flow(Generic[S]):
                 graph.add_edge(a, b)
         for br in self.branches:
             if br.path_map is not None:
-                graph.add_conditional_edges(br.source, br.path, br.path_map)  # type: ignore[arg-type]
+                graph.add_conditional_edges(br.source, br.path, br.path_map)
             elif br.targets is not None:
                 graph.add_conditional_edges(br.source, br.path, br.targets)
             else:
@@ -463,12 +463,12 @@ class CompiledFlow:
         )
 
     def _config(self, config: RunnableConfig | None, ctx: RunContext) -> RunnableConfig:
-        config = dict(config or {})  # type: ignore[assignment]
+        config = cast(RunnableConfig, dict(config or {}))  # a copy: the caller's stays as is
         if self.graph.checkpointer is not None:
             configurable = dict(config.get("configurable") or {})
             configurable.setdefault("thread_id", ctx.usage.run_id)
             config["configurable"] = configurable
-        return config  # type: ignore[return-value]
+        return config
 
     async def ainvoke(
         self,

@@ -14,10 +14,10 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -669,9 +669,9 @@ class RoutedChatModel(BaseChatModel):
             hit = self._variants[key] = self._copy(
                 tools=list(tools), tool_choice=tool_choice, needs=self.needs.with_(tools=True)
             )
-        return hit  # type: ignore[no-any-return]
+        return hit
 
-    def with_structured_output(  # type: ignore[override]
+    def with_structured_output(
         self,
         schema: dict[str, Any] | type,
         *,
@@ -688,7 +688,7 @@ class RoutedChatModel(BaseChatModel):
             hit = self._variants[key] = BaseChatModel.with_structured_output(
                 routed, schema, include_raw=include_raw
             )
-        return hit  # type: ignore[no-any-return]
+        return hit
 
     # -- calls -----------------------------------------------------------------------
 
@@ -801,7 +801,7 @@ class RoutedChatModel(BaseChatModel):
             raise self._budget_error(ranking.candidates[0])
 
         call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
-        failures: list[Exception] = []
+        failures: list[ModelAPIError] = []
         attempts: list[Attempt] = []
         skipped: list[str] = []
         min_window = 0
@@ -856,7 +856,7 @@ class RoutedChatModel(BaseChatModel):
                 t0 = time.perf_counter()
                 verdict = False
                 emitted = False
-                message = None
+                message: AIMessage | None = None
                 gathered: AIMessageChunk | None = None
                 try:
                     if ctx.intent is not None:
@@ -895,7 +895,7 @@ class RoutedChatModel(BaseChatModel):
                                 f"{spec.key} streamed no content", provider=spec.provider,
                                 model=spec.model,
                             )
-                        message: AIMessage = message_chunk_to_message(gathered)  # type: ignore[assignment]
+                        message = cast(AIMessage, message_chunk_to_message(gathered))
                     else:
                         if spec.adapter.timeout_param is None and policy.timeout is not None:
                             # The client has no timeout of its own: enforce the policy's.
@@ -929,7 +929,7 @@ class RoutedChatModel(BaseChatModel):
                     # An answer that failed its schema or validator, or that was cut short,
                     # was still paid for: its tokens, as reported or else estimated.
                     if message is None and gathered is not None:
-                        message = message_chunk_to_message(gathered)  # type: ignore[assignment]
+                        message = cast(AIMessage, message_chunk_to_message(gathered))
                     paid, estimated = _billed(message, n_in, partial=err.error_class in (
                         "incomplete", "connection", "timeout"))
                     attempt = Attempt(
@@ -1114,6 +1114,7 @@ class RoutedChatModel(BaseChatModel):
         validator = self.validator
         subject = parsed if parsed is not None else message
         reason: str | None = None
+        verdict: object  # False, or a str (the reason), rejects the answer
         try:
             if isinstance(validator, Judge):
                 verdict = await validator.check(self, spec, messages, subject)
@@ -1123,7 +1124,7 @@ class RoutedChatModel(BaseChatModel):
                 else:
                     validator.model_validate(
                         parsed.model_dump() if isinstance(parsed, BaseModel) else parsed)
-                verdict: Any = True
+                verdict = True
             else:
                 verdict = validator(subject)
                 if inspect.isawaitable(verdict):
@@ -1233,7 +1234,10 @@ async def _with_timeout_iter(it: AsyncIterator[Any], timeout: float | None) -> A
             await aclose()
 
 
-def _run_sync(coro: Any) -> Any:
+_T = TypeVar("_T")
+
+
+def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from langgraph.graph import START
 from langgraph.types import Command
@@ -48,6 +48,10 @@ from .persistence.ledger import Ledger, RunRecord, scrub
 from .persistence.store import Fence, Store, fenced, unfenced
 from .persistence.tables import LeaseHistoryRow, LeaseRow, RunRow, utcnow
 from .usage import RunUsage
+
+if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
+    from langgraph.checkpoint.base import BaseCheckpointSaver
 
 __all__ = ["FINAL_STATUSES", "EventBus", "Lease", "RunResult", "Runner"]
 
@@ -553,7 +557,8 @@ class Runner:
         return result
 
     async def _has_checkpoint(self, flow: str, run_id: str) -> bool:
-        saver = self.compiled(flow).graph.checkpointer
+        # the Runner compiles every flow with its own saver (never None, False or True)
+        saver = cast("BaseCheckpointSaver[Any]", self.compiled(flow).graph.checkpointer)
         return await saver.aget_tuple(self._config(run_id)) is not None
 
     async def _await_dispatched(self, run_id: str, poll: float = 0.1, *,
@@ -709,8 +714,8 @@ class Runner:
                     raise
                 await asyncio.sleep(min(0.2, max(self.lease_ttl / 10, 0.02)))
 
-    def _config(self, run_id: str) -> dict[str, Any]:
-        config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "metadata": {"run_id": run_id}}
+    def _config(self, run_id: str) -> RunnableConfig:
+        config: RunnableConfig = {"configurable": {"thread_id": run_id}, "metadata": {"run_id": run_id}}
         with contextlib.suppress(ValueError):
             config["run_id"] = uuid.UUID(run_id)
         return config
@@ -740,7 +745,8 @@ class Runner:
                     if mode == "values":
                         values = chunk if isinstance(chunk, dict) else {"value": chunk}
                     elif mode == "tasks":
-                        await self._on_task(run_id, chunk)
+                        # a "tasks" event is a dict (a task starting or its result)
+                        await self._on_task(run_id, cast("dict[str, Any]", chunk))
                 snapshot = await compiled.graph.aget_state(config)
                 interrupts = [scrub(i.value) for i in snapshot.interrupts]
                 status = "interrupted" if snapshot.next or interrupts else "succeeded"

@@ -34,7 +34,7 @@ import math
 import re
 import tomllib
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from os import PathLike
@@ -386,7 +386,7 @@ def _route_class(max_body_bytes: int, max_json_depth: int) -> type[APIRoute]:
             return self._json
 
     class _Route(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
             async def route(request: Request) -> Response:

@@ -222,6 +222,7 @@ async def test_an_outage_within_the_lease_is_ridden_out(
         await runner.close()
 
 
+@pytest.mark.slow
 async def test_an_outage_longer_than_the_lease_pauses_then_resumes_the_run(
     pg_url: str, proxy: TcpProxy, sim: Any
 ) -> None:
@@ -249,6 +250,7 @@ async def test_an_outage_longer_than_the_lease_pauses_then_resumes_the_run(
         await runner.close()
 
 
+@pytest.mark.slow
 async def test_a_sqlite_write_lock_held_past_the_busy_timeout_pauses_then_resumes(
     tmp_path: Path, sim: Any
 ) -> None:

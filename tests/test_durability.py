@@ -34,6 +34,7 @@ def _worker(command: str, url: str, run_id: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow
 async def test_sigkill_mid_call_then_resume_elsewhere_never_repays(db_url: str) -> None:
     run_id = uuid.uuid4().hex
     proc = _worker("start", db_url, run_id)

@@ -65,6 +65,7 @@ async def _cost_and_quality(runner: Runner, docs: list[str]) -> tuple[float, int
     return sum(r.cost_usd for r in results), right, calls
 
 
+@pytest.mark.slow
 async def test_router_learned_from_outcomes_lowers_cost_at_equal_quality(tmp_path: Path) -> None:
     catalog = Catalog.simulated()
     production = Runner(f"sqlite:///{tmp_path / 'prod.db'}", flows=[extraction],
@@ -90,6 +91,7 @@ async def test_router_learned_from_outcomes_lowers_cost_at_equal_quality(tmp_pat
     assert p["sim-groq/llama-3.1-8b-instant"] < 0.3 < p["sim-deepseek/deepseek-chat"]
 
 
+@pytest.mark.slow
 async def test_named_router_is_stored_versioned_and_picked_up(db_url: str) -> None:
     catalog = Catalog.simulated()
     trainer = Runner(db_url, flows=[extraction], catalog=catalog)
@@ -123,6 +125,7 @@ async def test_named_router_is_stored_versioned_and_picked_up(db_url: str) -> No
         await user.close()
 
 
+@pytest.mark.slow
 def test_cli_trains_lists_and_runs_with_a_router(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)

@@ -8,6 +8,7 @@ import gc
 import tracemalloc
 from typing import Any
 
+import pytest
 from langchain_core.messages import HumanMessage
 
 from frugalflow import Catalog, RoutedChatModel, RunUsage, routing
@@ -16,6 +17,7 @@ from frugalflow.routing import DEFAULT_ATTEMPT_WINDOW
 from frugalflow.usage import Usage
 
 
+@pytest.mark.slow
 async def test_many_calls_outside_a_run_keep_memory_flat_and_totals_right(
     sim: Any, monkeypatch: Any
 ) -> None:

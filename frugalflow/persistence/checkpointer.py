@@ -65,11 +65,11 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
+import typing
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
-    ERROR,
     WRITES_IDX_MAP,
     BaseCheckpointSaver,
     ChannelVersions,
@@ -81,6 +81,7 @@ from langgraph.checkpoint.base import (
     writes_sort_key,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
+from langgraph.checkpoint.serde.types import ERROR
 from sqlalchemy import (
     JSON,
     ColumnElement,
@@ -106,7 +107,7 @@ from sqlalchemy.dialects import sqlite as sq
 from sqlalchemy.dialects.sqlite import pysqlite
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
 from ..exceptions import LeaseError, StoreUnavailableError
@@ -118,6 +119,7 @@ __all__ = ["REDACTED", "SQLModelSaver", "scrub_metadata"]
 
 T = TypeVar("T")
 
+# SQLModel sets `__table__` on table classes at class creation but does not declare it.
 _CK = CheckpointRow.__table__  # type: ignore[attr-defined]
 _BL = CheckpointBlobRow.__table__  # type: ignore[attr-defined]
 _WR = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
@@ -194,11 +196,12 @@ def _drive(conn: Connection, plan: Plan[T]) -> T:
         try:
             op = plan.send(rows)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return typing.cast(T, stop.value)  # a Plan[T] returns a T
         rows = None
         if op.lean is not None and op.lean.driver == conn.dialect.driver:
             # On the DBAPI connection, inside the transaction SQLAlchemy began.
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            driver: Any = conn.connection.driver_connection  # the DBAPI connection: untyped
+            cursor = driver.cursor()
             try:
                 if isinstance(op.params, list):
                     cursor.executemany(op.lean.sql, [op.lean.args(p) for p in op.params])
@@ -220,7 +223,7 @@ async def _adrive(conn: AsyncConnection, plan: Plan[T]) -> T:
         try:
             op = plan.send(rows)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return typing.cast(T, stop.value)  # a Plan[T] returns a T
         if op.lean is not None and op.lean.driver == conn.dialect.driver:
             result = await conn.exec_driver_sql(op.lean.sql, op.lean.args(op.params))
         elif op.params is not None:
@@ -335,6 +338,7 @@ class _GroupCommit:
                 # Only calls under the same lease fence (or none) share a batch: the batch
                 # is checked against it once, in its transaction.
                 fence = self._queue[0][0].fence
+                rest: list[tuple[_Rows, asyncio.Future[None]]]
                 batch, rest = [], []
                 for item in self._queue:
                     same = item[0].fence == fence and len(batch) < _MAX_BATCH
@@ -425,7 +429,8 @@ class _AsyncLanes:
         # Runs inside AsyncEngine.dispose()'s greenlet: the sync API may do I/O here.
         idle, self._idle, self._engine = self._idle, [], None
         for _, conn in idle:
-            _release_sync(conn.sync_connection)
+            # a lane's connection was started (it ran statements): it has its sync side
+            _release_sync(typing.cast(Connection, conn.sync_connection))
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
@@ -462,7 +467,7 @@ class _AsyncLanes:
                 yield conn
             await conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def _take(self, engine: Any) -> AsyncConnection:
+    async def _take(self, engine: AsyncEngine) -> AsyncConnection:
         now = asyncio.get_running_loop().time()
         while self._idle:
             used, conn = self._idle.pop()
@@ -481,7 +486,7 @@ class _AsyncLanes:
         engine = self.store.engine
         if engine is not self._engine:
             self._adopt(engine)
-        return max(1, engine.pool.size())
+        return max(1, typing.cast(_SizedPool, engine.pool).size())
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -504,6 +509,12 @@ async def _discard(conn: AsyncConnection) -> None:
     except Exception as e:  # the connection is already dead: nothing more to release
         if not is_transient(e):
             raise
+
+
+class _SizedPool(Protocol):
+    """The PostgreSQL engine's QueuePool (typed `Pool`, which has no size)."""
+
+    def size(self) -> int: ...
 
 
 def _release_sync(conn: Connection) -> None:
@@ -580,14 +591,14 @@ class _SqliteLanes:
 def _drive_in_driver_transaction(conn: Connection, plan: Plan[T]) -> T:
     """`_drive` a plan of `_Lean` statements in a transaction of the DBAPI connection
     itself (SQLAlchemy's transaction bookkeeping costs as much as the statements)."""
-    raw = conn.connection.driver_connection
-    raw.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+    raw: Any = conn.connection.driver_connection  # sqlite3.Connection (DBAPI: untyped)
+    raw.execute("BEGIN IMMEDIATE")
     try:
         result = _drive(conn, plan)
     except BaseException:
-        raw.execute("ROLLBACK")  # type: ignore[union-attr]
+        raw.execute("ROLLBACK")
         raise
-    raw.execute("COMMIT")  # type: ignore[union-attr]
+    raw.execute("COMMIT")
     return result
 
 
@@ -682,12 +693,12 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             self._in_param(_WR.c.checkpoint_id, "checkpoint_ids"),
         )
 
-    def _in_param(self, column: Any, name: str) -> ColumnElement[bool]:
+    def _in_param(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
         """`column IN :name` for a prebuilt statement; the values come at execution."""
         if self._pg:  # one array parameter: one prepared plan whatever the count
             array = bindparam(name, type_=pg.ARRAY(column.type))
-            return column == any_(array)  # type: ignore[no-any-return]
-        return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
+            return column == any_(array)
+        return column.in_(bindparam(name, expanding=True))
 
     def _pg_statement(self, checkpoints: int, blobs: bool, writes: bool) -> tuple[Any, _Lean]:
         """The PostgreSQL statement writing a batch: its parts as CTEs of one statement
@@ -710,13 +721,13 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             shape = self._pg_shapes[key] = (stmt, _Lean(stmt, self.store.engine.dialect))
         return shape
 
-    def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
+    def _in(self, column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[bool]:
         """`column IN values`: one array parameter on PostgreSQL (one prepared plan)."""
         values = list(values)
         if self._pg:
             array = literal(values, pg.ARRAY(column.type))
-            return column == any_(array)  # type: ignore[no-any-return]
-        return column.in_(values)  # type: ignore[no-any-return]
+            return column == any_(array)
+        return column.in_(values)
 
     # -- drivers: the only places that differ between sync and async ------------------------
 
@@ -1018,7 +1029,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             if value is None:
                 return or_(node.is_(None), func.jsonb_typeof(node) == "null")
             as_json = json.dumps(scrub_json(value, redact=False))
-            return node == cast(literal(as_json, String), pg.JSONB)  # type: ignore[no-any-return]
+            return node == cast(literal(as_json, String), pg.JSONB)
         if '"' in key:
             raise ValueError(f"metadata filter keys cannot contain '\"': {key!r}")
         path = literal(f'$."{key}"', String)
@@ -1027,7 +1038,7 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
         if value is None:
             return or_(kind.is_(None), kind == "null")
         if isinstance(value, bool):
-            return kind == ("true" if value else "false")  # type: ignore[no-any-return]
+            return kind == ("true" if value else "false")
         if isinstance(value, (int, float)):
             return and_(kind.in_(("integer", "real")), extracted == value)
         if isinstance(value, (dict, list, tuple)):
@@ -1072,7 +1083,9 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             for channel, version in cp["channel_versions"].items():
                 blob = loaded.blobs.get((r.thread_id, r.checkpoint_ns, channel, str(version)))
                 if blob is not None and blob[0] != _EMPTY:
-                    values[channel] = self.serde.loads_typed(blob)
+                    # only an empty channel is stored without bytes (checked just above)
+                    values[channel] = self.serde.loads_typed(
+                        typing.cast("tuple[str, bytes]", blob))
             # Live execution applies a step's writes in writes_sort_key order; so must we.
             pending = sorted(
                 loaded.writes.get((r.thread_id, r.checkpoint_ns, r.checkpoint_id), ()),
@@ -1080,8 +1093,8 @@ class SQLModelSaver(BaseCheckpointSaver[str]):
             )
             out.append(CheckpointTuple(
                 config=_config(r.thread_id, r.checkpoint_ns, r.checkpoint_id),
-                checkpoint={**cp, "channel_values": values},  # type: ignore[typeddict-item]
-                metadata=r.metadata or {},
+                checkpoint=typing.cast(Checkpoint, {**cp, "channel_values": values}),
+                metadata=typing.cast(CheckpointMetadata, r.metadata or {}),
                 parent_config=(
                     _config(r.thread_id, r.checkpoint_ns, r.parent_checkpoint_id)
                     if r.parent_checkpoint_id else None

@@ -7,13 +7,14 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from sqlalchemy import Text, case, cast, func, select, update
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -597,7 +598,8 @@ def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
 def _message_json(message: Any) -> dict[str, Any]:
     from langchain_core.messages import message_to_dict
 
-    return json.loads(json.dumps(message_to_dict(message), default=str))
+    plain: dict[str, Any] = json.loads(json.dumps(message_to_dict(message), default=str))
+    return plain
 
 
 def _values(row: Any) -> dict[str, Any]:
@@ -623,7 +625,7 @@ def _select_runs() -> Any:
                     for c in _RUNS.c))
 
 
-def _run_row(mapping: Mapping[str, Any]) -> RunRow:
+def _run_row(mapping: RowMapping) -> RunRow:
     values = dict(mapping)
     for name in _RUN_JSON:
         text = values.get(name)

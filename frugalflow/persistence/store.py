@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import event, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -100,7 +100,8 @@ def check_lease(fence: Fence, row: Any, what: str = "write") -> None:
     now = datetime.now(timezone.utc)
     expires = None if row is None else (
         row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc))
-    if row is None or row.holder != fence.holder or row.epoch != fence.epoch or expires <= now:
+    if row is None or row.holder != fence.holder or row.epoch != fence.epoch \
+            or cast(datetime, expires) <= now:
         raise LeaseError(
             f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
             f"longer holds the lease; the {what} was rejected",
@@ -113,7 +114,7 @@ def renew_statement(fence: Fence) -> Any:
     (RETURNING the epoch: one row when renewed). Takes the row lock as SELECT FOR UPDATE."""
     from .tables import utcnow
 
-    table = tables.LeaseRow.__table__  # type: ignore[attr-defined]
+    table = tables.LeaseRow.__table__  # type: ignore[attr-defined]  # SQLModel: undeclared
     return (update(table)
             .where(table.c.run_id == fence.run_id, table.c.holder == fence.holder,
                    table.c.epoch == fence.epoch)
@@ -291,7 +292,7 @@ class Store:
                 error = StoreUnavailableError(
                     f"cannot open SQLite database {db!r}: folder {parent!r} does not exist"
                 )
-                error.retryable = False  # type: ignore[attr-defined]  # waiting will not help
+                error.retryable = False  # waiting will not help
                 raise error
 
     # -- transactions --------------------------------------------------------------
@@ -324,7 +325,7 @@ class Store:
         # takeover wait until this write commits; on SQLite the write lock is already held.
         if fence.ttl is not None and (await conn.execute(renew_statement(fence))).first():
             return  # still the holder: the write renewed the lease
-        table = tables.LeaseRow.__table__  # type: ignore[attr-defined]
+        table = tables.LeaseRow.__table__  # type: ignore[attr-defined]  # SQLModel: undeclared
         q = select(table.c.holder, table.c.epoch, table.c.expires_at).where(
             table.c.run_id == fence.run_id)
         if not self.is_sqlite:
@@ -476,6 +477,7 @@ class Store:
         elif self.dialect == "sqlite":
             # Take the write lock before reading the version (no lost upgrade race).
             conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS ff_schema_lock (x INTEGER)")
+        # SQLModel declares neither `__table__` nor column attributes (typed as their values).
         tables.SchemaVersionRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
         rows = conn.execute(select(tables.SchemaVersionRow.v)).scalars().all()  # type: ignore[call-overload]
         current = max(rows, default=0)
@@ -491,6 +493,7 @@ class Store:
     async def version(self) -> int:
         async with self.read() as conn:
             try:
+                # SQLModel types the column attribute as its value (int)
                 rows = (await conn.execute(select(tables.SchemaVersionRow.v))).scalars().all()  # type: ignore[call-overload]
             except (OperationalError, DBAPIError):
                 return 0

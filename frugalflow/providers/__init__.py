@@ -13,9 +13,10 @@ import json
 import importlib.util
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ..exceptions import (
+    ErrorSource,
     CatalogError,
     ContentFilterError,
     IncompleteResponseError,
@@ -190,7 +191,7 @@ def translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
 def _translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
     if isinstance(error, ModelAPIError):
         return error
-    where = {"provider": spec.provider, "model": spec.model}
+    where: ErrorSource = {"provider": spec.provider, "model": spec.model}
     if isinstance(error, (ConnectionError, BrokenPipeError)):
         # Before TimeoutError: both are OSErrors, and a reset is not a timeout.
         return ProviderConnectionError(f"{spec.key}: {type(error).__name__}: {error}", **where)
@@ -257,7 +258,7 @@ def _import_class(path: str, extra: str) -> type[BaseChatModel]:
             f"{module_name} is not installed: {hint}", package=module_name, extra=extra
         ) from e
     try:
-        return getattr(module, attr)  # type: ignore[no-any-return]
+        return cast("type[BaseChatModel]", getattr(module, attr))
     except AttributeError:
         raise MissingIntegrationError(f"{module_name} has no class {attr!r}") from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ModelAPIError
+from ..exceptions import ErrorSource, ModelAPIError
 from ..fallback import error_from_status
 from . import ProviderAdapter, translate_common
 
@@ -36,7 +36,7 @@ class GoogleAdapter(ProviderAdapter):
         return bool(meta.get("finish_reason"))
 
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
-        where = {"provider": spec.provider, "model": spec.model}
+        where: ErrorSource = {"provider": spec.provider, "model": spec.model}
         # langchain-google-genai may wrap the SDK's error; look at the cause chain once.
         for exc in (error, error.__cause__):
             code = _status(exc)

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -38,6 +38,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from ..exceptions import (
+    ErrorSource,
     ContextLengthError,
     MalformedResponseError,
     ModelAPIError,
@@ -180,7 +181,7 @@ simulator = Simulator()
 
 def _error(kind: str, fault: Fault, provider: str, model: str) -> ModelAPIError:
     status, text = FAULT_KINDS[kind]
-    where = {"provider": provider, "model": model}
+    where: ErrorSource = {"provider": provider, "model": model}
     if status is not None:
         body = json.dumps({"error": {"message": text, "type": kind}})
         return error_from_status(
@@ -449,7 +450,8 @@ class SimulatedChatModel(BaseChatModel):
         """The provider never answers: give up after `timeout`, as an HTTP client would."""
         if self.timeout is None:
             await asyncio.Event().wait()  # until cancelled
-        await asyncio.sleep(self.timeout)
+        else:
+            await asyncio.sleep(self.timeout)
         raise TimeoutError(f"{self.key}: no answer within {self.timeout} s")
 
     def _raise(self, fault: Fault) -> None:
@@ -463,7 +465,7 @@ class SimulatedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         result = self._generate(messages, stop, run_manager, **kwargs)
-        yield from _chunks(result.generations[0].message)  # type: ignore[arg-type]
+        yield from _chunks(cast(AIMessage, result.generations[0].message))  # _generate's own
 
     async def _astream(
         self,
@@ -538,9 +540,9 @@ def _fake(schema: dict[str, Any], rng: random.Random, defs: dict[str, Any] | Non
         hi = int(schema.get("maximum", lo + 10))
         return rng.randint(lo, hi)
     if kind == "number":
-        lo = float(schema.get("minimum", 0.0))
-        hi = float(schema.get("maximum", lo + 1.0))
-        return round(rng.uniform(lo, hi), 3)
+        low = float(schema.get("minimum", 0.0))
+        high = float(schema.get("maximum", low + 1.0))
+        return round(rng.uniform(low, high), 3)
     if kind == "boolean":
         return rng.random() < 0.5
     if kind == "null":
