@@ -373,6 +373,7 @@ class Runner:
         self._flows: dict[str, Flow[Any]] = {}
         self._compiled: dict[str, CompiledFlow] = {}
         self._tasks: dict[str, asyncio.Task[RunResult]] = {}
+        self._launching: set[str] = set()  # runs whose lease is being taken here
         self._slots = asyncio.Semaphore(max_concurrency)
         self._closing = False
         self.events = EventBus()
@@ -691,9 +692,21 @@ class Runner:
     async def _launch(
         self, run_id: str, graph_input: Any, *, wait: bool, wait_for_lease: float = 0.0
     ) -> RunResult:
-        lease = await self._take_lease(run_id, wait_for_lease)
-        task = asyncio.create_task(self._execute(run_id, graph_input, lease), name=f"run:{run_id}")
-        self._tasks[run_id] = task
+        running = self._tasks.get(run_id)
+        if run_id in self._launching or (running is not None and not running.done()):
+            # Never two executions of one run in one runner (its lease would let it in): a
+            # queue delivers a run twice when the worker's heartbeat lapsed in a database
+            # outage while it kept executing the run.
+            raise LeaseError(f"run {run_id!r} is already executing in this process "
+                             f"({self.holder})", run_id=run_id, holder=self.holder)
+        self._launching.add(run_id)
+        try:
+            lease = await self._take_lease(run_id, wait_for_lease)
+            task = asyncio.create_task(self._execute(run_id, graph_input, lease),
+                                       name=f"run:{run_id}")
+            self._tasks[run_id] = task
+        finally:
+            self._launching.discard(run_id)
         task.add_done_callback(lambda t: self._forget(run_id, t))
         if not wait:
             return RunResult(run_id, "running")

@@ -328,6 +328,32 @@ async def test_an_expired_lease_nobody_took_does_not_fail_the_run(db_url: str, s
         await runner.close()
 
 
+async def test_a_run_delivered_twice_to_its_executor_runs_once(db_url: str, sim: Any) -> None:
+    """A queue delivers a run again to the worker already executing it (its heartbeat
+    lapsed in a database outage): the second delivery must not execute it concurrently
+    (the runner's own lease would let it in), so no node runs twice and nothing is paid
+    twice."""
+    counts: Counter[str] = Counter()
+    hooks: dict[str, Hook] = {}
+    runner = Runner(db_url, flows=[fault_flow(counts, hooks)], catalog=Catalog.simulated(),
+                    breakers=BreakerRegistry(), lease_ttl=60)
+    second: list[Any] = []
+
+    async def deliver_again() -> None:  # while n2 executes, the run arrives once more
+        second.append(await runner.execute_dispatched("twice"))
+
+    hooks["n2:before"] = deliver_again
+    try:
+        result = await runner.start("faults", {"topic": "twice"}, run_id="twice")
+        assert result.status == "succeeded", result.error
+        assert second == [None]  # declined: it executes here already
+        assert counts == {f"n{i}": 1 for i in range(1, NODES + 1)}
+        paid, _, statuses = await ledger_facts(runner, "twice")
+        assert paid == paid_calls(sim) == NODES and statuses == ["done"] * NODES
+    finally:
+        await runner.close()
+
+
 async def test_a_takeover_still_fences_the_slow_executor_off(db_url: str, sim: Any) -> None:
     counts: Counter[str] = Counter()
     hooks: dict[str, Hook] = {}
