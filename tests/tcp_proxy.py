@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import struct
 
@@ -34,7 +35,7 @@ class TcpProxy:
                  port: int = 0) -> None:
         self.target = (target_host, target_port)
         self.host = host
-        self.port = port  # 0 until started: the OS picks a free port, kept across reopen()
+        self.port = port  # 0 until started: a free port is picked, kept across reopen()
         self.is_cut = False
         self.connections = 0  # accepted while not cut (proxied)
         self.refused = 0  # accepted while cut (reset at once)
@@ -50,7 +51,20 @@ class TcpProxy:
         return self.connections
 
     async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        if self.port:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port)
+            return self
+        # A port outside the kernel's ephemeral range: while `refuse()` has it closed, no
+        # outgoing connection can be given it as its source port, so `reopen()` gets it back.
+        low = _ephemeral_low()
+        for port in random.sample(range(10_000, low), min(200, low - 10_000)):
+            try:
+                self._server = await asyncio.start_server(self._accept, self.host, port)
+            except OSError:
+                continue
+            self.port = port
+            return self
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -160,6 +174,15 @@ class TcpProxy:
             with contextlib.suppress(OSError, RuntimeError):
                 if writer.can_write_eof():
                     writer.write_eof()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out as a source port (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(10_001, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
