@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from datetime import timezone
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -279,8 +280,14 @@ async def chaos_loop(args: argparse.Namespace, rng: random.Random, emu: Any, pg:
             kind = rng.choice(kinds)
             route = rng.choice([r for r in ROUTES if fault_supported(r, kind)] or ["openai"])
             events[f"provider {kind}"] += 1
-            emu.fault(route, kind, times=rng.randint(1, 4), retry_after=rng.choice([0.2, 1, 5]),
-                      hang_seconds=3.0, after_chunks=rng.randint(1, 3))
+            model = None
+            if kind == "auth_echo":
+                # A 401 disables its provider (the key is bad, not the moment): a revoked key
+                # is one provider's, so these all hit one model (Groq's, on the OpenAI route).
+                route, model = "openai", "llama-3.1-8b-instant"
+            emu.fault(route, kind, model=model, times=rng.randint(1, 4),
+                      retry_after=rng.choice([0.2, 1, 5]), hang_seconds=3.0,
+                      after_chunks=rng.randint(1, 3))
             continue
         else:
             if time.monotonic() - last_kill < args.kill_gap:
@@ -391,12 +398,18 @@ async def driver(args: argparse.Namespace) -> None:
                     "cost_usd, error_class, action from ff_attempts order by id"))).all()
                 statuses = {r[0]: r[1] for r in (await c.execute(text(
                     "select id, status from ff_runs"))).all()}
+                leases = [(r[0], r[1].replace(tzinfo=timezone.utc).timestamp()) for r in (
+                    await c.execute(text("select run_id, acquired_at from ff_lease_history"))
+                ).all()]
+                errors = [f"{r[0][:8]} {r[1]}: {(r[2] or '')[:300]}" for r in (await c.execute(
+                    text("select id, status, error from ff_runs where status != 'succeeded'"))
+                ).all()]
             await sub.close()
         dump = _pg_dump(db)
     finally:
         await drop_database(db, args.pg)
     report(args, run_ids, statuses, attempts, emu_requests, log_path, workers.kills, dump,
-           recoveries, events, elapsed, unrecovered)
+           recoveries, events, elapsed, unrecovered, errors, leases)
 
 
 def _pg_dump(url: str) -> bytes | None:
@@ -428,7 +441,8 @@ def _marker(body: dict[str, Any]) -> int | None:
 def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str, str],
            attempts: list[Any], requests: list[Any], log_path: str,
            kills: list[tuple[int, float]], dump: bytes | None, recoveries: list[float],
-           events: Counter[str], elapsed: float, unrecovered: int) -> None:
+           events: Counter[str], elapsed: float, unrecovered: int,
+           errors: list[str], leases: list[tuple[str, float]]) -> None:
     index_to_run = {i: r for r, i in run_ids.items()}
     completed = sum(statuses.get(r) == "succeeded" for r in run_ids)
     stuck = [r for r in run_ids if statuses.get(r) not in
@@ -442,8 +456,11 @@ def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str
         for line in f:
             e = json.loads(line)
             runs_nodes[(e["run"], e["node"])].append(e)
-    twice = rerun_after_kill = 0
-    for evs in runs_nodes.values():
+    twice = rerun_after_kill = rerun_after_lease = 0
+    taken: dict[str, list[float]] = defaultdict(list)
+    for run, at in leases:
+        taken[run].append(at)
+    for (run, _node), evs in runs_nodes.items():
         evs.sort(key=lambda e: e["t"])
         ends = [e for e in evs if e["e"] == "end"]
         for s in (e for e in evs if e["e"] == "start"):
@@ -455,6 +472,11 @@ def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str
                          for pid, t in kills)
             if killed:
                 rerun_after_kill += 1
+            elif any(first_end["t"] <= at <= s["t"] for at in taken[run]):
+                # A new lease since the node returned: its executor stalled past its lease
+                # in a database outage before the node's checkpoint write landed (the run
+                # was paused or taken over), so the node had not completed.
+                rerun_after_lease += 1
             else:
                 twice += 1
 
@@ -489,7 +511,32 @@ def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str
                                        for r in by_body[k]])
                 print("   ledger", [(a[1], a[2], a[3], a[4], a[7], a[8]) for a in attempts
                                     if a[0] == index_to_run.get(m)])
-    paid_twice = sum(n - 1 for n in bodies.values() if n > 1)
+    # Paid twice: the same request answered in full twice, unless the executor that got the
+    # first answer was SIGKILLed before the second was asked (it died before recording it:
+    # the node runs again, and the ledger has the first call as `abandoned`).
+    executions: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
+    for (run, _node), evs in runs_nodes.items():
+        starts = [e for e in evs if e["e"] == "start"]
+        for st in starts:
+            end = next((e["t"] for e in evs if e["e"] == "end" and e["pid"] == st["pid"]
+                        and e["t"] >= st["t"]), float("inf"))
+            if run in run_ids:
+                executions[run_ids[run]].append((st["t"], end, st["pid"]))
+    answers: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for r in requests:
+        if r.status == 200 and r.fault is None and _marker(r.body) is not None:
+            answers[(r.model, json.dumps(r.body, sort_keys=True))].append(r)
+    paid_twice = repaid_after_kill = 0
+    for key, rs in answers.items():
+        rs.sort(key=lambda r: r.at)
+        m = _marker(rs[0].body)
+        for first, again in zip(rs, rs[1:]):
+            pids = {pid for st, end, pid in executions.get(m or -1, [])
+                    if st <= first.at <= end}
+            if any(pid in pids and first.at <= t <= again.at for pid, t in kills):
+                repaid_after_kill += 1
+            else:
+                paid_twice += 1
     secrets = None if dump is None else dump.count(KEY.encode()) + dump.count(KEY[8:40].encode())
 
     print()
@@ -498,10 +545,16 @@ def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str
     print(f"runs completed                     {completed} of {len(run_ids)}"
           + (f"  (others: {dict(failed)})" if failed else ""))
     print(f"completed nodes executed twice     {twice}"
-          f"  (+{rerun_after_kill} re-run after their executor was SIGKILLed, allowed)")
+          f"  (+{rerun_after_kill} re-run after their executor was SIGKILLed, "
+          f"+{rerun_after_lease} after a database outage took the lease before their "
+          "checkpoint landed: allowed)")
     print(f"paid calls missing from the ledger {missing}  ({sum(paid.values())} paid calls)")
-    print(f"calls paid twice                   {paid_twice}")
+    print(f"calls paid twice                   {paid_twice}"
+          f"  (+{repaid_after_kill} asked again after the executor that got the answer was "
+          "SIGKILLed before recording it: in the ledger as abandoned)")
     print(f"runs stuck                         {len(stuck)}")
+    for line in errors[:10]:
+        print(f"  not succeeded: {line}")
     print(f"secrets found at rest              "
           f"{'pg_dump not found' if secrets is None else secrets}")
     if recoveries or unrecovered:
