@@ -151,7 +151,7 @@ class _Endpoint:
 
 
 def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str | None,
-                lease_ttl: float, stall: float, concurrency: int) -> Any:
+                lease_ttl: float, stall: float, concurrency: int, tag: str = "") -> Any:
     from frugalflow import BreakerRegistry, FallbackPolicy
     from frugalflow.dispatch import ProcrastinateDispatcher
     from frugalflow.emulator import emulated_catalog
@@ -163,8 +163,10 @@ def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str 
         db, flows=[chaos_flow(log_path)], catalog=catalog,
         dispatcher=ProcrastinateDispatcher(db, stall_timeout=stall, heartbeat=0.5),
         lease_ttl=lease_ttl, max_concurrency=concurrency,
-        breakers=RedisBreakerRegistry(redis, cooldown=2.0) if redis else BreakerRegistry(),
-        limiter=RedisRateLimiter(redis) if redis else None,
+        # Keys of this bench run only: Redis outlives it, and state must not leak between runs.
+        breakers=(RedisBreakerRegistry(redis, cooldown=2.0, prefix=f"frugalflow:chaos:{tag}:b:")
+                  if redis else BreakerRegistry()),
+        limiter=RedisRateLimiter(redis, prefix=f"frugalflow:chaos:{tag}:r:") if redis else None,
         policy=FallbackPolicy(timeout=2.0, max_retries=1, backoff_base=0.02, backoff_max=0.2,
                               retry_after_cap=0.5),
     )
@@ -176,7 +178,7 @@ async def worker_main(args: argparse.Namespace) -> None:
     os.environ[EMULATOR_KEY_ENV] = KEY
     runner = make_runner(args.db, emulator_url=args.emulator, redis=args.redis,
                          log_path=args.log, lease_ttl=args.lease_ttl, stall=args.stall,
-                         concurrency=args.concurrency)
+                         concurrency=args.concurrency, tag=args.tag)
     print(f"worker {runner.holder} ready", flush=True)
     try:
         await run_worker(runner, concurrency=args.concurrency, stall_check=0.5)
@@ -198,7 +200,7 @@ class Workers:
         self.cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--db", db,
                     "--redis", redis, "--emulator", emulator, "--log", log_path,
                     "--lease-ttl", str(args.lease_ttl), "--stall", str(args.stall),
-                    "--concurrency", str(args.concurrency)]
+                    "--concurrency", str(args.concurrency), "--tag", f"{os.getpid()}"]
         self.procs: list[subprocess.Popen[str]] = []
         self.kills: list[tuple[int, float]] = []  # (pid, when)
         self.logs = Path(log_path).with_suffix(".workers.log")
@@ -594,6 +596,7 @@ def main() -> None:
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--emulator", help=argparse.SUPPRESS)
     ap.add_argument("--log", help=argparse.SUPPRESS)
+    ap.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         asyncio.run(worker_main(args))

@@ -617,11 +617,15 @@ class RedisBreakerRegistry(BreakerRegistry):
         timeout: float = 0.5,
         retry_interval: float = 5.0,
         max_retry_after: float = 600.0,
+        disabled_for: float = 600.0,
     ) -> None:
         super().__init__(threshold=threshold, cooldown=cooldown, clock=clock,
                          max_retry_after=max_retry_after)
         self.url = url
         self.prefix = prefix
+        # A provider disabled by a 401 stays disabled for the fleet this long (not forever:
+        # Redis outlives the processes, and a fixed or rotated key must get a new chance).
+        self.disabled_for = disabled_for
         self.shared = SharedRedis(url, timeout=timeout, retry_interval=retry_interval,
                                   name="circuit breakers")
         for name, src in (("acquire", _ACQUIRE), ("failure", _FAILURE), ("success", _SUCCESS)):
@@ -668,6 +672,7 @@ class RedisBreakerRegistry(BreakerRegistry):
                 reason = f"authentication failed ({error.status_code or 'no status'})"
                 await r.hset(self._key(spec.provider),
                              mapping={"state": "disabled", "reason": reason})
+                await r.pexpire(self._key(spec.provider), max(int(self.disabled_for * 1000), 1))
                 self._known[spec.provider] = BreakerState.DISABLED
             else:
                 keys = [spec.key] if error.error_class == "malformed" else [spec.provider,

@@ -517,3 +517,29 @@ def test_a_bad_redis_url_is_one_clear_error() -> None:
     with pytest.raises(ValueError, match="not a Redis URL") as raised:
         RedisRateLimiter("http://user:secret@cache:6379")
     assert "secret" not in str(raised.value)  # the password never reaches an error or log
+
+
+async def test_a_provider_disabled_for_the_fleet_gets_a_new_chance() -> None:
+    """A 401 disables its provider for every worker, but Redis outlives the processes: the
+    disabled state expires (`disabled_for`), so a fixed or rotated key is tried again."""
+    import redis.asyncio as aioredis
+
+    from frugalflow import Catalog
+    from frugalflow.exceptions import AuthenticationError
+
+    prefix = f"frugalflow:test-shared:{uuid.uuid4().hex}:"
+    a = RedisBreakerRegistry(REDIS_URL, prefix=prefix, disabled_for=30)
+    b = RedisBreakerRegistry(REDIS_URL, prefix=prefix, disabled_for=30)
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
+    other = Catalog.simulated()["sim-openai/gpt-4.1"]
+    direct = aioredis.from_url(REDIS_URL)
+    try:
+        await a.arecord(spec, AuthenticationError("bad key", status_code=401))
+        assert not await b.aacquire(other)  # the whole fleet stops calling it
+        assert "disabled (shared)" in (await b.ablocked_reason(other) or "")
+        ttl = await direct.pttl(prefix + spec.provider)
+        assert 0 < ttl <= 30_000  # ...for a while, not forever
+    finally:
+        await direct.aclose()
+        await a.aclose()
+        await b.aclose()

@@ -52,24 +52,9 @@ INTEGRATION = {"openai": "langchain_openai:ChatOpenAI",
 CUTS = ["stream_truncated", "stream_eof"]
 PROMPT = "Summarise the refund policy for order 88231, please."
 
-CATALOGS: list[Catalog] = []
-
-
-@pytest.fixture(autouse=True)
-async def _key(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
-    monkeypatch.setenv(EMULATOR_KEY_ENV, "emulator-test-key")
-    yield
-    while CATALOGS:
-        await CATALOGS.pop().aclose()
-    # langchain-openai/-anthropic cache one httpx client per base URL; each test's emulator
-    # has a new port, and the closed clients must not be handed out again.
-    from langchain_anthropic import _client_utils as anthropic_clients
-    from langchain_openai.chat_models import _client_utils as openai_clients
-
-    openai_clients._cached_async_httpx_client.cache_clear()
-    openai_clients._cached_sync_httpx_client.cache_clear()
-    anthropic_clients._get_default_async_httpx_client.cache_clear()
-    anthropic_clients._get_default_httpx_client.cache_clear()
+# The emulator key and the clean-up of catalogs and cached SDK clients after each test, as
+# in test_wire (the autouse fixture applies to this module once imported).
+from test_wire import CATALOGS, _key  # noqa: E402,F401
 
 
 @pytest.fixture
