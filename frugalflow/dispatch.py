@@ -183,20 +183,36 @@ class ProcrastinateDispatcher:
 
 
     async def requeue_orphans(self, runner: Runner, older_than: float) -> int:
-        """Queue again the runs left `queued` without a job for `older_than` seconds: their
-        starter died between writing the run and queueing it (two databases' worth of
-        transactions: the run's row and procrastinate's job). Idempotent."""
+        """Queue again the runs that should be executing but have no job and no executor
+        for `older_than` seconds. Idempotent. Such runs are left
+        - `queued`: their starter died between writing the run and queueing it (the run's
+          row and procrastinate's job are two transactions);
+        - `paused` by a database outage or a shutdown: the worker that paused them died
+          before it queued them again;
+        - `running` with an expired lease: their worker died after its job was already
+          settled (e.g. retried as stalled while the database was away)."""
         from datetime import timedelta
 
-        from .persistence.tables import utcnow
+        from sqlalchemy import select
 
-        rows = await runner.ledger.list_runs(
-            status="queued", limit=500, updated_before=utcnow() - timedelta(seconds=older_than))
+        from .persistence.tables import LeaseRow, utcnow
+
+        leases = LeaseRow.__table__  # type: ignore[attr-defined]
+        before = utcnow() - timedelta(seconds=older_than)
         n = 0
-        for row in rows:
-            if await self.status(row.id) in (None, "succeeded", "failed", "cancelled", "aborted"):
-                await self.submit(row.id)
-                n += 1
+        for status in ("queued", "paused", "running"):
+            rows = await runner.ledger.list_runs(status=status, limit=500, updated_before=before)
+            for row in rows:
+                if status == "running":
+                    async with runner.store.read() as conn:
+                        live = (await conn.execute(select(leases.c.run_id).where(
+                            leases.c.run_id == row.id, leases.c.expires_at > utcnow()))).first()
+                    if live is not None:
+                        continue  # an executor holds it
+                if await self.status(row.id) in (None, "succeeded", "failed", "cancelled",
+                                                 "aborted"):
+                    await self.submit(row.id)
+                    n += 1
         if n:
             log.warning("frugalflow: queued %d run(s) that had no job", n)
         return n

@@ -503,3 +503,34 @@ async def test_a_worker_outlives_its_database(
             await task
         await worker.close()
         await submitter.close()
+
+
+async def test_runs_left_without_a_job_or_executor_are_queued_again(fresh_pg_url: str) -> None:
+    """A worker that paused a run (outage, shutdown) and died before queueing it again, or
+    whose run stayed `running` after its job was settled, leaves an orphan: the workers'
+    sweep queues it again, and leaves alone a run a live executor holds."""
+    from durable_flows import chain_flow
+
+    from frugalflow.dispatch import ProcrastinateDispatcher
+    from frugalflow.runner import acquire_lease
+
+    runner = Runner(fresh_pg_url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
+                    breakers=BreakerRegistry(), lease_ttl=30.0,
+                    dispatcher=ProcrastinateDispatcher(fresh_pg_url))
+    try:
+        await runner.setup()
+        await runner.dispatcher.open()  # type: ignore[union-attr]
+        for run_id, status in (("paused-orphan", "paused"), ("dead-running", "running"),
+                               ("live-running", "running")):
+            await runner.ledger.create_run(run_id, "chain", {"topic": run_id}, status=status)
+        await acquire_lease(runner.store, "live-running", "someone:1:alive", 30.0)
+        lease = await acquire_lease(runner.store, "dead-running", "dead:2:gone", 30.0)
+        await _expire(runner.store, lease.run_id)  # its executor died: the lease ran out
+        sweep = runner.dispatcher.requeue_orphans  # type: ignore[union-attr]
+        assert await sweep(runner, older_than=0.0) == 2
+        status = runner.dispatcher.status  # type: ignore[union-attr]
+        assert await status("paused-orphan") == "todo" and await status("dead-running") == "todo"
+        assert await status("live-running") is None
+        assert await sweep(runner, older_than=0.0) == 0  # queued once
+    finally:
+        await runner.close()
