@@ -494,10 +494,20 @@ def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str
             continue
         paid[(m, r.model)] += 1
         bodies[(r.model, json.dumps(r.body, sort_keys=True))] += 1
+    # A ledger row accounts for a paid call when it carries tokens, or when the call failed
+    # after the provider may have answered (the client timed out, the connection broke, the
+    # answer was cut): the provider may bill an answer the client never got.
+    after_send = ("timeout", "connection", "incomplete", "malformed")
     ledger: Counter[tuple[int, str]] = Counter()
-    for run, _node, model, outcome, tin, tout, *_ in attempts:
-        if run in run_ids and outcome != "replayed" and (tin or tout):
-            ledger[(run_ids[run], model.split("/", 1)[-1])] += 1
+    retried: set[tuple[int, str]] = set()
+    for run, _node, model, outcome, tin, tout, _cost, error_class, *_ in attempts:
+        if run not in run_ids or outcome == "replayed":
+            continue
+        key = (run_ids[run], model.split("/", 1)[-1])
+        if tin or tout or error_class in after_send:
+            ledger[key] += 1
+        if error_class in after_send:
+            retried.add(key)
     missing = sum(max(0, n - ledger.get(k, 0)) for k, n in paid.items())
     if os.environ.get("CHAOS_DEBUG"):  # what the counts are made of, to chase a non-zero one
         print("paid", sorted(paid.items())[:8], "ledger", sorted(ledger.items())[:8])
@@ -528,11 +538,14 @@ def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str
     for r in requests:
         if r.status == 200 and r.fault is None and _marker(r.body) is not None:
             answers[(r.model, json.dumps(r.body, sort_keys=True))].append(r)
-    paid_twice = repaid_after_kill = 0
+    paid_twice = repaid_after_kill = repaid_after_timeout = 0
     for key, rs in answers.items():
         rs.sort(key=lambda r: r.at)
         m = _marker(rs[0].body)
         for first, again in zip(rs, rs[1:]):
+            if (m, key[0]) in retried:  # the first answer came after the client gave up
+                repaid_after_timeout += 1
+                continue
             pids = {pid for st, end, pid in executions.get(m or -1, [])
                     if st <= first.at <= end}
             if any(pid in pids and first.at <= t <= again.at for pid, t in kills):
@@ -553,7 +566,8 @@ def report(args: argparse.Namespace, run_ids: dict[str, int], statuses: dict[str
     print(f"paid calls missing from the ledger {missing}  ({sum(paid.values())} paid calls)")
     print(f"calls paid twice                   {paid_twice}"
           f"  (+{repaid_after_kill} asked again after the executor that got the answer was "
-          "SIGKILLed before recording it: in the ledger as abandoned)")
+          "SIGKILLed before recording it: in the ledger as abandoned; "
+          f"+{repaid_after_timeout} retried after the client timed out or the answer broke)")
     print(f"runs stuck                         {len(stuck)}")
     for line in errors[:10]:
         print(f"  not succeeded: {line}")
