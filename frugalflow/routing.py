@@ -43,6 +43,7 @@ from .exceptions import (
     MalformedResponseError,
     ModelAPIError,
     NoCapableModelError,
+    StoreError,
     UserError,
 )
 from .fallback import Action, Attempt, BreakerRegistry, FallbackPolicy, default_breakers
@@ -910,8 +911,8 @@ class RoutedChatModel(BaseChatModel):
                         await self._validate(spec, message, parsed, messages)
                 except asyncio.CancelledError:
                     raise
-                except UserError:
-                    raise
+                except (UserError, StoreError):
+                    raise  # the caller's mistake, or the run's database: not the model's fault
                 except Exception as e:  # translated below; nothing is swallowed silently
                     err = spec.adapter.translate(e, spec)
                     if err is not e and err.__cause__ is None:

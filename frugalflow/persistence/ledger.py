@@ -267,15 +267,26 @@ class Ledger:
         so that a call whose answer never reaches the ledger (the process died) is still
         accounted for: `record_attempt` later fills the same row with what happened, and
         `close_nodes` settles a row left pending as `abandoned` at its estimated cost.
-        One try, unfenced (money is about to be spent whoever holds the lease); it never
-        delays the call: when the database is away, the final row is kept as usual."""
+        Unfenced (money is about to be spent whoever holds the lease), retried within the
+        lease like every write; when the database stays away it raises
+        StoreUnavailableError and the call is not sent: nothing is spent that cannot be
+        recorded (the run pauses and resumes when the database is back)."""
         values = _attempt_values(attempt, flow)
-        try:
+        tries = 0
+
+        async def once() -> None:
+            nonlocal tries
+            tries += 1
             with unfenced():
                 async with self.store.write() as conn:
+                    if tries > 1 and (await conn.execute(select(_ATTEMPTS.c.id).where(
+                            _ATTEMPTS.c.call_id == values["call_id"],
+                            _ATTEMPTS.c.try_number == values["try_number"],
+                            _ATTEMPTS.c.model == values["model"]).limit(1))).first():
+                        return  # the try that lost its connection had committed
                     await conn.execute(_ATTEMPTS.insert().values(**values))
-        except StoreUnavailableError as e:
-            log.warning("frugalflow: could not write down a call before sending it: %s", e)
+
+        await self.store.retrying(once, what="call written down before it is sent")
 
     async def _insert_attempt(self, values: dict[str, Any], *, check: bool) -> None:
         """Insert the attempt row, or fill the row its call was written down in; `check`
