@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -572,8 +571,6 @@ async def _unfenced_async() -> AsyncIterator[None]:
     with unfenced():
         yield
 
-
-log = logging.getLogger("frugalflow")
 
 UNSETTLED = ("pending", "abandoned")
 """Outcomes of calls written down before they were sent whose answer the ledger lacks."""
