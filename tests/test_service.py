@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from durable_flows import chain_flow, review_flow
+from served import served
 
 from frugalflow import Catalog, UserError
 from frugalflow.fallback import BreakerRegistry
@@ -26,22 +24,10 @@ async def serving(db: str, *, token: str | None = None, catalog: Catalog | None 
                   ) -> AsyncIterator[httpx.AsyncClient]:
     runner = Runner(db, flows=[chain_flow(3), review_flow()],
                     catalog=catalog or Catalog.simulated(), breakers=BreakerRegistry())
-    app = create_app(runner, token=token)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)  # bound before serving: clients queue in the backlog, no start-up race
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers,
-                                     timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with served(create_app(runner, token=token)) as url, httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=30) as client:
+        yield client
 
 
 @pytest.fixture

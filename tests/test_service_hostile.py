@@ -3,7 +3,6 @@ tokens, streamed body limits, deep JSON, lone surrogates, budgets, health, docs,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -17,6 +16,7 @@ import pytest
 import uvicorn
 from durable_flows import chain_flow, review_flow
 from fastapi import FastAPI
+from served import served
 from sqlalchemy import text
 from typer.testing import CliRunner
 
@@ -45,20 +45,9 @@ def make_runner(db: str) -> Runner:
 async def serving(db: str, **app_kwargs: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Runner]]:
     """A real uvicorn on 127.0.0.1 (ephemeral port) around `create_app(runner, **app_kwargs)`."""
     runner = make_runner(db)
-    app = create_app(runner, **app_kwargs)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client, runner
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with served(create_app(runner, **app_kwargs)) as url, httpx.AsyncClient(
+            base_url=url, timeout=30) as client:
+        yield client, runner
 
 
 @pytest.fixture
