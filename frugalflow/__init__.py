@@ -29,7 +29,8 @@ from .exceptions import (
     RateLimitError,
     UserError,
 )
-from .fallback import Attempt, BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
+from .fallback import BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
+from .usage import Attempt
 from .flow import END, START, Agent, CompiledFlow, Flow
 from .providers.simulated import SimulatedChatModel, Simulator
 from .routing import Judge, Needs, RoutedChatModel, RunContext, estimate_tokens, explain, rank

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from .catalog import Catalog
 from .exceptions import FrugalflowError
-from .fallback import Attempt, BreakerRegistry, FallbackPolicy
+from .fallback import BreakerRegistry, FallbackPolicy
+from .usage import Attempt
 from .flow import Flow
 
 if TYPE_CHECKING:

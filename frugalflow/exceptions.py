@@ -34,10 +34,11 @@ positionally and everything else as keywords with defaults.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 if TYPE_CHECKING:
-    from .fallback import Attempt
+    from .usage import Attempt
 
 __all__ = [
     "AllModelsFailedError",
@@ -50,6 +51,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "CatalogError",
+    "ErrorClass",
     "ContentFilterError",
     "ContextLengthError",
     "FlowError",
@@ -136,10 +138,29 @@ class ErrorSource(TypedDict):
     model: str
 
 
+class ErrorClass(StrEnum):
+    """How a failed model call is stored (`ff_attempts.error_class`) and counted. Code that
+    reacts to a failure branches on the exception's type; this is its name on disk."""
+
+    UNKNOWN = "unknown"
+    RATE_LIMIT = "rate_limit"
+    OVERLOADED = "overloaded"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    INCOMPLETE = "incomplete"
+    AUTH = "auth"
+    CONTEXT_LENGTH = "context_length"
+    CONTENT_FILTER = "content_filter"
+    MALFORMED = "malformed"
+    VALIDATION = "validation"
+    INVALID_REQUEST = "invalid_request"
+    ABANDONED = "abandoned"  # the call's executor died before its answer was written
+
+
 class ModelAPIError(FrugalflowError):
     """A model call failed. `error_class` says how frugalflow reacts to it."""
 
-    error_class: str = "unknown"
+    error_class: ClassVar[ErrorClass] = ErrorClass.UNKNOWN
     # Set by FrugalflowError.__init__; declared here so type checkers see them.
     provider: str
     model: str
@@ -168,19 +189,19 @@ class ModelAPIError(FrugalflowError):
 
 
 class RateLimitError(ModelAPIError):
-    error_class = "rate_limit"
+    error_class = ErrorClass.RATE_LIMIT
 
 
 class ProviderOverloadedError(ModelAPIError):
-    error_class = "overloaded"
+    error_class = ErrorClass.OVERLOADED
 
 
 class ModelTimeoutError(ModelAPIError):
-    error_class = "timeout"
+    error_class = ErrorClass.TIMEOUT
 
 
 class ProviderConnectionError(ModelAPIError):
-    error_class = "connection"
+    error_class = ErrorClass.CONNECTION
 
 
 class IncompleteResponseError(ModelAPIError):
@@ -188,33 +209,33 @@ class IncompleteResponseError(ModelAPIError):
     a stream or body the server or a proxy closed cleanly part-way. Retried like a broken
     connection, then the next candidate."""
 
-    error_class = "incomplete"
+    error_class = ErrorClass.INCOMPLETE
 
 
 class AuthenticationError(ModelAPIError):
-    error_class = "auth"
+    error_class = ErrorClass.AUTH
 
 
 class ContextLengthError(ModelAPIError):
-    error_class = "context_length"
+    error_class = ErrorClass.CONTEXT_LENGTH
 
 
 class ContentFilterError(ModelAPIError):
-    error_class = "content_filter"
+    error_class = ErrorClass.CONTENT_FILTER
 
 
 class MalformedResponseError(ModelAPIError):
-    error_class = "malformed"
+    error_class = ErrorClass.MALFORMED
 
 
 class ValidationFailedError(MalformedResponseError):
     """The node's validator rejected the answer; the call escalates to a stronger model."""
 
-    error_class = "validation"
+    error_class = ErrorClass.VALIDATION
 
 
 class InvalidRequestError(ModelAPIError):
-    error_class = "invalid_request"
+    error_class = ErrorClass.INVALID_REQUEST
 
 
 class BudgetExceededError(FrugalflowError):

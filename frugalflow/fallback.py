@@ -4,7 +4,6 @@
 - `FallbackPolicy` says how often to retry the same model and how long to wait.
 - `CircuitBreaker` / `BreakerRegistry` stop calls to a provider (or model) that keeps
   failing, shared by every run in the process; a half-open probe tests it after a cooldown.
-- `Attempt` is the event every model call emits, success or failure.
 - `RateLimiter` / `RedisRateLimiter` keep calls under a model's rpm/tpm (sliding window).
 - `SharedRedis` is the Redis link of the shared (fleet) variants: when Redis is unreachable,
   slow or failing they fall back to in-process state and come back when it answers again.
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from .usage import Usage
 
 __all__ = [
-    "Attempt",
     "RateLimiter",
     "RedisRateLimiter",
     "RedisBreakerRegistry",
@@ -753,41 +751,6 @@ class RedisBreakerRegistry(BreakerRegistry):
 
 default_breakers = BreakerRegistry()
 """The process-wide registry every run shares unless given another."""
-
-
-@dataclass
-class Attempt:
-    """One try of one model for one call: the event the ledger and the demo consume."""
-
-    node: str
-    model: str
-    provider: str
-    outcome: str  # "ok" | "error"
-    call_id: str = ""
-    run_id: str | None = None
-    task_id: str | None = None  # the LangGraph task (node execution) that made the call
-    try_number: int = 1
-    usage: Usage | None = None
-    cost_usd: float = 0.0
-    latency_ms: float = 0.0
-    error_class: str | None = None
-    error: str | None = None
-    fallback_from: str | None = None
-    action: str | None = None  # what followed a failure: retry, next, raise
-    started_at: float = field(default_factory=time.time)
-    call_key: str | None = None  # identifies the call for replay after a crash
-    route_reason: str | None = None  # why the router put this model where it did
-    prompt: str | None = None  # the input text routers learn from (persisted runs only)
-    category: str | None = None  # the input's category, another feature routers learn from
-    usage_estimated: bool = False  # the provider reported no (or partial) usage: tokens estimated
-    response: Any = field(default=None, repr=False)  # the answer (an AIMessage), if ok
-
-    def describe(self) -> str:
-        if self.outcome == "ok":
-            return f"{self.model}: ok in {self.latency_ms:.0f} ms, ${self.cost_usd:.6f}"
-        if self.outcome == "replayed":
-            return f"{self.model}: replayed from the ledger (not paid again)"
-        return f"{self.model} ({self.provider}): {self.error_class}: {self.error}"
 
 
 Sleep = Callable[[float], Awaitable[Any]]

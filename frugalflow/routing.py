@@ -46,7 +46,9 @@ from .exceptions import (
     StoreError,
     UserError,
 )
-from .fallback import Action, Attempt, BreakerRegistry, FallbackPolicy, default_breakers
+from .fallback import Action, BreakerRegistry, FallbackPolicy, default_breakers
+from .statuses import Outcome
+from .usage import Attempt
 from .usage import RunUsage, Usage
 
 __all__ = [
@@ -780,7 +782,7 @@ class RoutedChatModel(BaseChatModel):
                 await usage.arecord(Attempt(
                     node=self.node or "", model=str(replayed.response_metadata.get(
                         "frugalflow", {}).get("model", "replay")),
-                    provider="replay", outcome="replayed", run_id=usage.run_id,
+                    provider="replay", outcome=Outcome.REPLAYED, run_id=usage.run_id,
                     task_id=task_id, call_key=call_key,
                 ))
                 yield "message", replayed
@@ -866,7 +868,7 @@ class RoutedChatModel(BaseChatModel):
                         # that may have been paid (settled later at its estimated cost).
                         await ctx.intent(Attempt(
                             node=self.node or "", model=spec.key, provider=spec.provider,
-                            outcome="pending", call_id=call_id, run_id=usage.run_id,
+                            outcome=Outcome.PENDING, call_id=call_id, run_id=usage.run_id,
                             try_number=len(attempts) + 1, task_id=task_id,
                             usage=Usage(input_tokens=n_in, requests=1,
                                         output_tokens=self.needs.expected_output_tokens),
@@ -935,7 +937,7 @@ class RoutedChatModel(BaseChatModel):
                         "incomplete", "connection", "timeout"))
                     attempt = Attempt(
                         node=self.node or "", model=spec.key, provider=spec.provider,
-                        outcome="error", call_id=call_id, run_id=usage.run_id,
+                        outcome=Outcome.ERROR, call_id=call_id, run_id=usage.run_id,
                         try_number=len(attempts) + 1, usage=paid, usage_estimated=estimated,
                         cost_usd=spec.cost(paid) if paid else 0.0,
                         latency_ms=(time.perf_counter() - t0) * 1000, error_class=err.error_class,
@@ -980,7 +982,7 @@ class RoutedChatModel(BaseChatModel):
                     }
                     attempt = Attempt(
                         node=self.node or "", model=spec.key, provider=spec.provider,
-                        outcome="ok", call_id=call_id, run_id=usage.run_id,
+                        outcome=Outcome.OK, call_id=call_id, run_id=usage.run_id,
                         try_number=len(attempts) + 1, usage=call_usage, cost_usd=cost,
                         usage_estimated=estimated,
                         latency_ms=(time.perf_counter() - t0) * 1000,

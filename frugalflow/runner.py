@@ -42,7 +42,9 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from .fallback import Attempt, BreakerRegistry, FallbackPolicy, default_breakers
+from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
+from .statuses import FINAL_STATUSES, RunStatus
+from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
 from .persistence.ledger import Ledger, RunRecord, scrub
 from .persistence.store import Fence, Store, fenced, unfenced
@@ -53,12 +55,10 @@ if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
     from langgraph.checkpoint.base import BaseCheckpointSaver
 
-__all__ = ["FINAL_STATUSES", "EventBus", "Lease", "RunResult", "Runner"]
+__all__ = ["FINAL_STATUSES", "EventBus", "Lease", "RunResult", "RunStatus", "Runner"]
 
 log = logging.getLogger("frugalflow")
 
-FINAL_STATUSES = frozenset({"succeeded", "cancelled"})
-"""Runs in these states cannot be resumed."""
 
 _LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
 _HISTORY = LeaseHistoryRow.__table__  # type: ignore[attr-defined]

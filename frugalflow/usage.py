@@ -1,20 +1,23 @@
-"""Token usage, what it costs, and a run's running total against its budget."""
+"""Token usage, one model call's record (`Attempt`), and a run's running total against its budget."""
 
 from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .exceptions import ErrorClass
+from .statuses import Outcome
+
 if TYPE_CHECKING:
     from langchain_core.messages import AIMessage
 
-    from .fallback import Attempt
 
-__all__ = ["RunUsage", "Usage"]
+__all__ = ["Attempt", "RunUsage", "Usage"]
 
 log = logging.getLogger("frugalflow")
 
@@ -61,6 +64,41 @@ class Usage:
 Listener = Callable[["Attempt"], Any]
 """Called with each attempt as it ends; may be a coroutine function (then awaited)."""
 
+
+
+@dataclass
+class Attempt:
+    """One try of one model for one call: the event the ledger and the demo consume."""
+
+    node: str
+    model: str
+    provider: str
+    outcome: Outcome
+    call_id: str = ""
+    run_id: str | None = None
+    task_id: str | None = None  # the LangGraph task (node execution) that made the call
+    try_number: int = 1
+    usage: Usage | None = None
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    error_class: ErrorClass | None = None
+    error: str | None = None
+    fallback_from: str | None = None
+    action: str | None = None  # what followed a failure: retry, next, raise
+    started_at: float = field(default_factory=time.time)
+    call_key: str | None = None  # identifies the call for replay after a crash
+    route_reason: str | None = None  # why the router put this model where it did
+    prompt: str | None = None  # the input text routers learn from (persisted runs only)
+    category: str | None = None  # the input's category, another feature routers learn from
+    usage_estimated: bool = False  # the provider reported no (or partial) usage: tokens estimated
+    response: Any = field(default=None, repr=False)  # the answer (an AIMessage), if ok
+
+    def describe(self) -> str:
+        if self.outcome == Outcome.OK:
+            return f"{self.model}: ok in {self.latency_ms:.0f} ms, ${self.cost_usd:.6f}"
+        if self.outcome == Outcome.REPLAYED:
+            return f"{self.model}: replayed from the ledger (not paid again)"
+        return f"{self.model} ({self.provider}): {self.error_class}: {self.error}"
 
 @dataclass
 class RunUsage:

@@ -12,7 +12,8 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from frugalflow import Catalog, RoutedChatModel, RunUsage, routing
-from frugalflow.fallback import Attempt, BreakerRegistry
+from frugalflow.fallback import BreakerRegistry
+from frugalflow.usage import Attempt
 from frugalflow.routing import DEFAULT_ATTEMPT_WINDOW
 from frugalflow.usage import Usage
 

@@ -241,7 +241,7 @@ async def test_a_stale_executor_cannot_write_a_single_row(db_url: str) -> None:
 
 
 async def test_node_rows_a_dead_executor_left_running_are_settled(db_url: str) -> None:
-    from frugalflow.fallback import Attempt
+    from frugalflow.usage import Attempt
     from frugalflow.persistence.ledger import Ledger
     from frugalflow.persistence.tables import CheckpointWriteRow
     from frugalflow.usage import Usage

@@ -511,7 +511,7 @@ async def test_ledger_rows_scrub_errors_and_prompts_but_keep_answers_as_given(
 ) -> None:
     from langchain_core.messages import AIMessage
 
-    from frugalflow.fallback import Attempt
+    from frugalflow.usage import Attempt
     from frugalflow.persistence.ledger import Ledger
     from frugalflow.persistence.ledger import scrub as ledger_scrub
 

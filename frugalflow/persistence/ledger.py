@@ -24,7 +24,7 @@ from ..exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from ..fallback import Attempt
+from ..usage import Attempt
 from .scrub import scrub, scrub_exact
 from .store import Store, unfenced
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow

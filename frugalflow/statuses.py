@@ -1,0 +1,49 @@
+"""The states a run, a node execution and a model call can be in (stored as their values).
+
+They are `StrEnum`s: a member equals its string, so rows written before the enums existed
+read back unchanged and JSON, SQL and logs see the plain value.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["FINAL_STATUSES", "NodeStatus", "Outcome", "RunStatus"]
+
+
+class RunStatus(StrEnum):
+    """Where a run stands (`ff_runs.status`)."""
+
+    PENDING = "pending"  # created, not started
+    QUEUED = "queued"  # waiting for a worker (dispatched) or for its resume
+    RUNNING = "running"  # an executor holds its lease
+    PAUSED = "paused"  # stopped without finishing (database away, shutdown, taken over)
+    INTERRUPTED = "interrupted"  # waiting for a human's answer (`Runner.resume(value=...)`)
+    BUDGET_EXCEEDED = "budget_exceeded"  # stopped at its budget; resume with a larger one
+    FAILED = "failed"  # an error ended it; resumable from its last checkpoint
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATUSES: frozenset[RunStatus] = frozenset({RunStatus.SUCCEEDED, RunStatus.CANCELLED})
+"""A run in one of these never runs again."""
+
+
+class NodeStatus(StrEnum):
+    """One node execution (`ff_node_runs.status`)."""
+
+    RUNNING = "running"
+    DONE = "done"
+    INTERRUPTED = "interrupted"
+    ERROR = "error"
+    ABANDONED = "abandoned"  # its executor died, or its checkpoint writes were lost
+
+
+class Outcome(StrEnum):
+    """One model call (`ff_attempts.outcome`, `Attempt.outcome`)."""
+
+    PENDING = "pending"  # written before it was sent; filled in when it returns
+    OK = "ok"
+    ERROR = "error"
+    REPLAYED = "replayed"  # answered from the ledger after a crash: not paid again
+    ABANDONED = "abandoned"  # its executor died before the answer was written
