@@ -34,8 +34,9 @@ positionally and everything else as keywords with defaults.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
+
+from .statuses import ErrorClass
 
 if TYPE_CHECKING:
     from .usage import Attempt
@@ -136,25 +137,6 @@ class ErrorSource(TypedDict):
 
     provider: str
     model: str
-
-
-class ErrorClass(StrEnum):
-    """How a failed model call is stored (`ff_attempts.error_class`) and counted. Code that
-    reacts to a failure branches on the exception's type; this is its name on disk."""
-
-    UNKNOWN = "unknown"
-    RATE_LIMIT = "rate_limit"
-    OVERLOADED = "overloaded"
-    TIMEOUT = "timeout"
-    CONNECTION = "connection"
-    INCOMPLETE = "incomplete"
-    AUTH = "auth"
-    CONTEXT_LENGTH = "context_length"
-    CONTENT_FILTER = "content_filter"
-    MALFORMED = "malformed"
-    VALIDATION = "validation"
-    INVALID_REQUEST = "invalid_request"
-    ABANDONED = "abandoned"  # the call's executor died before its answer was written
 
 
 class ModelAPIError(FrugalflowError):
