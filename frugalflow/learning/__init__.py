@@ -17,14 +17,15 @@ no downloads) or `EmbeddingFeaturizer` (all-MiniLM-L6-v2 sentence embeddings, th
 zeros: deterministic, pure numpy, no network. Routers serialise to versioned JSON with
 base64-encoded arrays (no pickle).
 
-Modules: `examples` (what a router learns from), `features` (featurizers), `routers`
-(`PriorRouter`, `LearnedRouter`, `train_router`), `choose` (the order to try models in).
+Modules: `examples` (what a router learns from, and which logged calls count as a
+success), `features` (featurizers), `routers` (`PriorRouter`, `LearnedRouter`,
+`train_router`), `choose` (the order to try models in).
 """
 
 from __future__ import annotations
 
 from .choose import choose
-from .examples import Example, tags_for
+from .examples import Example, LoggedCall, examples_from, success_of, tags_for
 from .features import (
     EmbeddingFeaturizer,
     Featurizer,
@@ -41,12 +42,15 @@ __all__ = [
     "Featurizer",
     "LearnedRouter",
     "LexicalFeaturizer",
+    "LoggedCall",
     "PriorRouter",
     "Router",
     "SparseRows",
     "choose",
     "default_featurizer",
     "embeddings_available",
+    "examples_from",
+    "success_of",
     "tags_for",
     "train_router",
 ]
