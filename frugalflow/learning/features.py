@@ -15,18 +15,36 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import (
+    Any,
+    Literal,
+    NotRequired,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    cast,
+    overload,
+    runtime_checkable,
+)
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ..exceptions import MissingIntegrationError, UserError
 
 __all__ = [
+    "ArrayDoc",
+    "EmbeddingDoc",
     "EmbeddingFeaturizer",
     "Featurizer",
+    "FloatArray",
+    "Floats",
+    "Floats32",
+    "Ints",
+    "LexicalDoc",
     "LexicalFeaturizer",
     "SparseRows",
     "decode_array",
@@ -38,14 +56,53 @@ __all__ = [
     "featurizer_to_dict",
 ]
 
+Floats = NDArray[np.float64]
+Floats32 = NDArray[np.float32]
+Ints = NDArray[np.int64]
+# float32 or float64 (numpy's parameter is the bit width)
+FloatArray = NDArray[np.floating[Any]]
+"""Either precision: a featurizer's output (one row per text, `dim` columns), weights."""
+
+_S = TypeVar("_S", bound=np.generic)
+
+
+class ArrayDoc(TypedDict):
+    """An array saved as JSON: little-endian dtype, shape, base64 bytes."""
+
+    dtype: str
+    shape: list[int]
+    data: str
+
+
+class LexicalDoc(TypedDict):
+    """A saved `LexicalFeaturizer` (routers saved before `lowercase` and `n_docs` lack them)."""
+
+    kind: Literal["lexical"]
+    n_features: int
+    tag_features: int
+    bigrams: bool
+    length_tags: bool
+    lowercase: NotRequired[bool]
+    n_docs: NotRequired[int]
+    idf: ArrayDoc | None
+
+
+class EmbeddingDoc(TypedDict):
+    """A saved `EmbeddingFeaturizer` (its settings; the model is the bundled one)."""
+
+    kind: Literal["minilm"]
+    tag_features: int
+    length_tags: NotRequired[bool]
+    batch_size: NotRequired[int]
+
 
 @dataclass(frozen=True, slots=True)
 class SparseRows:
     """A compressed-sparse-row matrix: the rows of `indptr`/`indices`/`data`, `n_cols` wide."""
 
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
+    indptr: Ints
+    indices: Ints
+    data: Floats
     n_cols: int
 
     @property
@@ -56,7 +113,13 @@ class SparseRows:
     def shape(self) -> tuple[int, int]:
         return (self.n_rows, self.n_cols)
 
-    def to_dense(self, dtype: Any = np.float32) -> np.ndarray:
+    @overload
+    def to_dense(self) -> Floats32: ...
+
+    @overload
+    def to_dense(self, dtype: type[_S]) -> NDArray[_S]: ...
+
+    def to_dense(self, dtype: type[np.generic] = np.float32) -> NDArray[np.generic]:
         out = np.zeros(self.shape, dtype=dtype)
         rows = np.repeat(np.arange(self.n_rows), np.diff(self.indptr))
         np.add.at(out, (rows, self.indices), self.data)
@@ -80,7 +143,7 @@ class Featurizer(Protocol):
 
     def transform(
         self, texts: Sequence[str], categories: Sequence[str | None] | None = None
-    ) -> np.ndarray: ...
+    ) -> FloatArray: ...
 
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -119,7 +182,7 @@ class LexicalFeaturizer:
         self.bigrams = bigrams
         self.length_tags = length_tags
         self.lowercase = lowercase
-        self.idf: np.ndarray | None = None
+        self.idf: Floats32 | None = None
         self.n_docs = 0
 
     @property
@@ -137,10 +200,10 @@ class LexicalFeaturizer:
         )
 
     # The text block as (doc ids, column ids, counts), sorted by doc then column.
-    def _counts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _counts(self, texts: Sequence[str]) -> tuple[Ints, Ints, Floats]:
         memo: dict[str, int] = {}
-        docs: list[np.ndarray] = []
-        cols: list[np.ndarray] = []
+        docs: list[Ints] = []
+        cols: list[Ints] = []
         for i, text in enumerate(texts):
             toks = _TOKEN.findall(text.lower() if self.lowercase else text)
             if not toks:
@@ -209,10 +272,10 @@ class LexicalFeaturizer:
 
     def transform(
         self, texts: Sequence[str], categories: Sequence[str | None] | None = None
-    ) -> np.ndarray:
+    ) -> Floats32:
         return self.transform_sparse(texts, categories).to_dense()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> LexicalDoc:
         return {
             "kind": "lexical",
             "n_features": self.n_features,
@@ -225,13 +288,14 @@ class LexicalFeaturizer:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LexicalFeaturizer:
+    def from_dict(cls, d: LexicalDoc) -> LexicalFeaturizer:
         f = cls(
             n_features=d["n_features"], tag_features=d["tag_features"], bigrams=d["bigrams"],
             length_tags=d["length_tags"], lowercase=d.get("lowercase", True),
         )
         f.n_docs = int(d.get("n_docs", 0))
-        f.idf = decode_array(d["idf"]) if d.get("idf") is not None else None
+        idf = d.get("idf")
+        f.idf = decode_array(idf, np.float32) if idf is not None else None
         return f
 
 
@@ -244,6 +308,15 @@ def embeddings_available() -> bool:
         importlib.util.find_spec(m) is not None
         for m in (_EMBED_PACKAGE, "sentence_transformers")
     )
+
+
+class _Encoder(Protocol):
+    """What `EmbeddingFeaturizer` uses of a sentence-transformers model."""
+
+    def encode(
+        self, sentences: list[str], *, batch_size: int, normalize_embeddings: bool,
+        show_progress_bar: bool, convert_to_numpy: bool,
+    ) -> Floats32: ...
 
 
 class EmbeddingFeaturizer:
@@ -281,8 +354,8 @@ class EmbeddingFeaturizer:
         self.batch_size = batch_size
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._model: Any = None
-        self._cache: dict[str, np.ndarray] = {}
+        self._model: _Encoder | None = None
+        self._cache: dict[str, Floats32] = {}
         self._disk_loaded = False
 
     @property
@@ -292,7 +365,7 @@ class EmbeddingFeaturizer:
     def __repr__(self) -> str:
         return f"EmbeddingFeaturizer(tag_features={self.tag_features}, device={self.device!r})"
 
-    def _load(self) -> Any:
+    def _load(self) -> _Encoder:
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -308,7 +381,7 @@ class EmbeddingFeaturizer:
     def _cache_file(self) -> Path | None:
         return self.cache_dir / "all-MiniLM-L6-v2.npz" if self.cache_dir else None
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str]) -> Floats32:
         """Unit-length sentence embeddings, [len(texts), 384] float32."""
         file = self._cache_file()
         if file is not None and not self._disk_loaded:
@@ -339,7 +412,7 @@ class EmbeddingFeaturizer:
 
     def transform(
         self, texts: Sequence[str], categories: Sequence[str | None] | None = None
-    ) -> np.ndarray:
+    ) -> Floats32:
         n = len(texts)
         if categories is not None and len(categories) != n:
             raise UserError(f"{n} texts but {len(categories)} categories")
@@ -354,12 +427,12 @@ class EmbeddingFeaturizer:
                 out[i, self.embed_dim + _crc(name) % self.tag_features] = 1.0
         return out
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> EmbeddingDoc:
         return {"kind": "minilm", "tag_features": self.tag_features,
                 "length_tags": self.length_tags, "batch_size": self.batch_size}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EmbeddingFeaturizer:
+    def from_dict(cls, d: EmbeddingDoc) -> EmbeddingFeaturizer:
         return cls(tag_features=d["tag_features"], length_tags=d.get("length_tags", True),
                    batch_size=d.get("batch_size", 64))
 
@@ -371,9 +444,9 @@ def default_featurizer() -> Featurizer:
     return LexicalFeaturizer()
 
 
-def featurizer_to_dict(f: Featurizer) -> dict[str, Any]:
+def featurizer_to_dict(f: Featurizer) -> dict[str, object]:
     """A featurizer as JSON, saved with its router; `featurizer_from_dict` reads it back."""
-    to_dict = getattr(f, "to_dict", None)
+    to_dict: Callable[[], Mapping[str, object]] | None = getattr(f, "to_dict", None)
     if to_dict is None:
         raise UserError(
             f"featurizer {f.name!r} cannot be saved: give it to_dict() and from_dict()"
@@ -381,20 +454,22 @@ def featurizer_to_dict(f: Featurizer) -> dict[str, Any]:
     return dict(to_dict())
 
 
-def featurizer_from_dict(d: Mapping[str, Any]) -> Featurizer:
+def featurizer_from_dict(d: Mapping[str, object]) -> Featurizer:
     kind = d.get("kind")
     if kind == "lexical":
-        return LexicalFeaturizer.from_dict(d)
+        return LexicalFeaturizer.from_dict(cast(LexicalDoc, d))
     if kind == "minilm":
-        return EmbeddingFeaturizer.from_dict(d)
+        return EmbeddingFeaturizer.from_dict(cast(EmbeddingDoc, d))
     raise UserError(f"saved router uses an unknown featurizer {kind!r}")
 
 
 def featurize(
     featurizer: Featurizer, texts: Sequence[str], categories: Sequence[str | None]
-) -> SparseRows | np.ndarray:
+) -> SparseRows | Floats:
     """The feature rows of `texts`: sparse when the featurizer has `transform_sparse`."""
-    sparse = getattr(featurizer, "transform_sparse", None)
+    # getattr, not isinstance of a runtime Protocol: that costs 25 us per prediction.
+    sparse: Callable[[Sequence[str], Sequence[str | None]], object] | None = getattr(
+        featurizer, "transform_sparse", None)
     if sparse is not None:
         result = sparse(texts, categories)
         if isinstance(result, SparseRows):
@@ -402,7 +477,7 @@ def featurize(
     return np.asarray(featurizer.transform(texts, categories), dtype=np.float64)
 
 
-def encode_array(a: np.ndarray) -> dict[str, Any]:
+def encode_array(a: NDArray[np.generic]) -> ArrayDoc:
     """An array as JSON: little-endian dtype, shape and base64 bytes (no pickle)."""
     arr = np.ascontiguousarray(a)
     return {
@@ -412,7 +487,8 @@ def encode_array(a: np.ndarray) -> dict[str, Any]:
     }
 
 
-def decode_array(d: Mapping[str, Any]) -> np.ndarray:
+def decode_array(d: ArrayDoc, dtype: type[_S]) -> NDArray[_S]:
+    """The array `encode_array` saved, as `dtype` (a copy: writable, native byte order)."""
     raw = base64.b64decode(d["data"])
-    return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+    return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).astype(dtype)
 

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 
 from ..exceptions import UserError
+from ._solver import Design, Objective, design, minimise, sigmoid, step_size
 from .examples import Example, tags_for
 from .features import (
+    ArrayDoc,
     Featurizer,
+    FloatArray,
+    Floats,
+    Floats32,
     LexicalFeaturizer,
-    SparseRows,
     decode_array,
     default_featurizer,
     encode_array,
@@ -29,79 +33,33 @@ from .features import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..catalog import Catalog
 
-__all__ = ["LearnedRouter", "PriorRouter", "Router", "train_router"]
+__all__ = ["LearnedRouter", "PriorDoc", "PriorRouter", "Router", "RouterOptions", "train_router"]
 
 _FORMAT = "frugalflow.router"
 _VERSION = 1
 
 
-# -- design matrices -----------------------------------------------------------------
+class PriorDoc(TypedDict, total=False):
+    """A saved `PriorRouter`."""
+
+    prior: dict[str, float]
+    default: float
 
 
-class _Design:
-    """X as the optimiser sees it: `X @ W.T` and `R.T @ X`, sparse or dense."""
+class RouterOptions(TypedDict, total=False):
+    """`LearnedRouter`'s settings, as `train_router` passes them on."""
 
-    def __init__(self, X: SparseRows | np.ndarray) -> None:
-        self.sparse = isinstance(X, SparseRows)
-        if isinstance(X, SparseRows):
-            self.X: SparseRows | np.ndarray = X
-            self.n, self.d = X.shape
-            self.rows = np.repeat(np.arange(self.n), np.diff(X.indptr))
-            self.nonempty = np.flatnonzero(np.diff(X.indptr) > 0)
-            self.starts = X.indptr[self.nonempty]
-            self.row_sq = np.bincount(self.rows, weights=X.data**2, minlength=self.n)
-            # the same entries by column, for R.T @ X
-            order = np.argsort(X.indices, kind="stable")
-            self.c_rows = self.rows[order]
-            self.c_data = X.data[order].astype(np.float32)
-            self.data32 = X.data.astype(np.float32)
-            self.c_cols, self.c_starts = np.unique(X.indices[order], return_index=True)
-        else:
-            self.X = np.asarray(X, dtype=np.float64)
-            self.n, self.d = self.X.shape
-            self.row_sq = np.einsum("ij,ij->i", self.X, self.X)
-
-    def matmul(self, WT: np.ndarray) -> np.ndarray:
-        """[n, k] = X @ WT.T for WT of shape [k, d]."""
-        if not self.sparse:
-            assert isinstance(self.X, np.ndarray)
-            return np.asarray(self.X @ WT.T)
-        X = self.X
-        assert isinstance(X, SparseRows)
-        # float32 products (half the memory traffic); sums of a row's few hundred terms
-        out = np.zeros((self.n, WT.shape[0]))
-        WT32 = WT.astype(np.float32)
-        if len(self.nonempty):
-            for j in range(WT.shape[0]):
-                out[self.nonempty, j] = np.add.reduceat(
-                    self.data32 * WT32[j][X.indices], self.starts
-                )
-        return out
-
-    def rmatmul(self, R: np.ndarray) -> np.ndarray:
-        """[k, d] = R.T @ X for R of shape [n, k]."""
-        if not self.sparse:
-            assert isinstance(self.X, np.ndarray)
-            return np.asarray(R.T @ self.X)
-        X = self.X
-        assert isinstance(X, SparseRows)
-        out = np.zeros((R.shape[1], self.d))
-        if len(self.c_cols):
-            RT = np.ascontiguousarray(R.T, dtype=np.float32)
-            for j in range(R.shape[1]):
-                out[j, self.c_cols] = np.add.reduceat(
-                    self.c_data * RT[j][self.c_rows], self.c_starts
-                )
-        return out
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
-# -- routers -------------------------------------------------------------------------
+    prior_strength: float
+    l2: float | None
+    head_l2: float | None
+    shared: bool
+    min_head_examples: int
+    max_iter: int
+    tol: float
 
 
 @runtime_checkable
@@ -158,18 +116,18 @@ class PriorRouter:
     ) -> dict[str, float]:
         return {m: self.p(m) for m in candidates}
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> PriorDoc:
         return {"prior": dict(self.prior), "default": self.default}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PriorRouter:
+    def from_dict(cls, d: PriorDoc) -> PriorRouter:
         return cls(d.get("prior") or {}, default=d.get("default", 0.5))
 
     def __repr__(self) -> str:
         return f"PriorRouter({len(self.prior)} models, default={self.default})"
 
 
-def _check_p(value: Any, what: Any) -> float:
+def _check_p(value: float, what: str) -> float:
     p = float(value)
     if not 0.0 <= p <= 1.0:
         raise UserError(f"prior probability for {what!r} must be in 0..1, got {value!r}")
@@ -223,9 +181,10 @@ class LearnedRouter(Router):
         self.heads: list[str] = []
         self.counts: dict[str, float] = {}
         self.base_rate = 0.5
-        self.w_shared: np.ndarray | None = None
-        self.W: np.ndarray | None = None
-        self.b: np.ndarray | None = None
+        # float32 once fitted; float64 while a fit runs
+        self.w_shared: FloatArray | None = None
+        self.W: FloatArray | None = None
+        self.b: FloatArray | None = None
         self.n_iter = 0
         self.l2_used: float | None = None
 
@@ -256,7 +215,8 @@ class LearnedRouter(Router):
         data = _collect(examples)
         if not data.models:
             raise UserError("LearnedRouter.fit needs at least one example")
-        fit_features = getattr(self.featurizer, "fit", None)
+        fit_features: Callable[[Sequence[str]], object] | None = getattr(
+            self.featurizer, "fit", None)
         if fit_features is not None:
             fit_features(data.texts)
         self.models = list(data.models)
@@ -281,7 +241,7 @@ class LearnedRouter(Router):
         )
         self.b = np.log(rate / (1 - rate))
         X = featurize(self.featurizer, data.texts, data.tags)
-        self._optimise(_Design(X), data.labels, data.weights, self.max_iter, anchored=False)
+        self._optimise(design(X), data.labels, data.weights, self.max_iter, anchored=False)
         return self
 
     refit = fit
@@ -321,12 +281,12 @@ class LearnedRouter(Router):
         labels[:, cols] = data.labels
         weights[:, cols] = data.weights
         X = featurize(self.featurizer, data.texts, data.tags)
-        self._optimise(_Design(X), labels, weights, max_iter, anchored=True,
+        self._optimise(design(X), labels, weights, max_iter, anchored=True,
                        only=set(data.models))
         return self
 
     def _optimise(
-        self, X: _Design, Y: np.ndarray, Wt: np.ndarray, max_iter: int, *, anchored: bool,
+        self, X: Design, Y: Floats, Wt: Floats, max_iter: int, *, anchored: bool,
         only: set[str] | None = None,
     ) -> None:
         """Minimise the penalised log-loss from the current weights.
@@ -337,15 +297,28 @@ class LearnedRouter(Router):
         and the other models' stay as they are.
         """
         assert self.w_shared is not None and self.W is not None and self.b is not None
-        M = len(self.models)
-        head_col = np.array([self.heads.index(m) if m in self.heads else -1 for m in self.models])
-        has_head = head_col >= 0
-        head_models = np.array([self.models.index(h) for h in self.heads], dtype=np.int64)
         total = float(Wt.sum())
         if total <= 0:
             return
-        Wn = Wt / total
-        use_shared = self.shared
+        f = self._objective(X, Y, Wt / total, total, anchored=anchored)
+        trainable = self._trainable(X.d, only)
+        d = X.d
+        # The start as stored: float32 weights make the first step's logits float32.
+        x0: FloatArray = np.concatenate(
+            [self.w_shared if self.shared else np.zeros(d), self.W.ravel(), self.b])
+        x, self.n_iter = minimise(f, x0, trainable, step_size(f, trainable),
+                                  max_iter=max_iter, tol=self.tol)
+        w0, W, b = f.unpack(x)
+        # Stored and used as float32, so a saved router predicts exactly the same.
+        self.w_shared = (w0 if self.shared else np.zeros(d)).astype(np.float32)
+        self.W = W.astype(np.float32)
+        self.b = b.astype(np.float32)
+
+    def _objective(
+        self, X: Design, Y: Floats, Wn: Floats, total: float, *, anchored: bool
+    ) -> Objective:
+        """The loss to minimise: the models' heads, and penalties from `l2`/`head_l2`."""
+        assert self.w_shared is not None and self.W is not None
         # Default penalty: 1/N on the mean loss (scikit-learn's C=1), at least 1e-4.
         if anchored and self.l2_used is not None:
             l2 = self.l2_used
@@ -353,47 +326,21 @@ class LearnedRouter(Router):
             l2 = self.l2 if self.l2 is not None else max(1e-4, 1.0 / total)
             self.l2_used = l2
         hl2 = self.head_l2 if self.head_l2 is not None else 2.0 * l2
-        H = len(self.heads)
-        d = X.d
+        d, H = X.d, len(self.heads)
         # centre of the penalty: zero, or the current weights for an anchored update
-        c0 = self.w_shared.astype(np.float64) if anchored and use_shared else np.zeros(d)
+        c0 = self.w_shared.astype(np.float64) if anchored and self.shared else np.zeros(d)
         cW = self.W.astype(np.float64) if anchored else np.zeros((H, d))
+        return Objective(
+            X, Y, Wn,
+            head_col=np.array([self.heads.index(m) if m in self.heads else -1
+                               for m in self.models]),
+            head_models=np.array([self.models.index(h) for h in self.heads], dtype=np.int64),
+            use_shared=self.shared, l2=l2, hl2=hl2, c0=c0, cW=cW,
+        )
 
-        def pack(w0: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return np.concatenate([w0, W.ravel(), b])
-
-        def unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            return theta[:d], theta[d: d + H * d].reshape(H, d), theta[d + H * d:]
-
-        def logits(theta: np.ndarray) -> np.ndarray:
-            w0, W, b = unpack(theta)
-            WT = np.vstack([w0[None, :], W]) if use_shared else W
-            S = X.matmul(WT) if len(WT) else np.zeros((X.n, 0))
-            Z = np.repeat(b[None, :], X.n, axis=0)
-            if use_shared:
-                Z += S[:, :1]
-                S = S[:, 1:]
-            if H:
-                Z[:, has_head] += S[:, head_col[has_head]]
-            return Z
-
-        def back(R: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            """(d/dw_shared, d/dW, d/db) of sum(R * Z): the adjoint of `logits`."""
-            cols = [R.sum(axis=1)] if use_shared else []
-            cols += [R[:, m] for m in head_models]
-            G = X.rmatmul(np.stack(cols, axis=1)) if cols else np.zeros((0, d))
-            g0 = G[0] if use_shared else np.zeros(d)
-            return g0, (G[1:] if use_shared else G), R.sum(axis=0)
-
-        def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            w0, W, b = unpack(theta)
-            Z = logits(theta)
-            loss = float((Wn * (np.logaddexp(0.0, Z) - Y * Z)).sum())
-            d0, dW = w0 - c0, W - cW
-            loss += 0.5 * (l2 * float(d0 @ d0) + hl2 * float((dW * dW).sum()))
-            g0, GW, gb = back(Wn * (_sigmoid(Z) - Y))
-            return loss, pack(g0 + l2 * d0, GW + hl2 * dW, gb)
-
+    def _trainable(self, d: int, only: set[str] | None) -> Floats:
+        """1 for each coordinate of theta that moves, 0 for those held (see `only`)."""
+        H, M = len(self.heads), len(self.models)
         trainable = np.ones(d + H * d + M)
         if only is not None:
             trainable[:] = 0.0
@@ -403,48 +350,7 @@ class LearnedRouter(Router):
             for i, m in enumerate(self.models):
                 if m in only:
                     trainable[d + H * d + i] = 1.0
-        # Step 1/L, L bounding the log-loss's curvature 1/4 * A^T diag(weights) A (A: the
-        # linear map `logits`), estimated by power iteration from a fixed start, with margin.
-        v = trainable.copy()
-        v /= np.linalg.norm(v)
-        top = 0.0
-        for _ in range(12):
-            hv = pack(*back(0.25 * Wn * logits(v))) * trainable
-            top = float(np.linalg.norm(hv))
-            if top <= 0:
-                break
-            v = hv / top
-        step = 1.0 / (1.5 * top + max(l2, hl2) + 1e-12)
-
-        x = pack(self.w_shared if use_shared else np.zeros(d), self.W, self.b)
-        y = x.copy()
-        t = 1.0
-        f_prev = math.inf
-        stall = 0
-        it = 0
-        while it < max_iter:
-            it += 1
-            f_y, g = loss_grad(y)
-            g *= trainable
-            x_new = y - step * g
-            if float(g @ (x_new - x)) > 0:
-                t = 1.0  # momentum points uphill: drop it (adaptive restart)
-            t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-            y = x_new + ((t - 1.0) / t_new) * (x_new - x)
-            x, t = x_new, t_new
-            if abs(f_prev - f_y) <= self.tol * max(abs(f_y), 1e-12):
-                stall += 1
-                if stall >= 5:
-                    break
-            else:
-                stall = 0
-            f_prev = f_y
-        w0, W, b = unpack(x)
-        # Stored and used as float32, so a saved router predicts exactly the same.
-        self.w_shared = (w0 if use_shared else np.zeros(d)).astype(np.float32)
-        self.W = W.astype(np.float32)
-        self.b = b.astype(np.float32)
-        self.n_iter = it
+        return trainable
 
     # -- prediction ------------------------------------------------------------------
 
@@ -466,7 +372,7 @@ class LearnedRouter(Router):
         categories: Sequence[str | None] | None = None,
         *,
         nodes: Sequence[str | None] | None = None,
-    ) -> np.ndarray:
+    ) -> Floats:
         """[len(texts), len(candidates)] P(success), blended with the prior."""
         n = len(texts)
         cats = list(categories) if categories is not None else [None] * n
@@ -483,7 +389,7 @@ class LearnedRouter(Router):
         if not known:
             return out
         tags = [tags_for(nd, c) for nd, c in zip(nds, cats, strict=True)]
-        X = _Design(featurize(self.featurizer, texts, tags))
+        X = design(featurize(self.featurizer, texts, tags))
         w0 = self.w_shared.astype(np.float64)
         WT = np.vstack([w0[None, :], self.W.astype(np.float64)])
         S = X.matmul(WT)
@@ -495,7 +401,7 @@ class LearnedRouter(Router):
                 z = z + S[:, 1 + self.heads.index(m)]
             n_m = self.counts[m]
             k = self.prior_strength
-            out[:, j] = (n_m * _sigmoid(z) + k * p_prior[j]) / (n_m + k)
+            out[:, j] = (n_m * sigmoid(z) + k * p_prior[j]) / (n_m + k)
         return out
 
     # -- persistence -----------------------------------------------------------------
@@ -554,10 +460,14 @@ class LearnedRouter(Router):
         r.base_rate = float(doc["base_rate"])
         r.n_iter = int(doc.get("n_iter", 0))
         r.l2_used = doc.get("l2_used")
-        r.w_shared = decode_array(doc["w_shared"]) if doc.get("w_shared") is not None else None
-        r.W = decode_array(doc["W"]) if doc.get("W") is not None else None
-        r.b = decode_array(doc["b"]) if doc.get("b") is not None else None
+        r.w_shared = _weights(doc.get("w_shared"))
+        r.W = _weights(doc.get("W"))
+        r.b = _weights(doc.get("b"))
         return r
+
+
+def _weights(saved: ArrayDoc | None) -> Floats32 | None:
+    return decode_array(saved, np.float32) if saved is not None else None
 
 
 @dataclass
@@ -565,8 +475,8 @@ class _Data:
     texts: list[str]
     tags: list[str | None]
     models: list[str]
-    labels: np.ndarray  # [n_inputs, n_models] weighted mean success (0 where unobserved)
-    weights: np.ndarray  # [n_inputs, n_models] total weight (0: unobserved)
+    labels: Floats  # [n_inputs, n_models] weighted mean success (0 where unobserved)
+    weights: Floats  # [n_inputs, n_models] total weight (0: unobserved)
 
 
 def _collect(examples: Iterable[Example]) -> _Data:
@@ -599,7 +509,7 @@ def _collect(examples: Iterable[Example]) -> _Data:
 
 def train_router(
     examples: Sequence[Example], catalog: Catalog | None = None, *,
-    featurizer: Featurizer | None = None, **options: Any,
+    featurizer: Featurizer | None = None, **options: Unpack[RouterOptions],
 ) -> LearnedRouter:
     """A `LearnedRouter` fitted on `examples` (blocking: run it in a thread from async code).
 
