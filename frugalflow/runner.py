@@ -631,7 +631,10 @@ class Runner:
 
                 self.router = PriorRouter.from_catalog(self.catalog)
         elif version != self._router_version:
-            self.router = await self.ledger.load_router(name, version)
+            from .learning import LearnedRouter
+
+            self.router = await self.ledger.load_router(
+                name, version, decode=LearnedRouter.from_bytes)
             self._router_version = version
         return self.router
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Text, case, cast, func, select, update
 from sqlalchemy.engine import RowMapping
@@ -39,6 +39,7 @@ _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
 _WRITES = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
 
 GroupBy = Literal["node", "model", "provider", "flow", "day", "run"]
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -522,10 +523,11 @@ class Ledger:
                 select(func.max(table.c.version)).where(table.c.name == name))).scalar()
         return int(v) if v is not None else None
 
-    async def load_router(self, name: str, version: int | None = None) -> Any:
-        """Version `version` (default: the newest) of router `name`, or None."""
-        from ..learning import LearnedRouter
-
+    async def load_router(
+        self, name: str, version: int | None = None, *, decode: Callable[[bytes], _R]
+    ) -> _R | None:
+        """Version `version` (default: the newest) of router `name`, or None; `decode`
+        turns the stored bytes into the router (`LearnedRouter.from_bytes`)."""
         table = RouterRow.__table__  # type: ignore[attr-defined]
         await self.store.setup()
         q = select(table.c.blob).where(table.c.name == name)
@@ -536,7 +538,7 @@ class Ledger:
         if row is None:
             return None
         # Decoding a large router is CPU work: keep it off the event loop.
-        return await asyncio.to_thread(LearnedRouter.from_bytes, row.blob)
+        return await asyncio.to_thread(decode, row.blob)
 
     async def routers(self) -> list[dict[str, Any]]:
         """Every stored router version (name, version, examples, metrics, created_at)."""
