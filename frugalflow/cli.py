@@ -440,7 +440,7 @@ def router_train(
 
 async def _router_train(name: str, flow: str | None, node: str | None, min_examples: int,
                         embeddings: bool, db: str | None, catalog: str | None) -> dict[str, Any]:
-    from .learning import EmbeddingFeaturizer, embeddings_available
+    from .learning import EmbeddingFeaturizer, embeddings_available, examples_from
 
     if embeddings and not embeddings_available():
         raise FrugalflowError("--embeddings needs the embeddings extra: "
@@ -451,7 +451,7 @@ async def _router_train(name: str, flow: str | None, node: str | None, min_examp
             name, flow=flow, node=node, min_examples=min_examples,
             featurizer=EmbeddingFeaturizer() if embeddings else None)
         if router is None:
-            found = len(await runner.ledger.examples(flow=flow, node=node))
+            found = len(examples_from(await runner.ledger.outcomes(flow=flow, node=node)))
             where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
             raise FrugalflowError(
                 f"only {found} outcomes in the ledger{' for ' + where if where else ''}; "

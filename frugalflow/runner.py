@@ -604,10 +604,10 @@ class Runner:
         (default: the runner's router name, else "default") and use it for the next runs.
         `featurizer`: lexical features unless given (e.g. `EmbeddingFeaturizer()`).
         Returns the router, or None when the ledger holds fewer than `min_examples`."""
-        from .learning import train_router
+        from .learning import examples_from, train_router
 
         name = name or self._router_name or "default"
-        examples = await self.ledger.examples(flow=flow, node=node)
+        examples = examples_from(await self.ledger.outcomes(flow=flow, node=node))
         if len(examples) < min_examples:
             return None
         router = await asyncio.to_thread(train_router, examples, self.catalog,
@@ -631,7 +631,10 @@ class Runner:
 
                 self.router = PriorRouter.from_catalog(self.catalog)
         elif version != self._router_version:
-            self.router = await self.ledger.load_router(name, version)
+            from .learning import LearnedRouter
+
+            self.router = await self.ledger.load_router(
+                name, version, decode=LearnedRouter.from_bytes)
             self._router_version = version
         return self.router
 
