@@ -18,7 +18,7 @@ from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from pydantic import BaseModel, Field
 
 from frugalflow import END, START, Flow, Needs, RoutedChatModel
-from frugalflow.providers.simulated import simulator
+from frugalflow.testing.simulator import simulator
 
 
 class Invoice(BaseModel):

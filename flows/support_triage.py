@@ -17,7 +17,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import BaseModel, Field
 
 from frugalflow import END, START, Flow, Needs, RoutedChatModel
-from frugalflow.providers.simulated import simulator
+from frugalflow.testing.simulator import simulator
 
 CATEGORIES = ("billing", "shipping", "account", "technical", "other")
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 
 from frugalflow import exceptions as ff
 from frugalflow.catalog import ModelSpec
-from frugalflow.emulator import FAULT_KINDS, PROVIDERS, ProviderEmulator
+from frugalflow.testing.emulator import FAULT_KINDS, PROVIDERS, ProviderEmulator
 from frugalflow.providers import adapter_for
 
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5",
@@ -662,7 +662,7 @@ async def test_frugalflow_adapters_classify_emulated_faults(
 
 
 def test_fault_kinds_are_documented() -> None:
-    from frugalflow import emulator
+    from frugalflow.testing import emulator
 
     assert emulator.__doc__ is not None
     for kind in FAULT_KINDS:

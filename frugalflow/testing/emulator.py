@@ -150,7 +150,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .providers.simulated import _fake
+from .fake_json import fake_json
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -385,7 +385,7 @@ def _text_of(content: Any) -> str:
 def _oracle(name: str, ask: _Ask) -> dict[str, Any] | None:
     """The right answer when a simulator oracle knows this schema (flows register theirs),
     so validators in flows accept the emulator's answers; else None (a fake is generated)."""
-    from .providers.simulated import simulator
+    from .simulator import simulator
 
     read = simulator.oracles.get(name)
     if read is None:
@@ -1414,13 +1414,13 @@ class ProviderEmulator:
                                     ask.tools[0])
                 args = _oracle(name, ask)
                 if args is None:
-                    args = _fake(schema, rng)
+                    args = fake_json(schema, rng)
                 calls.append((f"call_{rng.getrandbits(64):016x}", name,
                               args if isinstance(args, dict) else {}))
                 text = ""
             elif ask.json_schema is not None:
                 known = _oracle(str(ask.json_schema.get("title", "")), ask)
-                text = _dumps(known if known is not None else _fake(ask.json_schema, rng))
+                text = _dumps(known if known is not None else fake_json(ask.json_schema, rng))
             else:
                 sentences = []
                 for _ in range(rng.randint(2, 3)):
@@ -1778,7 +1778,7 @@ def emulated_catalog(emu: ProviderEmulator, models: Iterable[str] = EMULATED_MOD
     quality.toml); only the base URL and the key variable change. Set EMULATOR_KEY_ENV to
     any value to make them available.
     """
-    from .catalog import Catalog
+    from ..catalog import Catalog
 
     builtin = Catalog.builtin()
     specs = []

@@ -1,4 +1,4 @@
-"""Simulated providers: offline chat models with realistic usage and scriptable faults.
+"""The simulated provider: offline chat models with realistic usage and scriptable faults.
 
 `SimulatedChatModel` is a real LangChain chat model that never touches the network. It is
 deterministic for a seed, answers tool calls and structured output with schema-valid
@@ -45,12 +45,21 @@ from ..exceptions import (
     ProviderConnectionError,
 )
 from ..fallback import error_from_status
-from . import ProviderAdapter
+from ..providers import ProviderAdapter
+from .fake_json import fake_json
 
 if TYPE_CHECKING:
     from ..catalog import ModelSpec
 
-__all__ = ["FAULT_KINDS", "Fault", "SimulatedChatModel", "Simulator", "simulator"]
+__all__ = [
+    "FAULT_KINDS",
+    "Fault",
+    "SimulatedAdapter",
+    "SimulatedChatModel",
+    "Simulator",
+    "oracle_success",
+    "simulator",
+]
 
 # Fault kinds and the HTTP answer each imitates (None: not an HTTP answer).
 FAULT_KINDS: dict[str, tuple[int | None, str]] = {
@@ -307,11 +316,11 @@ class SimulatedChatModel(BaseChatModel):
                 args: Any = {"__not_the_schema__": True}
             elif self.responder is not None:
                 out = self.responder(messages)
-                args = out if isinstance(out, dict) else _fake(fn.get("parameters", {}), rng)
+                args = out if isinstance(out, dict) else fake_json(fn.get("parameters", {}), rng)
             elif fn["name"] in self._sim().oracles:
                 args = self._oracle_answer(fn["name"], messages, rng)
             else:
-                args = _fake(fn.get("parameters", {}), rng)
+                args = fake_json(fn.get("parameters", {}), rng)
             msg = AIMessage(
                 content="",
                 tool_calls=[{"name": fn["name"], "args": args,
@@ -512,53 +521,6 @@ def _chunks(message: AIMessage) -> Iterator[ChatGenerationChunk]:
         )
 
 
-def _fake(schema: dict[str, Any], rng: random.Random, defs: dict[str, Any] | None = None) -> Any:
-    """A value valid against a JSON schema (the subset pydantic emits)."""
-    defs = defs if defs is not None else schema.get("$defs", {})
-    if "$ref" in schema:
-        return _fake(defs[schema["$ref"].rsplit("/", 1)[-1]], rng, defs)
-    if "const" in schema:
-        return schema["const"]
-    if "enum" in schema:
-        return rng.choice(schema["enum"])
-    for key in ("anyOf", "oneOf"):
-        if key in schema:
-            options = [s for s in schema[key] if s.get("type") != "null"] or schema[key]
-            return _fake(options[0], rng, defs)
-    if "allOf" in schema:
-        return _fake(schema["allOf"][0], rng, defs)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or "properties" in schema:
-        return {name: _fake(sub, rng, defs) for name, sub in schema.get("properties", {}).items()}
-    if kind == "array":
-        n = max(int(schema.get("minItems", 1)), 1)
-        return [_fake(schema.get("items", {"type": "string"}), rng, defs) for _ in range(n)]
-    if kind == "integer":
-        lo = int(schema.get("minimum", 0))
-        hi = int(schema.get("maximum", lo + 10))
-        return rng.randint(lo, hi)
-    if kind == "number":
-        low = float(schema.get("minimum", 0.0))
-        high = float(schema.get("maximum", low + 1.0))
-        return round(rng.uniform(low, high), 3)
-    if kind == "boolean":
-        return rng.random() < 0.5
-    if kind == "null":
-        return None
-    fmt = schema.get("format")
-    if fmt == "date":
-        return "2026-01-15"
-    if fmt == "date-time":
-        return "2026-01-15T10:00:00Z"
-    if fmt == "email":
-        return "customer@example.com"
-    n = max(int(schema.get("minLength", 1)), 1)
-    text = " ".join(rng.choice(_WORDS) for _ in range(3))
-    return (text * (n // len(text) + 1))[: max(n, len(text))]
-
-
 class SimulatedAdapter(ProviderAdapter):
     """Catalog entries with `simulated = true` or a provider named `sim-*`."""
 
@@ -599,7 +561,7 @@ class SimulatedAdapter(ProviderAdapter):
         }
 
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
-        from . import translate_common
+        from ..providers import translate_common
 
         return translate_common(error, spec)
 
