@@ -662,11 +662,11 @@ async def test_frugalflow_adapters_classify_emulated_faults(
 
 
 def test_fault_kinds_are_documented() -> None:
-    from frugalflow.testing import emulator
+    from frugalflow.testing import wire_faults
 
-    assert emulator.__doc__ is not None
+    assert wire_faults.__doc__ is not None
     for kind in FAULT_KINDS:
-        assert f"\n    {kind} " in emulator.__doc__, kind
+        assert f"\n    {kind} " in wire_faults.__doc__, kind
 
 
 def test_no_io_before_start() -> None:

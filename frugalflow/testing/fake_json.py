@@ -13,7 +13,9 @@ _WORDS = (
 ).split()
 
 
-def fake_json(schema: dict[str, Any], rng: random.Random, defs: dict[str, Any] | None = None) -> Any:
+def fake_json(
+    schema: dict[str, Any], rng: random.Random, defs: dict[str, Any] | None = None
+) -> Any:
     """A value valid against a JSON schema (the subset pydantic emits), drawn from `rng`."""
     defs = defs if defs is not None else schema.get("$defs", {})
     if "$ref" in schema:
