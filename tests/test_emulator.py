@@ -669,6 +669,15 @@ def test_fault_kinds_are_documented() -> None:
         assert f"\n    {kind} " in wire_faults.__doc__, kind
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_the_judge_mark_never_reaches_the_wire(emu: ProviderEmulator, provider: str) -> None:
+    from frugalflow import Judge
+
+    await make(emu, provider).ainvoke(Judge("Specific.").prompt("the input", "the answer"))
+    sent = json.dumps(emu.requests[-1].body)
+    assert "the input" in sent and Judge.MARK not in sent  # a real provider never sees it
+
+
 def test_no_io_before_start() -> None:
     server = ProviderEmulator()
     with pytest.raises(RuntimeError, match="not running"):

@@ -28,7 +28,6 @@ from langchain_core.messages import (
     AIMessageChunk,
     BaseMessage,
     HumanMessage,
-    SystemMessage,
     ToolMessage,
 )
 from langchain_core.messages.tool import tool_call_chunk
@@ -220,9 +219,11 @@ def oracle_success(ability: float, difficulty: float) -> float:
     return 1.0 / (1.0 + math.exp(-30.0 * (ability - (0.45 + 0.4 * d))))
 
 
-def _is_judge_request(messages: Sequence[BaseMessage]) -> bool:
-    return bool(messages) and isinstance(messages[0], SystemMessage) and \
-        "Reply with APPROVE or REJECT" in str(messages[0].content)
+def _judged(messages: Sequence[BaseMessage]) -> tuple[str, str] | None:
+    """(input, answer) of a judge request, recognised by `Judge`'s mark (never its wording)."""
+    from ..routing import Judge
+
+    return Judge.judged(messages)
 
 
 class SimulatedChatModel(BaseChatModel):
@@ -330,8 +331,8 @@ class SimulatedChatModel(BaseChatModel):
             if self.responder is not None:
                 out = self.responder(messages)
                 msg = out if isinstance(out, AIMessage) else AIMessage(content=str(out))
-            elif _is_judge_request(messages):
-                msg = AIMessage(content=self._judge(messages, rng))
+            elif (judged := _judged(messages)) is not None:
+                msg = AIMessage(content=self._judge(*judged, rng))
             else:
                 n = max(1, self.output_tokens * 3 // 4)
                 words = [rng.choice(_WORDS) for _ in range(n)]
@@ -344,12 +345,10 @@ class SimulatedChatModel(BaseChatModel):
         msg.response_metadata = {"model_name": self.model_name, "model_provider": self.provider}
         return msg
 
-    def _judge(self, messages: Sequence[BaseMessage], rng: random.Random) -> str:
-        """A `Judge` verdict: right (by an oracle that knows the input) with probability
-        `accuracy`, else the opposite; with no oracle for the input, APPROVE that often."""
-        text = str(messages[-1].content)
-        question, _, answer = text.partition("\n\nAnswer:\n")
-        question = question.removeprefix("Input:\n")
+    def _judge(self, question: str, answer: str, rng: random.Random) -> str:
+        """A `Judge` verdict on `answer` to `question`: right (by an oracle that knows the
+        input) with probability `accuracy`, else the opposite; with no oracle for the input,
+        APPROVE that often."""
         truth: bool | None = None
         try:
             given = json.loads(answer)
