@@ -108,7 +108,8 @@ async def test_latency_is_configurable() -> None:
 
 
 async def test_simulated_judge_checks_answers_against_the_oracle() -> None:
-    from flows.document_extraction import Invoice, read_invoice, sample_invoices
+    from flows.document_extraction import Invoice, sample_invoices
+    from frugalflow.testing.oracles import read_invoice
     from frugalflow import Judge
 
     doc = sample_invoices(2, seed=1)[1]
@@ -169,3 +170,23 @@ async def test_the_judge_mark_reaches_the_model_through_the_routed_model(make_ct
     assert len(seen) == 1 and seen[0] is not None
     question, judged_answer = seen[0]
     assert question == "hello there" and str(answer.content) in judged_answer
+
+
+def test_importing_a_flow_leaves_the_simulator_alone(sim: Any, monkeypatch: Any) -> None:
+    from pathlib import Path
+
+    from frugalflow.cli import load_flow
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(sim, "oracles", {})
+    for name in ("support_triage", "document_extraction", "research_brief"):
+        load_flow(name)  # executes the flow's module afresh
+    assert sim.oracles == {}
+
+
+def test_the_process_wide_simulator_knows_the_flows_oracles(sim: Any) -> None:
+    from frugalflow.testing.oracles import FLOW_ORACLES
+
+    assert {name: sim.oracles[name] for name in FLOW_ORACLES} == FLOW_ORACLES
+    assert Simulator().oracles == {}  # a simulator of your own knows what you give it
+    assert Simulator(oracles=FLOW_ORACLES).oracles == FLOW_ORACLES

@@ -20,9 +20,9 @@ _VOCAB = (
 
 
 def oracle_answer(name: str, ask: Ask) -> dict[str, Any] | None:
-    """The right answer when a simulator oracle knows this schema (the demo, notebooks and
-    tests register the flows' oracles), so the flows' validators accept the emulator's
-    answers; else None (a fake is generated)."""
+    """The right answer when an oracle of the process-wide simulator knows this schema (it
+    knows the ready-made flows'), so the flows' validators accept the emulator's answers;
+    else None (a fake is generated)."""
     from langchain_core.messages import HumanMessage
 
     from .simulator import simulator

@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -46,6 +46,7 @@ from ..exceptions import (
 from ..fallback import error_from_status
 from ..providers import ProviderAdapter
 from .fake_json import fake_json
+from .oracles import FLOW_ORACLES, Oracle
 
 if TYPE_CHECKING:
     from ..catalog import ModelSpec
@@ -105,14 +106,17 @@ class Fault:
 class Simulator:
     """Fault plan, call counters and latency scale shared by simulated models."""
 
-    def __init__(self, *, seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, seed: int = 0, clock: Callable[[], float] = time.monotonic,
+        oracles: Mapping[str, Oracle] | None = None,
+    ) -> None:
         self.seed = seed
         self.clock = clock
         self.latency_scale = 0.0
         """Each model sleeps its catalog `latency_ms` times this (0: instant)."""
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
-        self.oracles: dict[str, Callable[[list[BaseMessage]], tuple[dict[str, Any], float]]] = {}
+        self.oracles: dict[str, Oracle] = dict(oracles or {})
         """Tool/schema name -> (right answer, difficulty 0..1) for the messages: simulated
         models answer that tool call correctly with a probability set by their quality."""
         self._rng = random.Random(seed)
@@ -183,8 +187,10 @@ class Simulator:
             return None, self.calls[key]
 
 
-simulator = Simulator()
-"""The process-wide simulator that catalog-built simulated models use."""
+simulator = Simulator(oracles=FLOW_ORACLES)
+"""The process-wide simulator that catalog-built simulated models (and the provider emulator)
+use. It knows the ready-made flows' oracles (frugalflow.testing.oracles), so that they run
+offline as written: the demo, `frugalflow run` without keys, the notebooks and the tests."""
 
 
 def _error(kind: str, fault: Fault, provider: str, model: str) -> ModelAPIError:
