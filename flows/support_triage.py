@@ -11,24 +11,14 @@ on the model with the lowest expected cost per validated answer).
 from __future__ import annotations
 
 import re
-from typing import Literal, TypedDict
+from typing import TypedDict
 
 from langchain_core.messages import HumanMessage, SystemMessage
-from pydantic import BaseModel, Field
 
+from agents.support import TicketFields
 from frugalflow import END, START, Flow, Needs, RoutedChatModel
 
 CATEGORIES = ("billing", "shipping", "account", "technical", "other")
-
-
-class TicketFields(BaseModel):
-    """Structured fields extracted from a support ticket."""
-
-    customer_name: str = Field(description="the customer's name, or 'unknown'")
-    order_id: str | None = Field(default=None, description="an order number if mentioned")
-    product: str | None = Field(default=None, description="the product concerned")
-    urgency: Literal["low", "normal", "high"] = "normal"
-    summary: str = Field(description="one sentence describing the problem")
 
 
 class TriageState(TypedDict, total=False):
