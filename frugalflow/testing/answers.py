@@ -34,7 +34,7 @@ def oracle_answer(name: str, ask: Ask) -> dict[str, Any] | None:
     return dict(answer) if answer else None
 
 
-def compose(ask: Ask, rng: random.Random, said: Any, refused: bool) -> Answer:
+def compose(ask: Ask, rng: random.Random, said: object, refused: bool) -> Answer:
     """The answer to `ask`: `said` (a responder's text, or JSON-able) if not None, else a
     tool call, schema-valid JSON or a few seeded sentences; empty when `refused`."""
     n_in = tokens(ask.prompt_chars)

@@ -83,6 +83,8 @@ if TYPE_CHECKING:
 
     from langchain_core.language_models import BaseChatModel
 
+    from ..catalog import Catalog
+
 __all__ = [
     "EMULATED_MODELS",
     "EMULATOR_KEY_ENV",
@@ -100,7 +102,7 @@ _log = logging.getLogger(__name__)
 
 PROVIDERS: Final = ("openai", "anthropic", "gemini", "ollama")
 
-Responder = Callable[[str, str, dict[str, Any]], Any]
+Responder = Callable[[str, str, dict[str, Any]], object]
 """(provider, model, request_json) -> the answer's text (a dict or list is sent as JSON text),
 or None for the default answer."""
 
@@ -434,7 +436,7 @@ class ProviderEmulator:
     def _answer(self, ctx: Context, ask: Ask, refused: bool,
                 fault: EmulatedFault | None = None) -> Answer:
         rng = self._rng(ctx.provider, ctx.model, ask.last_text)
-        said: Any = None
+        said: object = None
         if self.responder is not None and not refused:
             said = self.responder(ctx.provider, ctx.model, ctx.body)
         answer = compose(ask, rng, said, refused)
@@ -709,7 +711,9 @@ EMULATED_MODELS: tuple[str, ...] = (
 )
 
 
-def emulated_catalog(emu: ProviderEmulator, models: Iterable[str] = EMULATED_MODELS) -> Any:
+def emulated_catalog(
+    emu: ProviderEmulator, models: Iterable[str] = EMULATED_MODELS
+) -> Catalog:
     """Built-in catalog entries for `models`, served by `emu` through the real integrations.
 
     Prices, windows, capabilities and quality are the real models' (genai-prices, profiles,
