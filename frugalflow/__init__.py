@@ -32,7 +32,6 @@ from .exceptions import (
 from .fallback import BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
 from .usage import Attempt
 from .flow import END, START, Agent, CompiledFlow, Flow
-from .providers.simulated import SimulatedChatModel, Simulator
 from .routing import Judge, Needs, RoutedChatModel, RunContext, estimate_tokens, explain, rank
 from .usage import RunUsage, Usage
 
@@ -79,8 +78,6 @@ __all__ = [
     "RoutedChatModel",
     "RunContext",
     "RunUsage",
-    "SimulatedChatModel",
-    "Simulator",
     "Usage",
     "UserError",
     "__version__",

@@ -86,7 +86,7 @@ def demo(
 
 
 def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
-    from .providers.simulated import simulator
+    from .testing.simulator import simulator
 
     flow = load_flow("support_triage")
     catalog = Catalog.simulated()

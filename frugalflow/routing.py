@@ -504,6 +504,11 @@ class Judge:
     answers against the flows' oracles and err as often as their quality says.
     """
 
+    MARK = "frugalflow_judge"
+    """The key, in the judge prompt's `additional_kwargs`, that marks a judge request: no
+    provider integration sends it, test doubles recognise a judge request by it (never by the
+    prompt's wording) and read what is judged from it (see `judged`)."""
+
     def __init__(self, criteria: str, *, needs: Needs | None = None) -> None:
         if not criteria.strip():
             raise UserError("Judge needs criteria: what makes an answer acceptable")
@@ -520,8 +525,18 @@ class Judge:
                 "You check another model's answer against criteria. Reply with APPROVE or "
                 "REJECT as the first word, then one sentence of reasons.\n"
                 f"Criteria: {self.criteria}"),
-            HumanMessage(f"Input:\n{question}\n\nAnswer:\n{answer}"),
+            HumanMessage(f"Input:\n{question}\n\nAnswer:\n{answer}",
+                         additional_kwargs={self.MARK: {"input": question, "answer": answer}}),
         ]
+
+    @classmethod
+    def judged(cls, messages: Sequence[BaseMessage]) -> tuple[str, str] | None:
+        """(input, answer) when `messages` are a judge request (they carry `MARK`), else None."""
+        for m in messages:
+            mark = m.additional_kwargs.get(cls.MARK)
+            if isinstance(mark, dict):
+                return str(mark.get("input", "")), str(mark.get("answer", ""))
+        return None
 
     @staticmethod
     def verdict(text: str) -> bool | str:

@@ -10,7 +10,7 @@ import pytest
 
 from frugalflow import BreakerRegistry, Catalog, FallbackPolicy, RunContext, RunUsage
 from frugalflow.fallback import default_breakers
-from frugalflow.providers.simulated import simulator as _simulator
+from frugalflow.testing.simulator import simulator as _simulator
 
 # the session's PostgreSQL and Redis servers, real or throwaway (tests/services.py), and the
 # session-wide throwaway PostgreSQL database (tests/pg.py)

@@ -79,7 +79,7 @@ def review_flow() -> Flow[ReviewState]:
 
 
 async def _main(command: str, url: str, run_id: str) -> None:
-    from frugalflow.providers.simulated import simulator
+    from frugalflow.testing.simulator import simulator
     from frugalflow.runner import Runner
 
     simulator.reset(seed=0)

@@ -12,12 +12,13 @@ import pytest
 from langchain_core.messages import HumanMessage
 from typer.testing import CliRunner
 
-from flows.document_extraction import flow as extraction, read_invoice, sample_invoices
-from flows.support_triage import TicketFields, check_fields, read_ticket
+from flows.document_extraction import flow as extraction, sample_invoices
+from flows.support_triage import TicketFields, check_fields
 from frugalflow import Catalog, Needs
 from frugalflow.cli import app
 from frugalflow.learning import LearnedRouter, PriorRouter, choose, examples_from
 from frugalflow.runner import Runner
+from frugalflow.testing.oracles import read_invoice, read_ticket
 
 ROOT = Path(__file__).resolve().parents[1]
 

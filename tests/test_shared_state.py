@@ -409,7 +409,7 @@ def _emulator_key(monkeypatch: pytest.MonkeyPatch) -> Any:
     from langchain_anthropic import _client_utils as anthropic_clients
     from langchain_openai.chat_models import _client_utils as openai_clients
 
-    from frugalflow.emulator import EMULATOR_KEY_ENV
+    from frugalflow.testing.emulator import EMULATOR_KEY_ENV
 
     monkeypatch.setenv(EMULATOR_KEY_ENV, "emulator-test-key")
     yield
@@ -424,7 +424,7 @@ def _emulator_key(monkeypatch: pytest.MonkeyPatch) -> Any:
 async def test_retry_after_over_the_wire_is_remembered(_emulator_key: None, shared: bool) -> None:
     from test_wire import ROUTE, first_choice, tries
 
-    from frugalflow.emulator import ProviderEmulator, emulated_catalog
+    from frugalflow.testing.emulator import ProviderEmulator, emulated_catalog
 
     clock = FakeClock()
     clock.now = time.time()

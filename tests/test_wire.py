@@ -24,7 +24,7 @@ from frugalflow import (
 from frugalflow.cli import load_flow
 from conftest import FakeClock
 
-from frugalflow.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
+from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
 
 ROUTE = {"openai": "openai", "groq": "openai", "deepseek": "openai", "anthropic": "anthropic",
          "google": "gemini", "ollama": "ollama"}

@@ -346,7 +346,7 @@ def _register_builtins() -> None:
     from .google import GoogleAdapter
     from .ollama import OllamaAdapter
     from .openai import OPENAI_COMPATIBLE, OpenAIAdapter
-    from .simulated import SimulatedAdapter
+    from ..testing.simulator import SimulatedAdapter  # the simulated provider (offline)
 
     openai = OpenAIAdapter()
     for provider in OPENAI_COMPATIBLE:
