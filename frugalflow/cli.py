@@ -643,7 +643,7 @@ def worker(
     catalog: str = CatalogOption, router: str = RouterOption,
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
-    from .dispatch import ProcrastinateDispatcher, run_worker
+    from .scale.dispatch import ProcrastinateDispatcher, run_worker
     from .fallback import RedisBreakerRegistry, RedisRateLimiter
     from .runner import Runner
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import socket
@@ -30,10 +29,10 @@ from typing import TYPE_CHECKING, Any, cast
 from langgraph.graph import START
 from langgraph.types import Command
 from sqlalchemy import select, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from .catalog import Catalog
+from .events import EventBus, attempt_event
 from .exceptions import (
     BudgetExceededError,
     FrugalflowError,
@@ -55,7 +54,9 @@ if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
     from langgraph.checkpoint.base import BaseCheckpointSaver
 
-__all__ = ["FINAL_STATUSES", "EventBus", "Lease", "RunResult", "RunStatus", "Runner"]
+    from .scale.relay import PostgresEventRelay
+
+__all__ = ["FINAL_STATUSES", "Lease", "RunResult", "RunStatus", "Runner"]
 
 log = logging.getLogger("frugalflow")
 
@@ -170,158 +171,6 @@ def _aware(dt: Any) -> Any:
 async def _fenced_async(fence: Fence) -> Any:
     with fenced(fence):
         yield
-
-
-def _attempt_event(a: Attempt) -> dict[str, Any]:
-    u = a.usage
-    return {
-        "node": a.node, "model": a.model, "provider": a.provider, "outcome": a.outcome,
-        "error_class": a.error_class, "error": scrub(a.error) if a.error else None,
-        "action": a.action, "fallback_from": a.fallback_from, "cost_usd": a.cost_usd,
-        "latency_ms": round(a.latency_ms, 2), "call_id": a.call_id,
-        "input_tokens": u.input_tokens if u else 0, "output_tokens": u.output_tokens if u else 0,
-    }
-
-
-class EventBus:
-    """In-process publish/subscribe of run events (`subscribe(run_id)` or all runs)."""
-
-    def __init__(self, maxsize: int = 1000) -> None:
-        self._subs: list[tuple[str | None, asyncio.Queue[dict[str, Any]]]] = []
-        self._maxsize = maxsize
-
-        self.relay: Any = None
-        """Set to a PostgresEventRelay to share events with every process of the database."""
-
-    def publish(self, run_id: str, kind: str, **data: Any) -> None:
-        event = {"run_id": run_id, "event": kind, "at": utcnow().isoformat(), **data}
-        self.deliver(event)
-        if self.relay is not None:
-            self.relay.send(event)
-
-    def deliver(self, event: dict[str, Any]) -> None:
-        """Hand `event` to this process's subscribers."""
-        run_id = event.get("run_id")
-        for rid, queue in list(self._subs):
-            if rid is None or rid == run_id:
-                with contextlib.suppress(asyncio.QueueFull):  # a slow consumer loses events
-                    queue.put_nowait(event)
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self, run_id: str | None = None) -> Any:
-        """`async with bus.subscribe(id) as events: async for e in events: ...`"""
-        async with self.queue(run_id) as queue:
-
-            async def iterate() -> Any:
-                while True:
-                    yield await queue.get()
-
-            yield iterate()
-
-    @contextlib.asynccontextmanager
-    async def queue(self, run_id: str | None = None) -> Any:
-        """The events as an asyncio.Queue (safe to `wait_for(queue.get(), t)`)."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self._maxsize)
-        entry = (run_id, queue)
-        self._subs.append(entry)
-        try:
-            yield queue
-        finally:
-            self._subs.remove(entry)
-
-
-class PostgresEventRelay:
-    """Shares run events between processes through PostgreSQL LISTEN/NOTIFY, so a service's
-    event stream shows what workers on other machines do."""
-
-    CHANNEL = "frugalflow_events"
-
-    def __init__(self, url: str, bus: EventBus) -> None:
-        self.dsn = make_url(url.replace("postgres://", "postgresql://", 1)).set(
-            drivername="postgresql").render_as_string(hide_password=False)
-        self.bus = bus
-        self.origin = uuid.uuid4().hex
-        self._conn: Any = None
-        self._outbox: asyncio.Queue[str] | None = None
-        self._sender: asyncio.Task[None] | None = None
-        self._reconnecting: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._connect()
-        self._outbox = asyncio.Queue(10_000)
-        self._sender = asyncio.create_task(self._send_loop())
-        self.bus.relay = self
-
-    async def _connect(self) -> None:
-        import asyncpg
-
-        self._conn = await asyncpg.connect(self.dsn)
-        await self._conn.add_listener(self.CHANNEL, self._on_notify)
-        # A dropped connection (server restart, network cut) is replaced: until then the
-        # events of other processes do not arrive (the service re-reads runs every second).
-        self._conn.add_termination_listener(self._on_terminated)
-
-    def _on_terminated(self, _conn: Any) -> None:
-        if self._outbox is not None and (self._reconnecting is None or self._reconnecting.done()):
-            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
-
-    async def _reconnect(self) -> None:
-        """Connect again, with backoff, until it works (or the relay is closed)."""
-        delay = 0.05
-        while self._outbox is not None:
-            with contextlib.suppress(Exception):
-                old, self._conn = self._conn, None
-                if old is not None and not old.is_closed():
-                    old.terminate()
-            try:
-                await self._connect()
-                log.info("frugalflow: event relay reconnected")
-                return
-            except Exception as e:  # still unreachable: try again
-                log.debug("frugalflow: event relay reconnect failed: %s", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def send(self, event: dict[str, Any]) -> None:
-        if self._outbox is None:
-            return
-        payload = json.dumps({**event, "origin": self.origin}, default=str)
-        if len(payload) > 7900:  # NOTIFY payloads are limited to 8000 bytes
-            payload = json.dumps({k: event[k] for k in ("run_id", "event", "at") if k in event}
-                                 | {"origin": self.origin, "truncated": True})
-        with contextlib.suppress(asyncio.QueueFull):
-            self._outbox.put_nowait(payload)
-
-    async def _send_loop(self) -> None:
-        outbox = self._outbox
-        assert outbox is not None
-        while True:
-            payload = await outbox.get()
-            try:
-                if self._conn is None or self._conn.is_closed():
-                    raise ConnectionError("the event relay's connection is closed")
-                await self._conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, payload)
-            except Exception:  # a lost event is logged, never fatal to the run
-                log.warning("frugalflow: could not relay an event", exc_info=True)
-                if self._conn is None or self._conn.is_closed():
-                    self._on_terminated(self._conn)
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        event = json.loads(payload)
-        if event.pop("origin", None) != self.origin:
-            self.bus.deliver(event)
-
-    async def close(self) -> None:
-        self._outbox = None  # stops reconnecting
-        for task in (self._sender, self._reconnecting):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._conn is not None:
-            with contextlib.suppress(Exception):  # already dropped by the server
-                await self._conn.close()
-        self.bus.relay = None
 
 
 @dataclass
@@ -441,6 +290,8 @@ class Runner:
     async def setup(self) -> None:
         await self.store.setup()
         if self._share_events and self._relay is None and not self.store.is_sqlite:
+            from .scale.relay import PostgresEventRelay
+
             self._relay = PostgresEventRelay(self.store.url, self.events)
             await self._relay.start()
         if self.dispatcher is not None:
@@ -981,7 +832,7 @@ class Runner:
                 # its end or its release. The model call itself succeeded: go on.
                 log.warning("frugalflow: attempt row of run %s kept until the database is "
                             "back: %s", attempt.run_id, e)
-            self.events.publish(attempt.run_id or "", "attempt", **_attempt_event(attempt))
+            self.events.publish(attempt.run_id or "", "attempt", **attempt_event(attempt))
 
         return write
 

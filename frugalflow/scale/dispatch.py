@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from ..runner import Runner
 
 __all__ = ["Dispatcher", "ProcrastinateDispatcher", "run_worker"]
 
@@ -62,8 +62,8 @@ def _database_lost(error: BaseException) -> bool:
     """Whether `error` says the database (or the way to it) went away, not a bug."""
     from procrastinate.exceptions import ConnectorException
 
-    from .exceptions import StoreUnavailableError
-    from .persistence.store import is_transient
+    from ..exceptions import StoreUnavailableError
+    from ..persistence.store import is_transient
 
     if isinstance(error, (ConnectorException, StoreUnavailableError, OSError)):
         return True
@@ -195,7 +195,7 @@ class ProcrastinateDispatcher:
 
         from sqlalchemy import select
 
-        from .persistence.tables import LeaseRow, utcnow
+        from ..persistence.tables import LeaseRow, utcnow
 
         leases = LeaseRow.__table__  # type: ignore[attr-defined]
         before = utcnow() - timedelta(seconds=older_than)
