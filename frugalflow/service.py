@@ -680,7 +680,7 @@ async def _health_details(runner: Runner) -> dict[str, Any]:
         database["reachable"] = False
     providers = sorted({s.provider for s in runner.catalog})
     return {"version": __version__, "database": database,
-            "executing": len(runner._tasks), "flows": sorted(runner.flows),
+            "executing": len(runner.executing), "flows": sorted(runner.flows),
             "providers": {p: runner.breakers.state(p).value for p in providers},
             # "unavailable": Redis (shared breakers / rate limits) is down and this process
             # uses in-process state until it is back; "local": nothing is shared.
