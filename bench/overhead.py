@@ -24,7 +24,8 @@ from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
-from frugalflow import BreakerRegistry, Catalog, Flow, Needs, RoutedChatModel, SimulatedChatModel
+from frugalflow import BreakerRegistry, Catalog, Flow, Needs, RoutedChatModel
+from frugalflow.providers.simulated import SimulatedChatModel
 
 
 class State(TypedDict, total=False):

@@ -11,9 +11,8 @@ from frugalflow import (
     ContextLengthError,
     ProviderOverloadedError,
     RateLimitError,
-    SimulatedChatModel,
-    Simulator,
 )
+from frugalflow.providers.simulated import SimulatedChatModel, Simulator
 
 HI = [HumanMessage("hello")]
 
@@ -114,7 +113,8 @@ async def test_latency_is_configurable() -> None:
 
 async def test_simulated_judge_checks_answers_against_the_oracle() -> None:
     from flows.document_extraction import Invoice, read_invoice, sample_invoices
-    from frugalflow import Judge, SimulatedChatModel
+    from frugalflow import Judge
+    from frugalflow.providers.simulated import SimulatedChatModel
 
     doc = sample_invoices(2, seed=1)[1]
     right = Invoice(**read_invoice([HumanMessage(doc)])[0])

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from ..events import EventBus
+from ..events import Event, EventBus
 
 __all__ = ["PostgresEventRelay"]
 
@@ -70,7 +70,7 @@ class PostgresEventRelay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def send(self, event: dict[str, Any]) -> None:
+    def send(self, event: Event) -> None:
         if self._outbox is None:
             return
         payload = json.dumps({**event, "origin": self.origin}, default=str)
