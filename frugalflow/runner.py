@@ -10,6 +10,7 @@ was executing at the crash runs again from its start.
     runner = Runner("sqlite:///runs.db", flows=[triage_flow], catalog=Catalog.default())
     result = await runner.start("support_triage", {"ticket": "..."}, budget=0.10)
     result = await runner.resume(result.run_id, budget=0.50)   # after budget_exceeded
+    result = await runner.wait(run_id)   # started with wait=False, or executed by workers
 """
 
 from __future__ import annotations
@@ -329,16 +330,9 @@ class Runner:
         if self.dispatcher is not None:
             await self.dispatcher.open()
 
-    async def start(
-        self,
-        flow: str | Flow[Any],
-        input: Any,
-        *,
-        budget: float | None = None,
-        run_id: str | None = None,
-        wait: bool = True,
-        principal: str | None = None,
-    ) -> RunResult:
+    async def start(self, flow: str | Flow[Any], input: Any, *, budget: float | None = None,
+                    run_id: str | None = None, wait: bool = True,
+                    principal: str | None = None) -> RunResult:
         """Create a run and execute it; with `wait=False`, execute it in the background.
         `principal` records who started it (the service's named tokens)."""
         if isinstance(flow, Flow):
@@ -361,17 +355,10 @@ class Runner:
                                      status=RunStatus.QUEUED, principal=principal)
         graph = self.compiled(name).graph
         await graph.aupdate_state(self._config(run_id), input, as_node=START)
-        return await self._dispatch(run_id, wait=wait)
+        return await self._dispatch(self.dispatcher, run_id, wait=wait)
 
-    async def resume(
-        self,
-        run_id: str,
-        value: Any = None,
-        *,
-        budget: float | None = None,
-        wait: bool = True,
-        wait_for_lease: float = 0.0,
-    ) -> RunResult:
+    async def resume(self, run_id: str, value: Any = None, *, budget: float | None = None,
+                     wait: bool = True, wait_for_lease: float = 0.0) -> RunResult:
         """Continue a run from its last checkpoint.
 
         `value` answers an interrupt; `budget` replaces the run's budget (e.g. after
@@ -408,7 +395,7 @@ class Runner:
             await self.ledger.update_run(
                 run_id, status=RunStatus.QUEUED,
                 pending_resume={"value": value} if row.status == RunStatus.INTERRUPTED else None)
-            return await self._dispatch(run_id, wait=wait)
+            return await self._dispatch(self.dispatcher, run_id, wait=wait)
         return await self._launch(run_id, graph_input, wait=wait, wait_for_lease=wait_for_lease)
 
     async def execute_dispatched(self, run_id: str) -> RunResult | None:
@@ -443,11 +430,10 @@ class Runner:
         saver = cast("BaseCheckpointSaver[Any]", self.compiled(flow).graph.checkpointer)
         return await saver.aget_tuple(self._config(run_id)) is not None
 
-    async def _dispatch(self, run_id: str, *, wait: bool) -> RunResult:
+    async def _dispatch(self, dispatcher: Dispatcher, run_id: str, *, wait: bool) -> RunResult:
         """Queue the run for a worker; with `wait`, follow it until it stops (a pause too:
         `start`/`resume` report it, while `wait` waits for the worker that takes it next)."""
-        assert self.dispatcher is not None
-        await self.dispatcher.submit(run_id)
+        await dispatcher.submit(run_id)
         if not wait:
             return RunResult(run_id, RunStatus.QUEUED)
         return await self._follow(run_id, until=_STOPPED)

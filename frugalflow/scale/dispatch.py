@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.engine import make_url
 
@@ -76,7 +76,7 @@ def _database_lost(error: BaseException) -> bool:
     return is_transient(error)
 
 
-async def _until_reachable(step: Callable[[], Awaitable[Any]], what: str, *,
+async def _until_reachable(step: Callable[[], Awaitable[object]], what: str, *,
                            first: float = 0.2, cap: float = 5.0) -> None:
     """Await `step()`, again and again with backoff while the database is unreachable."""
     delay = first
