@@ -211,7 +211,8 @@ def _print_event(e: dict[str, Any]) -> None:
         console.print(f"  [red]{e['node']} {e['status']}[/]")
 
 
-async def _run_with_progress(runner: Runner, start: Callable[[], Coroutine[Any, Any, RunResult]],
+async def _run_with_progress(runner: Runner,
+                             start: Callable[[], Coroutine[Any, Any, RunResult]],
                              as_json: bool) -> RunResult:
     async with runner.events.subscribe() as events:
         task = asyncio.create_task(start())

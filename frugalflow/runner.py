@@ -646,9 +646,9 @@ class Runner:
         """Execute the run's graph up to its next stop, noting in `end` how far it got."""
         row = await self.ledger.get_run(run_id)
         compiled = self.compiled(row.flow)
-        if row.status not in (RunStatus.PENDING, RunStatus.QUEUED) or row.pending_resume is not None:
-            # A continuation: calls that completed before a crash are replayed.
-            end.continuation = True
+        # A continuation: calls that completed before a crash are replayed.
+        end.continuation = (row.status not in (RunStatus.PENDING, RunStatus.QUEUED)
+                            or row.pending_resume is not None)
         ctx = await self._context(compiled, row, end.continuation)
         await self.ledger.update_run(run_id, status=RunStatus.RUNNING, error=None, error_type=None)
         self.events.publish(run_id, "run_started", flow=row.flow)

@@ -1,1 +1,1 @@
-"""Running at scale, the optional extra (`frugalflow[scale]`): workers fed by a task queue, state shared through Redis, run events shared between processes."""
+"""Scale-out, the optional `scale` extra: worker dispatch, shared Redis state, event relay."""
