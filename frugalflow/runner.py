@@ -54,7 +54,6 @@ from .usage import RunUsage
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
     from langgraph.checkpoint.base import BaseCheckpointSaver
-
     from langgraph.types import StateSnapshot
 
     from .fallback import RateLimiter
