@@ -153,7 +153,7 @@ class _Endpoint:
 def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str | None,
                 lease_ttl: float, stall: float, concurrency: int, tag: str = "") -> Any:
     from frugalflow import BreakerRegistry, FallbackPolicy
-    from frugalflow.dispatch import ProcrastinateDispatcher
+    from frugalflow.scale.dispatch import ProcrastinateDispatcher
     from frugalflow.testing.emulator import emulated_catalog
     from frugalflow.fallback import RedisBreakerRegistry, RedisRateLimiter
     from frugalflow.runner import Runner
@@ -173,7 +173,7 @@ def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str 
 
 
 async def worker_main(args: argparse.Namespace) -> None:
-    from frugalflow.dispatch import run_worker
+    from frugalflow.scale.dispatch import run_worker
 
     os.environ[EMULATOR_KEY_ENV] = KEY
     runner = make_runner(args.db, emulator_url=args.emulator, redis=args.redis,

@@ -1,6 +1,11 @@
 """frugalflow: agentic workflows whose every step runs on the cheapest capable model.
 
-The public API is what `__all__` lists; everything else is internal.
+The public API is what `__all__` lists: what a flow is written with (Flow, Agent, Needs,
+Judge, RoutedChatModel), what it runs against (Catalog, ModelSpec, FallbackPolicy,
+BreakerRegistry), how it runs durably (Runner, RunResult, RunStatus), what it reports
+(Usage, RunUsage, Attempt) and the errors a caller catches. Everything else lives in its
+module (`frugalflow.routing.rank`, `frugalflow.fallback.CircuitBreaker`, ...); test doubles
+in `frugalflow.testing`, scale-out in `frugalflow.scale`.
 """
 
 # private aliases: the stdlib helpers are not part of the flat API (tests/test_exports.py)
@@ -19,6 +24,7 @@ from .exceptions import (
     FrugalflowError,
     IncompleteResponseError,
     InvalidRequestError,
+    LeaseError,
     MalformedResponseError,
     MissingIntegrationError,
     ModelAPIError,
@@ -27,13 +33,20 @@ from .exceptions import (
     ProviderConnectionError,
     ProviderOverloadedError,
     RateLimitError,
+    RunNotFoundError,
+    RunStateError,
+    SchemaVersionError,
+    StoreError,
+    StoreUnavailableError,
     UserError,
+    ValidationFailedError,
 )
-from .fallback import BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
-from .usage import Attempt
+from .fallback import BreakerRegistry, FallbackPolicy
 from .flow import END, START, Agent, CompiledFlow, Flow
-from .routing import Judge, Needs, RoutedChatModel, RunContext, estimate_tokens, explain, rank
-from .usage import RunUsage, Usage
+from .routing import Judge, Needs, RoutedChatModel, RunContext
+from .runner import RunResult, Runner
+from .statuses import RunStatus
+from .usage import Attempt, RunUsage, Usage
 
 try:
     __version__ = _version("frugalflow")
@@ -49,12 +62,10 @@ __all__ = [
     "Attempt",
     "AuthenticationError",
     "BreakerRegistry",
-    "BreakerState",
     "BudgetExceededError",
     "Capabilities",
     "Catalog",
     "CatalogError",
-    "CircuitBreaker",
     "CompiledFlow",
     "ContentFilterError",
     "ContextLengthError",
@@ -65,6 +76,7 @@ __all__ = [
     "IncompleteResponseError",
     "InvalidRequestError",
     "Judge",
+    "LeaseError",
     "MalformedResponseError",
     "MissingIntegrationError",
     "ModelAPIError",
@@ -77,11 +89,17 @@ __all__ = [
     "RateLimitError",
     "RoutedChatModel",
     "RunContext",
+    "RunNotFoundError",
+    "RunResult",
+    "RunStateError",
+    "RunStatus",
     "RunUsage",
+    "Runner",
+    "SchemaVersionError",
+    "StoreError",
+    "StoreUnavailableError",
     "Usage",
     "UserError",
+    "ValidationFailedError",
     "__version__",
-    "estimate_tokens",
-    "explain",
-    "rank",
 ]

@@ -9,9 +9,7 @@ from frugalflow import (
     Attempt,
     AuthenticationError,
     BreakerRegistry,
-    BreakerState,
     Catalog,
-    CircuitBreaker,
     ContentFilterError,
     ContextLengthError,
     FallbackPolicy,
@@ -21,7 +19,13 @@ from frugalflow import (
     ProviderOverloadedError,
     RateLimitError,
 )
-from frugalflow.fallback import Action, error_from_status, parse_retry_after
+from frugalflow.fallback import (
+    Action,
+    BreakerState,
+    CircuitBreaker,
+    error_from_status,
+    parse_retry_after,
+)
 
 
 @pytest.mark.parametrize(

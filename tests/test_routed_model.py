@@ -11,7 +11,6 @@ from pydantic import BaseModel
 
 from frugalflow import (
     AllModelsFailedError,
-    BreakerState,
     BudgetExceededError,
     Catalog,
     FallbackPolicy,
@@ -22,6 +21,7 @@ from frugalflow import (
     ProviderConnectionError,
     RoutedChatModel,
 )
+from frugalflow.fallback import BreakerState
 
 
 def spec(provider: str, model: str, price: float, window: int = 100_000, **kw: Any) -> ModelSpec:

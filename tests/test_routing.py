@@ -4,7 +4,8 @@ import pytest
 from langchain_core.messages import HumanMessage
 from pydantic import ValidationError
 
-from frugalflow import Catalog, ModelSpec, Needs, estimate_tokens, explain, rank
+from frugalflow import Catalog, ModelSpec, Needs
+from frugalflow.routing import estimate_tokens, explain, rank
 
 
 def _cat(*specs: ModelSpec) -> Catalog:

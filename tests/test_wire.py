@@ -14,13 +14,13 @@ from pydantic import BaseModel
 
 from frugalflow import (
     BreakerRegistry,
-    BreakerState,
     FallbackPolicy,
     InvalidRequestError,
     Needs,
     RoutedChatModel,
     RunContext,
 )
+from frugalflow.fallback import BreakerState
 from frugalflow.cli import load_flow
 from conftest import FakeClock
 

@@ -1,0 +1,1 @@
+"""Scale-out, the optional `scale` extra: worker dispatch, shared Redis state, event relay."""
