@@ -155,7 +155,7 @@ def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str 
     from frugalflow import BreakerRegistry, FallbackPolicy
     from frugalflow.dispatch import ProcrastinateDispatcher
     from frugalflow.emulator import emulated_catalog
-    from frugalflow.fallback import RedisBreakerRegistry, RedisRateLimiter
+    from frugalflow.scale.redis import RedisBreakerRegistry, RedisRateLimiter
     from frugalflow.runner import Runner
 
     catalog = emulated_catalog(_Endpoint(emulator_url))  # type: ignore[arg-type]

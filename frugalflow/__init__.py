@@ -29,7 +29,7 @@ from .exceptions import (
     RateLimitError,
     UserError,
 )
-from .fallback import BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
+from .resilience import BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
 from .usage import Attempt
 from .flow import END, START, Agent, CompiledFlow, Flow
 from .providers.simulated import SimulatedChatModel, Simulator

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .catalog import Catalog
 from .exceptions import FrugalflowError
-from .fallback import BreakerRegistry, FallbackPolicy
+from .resilience import BreakerRegistry, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
 
@@ -536,7 +536,8 @@ def catalog_cmd(
                               help="Show the fleet's breakers shared through Redis."),
 ) -> None:
     """Models, prices, capabilities, availability and circuit-breaker state."""
-    from .fallback import BreakerRegistry, RedisBreakerRegistry, default_breakers
+    from .resilience import BreakerRegistry, default_breakers
+    from .scale.redis import RedisBreakerRegistry
 
     try:
         cat = _catalog(catalog)
@@ -644,7 +645,7 @@ def worker(
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
     from .dispatch import ProcrastinateDispatcher, run_worker
-    from .fallback import RedisBreakerRegistry, RedisRateLimiter
+    from .scale.redis import RedisBreakerRegistry, RedisRateLimiter
     from .runner import Runner
 
     try:

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from .catalog import Catalog
 from .exceptions import FlowError
-from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
+from .resilience import BreakerRegistry, FallbackPolicy, default_breakers
 from .routing import Needs, RoutedChatModel, RunContext, no_capable_model_error, rank
 from .usage import Listener, RunUsage
 

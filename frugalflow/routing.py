@@ -46,7 +46,7 @@ from .exceptions import (
     StoreError,
     UserError,
 )
-from .fallback import Action, BreakerRegistry, FallbackPolicy, default_breakers
+from .resilience import Action, BreakerRegistry, FallbackPolicy, default_breakers
 from .statuses import Outcome
 from .usage import Attempt
 from .usage import RunUsage, Usage

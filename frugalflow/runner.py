@@ -42,7 +42,7 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
+from .resilience import BreakerRegistry, FallbackPolicy, default_breakers
 from .statuses import FINAL_STATUSES, RunStatus
 from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget

@@ -670,7 +670,7 @@ def create_router(
 
 async def _health_details(runner: Runner) -> dict[str, Any]:
     from . import __version__
-    from .fallback import acheck_shared_state
+    from .scale.redis import acheck_shared_state
 
     database: dict[str, Any] = {"dialect": runner.store.dialect}
     try:

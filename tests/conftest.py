@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from frugalflow import BreakerRegistry, Catalog, FallbackPolicy, RunContext, RunUsage
-from frugalflow.fallback import default_breakers
+from frugalflow.resilience import default_breakers
 from frugalflow.providers.simulated import simulator as _simulator
 
 # the session's PostgreSQL and Redis servers, real or throwaway (tests/services.py), and the

@@ -20,7 +20,8 @@ from durable_flows import chain_flow  # noqa: E402
 
 from frugalflow import Catalog  # noqa: E402
 from frugalflow.dispatch import ProcrastinateDispatcher, run_worker  # noqa: E402
-from frugalflow.fallback import BreakerRegistry, RedisBreakerRegistry, RedisRateLimiter  # noqa: E402
+from frugalflow.resilience import BreakerRegistry  # noqa: E402
+from frugalflow.scale.redis import RedisBreakerRegistry, RedisRateLimiter  # noqa: E402
 from frugalflow.runner import Runner  # noqa: E402
 
 

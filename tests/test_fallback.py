@@ -21,7 +21,8 @@ from frugalflow import (
     ProviderOverloadedError,
     RateLimitError,
 )
-from frugalflow.fallback import Action, error_from_status, parse_retry_after
+from frugalflow.providers.base import error_from_status
+from frugalflow.resilience import Action, parse_retry_after
 
 
 @pytest.mark.parametrize(
@@ -155,7 +156,7 @@ async def test_redis_breakers_are_shared_between_workers(clock, redis_url: str) 
     import uuid
 
     from frugalflow import ProviderOverloadedError as Overloaded
-    from frugalflow.fallback import RedisBreakerRegistry
+    from frugalflow.scale.redis import RedisBreakerRegistry
 
     prefix = f"frugalflow:test:{uuid.uuid4().hex}:"
     a = RedisBreakerRegistry(redis_url, threshold=2, cooldown=10, prefix=prefix, clock=clock)
@@ -185,7 +186,7 @@ async def test_redis_breakers_are_shared_between_workers(clock, redis_url: str) 
 async def test_rate_limits_are_shared_by_the_fleet(clock, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     import uuid
 
-    from frugalflow.fallback import RedisRateLimiter
+    from frugalflow.scale.redis import RedisRateLimiter
 
     prefix = f"frugalflow:test-rate:{uuid.uuid4().hex}:"
     wall = lambda: 600.0 + clock.now  # noqa: E731 - a minute window we control

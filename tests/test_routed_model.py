@@ -394,7 +394,7 @@ async def test_pydantic_validator_checks_text_answers(make_ctx: Any) -> None:
 
 
 async def test_rate_limited_model_is_skipped_without_a_call(cat: Catalog, make_ctx: Any, sim: Any) -> None:
-    from frugalflow.fallback import RateLimiter
+    from frugalflow.limits import RateLimiter
 
     limited = Catalog([s.model_copy(update={"rpm": 1}) if s.key == "sim-a/small" else s
                        for s in cat], name="limited")

@@ -26,8 +26,8 @@ from frugalflow import (
     RateLimitError,
 )
 from frugalflow.cli import load_flow
-from frugalflow.fallback import (
-    RateLimiter,
+from frugalflow.limits import RateLimiter
+from frugalflow.scale.redis import (
     RedisBreakerRegistry,
     RedisRateLimiter,
     acheck_shared_state,

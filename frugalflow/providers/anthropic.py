@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ModelAPIError
-from . import ProviderAdapter, translate_common
+from .base import ProviderAdapter, translate_common
 from .openai import translate_sdk
 
 if TYPE_CHECKING:

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ErrorSource, ModelAPIError
-from ..fallback import error_from_status
-from . import ProviderAdapter, translate_common
+from .base import ProviderAdapter, error_from_status, translate_common
 
 if TYPE_CHECKING:
     from ..catalog import ModelSpec

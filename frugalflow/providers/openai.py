@@ -14,8 +14,7 @@ from ..exceptions import (
     ModelTimeoutError,
     ProviderConnectionError,
 )
-from ..fallback import error_from_status
-from . import ProviderAdapter, translate_common
+from .base import ProviderAdapter, error_from_status, translate_common
 
 if TYPE_CHECKING:
     from ..catalog import ModelSpec

@@ -44,8 +44,7 @@ from ..exceptions import (
     ModelAPIError,
     ProviderConnectionError,
 )
-from ..fallback import error_from_status
-from . import ProviderAdapter
+from .base import ProviderAdapter, error_from_status
 
 if TYPE_CHECKING:
     from ..catalog import ModelSpec
@@ -599,7 +598,7 @@ class SimulatedAdapter(ProviderAdapter):
         }
 
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
-        from . import translate_common
+        from .base import translate_common
 
         return translate_common(error, spec)
 
