@@ -1,3 +1,6 @@
+"""Failures classified and translated, the retry policy, the one health rule, and the
+circuit breakers in process and in Redis."""
+
 from __future__ import annotations
 
 import pickle
@@ -18,6 +21,7 @@ from frugalflow import (
     InvalidRequestError,
     ModelAPIError,
     ModelTimeoutError,
+    ProviderConnectionError,
     ProviderOverloadedError,
     RateLimitError,
 )
@@ -48,6 +52,40 @@ def test_status_classification(status: int, body: str, cls: type) -> None:
     err = error_from_status(status, f"HTTP {status}", body=body, provider="p", model="m")
     assert type(err) is cls
     assert err.status_code == status
+
+
+def test_one_translator_reads_sdk_errors_through_wrappers() -> None:
+    import httpx
+    import openai
+
+    from frugalflow.providers import adapter_for
+    from frugalflow.providers.base import translate_error
+
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"].model_copy(
+        update={"provider": "openai", "simulated": False})
+    adapter = adapter_for(spec)
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    answer = httpx.Response(429, headers={"retry-after": "2"}, request=request)
+    sdk_error = openai.RateLimitError("slow down", response=answer, body=None)
+    try:
+        try:
+            raise sdk_error
+        except openai.RateLimitError as inner:
+            raise RuntimeError("an integration's own wrapper") from inner
+    except RuntimeError as wrapper:
+        err = adapter.translate(wrapper, spec)
+    assert type(err) is RateLimitError and err.retry_after == 2.0 and err.status_code == 429
+    assert err.provider == "openai" and err.message.startswith("openai/gpt-4o-mini: HTTP 429")
+    # What every SDK shares: transport errors, httpx status errors, already-translated ones.
+    assert type(translate_error(TimeoutError(), spec)) is ModelTimeoutError
+    assert type(translate_error(ConnectionResetError(), spec)) is ProviderConnectionError
+    status = httpx.HTTPStatusError("503", request=request,
+                                   response=httpx.Response(503, request=request))
+    assert type(translate_error(status, spec)) is ProviderOverloadedError
+    mine = ContextLengthError("too long")
+    assert translate_error(mine, spec) is mine
+    unknown = translate_error(ValueError("odd"), spec)
+    assert type(unknown) is ModelAPIError and "ValueError: odd" in str(unknown)
 
 
 def test_retry_after_parsing() -> None:

@@ -7,16 +7,17 @@ import asyncio
 import importlib
 import importlib.util
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 from ..exceptions import (
     AuthenticationError,
     CatalogError,
     ContentFilterError,
     ContextLengthError,
-    ErrorSource,
     IncompleteResponseError,
     InvalidRequestError,
     MalformedResponseError,
@@ -31,10 +32,18 @@ from ..resilience import parse_retry_after
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import BaseMessage
 
     from ..catalog import ModelSpec
 
-__all__ = ["ProviderAdapter", "error_from_status", "translate_common"]
+__all__ = [
+    "ProviderAdapter",
+    "SDKError",
+    "error_from_status",
+    "read_stainless_error",
+    "read_transport",
+    "translate_error",
+]
 
 
 _CONTEXT_MARKERS = (
@@ -60,25 +69,28 @@ def error_from_status(
     model: str = "",
 ) -> ModelAPIError:
     """The frugalflow error for an HTTP error answer from a provider."""
-    text = (body or "").lower() + " " + message.lower()
-    kw: dict[str, Any] = {"provider": provider, "model": model, "status_code": status, "body": body}
-    if status == 429:
-        return RateLimitError(message, retry_after=parse_retry_after(retry_after), **kw)
-    if status in (401, 403):
-        return AuthenticationError(message, **kw)
-    if status == 408:
-        return ModelTimeoutError(message, **kw)
-    if status == 413 or (400 <= status < 500 and any(m in text for m in _CONTEXT_MARKERS)):
-        return ContextLengthError(message, **kw)
-    if 400 <= status < 500 and any(m in text for m in _FILTER_MARKERS):
-        return ContentFilterError(message, **kw)
-    if status in (400, 422):
-        return InvalidRequestError(message, **kw)
-    if status >= 500:  # includes Anthropic's 529 overloaded
-        return ProviderOverloadedError(message, **kw)
-    # 404 (model gone at this provider) and other codes: this model failed, others may not.
-    return ModelAPIError(message, **kw)
+    cls = _status_class(status, (body or "").lower() + " " + message.lower())
+    return cls(message, provider=provider, model=model, status_code=status, body=body,
+               retry_after=parse_retry_after(retry_after) if cls is RateLimitError else None)
 
+
+def _status_class(status: int, text: str) -> type[ModelAPIError]:
+    if status == 429:
+        return RateLimitError
+    if status in (401, 403):
+        return AuthenticationError
+    if status == 408:
+        return ModelTimeoutError
+    if status == 413 or (400 <= status < 500 and any(m in text for m in _CONTEXT_MARKERS)):
+        return ContextLengthError
+    if 400 <= status < 500 and any(m in text for m in _FILTER_MARKERS):
+        return ContentFilterError
+    if status in (400, 422):
+        return InvalidRequestError
+    if status >= 500:  # includes Anthropic's 529 overloaded
+        return ProviderOverloadedError
+    # 404 (model gone at this provider) and other codes: this model failed, others may not.
+    return ModelAPIError
 
 
 _REFUSALS = frozenset({"content_filter", "refusal", "safety", "prohibited_content", "blocklist",
@@ -171,7 +183,12 @@ class ProviderAdapter:
 
     def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
         """Map an exception raised by this provider's client to a frugalflow error."""
-        return translate_common(error, spec)
+        return translate_error(error, spec, self.read_error)
+
+    def read_error(self, error: BaseException) -> SDKError | None:
+        """What an exception of this adapter's SDK says, or None for one it does not know
+        (the shared translator then reads it as a transport error, or reads its cause)."""
+        return None
 
     async def aclose(self, model: BaseChatModel) -> None:
         """Close the HTTP clients `model` holds (adapters know where their SDK keeps them)."""
@@ -179,11 +196,11 @@ class ProviderAdapter:
         if callable(closer):
             await closer()
 
-    def check(self, message: Any, spec: ModelSpec) -> None:
+    def check(self, message: BaseMessage, spec: ModelSpec) -> None:
         """Raise for an answer (HTTP 200) that is not a whole answer: a refusal or block
         (ContentFilterError: try another provider), or one that ended without its end
         marker (IncompleteResponseError: a stream or body closed cleanly part-way)."""
-        meta = getattr(message, "response_metadata", None) or {}
+        meta = message.response_metadata or {}
         reason = self.refusal(meta)
         if reason:
             raise ContentFilterError(
@@ -218,58 +235,118 @@ class ProviderAdapter:
         return True
 
 
-def translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
-    """Errors that look the same whatever the SDK: timeouts and transport failures."""
-    mapped = _translate_common(error, spec)
-    if type(mapped) is ModelAPIError:
-        # A wrapper we do not know (an integration's own class): what it wraps may say more.
-        seen: set[int] = {id(error)}
-        inner = error.__cause__ or error.__context__
-        while inner is not None and id(inner) not in seen:
-            seen.add(id(inner))
-            deeper = _translate_common(inner, spec)
-            if type(deeper) is not ModelAPIError:
-                return deeper
-            inner = inner.__cause__ or inner.__context__
-    return mapped
+@dataclass(frozen=True, slots=True)
+class SDKError:
+    """What one exception of a provider's SDK (or of the transport) says; `translate_error`
+    turns it into frugalflow's error class."""
+
+    message: str
+    """The error message after the model's key."""
+    status: int | None = None
+    """The HTTP status of the provider's answer, classified by `error_from_status`."""
+    kind: type[ModelAPIError] = ModelAPIError
+    """The error class when there is no status (a timeout, a broken connection, ...)."""
+    body: str | None = None
+    retry_after: str | float | None = None
+    """The answer's Retry-After header, as sent."""
+
+    def error(self, spec: ModelSpec) -> ModelAPIError:
+        message = f"{spec.key}: {self.message}"
+        if self.status is None:
+            return self.kind(message, provider=spec.provider, model=spec.model)
+        return error_from_status(self.status, message, body=self.body,
+                                 retry_after=self.retry_after, provider=spec.provider,
+                                 model=spec.model)
 
 
-def _translate_common(error: BaseException, spec: ModelSpec) -> ModelAPIError:
+def _unknown(error: BaseException) -> SDKError | None:
+    return None
+
+
+def translate_error(
+    error: BaseException,
+    spec: ModelSpec,
+    read: Callable[[BaseException], SDKError | None] = _unknown,
+) -> ModelAPIError:
+    """The one translator of what a model call raised into frugalflow's error: `read` (an
+    adapter's `read_error`) knows its SDK's exceptions, `read_transport` what every SDK
+    shares (timeouts, transport failures, httpx status errors, a body that is not JSON).
+    A wrapper neither knows (an integration's own class) is read through its causes."""
+    seen: set[int] = set()
+    exc: BaseException | None = error
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ModelAPIError):
+            if type(exc) is not ModelAPIError:
+                return exc  # already translated
+        else:
+            said = read(exc) or read_transport(exc)
+            if said is not None:
+                return said.error(spec)
+        exc = exc.__cause__ or exc.__context__
     if isinstance(error, ModelAPIError):
         return error
-    where: ErrorSource = {"provider": spec.provider, "model": spec.model}
+    return ModelAPIError(f"{spec.key} failed: {type(error).__name__}: {error}",
+                         provider=spec.provider, model=spec.model)
+
+
+def read_transport(error: BaseException) -> SDKError | None:
+    """Errors that look the same whatever the SDK: timeouts and transport failures."""
     if isinstance(error, (ConnectionError, BrokenPipeError)):
         # Before TimeoutError: both are OSErrors, and a reset is not a timeout.
-        return ProviderConnectionError(f"{spec.key}: {type(error).__name__}: {error}", **where)
+        return SDKError(f"{type(error).__name__}: {error}", kind=ProviderConnectionError)
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
-        return ModelTimeoutError(f"{spec.key} did not answer in time", **where)
+        return SDKError("did not answer in time", kind=ModelTimeoutError)
     # httpx and its successor httpx2 (used by some SDKs) share the exception names.
     for module in _http_modules():
         if isinstance(error, module.TimeoutException):
-            return ModelTimeoutError(f"{spec.key} timed out: {type(error).__name__}", **where)
+            return SDKError(f"timed out: {type(error).__name__}", kind=ModelTimeoutError)
         if isinstance(error, module.HTTPStatusError):
             resp = error.response
-            return error_from_status(
-                resp.status_code,
-                f"{spec.key} answered HTTP {resp.status_code}",
-                body=_safe_text(resp),
-                retry_after=resp.headers.get("retry-after"),
-                **where,
-            )
+            return SDKError(f"answered HTTP {resp.status_code}", status=resp.status_code,
+                            body=_safe_text(resp), retry_after=resp.headers.get("retry-after"))
         if isinstance(error, module.TransportError):
-            return ProviderConnectionError(
-                f"{spec.key}: connection failed ({type(error).__name__})", **where
-            )
+            return SDKError(f"connection failed ({type(error).__name__})",
+                            kind=ProviderConnectionError)
     if isinstance(error, json.JSONDecodeError):
-        return MalformedResponseError(f"{spec.key} sent a body that is not JSON", **where)
-    if isinstance(error, (ConnectionError, OSError)):
-        return ProviderConnectionError(f"{spec.key}: {type(error).__name__}: {error}", **where)
-    return ModelAPIError(f"{spec.key} failed: {type(error).__name__}: {error}", **where)
+        return SDKError("sent a body that is not JSON", kind=MalformedResponseError)
+    if isinstance(error, OSError):
+        return SDKError(f"{type(error).__name__}: {error}", kind=ProviderConnectionError)
+    return None
+
+
+def read_stainless_error(sdk: ModuleType, error: BaseException) -> SDKError | None:
+    """HTTP status, timeout and connection errors of the OpenAI and Anthropic SDKs (both
+    generated by Stainless: same class names), or None for anything else."""
+    if isinstance(error, sdk.APIStatusError):
+        headers = error.response.headers if error.response is not None else {}
+        return SDKError(f"HTTP {error.status_code}: {_sdk_message(error)}",
+                        status=error.status_code, body=_sdk_body(error),
+                        retry_after=headers.get("retry-after"))
+    if isinstance(error, sdk.APITimeoutError):  # before its base, APIConnectionError
+        return SDKError("request timed out", kind=ModelTimeoutError)
+    if isinstance(error, sdk.APIConnectionError):
+        return SDKError(f"connection error: {error}", kind=ProviderConnectionError)
+    return None
+
+
+def _sdk_message(error: BaseException) -> str:
+    return str(getattr(error, "message", "") or error)[:300]
+
+
+def _sdk_body(error: BaseException) -> str | None:
+    body = getattr(error, "body", None)
+    if body is None:
+        return None
+    try:
+        return json.dumps(body)[:2000]
+    except (TypeError, ValueError):
+        return str(body)[:2000]
 
 
 @lru_cache(maxsize=1)
-def _http_modules() -> tuple[Any, ...]:
-    modules = []
+def _http_modules() -> tuple[ModuleType, ...]:
+    modules: list[ModuleType] = []
     for name in ("httpx", "httpx2"):
         try:
             modules.append(importlib.import_module(name))
@@ -278,9 +355,14 @@ def _http_modules() -> tuple[Any, ...]:
     return tuple(modules)
 
 
-def _safe_text(resp: Any) -> str | None:
+class _HasText(Protocol):
+    @property
+    def text(self) -> str: ...
+
+
+def _safe_text(resp: _HasText) -> str | None:
     try:
-        return str(resp.text)[:2000]
+        return resp.text[:2000]
     except Exception:  # a streamed body may be unreadable here
         return None
 

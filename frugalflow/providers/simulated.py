@@ -597,11 +597,6 @@ class SimulatedAdapter(ProviderAdapter):
             "reasoning_output": caps.get("reasoning", False),
         }
 
-    def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
-        from .base import translate_common
-
-        return translate_common(error, spec)
-
     def check(self, message: Any, spec: ModelSpec) -> None:
         """Simulated refusals are raised as errors (fault kind content_filter), never
         disguised as answers: nothing to inspect."""
