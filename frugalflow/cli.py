@@ -536,32 +536,28 @@ def catalog_cmd(
                               help="Show the fleet's breakers shared through Redis."),
 ) -> None:
     """Models, prices, capabilities, availability and circuit-breaker state."""
-    from .resilience import BreakerRegistry, default_breakers
+    from .resilience import Breakers, BreakerState, default_breakers
     from .scale.redis import RedisBreakerRegistry
 
     try:
         cat = _catalog(catalog)
     except FrugalflowError as e:
         _fail(e)
-    breakers: BreakerRegistry = default_breakers
-    shared = "local"
+    breakers: Breakers = default_breakers
     if redis:
         try:
-            fleet = RedisBreakerRegistry(redis)
+            breakers = RedisBreakerRegistry(redis)
         except ValueError as e:
             _fail(e)
 
-        async def read_fleet() -> str:
-            try:
-                state = await fleet.acheck()
-                for provider in {s.provider for s in cat}:
-                    await fleet.astate(provider)
-                return state
-            finally:
-                await fleet.aclose()
+    async def read_states() -> tuple[str, dict[str, BreakerState]]:
+        try:
+            shared = await breakers.acheck()
+            return shared, {p: await breakers.astate(p) for p in {s.provider for s in cat}}
+        finally:
+            await breakers.aclose()
 
-        shared = asyncio.run(read_fleet())
-        breakers = fleet
+    shared, states = asyncio.run(read_states())
     rows: list[_CatalogRow] = []
     for s in cat:
         rows.append({
@@ -570,7 +566,7 @@ def catalog_cmd(
             "capabilities": [c for c, v in s.caps.model_dump().items() if v],
             "quality": s.quality, "available": cat.is_available(s),
             "why_not": cat.unavailable_reason(s), "simulated": s.simulated,
-            "breaker": breakers.state(s.provider).value, "shared_state": shared,
+            "breaker": states[s.provider].value, "shared_state": shared,
         })
     if as_json:
         print(json.dumps(rows, indent=2))

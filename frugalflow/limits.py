@@ -1,6 +1,7 @@
 """Rate limits: keep calls under each model's requests and tokens per minute (in process).
 
-The fleet-wide variant, counted in Redis, is `frugalflow.scale.redis.RedisRateLimiter`.
+`Limiter` is what the routed model needs of a rate limiter; `RateLimiter` counts in this
+process, `frugalflow.scale.redis.RedisRateLimiter` for a whole fleet.
 """
 
 from __future__ import annotations
@@ -11,12 +12,21 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
 
-__all__ = ["RateLimiter", "RateReservation"]
+__all__ = ["Counted", "Limiter", "RateLimiter", "RateReservation"]
+
+
+class Counted(Enum):
+    """Where a reservation was counted."""
+
+    NOWHERE = "nowhere"  # the model has no limits: nothing to count or correct
+    PROCESS = "process"
+    FLEET = "fleet"  # in Redis
 
 
 @dataclass
@@ -28,24 +38,58 @@ class RateReservation:
     id: str
     tokens: int
     at: float
-    shared: bool = False  # counted in Redis (else in this process)
+    counted: Counted = Counted.PROCESS
+
+
+class Limiter(Protocol):
+    """What the routed model needs of a rate limiter: `RateLimiter` (this process) or
+    `RedisRateLimiter` (the fleet)."""
+
+    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | None:
+        """Room for one request of `tokens` (estimated), or None if it would exceed a limit."""
+        ...
+
+    async def acorrect(self, reservation: RateReservation, actual_tokens: int) -> None:
+        """Replace a reservation's estimated tokens with the call's actual usage."""
+        ...
+
+    async def acheck(self) -> str:
+        """The shared state's health ("ok", "unavailable" or "local"), checked now."""
+        ...
+
+    def shared_state(self) -> str:
+        """The shared state's health as last seen ("ok", "unavailable" or "local")."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the link to shared state, if any."""
+        ...
+
+
+class _Entry:
+    """One request in a window: when, its reservation id, its tokens (corrected later)."""
+
+    __slots__ = ("at", "id", "tokens")
+
+    def __init__(self, at: float, rid: str, tokens: int) -> None:
+        self.at, self.id, self.tokens = at, rid, tokens
 
 
 class _Window:
-    """One model's sliding-window log: (time, id, tokens) per request of the last minute."""
+    """One model's sliding-window log: an entry per request of the last minute."""
 
     __slots__ = ("entries", "tokens", "by_id")
 
     def __init__(self) -> None:
-        self.entries: deque[list[Any]] = deque()
+        self.entries: deque[_Entry] = deque()
         self.tokens = 0
-        self.by_id: dict[str, list[Any]] = {}
+        self.by_id: dict[str, _Entry] = {}
 
     def expire(self, edge: float) -> None:
-        while self.entries and self.entries[0][0] <= edge:
-            _, rid, tokens = self.entries.popleft()
-            self.tokens -= tokens
-            self.by_id.pop(rid, None)
+        while self.entries and self.entries[0].at <= edge:
+            old = self.entries.popleft()
+            self.tokens -= old.tokens
+            self.by_id.pop(old.id, None)
 
 
 class RateLimiter:
@@ -56,8 +100,9 @@ class RateLimiter:
     twice the limit through across a boundary). A call reserves its estimated tokens;
     `acorrect` puts in the actual usage once the answer is back (adds or refunds the
     difference). A call that would exceed a limit is not sent: the routed model moves to the
-    next candidate at once (no 429 round trip). This one counts in this process;
-    `RedisRateLimiter` counts for the whole fleet.
+    next candidate at once (no 429 round trip). This one counts in this process (its
+    methods do no I/O; they are async to be a `Limiter`); `RedisRateLimiter` counts for the
+    whole fleet.
 
     Why not the `limits` library: its moving window can neither refund nor add tokens to a
     request already counted (the usage correction), checks one limit per call (rpm and tpm
@@ -65,17 +110,18 @@ class RateLimiter:
     tests), and its redis-py extra pins redis<8.
     """
 
-    window = 60.0
+    window: ClassVar[float] = 60.0
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, spec: ModelSpec, tokens: int) -> RateReservation | None:
-        """Take room for one request of `tokens` (estimated), or None if over a limit."""
+    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | None:
         now = self.clock()
         tokens = max(int(tokens), 0)
+        if spec.rpm is None and spec.tpm is None:
+            return RateReservation(spec.key, "", tokens, now, Counted.NOWHERE)
         with self._lock:
             w = self._windows.get(spec.key)
             if w is None:
@@ -85,26 +131,27 @@ class RateLimiter:
                 spec.tpm is not None and w.tokens + tokens > spec.tpm
             ):
                 return None
-            res = RateReservation(spec.key, uuid.uuid4().hex, tokens, now)
-            entry = [now, res.id, tokens]
+            entry = _Entry(now, uuid.uuid4().hex, tokens)
             w.entries.append(entry)
-            w.by_id[res.id] = entry
+            w.by_id[entry.id] = entry
             w.tokens += tokens
-            return res
+            return RateReservation(spec.key, entry.id, tokens, now)
 
-    def correct(self, reservation: RateReservation, actual_tokens: int) -> None:
+    async def acorrect(self, reservation: RateReservation, actual_tokens: int) -> None:
+        if reservation.counted is not Counted.PROCESS:
+            return
         with self._lock:
             w = self._windows.get(reservation.key)
             entry = w.by_id.get(reservation.id) if w is not None else None
             if w is None or entry is None:
                 return  # already out of the window: nothing left to correct
             actual = max(int(actual_tokens), 0)
-            w.tokens += actual - entry[2]
-            entry[2] = actual
+            w.tokens += actual - entry.tokens
+            entry.tokens = actual
         reservation.tokens = actual
 
     def used(self, spec: ModelSpec) -> tuple[int, int]:
-        """(requests, tokens) counted for `spec` in the last `window` seconds (in process)."""
+        """(requests, tokens) counted for `spec` in the last `window` seconds."""
         with self._lock:
             w = self._windows.get(spec.key)
             if w is None:
@@ -113,18 +160,11 @@ class RateLimiter:
             return len(w.entries), w.tokens
 
     def shared_state(self) -> str:
+        """'local': this limiter counts in the process (no shared state to lose)."""
         return "local"
 
     async def acheck(self) -> str:
         return self.shared_state()
 
-    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | bool | None:
-        """A reservation (truthy), None when over a limit, True when `spec` has no limits."""
-        if spec.rpm is None and spec.tpm is None:
-            return True
-        return self.acquire(spec, tokens)
-
-    async def acorrect(self, reservation: Any, actual_tokens: int) -> None:
-        """Replace a reservation's estimated tokens with the call's actual usage."""
-        if isinstance(reservation, RateReservation):
-            self.correct(reservation, actual_tokens)
+    async def aclose(self) -> None:
+        """Nothing to close: the windows live in this process."""

@@ -2,9 +2,11 @@
 the circuit breakers that stop calling a provider (or model) that keeps failing.
 
 - `FallbackPolicy` says how often to retry the same model and how long to wait.
-- `CircuitBreaker` / `BreakerRegistry` stop calls to a provider (or model) that keeps
-  failing, shared by every run in the process; a half-open probe tests it after a cooldown.
-  The fleet-wide variant, kept in Redis, is `frugalflow.scale.redis.RedisBreakerRegistry`.
+- `verdict` is the one health rule: what a call's outcome says about its provider and model.
+- `CircuitBreaker` is one breaker's state machine; `BreakerRegistry` keeps one per provider
+  and per model, shared by every run in the process (a half-open probe tests a provider
+  after its cooldown). `Breakers` is what the routed model needs of a registry; the
+  fleet-wide one, kept in Redis, is `frugalflow.scale.redis.RedisBreakerRegistry`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
-from .exceptions import ModelAPIError
+from .exceptions import (
+    AuthenticationError,
+    ContentFilterError,
+    ContextLengthError,
+    IncompleteResponseError,
+    InvalidRequestError,
+    MalformedResponseError,
+    ModelAPIError,
+    ModelTimeoutError,
+    ProviderConnectionError,
+    ProviderOverloadedError,
+    RateLimitError,
+    ValidationFailedError,
+)
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
@@ -27,10 +42,15 @@ __all__ = [
     "Action",
     "BreakerRegistry",
     "BreakerState",
+    "Breakers",
     "CircuitBreaker",
     "FallbackPolicy",
+    "Mark",
+    "Verdict",
     "default_breakers",
     "parse_retry_after",
+    "rest_reason",
+    "verdict",
 ]
 
 
@@ -51,17 +71,15 @@ def parse_retry_after(value: str | float | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-
 class Action(Enum):
     RETRY = "retry"  # same model, after a delay
     NEXT = "next"  # next candidate
     RAISE = "raise"  # the caller's bug: no fallback
 
 
-# Errors that say the provider is unhealthy; the others say nothing about its health.
-HEALTH_ERRORS = frozenset({"rate_limit", "overloaded", "timeout", "connection", "incomplete",
-                           "unknown"})
-_RETRYABLE = frozenset({"overloaded", "timeout", "connection", "incomplete"})
+# Failures worth another try on the same model: the provider may answer the next time.
+_RETRYABLE = (ProviderOverloadedError, ModelTimeoutError, ProviderConnectionError,
+              IncompleteResponseError)
 
 
 @dataclass(frozen=True)
@@ -81,18 +99,78 @@ class FallbackPolicy:
 
     def decide(self, error: ModelAPIError, tries: int) -> tuple[Action, float]:
         """The action for `error` after `tries` retries on this model, and the delay before it."""
-        cls = error.error_class
-        if cls == "invalid_request":
+        if isinstance(error, InvalidRequestError):
             return Action.RAISE, 0.0
-        if cls == "rate_limit":
+        if isinstance(error, RateLimitError):
             wait = error.retry_after
             if wait is not None and wait <= self.retry_after_cap and tries < self.max_retries:
                 return Action.RETRY, wait
             return Action.NEXT, 0.0
-        if cls in _RETRYABLE and tries < self.max_retries:
+        if isinstance(error, _RETRYABLE) and tries < self.max_retries:
             delay = min(self.backoff_max, self.backoff_base * 2**tries)
             return Action.RETRY, delay * (0.5 + random.random() / 2)  # jitter: 50-100%
         return Action.NEXT, 0.0
+
+
+# -- the health rule ------------------------------------------------------------------------
+
+
+class Mark(Enum):
+    """What one call's outcome does to one breaker."""
+
+    UP = "up"  # a success: closes a half-open breaker, clears the failure count
+    DOWN = "down"  # a failure counted against it
+    OFF = "off"  # disabled: authentication failed
+    NONE = "none"  # nothing said about it
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a call's outcome says about its provider's breaker and its model's breaker."""
+
+    provider: Mark
+    model: Mark
+    reason: str = ""
+    """Why the failure or the disabling (shown by blocked reasons)."""
+    rest: float | None = None
+    """Seconds the model must rest: a 429's Retry-After (capped), or None."""
+
+
+_ALL_UP = Verdict(Mark.UP, Mark.UP)
+
+# Failures that prove the provider answered: they say nothing against its health.
+_ANSWERED = (ContextLengthError, ContentFilterError, InvalidRequestError, ValidationFailedError)
+
+
+def verdict(error: ModelAPIError | None, *, max_rest: float) -> Verdict:
+    """The health rule every breaker registry applies (in process or in Redis): which
+    outcome counts against whose breaker. `max_rest` caps a Retry-After (a bogus huge
+    value must not bench a model for a day)."""
+    if error is None or isinstance(error, _ANSWERED):
+        return _ALL_UP  # an answer, even a refusal, shows the provider is up
+    if isinstance(error, AuthenticationError):
+        return Verdict(Mark.OFF, Mark.NONE,
+                       f"authentication failed ({error.status_code or 'no status'})")
+    if isinstance(error, MalformedResponseError):
+        # The provider answered; this model's answer was unusable.
+        return Verdict(Mark.UP, Mark.DOWN, error.error_class)
+    rest = None
+    if isinstance(error, RateLimitError) and error.retry_after and error.retry_after > 0:
+        rest = min(float(error.retry_after), max_rest)
+    # Rate limit, overloaded, timeout, connection, incomplete, and failures of no known class.
+    return Verdict(Mark.DOWN, Mark.DOWN, error.error_class, rest)
+
+
+def rest_reason(until: float, clock: Callable[[], float]) -> str:
+    """The blocked reason of a model resting until `until` (on `clock`) after a Retry-After."""
+    # The registry's clock may be monotonic: say the wall-clock time it ends.
+    left = until - clock()
+    wall = time.time() + left
+    return ("rate limited until " + time.strftime("%H:%M:%SZ", time.gmtime(wall))
+            + f" (Retry-After, {left:.1f} s left)")
+
+
+# -- breakers -------------------------------------------------------------------------------
 
 
 class BreakerState(str, Enum):
@@ -176,9 +254,65 @@ class CircuitBreaker:
             self.probe_in_flight = False
             self.reason = ""
 
+    def mark(self, mark: Mark, reason: str) -> None:
+        """Apply one side of a `Verdict`."""
+        if mark is Mark.UP:
+            self.record_success()
+        elif mark is Mark.DOWN:
+            self.record_failure(reason)
+        elif mark is Mark.OFF:
+            self.disable(reason)
+
+
+class Breakers(Protocol):
+    """What the routed model, the service and the CLI need of a breaker registry: the
+    in-process `BreakerRegistry` or the fleet's `RedisBreakerRegistry`. All async: a shared
+    registry answers over the network, and no sync read may silently see only local state."""
+
+    async def aacquire(self, spec: ModelSpec) -> bool:
+        """Take permission for one call to `spec` (provider and model breakers both allow)."""
+        ...
+
+    async def arecord(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
+        """The call's outcome: None for an answer, else its error (see `verdict`)."""
+        ...
+
+    async def arelease(self, spec: ModelSpec) -> None:
+        """A call that was allowed ended without an outcome (cancelled): free its probe slot."""
+        ...
+
+    async def ablocked_reason(self, spec: ModelSpec) -> str | None:
+        """Why calls to `spec` are blocked right now (without taking a probe slot), or None."""
+        ...
+
+    async def acooldown_reason(self, spec: ModelSpec) -> str | None:
+        """Why `spec` must not be called now because of a Retry-After, or None."""
+        ...
+
+    async def astate(self, key: str) -> BreakerState:
+        """The state of the breaker of a provider or a model key."""
+        ...
+
+    async def areset(self) -> None:
+        """Every breaker closed, every rest ended."""
+        ...
+
+    async def acheck(self) -> str:
+        """The shared state's health ("ok", "unavailable" or "local"), checked now."""
+        ...
+
+    def shared_state(self) -> str:
+        """The shared state's health as last seen ("ok", "unavailable" or "local")."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the link to shared state, if any."""
+        ...
+
 
 class BreakerRegistry:
-    """Breakers per provider and per model, shared by every run that uses this registry."""
+    """Breakers per provider and per model, shared by every run that uses this registry
+    (kept in this process). Its methods do no I/O; they are async to be `Breakers`."""
 
     def __init__(
         self,
@@ -195,10 +329,10 @@ class BreakerRegistry:
         """A 429's Retry-After is honoured up to this many seconds (a bogus huge value must
         not bench a model for a day)."""
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._cooldowns: dict[str, float] = {}  # model key -> clock() until which it rests
+        self._rests: dict[str, float] = {}  # model key -> clock() until which it rests
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> CircuitBreaker:
+    def _get(self, key: str) -> CircuitBreaker:
         breaker = self._breakers.get(key)
         if breaker is None:
             with self._lock:
@@ -207,12 +341,11 @@ class BreakerRegistry:
                 )
         return breaker
 
-    def state(self, key: str) -> BreakerState:
+    async def astate(self, key: str) -> BreakerState:
         b = self._breakers.get(key)
         return b.state if b else BreakerState.CLOSED
 
-    def blocked_reason(self, spec: ModelSpec) -> str | None:
-        """Why calls to `spec` are blocked right now (without taking a probe slot), or None."""
+    async def ablocked_reason(self, spec: ModelSpec) -> str | None:
         for key in (spec.provider, spec.key):
             b = self._breakers.get(key)
             if b is None or b.state is BreakerState.CLOSED:
@@ -225,105 +358,56 @@ class BreakerRegistry:
                 return f"circuit half-open for {key}, probe in flight"
         return None
 
-    def acquire(self, spec: ModelSpec) -> bool:
-        """Take permission for one call to `spec` (provider and model breakers both allow)."""
-        provider = self.get(spec.provider)
+    async def aacquire(self, spec: ModelSpec) -> bool:
+        provider = self._get(spec.provider)
         if not provider.allow():
             return False
-        if not self.get(spec.key).allow():
+        if not self._get(spec.key).allow():
             provider.release()
             return False
         return True
 
-    def _retry_after(self, error: ModelAPIError | None) -> float | None:
-        """Seconds a 429 asked us to wait (capped), or None."""
-        if error is None or error.error_class != "rate_limit":
-            return None
-        wait = getattr(error, "retry_after", None)
-        if wait is None or wait <= 0:
-            return None
-        return min(float(wait), self.max_retry_after)
-
-    def note_retry_after(self, spec: ModelSpec, seconds: float) -> None:
+    async def arest(self, spec: ModelSpec, seconds: float) -> None:
         """No call to `spec` (this model) for `seconds` from now: a 429's Retry-After."""
         until = self.clock() + seconds
         with self._lock:
-            if until > self._cooldowns.get(spec.key, 0.0):
-                self._cooldowns[spec.key] = until
+            if until > self._rests.get(spec.key, 0.0):
+                self._rests[spec.key] = until
 
-    def _cooldown_text(self, until: float) -> str:
-        # The registry's clock may be monotonic: say the wall-clock time it ends.
-        wall = time.time() + (until - self.clock())
-        return "rate limited until " + time.strftime("%H:%M:%SZ", time.gmtime(wall)) + \
-            f" (Retry-After, {until - self.clock():.1f} s left)"
-
-    def cooldown_reason(self, spec: ModelSpec) -> str | None:
-        """Why `spec` must not be called now because of a Retry-After, or None."""
-        until = self._cooldowns.get(spec.key)
+    async def acooldown_reason(self, spec: ModelSpec) -> str | None:
+        until = self._rests.get(spec.key)
         if until is None:
             return None
         if self.clock() >= until:
-            self._cooldowns.pop(spec.key, None)
+            self._rests.pop(spec.key, None)
             return None
-        return self._cooldown_text(until)
+        return rest_reason(until, self.clock)
 
-    def record(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
-        wait = self._retry_after(error)
-        if wait is not None:
-            self.note_retry_after(spec, wait)
-        provider, model = self.get(spec.provider), self.get(spec.key)
-        if error is None or error.error_class not in HEALTH_ERRORS | {"auth", "malformed"}:
-            # An answer, even a refusal, shows the provider is up.
-            provider.record_success()
-            model.record_success()
-        elif error.error_class == "auth":
-            provider.disable(f"authentication failed ({error.status_code or 'no status'})")
-        elif error.error_class == "malformed":
-            provider.record_success()
-            model.record_failure("malformed")
-        else:
-            provider.record_failure(error.error_class)
-            model.record_failure(error.error_class)
+    async def arecord(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
+        v = verdict(error, max_rest=self.max_retry_after)
+        if v.rest is not None:
+            await self.arest(spec, v.rest)
+        self._get(spec.provider).mark(v.provider, v.reason)
+        self._get(spec.key).mark(v.model, v.reason)
 
-    def release(self, spec: ModelSpec) -> None:
-        self.get(spec.provider).release()
-        self.get(spec.key).release()
+    async def arelease(self, spec: ModelSpec) -> None:
+        self._get(spec.provider).release()
+        self._get(spec.key).release()
 
-    def snapshot(self) -> dict[str, BreakerState]:
-        return {k: b.state for k, b in sorted(self._breakers.items())}
-
-    def reset(self) -> None:
+    async def areset(self) -> None:
         with self._lock:
             self._breakers.clear()
-            self._cooldowns.clear()
+            self._rests.clear()
 
     def shared_state(self) -> str:
         """'local': this registry lives in the process (no shared state to lose)."""
         return "local"
 
-    # The routed model uses these: a shared (networked) registry overrides them.
-    async def acooldown_reason(self, spec: ModelSpec) -> str | None:
-        return self.cooldown_reason(spec)
-
     async def acheck(self) -> str:
-        """The shared state's health ("ok", "unavailable" or "local"), checked now."""
         return self.shared_state()
 
-    async def aacquire(self, spec: ModelSpec) -> bool:
-        return self.acquire(spec)
-
-    async def arecord(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
-        self.record(spec, error)
-
-    async def arelease(self, spec: ModelSpec) -> None:
-        self.release(spec)
-
-    async def ablocked_reason(self, spec: ModelSpec) -> str | None:
-        return self.blocked_reason(spec)
-
-    async def astate(self, key: str) -> BreakerState:
-        return self.state(key)
-
+    async def aclose(self) -> None:
+        """Nothing to close: the state lives in this process."""
 
 
 default_breakers = BreakerRegistry()

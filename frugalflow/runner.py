@@ -42,7 +42,7 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from .resilience import BreakerRegistry, FallbackPolicy, default_breakers
+from .resilience import Breakers, FallbackPolicy, default_breakers
 from .statuses import FINAL_STATUSES, RunStatus
 from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
@@ -353,7 +353,7 @@ class Runner:
         flows: Iterable[Flow[Any]] = (),
         catalog: Catalog | None = None,
         policy: FallbackPolicy | None = None,
-        breakers: BreakerRegistry | None = None,
+        breakers: Breakers | None = None,
         lease_ttl: float = 30.0,
         max_concurrency: int = 64,
         holder: str | None = None,

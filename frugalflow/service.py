@@ -645,7 +645,7 @@ def create_router(
     @api.get("/catalog")
     async def catalog() -> list[dict[str, Any]]:
         cat = runner.catalog
-        breakers = runner.breakers
+        health = {p: await runner.breakers.astate(p) for p in {s.provider for s in cat}}
         return [
             {"model": s.key, "provider": s.provider, "simulated": s.simulated,
              "input_per_mtok": s.input_price_per_mtok, "output_per_mtok": s.output_price_per_mtok,
@@ -653,7 +653,7 @@ def create_router(
              "capabilities": [c for c, v in s.caps.model_dump().items() if v],
              "quality": s.quality, "available": cat.is_available(s),
              "unavailable_reason": cat.unavailable_reason(s),
-             "provider_health": breakers.state(s.provider).value}
+             "provider_health": health[s.provider].value}
             for s in cat
         ]
 
@@ -681,7 +681,7 @@ async def _health_details(runner: Runner) -> dict[str, Any]:
     providers = sorted({s.provider for s in runner.catalog})
     return {"version": __version__, "database": database,
             "executing": len(runner._tasks), "flows": sorted(runner.flows),
-            "providers": {p: runner.breakers.state(p).value for p in providers},
+            "providers": {p: (await runner.breakers.astate(p)).value for p in providers},
             # "unavailable": Redis (shared breakers / rate limits) is down and this process
             # uses in-process state until it is back; "local": nothing is shared.
             "shared_state": await acheck_shared_state(runner.breakers, runner.limiter)}

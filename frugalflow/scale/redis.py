@@ -15,13 +15,17 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar, cast
 
 from ..exceptions import ModelAPIError
-from ..limits import RateLimiter, RateReservation
-from ..resilience import HEALTH_ERRORS, BreakerRegistry, BreakerState
+from ..limits import Counted, Limiter, RateLimiter, RateReservation
+from ..resilience import Breakers, BreakerRegistry, BreakerState, Mark, rest_reason, verdict
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
     from ..catalog import ModelSpec
 
 __all__ = [
@@ -34,58 +38,15 @@ __all__ = [
 
 log = logging.getLogger("frugalflow.shared")
 
-
-_ACQUIRE = """
--- KEYS: breaker hashes (provider, then model). ARGV: now, cooldown.
-local now, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2])
-local taken = {}
-for i, key in ipairs(KEYS) do
-  local state = redis.call('HGET', key, 'state') or 'closed'
-  local ok = 0
-  if state == 'closed' then
-    ok = 1
-  elseif state == 'open' or state == 'half_open' then
-    local opened = tonumber(redis.call('HGET', key, 'opened_at') or '0')
-    local probe_at = tonumber(redis.call('HGET', key, 'probe_at') or '0')
-    local probing = redis.call('HGET', key, 'probe') == '1' and now - probe_at < cooldown
-    if now - opened >= cooldown and not probing then
-      redis.call('HSET', key, 'state', 'half_open', 'probe', '1', 'probe_at', ARGV[1])
-      taken[#taken + 1] = key
-      ok = 1
-    end
-  end
-  if ok == 0 then
-    for _, k in ipairs(taken) do redis.call('HSET', k, 'probe', '0') end
-    return 0
-  end
-end
-return 1
-"""
-
-_FAILURE = """
--- KEYS[1]: breaker hash. ARGV: now, threshold, reason.
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if state == 'disabled' then return state end
-local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-redis.call('HSET', KEYS[1], 'reason', ARGV[3])
-if state == 'half_open' or failures >= tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1], 'probe', '0')
-  return 'open'
-end
-return state
-"""
-
-_SUCCESS = """
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if state == 'disabled' then return state end
-if state ~= 'closed' or redis.call('HGET', KEYS[1], 'failures') ~= '0' then
-  redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', '0', 'probe', '0')
-end
-return 'closed'
-"""
+_T = TypeVar("_T")
 
 
-_DOWN: Any = object()  # what `SharedRedis.call` returns when Redis cannot answer
+class _Down(Enum):
+    DOWN = "down"
+
+
+_DOWN: Literal[_Down.DOWN] = _Down.DOWN
+"""What `SharedRedis.call` returns when Redis cannot answer."""
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -123,15 +84,15 @@ class SharedRedis:
         """False from a failure until Redis answers again."""
         self.last_error: str | None = None
         self._retry_at = 0.0
-        self._client: Any = None
-        self._scripts: dict[str, Any] = {}
+        self._client: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
         self._sources: dict[str, str] = {}
         self._errors: tuple[type[BaseException], ...] = ()
 
     def script(self, name: str, source: str) -> None:
         self._sources[name] = source
 
-    def client(self) -> Any:
+    def client(self) -> Redis:
         if self._client is None:
             import redis.asyncio as aioredis
             from redis.asyncio.retry import Retry
@@ -150,15 +111,16 @@ class SharedRedis:
                              for n, src in self._sources.items()}
         return self._client
 
-    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def run(self, name: str, keys: list[str], args: list[str | float]) -> int | str:
         """A registered Lua script (redis-py reloads it after a NOSCRIPT)."""
         self.client()
-        return await self._scripts[name](keys=keys, args=args)
+        # redis-py leaves a script's answer untyped; ours answer an integer or a state name.
+        return cast("int | str", await self._scripts[name](keys=keys, args=args))
 
     def state(self) -> str:
         return "ok" if self.ok else "unavailable"
 
-    async def call(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def call(self, fn: Callable[[Redis], Awaitable[_T]]) -> _T | Literal[_Down.DOWN]:
         """`await fn(client)`, or `_DOWN` when Redis is (or just went) unavailable."""
         if not self.ok:
             now = self.clock()
@@ -217,36 +179,96 @@ def _safe_url(url: str) -> str:
     return url
 
 
-def shared_state(*parts: Any) -> str:
+def shared_state(*parts: Breakers | Limiter | None) -> str:
     """One word for the health display: "unavailable" if any shared part lost Redis,
     "ok" if some part is shared and all answer, "local" if nothing is shared."""
-    states = [p.shared_state() for p in parts if p is not None and hasattr(p, "shared_state")]
+    states = [p.shared_state() for p in parts if p is not None]
     if "unavailable" in states:
         return "unavailable"
     return "ok" if "ok" in states else "local"
 
 
-async def acheck_shared_state(*parts: Any) -> str:
+async def acheck_shared_state(*parts: Breakers | Limiter | None) -> str:
     """`shared_state`, after asking each shared part's Redis (respecting its retry interval)."""
     for p in parts:
-        if p is not None and hasattr(p, "acheck"):
+        if p is not None:
             await p.acheck()
     return shared_state(*parts)
 
 
-async def _ping(r: Any) -> Any:
-    return await r.ping()
+async def _ping(r: Redis) -> bool:
+    return bool(await r.ping())
 
 
-class RedisBreakerRegistry(BreakerRegistry):
+def _text(value: bytes | str | None) -> str | None:
+    """A Redis answer as text: the client decodes answers, but its types do not know it."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# -- circuit breakers --------------------------------------------------------------------
+
+
+_ACQUIRE = """
+-- KEYS: breaker hashes (provider, then model). ARGV: now, cooldown.
+local now, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2])
+local taken = {}
+for i, key in ipairs(KEYS) do
+  local state = redis.call('HGET', key, 'state') or 'closed'
+  local ok = 0
+  if state == 'closed' then
+    ok = 1
+  elseif state == 'open' or state == 'half_open' then
+    local opened = tonumber(redis.call('HGET', key, 'opened_at') or '0')
+    local probe_at = tonumber(redis.call('HGET', key, 'probe_at') or '0')
+    local probing = redis.call('HGET', key, 'probe') == '1' and now - probe_at < cooldown
+    if now - opened >= cooldown and not probing then
+      redis.call('HSET', key, 'state', 'half_open', 'probe', '1', 'probe_at', ARGV[1])
+      taken[#taken + 1] = key
+      ok = 1
+    end
+  end
+  if ok == 0 then
+    for _, k in ipairs(taken) do redis.call('HSET', k, 'probe', '0') end
+    return 0
+  end
+end
+return 1
+"""
+
+_FAILURE = """
+-- KEYS[1]: breaker hash. ARGV: now, threshold, reason.
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if state == 'disabled' then return state end
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('HSET', KEYS[1], 'reason', ARGV[3])
+if state == 'half_open' or failures >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1], 'probe', '0')
+  return 'open'
+end
+return state
+"""
+
+_SUCCESS = """
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if state == 'disabled' then return state end
+if state ~= 'closed' or redis.call('HGET', KEYS[1], 'failures') ~= '0' then
+  redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', '0', 'probe', '0')
+end
+return 'closed'
+"""
+
+
+class RedisBreakerRegistry:
     """Circuit breakers kept in Redis, so every worker of a fleet shares provider health:
     one worker's discovery of a dead provider protects all the others; a 429's
     Retry-After rests the model for the whole fleet (a key with a TTL).
 
-    The transitions are Lua scripts (atomic in Redis); times are wall-clock seconds, so the
-    workers' clocks should agree to well under the cooldown. When Redis is unreachable the
-    registry works in-process (one warning; `shared_state()` says "unavailable") and goes
-    back to Redis when it answers again; a run never fails because Redis is down.
+    The transitions are Lua scripts (atomic in Redis) applying the same health rule as the
+    in-process registry (`frugalflow.resilience.verdict`); times are wall-clock seconds, so
+    the workers' clocks should agree to well under the cooldown. When Redis is unreachable
+    the registry works on its in-process `local` one (one warning; `shared_state()` says
+    "unavailable") and goes back to Redis when it answers again; a run never fails because
+    Redis is down.
     """
 
     def __init__(
@@ -262,10 +284,12 @@ class RedisBreakerRegistry(BreakerRegistry):
         max_retry_after: float = 600.0,
         disabled_for: float = 600.0,
     ) -> None:
-        super().__init__(threshold=threshold, cooldown=cooldown, clock=clock,
-                         max_retry_after=max_retry_after)
         self.url = url
         self.prefix = prefix
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.max_retry_after = max_retry_after
         # A provider disabled by a 401 stays disabled for the fleet this long (not forever:
         # Redis outlives the processes, and a fixed or rotated key must get a new chance).
         self.disabled_for = disabled_for
@@ -273,7 +297,9 @@ class RedisBreakerRegistry(BreakerRegistry):
                                   name="circuit breakers")
         for name, src in (("acquire", _ACQUIRE), ("failure", _FAILURE), ("success", _SUCCESS)):
             self.shared.script(name, src)
-        self._known: dict[str, BreakerState] = {}
+        self.local = BreakerRegistry(threshold=threshold, cooldown=cooldown, clock=clock,
+                                     max_retry_after=max_retry_after)
+        """The breakers of this process alone, used while Redis cannot answer."""
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -289,110 +315,103 @@ class RedisBreakerRegistry(BreakerRegistry):
         return self.shared.state()
 
     async def aacquire(self, spec: ModelSpec) -> bool:
-        async def go(r: Any) -> bool:
+        async def go(r: Redis) -> bool:
             return bool(await self.shared.run(
                 "acquire", [self._key(spec.provider), self._key(spec.key)],
                 [self.clock(), self.cooldown]))
 
         ok = await self.shared.call(go)
-        return self.acquire(spec) if ok is _DOWN else bool(ok)
+        return await self.local.aacquire(spec) if ok is _DOWN else ok
 
     async def arecord(self, spec: ModelSpec, error: ModelAPIError | None) -> None:
         now = self.clock()
-        wait = self._retry_after(error)
-        if wait is not None:
-            self.note_retry_after(spec, wait)  # this process knows even if Redis does not
+        v = verdict(error, max_rest=self.max_retry_after)
+        rest = v.rest
+        if rest is not None:
+            await self.local.arest(spec, rest)  # this process knows even if Redis does not
 
-        async def go(r: Any) -> None:
-            if wait is not None:
-                await r.set(self._cooldown_key(spec), repr(now + wait),
-                            px=max(int(wait * 1000), 1))
-            if error is None or error.error_class not in HEALTH_ERRORS | {"auth", "malformed"}:
-                for key in (spec.provider, spec.key):
-                    self._known[key] = BreakerState(
-                        await self.shared.run("success", [self._key(key)], []))
-            elif error.error_class == "auth":
-                reason = f"authentication failed ({error.status_code or 'no status'})"
-                await r.hset(self._key(spec.provider),
-                             mapping={"state": "disabled", "reason": reason})
-                await r.pexpire(self._key(spec.provider), max(int(self.disabled_for * 1000), 1))
-                self._known[spec.provider] = BreakerState.DISABLED
-            else:
-                keys = [spec.key] if error.error_class == "malformed" else [spec.provider,
-                                                                             spec.key]
-                for key in keys:
-                    self._known[key] = BreakerState(await self.shared.run(
-                        "failure", [self._key(key)], [now, self.threshold, error.error_class]))
+        async def go(r: Redis) -> None:
+            if rest is not None:
+                await r.set(self._cooldown_key(spec), repr(now + rest),
+                            px=max(int(rest * 1000), 1))
+            await self._mark(r, spec.provider, v.provider, v.reason, now)
+            await self._mark(r, spec.key, v.model, v.reason, now)
 
         if await self.shared.call(go) is _DOWN:
-            BreakerRegistry.record(self, spec, error)
+            await self.local.arecord(spec, error)
+
+    async def _mark(self, r: Redis, key: str, mark: Mark, reason: str, now: float) -> None:
+        """Apply one side of a `Verdict` to the breaker of `key` in Redis."""
+        if mark is Mark.UP:
+            await self.shared.run("success", [self._key(key)], [])
+        elif mark is Mark.DOWN:
+            await self.shared.run("failure", [self._key(key)], [now, self.threshold, reason])
+        elif mark is Mark.OFF:
+            await r.hset(self._key(key),
+                         mapping={"state": BreakerState.DISABLED.value, "reason": reason})
+            await r.pexpire(self._key(key), max(int(self.disabled_for * 1000), 1))
 
     async def arelease(self, spec: ModelSpec) -> None:
-        async def go(r: Any) -> None:
+        async def go(r: Redis) -> None:
             for key in (spec.provider, spec.key):
                 await r.hset(self._key(key), "probe", "0")
 
         await self.shared.call(go)
-        self.release(spec)  # the in-process breakers may have given the slot while down
+        await self.local.arelease(spec)  # the in-process breakers may have given the slot
 
     async def ablocked_reason(self, spec: ModelSpec) -> str | None:
-        async def go(r: Any) -> str | None:
+        async def go(r: Redis) -> str | None:
             for key in (spec.provider, spec.key):
-                state = await r.hget(self._key(key), "state")
+                state = _text(await r.hget(self._key(key), "state"))
                 if state == "disabled":
-                    return f"{key} disabled (shared): {await r.hget(self._key(key), 'reason')}"
+                    reason = _text(await r.hget(self._key(key), "reason"))
+                    return f"{key} disabled (shared): {reason}"
                 if state in ("open", "half_open"):
                     return f"circuit {state} for {key} (shared)"
             return None
 
         why = await self.shared.call(go)
-        return self.blocked_reason(spec) if why is _DOWN else why
+        return await self.local.ablocked_reason(spec) if why is _DOWN else why
 
     async def acooldown_reason(self, spec: ModelSpec) -> str | None:
-        local = self.cooldown_reason(spec)
+        local = await self.local.acooldown_reason(spec)
         if local is not None:
             return local  # known here: no round trip
 
-        async def go(r: Any) -> str | None:
-            return cast("str | None", await r.get(self._cooldown_key(spec)))
+        async def go(r: Redis) -> str | None:
+            return _text(await r.get(self._cooldown_key(spec)))
 
         until = await self.shared.call(go)
         if until is _DOWN or until is None:
             return None
-        until = float(until)
-        if self.clock() >= until:
+        end = float(until)
+        if self.clock() >= end:
             return None
-        return self._cooldown_text(until) + " (shared)"
+        return rest_reason(end, self.clock) + " (shared)"
 
     async def astate(self, key: str) -> BreakerState:
-        async def go(r: Any) -> str | None:
-            return cast("str | None", await r.hget(self._key(key), "state"))
+        async def go(r: Redis) -> str | None:
+            return _text(await r.hget(self._key(key), "state"))
 
         state = await self.shared.call(go)
         if state is _DOWN:
-            return BreakerRegistry.state(self, key)
-        self._known[key] = BreakerState(state or "closed")
-        return self._known[key]
-
-    def state(self, key: str) -> BreakerState:
-        """The last state this process saw (use `astate` for the fleet's current one)."""
-        if not self.shared.ok:
-            return BreakerRegistry.state(self, key)
-        return self._known.get(key, BreakerState.CLOSED)
+            return await self.local.astate(key)
+        return BreakerState(state or "closed")
 
     async def areset(self) -> None:
-        async def go(r: Any) -> None:
+        async def go(r: Redis) -> None:
             keys = [k async for k in r.scan_iter(match=self.prefix + "*")]
             if keys:
                 await r.delete(*keys)
 
         await self.shared.call(go)
-        self._known.clear()
-        self.reset()
+        await self.local.areset()
 
     async def aclose(self) -> None:
         await self.shared.aclose()
 
+
+# -- rate limits ------------------------------------------------------------------------
 
 
 _RATE = """
@@ -435,22 +454,25 @@ return diff
 """
 
 
-class RedisRateLimiter(RateLimiter):
+class RedisRateLimiter:
     """Per-model request and token limits over any 60 s, shared by every worker through
     Redis (one atomic Lua check-and-count per call, a sliding-window log per model), so the
     fleet as a whole stays under a provider's limits. When Redis is unreachable it counts in
-    this process (one warning; `shared_state()` says "unavailable") until Redis is back."""
+    this process (its `local` limiter; one warning; `shared_state()` says "unavailable")
+    until Redis is back."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *,
                  prefix: str = "frugalflow:rate:", clock: Callable[[], float] = time.time,
                  timeout: float = 0.5, retry_interval: float = 5.0) -> None:
-        super().__init__(clock)
         self.url = url
         self.prefix = prefix
+        self.clock = clock
         self.shared = SharedRedis(url, timeout=timeout, retry_interval=retry_interval,
                                   name="rate limits")
         self.shared.script("acquire", _RATE)
         self.shared.script("correct", _RATE_CORRECT)
+        self.local = RateLimiter(clock)
+        """The windows of this process alone, counted while Redis cannot answer."""
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self.prefix}{{{key}}}"  # one hash tag: the three keys live on one node
@@ -463,37 +485,35 @@ class RedisRateLimiter(RateLimiter):
         await self.shared.call(_ping)
         return self.shared.state()
 
-    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | bool | None:
+    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | None:
         if spec.rpm is None and spec.tpm is None:
-            return True
+            return await self.local.aacquire(spec, tokens)  # nothing to count
         tokens = max(int(tokens), 0)
         now = self.clock()
         rid = uuid.uuid4().hex
 
-        async def go(r: Any) -> int:
+        async def go(r: Redis) -> int:
             return int(await self.shared.run(
                 "acquire", self._keys(spec.key),
-                [now, self.window, spec.rpm or 0, spec.tpm or 0, tokens, rid]))
+                [now, self.local.window, spec.rpm or 0, spec.tpm or 0, tokens, rid]))
 
         ok = await self.shared.call(go)
         if ok is _DOWN:
-            return self.acquire(spec, tokens)
-        return RateReservation(spec.key, rid, tokens, now, shared=True) if ok else None
+            return await self.local.aacquire(spec, tokens)
+        return RateReservation(spec.key, rid, tokens, now, Counted.FLEET) if ok else None
 
-    async def acorrect(self, reservation: Any, actual_tokens: int) -> None:
-        if not isinstance(reservation, RateReservation):
-            return
-        if not reservation.shared:
-            self.correct(reservation, actual_tokens)
+    async def acorrect(self, reservation: RateReservation, actual_tokens: int) -> None:
+        if reservation.counted is not Counted.FLEET:
+            await self.local.acorrect(reservation, actual_tokens)
             return
         keys = self._keys(reservation.key)
+        actual = max(int(actual_tokens), 0)
 
-        async def go(r: Any) -> Any:
-            return await self.shared.run("correct", keys[1:],
-                                         [reservation.id, max(int(actual_tokens), 0)])
+        async def go(r: Redis) -> int | str:
+            return await self.shared.run("correct", keys[1:], [reservation.id, actual])
 
         if await self.shared.call(go) is not _DOWN:
-            reservation.tokens = max(int(actual_tokens), 0)
+            reservation.tokens = actual
 
     async def aclose(self) -> None:
         await self.shared.aclose()
