@@ -168,3 +168,7 @@ class RateLimiter:
 
     async def aclose(self) -> None:
         """Nothing to close: the windows live in this process."""
+
+
+if TYPE_CHECKING:  # the type checker proves the in-process limiter fits the seam
+    _limiter: Limiter = RateLimiter()

@@ -412,3 +412,6 @@ class BreakerRegistry:
 
 default_breakers = BreakerRegistry()
 """The process-wide registry every run shares unless given another."""
+
+if TYPE_CHECKING:  # the type checker proves the in-process registry fits the seam
+    _breakers: Breakers = default_breakers

@@ -517,3 +517,8 @@ class RedisRateLimiter:
 
     async def aclose(self) -> None:
         await self.shared.aclose()
+
+
+if TYPE_CHECKING:  # the type checker proves both fit the seams the routed model is typed with
+    _breakers: Breakers = RedisBreakerRegistry()
+    _limiter: Limiter = RedisRateLimiter()
