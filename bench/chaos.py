@@ -154,8 +154,8 @@ def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str 
                 lease_ttl: float, stall: float, concurrency: int, tag: str = "") -> Any:
     from frugalflow import BreakerRegistry, FallbackPolicy
     from frugalflow.scale.dispatch import ProcrastinateDispatcher
+    from frugalflow.scale.redis import RedisBreakerRegistry, RedisRateLimiter
     from frugalflow.testing.emulator import emulated_catalog
-    from frugalflow.fallback import RedisBreakerRegistry, RedisRateLimiter
     from frugalflow.runner import Runner
 
     catalog = emulated_catalog(_Endpoint(emulator_url))  # type: ignore[arg-type]

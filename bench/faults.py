@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from frugalflow import BreakerRegistry, FallbackPolicy  # noqa: E402
+from frugalflow.resilience import BreakerRegistry, FallbackPolicy  # noqa: E402
 from frugalflow.cli import load_flow  # noqa: E402
 from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog  # noqa: E402
 

@@ -26,7 +26,7 @@ from .usage import Usage
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
 
-    from .providers import ProviderAdapter
+    from .providers.base import ProviderAdapter
 
 __all__ = ["CAPABILITIES", "SKILLS", "Capabilities", "Catalog", "ModelSpec"]
 

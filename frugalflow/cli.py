@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .catalog import Catalog
 from .exceptions import FrugalflowError
-from .fallback import BreakerRegistry, FallbackPolicy
+from .resilience import BreakerRegistry, Breakers, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
 from .statuses import NodeStatus, Outcome, RunStatus
@@ -545,7 +545,8 @@ def catalog_cmd(
                               help="Show the fleet's breakers shared through Redis."),
 ) -> None:
     """Models, prices, capabilities, availability and circuit-breaker state."""
-    from .fallback import RedisBreakerRegistry, default_breakers
+    from .resilience import default_breakers
+    from .scale.redis import RedisBreakerRegistry
 
     try:
         cat = _catalog(catalog)
@@ -580,10 +581,10 @@ def catalog_cmd(
     console.print(f"shared state: {shared}")
 
 
-async def _breaker_states(breakers: BreakerRegistry,
+async def _breaker_states(breakers: Breakers,
                           providers: set[str]) -> tuple[dict[str, str], str]:
     """Each provider's breaker state, and whether they are shared ("local" when not)."""
-    from .fallback import RedisBreakerRegistry
+    from .scale.redis import RedisBreakerRegistry
 
     if not isinstance(breakers, RedisBreakerRegistry):
         return {p: (await breakers.astate(p)).value for p in providers}, "local"
@@ -653,7 +654,7 @@ def worker(
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
     from .scale.dispatch import ProcrastinateDispatcher, run_worker
-    from .fallback import RedisBreakerRegistry, RedisRateLimiter
+    from .scale.redis import RedisBreakerRegistry, RedisRateLimiter
     from .runner import Runner
 
     try:

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from .catalog import Catalog
 from .exceptions import FlowError
-from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
+from .resilience import Breakers, FallbackPolicy, default_breakers
 from .routing import Needs, RoutedChatModel, RunContext, no_capable_model_error, rank
 from .usage import Listener, RunUsage
 
@@ -348,7 +348,7 @@ class Flow(Generic[S]):
         *,
         checkpointer: BaseCheckpointSaver[Any] | None = None,
         policy: FallbackPolicy | None = None,
-        breakers: BreakerRegistry | None = None,
+        breakers: Breakers | None = None,
         interrupt_before: Sequence[str] | None = None,
         interrupt_after: Sequence[str] | None = None,
     ) -> CompiledFlow:
@@ -433,7 +433,7 @@ class CompiledFlow:
         catalog: Catalog,
         graph: CompiledStateGraph[Any, Any, Any, Any],
         policy: FallbackPolicy,
-        breakers: BreakerRegistry,
+        breakers: Breakers,
     ) -> None:
         self.flow = flow
         self.catalog = catalog

@@ -46,7 +46,7 @@ from .exceptions import (
     StoreError,
     UserError,
 )
-from .fallback import Action, BreakerRegistry, FallbackPolicy, default_breakers
+from .resilience import Action, Breakers, FallbackPolicy, default_breakers
 from .statuses import Outcome
 from .usage import Attempt
 from .usage import RunUsage, Usage
@@ -441,7 +441,7 @@ class RunContext:
 
     catalog: Catalog
     policy: FallbackPolicy = field(default_factory=FallbackPolicy)
-    breakers: BreakerRegistry = field(default_factory=lambda: default_breakers)
+    breakers: Breakers = field(default_factory=lambda: default_breakers)
     usage: RunUsage = field(default_factory=RunUsage)
     sleep: Any = None  # an awaitable sleep(seconds); tests pass a fake clock's
     limiter: Any = None
@@ -830,7 +830,6 @@ class RoutedChatModel(BaseChatModel):
         skills = list(self.needs.quality) or None
         policy = ctx.policy
         breakers = ctx.breakers
-        local_breakers = type(breakers) is BreakerRegistry
 
         too_long: ModelSpec | None = None  # the model that last said the prompt is too long
         for row in ranking.rows:
@@ -850,8 +849,7 @@ class RoutedChatModel(BaseChatModel):
                 over_budget = over_budget or Candidate._make(row)
                 continue
             # A 429's Retry-After rests the model for every run (and the fleet, via Redis).
-            resting = (breakers.cooldown_reason(spec) if local_breakers
-                       else await breakers.acooldown_reason(spec))
+            resting = await breakers.acooldown_reason(spec)
             if resting is not None:
                 skipped.append(f"{spec.key}: {resting}")
                 continue
@@ -864,9 +862,7 @@ class RoutedChatModel(BaseChatModel):
                     continue
             tries = 0
             while True:
-                # A shared (Redis) registry needs awaiting; the in-process one answers at once.
-                if not (breakers.acquire(spec) if local_breakers
-                        else await breakers.aacquire(spec)):
+                if not await breakers.aacquire(spec):
                     why = await breakers.ablocked_reason(spec)
                     skipped.append(f"{spec.key}: {why or 'circuit open'}")
                     break
@@ -981,10 +977,7 @@ class RoutedChatModel(BaseChatModel):
                     break
                 else:
                     verdict = True
-                    if local_breakers:
-                        breakers.record(spec, None)
-                    else:
-                        await breakers.arecord(spec, None)
+                    await breakers.arecord(spec, None)
                     call_usage, estimated = _billed(message, n_in, partial=False)
                     if reservation is not None and call_usage is not None:
                         # The rate window counted an estimate: put in what was used.

@@ -42,7 +42,7 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
+from .resilience import Breakers, FallbackPolicy, default_breakers
 from .statuses import FINAL_STATUSES, NodeStatus, RunStatus
 from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from langgraph.checkpoint.base import BaseCheckpointSaver
     from langgraph.types import StateSnapshot
 
-    from .fallback import RateLimiter
+    from .limits import Limiter
     from .learning import Featurizer, LearnedRouter, Router
     from .routing import RunContext
     from .scale.dispatch import Dispatcher
@@ -234,7 +234,7 @@ class Runner:
         flows: Iterable[Flow[Any]] = (),
         catalog: Catalog | None = None,
         policy: FallbackPolicy | None = None,
-        breakers: BreakerRegistry | None = None,
+        breakers: Breakers | None = None,
         lease_ttl: float = 30.0,
         max_concurrency: int = 64,
         holder: str | None = None,
@@ -242,7 +242,7 @@ class Runner:
         dispatcher: Dispatcher | None = None,
         share_events: bool | None = None,
         router: Router | str | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)

@@ -694,7 +694,7 @@ async def _provider_health(runner: Runner) -> dict[str, str]:
 
 async def _health_details(runner: Runner) -> dict[str, Any]:
     from . import __version__
-    from .fallback import acheck_shared_state
+    from .scale.redis import acheck_shared_state
 
     database: dict[str, Any] = {"dialect": runner.store.dialect}
     try:

@@ -18,7 +18,7 @@ from langchain_core.messages import HumanMessage
 from langgraph.types import interrupt
 
 from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
 
 LATENCY = 0.4  # seconds per simulated model call in the chain flow
 

@@ -658,7 +658,7 @@ async def test_frugalflow_adapters_classify_emulated_faults(
     error = adapter_for(spec).translate(caught.value, spec)
     assert isinstance(error, expected), repr(error)
     if kind == "rate_limit" and provider == "openai":
-        assert error.retry_after == 2.0  # type: ignore[attr-defined]
+        assert error.retry_after == 2.0
 
 
 def test_fault_kinds_are_documented() -> None:

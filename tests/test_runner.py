@@ -17,7 +17,7 @@ from frugalflow.exceptions import (
     SchemaVersionError,
     StoreUnavailableError,
 )
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
 from frugalflow.persistence import Store
 from frugalflow.runner import Runner, RunStatus, acquire_lease
 

@@ -14,8 +14,8 @@ from durable_flows import chain_flow, review_flow
 from served import served
 
 from frugalflow import Catalog, UserError
-from frugalflow.fallback import BreakerRegistry
 from frugalflow.learning import examples_from
+from frugalflow.resilience import BreakerRegistry
 from frugalflow.runner import Runner
 from frugalflow.service import create_app
 

@@ -1,1 +1,1 @@
-"""Scale-out, the optional `scale` extra: worker dispatch, shared Redis state, event relay."""
+"""Running frugalflow as a fleet: work dispatched to workers, state shared through Redis."""

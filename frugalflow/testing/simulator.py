@@ -43,8 +43,7 @@ from ..exceptions import (
     ModelAPIError,
     ProviderConnectionError,
 )
-from ..fallback import error_from_status
-from ..providers import ProviderAdapter
+from ..providers.base import ProviderAdapter, error_from_status
 from .fake_json import fake_json
 from .oracles import FLOW_ORACLES, Oracle
 
@@ -564,11 +563,6 @@ class SimulatedAdapter(ProviderAdapter):
             "image_inputs": caps.get("vision", False),
             "reasoning_output": caps.get("reasoning", False),
         }
-
-    def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
-        from ..providers import translate_common
-
-        return translate_common(error, spec)
 
     def check(self, message: Any, spec: ModelSpec) -> None:
         """Simulated refusals are raised as errors (fault kind content_filter), never
