@@ -33,7 +33,10 @@ from .fallback import BreakerRegistry, BreakerState, CircuitBreaker, FallbackPol
 from .usage import Attempt
 from .flow import END, START, Agent, CompiledFlow, Flow
 from .providers.simulated import SimulatedChatModel, Simulator
-from .routing import Judge, Needs, RoutedChatModel, RunContext, estimate_tokens, explain, rank
+from .judge import Judge
+from .needs import Needs, estimate_tokens
+from .ranking import explain, rank
+from .routed import RoutedChatModel, RunContext
 from .usage import RunUsage, Usage
 
 try:

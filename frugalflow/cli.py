@@ -20,7 +20,7 @@ from .usage import Attempt
 from .flow import Flow
 
 if TYPE_CHECKING:
-    from .routing import Needs
+    from .needs import Needs
     from .service import Docs
 
 app = typer.Typer(

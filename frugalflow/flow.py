@@ -36,7 +36,9 @@ from pydantic import ValidationError
 from .catalog import Catalog
 from .exceptions import FlowError
 from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
-from .routing import Needs, RoutedChatModel, RunContext, no_capable_model_error, rank
+from .needs import Needs
+from .ranking import no_capable_model_error, rank
+from .routed import RoutedChatModel, RunContext
 from .usage import Listener, RunUsage
 
 __all__ = ["END", "START", "Agent", "CompiledFlow", "Flow", "NodeSpec", "check_budget"]
@@ -513,7 +515,7 @@ class CompiledFlow:
 
     def explain(self, input_tokens: int = 1000) -> dict[str, list[dict[str, Any]]]:
         """Per model node: every catalog model, accepted in order or rejected with reasons."""
-        from .routing import explain
+        from .ranking import explain
 
         out: dict[str, list[dict[str, Any]]] = {}
         for spec in self.flow.nodes.values():

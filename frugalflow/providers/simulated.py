@@ -279,7 +279,7 @@ class SimulatedChatModel(BaseChatModel):
         return random.Random(int.from_bytes(digest[:8], "big"))
 
     def _input_tokens(self, messages: Sequence[BaseMessage]) -> int:
-        from ..routing import estimate_tokens
+        from ..needs import estimate_tokens
 
         return estimate_tokens(messages) + sum(
             len(json.dumps(t)) // 4 for t in self.bound_tools

@@ -1,434 +1,58 @@
-"""Needs, matching, and the routed chat model.
+"""The routed chat model, and the state the routed calls of one run share.
 
-A node declares `Needs`. `rank` filters the catalog by the hard needs (capabilities,
-context window, providers, price and latency caps, quality minimums) and orders the rest
-by the expected cost of *this* call. `RoutedChatModel` is a LangChain chat model that
-tries those candidates in order, falling back between providers as `fallback` decides.
+`RoutedChatModel` is a LangChain chat model that tries the capable candidates of each call
+in order (see `ranking`), falling back between providers as the run's `FallbackPolicy`
+decides. `RunContext` holds what the calls of one run share: catalog, policy, breakers,
+spend and budget, rate limiter, router and the durable run's ledger hooks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Literal, NamedTuple, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    HumanMessage,
-    SystemMessage,
-    message_chunk_to_message,
-)
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.runnables import Runnable
 from langgraph.runtime import get_runtime
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from .catalog import SKILLS, Catalog, ModelSpec
+from .attempts import (
+    INNER_CONFIG,
+    ModelJudge,
+    billed,
+    generate_once,
+    iter_with_timeout,
+    new_call_id,
+    short_error,
+)
+from .catalog import Catalog, ModelSpec
 from .exceptions import (
-    ValidationFailedError,
     AllModelsFailedError,
     BudgetExceededError,
     MalformedResponseError,
     ModelAPIError,
-    NoCapableModelError,
     StoreError,
     UserError,
+    ValidationFailedError,
 )
 from .fallback import Action, BreakerRegistry, FallbackPolicy, default_breakers
+from .needs import Needs, estimate_tokens, prompt_text, tool_schema, tool_tokens
+from .ranking import Candidate, Prefilter, no_capable_model_error, prefilter, rank
 from .statuses import Outcome
-from .usage import Attempt
-from .usage import RunUsage, Usage
+from .usage import Attempt, RunUsage, Usage
 
-__all__ = [
-    "Candidate",
-    "Judge",
-    "Needs",
-    "Ranking",
-    "RoutedChatModel",
-    "RunContext",
-    "estimate_tokens",
-    "explain",
-    "rank",
-]
-
-# Call ids: a random per-process prefix and a counter (uuid4 costs a syscall per call).
-_ID_PREFIX = uuid.uuid4().hex[:16]
-_call_counter = itertools.count(1)
-
-_INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
+__all__ = ["DEFAULT_ATTEMPT_WINDOW", "RoutedChatModel", "RunContext"]
 
 DEFAULT_ATTEMPT_WINDOW = 1000
 """Attempts kept by a RoutedChatModel's own context (used outside a run); totals count all."""
-
-
-class Needs(BaseModel):
-    """What a node requires of a model.
-
-    Hard needs filter the catalog; the rest rank what is left. The context window needed
-    is computed per call from the actual messages plus `max_output_tokens` (or
-    `expected_output_tokens`).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tools: bool = False
-    structured_output: bool = False
-    vision: bool = False
-    reasoning: bool = False
-    streaming: bool = False
-    min_context: int | None = Field(default=None, gt=0)
-    quality: dict[str, float] = Field(default_factory=dict)
-    """Minimum score per skill, 0..1 (skills: classification, extraction, ...)."""
-    providers: tuple[str, ...] | None = None
-    """Only these providers (None: any)."""
-    exclude_providers: tuple[str, ...] = ()
-    models: tuple[str, ...] | None = None
-    """Only these `provider/model` keys (None: any)."""
-    exclude_models: tuple[str, ...] = ()
-    max_cost_per_call: float | None = Field(default=None, gt=0)
-    """USD: candidates whose expected cost for the call exceeds this are rejected."""
-    max_latency_ms: float | None = Field(default=None, gt=0)
-    expected_output_tokens: int = Field(default=400, gt=0)
-    max_output_tokens: int | None = Field(default=None, gt=0)
-    target: float | None = Field(default=None, ge=0, le=1)
-    """With a router in the run: first the cheapest model predicted to succeed with at least
-    this probability on *this* input."""
-    price_weight: float | None = Field(default=None, ge=0)
-    """With a router: order by predicted success minus this weight times the expected cost."""
-    cascade: bool = False
-    """With a router: try models in order of expected cost per success (cost / p), the order
-    that minimises the expected spend until an answer passes the node's validator (outcomes
-    taken as independent). For nodes whose validator escalates: quality is held by the
-    validator, the router only saves the calls that would fail."""
-
-    @model_validator(mode="after")
-    def _one_routing_rule(self) -> Needs:
-        if self.cascade and (self.target is not None or self.price_weight is not None):
-            raise ValueError("cascade orders by cost per success; it cannot be combined with "
-                             "target or price_weight (choose one routing rule)")
-        return self
-
-    @property
-    def routed(self) -> bool:
-        """Whether a run's router reorders the candidates for these needs."""
-        return self.target is not None or self.price_weight is not None or self.cascade
-
-    @field_validator("quality")
-    @classmethod
-    def _valid_quality(cls, value: dict[str, float]) -> dict[str, float]:
-        for skill, score in value.items():
-            if skill not in SKILLS:
-                import difflib
-
-                close = difflib.get_close_matches(skill, SKILLS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(
-                    f"unknown skill {skill!r}{hint}; skills are: {', '.join(SKILLS)}"
-                )
-            if not 0.0 <= score <= 1.0:
-                raise ValueError(f"quality[{skill!r}] must be between 0 and 1, got {score}")
-        return value
-
-    @field_validator("providers", "exclude_providers", "models", "exclude_models", mode="before")
-    @classmethod
-    def _tuple(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return (value,)
-        return tuple(value) if value is not None else None
-
-    def with_(self, **changes: Any) -> Needs:
-        """A copy with `changes` applied and validated."""
-        return Needs(**{**self.model_dump(), **changes})
-
-    @property
-    def output_budget(self) -> int:
-        return self.max_output_tokens or self.expected_output_tokens
-
-    @cached_property
-    def cache_key(self) -> tuple[Any, ...]:
-        """A hashable form of these needs (computed once)."""
-        d = self.model_dump()
-        d["quality"] = tuple(sorted(self.quality.items()))
-        return tuple(sorted(d.items()))
-
-    def describe(self) -> str:
-        """The non-default needs, e.g. `tools, quality.writing>=0.8`."""
-        return self._description
-
-    @cached_property
-    def _description(self) -> str:
-        # LangChain asks for it on every call (identifying params): computed once.
-        parts: list[str] = []
-        for name in ("tools", "structured_output", "vision", "reasoning", "streaming"):
-            if getattr(self, name):
-                parts.append(name)
-        parts += [f"quality.{k}>={v}" for k, v in sorted(self.quality.items())]
-        for name in ("min_context", "providers", "exclude_providers", "models",
-                     "exclude_models", "max_cost_per_call", "max_latency_ms", "target",
-                     "price_weight", "cascade"):
-            value = getattr(self, name)
-            if value:
-                parts.append(f"{name}={value}")
-        return ", ".join(parts) or "no special needs"
-
-
-# -- token estimation ----------------------------------------------------------------
-
-_IMAGE_TOKENS = 800
-
-
-def _content_tokens(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content) // 4 + 1
-    if isinstance(content, list):
-        n = 0
-        for block in content:
-            if isinstance(block, str):
-                n += len(block) // 4 + 1
-            elif isinstance(block, dict):
-                kind = block.get("type")
-                if kind in ("image", "image_url"):
-                    n += _IMAGE_TOKENS
-                else:
-                    n += len(str(block.get("text", ""))) // 4 + 1
-        return n
-    return len(str(content)) // 4 + 1
-
-
-def estimate_tokens(messages: Sequence[BaseMessage], tools: Sequence[Any] = ()) -> int:
-    """A tokenizer-free estimate of a prompt's input tokens (about 4 characters a token)."""
-    n = 0
-    for m in messages:
-        n += 4 + _content_tokens(m.content)
-        if isinstance(m, AIMessage) and m.tool_calls:
-            n += len(json.dumps([c.get("args") for c in m.tool_calls], default=str)) // 4
-    return n + tool_tokens(tools) if tools else n
-
-
-def tool_tokens(tools: Sequence[Any]) -> int:
-    """Estimated prompt tokens taken by tool definitions."""
-    return sum(len(json.dumps(_tool_schema(t), default=str)) // 4 for t in tools)
-
-
-def _tool_schema(tool: Any) -> dict[str, Any]:
-    try:
-        return convert_to_openai_tool(tool)
-    except Exception:  # an odd tool only makes the estimate rougher
-        return {"name": str(tool)}
-
-
-def _has_images(messages: Sequence[BaseMessage]) -> bool:
-    for m in messages:
-        if isinstance(m.content, list):
-            for block in m.content:
-                if isinstance(block, dict) and block.get("type") in ("image", "image_url"):
-                    return True
-    return False
-
-
-# -- ranking -------------------------------------------------------------------------
-
-
-class Candidate(NamedTuple):
-    """A capable model for a call; tuples sort in routing order (cost, quality, latency)."""
-
-    expected_cost: float
-    neg_quality: float
-    latency_ms: float
-    order: int
-    spec: ModelSpec
-
-
-@dataclass
-class Ranking:
-    """Capable models cheapest first, and every rejected model with its reasons."""
-
-    rows: list[tuple[float, float, float, int, ModelSpec]]
-    """(expected cost, -quality, latency, catalog order, spec), sorted: the routing order."""
-    rejected: list[tuple[ModelSpec, list[str]]]
-    input_tokens: int = 0
-
-    @cached_property
-    def candidates(self) -> list[Candidate]:
-        return [Candidate._make(r) for r in self.rows]
-
-    def closest(self, n: int = 3) -> list[tuple[ModelSpec, list[str]]]:
-        """The rejected models that miss the fewest needs (the best hint for a fix)."""
-        return sorted(self.rejected, key=lambda r: (len(r[1]), r[0].estimate_cost(1000, 400)))[:n]
-
-
-def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str]:
-    reasons: list[str] = []
-    why = catalog.unavailable_reason(spec)
-    if why:
-        reasons.append(why)
-    caps = spec.caps
-    if needs.tools and not caps.tool_calling:
-        reasons.append("no tool calling")
-    if needs.structured_output and not caps.structured_output:
-        reasons.append("no structured output")
-    if needs.vision and not caps.vision:
-        reasons.append("no image input")
-    if needs.reasoning and not caps.reasoning:
-        reasons.append("no reasoning mode")
-    if needs.streaming and not caps.streaming:
-        reasons.append("no streaming")
-    if needs.min_context and spec.window < needs.min_context:
-        reasons.append(f"context {spec.window} < min_context {needs.min_context}")
-    for skill, minimum in needs.quality.items():
-        score = spec.quality.get(skill)
-        if score is None:
-            reasons.append(f"no {skill} score")
-        elif score < minimum:
-            reasons.append(f"quality.{skill} {score:.2f} < {minimum}")
-    if needs.providers is not None and spec.provider not in needs.providers:
-        reasons.append(f"provider {spec.provider} not in allowed {list(needs.providers)}")
-    if spec.provider in needs.exclude_providers:
-        reasons.append(f"provider {spec.provider} excluded")
-    if needs.models is not None and spec.key not in needs.models:
-        reasons.append("not in the node's allowed models")
-    if spec.key in needs.exclude_models:
-        reasons.append("model excluded")
-    if needs.max_latency_ms is not None and spec.latency_ms > needs.max_latency_ms:
-        reasons.append(f"latency {spec.latency_ms:.0f} ms > {needs.max_latency_ms:.0f} ms")
-    return reasons
-
-
-@dataclass
-class Prefilter:
-    """The catalog split by the needs that do not depend on a call's messages."""
-
-    eligible: list[ModelSpec]
-    rejected: list[tuple[ModelSpec, list[str]]]
-    # Per eligible model: (spec, $/input token, $/output token, window, vision, -quality, latency)
-    rows: list[tuple[ModelSpec, float, float, int, bool, float, float]] = field(
-        default_factory=list
-    )
-
-
-def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
-    """Apply the static needs (capabilities, quality, providers, latency, availability)."""
-    eligible: list[ModelSpec] = []
-    rejected: list[tuple[ModelSpec, list[str]]] = []
-    for spec in catalog:
-        reasons = _static_reasons(catalog, spec, needs)
-        if reasons:
-            rejected.append((spec, reasons))
-        else:
-            eligible.append(spec)
-    skills = list(needs.quality) or None
-    rows = [
-        (s, s.input_price_per_mtok / 1e6, s.output_price_per_mtok / 1e6, s.window,
-         s.caps.vision, -s.mean_quality(skills), s.latency_ms)
-        for s in eligible
-    ]
-    return Prefilter(eligible, rejected, rows)
-
-
-def rank(
-    catalog: Catalog,
-    needs: Needs,
-    messages: Sequence[BaseMessage] = (),
-    *,
-    tools: Sequence[Any] = (),
-    budget_left: float | None = None,
-    input_tokens: int | None = None,
-    _static: Prefilter | None = None,
-) -> Ranking:
-    """Capable models for a call with `messages`, cheapest expected cost first.
-
-    Ties are broken by quality (mean over the needed skills, else all), then latency.
-    """
-    static = _static if _static is not None else prefilter(catalog, needs)
-    rejected = list(static.rejected)
-    n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
-    n_out = needs.expected_output_tokens
-    context_needed = n_in + needs.output_budget
-    images = bool(messages) and not needs.vision and _has_images(messages)
-    max_cost = needs.max_cost_per_call
-    ranked: list[tuple[float, float, float, int, ModelSpec]] = []
-    for i, (spec, p_in, p_out, window, vision, neg_quality, latency) in enumerate(static.rows):
-        cost = n_in * p_in + n_out * p_out
-        if (
-            window < context_needed
-            or (images and not vision)
-            or (max_cost is not None and cost > max_cost)
-            or (budget_left is not None and cost > budget_left)
-        ):
-            reasons: list[str] = []
-            if window < context_needed:
-                reasons.append(f"context {window} < {context_needed} tokens needed")
-            if images and not vision:
-                reasons.append("messages hold images; no image input")
-            if max_cost is not None and cost > max_cost:
-                reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${max_cost}")
-            if budget_left is not None and cost > budget_left:
-                reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
-            rejected.append((spec, reasons))
-            continue
-        ranked.append((cost, neg_quality, latency, i, spec))
-    ranked.sort()  # `order` makes keys unique: specs are never compared
-    return Ranking(ranked, rejected, n_in)
-
-
-def explain(
-    catalog: Catalog,
-    needs: Needs,
-    messages: Sequence[BaseMessage] = (),
-    *,
-    input_tokens: int | None = None,
-    budget_left: float | None = None,
-) -> list[dict[str, Any]]:
-    """Every catalog model, accepted (with its rank and expected cost) or rejected (why)."""
-    ranking = rank(
-        catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left
-    )
-    rows: list[dict[str, Any]] = []
-    for i, c in enumerate(ranking.candidates, 1):
-        rows.append(
-            {"model": c.spec.key, "accepted": True, "rank": i,
-             "expected_cost_usd": c.expected_cost, "reasons": []}
-        )
-    for spec, reasons in ranking.rejected:
-        rows.append({"model": spec.key, "accepted": False, "rank": None,
-                     "expected_cost_usd": None, "reasons": reasons})
-    return rows
-
-
-def no_capable_model_error(
-    node: str | None, needs: Needs, ranking: Ranking, catalog: Catalog
-) -> NoCapableModelError:
-    where = f"node {node!r}" if node else "this call"
-    closest = ranking.closest()
-    lines = [
-        f"{where}: no available model in catalog {catalog.name!r} meets its needs "
-        f"({needs.describe()})."
-    ]
-    if closest:
-        lines.append("Closest models:")
-        lines += [f"  - {s.key}: {'; '.join(r)}" for s, r in closest]
-    lines.append(
-        "Fix: relax the need named above, configure a provider that has such a model "
-        "(set its API key), or add a model to the catalog."
-    )
-    return NoCapableModelError(
-        "\n".join(lines), node=node, rejected=[(s.key, r) for s, r in ranking.rejected]
-    )
-
-
-# -- the run's shared state for routed calls ------------------------------------------------
 
 
 @dataclass(repr=False)
@@ -486,67 +110,6 @@ class RunContext:
     async def pause(self, seconds: float) -> None:
         if seconds > 0:
             await (self.sleep or asyncio.sleep)(seconds)
-
-
-# -- the routed chat model -----------------------------------------------------------------
-
-
-class Judge:
-    """A validator that asks another model whether an answer is acceptable.
-
-    ``model.with_validator(Judge("The reply answers the customer's question politely."))``:
-    after each answer, a routed model with the judge's `needs` (never the model that wrote
-    the answer) reads the criteria, the conversation's last message and the answer, and
-    replies APPROVE or REJECT with a reason. A rejection escalates the answer to a more
-    capable model like any validator failure (and is an outcome routers learn from); an
-    unreadable verdict counts as a rejection. The judge's own calls are routed, priced and
-    recorded under the node name `<node>:judge`. On the simulated catalog, judges check
-    answers against the flows' oracles and err as often as their quality says.
-    """
-
-    def __init__(self, criteria: str, *, needs: Needs | None = None) -> None:
-        if not criteria.strip():
-            raise UserError("Judge needs criteria: what makes an answer acceptable")
-        self.criteria = criteria.strip()
-        self.needs = needs if needs is not None else Needs(quality={"reasoning": 0.8},
-                                                           expected_output_tokens=60)
-
-    def __repr__(self) -> str:
-        return f"Judge({self.criteria[:40]!r})"
-
-    def prompt(self, question: str, answer: str) -> list[BaseMessage]:
-        return [
-            SystemMessage(
-                "You check another model's answer against criteria. Reply with APPROVE or "
-                "REJECT as the first word, then one sentence of reasons.\n"
-                f"Criteria: {self.criteria}"),
-            HumanMessage(f"Input:\n{question}\n\nAnswer:\n{answer}"),
-        ]
-
-    @staticmethod
-    def verdict(text: str) -> bool | str:
-        """True for APPROVE; the reason for REJECT or an unreadable reply."""
-        words = text.strip().split(None, 1)
-        first = words[0].strip("*:.,!").upper() if words else ""
-        rest = words[1].strip() if len(words) > 1 else ""
-        if first == "APPROVE":
-            return True
-        if first == "REJECT":
-            return f"the judge rejected it: {rest or 'no reason given'}"
-        return f"the judge's verdict was unreadable: {text.strip()[:120]!r}"
-
-    async def check(self, routed: RoutedChatModel, spec: ModelSpec,
-                    messages: Sequence[BaseMessage], subject: Any) -> bool | str:
-        answer = (subject.model_dump_json() if isinstance(subject, BaseModel)
-                  else json.dumps(subject, default=str) if isinstance(subject, dict)
-                  else str(getattr(subject, "content", subject)))
-        judge = RoutedChatModel(
-            needs=self.needs.with_(exclude_models=(*self.needs.exclude_models, spec.key)),
-            context=routed.context, node=f"{routed.node or 'model'}:judge",
-        )
-        reply = await judge.ainvoke(self.prompt(_prompt_text(messages), answer),
-                                    config=_INNER_CONFIG)
-        return self.verdict(str(reply.content))
 
 
 class RoutedChatModel(BaseChatModel):
@@ -803,7 +366,7 @@ class RoutedChatModel(BaseChatModel):
         if remaining is not None and ranking.rows[0][0] > remaining:
             raise self._budget_error(ranking.candidates[0])
 
-        call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
+        call_id = new_call_id()
         failures: list[ModelAPIError] = []
         attempts: list[Attempt] = []
         skipped: list[str] = []
@@ -878,8 +441,8 @@ class RoutedChatModel(BaseChatModel):
                     model = self._bound(spec, ctx)
                     if stream:
                         attempt_id = f"lc_run--{call_id}-{len(attempts) + 1}"
-                        async for chunk in _with_timeout_iter(
-                            model.astream(messages, config=_INNER_CONFIG, stop=stop, **kwargs),
+                        async for chunk in iter_with_timeout(
+                            model.astream(messages, config=INNER_CONFIG, stop=stop, **kwargs),
                             policy.timeout,
                         ):
                             if not isinstance(chunk, AIMessageChunk):
@@ -903,10 +466,10 @@ class RoutedChatModel(BaseChatModel):
                         if spec.adapter.timeout_param is None and policy.timeout is not None:
                             # The client has no timeout of its own: enforce the policy's.
                             async with asyncio.timeout(policy.timeout):
-                                message = await _generate_once(model, messages, stop, kwargs)
+                                message = await generate_once(model, messages, stop, kwargs)
                         else:
                             # The client was built with timeout=policy.timeout and raises.
-                            message = await _generate_once(model, messages, stop, kwargs)
+                            message = await generate_once(model, messages, stop, kwargs)
                     spec.adapter.check(message, spec)
                     parsed = self._check_output(spec, message)
                     if self.validator is not None:
@@ -933,7 +496,7 @@ class RoutedChatModel(BaseChatModel):
                     # was still paid for: its tokens, as reported or else estimated.
                     if message is None and gathered is not None:
                         message = cast(AIMessage, message_chunk_to_message(gathered))
-                    paid, estimated = _billed(message, n_in, partial=err.error_class in (
+                    paid, estimated = billed(message, n_in, partial=err.error_class in (
                         "incomplete", "connection", "timeout"))
                     attempt = Attempt(
                         node=self.node or "", model=spec.key, provider=spec.provider,
@@ -941,9 +504,9 @@ class RoutedChatModel(BaseChatModel):
                         try_number=len(attempts) + 1, usage=paid, usage_estimated=estimated,
                         cost_usd=spec.cost(paid) if paid else 0.0,
                         latency_ms=(time.perf_counter() - t0) * 1000, error_class=err.error_class,
-                        error=_short(err), fallback_from=previous, action=action.value,
+                        error=short_error(err), fallback_from=previous, action=action.value,
                         started_at=started, task_id=task_id, route_reason=reasons.get(spec.key),
-                        prompt=_prompt_text(messages) if ctx.usage.listeners else None,
+                        prompt=prompt_text(messages) if ctx.usage.listeners else None,
                         category=self.category,
                     )
                     attempts.append(attempt)
@@ -970,7 +533,7 @@ class RoutedChatModel(BaseChatModel):
                         breakers.record(spec, None)
                     else:
                         await breakers.arecord(spec, None)
-                    call_usage, estimated = _billed(message, n_in, partial=False)
+                    call_usage, estimated = billed(message, n_in, partial=False)
                     if reservation is not None and call_usage is not None:
                         # The rate window counted an estimate: put in what was used.
                         await ctx.limiter.acorrect(reservation, call_usage.total_tokens)
@@ -989,7 +552,7 @@ class RoutedChatModel(BaseChatModel):
                         fallback_from=previous, started_at=started, task_id=task_id,
                         call_key=call_key or self._key_for_ledger(ctx, task_id, messages, kwargs),
                         response=message, route_reason=reasons.get(spec.key),
-                        prompt=_prompt_text(messages) if ctx.usage.listeners else None,
+                        prompt=prompt_text(messages) if ctx.usage.listeners else None,
                         category=self.category,
                     )
                     attempts.append(attempt)
@@ -1059,7 +622,7 @@ class RoutedChatModel(BaseChatModel):
         from .learning import choose
 
         keys = [r[4].key for r in rows]
-        probs = router.predict(_prompt_text(messages), keys, node=self.node,
+        probs = router.predict(prompt_text(messages), keys, node=self.node,
                                category=self.category)
         costs = {r[4].key: r[0] for r in rows}
         order = choose(probs, costs, target=self.needs.target,
@@ -1075,7 +638,7 @@ class RoutedChatModel(BaseChatModel):
         from langchain_core.messages import messages_to_dict
 
         payload = json.dumps(
-            [messages_to_dict(list(messages)), [_tool_schema(t) for t in self.tools],
+            [messages_to_dict(list(messages)), [tool_schema(t) for t in self.tools],
              repr(self.tool_choice), getattr(self.response_schema, "__name__",
                                              repr(self.response_schema)),
              self.needs.cache_key, sorted(kwargs)],
@@ -1106,7 +669,7 @@ class RoutedChatModel(BaseChatModel):
                 return schema.model_validate(calls[0]["args"])
             except Exception as e:  # pydantic.ValidationError or a bad type
                 raise MalformedResponseError(
-                    f"{spec.key} output fails schema {schema.__name__}: {_short(e)}",
+                    f"{spec.key} output fails schema {schema.__name__}: {short_error(e)}",
                     provider=spec.provider, model=spec.model,
                 ) from e
         return calls[0]["args"]
@@ -1119,7 +682,7 @@ class RoutedChatModel(BaseChatModel):
         reason: str | None = None
         verdict: object  # False, or a str (the reason), rejects the answer
         try:
-            if isinstance(validator, Judge):
+            if isinstance(validator, ModelJudge):
                 verdict = await validator.check(self, spec, messages, subject)
             elif isinstance(validator, type) and issubclass(validator, BaseModel):
                 if parsed is None:
@@ -1135,7 +698,7 @@ class RoutedChatModel(BaseChatModel):
         except (UserError, asyncio.CancelledError):
             raise
         except Exception as e:  # the validator's own words are the reason
-            reason = _short(e)
+            reason = short_error(e)
             verdict = False
         if verdict is False or isinstance(verdict, str):
             raise ValidationFailedError(
@@ -1143,98 +706,6 @@ class RoutedChatModel(BaseChatModel):
                 f"{verdict if isinstance(verdict, str) else reason or 'returned False'}",
                 provider=spec.provider, model=spec.model,
             )
-
-
-async def _generate_once(
-    model: Runnable[Any, Any], messages: list[BaseMessage], stop: list[str] | None,
-    kwargs: dict[str, Any],
-) -> AIMessage:
-    """One generation from a candidate model.
-
-    The routed model is the LangChain run that callbacks, tracing and streaming observe;
-    the candidate is called through its generation hook (`_agenerate`, the method every
-    chat model implements) rather than a second, nested `ainvoke` run. A model with a
-    cache, a rate limiter or v1 output blocks goes through `ainvoke`, which applies them.
-    """
-    target, bound_kwargs = model, {}
-    if isinstance(model, RunnableBinding) and isinstance(model.bound, BaseChatModel):
-        target, bound_kwargs = model.bound, dict(model.kwargs)
-    if (
-        isinstance(target, BaseChatModel)
-        and target.cache is None
-        and target.rate_limiter is None
-        and getattr(target, "output_version", None) != "v1"
-    ):
-        result = await target._agenerate(messages, stop=stop, **{**bound_kwargs, **kwargs})
-        generation = result.generations[0]
-        message = generation.message
-        if not isinstance(message, AIMessage):  # pragma: no cover - defensive
-            raise MalformedResponseError(f"{type(target).__name__} returned {type(message).__name__}")
-        # As `ainvoke` does: the finish/stop reason (and more) that integrations keep in
-        # generation_info or llm_output belongs to the message, where adapters check it.
-        message.response_metadata = {**(result.llm_output or {}),
-                                     **(generation.generation_info or {}),
-                                     **message.response_metadata}
-        return message
-    return await model.ainvoke(messages, config=_INNER_CONFIG, stop=stop, **kwargs)  # type: ignore[no-any-return]
-
-
-def _billed(message: AIMessage | None, n_in: int, *, partial: bool) -> tuple[Usage | None, bool]:
-    """The tokens an answer is billed for, and whether they are estimated.
-
-    The provider's count when it sent one; for an answer without usage (or with all
-    zeros) the estimate: `n_in` input tokens and the answer's own size in output tokens.
-    A `partial` answer (cut short) may carry only the counts sent before its end (Gemini's
-    prompt count, Anthropic's message_start): its output is at least what arrived.
-    """
-    if message is None:
-        return None, False
-    reported = Usage.from_message(message)
-    if reported is not None and reported.total_tokens > 0 and not partial:
-        return reported, False
-    out = max(estimate_tokens([message]) - 4, 1)
-    if reported is None or reported.total_tokens == 0:
-        return Usage(input_tokens=n_in, output_tokens=out, requests=1), True
-    if reported.output_tokens >= out and reported.input_tokens > 0:
-        return reported, False
-    return Usage(input_tokens=reported.input_tokens or n_in,
-                 output_tokens=max(reported.output_tokens, out),
-                 cache_read_tokens=reported.cache_read_tokens,
-                 cache_write_tokens=reported.cache_write_tokens, requests=1), True
-
-
-def _prompt_text(messages: Sequence[BaseMessage], limit: int = 4000) -> str:
-    """The text a router reads: the last human message (or the last message)."""
-    from langchain_core.messages import HumanMessage
-
-    for m in reversed(messages):
-        if isinstance(m, HumanMessage):
-            return str(m.content)[:limit]
-    return str(messages[-1].content)[:limit] if messages else ""
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text[:limit]
-
-
-async def _with_timeout_iter(it: AsyncIterator[Any], timeout: float | None) -> AsyncIterator[Any]:
-    """Iterate with a per-chunk timeout: a stream that stalls counts as a timeout."""
-    ait = it.__aiter__()
-    try:
-        while True:
-            try:
-                if timeout is None:
-                    item = await ait.__anext__()
-                else:
-                    item = await asyncio.wait_for(ait.__anext__(), timeout)
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        aclose = getattr(ait, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 _T = TypeVar("_T")
