@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, NamedTuple
 
 from langchain_core.messages import BaseMessage
@@ -44,14 +43,14 @@ class Candidate(NamedTuple):
 class Ranking:
     """Capable models cheapest first, and every rejected model with its reasons."""
 
-    rows: list[tuple[float, float, float, int, ModelSpec]]
-    """(expected cost, -quality, latency, catalog order, spec), sorted: the routing order."""
+    rows: list[Candidate]
+    """The capable models, sorted: the routing order."""
     rejected: list[tuple[ModelSpec, list[str]]]
     input_tokens: int = 0
 
-    @cached_property
+    @property
     def candidates(self) -> list[Candidate]:
-        return [Candidate._make(r) for r in self.rows]
+        return self.rows
 
     def closest(self, n: int = 3) -> list[tuple[ModelSpec, list[str]]]:
         """The rejected models that miss the fewest needs (the best hint for a fix)."""
@@ -105,6 +104,10 @@ class Prefilter:
     rows: list[tuple[ModelSpec, float, float, int, bool, float, float]] = field(
         default_factory=list
     )
+    min_window: int = 0
+    """The smallest context window of the eligible models."""
+    all_vision: bool = True
+    """Whether every eligible model takes images."""
 
 
 def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
@@ -123,7 +126,8 @@ def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
          s.caps.vision, -s.mean_quality(skills), s.latency_ms)
         for s in eligible
     ]
-    return Prefilter(eligible, rejected, rows)
+    return Prefilter(eligible, rejected, rows, min((s.window for s in eligible), default=0),
+                     all(s.caps.vision for s in eligible))
 
 
 def rank(
@@ -134,41 +138,46 @@ def rank(
     tools: Sequence[Any] = (),
     budget_left: float | None = None,
     input_tokens: int | None = None,
-    _static: Prefilter | None = None,
+    prefiltered: Prefilter | None = None,
 ) -> Ranking:
     """Capable models for a call with `messages`, cheapest expected cost first.
 
     Ties are broken by quality (mean over the needed skills, else all), then latency.
+    `prefiltered` is `prefilter(catalog, needs)` when the caller keeps it (per run).
     """
-    static = _static if _static is not None else prefilter(catalog, needs)
-    rejected = list(static.rejected)
+    static = prefiltered if prefiltered is not None else prefilter(catalog, needs)
     n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
     n_out = needs.expected_output_tokens
     context_needed = n_in + needs.output_budget
     images = bool(messages) and not needs.vision and has_images(messages)
     max_cost = needs.max_cost_per_call
-    ranked: list[tuple[float, float, float, int, ModelSpec]] = []
+    new = tuple.__new__  # a Candidate from a plain tuple, without NamedTuple's slower __new__
+    if (context_needed <= static.min_window and (static.all_vision or not images)
+            and max_cost is None and budget_left is None):
+        # The routed call's usual case: nothing is rejected per call, only the order
+        # depends on its size.
+        rows = [new(Candidate, (n_in * p_in + n_out * p_out, neg_quality, latency, i, spec))
+                for i, (spec, p_in, p_out, _, _, neg_quality, latency) in enumerate(static.rows)]
+        rows.sort()  # `order` makes keys unique: specs are never compared
+        return Ranking(rows, list(static.rejected), n_in)
+    rejected = list(static.rejected)
+    ranked: list[Candidate] = []
     for i, (spec, p_in, p_out, window, vision, neg_quality, latency) in enumerate(static.rows):
         cost = n_in * p_in + n_out * p_out
-        if (
-            window < context_needed
-            or (images and not vision)
-            or (max_cost is not None and cost > max_cost)
-            or (budget_left is not None and cost > budget_left)
-        ):
-            reasons: list[str] = []
-            if window < context_needed:
-                reasons.append(f"context {window} < {context_needed} tokens needed")
-            if images and not vision:
-                reasons.append("messages hold images; no image input")
-            if max_cost is not None and cost > max_cost:
-                reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${max_cost}")
-            if budget_left is not None and cost > budget_left:
-                reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
+        reasons: list[str] = []
+        if window < context_needed:
+            reasons.append(f"context {window} < {context_needed} tokens needed")
+        if images and not vision:
+            reasons.append("messages hold images; no image input")
+        if max_cost is not None and cost > max_cost:
+            reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${max_cost}")
+        if budget_left is not None and cost > budget_left:
+            reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
+        if reasons:
             rejected.append((spec, reasons))
-            continue
-        ranked.append((cost, neg_quality, latency, i, spec))
-    ranked.sort()  # `order` makes keys unique: specs are never compared
+        else:
+            ranked.append(new(Candidate, (cost, neg_quality, latency, i, spec)))
+    ranked.sort()
     return Ranking(ranked, rejected, n_in)
 
 

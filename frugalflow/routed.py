@@ -9,50 +9,60 @@ spend and budget, rate limiter, router and the durable run's ledger hooks.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langgraph.runtime import get_runtime
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr
 
-from .attempts import (
-    INNER_CONFIG,
-    ModelJudge,
-    billed,
-    generate_once,
-    iter_with_timeout,
-    new_call_id,
-    short_error,
-)
+from .attempts import CallAttempts
 from .catalog import Catalog, ModelSpec
-from .exceptions import (
-    AllModelsFailedError,
-    BudgetExceededError,
-    MalformedResponseError,
-    ModelAPIError,
-    StoreError,
-    UserError,
-    ValidationFailedError,
-)
-from .fallback import Action, BreakerRegistry, FallbackPolicy, default_breakers
-from .needs import Needs, estimate_tokens, prompt_text, tool_schema, tool_tokens
-from .ranking import Candidate, Prefilter, no_capable_model_error, prefilter, rank
-from .statuses import Outcome
-from .usage import Attempt, RunUsage, Usage
+from .exceptions import UserError
+from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
+from .needs import Needs, tool_schema, tool_tokens
+from .ranking import Prefilter, prefilter
+from .usage import Attempt, RunUsage
+
+if TYPE_CHECKING:
+    from .fallback import RateReservation
+    from .learning import Router
 
 __all__ = ["DEFAULT_ATTEMPT_WINDOW", "RoutedChatModel", "RunContext"]
 
 DEFAULT_ATTEMPT_WINDOW = 1000
 """Attempts kept by a RoutedChatModel's own context (used outside a run); totals count all."""
+
+
+class RateLimits(Protocol):
+    """Keeps calls under each model's rpm/tpm (`RateLimiter`; `RedisRateLimiter` for a fleet)."""
+
+    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | bool | None:
+        """A reservation (truthy), None when over a limit, True when `spec` has no limits."""
+        ...
+
+    async def acorrect(self, reservation: Any, actual_tokens: int) -> None:
+        """Replace a reservation's estimated tokens with the call's actual usage."""
+        ...
+
+
+class Replay(Protocol):
+    """When resuming: the answer a completed call with this key already got, or None."""
+
+    def __call__(self, node: str | None, call_key: str) -> Awaitable[AIMessage | None]: ...
+
+
+Sleep = Callable[[float], Awaitable[object]]
+"""An awaitable sleep(seconds)."""
+
+Intent = Callable[[Attempt], Awaitable[None]]
+"""Writes a call down before it is sent."""
 
 
 @dataclass(repr=False)
@@ -67,18 +77,18 @@ class RunContext:
     policy: FallbackPolicy = field(default_factory=FallbackPolicy)
     breakers: BreakerRegistry = field(default_factory=lambda: default_breakers)
     usage: RunUsage = field(default_factory=RunUsage)
-    sleep: Any = None  # an awaitable sleep(seconds); tests pass a fake clock's
-    limiter: Any = None
+    sleep: Sleep | None = None  # tests pass a fake clock's
+    limiter: RateLimits | None = None
     """A `RateLimiter` keeping calls under the catalog's rpm/tpm (`RedisRateLimiter` for a
     fleet); None: limits are not enforced here."""
-    router: Any = None
+    router: Router | None = None
     """A `frugalflow.learning.Router` predicting per-input success; used by nodes whose needs
     set `target`, `price_weight` or `cascade`."""
-    intent: Callable[[Attempt], Awaitable[None]] | None = None
+    intent: Intent | None = None
     """Durable runs: `await intent(pending_attempt)` writes a call down before it is sent, so
     a call whose answer never reached the ledger (the process died) is still accounted for.
     It must not raise (but for cancellation)."""
-    replay: Any = None
+    replay: Replay | None = None
     """When resuming: `await replay(node, call_key) -> AIMessage | None`, the answer a
     completed call with this key already got (the runner looks it up in the ledger), so a
     node re-executed after a crash does not pay again for calls it had finished."""
@@ -279,13 +289,8 @@ class RoutedChatModel(BaseChatModel):
         live = bool(run_manager is not None and run_manager.handlers
                     and BaseChatModel._should_stream(self, async_api=True,
                                                      run_manager=run_manager, **kwargs))
-        message: AIMessage | None = None
-        async for kind, value in self._attempts(
-            messages, stop, kwargs, stream=live, forward=run_manager if live else None
-        ):
-            if kind == "message":
-                message = value
-        assert message is not None
+        message = await CallAttempts(self, messages, stop, kwargs,
+                                     forward=run_manager if live else None).run()
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
@@ -313,291 +318,11 @@ class RoutedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for kind, value in self._attempts(messages, stop, kwargs, stream=True):
-            if kind == "chunk":
-                chunk = ChatGenerationChunk(message=value)
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(value.text, chunk=chunk)
-                yield chunk
-
-    async def _attempts(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        kwargs: dict[str, Any],
-        *,
-        stream: bool,
-        forward: AsyncCallbackManagerForLLMRun | None = None,
-    ) -> AsyncIterator[tuple[Literal["message", "chunk"], Any]]:
-        """Try candidates in order; yield the answer (or its chunks) of the first that works.
-
-        With `forward`, chunks go to its callbacks (each attempt under its own message id)
-        and a broken stream restarts on the next candidate; without it, chunks are yielded
-        and a stream that breaks after yielding raises (the consumer holds a partial answer).
-        """
-        ctx, task_id = self._context_and_task()
-        usage = ctx.usage
-        call_key = None
-        if ctx.replay is not None:
-            call_key = ctx.call_key(task_id, self.node, self._digest(messages, kwargs))
-            replayed = await ctx.replay(self.node, call_key)
-            if replayed is not None:
-                await usage.arecord(Attempt(
-                    node=self.node or "", model=str(replayed.response_metadata.get(
-                        "frugalflow", {}).get("model", "replay")),
-                    provider="replay", outcome=Outcome.REPLAYED, run_id=usage.run_id,
-                    task_id=task_id, call_key=call_key,
-                ))
-                yield "message", replayed
-                return
-        remaining = usage.remaining_usd
-        static = ctx.static(self.needs)
-        n_in = estimate_tokens(messages)
-        if self.tools:
-            if self._tool_tokens is None:
-                self._tool_tokens = tool_tokens(self.tools)
-            n_in += self._tool_tokens
-        ranking = rank(ctx.catalog, self.needs, messages, _static=static, input_tokens=n_in)
-        if not ranking.rows:
-            raise no_capable_model_error(self.node, self.needs, ranking, ctx.catalog)
-        reasons: dict[str, str] = {}
-        if ctx.router is not None and self.needs.routed:
-            ranking.rows, reasons = self._route(ctx.router, messages, ranking.rows)
-        if remaining is not None and ranking.rows[0][0] > remaining:
-            raise self._budget_error(ranking.candidates[0])
-
-        call_id = new_call_id()
-        failures: list[ModelAPIError] = []
-        attempts: list[Attempt] = []
-        skipped: list[str] = []
-        min_window = 0
-        banned_providers: set[str] = set()
-        previous: str | None = None
-        over_budget: Candidate | None = None
-        min_quality = -1.0
-        skills = list(self.needs.quality) or None
-        policy = ctx.policy
-        breakers = ctx.breakers
-        local_breakers = type(breakers) is BreakerRegistry
-
-        too_long: ModelSpec | None = None  # the model that last said the prompt is too long
-        for row in ranking.rows:
-            expected_cost, spec = row[0], row[4]
-            if spec.provider in banned_providers:
-                continue
-            if spec.window <= min_window:
-                if too_long is not None:
-                    skipped.append(f"{spec.key}: context window {spec.window} not larger "
-                                   f"than {too_long.key}'s")
-                continue
-            if min_quality >= 0 and spec.mean_quality(skills) <= min_quality:
-                continue
-            left = usage.remaining_usd
-            if left is not None and expected_cost > left:
-                skipped.append(f"{spec.key}: over the remaining budget")
-                over_budget = over_budget or Candidate._make(row)
-                continue
-            # A 429's Retry-After rests the model for every run (and the fleet, via Redis).
-            resting = (breakers.cooldown_reason(spec) if local_breakers
-                       else await breakers.acooldown_reason(spec))
-            if resting is not None:
-                skipped.append(f"{spec.key}: {resting}")
-                continue
-            reservation = None
-            if ctx.limiter is not None:
-                reservation = await ctx.limiter.aacquire(
-                    spec, n_in + self.needs.expected_output_tokens)
-                if not reservation:
-                    skipped.append(f"{spec.key}: over its rate limit (last 60 s)")
-                    continue
-            tries = 0
-            while True:
-                # A shared (Redis) registry needs awaiting; the in-process one answers at once.
-                if not (breakers.acquire(spec) if local_breakers
-                        else await breakers.aacquire(spec)):
-                    why = await breakers.ablocked_reason(spec)
-                    skipped.append(f"{spec.key}: {why or 'circuit open'}")
-                    break
-                started = time.time()
-                t0 = time.perf_counter()
-                verdict = False
-                emitted = False
-                message: AIMessage | None = None
-                gathered: AIMessageChunk | None = None
-                try:
-                    if ctx.intent is not None:
-                        # Durable runs write the call down before it is sent: if the process
-                        # dies before the answer is recorded, the ledger still shows a call
-                        # that may have been paid (settled later at its estimated cost).
-                        await ctx.intent(Attempt(
-                            node=self.node or "", model=spec.key, provider=spec.provider,
-                            outcome=Outcome.PENDING, call_id=call_id, run_id=usage.run_id,
-                            try_number=len(attempts) + 1, task_id=task_id,
-                            usage=Usage(input_tokens=n_in, requests=1,
-                                        output_tokens=self.needs.expected_output_tokens),
-                            cost_usd=expected_cost, usage_estimated=True, started_at=started,
-                            fallback_from=previous, category=self.category,
-                        ))
-                    model = self._bound(spec, ctx)
-                    if stream:
-                        attempt_id = f"lc_run--{call_id}-{len(attempts) + 1}"
-                        async for chunk in iter_with_timeout(
-                            model.astream(messages, config=INNER_CONFIG, stop=stop, **kwargs),
-                            policy.timeout,
-                        ):
-                            if not isinstance(chunk, AIMessageChunk):
-                                continue
-                            chunk.id = attempt_id
-                            gathered = chunk if gathered is None else gathered + chunk
-                            if forward is not None:
-                                await forward.on_llm_new_token(
-                                    chunk.text, chunk=ChatGenerationChunk(message=chunk)
-                                )
-                            else:
-                                emitted = True
-                                yield "chunk", chunk
-                        if gathered is None:
-                            raise MalformedResponseError(
-                                f"{spec.key} streamed no content", provider=spec.provider,
-                                model=spec.model,
-                            )
-                        message = cast(AIMessage, message_chunk_to_message(gathered))
-                    else:
-                        if spec.adapter.timeout_param is None and policy.timeout is not None:
-                            # The client has no timeout of its own: enforce the policy's.
-                            async with asyncio.timeout(policy.timeout):
-                                message = await generate_once(model, messages, stop, kwargs)
-                        else:
-                            # The client was built with timeout=policy.timeout and raises.
-                            message = await generate_once(model, messages, stop, kwargs)
-                    spec.adapter.check(message, spec)
-                    parsed = self._check_output(spec, message)
-                    if self.validator is not None:
-                        await self._validate(spec, message, parsed, messages)
-                except asyncio.CancelledError:
-                    raise
-                except (UserError, StoreError):
-                    raise  # the caller's mistake, or the run's database: not the model's fault
-                except Exception as e:  # translated below; nothing is swallowed silently
-                    err = spec.adapter.translate(e, spec)
-                    if err is not e and err.__cause__ is None:
-                        err.__cause__ = e
-                    verdict = True
-                    await breakers.arecord(spec, err)
-                    action, delay = policy.decide(err, tries)
-                    if action is Action.RETRY and await breakers.ablocked_reason(spec):
-                        # This failure opened the circuit: the next try goes to another
-                        # model, and the ledger must say so.
-                        action, delay = Action.NEXT, 0.0
-                    if emitted:
-                        # Tokens already reached the consumer: retrying would glue two answers.
-                        action, delay = Action.RAISE, 0.0
-                    # An answer that failed its schema or validator, or that was cut short,
-                    # was still paid for: its tokens, as reported or else estimated.
-                    if message is None and gathered is not None:
-                        message = cast(AIMessage, message_chunk_to_message(gathered))
-                    paid, estimated = billed(message, n_in, partial=err.error_class in (
-                        "incomplete", "connection", "timeout"))
-                    attempt = Attempt(
-                        node=self.node or "", model=spec.key, provider=spec.provider,
-                        outcome=Outcome.ERROR, call_id=call_id, run_id=usage.run_id,
-                        try_number=len(attempts) + 1, usage=paid, usage_estimated=estimated,
-                        cost_usd=spec.cost(paid) if paid else 0.0,
-                        latency_ms=(time.perf_counter() - t0) * 1000, error_class=err.error_class,
-                        error=short_error(err), fallback_from=previous, action=action.value,
-                        started_at=started, task_id=task_id, route_reason=reasons.get(spec.key),
-                        prompt=prompt_text(messages) if ctx.usage.listeners else None,
-                        category=self.category,
-                    )
-                    attempts.append(attempt)
-                    await usage.arecord(attempt)
-                    failures.append(err)
-                    if action is Action.RAISE:
-                        raise err from e
-                    if action is Action.RETRY:
-                        tries += 1
-                        await ctx.pause(delay)
-                        continue
-                    if err.error_class == "validation":
-                        # Escalate: only models more capable than the one that failed.
-                        min_quality = max(min_quality, spec.mean_quality(skills))
-                    elif err.error_class == "context_length":
-                        min_window = max(min_window, spec.window)
-                        too_long = spec
-                    elif err.error_class == "content_filter":
-                        banned_providers.add(spec.provider)
-                    break
-                else:
-                    verdict = True
-                    if local_breakers:
-                        breakers.record(spec, None)
-                    else:
-                        await breakers.arecord(spec, None)
-                    call_usage, estimated = billed(message, n_in, partial=False)
-                    if reservation is not None and call_usage is not None:
-                        # The rate window counted an estimate: put in what was used.
-                        await ctx.limiter.acorrect(reservation, call_usage.total_tokens)
-                    cost = spec.cost(call_usage) if call_usage else 0.0
-                    message.response_metadata = {
-                        **message.response_metadata,
-                        "frugalflow": {"model": spec.key, "cost_usd": cost,
-                                       "attempts": len(attempts) + 1, "call_id": call_id},
-                    }
-                    attempt = Attempt(
-                        node=self.node or "", model=spec.key, provider=spec.provider,
-                        outcome=Outcome.OK, call_id=call_id, run_id=usage.run_id,
-                        try_number=len(attempts) + 1, usage=call_usage, cost_usd=cost,
-                        usage_estimated=estimated,
-                        latency_ms=(time.perf_counter() - t0) * 1000,
-                        fallback_from=previous, started_at=started, task_id=task_id,
-                        call_key=call_key or self._key_for_ledger(ctx, task_id, messages, kwargs),
-                        response=message, route_reason=reasons.get(spec.key),
-                        prompt=prompt_text(messages) if ctx.usage.listeners else None,
-                        category=self.category,
-                    )
-                    attempts.append(attempt)
-                    await usage.arecord(attempt)
-                    self._last_model = spec.key
-                    if not stream or forward is not None:
-                        yield "message", message
-                    return
-                finally:
-                    if not verdict:
-                        await asyncio.shield(breakers.arelease(spec))
-            previous = spec.key
-
-        n = len(attempts)
-        detail = f"; skipped: {'; '.join(skipped)}" if skipped else ""
-        headline = (f"node {self.node!r}: all {len(ranking.rows)} capable models failed "
-                    f"({n} attempts){detail}")
-        if too_long is not None and failures and failures[-1].error_class == "context_length" \
-                and not any(r[4].window > too_long.window for r in ranking.rows):
-            headline = (
-                f"node {self.node!r}: the prompt is too long for {too_long.key} (context "
-                f"window {too_long.window} tokens) and no capable model has a larger window; "
-                f"shorten the input or add a model with a larger context window "
-                f"({n} attempts){detail}")
-        group = AllModelsFailedError(
-            headline,
-            failures or [ModelAPIError("no candidate could be tried" + detail)],
-            node=self.node,
-            attempts=attempts,
-        )
-        if over_budget is not None:
-            raise self._budget_error(over_budget) from group
-        raise group
-
-    def _budget_error(self, cheapest: Candidate) -> BudgetExceededError:
-        usage = self.run_context().usage
-        return BudgetExceededError(
-            f"node {self.node!r}: the run's budget cannot pay for the next call: "
-            f"${usage.spent_usd:.6f} of ${usage.budget_usd} spent, "
-            f"${usage.remaining_usd or 0.0:.6f} left; the cheapest capable call "
-            f"({cheapest.spec.key}) needs about ${cheapest.expected_cost:.6f}. "
-            "Resume the run with a larger budget.",
-            node=self.node, budget_usd=usage.budget_usd or 0.0,
-            spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
-        )
+        async for chunk in CallAttempts(self, messages, stop, kwargs).stream():
+            generation = ChatGenerationChunk(message=chunk)
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=generation)
+            yield generation
 
     def _bound(self, spec: ModelSpec, ctx: RunContext) -> Runnable[Any, Any]:
         model = ctx.model(spec)
@@ -614,22 +339,13 @@ class RoutedChatModel(BaseChatModel):
         self._with_tools[spec.key] = (model, bound)
         return bound
 
-    def _route(
-        self, router: Any, messages: Sequence[BaseMessage],
-        rows: list[tuple[float, float, float, int, ModelSpec]],
-    ) -> tuple[list[tuple[float, float, float, int, ModelSpec]], dict[str, str]]:
-        """Reorder the capable models by the router's per-input predictions."""
-        from .learning import choose
-
-        keys = [r[4].key for r in rows]
-        probs = router.predict(prompt_text(messages), keys, node=self.node,
-                               category=self.category)
-        costs = {r[4].key: r[0] for r in rows}
-        order = choose(probs, costs, target=self.needs.target,
-                       price_weight=self.needs.price_weight, cascade=self.needs.cascade)
-        by_key = {r[4].key: r for r in rows}
-        reasons = {m: f"{why}; p={probs[m]:.2f}, ${costs[m]:.6f}" for m, why in order}
-        return [by_key[m] for m, _ in order], reasons
+    def _tools_tokens(self) -> int:
+        """Estimated prompt tokens of the bound tools (computed once)."""
+        if not self.tools:
+            return 0
+        if self._tool_tokens is None:
+            self._tool_tokens = tool_tokens(self.tools)
+        return self._tool_tokens
 
     def _digest(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> str:
         """A stable digest of what this call asks: messages, tools, schema, needs."""
@@ -652,60 +368,6 @@ class RoutedChatModel(BaseChatModel):
         if not ctx.usage.listeners or task_id is None:
             return None
         return ctx.call_key(task_id, self.node, self._digest(messages, kwargs))
-
-    def _check_output(self, spec: ModelSpec, message: AIMessage) -> Any:
-        """The structured output parsed from `message` (None without a schema)."""
-        schema = self.response_schema
-        if schema is None:
-            return None
-        calls = message.tool_calls
-        if not calls:
-            raise MalformedResponseError(
-                f"{spec.key} returned no structured output (no tool call)",
-                provider=spec.provider, model=spec.model,
-            )
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            try:
-                return schema.model_validate(calls[0]["args"])
-            except Exception as e:  # pydantic.ValidationError or a bad type
-                raise MalformedResponseError(
-                    f"{spec.key} output fails schema {schema.__name__}: {short_error(e)}",
-                    provider=spec.provider, model=spec.model,
-                ) from e
-        return calls[0]["args"]
-
-    async def _validate(self, spec: ModelSpec, message: AIMessage, parsed: Any,
-                        messages: Sequence[BaseMessage]) -> None:
-        """Run the node's validator; a failure escalates to a more capable model."""
-        validator = self.validator
-        subject = parsed if parsed is not None else message
-        reason: str | None = None
-        verdict: object  # False, or a str (the reason), rejects the answer
-        try:
-            if isinstance(validator, ModelJudge):
-                verdict = await validator.check(self, spec, messages, subject)
-            elif isinstance(validator, type) and issubclass(validator, BaseModel):
-                if parsed is None:
-                    validator.model_validate_json(str(message.content))
-                else:
-                    validator.model_validate(
-                        parsed.model_dump() if isinstance(parsed, BaseModel) else parsed)
-                verdict = True
-            else:
-                verdict = validator(subject)
-                if inspect.isawaitable(verdict):
-                    verdict = await verdict
-        except (UserError, asyncio.CancelledError):
-            raise
-        except Exception as e:  # the validator's own words are the reason
-            reason = short_error(e)
-            verdict = False
-        if verdict is False or isinstance(verdict, str):
-            raise ValidationFailedError(
-                f"{spec.key} output rejected by the validator: "
-                f"{verdict if isinstance(verdict, str) else reason or 'returned False'}",
-                provider=spec.provider, model=spec.model,
-            )
 
 
 _T = TypeVar("_T")
