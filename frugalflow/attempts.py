@@ -16,7 +16,7 @@ import itertools
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -105,6 +105,7 @@ class _Try:
     """One try of one candidate: when it started, what it got so far, whether it ended."""
 
     candidate: Candidate
+    spec: ModelSpec
     reservation: RateReservation | bool | None
     started: float
     t0: float
@@ -112,10 +113,6 @@ class _Try:
     gathered: AIMessageChunk | None = None
     emitted: bool = False  # chunks reached the consumer: no retry can follow
     verdict: bool = False  # the breakers heard how it ended (else its slot is released)
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self.candidate.spec
 
     def take(self, chunk: AIMessageChunk, attempt_id: str) -> None:
         chunk.id = attempt_id
@@ -148,21 +145,23 @@ class CallAttempts:
         self.usage: RunUsage = self.ctx.usage
         self.node = routed.node or ""
         self.messages, self.stop, self.kwargs, self.forward = messages, stop, kwargs, forward
-        self.call_id = ""
-        self.call_key: str | None = None
-        self.n_in = 0
-        self.rows: list[Candidate] = []
-        self.reasons: dict[str, str] = {}  # why the router put a model where it did
         self.attempts: list[Attempt] = []
         self.failures: list[ModelAPIError] = []
         self.skipped: list[str] = []
-        self.previous: str | None = None  # the model tried before this one
-        # What failures taught: only larger windows, more capable models, other providers.
-        self.min_window = 0
-        self.min_quality = -1.0
         self.banned_providers: set[str] = set()
-        self.too_long: ModelSpec | None = None  # the model that last said the prompt is too long
-        self.over_budget: Candidate | None = None
+
+    # The rest of a call's state, as class-level defaults (most calls never change them).
+    call_id = ""
+    call_key: str | None = None
+    n_in = 0
+    rows: list[Candidate] = []  # replaced, never mutated
+    reasons: dict[str, str] = {}  # why the router put a model where it did; replaced
+    previous: str | None = None  # the model tried before this one
+    # What failures taught: only larger windows, more capable models, other providers.
+    min_window = 0
+    min_quality = -1.0
+    too_long: ModelSpec | None = None  # the model that last said the prompt is too long
+    over_budget: Candidate | None = None
 
     # -- the drivers -------------------------------------------------------------------
 
@@ -215,7 +214,9 @@ class CallAttempts:
                             t.emitted = True
                             yield chunk
                     message = t.streamed()
-                    await self.check(t, message)
+                    validating = self.check(t, message)
+                    if validating is not None:
+                        await validating
                 except _NOT_THE_MODELS:
                     raise
                 except Exception as e:  # translated in `failed`; nothing is swallowed silently
@@ -324,7 +325,7 @@ class CallAttempts:
     # -- one try ---------------------------------------------------------------------------
 
     def start(self, c: Candidate, reservation: RateReservation | bool | None) -> _Try:
-        return _Try(c, reservation, time.time(), time.perf_counter())
+        return _Try(c, c.spec, reservation, time.time(), time.perf_counter())
 
     def attempt_id(self) -> str:
         """The message id of this try's chunks (each attempt streams under its own)."""
@@ -336,8 +337,8 @@ class CallAttempts:
         # (settled later at its estimated cost).
         if self.ctx.intent is not None:
             expected_out = self.routed.needs.expected_output_tokens
-            await self.ctx.intent(self._try_attempt(
-                t, Outcome.PENDING, cost_usd=t.candidate.expected_cost, usage_estimated=True,
+            await self.ctx.intent(self._attempt(
+                Outcome.PENDING, t, cost_usd=t.candidate.expected_cost, usage_estimated=True,
                 usage=Usage(input_tokens=self.n_in, requests=1, output_tokens=expected_out)))
 
     def open_stream(self, t: _Try) -> AsyncIterator[Any]:
@@ -346,7 +347,8 @@ class CallAttempts:
 
     async def answer(self, t: _Try) -> AIMessage:
         """The candidate's checked answer (streamed to `forward` when it listens)."""
-        await self.intend(t)
+        if self.ctx.intent is not None:
+            await self.intend(t)
         if self.forward is not None:
             attempt_id = self.attempt_id()
             async for chunk in iter_with_timeout(self.open_stream(t), self.ctx.policy.timeout):
@@ -366,16 +368,20 @@ class CallAttempts:
                 # The client was built with timeout=policy.timeout and raises.
                 message = await generate_once(model, self.messages, self.stop, self.kwargs)
             t.message = message
-        await self.check(t, message)
+        validating = self.check(t, message)
+        if validating is not None:
+            await validating
         return message
 
-    async def check(self, t: _Try, message: AIMessage) -> None:
-        """The adapter's end markers, the output schema and the node's validator."""
+    def check(self, t: _Try, message: AIMessage) -> Awaitable[None] | None:
+        """The adapter's end markers and the output schema; the node's validator is left
+        to await (None without one)."""
         spec, routed = t.spec, self.routed
         spec.adapter.check(message, spec)
         parsed = parse_output(routed.response_schema, spec, message)
-        if routed.validator is not None:
-            await validate(routed, spec, message, parsed, self.messages)
+        if routed.validator is None:
+            return None
+        return validate(routed, spec, message, parsed, self.messages)
 
     async def release(self, t: _Try) -> None:
         """The try ended without a verdict (cancelled): free its breakers' slot."""
@@ -477,23 +483,24 @@ class CallAttempts:
 
     # -- the record ----------------------------------------------------------------------------
 
-    def _attempt(self, outcome: Outcome, *, model: str, provider: str, **fields: Any) -> Attempt:
-        """Every Attempt of this call is made here."""
-        return Attempt(node=self.node, model=model, provider=provider, outcome=outcome,
-                       run_id=self.usage.run_id, task_id=self.task_id, **fields)
-
-    def _try_attempt(self, t: _Try, outcome: Outcome, **fields: Any) -> Attempt:
-        """An attempt of a try: pending (written before it is sent), ok or error."""
+    def _attempt(self, outcome: Outcome, t: _Try | None = None, **fields: Any) -> Attempt:
+        """Every Attempt of this call is made here: a try's (pending, ok or error), or
+        without `t` the replay's (its `fields` name the model)."""
+        if t is None:
+            return Attempt(node=self.node, outcome=outcome, run_id=self.usage.run_id,
+                           task_id=self.task_id, **fields)
         spec = t.spec
-        return self._attempt(
-            outcome, model=spec.key, provider=spec.provider, call_id=self.call_id,
+        return Attempt(
+            node=self.node, model=spec.key, provider=spec.provider, outcome=outcome,
+            call_id=self.call_id, run_id=self.usage.run_id, task_id=self.task_id,
             try_number=len(self.attempts) + 1, started_at=t.started,
             fallback_from=self.previous, category=self.routed.category, **fields)
 
     def _ended(self, t: _Try, outcome: Outcome, paid: Usage | None, estimated: bool,
                cost: float, **fields: Any) -> Attempt:
-        return self._try_attempt(
-            t, outcome, usage=paid, usage_estimated=estimated, cost_usd=cost,
+        """The attempt of a try that got an answer or an error."""
+        return self._attempt(
+            outcome, t, usage=paid, usage_estimated=estimated, cost_usd=cost,
             latency_ms=(time.perf_counter() - t.t0) * 1000,
             route_reason=self.reasons.get(t.spec.key),
             prompt=prompt_text(self.messages) if self.usage.listeners else None, **fields)
@@ -600,9 +607,10 @@ async def generate_once(
             raise MalformedResponseError(f"{type(target).__name__} returned {type(message).__name__}")
         # As `ainvoke` does: the finish/stop reason (and more) that integrations keep in
         # generation_info or llm_output belongs to the message, where adapters check it.
-        message.response_metadata = {**(result.llm_output or {}),
-                                     **(generation.generation_info or {}),
-                                     **message.response_metadata}
+        if result.llm_output or generation.generation_info:
+            message.response_metadata = {**(result.llm_output or {}),
+                                         **(generation.generation_info or {}),
+                                         **message.response_metadata}
         return message
     return await model.ainvoke(messages, config=INNER_CONFIG, stop=stop, **kwargs)  # type: ignore[no-any-return]
 
