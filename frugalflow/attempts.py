@@ -16,7 +16,7 @@ import itertools
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -62,6 +62,7 @@ __all__ = [
     "INNER_CONFIG",
     "CallAttempts",
     "ModelJudge",
+    "Validator",
     "billed",
     "generate_once",
     "iter_with_timeout",
@@ -98,6 +99,12 @@ class ModelJudge(ABC):
     async def check(self, routed: RoutedChatModel, spec: ModelSpec,
                     messages: Sequence[BaseMessage], subject: Any) -> bool | str:
         """True to accept; False or a reason to reject."""
+
+
+Validator = Callable[[Any], object] | type[BaseModel] | ModelJudge
+"""What checks a node's answers: a callable (sync or async) returning True/None to accept,
+False or a reason string (or raising) to reject; a pydantic model the answer must fit; or a
+`ModelJudge` such as `Judge` (another model decides)."""
 
 
 @dataclass(slots=True)
@@ -381,7 +388,7 @@ class CallAttempts:
         parsed = parse_output(routed.response_schema, spec, message)
         if routed.validator is None:
             return None
-        return validate(routed, spec, message, parsed, self.messages)
+        return validate(routed, routed.validator, spec, message, parsed, self.messages)
 
     async def release(self, t: _Try) -> None:
         """The try ended without a verdict (cancelled): free its breakers' slot."""
@@ -546,10 +553,9 @@ def parse_output(schema: Any, spec: ModelSpec, message: AIMessage) -> Any:
     return calls[0]["args"]
 
 
-async def validate(routed: RoutedChatModel, spec: ModelSpec, message: AIMessage, parsed: Any,
-                   messages: Sequence[BaseMessage]) -> None:
+async def validate(routed: RoutedChatModel, validator: Validator, spec: ModelSpec,
+                   message: AIMessage, parsed: Any, messages: Sequence[BaseMessage]) -> None:
     """Run the node's validator; a failure escalates to a more capable model."""
-    validator = routed.validator
     subject = parsed if parsed is not None else message
     reason: str | None = None
     verdict: object  # False, or a str (the reason), rejects the answer
@@ -564,7 +570,8 @@ async def validate(routed: RoutedChatModel, spec: ModelSpec, message: AIMessage,
                     parsed.model_dump() if isinstance(parsed, BaseModel) else parsed)
             verdict = True
         else:
-            verdict = validator(subject)
+            # (mypy cannot narrow the union by `issubclass` above)
+            verdict = cast(Callable[[Any], object], validator)(subject)
             if inspect.isawaitable(verdict):
                 verdict = await verdict
     except (UserError, asyncio.CancelledError):

@@ -27,12 +27,14 @@ from typing import Any, Generic, TypeVar, cast
 
 from langchain_core.messages import AIMessage as AIMessageT
 from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
+from .attempts import Validator
 from .catalog import Catalog
 from .exceptions import FlowError
 from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
@@ -77,7 +79,7 @@ class NodeSpec:
     needs: Needs | None = None
     subflow: Flow[Any] | None = None
     description: str = ""
-    validator: Any = None
+    validator: Validator | None = None
 
     @property
     def uses_model(self) -> bool:
@@ -113,7 +115,7 @@ class Flow(Generic[S]):
         needs: Needs | Mapping[str, Any] | None = None,
         model: bool | None = None,
         description: str = "",
-        validator: Any = None,
+        validator: Validator | None = None,
         **need_fields: Any,
     ) -> Callable[[NodeFn], NodeFn]:
         """Decorator form of `add_node`: `@flow.node(needs=Needs(tools=True))`."""
@@ -135,7 +137,7 @@ class Flow(Generic[S]):
         needs: Needs | Mapping[str, Any] | None = None,
         model: bool | None = None,
         description: str = "",
-        validator: Any = None,
+        validator: Validator | None = None,
         **need_fields: Any,
     ) -> Flow[S]:
         """Add a node. It is a model node if it has needs or its function takes `model`.
@@ -536,12 +538,12 @@ class Agent:
     name: str
     instructions: str
     needs: Needs = field(default_factory=Needs)
-    tools: Sequence[Any] = ()
+    tools: Sequence[BaseTool] = ()
     output: type[Any] | None = None
     prompt: Callable[[Any], str] = field(default=lambda state: str(state))
     output_key: str | None = None
     max_tool_rounds: int = 5
-    validator: Any = None
+    validator: Validator | None = None
 
     def __post_init__(self) -> None:
         changes: dict[str, Any] = {}
@@ -553,9 +555,10 @@ class Agent:
             self.needs = self.needs.with_(**changes)
 
     async def run(self, state: Any, model: RoutedChatModel) -> dict[str, Any]:
-        from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+        from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-        messages: list[Any] = [SystemMessage(self.instructions), HumanMessage(self.prompt(state))]
+        messages: list[BaseMessage] = [SystemMessage(self.instructions),
+                                       HumanMessage(self.prompt(state))]
         if self.tools:
             by_name = {t.name: t for t in self.tools}
             bound = model.bind_tools(list(self.tools))

@@ -20,9 +20,9 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langgraph.runtime import get_runtime
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
 
-from .attempts import CallAttempts
+from .attempts import CallAttempts, Validator
 from .catalog import Catalog, ModelSpec
 from .exceptions import UserError
 from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
@@ -142,7 +142,8 @@ class RoutedChatModel(BaseChatModel):
     category: str | None = None
     """What kind of input this is (a customer tier, a document type, ...): learned routers
     use it as a feature and the ledger records it. Set with `with_category`."""
-    validator: Any = Field(default=None, exclude=True)
+    # Not validated by pydantic: a callable, a model class or a judge is kept as given.
+    validator: SkipValidation[Validator | None] = Field(default=None, exclude=True)
     """Checks each answer: a callable (sync or async) returning True/None to accept, False
     or a reason string (or raising) to reject, a pydantic model the answer must fit, or a
     `Judge` (another model decides).
@@ -219,7 +220,7 @@ class RoutedChatModel(BaseChatModel):
             **update,
         )
 
-    def with_validator(self, validator: Any) -> RoutedChatModel:
+    def with_validator(self, validator: Validator) -> RoutedChatModel:
         """A copy whose answers must pass `validator` (see the field's documentation)."""
         return self._copy(validator=validator)
 
