@@ -173,9 +173,10 @@ class CallAttempts:
     # -- the drivers -------------------------------------------------------------------
 
     async def run(self) -> AIMessage:
-        replayed = await self.replayed()
-        if replayed is not None:
-            return replayed
+        if self.ctx.replay is not None:
+            replayed = await self.replayed()
+            if replayed is not None:
+                return replayed
         for candidate in self.plan():
             reservation = await self.admit(candidate)
             if reservation is _Skip.SKIP:
@@ -202,7 +203,7 @@ class CallAttempts:
 
     async def stream(self) -> AsyncIterator[AIMessageChunk]:
         # As before the split: a replayed answer is not streamed (the consumer gets none).
-        if await self.replayed() is not None:
+        if self.ctx.replay is not None and await self.replayed() is not None:
             return
         for candidate in self.plan():
             reservation = await self.admit(candidate)
@@ -244,10 +245,8 @@ class CallAttempts:
 
     async def replayed(self) -> AIMessage | None:
         """When resuming: the answer this call already got before a crash (not paid again)."""
-        ctx = self.ctx
-        if ctx.replay is None:
-            return None
-        routed = self.routed
+        ctx, routed = self.ctx, self.routed
+        assert ctx.replay is not None
         self.call_key = ctx.call_key(self.task_id, routed.node,
                                      routed._digest(self.messages, self.kwargs))
         replayed = await ctx.replay(routed.node, self.call_key)
@@ -261,7 +260,9 @@ class CallAttempts:
         """The capable models in the order to try them (rank, then the run's router)."""
         routed, ctx, needs = self.routed, self.ctx, self.routed.needs
         remaining = self.usage.remaining_usd
-        self.n_in = estimate_tokens(self.messages) + routed._tools_tokens()
+        self.n_in = estimate_tokens(self.messages)
+        if routed.tools:
+            self.n_in += routed._tools_tokens()
         ranking = rank(ctx.catalog, needs, self.messages, prefiltered=ctx.static(needs),
                        input_tokens=self.n_in)
         if not ranking.rows:
@@ -271,7 +272,7 @@ class CallAttempts:
         if remaining is not None and ranking.rows[0].expected_cost > remaining:
             raise budget_error(routed.node, self.usage, ranking.rows[0])
         self.rows = ranking.rows
-        self.call_id = new_call_id()
+        self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"  # new_call_id(), inline
         return ranking.rows
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
@@ -294,14 +295,14 @@ class CallAttempts:
         spec = c.spec
         if spec.provider in self.banned_providers:
             return _Skip.SKIP
-        if spec.window <= self.min_window:
+        if self.min_window and spec.window <= self.min_window:
             if self.too_long is not None:
                 self.skipped.append(f"{spec.key}: context window {spec.window} not larger "
                                     f"than {self.too_long.key}'s")
             return _Skip.SKIP
         if self.min_quality >= 0 and -c.neg_quality <= self.min_quality:
             return _Skip.SKIP
-        left = self.usage.remaining_usd
+        left = self.usage.remaining_usd if self.usage.budget_usd is not None else None
         if left is not None and c.expected_cost > left:
             self.skipped.append(f"{spec.key}: over the remaining budget")
             self.over_budget = self.over_budget or c
@@ -385,7 +386,8 @@ class CallAttempts:
         to await (None without one)."""
         spec, routed = t.spec, self.routed
         spec.adapter.check(message, spec)
-        parsed = parse_output(routed.response_schema, spec, message)
+        schema = routed.response_schema
+        parsed = parse_output(schema, spec, message) if schema is not None else None
         if routed.validator is None:
             return None
         return validate(routed, routed.validator, spec, message, parsed, self.messages)
@@ -410,8 +412,10 @@ class CallAttempts:
             "frugalflow": {"model": spec.key, "cost_usd": cost,
                            "attempts": len(self.attempts) + 1, "call_id": self.call_id},
         }
-        call_key = self.call_key or self.routed._key_for_ledger(
-            ctx, self.task_id, self.messages, self.kwargs)
+        call_key = self.call_key
+        if call_key is None and self.usage.listeners:  # only persisted runs replay
+            call_key = self.routed._key_for_ledger(ctx, self.task_id, self.messages,
+                                                   self.kwargs)
         await self.record(self._ended(t, Outcome.OK, paid, estimated, cost,
                                       call_key=call_key, response=message))
         self.routed._last_model = spec.key

@@ -433,7 +433,7 @@ class Catalog:
     def prefiltered(self, needs: Needs,
                     compute: Callable[[Catalog, Needs], Prefilter]) -> Prefilter:
         """`compute(self, needs)`, cached per needs while the providers' keys stay the same."""
-        env_hash = hash(tuple(self._getenv(e) for e in self._key_envs))
+        env_hash = hash(tuple(self._getenv(e) for e in self._key_envs)) if self._key_envs else 0
         hit = self._prefilters.get(needs.cache_key)
         if hit is None or hit[0] != env_hash:
             hit = self._prefilters[needs.cache_key] = (env_hash, compute(self, needs))

@@ -148,11 +148,13 @@ def rank(
     static = prefiltered if prefiltered is not None else prefilter(catalog, needs)
     n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
     n_out = needs.expected_output_tokens
-    context_needed = n_in + needs.output_budget
-    images = bool(messages) and not needs.vision and has_images(messages)
+    context_needed = n_in + (needs.max_output_tokens or needs.expected_output_tokens)
+    # Images matter only when a capable model cannot read them.
+    images = (bool(messages) and not needs.vision and not static.all_vision
+              and has_images(messages))
     max_cost = needs.max_cost_per_call
     new = tuple.__new__  # a Candidate from a plain tuple, without NamedTuple's slower __new__
-    if (context_needed <= static.min_window and (static.all_vision or not images)
+    if (context_needed <= static.min_window and not images
             and max_cost is None and budget_left is None):
         # The routed call's usual case: nothing is rejected per call, only the order
         # depends on its size.
