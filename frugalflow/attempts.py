@@ -16,7 +16,7 @@ import itertools
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -29,7 +29,7 @@ from langchain_core.messages import (
     BaseMessage,
     message_chunk_to_message,
 )
-from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from pydantic import BaseModel
 
@@ -49,7 +49,7 @@ from .exceptions import (
 )
 from .fallback import Action
 from .needs import estimate_tokens, prompt_text
-from .ranking import Candidate, no_capable_model_error, rank
+from .ranking import Candidate, Ranking, no_capable_model_error, rank
 from .statuses import Outcome
 from .usage import Attempt, RunUsage, Usage
 
@@ -117,6 +117,7 @@ class _Try:
     started: float
     t0: float
     message: AIMessage | None = None
+    generation: ChatGeneration | None = None  # the candidate's own, holding `message`
     gathered: AIMessageChunk | None = None
     emitted: bool = False  # chunks reached the consumer: no retry can follow
     verdict: bool = False  # the breakers heard how it ended (else its slot is released)
@@ -161,7 +162,8 @@ class CallAttempts:
     call_id = ""
     call_key: str | None = None
     n_in = 0
-    rows: list[Candidate] = []  # replaced, never mutated
+    ranking: Ranking | None = None
+    generation: ChatGeneration | None = None  # the answering candidate's, when it made one
     reasons: dict[str, str] = {}  # why the router put a model where it did; replaced
     previous: str | None = None  # the model tried before this one
     # What failures taught: only larger windows, more capable models, other providers.
@@ -256,7 +258,7 @@ class CallAttempts:
                 Outcome.REPLAYED, model=str(model), provider="replay", call_key=self.call_key))
         return replayed
 
-    def plan(self) -> list[Candidate]:
+    def plan(self) -> Iterable[Candidate]:
         """The capable models in the order to try them (rank, then the run's router)."""
         routed, ctx, needs = self.routed, self.ctx, self.routed.needs
         remaining = self.usage.remaining_usd
@@ -265,15 +267,15 @@ class CallAttempts:
             self.n_in += routed._tools_tokens()
         ranking = rank(ctx.catalog, needs, self.messages, prefiltered=ctx.static(needs),
                        input_tokens=self.n_in)
-        if not ranking.rows:
+        if not len(ranking):
             raise no_capable_model_error(routed.node, needs, ranking, ctx.catalog)
         if ctx.router is not None and needs.routed:
             ranking.rows = self.route(ranking.rows)
-        if remaining is not None and ranking.rows[0].expected_cost > remaining:
-            raise budget_error(routed.node, self.usage, ranking.rows[0])
-        self.rows = ranking.rows
+        if remaining is not None and ranking.first().expected_cost > remaining:
+            raise budget_error(routed.node, self.usage, ranking.first())
+        self.ranking = ranking
         self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"  # new_call_id(), inline
-        return ranking.rows
+        return ranking  # its candidates are made as the loop reaches them
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
         """Reorder the capable models by the router's per-input predictions."""
@@ -346,7 +348,7 @@ class CallAttempts:
         if self.ctx.intent is not None:
             expected_out = self.routed.needs.expected_output_tokens
             await self.ctx.intent(self._attempt(
-                Outcome.PENDING, t, cost_usd=t.candidate.expected_cost, usage_estimated=True,
+                Outcome.PENDING, t, cost=t.candidate.expected_cost, estimated=True,
                 usage=Usage(input_tokens=self.n_in, requests=1, output_tokens=expected_out)))
 
     def open_stream(self, t: _Try) -> AsyncIterator[Any]:
@@ -371,11 +373,13 @@ class CallAttempts:
             if spec.adapter.timeout_param is None and timeout is not None:
                 # The client has no timeout of its own: enforce the policy's.
                 async with asyncio.timeout(timeout):
-                    message = await generate_once(model, self.messages, self.stop, self.kwargs)
+                    message, generation = await generate_once(model, self.messages, self.stop,
+                                                              self.kwargs)
             else:
                 # The client was built with timeout=policy.timeout and raises.
-                message = await generate_once(model, self.messages, self.stop, self.kwargs)
-            t.message = message
+                message, generation = await generate_once(model, self.messages, self.stop,
+                                                          self.kwargs)
+            t.message, t.generation = message, generation
         validating = self.check(t, message)
         if validating is not None:
             await validating
@@ -416,9 +420,10 @@ class CallAttempts:
         if call_key is None and self.usage.listeners:  # only persisted runs replay
             call_key = self.routed._key_for_ledger(ctx, self.task_id, self.messages,
                                                    self.kwargs)
-        await self.record(self._ended(t, Outcome.OK, paid, estimated, cost,
-                                      call_key=call_key, response=message))
+        await self.record(self._attempt(Outcome.OK, t, usage=paid, estimated=estimated,
+                                        cost=cost, call_key=call_key, response=message))
         self.routed._last_model = spec.key
+        self.generation = t.generation
         return message
 
     async def failed(self, t: _Try, e: Exception, tries: int) -> bool:
@@ -445,9 +450,9 @@ class CallAttempts:
         if message is None and t.gathered is not None:
             message = cast(AIMessage, message_chunk_to_message(t.gathered))
         paid, estimated = billed(message, self.n_in, partial=isinstance(err, _CUT_SHORT))
-        await self.record(self._ended(
-            t, Outcome.ERROR, paid, estimated, spec.cost(paid) if paid else 0.0,
-            error_class=err.error_class, error=short_error(err), action=action.value))
+        await self.record(self._attempt(
+            Outcome.ERROR, t, usage=paid, estimated=estimated,
+            cost=spec.cost(paid) if paid else 0.0, error=err, action=action))
         self.failures.append(err)
         if action is Action.RAISE:
             raise err from e
@@ -471,12 +476,13 @@ class CallAttempts:
         """Every candidate failed or was skipped: say which, and what to do about it."""
         n, node = len(self.attempts), self.routed.node
         detail = f"; skipped: {'; '.join(self.skipped)}" if self.skipped else ""
-        headline = (f"node {node!r}: all {len(self.rows)} capable models failed "
+        rows = self.ranking.rows if self.ranking is not None else []
+        headline = (f"node {node!r}: all {len(rows)} capable models failed "
                     f"({n} attempts){detail}")
         too_long = self.too_long
         if too_long is not None and self.failures \
                 and isinstance(self.failures[-1], ContextLengthError) \
-                and not any(c.spec.window > too_long.window for c in self.rows):
+                and not any(c.spec.window > too_long.window for c in rows):
             headline = (
                 f"node {node!r}: the prompt is too long for {too_long.key} (context "
                 f"window {too_long.window} tokens) and no capable model has a larger window; "
@@ -494,27 +500,30 @@ class CallAttempts:
 
     # -- the record ----------------------------------------------------------------------------
 
-    def _attempt(self, outcome: Outcome, t: _Try | None = None, **fields: Any) -> Attempt:
+    def _attempt(self, outcome: Outcome, t: _Try | None = None, *,
+                 usage: Usage | None = None, cost: float = 0.0, estimated: bool = False,
+                 error: ModelAPIError | None = None, action: Action | None = None,
+                 call_key: str | None = None, response: AIMessage | None = None,
+                 model: str = "", provider: str = "") -> Attempt:
         """Every Attempt of this call is made here: a try's (pending, ok or error), or
-        without `t` the replay's (its `fields` name the model)."""
+        without `t` the replay's (`model`, `provider` and `call_key` name it)."""
         if t is None:
-            return Attempt(node=self.node, outcome=outcome, run_id=self.usage.run_id,
-                           task_id=self.task_id, **fields)
+            return Attempt(node=self.node, model=model, provider=provider, outcome=outcome,
+                           run_id=self.usage.run_id, task_id=self.task_id, call_key=call_key)
         spec = t.spec
+        ended = outcome is not Outcome.PENDING
         return Attempt(
             node=self.node, model=spec.key, provider=spec.provider, outcome=outcome,
             call_id=self.call_id, run_id=self.usage.run_id, task_id=self.task_id,
-            try_number=len(self.attempts) + 1, started_at=t.started,
-            fallback_from=self.previous, category=self.routed.category, **fields)
-
-    def _ended(self, t: _Try, outcome: Outcome, paid: Usage | None, estimated: bool,
-               cost: float, **fields: Any) -> Attempt:
-        """The attempt of a try that got an answer or an error."""
-        return self._attempt(
-            outcome, t, usage=paid, usage_estimated=estimated, cost_usd=cost,
-            latency_ms=(time.perf_counter() - t.t0) * 1000,
-            route_reason=self.reasons.get(t.spec.key),
-            prompt=prompt_text(self.messages) if self.usage.listeners else None, **fields)
+            try_number=len(self.attempts) + 1, usage=usage, cost_usd=cost,
+            latency_ms=(time.perf_counter() - t.t0) * 1000 if ended else 0.0,
+            error_class=error.error_class if error is not None else None,
+            error=short_error(error) if error is not None else None,
+            fallback_from=self.previous, action=action.value if action is not None else None,
+            started_at=t.started, call_key=call_key,
+            route_reason=self.reasons.get(spec.key) if ended else None,
+            prompt=prompt_text(self.messages) if ended and self.usage.listeners else None,
+            category=self.routed.category, usage_estimated=estimated, response=response)
 
     async def record(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
@@ -594,8 +603,9 @@ async def validate(routed: RoutedChatModel, validator: Validator, spec: ModelSpe
 async def generate_once(
     model: Runnable[Any, Any], messages: list[BaseMessage], stop: list[str] | None,
     kwargs: dict[str, Any],
-) -> AIMessage:
-    """One generation from a candidate model.
+) -> tuple[AIMessage, ChatGeneration | None]:
+    """One generation from a candidate model: its message, and the candidate's own
+    `ChatGeneration` holding it (None when the call went through `ainvoke`).
 
     The routed model is the LangChain run that callbacks, tracing and streaming observe;
     the candidate is called through its generation hook (`_agenerate`, the method every
@@ -622,8 +632,14 @@ async def generate_once(
             message.response_metadata = {**(result.llm_output or {}),
                                          **(generation.generation_info or {}),
                                          **message.response_metadata}
-        return message
-    return await model.ainvoke(messages, config=INNER_CONFIG, stop=stop, **kwargs)  # type: ignore[no-any-return]
+        if not isinstance(generation, ChatGeneration):  # pragma: no cover - defensive
+            return message, None
+        if generation.generation_info is not None:
+            # The routed model's generation carries none (it is in the message now).
+            generation.generation_info = None
+        return message, generation
+    message = await model.ainvoke(messages, config=INNER_CONFIG, stop=stop, **kwargs)
+    return message, None
 
 
 def billed(message: AIMessage | None, n_in: int, *, partial: bool) -> tuple[Usage | None, bool]:

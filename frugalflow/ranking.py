@@ -8,7 +8,7 @@ images, price caps, the budget left) and orders the capable models by the expect
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -39,22 +39,74 @@ class Candidate(NamedTuple):
     spec: ModelSpec
 
 
-@dataclass
 class Ranking:
-    """Capable models cheapest first, and every rejected model with its reasons."""
+    """Capable models cheapest first, and every rejected model with its reasons.
 
-    rows: list[Candidate]
-    """The capable models, sorted: the routing order."""
-    rejected: list[tuple[ModelSpec, list[str]]]
-    input_tokens: int = 0
+    `rows` are the capable models in routing order. A call's ranking makes each `Candidate`
+    when it is first read: a routed call that succeeds at once reads only the first.
+    """
+
+    __slots__ = ("_rows", "_order", "_static", "rejected", "input_tokens")
+
+    def __init__(self, rows: list[Candidate], rejected: list[tuple[ModelSpec, list[str]]],
+                 input_tokens: int = 0) -> None:
+        self._rows: list[Candidate] | None = rows
+        self._order: list[tuple[float, int]] = []  # (cost, tie-break rank) while lazy
+        self._static: Prefilter | None = None
+        self.rejected = rejected
+        self.input_tokens = input_tokens
+
+    @classmethod
+    def _lazy(cls, order: list[tuple[float, int]], static: Prefilter,
+              rejected: list[tuple[ModelSpec, list[str]]], input_tokens: int) -> Ranking:
+        ranking = cls([], rejected, input_tokens)
+        ranking._rows, ranking._order, ranking._static = None, order, static
+        return ranking
+
+    def _candidate(self, k: int) -> Candidate:
+        static = self._static
+        assert static is not None
+        cost, tie = self._order[k]
+        i = static.by_tiebreak[tie]
+        _, _, _, _, _, neg_quality, latency = row = static.rows[i]
+        return _new(Candidate, (cost, neg_quality, latency, i, row[0]))
+
+    @property
+    def rows(self) -> list[Candidate]:
+        if self._rows is None:
+            self._rows = [self._candidate(k) for k in range(len(self._order))]
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: list[Candidate]) -> None:
+        self._rows = value
 
     @property
     def candidates(self) -> list[Candidate]:
         return self.rows
 
+    def __len__(self) -> int:
+        return len(self._rows) if self._rows is not None else len(self._order)
+
+    def __iter__(self) -> Iterator[Candidate]:
+        if self._rows is not None:
+            yield from self._rows
+            return
+        for k in range(len(self._order)):
+            if self._rows is not None:  # materialised meanwhile: the same candidates
+                yield from self._rows[k:]
+                return
+            yield self._candidate(k)
+
+    def first(self) -> Candidate:
+        return self._rows[0] if self._rows is not None else self._candidate(0)
+
     def closest(self, n: int = 3) -> list[tuple[ModelSpec, list[str]]]:
         """The rejected models that miss the fewest needs (the best hint for a fix)."""
         return sorted(self.rejected, key=lambda r: (len(r[1]), r[0].estimate_cost(1000, 400)))[:n]
+
+
+_new = tuple.__new__  # a Candidate from a plain tuple, without NamedTuple's slower __new__
 
 
 def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str]:
@@ -108,6 +160,12 @@ class Prefilter:
     """The smallest context window of the eligible models."""
     all_vision: bool = True
     """Whether every eligible model takes images."""
+    prices: list[tuple[float, float]] = field(default_factory=list)
+    """Per row: $/input token, and the cost of the needs' expected output tokens."""
+    tiebreak: list[int] = field(default_factory=list)
+    """Per row: its place in (-quality, latency, catalog order), which breaks cost ties."""
+    by_tiebreak: list[int] = field(default_factory=list)
+    """The row at each tie-break place."""
 
 
 def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
@@ -126,8 +184,14 @@ def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
          s.caps.vision, -s.mean_quality(skills), s.latency_ms)
         for s in eligible
     ]
+    n_out = needs.expected_output_tokens
+    by_tiebreak = sorted(range(len(rows)), key=lambda i: (rows[i][5], rows[i][6], i))
+    tiebreak = [0] * len(rows)
+    for place, i in enumerate(by_tiebreak):
+        tiebreak[i] = place
     return Prefilter(eligible, rejected, rows, min((s.window for s in eligible), default=0),
-                     all(s.caps.vision for s in eligible))
+                     all(s.caps.vision for s in eligible),
+                     [(r[1], n_out * r[2]) for r in rows], tiebreak, by_tiebreak)
 
 
 def rank(
@@ -153,15 +217,14 @@ def rank(
     images = (bool(messages) and not needs.vision and not static.all_vision
               and has_images(messages))
     max_cost = needs.max_cost_per_call
-    new = tuple.__new__  # a Candidate from a plain tuple, without NamedTuple's slower __new__
     if (context_needed <= static.min_window and not images
             and max_cost is None and budget_left is None):
         # The routed call's usual case: nothing is rejected per call, only the order
-        # depends on its size.
-        rows = [new(Candidate, (n_in * p_in + n_out * p_out, neg_quality, latency, i, spec))
-                for i, (spec, p_in, p_out, _, _, neg_quality, latency) in enumerate(static.rows)]
-        rows.sort()  # `order` makes keys unique: specs are never compared
-        return Ranking(rows, list(static.rejected), n_in)
+        # depends on its size. Sorting (cost, tie-break place) pairs is the same order as
+        # (cost, -quality, latency, catalog order), and plain tuples sort fastest.
+        costs = [n_in * p_in + out for p_in, out in static.prices]
+        return Ranking._lazy(sorted(zip(costs, static.tiebreak)), static,
+                             list(static.rejected), n_in)
     rejected = list(static.rejected)
     ranked: list[Candidate] = []
     for i, (spec, p_in, p_out, window, vision, neg_quality, latency) in enumerate(static.rows):
@@ -178,7 +241,7 @@ def rank(
         if reasons:
             rejected.append((spec, reasons))
         else:
-            ranked.append(new(Candidate, (cost, neg_quality, latency, i, spec)))
+            ranked.append(_new(Candidate, (cost, neg_quality, latency, i, spec)))
     ranked.sort()
     return Ranking(ranked, rejected, n_in)
 

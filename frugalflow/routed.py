@@ -290,9 +290,16 @@ class RoutedChatModel(BaseChatModel):
         live = bool(run_manager is not None and run_manager.handlers
                     and BaseChatModel._should_stream(self, async_api=True,
                                                      run_manager=run_manager, **kwargs))
-        message = await CallAttempts(self, messages, stop, kwargs,
-                                     forward=run_manager if live else None).run()
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        attempts = CallAttempts(self, messages, stop, kwargs,
+                                forward=run_manager if live else None)
+        message = await attempts.run()
+        # The answering model's own generation holds this message already (made and checked
+        # once: no second validation); a replayed or streamed answer gets a new one.
+        generation = attempts.generation
+        if generation is None or generation.message is not message:
+            generation = ChatGeneration(message=message)
+        # One valid generation: nothing for ChatResult's validation to check.
+        return ChatResult.model_construct(generations=[generation])
 
     def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
         # invoke/ainvoke always go through _agenerate, which streams by itself when a
