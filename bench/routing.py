@@ -544,10 +544,21 @@ def cpt(acc: np.ndarray, grid: np.ndarray, weak_acc: float, strong_acc: float,
     return None
 
 
+@dataclass
+class _Split:
+    """The test split's outcomes and costs, and the best single model (chosen on train)."""
+
+    train: np.ndarray
+    test: np.ndarray
+    Y: np.ndarray
+    paid: np.ndarray
+    best: int
+    best_cost: float
+    target: float
+
+
 def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) -> dict[str, float]:
     t0 = time.perf_counter()
-    out: dict[str, float] = {}
-    M = len(ds.models)
     print("=" * 100)
     print(f"{ds.name}: {ds.n_read:,} rows read, {ds.dropped:,} dropped (a blank outcome for a "
           f"model of the ladder), {ds.n:,} used")
@@ -557,6 +568,24 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) 
           f"({100 * (1 - args.test_frac):.0f}/{100 * args.test_frac:.0f}, {strat})")
     for line in ds.notes:
         print(line)
+    sp = _baselines(ds, train, test)
+    out: dict[str, float] = {"best_acc": float(sp.Y.mean(axis=0)[sp.best])}
+
+    C_test = expected_costs(ds, train, test)
+    scores: dict[str, np.ndarray] = {}
+    for kind in kinds:
+        P = _router_on_test(ds, args, kind, sp, C_test, out)
+        _operating_point(ds, args, kind, sp, P, C_test, out)
+        if len(ds.models) == 2:
+            scores[kind.name] = P[:, 1] - P[:, 0]
+    if len(ds.models) == 2:
+        _pgr_report(ds, sp.Y, scores, args.seed)
+    print(f"[{ds.name}: {time.perf_counter() - t0:.1f} s]")
+    return out
+
+
+def _baselines(ds: Dataset, train: np.ndarray, test: np.ndarray) -> _Split:
+    """Print the single models, the oracle and random routing on the test split."""
     Y, paid = ds.correct[test], ds.cost[test]
     acc = Y.mean(axis=0)
     total = paid.sum(axis=0)
@@ -578,7 +607,7 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) 
     o_acc, o_cost = Y[rows, oracle].mean(), paid[rows, oracle].sum()
     print(f"    {'oracle (cheapest correct model)':30s} {o_acc:8.4f}  {o_cost:10.4f}  "
           f"{o_cost / len(test):10.6f}  {100 * o_cost / best_cost:8.1f}%")
-    if M > 2:
+    if len(ds.models) > 2:
         r_acc, r_cost = acc.mean(), total.mean()
         print(f"    {'random (uniform over ladder)':30s} {r_acc:8.4f}  {r_cost:10.4f}  "
               f"{r_cost / len(test):10.6f}  {100 * r_cost / best_cost:8.1f}%")
@@ -590,75 +619,77 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) 
               f"target sends {pct(s)} to {_short(ds.models[best])}: {100 * mix / best_cost:.1f}% "
               "of the best model's cost (expected value)")
     print(f"target: {TARGET_SHARE:.0%} of {ds.models[best]}'s accuracy = {target:.4f}")
-    out["best_acc"] = best_acc
+    return _Split(train, test, Y, paid, best, best_cost, target)
 
-    C_test = expected_costs(ds, train, test)
-    scores: dict[str, np.ndarray] = {}
-    for kind in kinds:
-        t1 = time.perf_counter()
-        P = fit_predict(kind, ds, train, test)
-        fit_s = time.perf_counter() - t1
-        pts = sweep(kind.rule, P, C_test, Y, paid)
-        print()
-        rule = ("max p - lambda * expected cost (choose(price_weight=lambda))"
-                if kind.rule == "value" else "cheapest with p >= t (choose(target=t))")
-        print(f"{kind.name}: rule {rule}; fit + predict {fit_s:.1f} s")
-        _check_choose(kind.rule, P, C_test, ds.models)
-        aucs = "  ".join(f"{_short(m)} {auc(P[:, j], Y[:, j]):.3f}"
-                         for j, m in enumerate(ds.models))
-        print(f"  ROC AUC of predicted success on test (0.5 = blind): {aucs}")
-        print("  cost-quality curve on test (shares of calls per model):")
-        for line in curve_table(pts, ds.models, best_cost, kind.rule, args.points):
-            print(line)
-        hit = cheapest_reaching(pts, target)
-        if hit is None:
-            print(f"  cost to reach {target:.4f}: not reached on the curve")
-        else:
-            print(f"  cost to reach {target:.4f} (read off the test curve): "
-                  f"{100 * hit.cost / best_cost:.1f}% of {ds.models[best]}'s cost "
-                  f"(accuracy {hit.acc:.4f}, param {hit.param:.4g})")
-            out[f"{kind.name}:curve_pct"] = 100 * hit.cost / best_cost
-        # Operating point chosen without test labels: out-of-fold predictions on the train
-        # split (k folds, each predicted by a router fitted on the other folds).
-        t2 = time.perf_counter()
-        P_oof = np.zeros((len(train), M))
-        fold = np.zeros(len(train), dtype=np.int64)
-        rest = np.arange(len(train))
-        for f in range(args.val_folds - 1):
-            keep, held = split(len(train), [ds.categories[i] for i in train] if ds.categories
-                               else None, 1.0 / (args.val_folds - f), args.seed + 1 + f,
-                               among=rest)
-            fold[held] = f
-            rest = keep
-        fold[rest] = args.val_folds - 1
-        for f in range(args.val_folds):
-            P_oof[fold == f] = fit_predict(kind, ds, train[fold != f], train[fold == f])
-        C_oof = expected_costs(ds, train, train)
-        oof_pts = sweep(kind.rule, P_oof, C_oof, ds.correct[train], ds.cost[train])
-        train_target = TARGET_SHARE * ds.correct[train, best].mean()
-        chosen = cheapest_reaching(oof_pts, train_target)
-        if chosen is None:
-            print("  validation: no operating point reaches the target out of fold")
-        else:
-            pick = route(kind.rule, P, C_test, chosen.param)
-            v_acc, v_cost = Y[rows, pick].mean(), paid[rows, pick].sum()
-            counts = np.bincount(pick, minlength=M) / len(pick)
-            shares = " ".join(f"{_short(m)} {100 * s:.1f}%"
-                              for m, s in zip(ds.models, counts, strict=True))
-            verdict = "reaches" if v_acc >= target else "misses"
-            print(f"  operating point chosen without test labels (param {chosen.param:.4g}: the "
-                  f"cheapest reaching {train_target:.4f} on {args.val_folds}-fold out-of-fold "
-                  f"predictions of the train split; {time.perf_counter() - t2:.1f} s):")
-            print(f"    test accuracy {v_acc:.4f} ({verdict} {target:.4f}), cost "
-                  f"{100 * v_cost / best_cost:.1f}% of {ds.models[best]}'s; calls: {shares}")
-            out[f"{kind.name}:val_pct"] = 100 * v_cost / best_cost
-            out[f"{kind.name}:val_acc"] = float(v_acc)
-        if M == 2:
-            scores[kind.name] = P[:, 1] - P[:, 0]
-    if M == 2:
-        _pgr_report(ds, Y, scores, args.seed)
-    print(f"[{ds.name}: {time.perf_counter() - t0:.1f} s]")
-    return out
+
+def _router_on_test(ds: Dataset, args: argparse.Namespace, kind: RouterKind, sp: _Split,
+                    C_test: np.ndarray, out: dict[str, float]) -> np.ndarray:
+    """Fit `kind` on train, print its test curve; its test predictions."""
+    t1 = time.perf_counter()
+    P = fit_predict(kind, ds, sp.train, sp.test)
+    fit_s = time.perf_counter() - t1
+    pts = sweep(kind.rule, P, C_test, sp.Y, sp.paid)
+    print()
+    rule = ("max p - lambda * expected cost (choose(price_weight=lambda))"
+            if kind.rule == "value" else "cheapest with p >= t (choose(target=t))")
+    print(f"{kind.name}: rule {rule}; fit + predict {fit_s:.1f} s")
+    _check_choose(kind.rule, P, C_test, ds.models)
+    aucs = "  ".join(f"{_short(m)} {auc(P[:, j], sp.Y[:, j]):.3f}"
+                     for j, m in enumerate(ds.models))
+    print(f"  ROC AUC of predicted success on test (0.5 = blind): {aucs}")
+    print("  cost-quality curve on test (shares of calls per model):")
+    for line in curve_table(pts, ds.models, sp.best_cost, kind.rule, args.points):
+        print(line)
+    hit = cheapest_reaching(pts, sp.target)
+    if hit is None:
+        print(f"  cost to reach {sp.target:.4f}: not reached on the curve")
+    else:
+        print(f"  cost to reach {sp.target:.4f} (read off the test curve): "
+              f"{100 * hit.cost / sp.best_cost:.1f}% of {ds.models[sp.best]}'s cost "
+              f"(accuracy {hit.acc:.4f}, param {hit.param:.4g})")
+        out[f"{kind.name}:curve_pct"] = 100 * hit.cost / sp.best_cost
+    return P
+
+
+def _operating_point(ds: Dataset, args: argparse.Namespace, kind: RouterKind, sp: _Split,
+                     P: np.ndarray, C_test: np.ndarray, out: dict[str, float]) -> None:
+    """The operating point chosen without test labels: out-of-fold predictions on the train
+    split (k folds, each predicted by a router fitted on the other folds)."""
+    train, M = sp.train, len(ds.models)
+    t2 = time.perf_counter()
+    P_oof = np.zeros((len(train), M))
+    fold = np.zeros(len(train), dtype=np.int64)
+    rest = np.arange(len(train))
+    for f in range(args.val_folds - 1):
+        keep, held = split(len(train), [ds.categories[i] for i in train] if ds.categories
+                           else None, 1.0 / (args.val_folds - f), args.seed + 1 + f,
+                           among=rest)
+        fold[held] = f
+        rest = keep
+    fold[rest] = args.val_folds - 1
+    for f in range(args.val_folds):
+        P_oof[fold == f] = fit_predict(kind, ds, train[fold != f], train[fold == f])
+    C_oof = expected_costs(ds, train, train)
+    oof_pts = sweep(kind.rule, P_oof, C_oof, ds.correct[train], ds.cost[train])
+    train_target = TARGET_SHARE * ds.correct[train, sp.best].mean()
+    chosen = cheapest_reaching(oof_pts, train_target)
+    if chosen is None:
+        print("  validation: no operating point reaches the target out of fold")
+        return
+    rows = np.arange(len(sp.test))
+    pick = route(kind.rule, P, C_test, chosen.param)
+    v_acc, v_cost = sp.Y[rows, pick].mean(), sp.paid[rows, pick].sum()
+    counts = np.bincount(pick, minlength=M) / len(pick)
+    shares = " ".join(f"{_short(m)} {100 * s:.1f}%"
+                      for m, s in zip(ds.models, counts, strict=True))
+    verdict = "reaches" if v_acc >= sp.target else "misses"
+    print(f"  operating point chosen without test labels (param {chosen.param:.4g}: the "
+          f"cheapest reaching {train_target:.4f} on {args.val_folds}-fold out-of-fold "
+          f"predictions of the train split; {time.perf_counter() - t2:.1f} s):")
+    print(f"    test accuracy {v_acc:.4f} ({verdict} {sp.target:.4f}), cost "
+          f"{100 * v_cost / sp.best_cost:.1f}% of {ds.models[sp.best]}'s; calls: {shares}")
+    out[f"{kind.name}:val_pct"] = 100 * v_cost / sp.best_cost
+    out[f"{kind.name}:val_acc"] = float(v_acc)
 
 
 def _check_choose(rule: str, P: np.ndarray, C: np.ndarray, models: Sequence[str]) -> None:
@@ -702,7 +733,7 @@ def _pgr_report(ds: Dataset, Y: np.ndarray, scores: dict[str, np.ndarray], seed:
         print(f"    {name:24s} {apgr(accs, grid, wa, sa):6.3f} {fmt(c50)} {fmt(c80)}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
                     help=f"folder with mmlu-pro/ and routellm/ (default {DEFAULT_DATA})")
@@ -727,18 +758,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-iter", type=int, default=100)
     ap.add_argument("--val-folds", type=int, default=3,
                     help="folds of the train split for choosing the operating point")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
+    return ap
 
-    prices: dict[str, tuple[float, float]] = {}
-    for item in args.price:
-        try:
-            name, _, pair = item.partition("=")
-            pin, pout = (float(x) for x in pair.split(","))
-        except ValueError:
-            ap.error(f"--price {item!r}: use MODEL=IN,OUT (USD per million tokens)")
-        prices[name] = (pin, pout)
 
+def _router_kinds(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[RouterKind]:
     if args.embeddings and not embeddings_available():
         ap.error("--embeddings needs the extra: pip install 'frugalflow[embeddings]'")
     shared_emb = (EmbeddingFeaturizer(cache_dir=args.embeddings_cache)
@@ -753,9 +776,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                              max_iter=args.max_iter)
 
     ours_name = "frugalflow (MiniLM)" if args.embeddings else "frugalflow"
-    kinds = [RouterKind(ours_name, ours, "value"),
-             RouterKind("baseline TF-IDF+LR", baseline, "target")]
+    return [RouterKind(ours_name, ours, "value"),
+            RouterKind("baseline TF-IDF+LR", baseline, "target")]
 
+
+def _datasets(ap: argparse.ArgumentParser,
+              args: argparse.Namespace) -> list[Callable[[], Dataset]]:
+    prices: dict[str, tuple[float, float]] = {}
+    for item in args.price:
+        try:
+            name, _, pair = item.partition("=")
+            pin, pout = (float(x) for x in pair.split(","))
+        except ValueError:
+            ap.error(f"--price {item!r}: use MODEL=IN,OUT (USD per million tokens)")
+        prices[name] = (pin, pout)
     datasets: list[Callable[[], Dataset]] = []
     if args.csv is not None:
         if not args.models:
@@ -765,24 +799,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("--models needs at least two models")
         prefix = args.prefix_tokens if args.prefix_tokens is not None else 0
         datasets.append(lambda: load_csv(args.csv, models, prefix, args.output_tokens, prices))
-    else:
-        known = {
-            "mmlu-pro": lambda: load_mmlu_pro(
-                args.data, MMLU_PRO_PREFIX_TOKENS if args.prefix_tokens is None else args.prefix_tokens, prices),
-            "routellm-mmlu": lambda: load_routellm_mmlu(args.data, prices),
-            "routellm-gsm8k": lambda: load_routellm_gsm8k(
-                args.data, args.gsm8k_prefix_tokens, prices),
-        }
-        for name in (n.strip() for n in args.datasets.split(",") if n.strip()):
-            if name not in known:
-                ap.error(f"unknown data set {name!r}; known: {', '.join(known)}")
-            datasets.append(known[name])
+        return datasets
+    known = {
+        "mmlu-pro": lambda: load_mmlu_pro(
+            args.data, MMLU_PRO_PREFIX_TOKENS if args.prefix_tokens is None else args.prefix_tokens, prices),
+        "routellm-mmlu": lambda: load_routellm_mmlu(args.data, prices),
+        "routellm-gsm8k": lambda: load_routellm_gsm8k(
+            args.data, args.gsm8k_prefix_tokens, prices),
+    }
+    for name in (n.strip() for n in args.datasets.split(",") if n.strip()):
+        if name not in known:
+            ap.error(f"unknown data set {name!r}; known: {', '.join(known)}")
+        datasets.append(known[name])
+    return datasets
 
-    summary: list[tuple[str, dict[str, float]]] = []
-    for load in datasets:
-        ds = load()
-        summary.append((ds.name, run_dataset(ds, args, kinds)))
 
+def _summary(summary: list[tuple[str, dict[str, float]]], kinds: list[RouterKind]) -> None:
     print("=" * 100)
     print(f"summary: cost to reach {TARGET_SHARE:.0%} of the best single model's accuracy, "
           "% of that model's cost (test split)")
@@ -803,6 +835,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             met = "MET" if c <= ISSUE_TARGET_PCT else "NOT MET"
             print(f"issue target on MMLU-Pro (router <= {ISSUE_TARGET_PCT:.0f}%): {met} "
                   f"({c:.1f}% read off the curve)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _arguments()
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    kinds = _router_kinds(ap, args)
+    datasets = _datasets(ap, args)
+    summary: list[tuple[str, dict[str, float]]] = []
+    for load in datasets:
+        ds = load()
+        summary.append((ds.name, run_dataset(ds, args, kinds)))
+    _summary(summary, kinds)
     print(f"total time {time.perf_counter() - t0:.1f} s")
     return 0
 

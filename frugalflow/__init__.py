@@ -4,7 +4,7 @@ The public API is what `__all__` lists: what a flow is written with (Flow, Agent
 Judge, RoutedChatModel), what it runs against (Catalog, ModelSpec, FallbackPolicy,
 BreakerRegistry), how it runs durably (Runner, RunResult, RunStatus), what it reports
 (Usage, RunUsage, Attempt) and the errors a caller catches. Everything else lives in its
-module (`frugalflow.routing.rank`, `frugalflow.resilience.CircuitBreaker`, ...); test doubles
+module (`frugalflow.ranking.rank`, `frugalflow.resilience.CircuitBreaker`, ...); test doubles
 in `frugalflow.testing`, scale-out in `frugalflow.scale`.
 """
 
@@ -43,7 +43,9 @@ from .exceptions import (
 )
 from .resilience import BreakerRegistry, FallbackPolicy
 from .flow import END, START, Agent, CompiledFlow, Flow
-from .routing import Judge, Needs, RoutedChatModel, RunContext
+from .judge import Judge
+from .needs import Needs
+from .routed import RoutedChatModel, RunContext
 from .runner import RunResult, Runner
 from .statuses import RunStatus
 from .usage import Attempt, RunUsage, Usage

@@ -11,7 +11,7 @@ import difflib
 import logging
 import os
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -21,27 +21,20 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .exceptions import CatalogError
+from .needs import SKILLS
 from .usage import Usage
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
 
+    from .needs import Needs
     from .providers.base import ProviderAdapter
+    from .ranking import Prefilter
 
 __all__ = ["CAPABILITIES", "SKILLS", "Capabilities", "Catalog", "ModelSpec"]
 
 log = logging.getLogger("frugalflow")
 
-SKILLS: tuple[str, ...] = (
-    "classification",
-    "extraction",
-    "summarization",
-    "writing",
-    "reasoning",
-    "coding",
-    "math",
-    "tool_use",
-)
 CAPABILITIES: tuple[str, ...] = (
     "tool_calling",
     "structured_output",
@@ -140,9 +133,10 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"quality score for {skill!r} must be in 0..1, got {score}")
         return value
 
-    @property
+    @cached_property
     def key(self) -> str:
         """`provider/model`: the name used everywhere else (needs, ledger, events)."""
+        # Read several times per routed call: built once (the spec is frozen).
         return f"{self.provider}/{self.model}"
 
     def __str__(self) -> str:
@@ -252,6 +246,39 @@ def _genai_price(spec: ModelSpec, usage: Usage) -> float:
 
 def _resolve(spec: ModelSpec) -> _Resolved:
     sources: dict[str, str] = {}
+    inp, out, cached, priced, linear = _resolve_prices(spec, sources)
+    profile = _profile(spec)
+
+    def pick(name: str, override: int | None, prof_key: str, default: int) -> int:
+        if override is not None:
+            sources[name] = "catalog"
+            return override
+        value = profile.get(prof_key)
+        if value:
+            sources[name] = "profile"
+            return int(value)
+        sources[name] = "default"
+        return default
+
+    window = pick("context_window", spec.context_window, "max_input_tokens", _DEFAULT_CONTEXT)
+    max_out = pick("max_output_tokens", spec.max_output_tokens, "max_output_tokens", _DEFAULT_MAX_OUTPUT)
+    return _Resolved(
+        input_price=float(inp),
+        output_price=float(out),
+        cached_input_price=cached,
+        context_window=int(window),
+        max_output_tokens=int(max_out),
+        capabilities=_capabilities(spec, profile, sources),
+        priced=priced,
+        linear=linear,
+        sources=sources,
+    )
+
+
+def _resolve_prices(
+    spec: ModelSpec, sources: dict[str, str]
+) -> tuple[float, float, float | None, bool, bool]:
+    """(input, output, cached input) USD per million tokens, whether priced, whether linear."""
     # Prices: explicit override, else genai-prices at a small call (base tier).
     priced = True
     inp: float | None
@@ -282,51 +309,47 @@ def _resolve(spec: ModelSpec) -> _Resolved:
             inp = spec.input_price or 0.0
             out = spec.output_price or 0.0
             sources["price"] = "catalog" if spec.local else "missing"
-    linear = False
-    if priced and sources["price"] == "genai-prices":
-        # Tiered prices (more per token past a threshold) need genai-prices for every call;
-        # flat ones are priced from the unit prices, which is exact and much faster.
-        try:
-            big_in = _genai_price(spec, Usage(input_tokens=1_000_000))
-            big_out = _genai_price(spec, Usage(output_tokens=1_000_000))
-            big_cached = _genai_price(spec, Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000))
-            small_cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000))
-            linear = (
-                abs(big_in - inp) < 1e-9 * max(inp, 1)
-                and abs(big_out - out) < 1e-9 * max(out, 1)
-                and abs(big_cached - small_cached * 100) < 1e-9 * max(big_cached, 1)
-            )
-        except LookupError:
-            linear = False
+    from_genai = priced and sources["price"] == "genai-prices"
+    linear = from_genai and _linear(spec, inp, out)
     cached = spec.cached_input_price
-    if cached is None and priced and sources["price"] == "genai-prices":
+    if cached is None and from_genai:
         try:
             cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000)) * 100
         except LookupError:
             cached = None
+    return inp, out, cached, priced, linear
 
-    profile: Mapping[str, Any] = {}
-    if not (spec.context_window and spec.max_output_tokens and _all_caps(spec)):
-        try:
-            profile = spec.adapter.profile(spec) or {}
-        except Exception as e:  # a missing or broken integration leaves the profile empty
-            log.debug("frugalflow: no profile for %s: %s", spec.key, e)
-            profile = {}
 
-    def pick(name: str, override: Any, prof_key: str, default: Any) -> Any:
-        if override is not None:
-            sources[name] = "catalog"
-            return override
-        value = profile.get(prof_key)
-        if value:
-            sources[name] = "profile"
-            return value
-        sources[name] = "default"
-        return default
+def _linear(spec: ModelSpec, inp: float, out: float) -> bool:
+    """Whether genai-prices has no tiers for `spec`: then its unit prices give the exact
+    cost of any call (tiered prices need genai-prices for every call)."""
+    try:
+        big_in = _genai_price(spec, Usage(input_tokens=1_000_000))
+        big_out = _genai_price(spec, Usage(output_tokens=1_000_000))
+        big_cached = _genai_price(spec, Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000))
+        small_cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000))
+    except LookupError:
+        return False
+    return (
+        abs(big_in - inp) < 1e-9 * max(inp, 1)
+        and abs(big_out - out) < 1e-9 * max(out, 1)
+        and abs(big_cached - small_cached * 100) < 1e-9 * max(big_cached, 1)
+    )
 
-    window = pick("context_window", spec.context_window, "max_input_tokens", _DEFAULT_CONTEXT)
-    max_out = pick("max_output_tokens", spec.max_output_tokens, "max_output_tokens", _DEFAULT_MAX_OUTPUT)
 
+def _profile(spec: ModelSpec) -> Mapping[str, Any]:
+    """The integration's model profile, when the entry leaves anything for it to fill."""
+    if spec.context_window and spec.max_output_tokens and _all_caps(spec):
+        return {}
+    try:
+        return spec.adapter.profile(spec) or {}
+    except Exception as e:  # a missing or broken integration leaves the profile empty
+        log.debug("frugalflow: no profile for %s: %s", spec.key, e)
+        return {}
+
+
+def _capabilities(spec: ModelSpec, profile: Mapping[str, Any],
+                  sources: dict[str, str]) -> Capabilities:
     caps: dict[str, bool] = {}
     from_profile = {
         "tool_calling": profile.get("tool_calling"),
@@ -346,17 +369,7 @@ def _resolve(spec: ModelSpec) -> _Resolved:
         else:
             caps[cap] = cap == "streaming"
             sources[cap] = "default"
-    return _Resolved(
-        input_price=float(inp),
-        output_price=float(out),
-        cached_input_price=cached,
-        context_window=int(window),
-        max_output_tokens=int(max_out),
-        capabilities=Capabilities(**caps),
-        priced=priced,
-        linear=linear,
-        sources=sources,
-    )
+    return Capabilities(**caps)
 
 
 def _all_caps(spec: ModelSpec) -> bool:
@@ -392,7 +405,7 @@ class Catalog:
             self._models[spec.key] = spec
         self._env = env
         self._built: dict[tuple[str, float | None], tuple[int, BaseChatModel]] = {}
-        self._prefilters: dict[Any, tuple[int, Any]] = {}
+        self._prefilters: dict[tuple[Any, ...], tuple[int, Prefilter]] = {}
         self._key_envs = sorted(
             {var for s in self._models.values() if (var := s.adapter.key_env(s))}
         )
@@ -408,9 +421,10 @@ class Catalog:
         for (key, _timeout), (_hash, model) in built.items():
             await self._models[key].adapter.aclose(model)
 
-    def prefiltered(self, needs: Any, compute: Any) -> Any:
+    def prefiltered(self, needs: Needs,
+                    compute: Callable[[Catalog, Needs], Prefilter]) -> Prefilter:
         """`compute(self, needs)`, cached per needs while the providers' keys stay the same."""
-        env_hash = hash(tuple(self._getenv(e) for e in self._key_envs))
+        env_hash = hash(tuple(self._getenv(e) for e in self._key_envs)) if self._key_envs else 0
         hit = self._prefilters.get(needs.cache_key)
         if hit is None or hit[0] != env_hash:
             hit = self._prefilters[needs.cache_key] = (env_hash, compute(self, needs))

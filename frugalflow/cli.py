@@ -22,8 +22,8 @@ from .flow import Flow
 from .statuses import NodeStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
+    from .needs import Needs
     from .persistence.ledger import Ledger, RunRecord
-    from .routing import Needs
     from .runner import RunResult, Runner
     from .service import Docs
 

@@ -27,16 +27,20 @@ from typing import Any, Generic, TypeVar, cast
 
 from langchain_core.messages import AIMessage as AIMessageT
 from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
+from .attempts import Validator
 from .catalog import Catalog
 from .exceptions import FlowError
+from .needs import Needs
+from .ranking import no_capable_model_error, rank
 from .resilience import Breakers, FallbackPolicy, default_breakers
-from .routing import Needs, RoutedChatModel, RunContext, no_capable_model_error, rank
+from .routed import RoutedChatModel, RunContext
 from .usage import Listener, RunUsage
 
 __all__ = ["END", "START", "Agent", "CompiledFlow", "Flow", "NodeSpec", "check_budget"]
@@ -75,7 +79,7 @@ class NodeSpec:
     needs: Needs | None = None
     subflow: Flow[Any] | None = None
     description: str = ""
-    validator: Any = None
+    validator: Validator | None = None
 
     @property
     def uses_model(self) -> bool:
@@ -111,7 +115,7 @@ class Flow(Generic[S]):
         needs: Needs | Mapping[str, Any] | None = None,
         model: bool | None = None,
         description: str = "",
-        validator: Any = None,
+        validator: Validator | None = None,
         **need_fields: Any,
     ) -> Callable[[NodeFn], NodeFn]:
         """Decorator form of `add_node`: `@flow.node(needs=Needs(tools=True))`."""
@@ -133,7 +137,7 @@ class Flow(Generic[S]):
         needs: Needs | Mapping[str, Any] | None = None,
         model: bool | None = None,
         description: str = "",
-        validator: Any = None,
+        validator: Validator | None = None,
         **need_fields: Any,
     ) -> Flow[S]:
         """Add a node. It is a model node if it has needs or its function takes `model`.
@@ -513,7 +517,7 @@ class CompiledFlow:
 
     def explain(self, input_tokens: int = 1000) -> dict[str, list[dict[str, Any]]]:
         """Per model node: every catalog model, accepted in order or rejected with reasons."""
-        from .routing import explain
+        from .ranking import explain
 
         out: dict[str, list[dict[str, Any]]] = {}
         for spec in self.flow.nodes.values():
@@ -534,12 +538,12 @@ class Agent:
     name: str
     instructions: str
     needs: Needs = field(default_factory=Needs)
-    tools: Sequence[Any] = ()
+    tools: Sequence[BaseTool] = ()
     output: type[Any] | None = None
     prompt: Callable[[Any], str] = field(default=lambda state: str(state))
     output_key: str | None = None
     max_tool_rounds: int = 5
-    validator: Any = None
+    validator: Validator | None = None
 
     def __post_init__(self) -> None:
         changes: dict[str, Any] = {}
@@ -551,9 +555,10 @@ class Agent:
             self.needs = self.needs.with_(**changes)
 
     async def run(self, state: Any, model: RoutedChatModel) -> dict[str, Any]:
-        from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+        from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-        messages: list[Any] = [SystemMessage(self.instructions), HumanMessage(self.prompt(state))]
+        messages: list[BaseMessage] = [SystemMessage(self.instructions),
+                                       HumanMessage(self.prompt(state))]
         if self.tools:
             by_name = {t.name: t for t in self.tools}
             bound = model.bind_tools(list(self.tools))

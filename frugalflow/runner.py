@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
+from langchain_core.messages import AIMessage
 from langgraph.graph import START
 from langgraph.types import Command
 from sqlalchemy import select, update
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 
     from .limits import Limiter
     from .learning import Featurizer, LearnedRouter, Router
-    from .routing import RunContext
+    from .routed import Replay, RunContext
     from .scale.dispatch import Dispatcher
     from .scale.relay import PostgresEventRelay
 
@@ -845,9 +846,10 @@ class Runner:
             self.events.publish(run_id, "node_finished", node=chunk["name"],
                                 task_id=chunk["id"], status=status)
 
-    def _replayer(self, run_id: str) -> Callable[[str | None, str], Awaitable[Any]]:
-        async def replay(node: str | None, call_key: str) -> Any:  # an AIMessage or None
-            return await self.ledger.replayable(run_id, node, call_key)
+    def _replayer(self, run_id: str) -> Replay:
+        async def replay(node: str | None, call_key: str) -> AIMessage | None:
+            answer = await self.ledger.replayable(run_id, node, call_key)
+            return answer if isinstance(answer, AIMessage) else None
 
         return replay
 

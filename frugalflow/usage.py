@@ -173,8 +173,11 @@ class RunUsage:
         self.recorded += 1
         if attempt.usage is not None:
             self._total = self._total + attempt.usage
+        costs = self._costs
         for key in _GROUPS:
-            group = self._costs.setdefault(key, defaultdict(float))
+            group = costs.get(key)
+            if group is None:  # not setdefault: that builds a defaultdict on every call
+                group = costs[key] = defaultdict(float)
             group[getattr(attempt, key)] += attempt.cost_usd
 
     @property

@@ -170,7 +170,7 @@ def test_cli_trains_lists_and_runs_with_a_router(tmp_path: Path,
 
 async def test_category_is_a_routing_feature_and_is_recorded(tmp_path: Path) -> None:
     from frugalflow.learning import Example, LexicalFeaturizer
-    from frugalflow.routing import RunContext
+    from frugalflow.routed import RunContext
     from frugalflow.usage import RunUsage
 
     catalog = Catalog.simulated()

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage
 
-from frugalflow import Catalog, RoutedChatModel, RunUsage, routing
+from frugalflow import Catalog, RoutedChatModel, RunUsage, routed
 from frugalflow.resilience import BreakerRegistry
 from frugalflow.usage import Attempt
-from frugalflow.routing import DEFAULT_ATTEMPT_WINDOW
+from frugalflow.routed import DEFAULT_ATTEMPT_WINDOW
 from frugalflow.usage import Usage
 
 
@@ -23,7 +23,7 @@ async def test_many_calls_outside_a_run_keep_memory_flat_and_totals_right(
     sim: Any, monkeypatch: Any
 ) -> None:
     # A smaller window than the default (1,000) keeps the test short: the bound is the same.
-    monkeypatch.setattr(routing, "DEFAULT_ATTEMPT_WINDOW", 100)
+    monkeypatch.setattr(routed, "DEFAULT_ATTEMPT_WINDOW", 100)
     model = RoutedChatModel(Catalog.simulated())  # zero latency: simulated, no sleeping
     model.context.breakers = BreakerRegistry()  # type: ignore[union-attr]
     usage = model.context.usage  # type: ignore[union-attr]

@@ -5,7 +5,8 @@ from langchain_core.messages import HumanMessage
 from pydantic import ValidationError
 
 from frugalflow import Catalog, ModelSpec, Needs
-from frugalflow.routing import estimate_tokens, explain, rank
+from frugalflow.needs import estimate_tokens
+from frugalflow.ranking import explain, rank
 
 
 def _cat(*specs: ModelSpec) -> Catalog:

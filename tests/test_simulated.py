@@ -129,12 +129,14 @@ async def test_a_judge_request_is_recognised_by_its_mark_not_its_wording() -> No
     from langchain_core.messages import SystemMessage
 
     from frugalflow import Judge
+    from frugalflow.testing.simulator import JUDGE_MARK, judge_request
 
     judge = Judge("Every field is as printed.")
     marked = judge.prompt("Invoice INV-1 from Acme", '{"vendor": "Acme"}')
     unmarked = [type(m)(content=m.content) for m in marked]  # the same words, no mark
-    assert Judge.judged(marked) == ("Invoice INV-1 from Acme", '{"vendor": "Acme"}')
-    assert Judge.judged(unmarked) is None
+    assert JUDGE_MARK == Judge.MARK
+    assert judge_request(marked) == ("Invoice INV-1 from Acme", '{"vendor": "Acme"}')
+    assert judge_request(unmarked) is None
     model = SimulatedChatModel(model_name="judge", provider="sim-j", accuracy=1.0)
     verdict = str((await model.ainvoke(marked)).content)
     assert verdict.split(":")[0] in ("APPROVE", "REJECT")
@@ -149,11 +151,12 @@ async def test_a_judge_request_is_recognised_by_its_mark_not_its_wording() -> No
 
 async def test_the_judge_mark_reaches_the_model_through_the_routed_model(make_ctx: Any) -> None:
     from frugalflow import Catalog, Judge, ModelSpec, Needs, RoutedChatModel
+    from frugalflow.testing.simulator import judge_request
 
     seen: list[tuple[str, str] | None] = []
 
     def judge_says(messages: list[Any]) -> str:
-        seen.append(Judge.judged(messages))
+        seen.append(judge_request(messages))
         return "APPROVE: fine."
 
     def spec(name: str, price: float, **update: Any) -> ModelSpec:

@@ -224,11 +224,18 @@ def oracle_success(ability: float, difficulty: float) -> float:
     return 1.0 / (1.0 + math.exp(-30.0 * (ability - (0.45 + 0.4 * d))))
 
 
-def _judged(messages: Sequence[BaseMessage]) -> tuple[str, str] | None:
-    """(input, answer) of a judge request, recognised by `Judge`'s mark (never its wording)."""
-    from ..routing import Judge
+JUDGE_MARK = "frugalflow_judge"
+"""`Judge.MARK`: the key a judge request carries in `additional_kwargs` (spelt out here so
+the test doubles do not import the routing stack; tests/test_simulated.py checks they agree)."""
 
-    return Judge.judged(messages)
+
+def judge_request(messages: Sequence[BaseMessage]) -> tuple[str, str] | None:
+    """(input, answer) of a judge request, recognised by `Judge`'s mark (never its wording)."""
+    for m in messages:
+        mark = m.additional_kwargs.get(JUDGE_MARK)
+        if isinstance(mark, dict):
+            return str(mark.get("input", "")), str(mark.get("answer", ""))
+    return None
 
 
 class SimulatedChatModel(BaseChatModel):
@@ -294,7 +301,7 @@ class SimulatedChatModel(BaseChatModel):
         return random.Random(int.from_bytes(digest[:8], "big"))
 
     def _input_tokens(self, messages: Sequence[BaseMessage]) -> int:
-        from ..routing import estimate_tokens
+        from ..needs import estimate_tokens
 
         return estimate_tokens(messages) + sum(
             len(json.dumps(t)) // 4 for t in self.bound_tools
@@ -336,7 +343,7 @@ class SimulatedChatModel(BaseChatModel):
             if self.responder is not None:
                 out = self.responder(messages)
                 msg = out if isinstance(out, AIMessage) else AIMessage(content=str(out))
-            elif (judged := _judged(messages)) is not None:
+            elif (judged := judge_request(messages)) is not None:
                 msg = AIMessage(content=self._judge(*judged, rng))
             else:
                 n = max(1, self.output_tokens * 3 // 4)

@@ -1,0 +1,690 @@
+"""The candidate loop of one routed call: each capable model in turn until one answers.
+
+`CallAttempts` holds one call's state (its candidates, attempts, failures, and what the
+failures taught: a larger window, a more capable model, another provider) and does one
+concern per method: replay, plan (rank, routing rule, budget), admit (budget, Retry-After
+rest, rate limit), acquire (circuit breakers), answer (generate or stream under the
+timeout, then check and validate), succeeded / failed (bill, record, retry or escalate),
+give_up. Every `Attempt` of the call is made by one factory, `_attempt`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    message_chunk_to_message,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from pydantic import BaseModel
+
+from .exceptions import (
+    AllModelsFailedError,
+    BudgetExceededError,
+    ContentFilterError,
+    ContextLengthError,
+    IncompleteResponseError,
+    MalformedResponseError,
+    ModelAPIError,
+    ModelTimeoutError,
+    ProviderConnectionError,
+    StoreError,
+    UserError,
+    ValidationFailedError,
+)
+from .resilience import Action
+from .needs import estimate_tokens, prompt_text
+from .ranking import Candidate, Ranking, no_capable_model_error, rank
+from .statuses import Outcome
+from .usage import Attempt, RunUsage, Usage
+
+if TYPE_CHECKING:
+    from .catalog import ModelSpec
+    from .limits import RateReservation
+    from .routed import RoutedChatModel, RunContext
+
+__all__ = [
+    "INNER_CONFIG",
+    "CallAttempts",
+    "ModelJudge",
+    "Validator",
+    "billed",
+    "generate_once",
+    "iter_with_timeout",
+    "new_call_id",
+    "short_error",
+]
+
+INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
+"""The config of a candidate's own call: the routed model is the run callbacks observe."""
+
+# Call ids: a random per-process prefix and a counter (uuid4 costs a syscall per call).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_call_counter = itertools.count(1)
+
+# Errors that are not the model's: the caller's mistake, or the run's database.
+_NOT_THE_MODELS = (UserError, StoreError)
+# Failures that may have cut an answer short: it is billed at least for what arrived.
+_CUT_SHORT = (IncompleteResponseError, ProviderConnectionError, ModelTimeoutError)
+
+class _Skip(Enum):
+    SKIP = 0  # `admit`: this candidate is not tried
+
+
+def new_call_id() -> str:
+    """An id shared by every attempt of one routed call."""
+    return f"{_ID_PREFIX}{next(_call_counter):08x}"
+
+
+class ModelJudge(ABC):
+    """A validator that is itself a model call (`Judge` registers here): it is given the
+    routed model that asked, the model that answered, the prompt and the answer."""
+
+    @abstractmethod
+    async def check(self, routed: RoutedChatModel, spec: ModelSpec,
+                    messages: Sequence[BaseMessage], subject: Any) -> bool | str:
+        """True to accept; False or a reason to reject."""
+
+
+Validator = Callable[[Any], object] | type[BaseModel] | ModelJudge
+"""What checks a node's answers: a callable (sync or async) returning True/None to accept,
+False or a reason string (or raising) to reject; a pydantic model the answer must fit; or a
+`ModelJudge` such as `Judge` (another model decides)."""
+
+
+@dataclass(slots=True)
+class _Try:
+    """One try of one candidate: when it started, what it got so far, whether it ended."""
+
+    candidate: Candidate
+    spec: ModelSpec
+    reservation: RateReservation | None
+    started: float
+    t0: float
+    message: AIMessage | None = None
+    generation: ChatGeneration | None = None  # the candidate's own, holding `message`
+    gathered: AIMessageChunk | None = None
+    emitted: bool = False  # chunks reached the consumer: no retry can follow
+    verdict: bool = False  # the breakers heard how it ended (else its slot is released)
+
+    def take(self, chunk: AIMessageChunk, attempt_id: str) -> None:
+        chunk.id = attempt_id
+        self.gathered = chunk if self.gathered is None else self.gathered + chunk
+
+    def streamed(self) -> AIMessage:
+        if self.gathered is None:
+            spec = self.spec
+            raise MalformedResponseError(f"{spec.key} streamed no content",
+                                         provider=spec.provider, model=spec.model)
+        self.message = cast(AIMessage, message_chunk_to_message(self.gathered))
+        return self.message
+
+
+class CallAttempts:
+    """One routed call: its candidates in order until one gives an acceptable answer.
+
+    `run()` returns the answer (a streaming listener, `forward`, gets each attempt's
+    chunks under its own message id; a broken stream restarts on the next candidate);
+    `stream()` yields the chunks to a consumer, and a stream that breaks after yielding
+    raises (the consumer holds a partial answer). Both drive the same steps.
+    """
+
+    def __init__(self, routed: RoutedChatModel, messages: list[BaseMessage],
+                 stop: list[str] | None, kwargs: dict[str, Any],
+                 forward: AsyncCallbackManagerForLLMRun | None = None) -> None:
+        self.routed = routed
+        self.ctx: RunContext
+        self.ctx, self.task_id = routed._context_and_task()
+        self.usage: RunUsage = self.ctx.usage
+        self.node = routed.node or ""
+        self.messages, self.stop, self.kwargs, self.forward = messages, stop, kwargs, forward
+        self.attempts: list[Attempt] = []
+        self.failures: list[ModelAPIError] = []
+        self.skipped: list[str] = []
+        self.banned_providers: set[str] = set()
+
+    # The rest of a call's state, as class-level defaults (most calls never change them).
+    call_id = ""
+    call_key: str | None = None
+    n_in = 0
+    ranking: Ranking | None = None
+    generation: ChatGeneration | None = None  # the answering candidate's, when it made one
+    reasons: dict[str, str] = {}  # why the router put a model where it did; replaced
+    previous: str | None = None  # the model tried before this one
+    # What failures taught: only larger windows, more capable models, other providers.
+    min_window = 0
+    min_quality = -1.0
+    too_long: ModelSpec | None = None  # the model that last said the prompt is too long
+    over_budget: Candidate | None = None
+
+    # -- the drivers -------------------------------------------------------------------
+
+    async def run(self) -> AIMessage:
+        if self.ctx.replay is not None:
+            replayed = await self.replayed()
+            if replayed is not None:
+                return replayed
+        for candidate in self.plan():
+            reservation = await self.admit(candidate)
+            if reservation is _Skip.SKIP:
+                continue
+            tries = 0
+            while await self.acquire(candidate.spec):
+                t = self.start(candidate, reservation)
+                try:
+                    message = await self.answer(t)
+                except _NOT_THE_MODELS:
+                    raise
+                except Exception as e:  # translated in `failed`; nothing is swallowed silently
+                    if await self.failed(t, e, tries):
+                        tries += 1
+                        continue
+                    break
+                else:
+                    return await self.succeeded(t, message)
+                finally:
+                    if not t.verdict:
+                        await self.release(t)
+            self.previous = candidate.spec.key
+        self.give_up()
+
+    async def stream(self) -> AsyncIterator[AIMessageChunk]:
+        # As before the split: a replayed answer is not streamed (the consumer gets none).
+        if self.ctx.replay is not None and await self.replayed() is not None:
+            return
+        for candidate in self.plan():
+            reservation = await self.admit(candidate)
+            if reservation is _Skip.SKIP:
+                continue
+            tries = 0
+            while await self.acquire(candidate.spec):
+                t = self.start(candidate, reservation)
+                try:
+                    await self.intend(t)
+                    attempt_id = self.attempt_id()
+                    async for chunk in iter_with_timeout(self.open_stream(t),
+                                                         self.ctx.policy.timeout):
+                        if isinstance(chunk, AIMessageChunk):
+                            t.take(chunk, attempt_id)
+                            t.emitted = True
+                            yield chunk
+                    message = t.streamed()
+                    validating = self.check(t, message)
+                    if validating is not None:
+                        await validating
+                except _NOT_THE_MODELS:
+                    raise
+                except Exception as e:  # translated in `failed`; nothing is swallowed silently
+                    if await self.failed(t, e, tries):
+                        tries += 1
+                        continue
+                    break
+                else:
+                    await self.succeeded(t, message)
+                    return
+                finally:
+                    if not t.verdict:
+                        await self.release(t)
+            self.previous = candidate.spec.key
+        self.give_up()
+
+    # -- before the first try ------------------------------------------------------------
+
+    async def replayed(self) -> AIMessage | None:
+        """When resuming: the answer this call already got before a crash (not paid again)."""
+        ctx, routed = self.ctx, self.routed
+        assert ctx.replay is not None
+        self.call_key = ctx.call_key(self.task_id, routed.node,
+                                     routed._digest(self.messages, self.kwargs))
+        replayed = await ctx.replay(routed.node, self.call_key)
+        if replayed is not None:
+            model = replayed.response_metadata.get("frugalflow", {}).get("model", "replay")
+            await self.usage.arecord(self._attempt(
+                Outcome.REPLAYED, model=str(model), provider="replay", call_key=self.call_key))
+        return replayed
+
+    def plan(self) -> Iterable[Candidate]:
+        """The capable models in the order to try them (rank, then the run's router)."""
+        routed, ctx, needs = self.routed, self.ctx, self.routed.needs
+        remaining = self.usage.remaining_usd
+        self.n_in = estimate_tokens(self.messages)
+        if routed.tools:
+            self.n_in += routed._tools_tokens()
+        ranking = rank(ctx.catalog, needs, self.messages, prefiltered=ctx.static(needs),
+                       input_tokens=self.n_in)
+        if not len(ranking):
+            raise no_capable_model_error(routed.node, needs, ranking, ctx.catalog)
+        if ctx.router is not None and needs.routed:
+            ranking.rows = self.route(ranking.rows)
+        if remaining is not None and ranking.first().expected_cost > remaining:
+            raise budget_error(routed.node, self.usage, ranking.first())
+        self.ranking = ranking
+        self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"  # new_call_id(), inline
+        return ranking  # its candidates are made as the loop reaches them
+
+    def route(self, rows: list[Candidate]) -> list[Candidate]:
+        """Reorder the capable models by the router's per-input predictions."""
+        from .learning import choose
+
+        routed, needs, router = self.routed, self.routed.needs, self.ctx.router
+        assert router is not None
+        probs = router.predict(prompt_text(self.messages), [c.spec.key for c in rows],
+                               node=routed.node, category=routed.category)
+        costs = {c.spec.key: c.expected_cost for c in rows}
+        order = choose(probs, costs, target=needs.target, price_weight=needs.price_weight,
+                       cascade=needs.cascade)
+        by_key = {c.spec.key: c for c in rows}
+        self.reasons = {m: f"{why}; p={probs[m]:.2f}, ${costs[m]:.6f}" for m, why in order}
+        return [by_key[m] for m, _ in order]
+
+    async def admit(self, c: Candidate) -> RateReservation | None | _Skip:
+        """Whether to try `c` (else why not, in `skipped`); its rate-limit reservation."""
+        spec = c.spec
+        if spec.provider in self.banned_providers:
+            return _Skip.SKIP
+        if self.min_window and spec.window <= self.min_window:
+            if self.too_long is not None:
+                self.skipped.append(f"{spec.key}: context window {spec.window} not larger "
+                                    f"than {self.too_long.key}'s")
+            return _Skip.SKIP
+        if self.min_quality >= 0 and -c.neg_quality <= self.min_quality:
+            return _Skip.SKIP
+        left = self.usage.remaining_usd if self.usage.budget_usd is not None else None
+        if left is not None and c.expected_cost > left:
+            self.skipped.append(f"{spec.key}: over the remaining budget")
+            self.over_budget = self.over_budget or c
+            return _Skip.SKIP
+        # A 429's Retry-After rests the model for every run (and the fleet, via Redis).
+        resting = await self.ctx.breakers.acooldown_reason(spec)
+        if resting is not None:
+            self.skipped.append(f"{spec.key}: {resting}")
+            return _Skip.SKIP
+        limiter = self.ctx.limiter
+        if limiter is None:
+            return None
+        reservation = await limiter.aacquire(spec, self.n_in + self.routed.needs.expected_output_tokens)
+        if not reservation:
+            self.skipped.append(f"{spec.key}: over its rate limit (last 60 s)")
+            return _Skip.SKIP
+        return reservation
+
+    async def acquire(self, spec: ModelSpec) -> bool:
+        """A call slot from the circuit breakers (else why not, in `skipped`)."""
+        breakers = self.ctx.breakers
+        if await breakers.aacquire(spec):
+            return True
+        why = await breakers.ablocked_reason(spec)
+        self.skipped.append(f"{spec.key}: {why or 'circuit open'}")
+        return False
+
+    # -- one try ---------------------------------------------------------------------------
+
+    def start(self, c: Candidate, reservation: RateReservation | None) -> _Try:
+        return _Try(c, c.spec, reservation, time.time(), time.perf_counter())
+
+    def attempt_id(self) -> str:
+        """The message id of this try's chunks (each attempt streams under its own)."""
+        return f"lc_run--{self.call_id}-{len(self.attempts) + 1}"
+
+    async def intend(self, t: _Try) -> None:
+        # Durable runs write the call down before it is sent: if the process dies before
+        # the answer is recorded, the ledger still shows a call that may have been paid
+        # (settled later at its estimated cost).
+        if self.ctx.intent is not None:
+            expected_out = self.routed.needs.expected_output_tokens
+            await self.ctx.intent(self._attempt(
+                Outcome.PENDING, t, cost=t.candidate.expected_cost, estimated=True,
+                usage=Usage(input_tokens=self.n_in, requests=1, output_tokens=expected_out)))
+
+    def open_stream(self, t: _Try) -> AsyncIterator[Any]:
+        model = self.routed._bound(t.spec, self.ctx)
+        return model.astream(self.messages, config=INNER_CONFIG, stop=self.stop, **self.kwargs)
+
+    async def answer(self, t: _Try) -> AIMessage:
+        """The candidate's checked answer (streamed to `forward` when it listens)."""
+        if self.ctx.intent is not None:
+            await self.intend(t)
+        if self.forward is not None:
+            attempt_id = self.attempt_id()
+            async for chunk in iter_with_timeout(self.open_stream(t), self.ctx.policy.timeout):
+                if isinstance(chunk, AIMessageChunk):
+                    t.take(chunk, attempt_id)
+                    await self.forward.on_llm_new_token(
+                        chunk.text, chunk=ChatGenerationChunk(message=chunk))
+            message = t.streamed()
+        else:
+            spec, timeout = t.spec, self.ctx.policy.timeout
+            model = self.routed._bound(spec, self.ctx)
+            if spec.adapter.timeout_param is None and timeout is not None:
+                # The client has no timeout of its own: enforce the policy's.
+                async with asyncio.timeout(timeout):
+                    message, generation = await generate_once(model, self.messages, self.stop,
+                                                              self.kwargs)
+            else:
+                # The client was built with timeout=policy.timeout and raises.
+                message, generation = await generate_once(model, self.messages, self.stop,
+                                                          self.kwargs)
+            t.message, t.generation = message, generation
+        validating = self.check(t, message)
+        if validating is not None:
+            await validating
+        return message
+
+    def check(self, t: _Try, message: AIMessage) -> Awaitable[None] | None:
+        """The adapter's end markers and the output schema; the node's validator is left
+        to await (None without one)."""
+        spec, routed = t.spec, self.routed
+        spec.adapter.check(message, spec)
+        schema = routed.response_schema
+        parsed = parse_output(schema, spec, message) if schema is not None else None
+        if routed.validator is None:
+            return None
+        return validate(routed, routed.validator, spec, message, parsed, self.messages)
+
+    async def release(self, t: _Try) -> None:
+        """The try ended without a verdict (cancelled): free its breakers' slot."""
+        await asyncio.shield(self.ctx.breakers.arelease(t.spec))
+
+    # -- after a try -------------------------------------------------------------------------
+
+    async def succeeded(self, t: _Try, message: AIMessage) -> AIMessage:
+        spec, ctx = t.spec, self.ctx
+        t.verdict = True
+        await ctx.breakers.arecord(spec, None)
+        paid, estimated = billed(message, self.n_in, partial=False)
+        if t.reservation is not None and paid is not None and ctx.limiter is not None:
+            # The rate window counted an estimate: put in what was used.
+            await ctx.limiter.acorrect(t.reservation, paid.total_tokens)
+        cost = spec.cost(paid) if paid else 0.0
+        message.response_metadata = {
+            **message.response_metadata,
+            "frugalflow": {"model": spec.key, "cost_usd": cost,
+                           "attempts": len(self.attempts) + 1, "call_id": self.call_id},
+        }
+        call_key = self.call_key
+        if call_key is None and self.usage.listeners:  # only persisted runs replay
+            call_key = self.routed._key_for_ledger(ctx, self.task_id, self.messages,
+                                                   self.kwargs)
+        await self.record(self._attempt(Outcome.OK, t, usage=paid, estimated=estimated,
+                                        cost=cost, call_key=call_key, response=message))
+        self.routed._last_model = spec.key
+        self.generation = t.generation
+        return message
+
+    async def failed(self, t: _Try, e: Exception, tries: int) -> bool:
+        """Record the failure; True to retry the same model (after the policy's delay),
+        False to move on (to a candidate the failure did not rule out). Raises when the
+        policy says the caller's request is at fault, or chunks already reached it."""
+        spec, ctx = t.spec, self.ctx
+        err = spec.adapter.translate(e, spec)
+        if err is not e and err.__cause__ is None:
+            err.__cause__ = e
+        t.verdict = True
+        await ctx.breakers.arecord(spec, err)
+        action, delay = ctx.policy.decide(err, tries)
+        if action is Action.RETRY and await ctx.breakers.ablocked_reason(spec):
+            # This failure opened the circuit: the next try goes to another model, and the
+            # ledger must say so.
+            action, delay = Action.NEXT, 0.0
+        if t.emitted:
+            # Tokens already reached the consumer: retrying would glue two answers.
+            action, delay = Action.RAISE, 0.0
+        # An answer that failed its schema or validator, or that was cut short, was still
+        # paid for: its tokens, as reported or else estimated.
+        message = t.message
+        if message is None and t.gathered is not None:
+            message = cast(AIMessage, message_chunk_to_message(t.gathered))
+        paid, estimated = billed(message, self.n_in, partial=isinstance(err, _CUT_SHORT))
+        await self.record(self._attempt(
+            Outcome.ERROR, t, usage=paid, estimated=estimated,
+            cost=spec.cost(paid) if paid else 0.0, error=err, action=action))
+        self.failures.append(err)
+        if action is Action.RAISE:
+            raise err from e
+        if action is Action.RETRY:
+            await ctx.pause(delay)
+            return True
+        self.escalate(t.candidate, err)
+        return False
+
+    def escalate(self, c: Candidate, err: ModelAPIError) -> None:
+        """What the next candidate must do better than `c`, given how `c` failed."""
+        if isinstance(err, ValidationFailedError):
+            self.min_quality = max(self.min_quality, -c.neg_quality)  # a more capable model
+        elif isinstance(err, ContextLengthError):
+            self.min_window = max(self.min_window, c.spec.window)
+            self.too_long = c.spec
+        elif isinstance(err, ContentFilterError):
+            self.banned_providers.add(c.spec.provider)
+
+    def give_up(self) -> NoReturn:
+        """Every candidate failed or was skipped: say which, and what to do about it."""
+        n, node = len(self.attempts), self.routed.node
+        detail = f"; skipped: {'; '.join(self.skipped)}" if self.skipped else ""
+        rows = self.ranking.rows if self.ranking is not None else []
+        headline = (f"node {node!r}: all {len(rows)} capable models failed "
+                    f"({n} attempts){detail}")
+        too_long = self.too_long
+        if too_long is not None and self.failures \
+                and isinstance(self.failures[-1], ContextLengthError) \
+                and not any(c.spec.window > too_long.window for c in rows):
+            headline = (
+                f"node {node!r}: the prompt is too long for {too_long.key} (context "
+                f"window {too_long.window} tokens) and no capable model has a larger window; "
+                f"shorten the input or add a model with a larger context window "
+                f"({n} attempts){detail}")
+        group = AllModelsFailedError(
+            headline,
+            self.failures or [ModelAPIError("no candidate could be tried" + detail)],
+            node=node,
+            attempts=self.attempts,
+        )
+        if self.over_budget is not None:
+            raise budget_error(node, self.usage, self.over_budget) from group
+        raise group
+
+    # -- the record ----------------------------------------------------------------------------
+
+    def _attempt(self, outcome: Outcome, t: _Try | None = None, *,
+                 usage: Usage | None = None, cost: float = 0.0, estimated: bool = False,
+                 error: ModelAPIError | None = None, action: Action | None = None,
+                 call_key: str | None = None, response: AIMessage | None = None,
+                 model: str = "", provider: str = "") -> Attempt:
+        """Every Attempt of this call is made here: a try's (pending, ok or error), or
+        without `t` the replay's (`model`, `provider` and `call_key` name it)."""
+        if t is None:
+            return Attempt(node=self.node, model=model, provider=provider, outcome=outcome,
+                           run_id=self.usage.run_id, task_id=self.task_id, call_key=call_key)
+        spec = t.spec
+        ended = outcome is not Outcome.PENDING
+        return Attempt(
+            node=self.node, model=spec.key, provider=spec.provider, outcome=outcome,
+            call_id=self.call_id, run_id=self.usage.run_id, task_id=self.task_id,
+            try_number=len(self.attempts) + 1, usage=usage, cost_usd=cost,
+            latency_ms=(time.perf_counter() - t.t0) * 1000 if ended else 0.0,
+            error_class=error.error_class if error is not None else None,
+            error=short_error(error) if error is not None else None,
+            fallback_from=self.previous, action=action.value if action is not None else None,
+            started_at=t.started, call_key=call_key,
+            route_reason=self.reasons.get(spec.key) if ended else None,
+            prompt=prompt_text(self.messages) if ended and self.usage.listeners else None,
+            category=self.routed.category, usage_estimated=estimated, response=response)
+
+    async def record(self, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+        await self.usage.arecord(attempt)
+
+
+def budget_error(node: str | None, usage: RunUsage, cheapest: Candidate) -> BudgetExceededError:
+    return BudgetExceededError(
+        f"node {node!r}: the run's budget cannot pay for the next call: "
+        f"${usage.spent_usd:.6f} of ${usage.budget_usd} spent, "
+        f"${usage.remaining_usd or 0.0:.6f} left; the cheapest capable call "
+        f"({cheapest.spec.key}) needs about ${cheapest.expected_cost:.6f}. "
+        "Resume the run with a larger budget.",
+        node=node, budget_usd=usage.budget_usd or 0.0,
+        spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
+    )
+
+
+# -- the pieces of a try ---------------------------------------------------------------------
+
+
+def parse_output(schema: Any, spec: ModelSpec, message: AIMessage) -> Any:
+    """The structured output parsed from `message` (None without a schema)."""
+    if schema is None:
+        return None
+    calls = message.tool_calls
+    if not calls:
+        raise MalformedResponseError(
+            f"{spec.key} returned no structured output (no tool call)",
+            provider=spec.provider, model=spec.model,
+        )
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        try:
+            return schema.model_validate(calls[0]["args"])
+        except Exception as e:  # pydantic.ValidationError or a bad type
+            raise MalformedResponseError(
+                f"{spec.key} output fails schema {schema.__name__}: {short_error(e)}",
+                provider=spec.provider, model=spec.model,
+            ) from e
+    return calls[0]["args"]
+
+
+async def validate(routed: RoutedChatModel, validator: Validator, spec: ModelSpec,
+                   message: AIMessage, parsed: Any, messages: Sequence[BaseMessage]) -> None:
+    """Run the node's validator; a failure escalates to a more capable model."""
+    subject = parsed if parsed is not None else message
+    reason: str | None = None
+    verdict: object  # False, or a str (the reason), rejects the answer
+    try:
+        if isinstance(validator, ModelJudge):
+            verdict = await validator.check(routed, spec, messages, subject)
+        elif isinstance(validator, type) and issubclass(validator, BaseModel):
+            if parsed is None:
+                validator.model_validate_json(str(message.content))
+            else:
+                validator.model_validate(
+                    parsed.model_dump() if isinstance(parsed, BaseModel) else parsed)
+            verdict = True
+        else:
+            # (mypy cannot narrow the union by `issubclass` above)
+            verdict = cast(Callable[[Any], object], validator)(subject)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+    except (UserError, asyncio.CancelledError):
+        raise
+    except Exception as e:  # the validator's own words are the reason
+        reason = short_error(e)
+        verdict = False
+    if verdict is False or isinstance(verdict, str):
+        raise ValidationFailedError(
+            f"{spec.key} output rejected by the validator: "
+            f"{verdict if isinstance(verdict, str) else reason or 'returned False'}",
+            provider=spec.provider, model=spec.model,
+        )
+
+
+async def generate_once(
+    model: Runnable[Any, Any], messages: list[BaseMessage], stop: list[str] | None,
+    kwargs: dict[str, Any],
+) -> tuple[AIMessage, ChatGeneration | None]:
+    """One generation from a candidate model: its message, and the candidate's own
+    `ChatGeneration` holding it (None when the call went through `ainvoke`).
+
+    The routed model is the LangChain run that callbacks, tracing and streaming observe;
+    the candidate is called through its generation hook (`_agenerate`, the method every
+    chat model implements) rather than a second, nested `ainvoke` run. A model with a
+    cache, a rate limiter or v1 output blocks goes through `ainvoke`, which applies them.
+    """
+    target, bound_kwargs = model, {}
+    if isinstance(model, RunnableBinding) and isinstance(model.bound, BaseChatModel):
+        target, bound_kwargs = model.bound, dict(model.kwargs)
+    if (
+        isinstance(target, BaseChatModel)
+        and target.cache is None
+        and target.rate_limiter is None
+        and getattr(target, "output_version", None) != "v1"
+    ):
+        result = await target._agenerate(messages, stop=stop, **{**bound_kwargs, **kwargs})
+        generation = result.generations[0]
+        message = generation.message
+        if not isinstance(message, AIMessage):  # pragma: no cover - defensive
+            raise MalformedResponseError(f"{type(target).__name__} returned {type(message).__name__}")
+        # As `ainvoke` does: the finish/stop reason (and more) that integrations keep in
+        # generation_info or llm_output belongs to the message, where adapters check it.
+        if result.llm_output or generation.generation_info:
+            message.response_metadata = {**(result.llm_output or {}),
+                                         **(generation.generation_info or {}),
+                                         **message.response_metadata}
+        if not isinstance(generation, ChatGeneration):  # pragma: no cover - defensive
+            return message, None
+        if generation.generation_info is not None:
+            # The routed model's generation carries none (it is in the message now).
+            generation.generation_info = None
+        return message, generation
+    message = await model.ainvoke(messages, config=INNER_CONFIG, stop=stop, **kwargs)
+    return message, None
+
+
+def billed(message: AIMessage | None, n_in: int, *, partial: bool) -> tuple[Usage | None, bool]:
+    """The tokens an answer is billed for, and whether they are estimated.
+
+    The provider's count when it sent one; for an answer without usage (or with all
+    zeros) the estimate: `n_in` input tokens and the answer's own size in output tokens.
+    A `partial` answer (cut short) may carry only the counts sent before its end (Gemini's
+    prompt count, Anthropic's message_start): its output is at least what arrived.
+    """
+    if message is None:
+        return None, False
+    reported = Usage.from_message(message)
+    if reported is not None and reported.total_tokens > 0 and not partial:
+        return reported, False
+    out = max(estimate_tokens([message]) - 4, 1)
+    if reported is None or reported.total_tokens == 0:
+        return Usage(input_tokens=n_in, output_tokens=out, requests=1), True
+    if reported.output_tokens >= out and reported.input_tokens > 0:
+        return reported, False
+    return Usage(input_tokens=reported.input_tokens or n_in,
+                 output_tokens=max(reported.output_tokens, out),
+                 cache_read_tokens=reported.cache_read_tokens,
+                 cache_write_tokens=reported.cache_write_tokens, requests=1), True
+
+
+def short_error(error: BaseException, limit: int = 300) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:limit]
+
+
+async def iter_with_timeout(it: AsyncIterator[Any], timeout: float | None) -> AsyncIterator[Any]:
+    """Iterate with a per-chunk timeout: a stream that stalls counts as a timeout."""
+    ait = it.__aiter__()
+    try:
+        while True:
+            try:
+                if timeout is None:
+                    item = await ait.__anext__()
+                else:
+                    item = await asyncio.wait_for(ait.__anext__(), timeout)
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        aclose = getattr(ait, "aclose", None)
+        if aclose is not None:
+            await aclose()

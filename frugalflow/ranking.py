@@ -1,0 +1,291 @@
+"""Which catalog models can take a call, in which order, and why the others cannot.
+
+`prefilter` applies the needs that do not depend on a call's messages (capabilities,
+quality, providers, latency, availability); `rank` adds the per-call ones (context window,
+images, price caps, the budget left) and orders the capable models by the expected cost of
+*this* call; `explain` lists every model, accepted or rejected with its reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from langchain_core.messages import BaseMessage
+
+from .catalog import Catalog, ModelSpec
+from .exceptions import NoCapableModelError
+from .needs import Needs, estimate_tokens, has_images
+
+__all__ = [
+    "Candidate",
+    "Prefilter",
+    "Ranking",
+    "explain",
+    "no_capable_model_error",
+    "prefilter",
+    "rank",
+]
+
+
+class Candidate(NamedTuple):
+    """A capable model for a call; tuples sort in routing order (cost, quality, latency)."""
+
+    expected_cost: float
+    neg_quality: float
+    latency_ms: float
+    order: int
+    spec: ModelSpec
+
+
+class Ranking:
+    """Capable models cheapest first, and every rejected model with its reasons.
+
+    `rows` are the capable models in routing order. A call's ranking makes each `Candidate`
+    when it is first read: a routed call that succeeds at once reads only the first.
+    """
+
+    __slots__ = ("_rows", "_order", "_static", "rejected", "input_tokens")
+
+    def __init__(self, rows: list[Candidate], rejected: list[tuple[ModelSpec, list[str]]],
+                 input_tokens: int = 0) -> None:
+        self._rows: list[Candidate] | None = rows
+        self._order: list[tuple[float, int]] = []  # (cost, tie-break rank) while lazy
+        self._static: Prefilter | None = None
+        self.rejected = rejected
+        self.input_tokens = input_tokens
+
+    @classmethod
+    def _lazy(cls, order: list[tuple[float, int]], static: Prefilter,
+              rejected: list[tuple[ModelSpec, list[str]]], input_tokens: int) -> Ranking:
+        ranking = cls([], rejected, input_tokens)
+        ranking._rows, ranking._order, ranking._static = None, order, static
+        return ranking
+
+    def _candidate(self, k: int) -> Candidate:
+        static = self._static
+        assert static is not None
+        cost, tie = self._order[k]
+        i = static.by_tiebreak[tie]
+        _, _, _, _, _, neg_quality, latency = row = static.rows[i]
+        return _new(Candidate, (cost, neg_quality, latency, i, row[0]))
+
+    @property
+    def rows(self) -> list[Candidate]:
+        if self._rows is None:
+            self._rows = [self._candidate(k) for k in range(len(self._order))]
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: list[Candidate]) -> None:
+        self._rows = value
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return self.rows
+
+    def __len__(self) -> int:
+        return len(self._rows) if self._rows is not None else len(self._order)
+
+    def __iter__(self) -> Iterator[Candidate]:
+        if self._rows is not None:
+            yield from self._rows
+            return
+        for k in range(len(self._order)):
+            if self._rows is not None:  # materialised meanwhile: the same candidates
+                yield from self._rows[k:]
+                return
+            yield self._candidate(k)
+
+    def first(self) -> Candidate:
+        return self._rows[0] if self._rows is not None else self._candidate(0)
+
+    def closest(self, n: int = 3) -> list[tuple[ModelSpec, list[str]]]:
+        """The rejected models that miss the fewest needs (the best hint for a fix)."""
+        return sorted(self.rejected, key=lambda r: (len(r[1]), r[0].estimate_cost(1000, 400)))[:n]
+
+
+_new = tuple.__new__  # a Candidate from a plain tuple, without NamedTuple's slower __new__
+
+
+def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str]:
+    reasons: list[str] = []
+    why = catalog.unavailable_reason(spec)
+    if why:
+        reasons.append(why)
+    caps = spec.caps
+    if needs.tools and not caps.tool_calling:
+        reasons.append("no tool calling")
+    if needs.structured_output and not caps.structured_output:
+        reasons.append("no structured output")
+    if needs.vision and not caps.vision:
+        reasons.append("no image input")
+    if needs.reasoning and not caps.reasoning:
+        reasons.append("no reasoning mode")
+    if needs.streaming and not caps.streaming:
+        reasons.append("no streaming")
+    if needs.min_context and spec.window < needs.min_context:
+        reasons.append(f"context {spec.window} < min_context {needs.min_context}")
+    for skill, minimum in needs.quality.items():
+        score = spec.quality.get(skill)
+        if score is None:
+            reasons.append(f"no {skill} score")
+        elif score < minimum:
+            reasons.append(f"quality.{skill} {score:.2f} < {minimum}")
+    if needs.providers is not None and spec.provider not in needs.providers:
+        reasons.append(f"provider {spec.provider} not in allowed {list(needs.providers)}")
+    if spec.provider in needs.exclude_providers:
+        reasons.append(f"provider {spec.provider} excluded")
+    if needs.models is not None and spec.key not in needs.models:
+        reasons.append("not in the node's allowed models")
+    if spec.key in needs.exclude_models:
+        reasons.append("model excluded")
+    if needs.max_latency_ms is not None and spec.latency_ms > needs.max_latency_ms:
+        reasons.append(f"latency {spec.latency_ms:.0f} ms > {needs.max_latency_ms:.0f} ms")
+    return reasons
+
+
+@dataclass
+class Prefilter:
+    """The catalog split by the needs that do not depend on a call's messages."""
+
+    eligible: list[ModelSpec]
+    rejected: list[tuple[ModelSpec, list[str]]]
+    # Per eligible model: (spec, $/input token, $/output token, window, vision, -quality, latency)
+    rows: list[tuple[ModelSpec, float, float, int, bool, float, float]] = field(
+        default_factory=list
+    )
+    min_window: int = 0
+    """The smallest context window of the eligible models."""
+    all_vision: bool = True
+    """Whether every eligible model takes images."""
+    prices: list[tuple[float, float]] = field(default_factory=list)
+    """Per row: $/input token, and the cost of the needs' expected output tokens."""
+    tiebreak: list[int] = field(default_factory=list)
+    """Per row: its place in (-quality, latency, catalog order), which breaks cost ties."""
+    by_tiebreak: list[int] = field(default_factory=list)
+    """The row at each tie-break place."""
+
+
+def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
+    """Apply the static needs (capabilities, quality, providers, latency, availability)."""
+    eligible: list[ModelSpec] = []
+    rejected: list[tuple[ModelSpec, list[str]]] = []
+    for spec in catalog:
+        reasons = _static_reasons(catalog, spec, needs)
+        if reasons:
+            rejected.append((spec, reasons))
+        else:
+            eligible.append(spec)
+    skills = list(needs.quality) or None
+    rows = [
+        (s, s.input_price_per_mtok / 1e6, s.output_price_per_mtok / 1e6, s.window,
+         s.caps.vision, -s.mean_quality(skills), s.latency_ms)
+        for s in eligible
+    ]
+    n_out = needs.expected_output_tokens
+    by_tiebreak = sorted(range(len(rows)), key=lambda i: (rows[i][5], rows[i][6], i))
+    tiebreak = [0] * len(rows)
+    for place, i in enumerate(by_tiebreak):
+        tiebreak[i] = place
+    return Prefilter(eligible, rejected, rows, min((s.window for s in eligible), default=0),
+                     all(s.caps.vision for s in eligible),
+                     [(r[1], n_out * r[2]) for r in rows], tiebreak, by_tiebreak)
+
+
+def rank(
+    catalog: Catalog,
+    needs: Needs,
+    messages: Sequence[BaseMessage] = (),
+    *,
+    tools: Sequence[Any] = (),
+    budget_left: float | None = None,
+    input_tokens: int | None = None,
+    prefiltered: Prefilter | None = None,
+) -> Ranking:
+    """Capable models for a call with `messages`, cheapest expected cost first.
+
+    Ties are broken by quality (mean over the needed skills, else all), then latency.
+    `prefiltered` is `prefilter(catalog, needs)` when the caller keeps it (per run).
+    """
+    static = prefiltered if prefiltered is not None else prefilter(catalog, needs)
+    n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
+    n_out = needs.expected_output_tokens
+    context_needed = n_in + (needs.max_output_tokens or needs.expected_output_tokens)
+    # Images matter only when a capable model cannot read them.
+    images = (bool(messages) and not needs.vision and not static.all_vision
+              and has_images(messages))
+    max_cost = needs.max_cost_per_call
+    if (context_needed <= static.min_window and not images
+            and max_cost is None and budget_left is None):
+        # The routed call's usual case: nothing is rejected per call, only the order
+        # depends on its size. Sorting (cost, tie-break place) pairs is the same order as
+        # (cost, -quality, latency, catalog order), and plain tuples sort fastest.
+        costs = [n_in * p_in + out for p_in, out in static.prices]
+        return Ranking._lazy(sorted(zip(costs, static.tiebreak)), static,
+                             list(static.rejected), n_in)
+    rejected = list(static.rejected)
+    ranked: list[Candidate] = []
+    for i, (spec, p_in, p_out, window, vision, neg_quality, latency) in enumerate(static.rows):
+        cost = n_in * p_in + n_out * p_out
+        reasons: list[str] = []
+        if window < context_needed:
+            reasons.append(f"context {window} < {context_needed} tokens needed")
+        if images and not vision:
+            reasons.append("messages hold images; no image input")
+        if max_cost is not None and cost > max_cost:
+            reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${max_cost}")
+        if budget_left is not None and cost > budget_left:
+            reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
+        if reasons:
+            rejected.append((spec, reasons))
+        else:
+            ranked.append(_new(Candidate, (cost, neg_quality, latency, i, spec)))
+    ranked.sort()
+    return Ranking(ranked, rejected, n_in)
+
+
+def explain(
+    catalog: Catalog,
+    needs: Needs,
+    messages: Sequence[BaseMessage] = (),
+    *,
+    input_tokens: int | None = None,
+    budget_left: float | None = None,
+) -> list[dict[str, Any]]:
+    """Every catalog model, accepted (with its rank and expected cost) or rejected (why)."""
+    ranking = rank(
+        catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left
+    )
+    rows: list[dict[str, Any]] = []
+    for i, c in enumerate(ranking.candidates, 1):
+        rows.append(
+            {"model": c.spec.key, "accepted": True, "rank": i,
+             "expected_cost_usd": c.expected_cost, "reasons": []}
+        )
+    for spec, reasons in ranking.rejected:
+        rows.append({"model": spec.key, "accepted": False, "rank": None,
+                     "expected_cost_usd": None, "reasons": reasons})
+    return rows
+
+
+def no_capable_model_error(
+    node: str | None, needs: Needs, ranking: Ranking, catalog: Catalog
+) -> NoCapableModelError:
+    where = f"node {node!r}" if node else "this call"
+    closest = ranking.closest()
+    lines = [
+        f"{where}: no available model in catalog {catalog.name!r} meets its needs "
+        f"({needs.describe()})."
+    ]
+    if closest:
+        lines.append("Closest models:")
+        lines += [f"  - {s.key}: {'; '.join(r)}" for s, r in closest]
+    lines.append(
+        "Fix: relax the need named above, configure a provider that has such a model "
+        "(set its API key), or add a model to the catalog."
+    )
+    return NoCapableModelError(
+        "\n".join(lines), node=node, rejected=[(s.key, r) for s, r in ranking.rejected]
+    )
