@@ -58,7 +58,7 @@ from frugalflow.persistence import Store
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from pg import create_database, drop_database  # noqa: E402  (the tests' throwaway databases)
-from frugalflow.persistence.checkpointer import SQLModelSaver
+from frugalflow.persistence.saver import SQLModelSaver
 
 CHANNELS = 10  # channels per checkpoint in the aput workload
 CHANGED = 2  # channels with a new version in each put

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy.engine import make_url
+from .persistence.store import postgres_url
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -51,11 +51,6 @@ class Dispatcher(Protocol):
 
     async def status(self, run_id: str) -> str | None:
         """The engine's view of the run's message (e.g. todo, doing, succeeded), or None."""
-
-
-def _libpq(url: str) -> str:
-    u = make_url(url.replace("postgres://", "postgresql://", 1))
-    return u.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def _database_lost(error: BaseException) -> bool:
@@ -99,7 +94,7 @@ class ProcrastinateDispatcher:
         self.stall_timeout = stall_timeout
         self.heartbeat = heartbeat
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-            conninfo=_libpq(url), min_size=1, max_size=4))
+            conninfo=postgres_url(url), min_size=1, max_size=4))
         self.runner: Runner | None = None
         self._opened = False
 

@@ -22,8 +22,9 @@ from sqlalchemy import func, select
 from frugalflow.exceptions import LeaseError
 from frugalflow.persistence import Store
 from frugalflow.persistence import tables as t
-from frugalflow.persistence.checkpointer import REDACTED, SQLModelSaver, scrub_metadata
-from frugalflow.persistence.store import Fence, fenced
+from frugalflow.persistence.saver import SQLModelSaver
+from frugalflow.persistence.scrub import REDACTED, scrub_metadata
+from frugalflow.persistence.leases import Fence, fenced
 
 BLOBS: Any = t.CheckpointBlobRow.__table__  # type: ignore[attr-defined]
 CHECKPOINTS: Any = t.CheckpointRow.__table__  # type: ignore[attr-defined]

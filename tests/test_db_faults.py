@@ -516,7 +516,7 @@ async def test_runs_left_without_a_job_or_executor_are_queued_again(fresh_pg_url
     from durable_flows import chain_flow
 
     from frugalflow.dispatch import ProcrastinateDispatcher
-    from frugalflow.runner import acquire_lease
+    from frugalflow.persistence.leases import acquire_lease
 
     runner = Runner(fresh_pg_url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
                     breakers=BreakerRegistry(), lease_ttl=30.0,

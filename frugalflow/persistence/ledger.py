@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -26,7 +25,8 @@ from ..exceptions import (
 )
 from ..usage import Attempt
 from .scrub import scrub, scrub_exact
-from .store import Store, unfenced
+from .leases import afenced, unfenced
+from .store import Store
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
 __all__ = ["CostRow", "Ledger", "RunRecord", "scrub"]
@@ -247,7 +247,7 @@ class Ledger:
             lock = self._flushing.setdefault(key, asyncio.Lock())
             # One writer per run: rows in order, none twice. Unfenced: a paid call is
             # recorded even if another executor took the run over meanwhile.
-            async with lock, _unfenced_async():
+            async with lock, afenced(None):
                 rows = self._unwritten.get(key, [])
                 while rows:
                     values = rows[0]
@@ -564,12 +564,6 @@ async def _upsert_node(
                   "holder": holder},
         )
     )
-
-
-@asynccontextmanager
-async def _unfenced_async() -> AsyncIterator[None]:
-    with unfenced():
-        yield
 
 
 UNSETTLED = ("pending", "abandoned")

@@ -16,12 +16,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from sqlalchemy import event, inspect, select, text, update
+from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import (
     DBAPIError,
@@ -35,91 +32,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 from sqlmodel import create_engine
 
-from ..exceptions import LeaseError, SchemaVersionError, StoreUnavailableError
+from ..exceptions import SchemaVersionError, StoreUnavailableError
 from . import tables
+from .leases import Fence, check_fence, current_fence
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
-    "Fence",
     "Store",
-    "check_lease",
-    "current_fence",
     "default_url",
-    "fenced",
     "is_transient",
-    "renew_statement",
-    "unfenced",
+    "postgres_url",
 ]
 
 T = TypeVar("T")
 log = logging.getLogger("frugalflow")
-
-
-@dataclass(frozen=True)
-class Fence:
-    """Writes made under this fence commit only while (run_id, holder, epoch) holds the lease.
-
-    With `ttl` (the Runner's fences), each write also renews the lease for `ttl` seconds in
-    its own transaction, even past its expiry as long as nobody took it over (holder and
-    epoch unchanged): a merely slow executor keeps its run; only a takeover fences it off.
-    Without `ttl`, an expired lease rejects the write."""
-
-    run_id: str
-    holder: str
-    epoch: int
-    ttl: float | None = None
-
-
-_FENCE: ContextVar[Fence | None] = ContextVar("frugalflow_fence", default=None)
-
-
-@contextmanager
-def fenced(fence: Fence | None) -> Iterator[None]:
-    """Fence every Store write of this context (and of tasks it starts) with `fence`."""
-    token = _FENCE.set(fence)
-    try:
-        yield
-    finally:
-        _FENCE.reset(token)
-
-
-def unfenced() -> Any:
-    """A context for writes that must go through whatever the lease says (lease bookkeeping)."""
-    return fenced(None)
-
-
-def current_fence() -> Fence | None:
-    """The fence of this context's writes (None: unfenced)."""
-    return _FENCE.get()
-
-
-def check_lease(fence: Fence, row: Any, what: str = "write") -> None:
-    """Raise LeaseError unless `row` (the run's lease row: holder, epoch, expires_at, or
-    None) says `fence` still holds its run. The one rule every fenced write applies."""
-    now = datetime.now(timezone.utc)
-    expires = None if row is None else (
-        row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc))
-    if row is None or row.holder != fence.holder or row.epoch != fence.epoch \
-            or cast(datetime, expires) <= now:
-        raise LeaseError(
-            f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
-            f"longer holds the lease; the {what} was rejected",
-            run_id=fence.run_id, holder=row.holder if row is not None else "",
-        )
-
-
-def renew_statement(fence: Fence) -> Any:
-    """UPDATE extending the lease by `fence.ttl` if `fence` still names its holder and epoch
-    (RETURNING the epoch: one row when renewed). Takes the row lock as SELECT FOR UPDATE."""
-    from .tables import utcnow
-
-    table = tables.LeaseRow.__table__  # type: ignore[attr-defined]  # SQLModel: undeclared
-    return (update(table)
-            .where(table.c.run_id == fence.run_id, table.c.holder == fence.holder,
-                   table.c.epoch == fence.epoch)
-            .values(expires_at=utcnow() + timedelta(seconds=fence.ttl or 0.0))
-            .returning(table.c.epoch))
 
 
 # Error texts of SQLite that mean "busy or unreachable", not "your statement is wrong".
@@ -203,6 +130,13 @@ def default_url() -> str:
     return os.environ.get("FRUGALFLOW_DATABASE_URL") or "sqlite:///frugalflow.db"
 
 
+def postgres_url(url: str, driver: str = "postgresql") -> str:
+    """A user's PostgreSQL URL (`postgres://` or `postgresql[+driver]://`) for `driver`,
+    password kept: "postgresql" gives the libpq form (asyncpg.connect, psycopg conninfo)."""
+    u = make_url(url.replace("postgres://", "postgresql://", 1))
+    return u.set(drivername=driver).render_as_string(hide_password=False)
+
+
 def _driver_urls(url: str) -> tuple[str, str, str]:
     """(dialect, async URL, sync URL) for a user URL."""
     if url.startswith("sqlite"):
@@ -210,12 +144,8 @@ def _driver_urls(url: str) -> tuple[str, str, str]:
         base = u.set(drivername="sqlite")
         return "sqlite", base.set(drivername="sqlite+aiosqlite").render_as_string(False), base.render_as_string(False)
     if url.startswith(("postgresql", "postgres")):
-        u = make_url(url.replace("postgres://", "postgresql://", 1))
-        return (
-            "postgresql",
-            u.set(drivername="postgresql+asyncpg").render_as_string(False),
-            u.set(drivername="postgresql+psycopg").render_as_string(False),
-        )
+        return ("postgresql", postgres_url(url, "postgresql+asyncpg"),
+                postgres_url(url, "postgresql+psycopg"))
     raise StoreUnavailableError(
         f"unsupported database URL {_mask(url)!r}: use sqlite:///path.db or postgresql://user@host/db"
     )
@@ -300,11 +230,11 @@ class Store:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction (serialised per process on SQLite), fenced if a Fence is set."""
-        fence = _FENCE.get()
+        fence = current_fence()
         async with self.sqlite_writer():
             async with self._connect(begin=True) as conn:
                 if fence is not None:
-                    await self._check_fence(conn, fence)
+                    await check_fence(conn, fence, sqlite=self.is_sqlite)
                 yield conn
 
     @asynccontextmanager
@@ -319,18 +249,6 @@ class Store:
             self._alock = asyncio.Lock()
         async with self._alock:
             yield
-
-    async def _check_fence(self, conn: AsyncConnection, fence: Fence) -> None:
-        # In the writing transaction itself: on PostgreSQL the row lock makes a concurrent
-        # takeover wait until this write commits; on SQLite the write lock is already held.
-        if fence.ttl is not None and (await conn.execute(renew_statement(fence))).first():
-            return  # still the holder: the write renewed the lease
-        table = tables.LeaseRow.__table__  # type: ignore[attr-defined]  # SQLModel: undeclared
-        q = select(table.c.holder, table.c.epoch, table.c.expires_at).where(
-            table.c.run_id == fence.run_id)
-        if not self.is_sqlite:
-            q = q.with_for_update()
-        check_lease(fence, (await conn.execute(q)).first())
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -373,7 +291,7 @@ class Store:
         first try may have committed before the connection dropped). `fence`: the one
         whose TTL bounds the retries (default: this context's)."""
         if fence is True:
-            fence = _FENCE.get()
+            fence = current_fence()
         budget = (fence.ttl if isinstance(fence, Fence) and fence.ttl is not None
                   else self.retry_for)
         deadline = time.monotonic() + budget

@@ -1,0 +1,254 @@
+"""Run leases: who may execute a run until when, and the fence every write of the run checks.
+
+Whoever holds a run's lease (`acquire_lease`) may execute it; `epoch` grows with every new
+holder. The holder's writes carry a `Fence` (set with `fenced` around the run): each write
+checks it in its own transaction, and with a TTL also renews the lease there, so a stale
+executor writes nothing once another one took the run over. The Store's writes apply the
+fence with `check_fence`, the checkpoint saver's plans with `fence_plan`: one rule.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..exceptions import LeaseError
+from .plans import Op, Plan
+from .tables import LeaseHistoryRow, LeaseRow, utcnow
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = [
+    "Fence",
+    "Lease",
+    "acquire_lease",
+    "afenced",
+    "check_fence",
+    "check_lease",
+    "current_fence",
+    "fence_plan",
+    "fenced",
+    "holder_id",
+    "renew_statement",
+    "unfenced",
+]
+
+T = TypeVar("T")
+
+# SQLModel sets `__table__` on table classes at class creation but does not declare it.
+_LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
+_HISTORY = LeaseHistoryRow.__table__  # type: ignore[attr-defined]
+
+
+# -- the fence ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Writes made under this fence commit only while (run_id, holder, epoch) holds the lease.
+
+    With `ttl` (the Runner's fences), each write also renews the lease for `ttl` seconds in
+    its own transaction, even past its expiry as long as nobody took it over (holder and
+    epoch unchanged): a merely slow executor keeps its run; only a takeover fences it off.
+    Without `ttl`, an expired lease rejects the write."""
+
+    run_id: str
+    holder: str
+    epoch: int
+    ttl: float | None = None
+
+
+_FENCE: ContextVar[Fence | None] = ContextVar("frugalflow_fence", default=None)
+
+
+@contextmanager
+def fenced(fence: Fence | None) -> Iterator[None]:
+    """Fence every Store write of this context (and of tasks it starts) with `fence`."""
+    token = _FENCE.set(fence)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+@asynccontextmanager
+async def afenced(fence: Fence | None) -> AsyncIterator[None]:
+    """`fenced`, for `async with` lines that enter other async contexts too."""
+    with fenced(fence):
+        yield
+
+
+def unfenced() -> Any:
+    """A context for writes that must go through whatever the lease says (lease bookkeeping)."""
+    return fenced(None)
+
+
+def current_fence() -> Fence | None:
+    """The fence of this context's writes (None: unfenced)."""
+    return _FENCE.get()
+
+
+def check_lease(fence: Fence, row: Any, what: str = "write") -> None:
+    """Raise LeaseError unless `row` (the run's lease row: holder, epoch, expires_at, or
+    None) says `fence` still holds its run. The one rule every fenced write applies."""
+    now = datetime.now(timezone.utc)
+    if row is None or row.holder != fence.holder or row.epoch != fence.epoch \
+            or _aware(row.expires_at) <= now:
+        raise LeaseError(
+            f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
+            f"longer holds the lease; the {what} was rejected",
+            run_id=fence.run_id, holder=row.holder if row is not None else "",
+        )
+
+
+def renew_statement(fence: Fence) -> Any:
+    """UPDATE extending the lease by `fence.ttl` if `fence` still names its holder and epoch
+    (RETURNING the epoch: one row when renewed). Takes the row lock as SELECT FOR UPDATE."""
+    return (update(_LEASES)
+            .where(_LEASES.c.run_id == fence.run_id, _LEASES.c.holder == fence.holder,
+                   _LEASES.c.epoch == fence.epoch)
+            .values(expires_at=utcnow() + timedelta(seconds=fence.ttl or 0.0))
+            .returning(_LEASES.c.epoch))
+
+
+def _lease_query(fence: Fence, *, lock: bool) -> Any:
+    q = select(_LEASES.c.holder, _LEASES.c.epoch, _LEASES.c.expires_at).where(
+        _LEASES.c.run_id == fence.run_id)
+    # PostgreSQL: a takeover waits until this write commits (SQLite's write lock is held).
+    return q.with_for_update() if lock else q
+
+
+async def check_fence(conn: AsyncConnection, fence: Fence, *, sqlite: bool) -> None:
+    """Check `fence` in the writing transaction `conn` (renewing the lease with a TTL)."""
+    if fence.ttl is not None and (await conn.execute(renew_statement(fence))).first():
+        return  # still the holder: the write renewed the lease
+    check_lease(fence, (await conn.execute(_lease_query(fence, lock=not sqlite))).first())
+
+
+def fence_plan(fence: Fence | None, plan: Plan[T], *, pg: bool) -> Plan[T]:
+    """`plan`, after checking in its transaction that `fence` still holds its run's
+    lease (the rule of `check_fence`): a stale executor writes nothing."""
+    if fence is not None and fence.ttl is not None:
+        renewed = yield Op(renew_statement(fence), fetch=True)
+        if renewed:  # still the holder: the write renews the lease (Fence.ttl)
+            return (yield from plan)
+    if fence is not None:
+        rows = yield Op(_lease_query(fence, lock=pg), fetch=True)
+        check_lease(fence, rows[0] if rows else None, "checkpoint write")
+    return (yield from plan)
+
+
+# -- the lease ------------------------------------------------------------------------------
+
+
+def holder_id() -> str:
+    """A name for this executor, unique per process: host:pid:random."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Lease:
+    """The right to execute one run until `expires_at`; `epoch` fences stale holders."""
+
+    run_id: str
+    holder: str
+    epoch: int
+    ttl: float
+    store: Store
+    lost: bool = False
+    stop: str | None = None  # why the lease keeper stopped the run: "lost" | "cancel"
+
+    @property
+    def fence(self) -> Fence:
+        """The fence of this lease's writes; each of them renews the lease (Fence.ttl)."""
+        return Fence(self.run_id, self.holder, self.epoch, self.ttl)
+
+    async def renew(self) -> bool:
+        """Extend the lease; False when it was lost (expired and taken by someone else)."""
+        async def once() -> bool:
+            async with self.store.write() as conn:
+                result = await conn.execute(
+                    update(_LEASES)
+                    .where(_LEASES.c.run_id == self.run_id, _LEASES.c.holder == self.holder,
+                           _LEASES.c.epoch == self.epoch)
+                    .values(expires_at=utcnow() + timedelta(seconds=self.ttl))
+                )
+            return bool(result.rowcount)
+
+        return await self.store.retrying(once, what=f"lease renewal of {self.run_id}")
+
+    async def release(self) -> None:
+        await self.store.retrying(self._release, what=f"lease release of {self.run_id}")
+
+    async def _release(self) -> None:
+        # Expire rather than delete: the row keeps the epoch, so the next holder's is higher.
+        async with self.store.write() as conn:
+            await conn.execute(
+                update(_LEASES).where(_LEASES.c.run_id == self.run_id,
+                                      _LEASES.c.holder == self.holder,
+                                      _LEASES.c.epoch == self.epoch)
+                .values(expires_at=utcnow())
+            )
+            await conn.execute(
+                update(_HISTORY).where(_HISTORY.c.run_id == self.run_id,
+                                       _HISTORY.c.epoch == self.epoch,
+                                       _HISTORY.c.holder == self.holder)
+                .values(released_at=utcnow())
+            )
+
+
+async def acquire_lease(store: Store, run_id: str, holder: str, ttl: float) -> Lease:
+    """Take the run's lease, or raise LeaseError naming the current holder."""
+    now = utcnow()
+    expires = now + timedelta(seconds=ttl)
+    try:
+        async with store.write() as conn:
+            q = select(_LEASES).where(_LEASES.c.run_id == run_id)
+            if not store.is_sqlite:
+                q = q.with_for_update()
+            row = (await conn.execute(q)).first()
+            if row is None:
+                await conn.execute(
+                    _LEASES.insert().values(run_id=run_id, holder=holder, epoch=1,
+                                            expires_at=expires, acquired_at=now)
+                )
+                await conn.execute(_HISTORY.insert().values(
+                    run_id=run_id, holder=holder, epoch=1, acquired_at=now))
+                return Lease(run_id, holder, 1, ttl, store)
+            current = LeaseRow.model_validate(dict(row._mapping))
+            if current.holder != holder and _aware(current.expires_at) > now:
+                left = (_aware(current.expires_at) - now).total_seconds()
+                raise LeaseError(
+                    f"run {run_id!r} is being executed by {current.holder} (lease valid for "
+                    f"{left:.1f} s more); wait for it to finish, or resume after the lease expires",
+                    run_id=run_id, holder=current.holder,
+                )
+            epoch = current.epoch + 1
+            await conn.execute(
+                update(_LEASES).where(_LEASES.c.run_id == run_id).values(
+                    holder=holder, epoch=epoch, expires_at=expires, acquired_at=now)
+            )
+            await conn.execute(_HISTORY.insert().values(
+                run_id=run_id, holder=holder, epoch=epoch, acquired_at=now))
+            return Lease(run_id, holder, epoch, ttl, store)
+    except IntegrityError:  # another process inserted the lease first
+        raise LeaseError(
+            f"run {run_id!r} was just taken by another executor", run_id=run_id
+        ) from None
+
+
+def _aware(dt: datetime) -> datetime:
+    """SQLite returns naive datetimes (stored as UTC)."""
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
