@@ -17,12 +17,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..exceptions import (
+    ErrorClass,
     LeaseError,
     RunNotFoundError,
     RunStateError,
     StoreUnavailableError,
     UserError,
 )
+from ..statuses import NodeStatus, Outcome, RunStatus
 from ..usage import Attempt
 from .scrub import scrub, scrub_exact
 from .leases import afenced, unfenced
@@ -84,7 +86,7 @@ class Ledger:
         input: Any,
         *,
         budget_usd: float | None = None,
-        status: str = "pending",
+        status: str = RunStatus.PENDING,
         principal: str | None = None,
     ) -> RunRow:
         await self.store.setup()
@@ -102,7 +104,7 @@ class Ledger:
 
     async def update_run(self, run_id: str, **changes: Any) -> None:
         changes["updated_at"] = utcnow()
-        if changes.get("status") in ("succeeded", "failed", "cancelled"):
+        if changes.get("status") in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
             changes.setdefault("finished_at", changes["updated_at"])
         if "error" in changes and changes["error"] is not None:
             changes["error"] = _storable(scrub(str(changes["error"]))[:4000])
@@ -124,7 +126,7 @@ class Ledger:
         await self.store.retrying(once, what=f"node row of run {run_id}")
 
     async def node_finished(
-        self, task_id: str, *, status: str = "done", error: str | None = None
+        self, task_id: str, *, status: str = NodeStatus.DONE, error: str | None = None
     ) -> None:
         await self.store.retrying(lambda: self._node_finished(task_id, status, error),
                                   what=f"node row {task_id}")
@@ -165,20 +167,20 @@ class Ledger:
             async with self.store.write() as conn:
                 result = await conn.execute(
                     update(_NODES)
-                    .where(_NODES.c.run_id == run_id, _NODES.c.status == "running")
-                    .values(status=case((saved, "done"), else_="abandoned"),
+                    .where(_NODES.c.run_id == run_id, _NODES.c.status == NodeStatus.RUNNING)
+                    .values(status=case((saved, NodeStatus.DONE), else_=NodeStatus.ABANDONED),
                             finished_at=utcnow(), cost_usd=cost))
                 n += int(result.rowcount or 0)
                 # Calls written down but never answered in the ledger: their executor died
                 # or stopped mid-call. They may have been paid: settle them at their estimate.
                 pending = (await conn.execute(
                     select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
-                        _ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == "pending"))
+                        _ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == Outcome.PENDING))
                 ).scalar_one()
                 result = await conn.execute(
                     update(_ATTEMPTS).where(_ATTEMPTS.c.run_id == run_id,
-                                            _ATTEMPTS.c.outcome == "pending")
-                    .values(outcome="abandoned", error_class="abandoned",
+                                            _ATTEMPTS.c.outcome == Outcome.PENDING)
+                    .values(outcome=Outcome.ABANDONED, error_class=ErrorClass.ABANDONED,
                             error="its executor stopped before the answer was recorded; "
                                   "tokens and cost are estimates"))
                 if result.rowcount and pending:
@@ -187,8 +189,9 @@ class Ledger:
                 if recheck:
                     result = await conn.execute(
                         update(_NODES)
-                        .where(_NODES.c.run_id == run_id, _NODES.c.status == "done", ~saved)
-                        .values(status="abandoned",
+                        .where(_NODES.c.run_id == run_id, _NODES.c.status == NodeStatus.DONE,
+                               ~saved)
+                        .values(status=NodeStatus.ABANDONED,
                                 error="its checkpoint write failed; it runs again on resume"))
                     n += int(result.rowcount or 0)
             return n
@@ -302,7 +305,7 @@ class Ledger:
             elif found.outcome in UNSETTLED:
                 await conn.execute(
                     update(_ATTEMPTS).where(_ATTEMPTS.c.id == found.id).values(**values))
-                if found.outcome == "abandoned":  # its estimate was added to the run already
+                if found.outcome == Outcome.ABANDONED:  # its estimate was added to the run already
                     added -= found.cost_usd or 0.0
             else:
                 return  # an earlier try of this write committed before its connection dropped
@@ -386,7 +389,7 @@ class Ledger:
             key = _ATTEMPTS.c[by]
         else:
             raise ValueError(f"costs(by={by!r}): use node, model, provider, flow, run or day")
-        ok = (_ATTEMPTS.c.outcome == "ok").cast(_ATTEMPTS.c.try_number.type)
+        ok = (_ATTEMPTS.c.outcome == Outcome.OK).cast(_ATTEMPTS.c.try_number.type)
         q = (
             select(
                 key.label("k"),
@@ -418,7 +421,7 @@ class Ledger:
 
         q = (select(_ATTEMPTS.c.response)
              .where(_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.call_key == call_key,
-                    _ATTEMPTS.c.outcome == "ok")
+                    _ATTEMPTS.c.outcome == Outcome.OK)
              .order_by(_ATTEMPTS.c.id.desc()).limit(1))
 
         async def once() -> Any:
@@ -438,7 +441,7 @@ class Ledger:
         async with self.store.write() as conn:
             result = await conn.execute(
                 update(_ATTEMPTS).where(_ATTEMPTS.c.call_id == call_id,
-                                        _ATTEMPTS.c.outcome == "ok").values(feedback=good))
+                                        _ATTEMPTS.c.outcome == Outcome.OK).values(feedback=good))
         return int(result.rowcount or 0)
 
     async def run_feedback(self, run_id: str, good: bool, *, node: str | None = None,
@@ -450,7 +453,7 @@ class Ledger:
             raise UserError("feedback names exactly one of node or call_id: which answer "
                             "was good or bad")
         await self.get_run(run_id)  # RunNotFoundError names the id
-        where = [_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == "ok"]
+        where = [_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == Outcome.OK]
         where.append(_ATTEMPTS.c.node == node if node is not None
                      else _ATTEMPTS.c.call_id == call_id)
         async with self.store.write() as conn:
@@ -478,7 +481,7 @@ class Ledger:
             rows = (await conn.execute(q.order_by(_ATTEMPTS.c.id))).all()
         out = []
         for r in rows:
-            if r.outcome == "ok":
+            if r.outcome == Outcome.OK:
                 success = r.feedback is not False
             elif r.error_class in ("validation", "malformed"):
                 success = False
@@ -550,7 +553,7 @@ async def _upsert_node(
     conn: AsyncConnection, store: Store, task_id: str, run_id: str, node: str,
     holder: str | None,
 ) -> None:
-    values = {"id": task_id, "run_id": run_id, "node": node, "status": "running",
+    values = {"id": task_id, "run_id": run_id, "node": node, "status": NodeStatus.RUNNING,
               "started_at": utcnow(), "holder": holder}
     if store.is_sqlite:
         from sqlalchemy.dialects.sqlite import insert
@@ -560,13 +563,13 @@ async def _upsert_node(
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["id"],
-            set_={"status": "running", "started_at": values["started_at"], "finished_at": None,
-                  "holder": holder},
+            set_={"status": NodeStatus.RUNNING, "started_at": values["started_at"],
+                  "finished_at": None, "holder": holder},
         )
     )
 
 
-UNSETTLED = ("pending", "abandoned")
+UNSETTLED = (Outcome.PENDING, Outcome.ABANDONED)
 """Outcomes of calls written down before they were sent whose answer the ledger lacks."""
 
 
