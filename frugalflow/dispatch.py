@@ -58,7 +58,7 @@ def _database_lost(error: BaseException) -> bool:
     from procrastinate.exceptions import ConnectorException
 
     from .exceptions import StoreUnavailableError
-    from .persistence.store import is_transient
+    from .persistence.errors import is_transient
 
     if isinstance(error, (ConnectorException, StoreUnavailableError, OSError)):
         return True

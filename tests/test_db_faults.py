@@ -29,7 +29,8 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel
 from frugalflow.exceptions import StoreUnavailableError
 from frugalflow.fallback import BreakerRegistry
-from frugalflow.persistence.store import Store, is_transient
+from frugalflow.persistence.errors import is_transient
+from frugalflow.persistence.store import Store
 from frugalflow.persistence.tables import CheckpointRow, LeaseRow, NodeRunRow, RunRow
 from frugalflow.runner import Runner
 from tcp_proxy import TcpProxy

@@ -1,140 +1,273 @@
 """How the saver reaches the database fast: group commit, and connections kept between calls.
 
-* Group commit (`GroupCommit`): concurrent puts and put_writes (many runs on one saver) are
-  written together, one statement or transaction for the lot.
-* Lanes: the Store gives a connection per transaction (PostgreSQL pre-pings each checkout
-  with three round trips; SQLite opens a file per transaction). The saver keeps a few
-  connections checked out of the Store's own pools instead (`AsyncLanes`, `SqliteLanes`),
-  at most the pool's size, and returns them on `store.close()` or `saver.aclose()`.
+* Group commit (`Writer`): the writes of many runs (checkpoints, ledger rows, leases) that
+  arrive together are written together, one transaction for the lot.
+* Lanes: `Store.write()` takes a connection per transaction (PostgreSQL pre-pings each
+  checkout with three round trips; SQLite opens a file per transaction). The hot path keeps
+  a few connections checked out of the Store's own pools instead (`AsyncLanes`,
+  `SqliteLanes`), at most the pool's size, returned on `store.close()`.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..exceptions import LeaseError, StoreUnavailableError
-from .plans import Plan, Rows, drive, drive_in_driver_transaction
-from .store import Store, is_transient
+from .errors import is_transient
+from .leases import Fence, fence_check
+from .plans import Plan, Rows, adrive, drive, drive_in_driver_transaction
 
-__all__ = ["AsyncLanes", "GroupCommit", "SqliteLanes"]
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["AsyncLanes", "SqliteLanes", "Write", "Writer"]
 
 T = TypeVar("T")
 
-_MAX_BATCH = 256  # calls written by one statement / transaction at most
+_MAX_BATCH = 256  # calls written by one transaction at most
+_DEFER_S = 0.05  # a deferred write waits this long at most for a transaction to join
+log = logging.getLogger("frugalflow")
 
 
-class GroupCommit:
-    """Concurrent puts and put_writes written together (group commit).
+@dataclass(eq=False)
+class Write:
+    """One caller's part of a batch: checkpoint `rows` (merged with the batch's rows of the
+    same `merge` into one statement) and/or a `plan` run in the batch's transaction, under
+    `fence` (checked once per batch for all the calls it fences)."""
+
+    plan: Callable[[], Plan[Any]] | None = None
+    rows: Rows | None = None
+    merge: Callable[[Sequence[Rows]], Plan[None]] | None = None
+    fence: Fence | None = None
+    done: asyncio.Future[Any] | None = None
+
+
+class _Lost(NamedTuple):
+    """The outcome of a call whose fence failed its check in the batch."""
+
+    error: LeaseError
+
+
+class Writer:
+    """Group commit for a Store: the writes of every run (checkpoints, ledger rows, leases)
+    that arrive together go to the database together, in ONE transaction.
 
     A call alone is written at once, as a batch of one. Under load, calls that arrive while
-    `width()` batches are in flight queue up, and the next batch writes all of them in ONE
-    statement (PostgreSQL) or transaction (SQLite): one round trip instead of one each.
-    Each call stays atomic (a batch commits whole or not at all), and a failed batch is
-    retried call by call, so a call only ever sees its own error. A caller cancelled
-    before its batch starts is dropped; once started, its rows are written anyway.
+    a batch is in flight queue up, and the next batch writes all of them: each distinct
+    lease fence is checked (and its lease renewed) once, the checkpoint rows of all the
+    calls are one statement, then each call's plan runs. A call whose fence fails gets its
+    LeaseError; the others commit. Each call stays atomic (a batch commits whole or not at
+    all), and a batch that fails is retried call by call, so a call only sees its own error.
+    A caller cancelled before its batch starts is dropped; once started, it is written.
+
+    `defer` queues a write nobody waits for (bookkeeping: a node's row): it goes with the
+    next transaction of its shard, or after _DEFER_S at the latest.
+
+    PostgreSQL: calls are sharded by `key` (the run) over the lanes, one batch in flight per
+    shard, so two batches never lock the same run's rows (no deadlock between them).
+    SQLite: one shard (one writer).
     """
 
-    def __init__(self, write: Callable[[list[Rows]], Awaitable[None]],
-                 width: Callable[[], int]) -> None:
-        self._write = write
-        self._width = width
-        self._queue: list[tuple[Rows, asyncio.Future[None]]] = []
-        self._draining = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queues: dict[int, list[Write]] = {}
+        self._busy: set[int] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._deferred: dict[int, list[Write]] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def submit(self, rows: Rows) -> None:
-        if not self._queue and self._draining < self._width():
-            # Nobody waits and a lane is free: write now, in this task (no hand-off).
-            self._draining += 1
+    def _shard(self, key: str) -> int:
+        return 0 if self.store.is_sqlite else hash(key) % self.store.lanes.width()
+
+    def defer(self, write: Write, key: str) -> None:
+        """Write `write` with the next transaction of its shard (within _DEFER_S)."""
+        self._deferred.setdefault(self._shard(key), []).append(write)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_DEFER_S, self._flush_deferred)
+
+    def _flush_deferred(self) -> None:
+        self._timer = None
+        for shard, writes in self._deferred.items():
+            if writes:  # a write of nothing carries them
+                task = asyncio.get_running_loop().create_task(self._submit(Write(), shard))
+                self._tasks.add(task)
+                task.add_done_callback(_forget_carrier(self._tasks))
+
+    async def submit(self, write: Write, key: str) -> Any:
+        """Write `write` (with others, maybe); the value its plan returned."""
+        return await self._submit(write, self._shard(key))
+
+    async def _submit(self, write: Write, shard: int) -> Any:
+        queue = self._queues.setdefault(shard, [])
+        if shard not in self._busy and not queue:
+            # Nobody waits and the shard is free: write now, in this task (no hand-off).
+            self._busy.add(shard)
             try:
-                await self._write([rows])
+                (outcome,) = await self._run([write], shard)
             finally:
-                self._draining -= 1
-                self._start_drain()  # for calls that queued meanwhile
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((rows, done))
-        self._start_drain()
-        await done
+                self._busy.discard(shard)
+                self._start_drain(shard)  # for calls that queued meanwhile
+            if isinstance(outcome, _Lost):
+                raise outcome.error
+            return outcome
+        write.done = asyncio.get_running_loop().create_future()
+        queue.append(write)
+        self._start_drain(shard)
+        return await write.done
 
-    def _start_drain(self) -> None:
-        if self._queue and self._draining < self._width():
-            self._draining += 1
-            task = asyncio.get_running_loop().create_task(self._drain())
+    def _start_drain(self, shard: int) -> None:
+        if self._queues.get(shard) and shard not in self._busy:
+            self._busy.add(shard)
+            task = asyncio.get_running_loop().create_task(self._drain(shard))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _drain(self) -> None:
-        batch: list[tuple[Rows, asyncio.Future[None]]] = []
+    async def _drain(self, shard: int) -> None:
+        queue = self._queues[shard]
+        batch: list[Write] = []
         try:
-            while self._queue:
-                # Only calls under the same lease fence (or none) share a batch: the batch
-                # is checked against it once, in its transaction.
-                fence = self._queue[0][0].fence
-                rest: list[tuple[Rows, asyncio.Future[None]]]
-                batch, rest = [], []
-                for item in self._queue:
-                    same = item[0].fence == fence and len(batch) < _MAX_BATCH
-                    (batch if same else rest).append(item)
-                self._queue = rest
-                batch = [(r, f) for r, f in batch if not f.done()]
+            while queue:
+                batch = [w for w in queue[:_MAX_BATCH] if w.done is None or not w.done.done()]
+                del queue[:_MAX_BATCH]
                 if batch:
-                    await self._flush(batch)
+                    await self._flush(batch, shard)
                 batch = []
         except BaseException:  # cancelled (loop shutdown): so are the calls waiting on us
-            for _, f in batch:
-                f.cancel()
+            for w in batch + queue:
+                if w.done is not None:
+                    w.done.cancel()
+            queue.clear()
             raise
         finally:
-            self._draining -= 1
-            if not self._draining:
-                for _, f in self._queue:
-                    f.cancel()
-                self._queue.clear()
+            self._busy.discard(shard)
 
-    async def _flush(self, batch: list[tuple[Rows, asyncio.Future[None]]]) -> None:
+    async def _flush(self, batch: list[Write], shard: int) -> None:
         try:
-            await self._write([rows for rows, _ in batch])
+            outcomes = await self._run(batch, shard)
         except Exception as error:
-            # A lost lease or an unreachable database (already retried): all of them.
-            if len(batch) == 1 or isinstance(error, (LeaseError, StoreUnavailableError)):
-                for _, done in batch:
-                    _settle(done, error)
+            # An unreachable database: all of them (each caller retries its own call).
+            if len(batch) == 1 or isinstance(error, StoreUnavailableError):
+                for w in batch:
+                    _settle(w, error)
                 return
-            for rows, done in batch:  # isolate the failing call(s)
+            for w in batch:  # isolate the failing call(s)
                 try:
-                    await self._write([rows])
+                    (outcome,) = await self._run([w], shard)
                 except Exception as e:
-                    _settle(done, e)
+                    _settle(w, e)
                 else:
-                    _settle(done, None)
+                    _settle(w, outcome)
             return
-        for _, done in batch:
-            _settle(done, None)
+        for w, outcome in zip(batch, outcomes, strict=True):
+            _settle(w, outcome)
+
+    async def _run(self, batch: list[Write], shard: int) -> list[Any]:
+        """One transaction for the batch and the shard's deferred writes: the batch's
+        outcomes, in order."""
+        deferred = self._deferred.pop(shard, [])
+        if not deferred:
+            return await self._transaction(batch)
+        try:
+            return (await self._transaction(deferred + batch))[len(deferred):]
+        except StoreUnavailableError:
+            self._deferred.setdefault(shard, [])[:0] = deferred  # with the next one
+            raise
+        except Exception:
+            pass  # one of them is at fault: the deferred writes alone, then the batch
+        for w in deferred:
+            try:
+                await self._transaction([w])
+            except Exception as e:  # bookkeeping only (a node's row): logged, not raised
+                log.warning("frugalflow: a deferred write failed: %s", e)
+        return await self._transaction(batch)
+
+    async def _transaction(self, batch: list[Write]) -> list[Any]:
+        """One transaction for the batch: its outcomes, in order."""
+        store = self.store
+        bare = all(w.plan is None and w.fence is None for w in batch)  # rows only
+        try:
+            if store.is_sqlite:
+                # Queue with the Store's other writers of this process (store.write() takes
+                # the same lock). A transaction handed to the lane's thread commits or rolls
+                # back whole even if this task is cancelled meanwhile.
+                async with store.sqlite_writer():
+                    return await store.sqlite_lanes.ainline(
+                        lambda: _batch_plan(batch, pg=False), write=True, lean=bare)
+            plan = _batch_plan(batch, pg=True)
+            await store.setup()
+            if bare:  # one statement: atomic in autocommit mode, no BEGIN/COMMIT trips
+                async with store.lanes.connection() as conn:
+                    return await adrive(conn, plan)
+            async with store.lanes.transaction() as conn:
+                return await adrive(conn, plan)
+        except Exception as e:
+            if is_transient(e) and not isinstance(e, StoreUnavailableError):
+                raise store.unavailable(e) from e
+            raise
 
     async def wait(self) -> None:
-        """Until the batches in flight are written."""
+        """Until the batches in flight and the deferred writes are written."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._flush_deferred()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.done():  # the caller was cancelled and no longer waits
+def _forget_carrier(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("frugalflow: deferred writes failed: %s", task.exception())
+    return done
+
+
+def _batch_plan(batch: Sequence[Write], *, pg: bool) -> Plan[list[Any]]:
+    """The fence checks (in run order: locks taken in one order), the merged checkpoint
+    rows, then each call's plan; the outcome of each call."""
+    lost: dict[Fence, LeaseError | None] = {}
+    fences = {w.fence for w in batch if w.fence is not None}
+    for fence in sorted(fences, key=lambda f: (f.run_id, f.holder, f.epoch)):
+        lost[fence] = yield from fence_check(fence, pg=pg)
+    live = [w for w in batch if w.fence is None or lost[w.fence] is None]
+    merges: dict[Callable[[Sequence[Rows]], Plan[None]], list[Rows]] = {}
+    for w in live:
+        if w.rows is not None and w.merge is not None:
+            merges.setdefault(w.merge, []).append(w.rows)
+    for merge, rows in merges.items():
+        yield from merge(rows)
+    outcomes: list[Any] = []
+    for w in batch:
+        error = lost.get(w.fence) if w.fence is not None else None
+        if error is not None:
+            outcomes.append(_Lost(error))
+        else:
+            outcomes.append((yield from w.plan()) if w.plan is not None else None)
+    return outcomes
+
+
+def _settle(write: Write, outcome: Any) -> None:
+    done = write.done
+    if done is None or done.done():  # the caller was cancelled and no longer waits
         return
-    if error is None:
-        done.set_result(None)
+    if isinstance(outcome, _Lost):
+        done.set_exception(outcome.error)
+    elif isinstance(outcome, BaseException):
+        done.set_exception(outcome)
     else:
-        done.set_exception(error)
+        done.set_result(outcome)
 
 
 # -- connections kept between operations ---------------------------------------------------
@@ -265,20 +398,38 @@ def _release_sync(conn: Connection) -> None:
     conn.close()
 
 
-class SqliteLanes:
-    """One write and one read connection of the Store's sync engine, kept open (SQLite).
+_INLINE_BUSY_MS = 20  # how long a write on the event loop waits for another process's lock
 
-    The async methods run on each lane's own worker thread (a connection stays on one
-    thread); the sync methods run on the caller's thread. One user at a time per lane.
-    WAL: the reader never blocks the writer.
+
+class SqliteLanes:
+    """Write and read connections of the Store's sync engine, kept open (SQLite).
+
+    `ainline` runs a transaction on the event loop's own thread: SQLite answers in
+    microseconds (WAL, synchronous=NORMAL: no fsync per commit), far less than handing
+    the work to a thread, which then waits for the GIL behind the busy loop at every
+    statement. Only if another process holds the write lock (or the disk fails) does the
+    transaction go to the lane's worker thread (`arun`), which waits the Store's
+    busy_timeout without blocking the loop. The sync methods run on the caller's thread.
+    One user at a time per lane. WAL: the reader never blocks the writer.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._engine: Any = None
-        self._conns: dict[bool, Connection] = {}
-        self._locks = {True: threading.Lock(), False: threading.Lock()}
+        self._conns: dict[tuple[bool, bool], Connection] = {}  # (write, inline)
+        self._locks = {(w, i): threading.Lock() for w in (True, False) for i in (True, False)}
         self._threads: dict[bool, ThreadPoolExecutor] = {}
+
+    async def ainline(self, make: Callable[[], Plan[T]], *, write: bool,
+                      lean: bool = False) -> T:
+        """`run` on the event loop's thread; on a lock held by another process (or any
+        transient failure), on the lane's worker thread instead (a new plan from `make`)."""
+        try:
+            return self.run(make(), write=write, lean=lean, inline=True)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+        return await self.arun(make(), write=write, lean=lean)
 
     async def arun(self, plan: Plan[T], *, write: bool, lean: bool = False) -> T:
         """`run` on the lane's worker thread. If the caller is cancelled, the thread still
@@ -290,29 +441,38 @@ class SqliteLanes:
         return await asyncio.get_running_loop().run_in_executor(
             thread, partial(self.run, plan, write=write, lean=lean))
 
-    def run(self, plan: Plan[T], *, write: bool, lean: bool = False) -> T:
-        """Run `plan` in one transaction; `lean`: all its statements are `Lean`."""
+    def run(self, plan: Plan[T], *, write: bool, lean: bool = False,
+            inline: bool = False) -> T:
+        """Run `plan` in one transaction; `lean`: all its statements are `Lean`; `inline`:
+        on the connection used from the event loop's thread."""
         self.store.setup_sync()
-        with self._locks[write]:
+        lane = (write, inline)
+        with self._locks[lane]:
             engine = self.store.sync_engine
             if engine is not self._engine:
                 self._engine = engine
                 self._conns = {}
                 event.listen(engine, "engine_disposed", self._on_dispose)
-            conn = self._conns.get(write)
+            conn = self._conns.get(lane)
             if conn is None:
                 conn = engine.connect()
                 # The Store's "begin" hook issues BEGIN IMMEDIATE on connections with
                 # ff_write: a writer takes the write lock before it reads.
                 conn.execution_options(ff_write=write)
-                self._conns[write] = conn
+                if inline:  # never block the event loop long on another process's lock
+                    raw: Any = conn.connection.driver_connection  # sqlite3 (DBAPI: untyped)
+                    raw.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_MS}")
+                self._conns[lane] = conn
             try:
                 if lean:  # every statement runs on the driver: so can the transaction
                     return drive_in_driver_transaction(conn, plan)
                 with conn.begin():  # also ends each read: no snapshot pins the WAL
                     return drive(conn, plan)
-            except BaseException:
-                self._conns.pop(write, None)
+            except BaseException as e:
+                if isinstance(e, Exception) and not is_transient(e) \
+                        and not conn.in_transaction() and not conn.invalidated:
+                    raise  # rolled back (a lease refused, a constraint): the lane is fine
+                self._conns.pop(lane, None)
                 conn.invalidate()
                 conn.close()
                 raise
@@ -321,13 +481,14 @@ class SqliteLanes:
         self.close()
 
     def close(self) -> None:
-        for write in (True, False):
-            with self._locks[write]:
-                conn = self._conns.pop(write, None)
+        for lane, lock in self._locks.items():
+            with lock:
+                conn = self._conns.pop(lane, None)
                 if conn is not None:
                     conn.close()
-                thread = self._threads.pop(write, None)
-                if thread is not None:
-                    thread.shutdown(wait=False)  # its idle thread exits; a new one on demand
+        for write in (True, False):
+            thread = self._threads.pop(write, None)
+            if thread is not None:
+                thread.shutdown(wait=False)  # its idle thread exits; a new one on demand
 
 

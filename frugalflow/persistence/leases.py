@@ -38,6 +38,7 @@ __all__ = [
     "check_fence",
     "check_lease",
     "current_fence",
+    "fence_check",
     "fence_plan",
     "fenced",
     "holder_id",
@@ -140,14 +141,27 @@ async def check_fence(conn: AsyncConnection, fence: Fence, *, sqlite: bool) -> N
 def fence_plan(fence: Fence | None, plan: Plan[T], *, pg: bool) -> Plan[T]:
     """`plan`, after checking in its transaction that `fence` still holds its run's
     lease (the rule of `check_fence`): a stale executor writes nothing."""
-    if fence is not None and fence.ttl is not None:
+    if fence is not None:
+        yield from _check_plan(fence, pg=pg)
+    return (yield from plan)
+
+
+def fence_check(fence: Fence, *, pg: bool) -> Plan[LeaseError | None]:
+    """Check `fence` in the plan's transaction: the LeaseError (not raised) if it failed."""
+    try:
+        yield from _check_plan(fence, pg=pg)
+    except LeaseError as error:
+        return error
+    return None
+
+
+def _check_plan(fence: Fence, *, pg: bool) -> Plan[None]:
+    if fence.ttl is not None:
         renewed = yield Op(renew_statement(fence), fetch=True)
         if renewed:  # still the holder: the write renews the lease (Fence.ttl)
-            return (yield from plan)
-    if fence is not None:
-        rows = yield Op(_lease_query(fence, lock=pg), fetch=True)
-        check_lease(fence, rows[0] if rows else None, "checkpoint write")
-    return (yield from plan)
+            return
+    rows = yield Op(_lease_query(fence, lock=pg), fetch=True)
+    check_lease(fence, rows[0] if rows else None, "write")
 
 
 # -- the lease ------------------------------------------------------------------------------
@@ -177,76 +191,75 @@ class Lease:
 
     async def renew(self) -> bool:
         """Extend the lease; False when it was lost (expired and taken by someone else)."""
-        async def once() -> bool:
-            async with self.store.write() as conn:
-                result = await conn.execute(
-                    update(_LEASES)
-                    .where(_LEASES.c.run_id == self.run_id, _LEASES.c.holder == self.holder,
-                           _LEASES.c.epoch == self.epoch)
-                    .values(expires_at=utcnow() + timedelta(seconds=self.ttl))
-                )
-            return bool(result.rowcount)
-
-        return await self.store.retrying(once, what=f"lease renewal of {self.run_id}")
-
-    async def release(self) -> None:
-        await self.store.retrying(self._release, what=f"lease release of {self.run_id}")
-
-    async def _release(self) -> None:
-        # Expire rather than delete: the row keeps the epoch, so the next holder's is higher.
-        async with self.store.write() as conn:
-            await conn.execute(
-                update(_LEASES).where(_LEASES.c.run_id == self.run_id,
+        def plan() -> Plan[bool]:
+            renewed = yield Op(update(_LEASES)
+                               .where(_LEASES.c.run_id == self.run_id,
                                       _LEASES.c.holder == self.holder,
                                       _LEASES.c.epoch == self.epoch)
-                .values(expires_at=utcnow())
-            )
-            await conn.execute(
-                update(_HISTORY).where(_HISTORY.c.run_id == self.run_id,
-                                       _HISTORY.c.epoch == self.epoch,
-                                       _HISTORY.c.holder == self.holder)
-                .values(released_at=utcnow())
-            )
+                               .values(expires_at=utcnow() + timedelta(seconds=self.ttl))
+                               .returning(_LEASES.c.epoch), fetch=True)
+            return bool(renewed)
+
+        return await self.store.run_write(plan, key=self.run_id, fence=None,
+                                          what=f"lease renewal of {self.run_id}")
+
+    async def release(self) -> None:
+        def plan() -> Plan[None]:
+            # Expire rather than delete: the row keeps the epoch, so the next holder's is
+            # higher.
+            yield Op(update(_LEASES).where(_LEASES.c.run_id == self.run_id,
+                                           _LEASES.c.holder == self.holder,
+                                           _LEASES.c.epoch == self.epoch)
+                     .values(expires_at=utcnow()))
+            yield Op(update(_HISTORY).where(_HISTORY.c.run_id == self.run_id,
+                                            _HISTORY.c.epoch == self.epoch,
+                                            _HISTORY.c.holder == self.holder)
+                     .values(released_at=utcnow()))
+
+        await self.store.run_write(plan, key=self.run_id, fence=None,
+                                   what=f"lease release of {self.run_id}")
 
 
 async def acquire_lease(store: Store, run_id: str, holder: str, ttl: float) -> Lease:
     """Take the run's lease, or raise LeaseError naming the current holder."""
-    now = utcnow()
-    expires = now + timedelta(seconds=ttl)
+    def plan() -> Plan[int]:
+        return _acquire_plan(run_id, holder, ttl, lock=not store.is_sqlite)
+
     try:
-        async with store.write() as conn:
-            q = select(_LEASES).where(_LEASES.c.run_id == run_id)
-            if not store.is_sqlite:
-                q = q.with_for_update()
-            row = (await conn.execute(q)).first()
-            if row is None:
-                await conn.execute(
-                    _LEASES.insert().values(run_id=run_id, holder=holder, epoch=1,
-                                            expires_at=expires, acquired_at=now)
-                )
-                await conn.execute(_HISTORY.insert().values(
-                    run_id=run_id, holder=holder, epoch=1, acquired_at=now))
-                return Lease(run_id, holder, 1, ttl, store)
-            current = LeaseRow.model_validate(dict(row._mapping))
-            if current.holder != holder and _aware(current.expires_at) > now:
-                left = (_aware(current.expires_at) - now).total_seconds()
-                raise LeaseError(
-                    f"run {run_id!r} is being executed by {current.holder} (lease valid for "
-                    f"{left:.1f} s more); wait for it to finish, or resume after the lease expires",
-                    run_id=run_id, holder=current.holder,
-                )
-            epoch = current.epoch + 1
-            await conn.execute(
-                update(_LEASES).where(_LEASES.c.run_id == run_id).values(
-                    holder=holder, epoch=epoch, expires_at=expires, acquired_at=now)
-            )
-            await conn.execute(_HISTORY.insert().values(
-                run_id=run_id, holder=holder, epoch=epoch, acquired_at=now))
-            return Lease(run_id, holder, epoch, ttl, store)
+        epoch = await store.run_write(plan, key=run_id, retry=False)
     except IntegrityError:  # another process inserted the lease first
         raise LeaseError(
             f"run {run_id!r} was just taken by another executor", run_id=run_id
         ) from None
+    return Lease(run_id, holder, epoch, ttl, store)
+
+
+def _acquire_plan(run_id: str, holder: str, ttl: float, *, lock: bool) -> Plan[int]:
+    """Take the lease (a new row, or the next epoch of an expired or own one): its epoch."""
+    now = utcnow()
+    expires = now + timedelta(seconds=ttl)
+    q = select(_LEASES).where(_LEASES.c.run_id == run_id)
+    rows = yield Op(q.with_for_update() if lock else q, fetch=True)
+    if not rows:
+        yield Op(_LEASES.insert().values(run_id=run_id, holder=holder, epoch=1,
+                                         expires_at=expires, acquired_at=now))
+        yield Op(_HISTORY.insert().values(run_id=run_id, holder=holder, epoch=1,
+                                          acquired_at=now))
+        return 1
+    current = LeaseRow.model_validate(dict(rows[0]._mapping))
+    if current.holder != holder and _aware(current.expires_at) > now:
+        left = (_aware(current.expires_at) - now).total_seconds()
+        raise LeaseError(
+            f"run {run_id!r} is being executed by {current.holder} (lease valid for "
+            f"{left:.1f} s more); wait for it to finish, or resume after the lease expires",
+            run_id=run_id, holder=current.holder,
+        )
+    epoch = current.epoch + 1
+    yield Op(update(_LEASES).where(_LEASES.c.run_id == run_id).values(
+        holder=holder, epoch=epoch, expires_at=expires, acquired_at=now))
+    yield Op(_HISTORY.insert().values(run_id=run_id, holder=holder, epoch=epoch,
+                                      acquired_at=now))
+    return epoch
 
 
 def _aware(dt: datetime) -> datetime:

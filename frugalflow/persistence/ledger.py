@@ -14,7 +14,6 @@ from typing import Any, Literal
 from sqlalchemy import Text, case, cast, func, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..exceptions import (
     ErrorClass,
@@ -27,7 +26,9 @@ from ..exceptions import (
 from ..statuses import NodeStatus, Outcome, RunStatus
 from ..usage import Attempt
 from .scrub import scrub, scrub_exact
-from .leases import afenced, unfenced
+from .batching import Write
+from .leases import afenced, current_fence, unfenced
+from .plans import Op, Plan
 from .store import Store
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
@@ -37,6 +38,7 @@ _RUNS = RunRow.__table__  # type: ignore[attr-defined]
 _NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
 _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
 _WRITES = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
+_FOUND = (_ATTEMPTS.c.id, _ATTEMPTS.c.outcome, _ATTEMPTS.c.cost_usd)  # an attempt's row
 
 GroupBy = Literal["node", "model", "provider", "flow", "day", "run"]
 
@@ -76,6 +78,7 @@ class Ledger:
         # in order: written before the run's next ledger write, at its end or release.
         self._unwritten: dict[str, list[dict[str, Any]]] = {}
         self._flushing: dict[str, asyncio.Lock] = {}
+        self._task_runs: dict[str, str] = {}  # task -> run, for node_finished's batch
 
     # -- writes --------------------------------------------------------------------
 
@@ -92,9 +95,13 @@ class Ledger:
         await self.store.setup()
         row = RunRow(id=run_id, flow=flow, status=status, input=_as_dict(scrub(input)),
                      budget_usd=budget_usd, principal=principal)
+        values = _values(row)
+
+        def plan() -> Plan[None]:
+            yield Op(_RUNS.insert().values(**values))
+
         try:
-            async with self.store.write() as conn:
-                await conn.execute(_RUNS.insert().values(**_values(row)))
+            await self.store.run_write(plan, key=run_id, retry=False)
         except IntegrityError:
             raise RunStateError(
                 f"a run with id {run_id!r} already exists; resume it or use another id",
@@ -111,41 +118,43 @@ class Ledger:
         if changes.get("pending_resume") is not None:  # a user's answer: kept as given
             changes["pending_resume"] = scrub_exact(changes["pending_resume"])
 
-        async def once() -> None:
-            async with self.store.write() as conn:
-                await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
+        def plan() -> Plan[None]:
+            yield Op(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
 
-        await self.store.retrying(once, what=f"update of run {run_id}")
+        await self.store.run_write(plan, key=run_id, what=f"update of run {run_id}")
 
     async def node_started(self, task_id: str, run_id: str, node: str,
                            holder: str | None = None) -> None:
-        async def once() -> None:
-            async with self.store.write() as conn:
-                await _upsert_node(conn, self.store, task_id, run_id, node, holder)
+        stmt = _upsert_node(self.store, task_id, run_id, node, holder)
+        self._task_runs[task_id] = run_id
 
-        await self.store.retrying(once, what=f"node row of run {run_id}")
+        def plan() -> Plan[None]:
+            yield Op(stmt)
+
+        # Awaited: its fence check stops a run taken over by another executor before the
+        # node runs (and pays). The previous node's deferred row goes in the same
+        # transaction (`node_finished`).
+        await self.store.run_write(plan, key=run_id, what=f"node row of run {run_id}")
 
     async def node_finished(
-        self, task_id: str, *, status: str = NodeStatus.DONE, error: str | None = None
+        self, task_id: str, *, status: str = NodeStatus.DONE, error: str | None = None,
+        run_id: str | None = None,
     ) -> None:
-        await self.store.retrying(lambda: self._node_finished(task_id, status, error),
-                                  what=f"node row {task_id}")
+        cost = select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
+            _ATTEMPTS.c.task_id == task_id).scalar_subquery()
+        stmt = update(_NODES).where(_NODES.c.id == task_id).values(
+            status=status, finished_at=utcnow(), cost_usd=cost,
+            error=_storable(scrub(error)[:2000]) if error else None)
 
-    async def _node_finished(self, task_id: str, status: str, error: str | None) -> None:
-        async with self.store.write() as conn:
-            cost = (
-                await conn.execute(
-                    select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
-                        _ATTEMPTS.c.task_id == task_id
-                    )
-                )
-            ).scalar_one()
-            await conn.execute(
-                update(_NODES).where(_NODES.c.id == task_id).values(
-                    status=status, finished_at=utcnow(), cost_usd=float(cost),
-                    error=_storable(scrub(error)[:2000]) if error else None,
-                )
-            )
+        def plan() -> Plan[None]:
+            yield Op(stmt)
+
+        # Bookkeeping, not a promise: written with the run's next write (the next node's
+        # row, its checkpoint), one transaction per step. A row a crash left `running` is
+        # settled by `close_nodes` (done if the task's writes were saved).
+        mapped = self._task_runs.pop(task_id, None)
+        key = run_id or mapped or task_id
+        self.store.writer.defer(Write(plan=plan, fence=current_fence()), key)
 
     async def close_nodes(self, run_id: str, *, recheck: bool = False) -> int:
         """Settle the node rows of `run_id` that no executor will finish (left `running` by
@@ -162,41 +171,40 @@ class Ledger:
         cost = (select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0))
                 .where(_ATTEMPTS.c.task_id == _NODES.c.id).scalar_subquery())
 
-        async def once() -> int:
-            n = 0
-            async with self.store.write() as conn:
-                result = await conn.execute(
+        def plan() -> Plan[int]:
+            settled = yield Op(
+                update(_NODES)
+                .where(_NODES.c.run_id == run_id, _NODES.c.status == NodeStatus.RUNNING)
+                .values(status=case((saved, NodeStatus.DONE), else_=NodeStatus.ABANDONED),
+                        finished_at=utcnow(), cost_usd=cost).returning(_NODES.c.id), fetch=True)
+            # Calls written down but never answered in the ledger: their executor died
+            # or stopped mid-call. They may have been paid: settle them at their estimate.
+            pending = (yield Op(
+                select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
+                    _ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == Outcome.PENDING),
+                fetch=True))[0][0]
+            abandoned = yield Op(
+                update(_ATTEMPTS).where(_ATTEMPTS.c.run_id == run_id,
+                                        _ATTEMPTS.c.outcome == Outcome.PENDING)
+                .values(outcome=Outcome.ABANDONED, error_class=ErrorClass.ABANDONED,
+                        error="its executor stopped before the answer was recorded; "
+                              "tokens and cost are estimates")
+                .returning(_ATTEMPTS.c.id), fetch=True)
+            if abandoned and pending:
+                yield Op(update(_RUNS).where(_RUNS.c.id == run_id).values(
+                    cost_usd=_RUNS.c.cost_usd + pending, updated_at=utcnow()))
+            rechecked = []
+            if recheck:
+                rechecked = yield Op(
                     update(_NODES)
-                    .where(_NODES.c.run_id == run_id, _NODES.c.status == NodeStatus.RUNNING)
-                    .values(status=case((saved, NodeStatus.DONE), else_=NodeStatus.ABANDONED),
-                            finished_at=utcnow(), cost_usd=cost))
-                n += int(result.rowcount or 0)
-                # Calls written down but never answered in the ledger: their executor died
-                # or stopped mid-call. They may have been paid: settle them at their estimate.
-                pending = (await conn.execute(
-                    select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
-                        _ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == Outcome.PENDING))
-                ).scalar_one()
-                result = await conn.execute(
-                    update(_ATTEMPTS).where(_ATTEMPTS.c.run_id == run_id,
-                                            _ATTEMPTS.c.outcome == Outcome.PENDING)
-                    .values(outcome=Outcome.ABANDONED, error_class=ErrorClass.ABANDONED,
-                            error="its executor stopped before the answer was recorded; "
-                                  "tokens and cost are estimates"))
-                if result.rowcount and pending:
-                    await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(
-                        cost_usd=_RUNS.c.cost_usd + pending, updated_at=utcnow()))
-                if recheck:
-                    result = await conn.execute(
-                        update(_NODES)
-                        .where(_NODES.c.run_id == run_id, _NODES.c.status == NodeStatus.DONE,
-                               ~saved)
-                        .values(status=NodeStatus.ABANDONED,
-                                error="its checkpoint write failed; it runs again on resume"))
-                    n += int(result.rowcount or 0)
-            return n
+                    .where(_NODES.c.run_id == run_id, _NODES.c.status == NodeStatus.DONE,
+                           ~saved)
+                    .values(status=NodeStatus.ABANDONED,
+                            error="its checkpoint write failed; it runs again on resume")
+                    .returning(_NODES.c.id), fetch=True)
+            return len(settled) + len(rechecked)
 
-        return await self.store.retrying(once, what=f"node rows of run {run_id}")
+        return await self.store.run_write(plan, key=run_id, what=f"node rows of run {run_id}")
 
     async def record_attempt(self, attempt: Attempt, *, flow: str | None = None) -> None:
         """Write one attempt and add its cost to its run, in one transaction.
@@ -276,56 +284,31 @@ class Ledger:
         values = _attempt_values(attempt, flow)
         tries = 0
 
-        async def once() -> None:
+        def plan() -> Plan[None]:
             nonlocal tries
-            tries += 1
-            with unfenced():
-                async with self.store.write() as conn:
-                    if tries > 1 and (await conn.execute(select(_ATTEMPTS.c.id).where(
-                            _ATTEMPTS.c.call_id == values["call_id"],
-                            _ATTEMPTS.c.try_number == values["try_number"],
-                            _ATTEMPTS.c.model == values["model"]).limit(1))).first():
-                        return  # the try that lost its connection had committed
-                    await conn.execute(_ATTEMPTS.insert().values(**values))
+            tries += 1  # a retry checks first whether the dropped try had committed
+            return _intent_plan(values, check=tries > 1)
 
-        await self.store.retrying(once, what="call written down before it is sent")
+        await self.store.run_write(plan, key=values["run_id"] or "", fence=None,
+                                   what="call written down before it is sent")
 
     async def _insert_attempt(self, values: dict[str, Any], *, check: bool) -> None:
-        """Insert the attempt row, or fill the row its call was written down in; `check`
-        is kept for callers that retry (the lookup below also finds an earlier try)."""
-        async with self.store.write() as conn:
-            found = (await conn.execute(
-                select(_ATTEMPTS.c.id, _ATTEMPTS.c.outcome, _ATTEMPTS.c.cost_usd).where(
-                    _ATTEMPTS.c.call_id == values["call_id"],
-                    _ATTEMPTS.c.try_number == values["try_number"],
-                    _ATTEMPTS.c.model == values["model"]).limit(1))).first()
-            added = values["cost_usd"]
-            if found is None:
-                await conn.execute(_ATTEMPTS.insert().values(**values))
-            elif found.outcome in UNSETTLED:
-                await conn.execute(
-                    update(_ATTEMPTS).where(_ATTEMPTS.c.id == found.id).values(**values))
-                if found.outcome == Outcome.ABANDONED:  # its estimate was added to the run already
-                    added -= found.cost_usd or 0.0
-            else:
-                return  # an earlier try of this write committed before its connection dropped
-            if values["run_id"] and added:
-                await conn.execute(
-                    update(_RUNS).where(_RUNS.c.id == values["run_id"]).values(
-                        cost_usd=_RUNS.c.cost_usd + added, updated_at=utcnow()
-                    )
-                )
+        """Insert the attempt row, or fill the row its call was written down in (one
+        transaction with the other runs' writes); `check` is kept for callers that retry
+        (the plan's lookup also finds an earlier try). Not retried here."""
+        await self.store.run_write(lambda: _attempt_plan(values), key=values["run_id"] or "",
+                                   retry=False)
 
     # -- reads ---------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRow:
         await self.store.setup()
 
-        async def once() -> Any:
-            async with self.store.read() as conn:
-                return (await conn.execute(_select_runs().where(_RUNS.c.id == run_id))).first()
+        def plan() -> Plan[Any]:
+            rows = yield Op(_select_runs().where(_RUNS.c.id == run_id), fetch=True)
+            return rows[0] if rows else None
 
-        row = await self.store.retrying(once, what=f"read of run {run_id}")
+        row = await self.store.run_read(plan, what=f"read of run {run_id}")
         if row is None:
             raise RunNotFoundError(f"no run {run_id!r} in {self.store!r}", run_id=run_id)
         return _run_row(row._mapping)
@@ -549,10 +532,40 @@ class Ledger:
         return [AttemptRow.model_validate(dict(r._mapping)) for r in rows]
 
 
-async def _upsert_node(
-    conn: AsyncConnection, store: Store, task_id: str, run_id: str, node: str,
-    holder: str | None,
-) -> None:
+def _intent_plan(values: dict[str, Any], *, check: bool) -> Plan[None]:
+    """Insert the pending row of a call about to be sent (`check`: unless a dropped try
+    did)."""
+    if check and (yield Op(_find_attempt(values), fetch=True)):
+        return
+    yield Op(_ATTEMPTS.insert().values(**values))
+
+
+def _attempt_plan(values: dict[str, Any]) -> Plan[None]:
+    """Insert the attempt row or fill its pending row, and add its cost to its run."""
+    found = yield Op(_find_attempt(values, _FOUND), fetch=True)
+    added = values["cost_usd"]
+    if not found:
+        yield Op(_ATTEMPTS.insert().values(**values))
+    elif found[0].outcome in UNSETTLED:
+        yield Op(update(_ATTEMPTS).where(_ATTEMPTS.c.id == found[0].id).values(**values))
+        if found[0].outcome == Outcome.ABANDONED:  # its estimate was added to the run already
+            added -= found[0].cost_usd or 0.0
+    else:
+        return  # an earlier try of this write committed before its connection dropped
+    if values["run_id"] and added:
+        yield Op(update(_RUNS).where(_RUNS.c.id == values["run_id"]).values(
+            cost_usd=_RUNS.c.cost_usd + added, updated_at=utcnow()))
+
+
+def _find_attempt(values: dict[str, Any], columns: Sequence[Any] = (_ATTEMPTS.c.id,)) -> Any:
+    """The row of this try of this call (call, try, model), if written."""
+    return select(*columns).where(
+        _ATTEMPTS.c.call_id == values["call_id"], _ATTEMPTS.c.try_number == values["try_number"],
+        _ATTEMPTS.c.model == values["model"]).limit(1)
+
+
+def _upsert_node(store: Store, task_id: str, run_id: str, node: str,
+                 holder: str | None) -> Any:
     values = {"id": task_id, "run_id": run_id, "node": node, "status": NodeStatus.RUNNING,
               "started_at": utcnow(), "holder": holder}
     if store.is_sqlite:
@@ -560,12 +573,10 @@ async def _upsert_node(
     else:
         from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
     stmt = insert(_NODES).values(**values)
-    await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["id"],
-            set_={"status": NodeStatus.RUNNING, "started_at": values["started_at"],
-                  "finished_at": None, "holder": holder},
-        )
+    return stmt.on_conflict_do_update(
+        index_elements=["id"],
+        set_={"status": NodeStatus.RUNNING, "started_at": values["started_at"],
+              "finished_at": None, "holder": holder},
     )
 
 

@@ -39,6 +39,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 from langchain_core.runnables import RunnableConfig
@@ -54,20 +55,20 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from ..exceptions import StoreUnavailableError
-from .batching import AsyncLanes, GroupCommit, SqliteLanes
+from .batching import Write
 from .leases import Fence, current_fence, fence_plan
 from .plans import (
     LIST_PAGE,
     CheckpointPlans,
     Plan,
     Rows,
-    adrive,
     chunks,
     drive,
     id_list,
     prune_args,
 )
-from .store import Store, is_transient
+from .errors import is_transient
+from .store import Store
 
 __all__ = ["SQLModelSaver"]
 
@@ -88,11 +89,6 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
         super().__init__(serde=serde)
         self.store = store
         self._pg = store.dialect == "postgresql"
-        self._lanes = AsyncLanes(store)
-        self._sqlite = SqliteLanes(store)
-        # SQLite has one writer at a time: one batch in flight; PostgreSQL: one per lane.
-        self._group = GroupCommit(
-            self._store_async, lambda: self._lanes.width() if self._pg else 1)
         self._build_statements()
 
     # -- drivers: the only places that differ between sync and async ------------------------
@@ -103,7 +99,7 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
 
     def _read_raw(self, plan: Plan[T]) -> T:
         if not self._pg:
-            return self._sqlite.run(plan, write=False)
+            return self.store.sqlite_lanes.run(plan, write=False)
         self.store.setup_sync()
         with self._pg_sync_connection() as conn:
             return drive(conn, plan)
@@ -130,7 +126,7 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
         if fence is not None:  # the lease check and the write: one transaction
             plan, single, lean = fence_plan(fence, plan, pg=self._pg), False, False
         if not self._pg:
-            return self._sqlite.run(plan, write=True, lean=lean)
+            return self.store.sqlite_lanes.run(plan, write=True, lean=lean)
         self.store.setup_sync()
         if single:
             with self._pg_sync_connection() as conn:
@@ -138,44 +134,15 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
         with self.store.write_sync() as conn:
             return drive(conn, plan)
 
-    async def _aread(self, plan: Plan[T]) -> T:
-        with self._mapped():
-            return await self._aread_raw(plan)
+    async def _aread(self, make: Callable[[], Plan[T]]) -> T:
+        """A read on one of the Store's kept connections, retried while the database is
+        briefly unreachable (`Store.retrying`)."""
+        return await self.store.run_read(make, what="checkpoint read")
 
-    async def _aread_retrying(self, make: Callable[[], Plan[T]]) -> T:
-        """A read, retried while the database is briefly unreachable (`Store.retrying`)."""
-        return await self.store.retrying(lambda: self._aread(make()), what="checkpoint read")
-
-    async def _aread_raw(self, plan: Plan[T]) -> T:
-        if not self._pg:
-            return await self._sqlite.arun(plan, write=False)
-        await self.store.setup()
-        async with self._lanes.connection() as conn:
-            return await adrive(conn, plan)
-
-    async def _awrite(self, plan: Plan[T], *, fence: Fence | None, single: bool = False,
-                      lean: bool = False) -> T:
-        """Run a write plan atomically, fenced by `fence`: one transaction, or one statement
-        (`single`); `lean`: all its statements are `Lean` (put/put_writes plans)."""
-        with self._mapped():
-            return await self._awrite_raw(plan, fence=fence, single=single, lean=lean)
-
-    async def _awrite_raw(self, plan: Plan[T], *, fence: Fence | None, single: bool = False,
-                          lean: bool = False) -> T:
-        if fence is not None:  # the lease check and the write: one transaction
-            plan, single, lean = fence_plan(fence, plan, pg=self._pg), False, False
-        if not self._pg:
-            # Queue with the Store's other writers of this process (store.write() takes the
-            # same lock) rather than in SQLite's busy handler. The thread commits or rolls
-            # back the whole transaction even if this task is cancelled meanwhile.
-            async with self.store.sqlite_writer():
-                return await self._sqlite.arun(plan, write=True, lean=lean)
-        await self.store.setup()
-        if single:
-            async with self._lanes.connection() as conn:
-                return await adrive(conn, plan)
-        async with self._lanes.transaction() as conn:
-            return await adrive(conn, plan)
+    async def _awrite(self, make: Callable[[], Plan[T]], *, key: str) -> T:
+        """Run a write plan atomically, fenced by this context's fence, in the Store's
+        group commit (`Writer`)."""
+        return await self.store.run_write(make, key=key, retry=False)
 
     @contextmanager
     def _pg_sync_connection(self) -> Iterator[Connection]:
@@ -191,28 +158,27 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
     async def aclose(self) -> None:
         """Finish the writes in flight and return the connections this saver keeps to
         the Store's pools. Optional: `await store.close()` returns the connections too."""
-        await self._group.wait()
+        await self.store.writer.wait()
         if self._pg:
-            await self._lanes.aclose()
+            await self.store.lanes.aclose()
         else:
-            await asyncio.to_thread(self._sqlite.close)  # waits for a lane in use
+            await asyncio.to_thread(self.store.sqlite_lanes.close)  # waits for a lane in use
 
     def close(self) -> None:
         """Sync twin of `aclose` (SQLite; PostgreSQL lanes need `aclose` or store.close())."""
         if not self._pg:
-            self._sqlite.close()
+            self.store.sqlite_lanes.close()
 
     async def setup(self) -> None:
         """Create or migrate the schema now (otherwise done on first use)."""
         await self.store.setup()
 
-    async def _store_async(self, batch: list[Rows]) -> None:
-        # The calls of a batch share one fence (`GroupCommit` groups them so). A dropped
-        # connection is retried (upserts: safe to repeat), within the fence's lease TTL.
-        fence = batch[0].fence
-        await self.store.retrying(
-            lambda: self._awrite(self._store_plan(batch), fence=fence, single=True, lean=True),
-            what="checkpoint write", fence=fence)
+    async def _submit(self, rows: Rows, key: str) -> None:
+        """Write `rows` in the Store's group commit, merged with the other calls' rows. A
+        dropped connection is retried (upserts: safe to repeat), within the lease TTL."""
+        write = Write(rows=rows, merge=self._store_plan, fence=rows.fence)
+        await self.store.retrying(lambda: self.store.writer.submit(write, key),
+                                  what="checkpoint write", fence=rows.fence)
 
     def put(
         self,
@@ -237,7 +203,7 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
         """Store a checkpoint and the blobs of the channels in `new_versions`."""
         rows, next_config = self._put_rows(config, checkpoint, metadata, new_versions,
                                             current_fence())
-        await self._group.submit(rows)
+        await self._submit(rows, str(config["configurable"]["thread_id"]))
         return next_config
 
     def put_writes(
@@ -262,7 +228,7 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
         """Store a task's writes, pending on the checkpoint `config` points at."""
         rows = self._writes_rows(config, writes, task_id, task_path, current_fence())
         if rows.writes:
-            await self._group.submit(rows)
+            await self._submit(rows, str(config["configurable"]["thread_id"]))
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """The checkpoint `config` names, or the thread's latest in its namespace."""
@@ -271,7 +237,7 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """The checkpoint `config` names, or the thread's latest in its namespace."""
-        found = await self._aread_retrying(lambda: self._get_plan(config))
+        found = await self._aread(lambda: self._get_plan(config))
         return self._assemble(*found)[0] if found else None
 
     def list(
@@ -300,11 +266,11 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
     ) -> AsyncIterator[CheckpointTuple]:
         """Checkpoints matching `config`, metadata `filter` and `before`, newest first."""
         stmt = self._select_checkpoints(config, filter, before, limit)
-        rows, loaded = await self._aread_retrying(lambda: self._list_plan(stmt))
+        rows, loaded = await self._aread(lambda: self._list_plan(stmt))
         for tup in self._assemble(rows[:LIST_PAGE], loaded):
             yield tup
         for page in chunks(rows[LIST_PAGE:], LIST_PAGE):
-            for tup in self._assemble(page, await self._aread(self._attach_plan(page))):
+            for tup in self._assemble(page, await self._aread(partial(self._attach_plan, page))):
                 yield tup
 
     def delete_thread(self, thread_id: str) -> None:
@@ -313,7 +279,8 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
 
     async def adelete_thread(self, thread_id: str) -> None:
         """Delete every checkpoint, blob and write of a thread (all namespaces)."""
-        await self._awrite(self._delete_threads_plan([str(thread_id)]), fence=current_fence())
+        await self._awrite(partial(self._delete_threads_plan, [str(thread_id)]),
+                           key=str(thread_id))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints and writes of these runs, and blobs left unused."""
@@ -323,7 +290,7 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints and writes of these runs, and blobs left unused."""
         if run_ids := [str(r) for r in id_list(run_ids, "run_ids")]:
-            await self._awrite(self._delete_runs_plan(run_ids), fence=current_fence())
+            await self._awrite(partial(self._delete_runs_plan, run_ids), key=run_ids[0])
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint, blob and write of a thread to another thread ID."""
@@ -332,8 +299,8 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint, blob and write of a thread to another thread ID."""
-        plan = self._copy_plan(str(source_thread_id), str(target_thread_id))
-        await self._awrite(plan, fence=current_fence())
+        plan = partial(self._copy_plan, str(source_thread_id), str(target_thread_id))
+        await self._awrite(plan, key=str(target_thread_id))
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """`keep_latest`: keep each namespace's latest checkpoint, its writes and the blobs
@@ -345,7 +312,7 @@ class SQLModelSaver(CheckpointPlans, BaseCheckpointSaver[str]):
         """`keep_latest`: keep each namespace's latest checkpoint, its writes and the blobs
         it uses; `delete`: delete the threads. One transaction."""
         if ids := prune_args(thread_ids, strategy):
-            await self._awrite(self._prune_plan(ids, strategy), fence=current_fence())
+            await self._awrite(partial(self._prune_plan, ids, strategy), key=ids[0])
 
     # -- versions --------------------------------------------------------------------------
 

@@ -11,83 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import threading
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import (
-    DBAPIError,
-    InterfaceError,
-    OperationalError,
-    PendingRollbackError,
-    ResourceClosedError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlmodel import create_engine
 
 from ..exceptions import SchemaVersionError, StoreUnavailableError
 from . import tables
+from .batching import AsyncLanes, SqliteLanes, Write, Writer
+from .errors import is_transient
 from .leases import Fence, check_fence, current_fence
+from .plans import Plan, adrive
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "Store",
     "default_url",
-    "is_transient",
     "postgres_url",
 ]
 
 T = TypeVar("T")
 log = logging.getLogger("frugalflow")
-
-
-# Error texts of SQLite that mean "busy or unreachable", not "your statement is wrong".
-_SQLITE_TRANSIENT = ("database is locked", "database is busy", "database table is locked",
-                     "unable to open database", "disk i/o error")
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether `error` means the database is unreachable or busy (a retry may succeed), as
-    opposed to a bad statement or a constraint: connection errors of asyncpg, psycopg and
-    aiosqlite/sqlite3, as raised by the drivers or wrapped by SQLAlchemy."""
-    if isinstance(error, (StoreUnavailableError, OSError, asyncio.TimeoutError, PoolTimeoutError,
-                          PendingRollbackError, ResourceClosedError)):
-        return True
-    if isinstance(error, DBAPIError):
-        if error.connection_invalidated:
-            return True
-        orig = error.orig if error.orig is not None else error
-        if isinstance(orig, sqlite3.Error) or "sqlite" in type(orig).__module__:
-            return any(t in str(orig).lower() for t in _SQLITE_TRANSIENT)
-        if isinstance(error, (InterfaceError, OperationalError)):
-            return True
-        return _driver_transient(orig)
-    if isinstance(error, sqlite3.OperationalError):  # raw driver (lean statements)
-        return any(t in str(error).lower() for t in _SQLITE_TRANSIENT)
-    return _driver_transient(error)
-
-
-def _driver_transient(error: BaseException) -> bool:
-    module = type(error).__module__
-    if module.startswith("asyncpg"):
-        import asyncpg
-
-        return isinstance(error, (asyncpg.exceptions.PostgresConnectionError,
-                                  asyncpg.exceptions.InterfaceError,
-                                  asyncpg.exceptions.CannotConnectNowError))
-    if module.startswith("psycopg"):
-        import psycopg
-
-        return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
-    return False
 
 
 def _v1(conn: Connection) -> None:
@@ -179,6 +133,11 @@ class Store:
         # spinning on "database is locked"; other processes wait on busy_timeout.
         self._alock: asyncio.Lock | None = None
         self._tlock = threading.Lock()
+        # The hot path (checkpoints, ledger rows of a run, leases): connections kept
+        # between calls, and group commit across runs (batching.py).
+        self.lanes = AsyncLanes(self)
+        self.sqlite_lanes = SqliteLanes(self)
+        self.writer = Writer(self)
 
     def __repr__(self) -> str:
         return f"Store({_mask(self.url)!r})"
@@ -306,6 +265,35 @@ class Store:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    async def run_write(self, plan: Callable[[], Plan[T]], *, key: str,
+                        fence: Fence | None | bool = True, retry: bool = True,
+                        what: str = "write") -> T:
+        """Run a write plan in a transaction shared with the other runs' writes that arrive
+        together (group commit), fenced by `fence` (default: this context's). `retry`: as
+        `retrying` does (the plan must be safe to repeat). `key`: the run it writes."""
+        if fence is True:
+            fence = current_fence()
+        write = Write(plan=plan, fence=fence or None)
+        if not retry:
+            return typing.cast(T, await self.writer.submit(write, key))
+        return typing.cast(T, await self.retrying(
+            lambda: self.writer.submit(write, key), what=what, fence=fence))
+
+    async def run_read(self, plan: Callable[[], Plan[T]], *, what: str = "read") -> T:
+        """Run a read plan on a kept connection (no pool checkout), retried like
+        `retrying`."""
+        async def once() -> T:
+            try:
+                if self.is_sqlite:
+                    return await self.sqlite_lanes.ainline(plan, write=False)
+                await self.setup()
+                async with self.lanes.connection() as conn:
+                    return await adrive(conn, plan())
+            except Exception as e:
+                raise (self.unavailable(e) if is_transient(e) else e) from e
+
+        return await self.retrying(once, what=what)
+
     async def probe(self) -> bool:
         """Whether the database answers now (one short query; on SQLite, whether the write
         lock can be taken: readers are never blocked there)."""
@@ -418,6 +406,7 @@ class Store:
         return max(rows, default=0)
 
     async def close(self) -> None:
+        await self.writer.wait()
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
