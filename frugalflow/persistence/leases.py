@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..exceptions import LeaseError
-from .plans import Op, Plan
+from .plans import Op, Plan, lean_op
 from .tables import LeaseHistoryRow, LeaseRow, utcnow
 
 if TYPE_CHECKING:
@@ -124,6 +124,15 @@ def renew_statement(fence: Fence) -> Any:
             .returning(_LEASES.c.epoch))
 
 
+def _renew_prebuilt() -> Any:
+    """`renew_statement` with its values as parameters (compiled once: see `lean_op`)."""
+    return (update(_LEASES)
+            .where(_LEASES.c.run_id == bindparam("f_run"),
+                   _LEASES.c.holder == bindparam("f_holder"),
+                   _LEASES.c.epoch == bindparam("f_epoch"))
+            .returning(_LEASES.c.epoch))
+
+
 def _lease_query(fence: Fence, *, lock: bool) -> Any:
     q = select(_LEASES.c.holder, _LEASES.c.epoch, _LEASES.c.expires_at).where(
         _LEASES.c.run_id == fence.run_id)
@@ -157,7 +166,10 @@ def fence_check(fence: Fence, *, pg: bool) -> Plan[LeaseError | None]:
 
 def _check_plan(fence: Fence, *, pg: bool) -> Plan[None]:
     if fence.ttl is not None:
-        renewed = yield Op(renew_statement(fence), fetch=True)
+        renewed = yield lean_op("lease.renew", _renew_prebuilt, {
+            "expires_at": utcnow() + timedelta(seconds=fence.ttl), "f_run": fence.run_id,
+            "f_holder": fence.holder, "f_epoch": fence.epoch}, pg=pg, columns=("expires_at",),
+            fetch=True)
         if renewed:  # still the holder: the write renews the lease (Fence.ttl)
             return
     rows = yield Op(_lease_query(fence, lock=pg), fetch=True)

@@ -9,9 +9,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Literal
 
-from sqlalchemy import Text, case, cast, func, select, update
+from sqlalchemy import Text, bindparam, case, cast, func, literal_column, null, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -25,10 +28,10 @@ from ..exceptions import (
 )
 from ..statuses import NodeStatus, Outcome, RunStatus
 from ..usage import Attempt
-from .scrub import scrub, scrub_exact
 from .batching import Write
 from .leases import afenced, current_fence, unfenced
-from .plans import Op, Plan
+from .plans import Op, Plan, lean_op
+from .scrub import scrub, scrub_exact
 from .store import Store
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
@@ -38,7 +41,6 @@ _RUNS = RunRow.__table__  # type: ignore[attr-defined]
 _NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
 _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
 _WRITES = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
-_FOUND = (_ATTEMPTS.c.id, _ATTEMPTS.c.outcome, _ATTEMPTS.c.cost_usd)  # an attempt's row
 
 GroupBy = Literal["node", "model", "provider", "flow", "day", "run"]
 
@@ -118,18 +120,25 @@ class Ledger:
         if changes.get("pending_resume") is not None:  # a user's answer: kept as given
             changes["pending_resume"] = scrub_exact(changes["pending_resume"])
 
+        pg = not self.store.is_sqlite
+
         def plan() -> Plan[None]:
-            yield Op(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
+            yield lean_op("runs.update", _update_run_prebuilt, {**changes, "w_id": run_id},
+                          pg=pg, columns=sorted(changes))
 
         await self.store.run_write(plan, key=run_id, what=f"update of run {run_id}")
 
     async def node_started(self, task_id: str, run_id: str, node: str,
                            holder: str | None = None) -> None:
-        stmt = _upsert_node(self.store, task_id, run_id, node, holder)
+        pg = not self.store.is_sqlite
+        values = {"id": task_id, "run_id": run_id, "node": node, "status": NodeStatus.RUNNING,
+                  "holder": holder, "cost_usd": 0.0, "started_at": utcnow(),
+                  "finished_at": None, "error": None}  # every column: no defaults applied
         self._task_runs[task_id] = run_id
 
         def plan() -> Plan[None]:
-            yield Op(stmt)
+            yield lean_op("nodes.upsert", partial(_upsert_node_prebuilt, pg), values, pg=pg,
+                          columns=_NODE_COLUMNS)
 
         # Awaited: its fence check stops a run taken over by another executor before the
         # node runs (and pays). The previous node's deferred row goes in the same
@@ -140,14 +149,12 @@ class Ledger:
         self, task_id: str, *, status: str = NodeStatus.DONE, error: str | None = None,
         run_id: str | None = None,
     ) -> None:
-        cost = select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
-            _ATTEMPTS.c.task_id == task_id).scalar_subquery()
-        stmt = update(_NODES).where(_NODES.c.id == task_id).values(
-            status=status, finished_at=utcnow(), cost_usd=cost,
-            error=_storable(scrub(error)[:2000]) if error else None)
+        pg = not self.store.is_sqlite
+        params = {"w_id": task_id, "w_status": status, "w_at": utcnow(),
+                  "w_error": _storable(scrub(error)[:2000]) if error else None}
 
         def plan() -> Plan[None]:
-            yield Op(stmt)
+            yield lean_op("nodes.finish", _finish_node_prebuilt, params, pg=pg)
 
         # Bookkeeping, not a promise: written with the run's next write (the next node's
         # row, its checkpoint), one transaction per step. A row a crash left `running` is
@@ -287,7 +294,7 @@ class Ledger:
         def plan() -> Plan[None]:
             nonlocal tries
             tries += 1  # a retry checks first whether the dropped try had committed
-            return _intent_plan(values, check=tries > 1)
+            return _intent_plan(values, check=tries > 1, pg=not self.store.is_sqlite)
 
         await self.store.run_write(plan, key=values["run_id"] or "", fence=None,
                                    what="call written down before it is sent")
@@ -296,7 +303,8 @@ class Ledger:
         """Insert the attempt row, or fill the row its call was written down in (one
         transaction with the other runs' writes); `check` is kept for callers that retry
         (the plan's lookup also finds an earlier try). Not retried here."""
-        await self.store.run_write(lambda: _attempt_plan(values), key=values["run_id"] or "",
+        pg = not self.store.is_sqlite
+        await self.store.run_write(lambda: _attempt_plan(values, pg=pg), key=values["run_id"] or "",
                                    retry=False)
 
     # -- reads ---------------------------------------------------------------------
@@ -532,52 +540,76 @@ class Ledger:
         return [AttemptRow.model_validate(dict(r._mapping)) for r in rows]
 
 
-def _intent_plan(values: dict[str, Any], *, check: bool) -> Plan[None]:
+def _intent_plan(values: dict[str, Any], *, check: bool, pg: bool) -> Plan[None]:
     """Insert the pending row of a call about to be sent (`check`: unless a dropped try
     did)."""
-    if check and (yield Op(_find_attempt(values), fetch=True)):
+    if check and (yield _find_attempt(values, pg)):
         return
-    yield Op(_ATTEMPTS.insert().values(**values))
+    yield lean_op("attempts.insert", lambda: _ATTEMPTS.insert(), values, pg=pg,
+                  columns=list(values))
 
 
-def _attempt_plan(values: dict[str, Any]) -> Plan[None]:
+def _attempt_plan(values: dict[str, Any], *, pg: bool) -> Plan[None]:
     """Insert the attempt row or fill its pending row, and add its cost to its run."""
-    found = yield Op(_find_attempt(values, _FOUND), fetch=True)
+    found = yield _find_attempt(values, pg)
     added = values["cost_usd"]
     if not found:
-        yield Op(_ATTEMPTS.insert().values(**values))
-    elif found[0].outcome in UNSETTLED:
-        yield Op(update(_ATTEMPTS).where(_ATTEMPTS.c.id == found[0].id).values(**values))
-        if found[0].outcome == Outcome.ABANDONED:  # its estimate was added to the run already
-            added -= found[0].cost_usd or 0.0
+        yield lean_op("attempts.insert", lambda: _ATTEMPTS.insert(), values, pg=pg,
+                      columns=list(values))
+    elif found[0][1] in UNSETTLED:  # (id, outcome, cost_usd)
+        yield lean_op("attempts.fill", lambda: update(_ATTEMPTS).where(
+            _ATTEMPTS.c.id == bindparam("w_id")), {**values, "w_id": found[0][0]}, pg=pg,
+            columns=list(values))
+        if found[0][1] == Outcome.ABANDONED:  # its estimate was added to the run already
+            added -= found[0][2] or 0.0
     else:
         return  # an earlier try of this write committed before its connection dropped
     if values["run_id"] and added:
-        yield Op(update(_RUNS).where(_RUNS.c.id == values["run_id"]).values(
-            cost_usd=_RUNS.c.cost_usd + added, updated_at=utcnow()))
+        yield lean_op("runs.add_cost", _add_cost_prebuilt,
+                      {"w_id": values["run_id"], "w_add": added, "w_at": utcnow()}, pg=pg)
 
 
-def _find_attempt(values: dict[str, Any], columns: Sequence[Any] = (_ATTEMPTS.c.id,)) -> Any:
-    """The row of this try of this call (call, try, model), if written."""
-    return select(*columns).where(
-        _ATTEMPTS.c.call_id == values["call_id"], _ATTEMPTS.c.try_number == values["try_number"],
-        _ATTEMPTS.c.model == values["model"]).limit(1)
+def _find_attempt(values: dict[str, Any], pg: bool) -> Op:
+    """The row (id, outcome, cost_usd) of this try of this call, if written."""
+    return lean_op("attempts.find", lambda: select(
+        _ATTEMPTS.c.id, _ATTEMPTS.c.outcome, _ATTEMPTS.c.cost_usd).where(
+        _ATTEMPTS.c.call_id == bindparam("f_call"),
+        _ATTEMPTS.c.try_number == bindparam("f_try"),
+        _ATTEMPTS.c.model == bindparam("f_model")),  # one row (or an earlier try's)
+        {"f_call": values["call_id"], "f_try": values["try_number"],
+         "f_model": values["model"]}, pg=pg, fetch=True)
 
 
-def _upsert_node(store: Store, task_id: str, run_id: str, node: str,
-                 holder: str | None) -> Any:
-    values = {"id": task_id, "run_id": run_id, "node": node, "status": NodeStatus.RUNNING,
-              "started_at": utcnow(), "holder": holder}
-    if store.is_sqlite:
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-    stmt = insert(_NODES).values(**values)
-    return stmt.on_conflict_do_update(
-        index_elements=["id"],
-        set_={"status": NodeStatus.RUNNING, "started_at": values["started_at"],
-              "finished_at": None, "holder": holder},
-    )
+# The ledger's hot statements, with parameters (compiled once per driver: `lean_op`).
+_NODE_COLUMNS = ("id", "run_id", "node", "status", "holder", "cost_usd", "started_at",
+                 "finished_at", "error")
+
+
+def _upsert_node_prebuilt(pg: bool) -> Any:
+    insert = postgresql_insert if pg else sqlite_insert
+    stmt = insert(_NODES)
+    return stmt.on_conflict_do_update(index_elements=["id"], set_={
+        "status": stmt.excluded.status, "started_at": stmt.excluded.started_at,
+        "finished_at": null(), "holder": stmt.excluded.holder})
+
+
+def _finish_node_prebuilt() -> Any:
+    cost = select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), literal_column("0.0"))).where(
+        _ATTEMPTS.c.task_id == bindparam("w_id")).scalar_subquery()
+    return update(_NODES).where(_NODES.c.id == bindparam("w_id")).values(
+        status=bindparam("w_status", type_=_NODES.c.status.type),
+        finished_at=bindparam("w_at", type_=_NODES.c.finished_at.type), cost_usd=cost,
+        error=bindparam("w_error", type_=_NODES.c.error.type))
+
+
+def _update_run_prebuilt() -> Any:
+    return update(_RUNS).where(_RUNS.c.id == bindparam("w_id"))
+
+
+def _add_cost_prebuilt() -> Any:
+    return update(_RUNS).where(_RUNS.c.id == bindparam("w_id")).values(
+        cost_usd=_RUNS.c.cost_usd + bindparam("w_add", type_=_RUNS.c.cost_usd.type),
+        updated_at=bindparam("w_at", type_=_RUNS.c.updated_at.type))
 
 
 UNSETTLED = (Outcome.PENDING, Outcome.ABANDONED)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import typing
 from collections import defaultdict
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from langchain_core.runnables import RunnableConfig
@@ -51,6 +51,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects.postgresql import asyncpg as pg_asyncpg
 from sqlalchemy.dialects import sqlite as sq
 from sqlalchemy.dialects.sqlite import pysqlite
 from sqlalchemy.engine import Connection, Row
@@ -65,7 +66,8 @@ if TYPE_CHECKING:
     from .store import Store
 
 __all__ = ["LIST_PAGE", "CheckpointPlans", "Lean", "Loaded", "Op", "Plan", "Rows", "adrive",
-           "chunks", "drive", "drive_in_driver_transaction", "id_list", "prune_args"]
+           "chunks", "drive", "drive_in_driver_transaction", "id_list", "lean_op",
+           "prune_args"]
 
 T = TypeVar("T")
 
@@ -117,20 +119,47 @@ class Lean:
     The write statements of puts skip SQLAlchemy's per-call work (cache lookup, parameter
     processing, execution context): about a quarter of a put's client CPU. Their
     parameters need no processing but JSON's: lists become arrays and bytes bytea or
-    BLOB in the drivers themselves.
+    BLOB in the drivers themselves. `process`: the parameters go through the types' bind
+    processors (datetimes, JSON, ...) as SQLAlchemy would (the ledger's statements).
+    Another driver runs `stmt` (its parameters as a dict) as usual.
     """
 
-    def __init__(self, stmt: Any, dialect: Any, columns: Sequence[str] | None = None) -> None:
+    def __init__(self, stmt: Any, dialect: Any, columns: Sequence[str] | None = None, *,
+                 process: bool = False) -> None:
         compiled = stmt.compile(dialect=dialect, column_keys=columns)
+        self.stmt = stmt
         self.driver = dialect.driver
         self.sql = str(compiled)
         self.order = tuple(compiled.positiontup or ())
-        self.json = frozenset(name for name, bind in compiled.binds.items()
-                              if isinstance(bind.type, JSON))
+        self.processors: dict[str, Callable[[Any], Any]] = (
+            dict(compiled._bind_processors) if process else {})
+        self.json = frozenset() if process else frozenset(
+            name for name, bind in compiled.binds.items() if isinstance(bind.type, JSON))
 
     def args(self, params: dict[str, Any]) -> tuple[Any, ...]:
+        if self.processors:
+            get = self.processors.get
+            return tuple(params[k] if (p := get(k)) is None or params[k] is None
+                         else p(params[k]) for k in self.order)
         return tuple(json.dumps(params[k]) if k in self.json else params[k]
                      for k in self.order)
+
+
+_LEANS: dict[tuple[str, tuple[str, ...] | None, bool], Lean] = {}
+# The drivers of the lanes: pysqlite (SqliteLanes) and asyncpg (AsyncLanes).
+_DIALECTS = {False: pysqlite.dialect(),
+             True: pg_asyncpg.dialect()}  # type: ignore[no-untyped-call]  # unannotated in SQLAlchemy
+
+
+def lean_op(name: str, build: Callable[[], Any], params: dict[str, Any], *, pg: bool,
+            columns: Sequence[str] | None = None, fetch: bool = False) -> Op:
+    """An Op for statement `name` (built once by `build`, compiled once per column set for
+    the async driver of the dialect: asyncpg, or the sqlite lanes' pysqlite)."""
+    key = (name, tuple(columns) if columns is not None else None, pg)
+    lean = _LEANS.get(key)
+    if lean is None:
+        lean = _LEANS[key] = Lean(build(), _DIALECTS[pg], columns, process=True)
+    return Op(lean.stmt, params, fetch, lean)
 
 
 # A plan yields statements, is sent back their rows (a list when `fetch`, else None) and
@@ -155,6 +184,7 @@ def drive(conn: Connection, plan: Plan[T]) -> T:
                     cursor.executemany(op.lean.sql, [op.lean.args(p) for p in op.params])
                 else:
                     cursor.execute(op.lean.sql, op.lean.args(op.params))
+                    rows = cursor.fetchall() if op.fetch else None
             finally:
                 cursor.close()
             continue
