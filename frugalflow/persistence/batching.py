@@ -112,9 +112,16 @@ class Writer:
     async def _submit(self, write: Write, shard: int) -> Any:
         queue = self._queues.setdefault(shard, [])
         if shard not in self._busy and not queue:
-            # Nobody waits and the shard is free: write now, in this task (no hand-off).
+            # The shard is free: this task writes, after one turn of the loop in which the
+            # runs that are ready queue their writes to join it (a SQLite transaction runs
+            # on the loop's thread: nothing could queue while it runs).
             self._busy.add(shard)
             try:
+                await asyncio.sleep(0)
+                joined = [w for w in queue[:_MAX_BATCH - 1] if not w.done or not w.done.done()]
+                del queue[:_MAX_BATCH - 1]
+                if joined:
+                    return await self._lead([write, *joined], shard)
                 (outcome,) = await self._run([write], shard)
             finally:
                 self._busy.discard(shard)
@@ -126,6 +133,21 @@ class Writer:
         queue.append(write)
         self._start_drain(shard)
         return await write.done
+
+    async def _lead(self, batch: list[Write], shard: int) -> Any:
+        """Write `batch` (this task's write first, then those that joined it); settle the
+        others and return this one's outcome."""
+        loop = asyncio.get_running_loop()
+        mine = batch[0]
+        mine.done = loop.create_future()
+        try:
+            await self._flush(batch, shard)
+        except BaseException:
+            for w in batch[1:]:
+                if w.done is not None and not w.done.done():
+                    w.done.cancel()
+            raise
+        return mine.done.result()
 
     def _start_drain(self, shard: int) -> None:
         if self._queues.get(shard) and shard not in self._busy:

@@ -617,9 +617,9 @@ UNSETTLED = (Outcome.PENDING, Outcome.ABANDONED)
 
 
 def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
-    """The ff_attempts row of `attempt` (without its id)."""
+    """The ff_attempts row of `attempt` (every column but its id: no defaults applied)."""
     usage = attempt.usage
-    row = AttemptRow(
+    values: dict[str, Any] = dict(
         run_id=attempt.run_id, task_id=attempt.task_id, call_id=attempt.call_id, flow=flow,
         node=attempt.node, model=attempt.model, provider=attempt.provider,
         try_number=attempt.try_number, outcome=attempt.outcome,
@@ -633,14 +633,12 @@ def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
         started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
         call_key=attempt.call_key, route_reason=attempt.route_reason,
         prompt=scrub(attempt.prompt)[:4000] if attempt.prompt else None,
-        category=attempt.category, usage_estimated=attempt.usage_estimated,
+        feedback=None, category=attempt.category, usage_estimated=attempt.usage_estimated,
         # The answer is replayed on resume: kept as given, except exact key values.
         response=(scrub_exact(_message_json(attempt.response))
                   if attempt.response is not None else None),
     )
-    values = {k: _storable(v) for k, v in _values(row).items()}
-    values.pop("id", None)
-    return values
+    return {k: _storable(v) for k, v in values.items()}
 
 
 def _message_json(message: Any) -> dict[str, Any]:
