@@ -313,7 +313,7 @@ class Ledger:
         await self.store.setup()
 
         def plan() -> Plan[Any]:
-            rows = yield Op(_select_runs().where(_RUNS.c.id == run_id), fetch=True)
+            rows = yield Op(_GET_RUN, {"w_id": run_id}, fetch=True)
             return rows[0] if rows else None
 
         row = await self.store.run_read(plan, what=f"read of run {run_id}")
@@ -669,6 +669,10 @@ def _select_runs() -> Any:
     cannot be decoded (nested past the decoder's recursion limit) breaks no read of others."""
     return select(*(cast(c, Text).label(c.name) if c.name in _RUN_JSON else c
                     for c in _RUNS.c))
+
+
+# Built once: building a select costs more than running it (SQLAlchemy caches its SQL).
+_GET_RUN = _select_runs().where(_RUNS.c.id == bindparam("w_id"))
 
 
 def _run_row(mapping: RowMapping) -> RunRow:

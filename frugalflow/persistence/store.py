@@ -71,10 +71,16 @@ def _v4(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_ff_runs_principal ON ff_runs (principal)"))
 
 
+def _v5(conn: Connection) -> None:
+    """ff_attempts(task_id): a node's cost is summed over its task's attempts when it ends
+    (without the index, a scan of every attempt ever made, per node)."""
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ff_attempts_task ON ff_attempts (task_id)"))
+
+
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
 # function here that alters existing databases (and must be a no-op where _v1 already
 # created the new shape). Never edit or reorder an applied migration.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups

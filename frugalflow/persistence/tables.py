@@ -141,7 +141,8 @@ class AttemptRow(SQLModel, table=True):
     """One try of one model for one call: the finance and reliability record."""
 
     __tablename__ = "ff_attempts"
-    __table_args__ = (Index("ff_attempts_run_node", "run_id", "node"),)
+    __table_args__ = (Index("ff_attempts_run_node", "run_id", "node"),
+                      Index("ff_attempts_task", "task_id"))
 
     id: int | None = Field(default=None, primary_key=True)
     run_id: str | None = Field(default=None)
