@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import typing
@@ -356,14 +357,21 @@ class AsyncLanes:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """A lane in a transaction (BEGIN ... COMMIT) instead of autocommit mode."""
+        """A lane in a transaction (BEGIN ... COMMIT): asyncpg's own, around statements
+        sent through SQLAlchemy (in autocommit mode: it sends no BEGIN of its own) or
+        straight to asyncpg (`adrive`)."""
         async with self.connection() as conn:
-            if conn.in_transaction():  # SQLAlchemy's autobegun no-op one of autocommit mode
-                await conn.commit()  # (sends nothing: the driver is in autocommit)
-            await conn.execution_options(isolation_level=conn.default_isolation_level)
-            async with conn.begin():
+            raw: Any = (await conn.get_raw_connection()).driver_connection  # asyncpg
+            tx = raw.transaction()
+            await tx.start()
+            try:
                 yield conn
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            except BaseException:
+                if not raw.is_closed():
+                    with contextlib.suppress(Exception):  # the lane is discarded anyway
+                        await asyncio.shield(tx.rollback())
+                raise
+            await tx.commit()
 
     async def _take(self, engine: AsyncEngine) -> AsyncConnection:
         now = asyncio.get_running_loop().time()

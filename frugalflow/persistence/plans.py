@@ -197,11 +197,27 @@ def drive(conn: Connection, plan: Plan[T]) -> T:
 
 async def adrive(conn: AsyncConnection, plan: Plan[T]) -> T:
     rows: Any = None
+    raw: Any = None  # the asyncpg connection (untyped), for `Lean` statements
     while True:
         try:
             op = plan.send(rows)
         except StopIteration as stop:
             return typing.cast(T, stop.value)  # a Plan[T] returns a T
+        if op.lean is not None and op.lean.driver == "asyncpg" == conn.dialect.driver:
+            # On asyncpg itself (its statement cache; SQLAlchemy's adapter costs a greenlet
+            # switch and a cursor per statement), in the transaction of the connection
+            # (`AsyncLanes.transaction` runs asyncpg's; SQLAlchemy's side is autocommit).
+            if raw is None:
+                raw = (await conn.get_raw_connection()).driver_connection
+            if isinstance(op.params, list):
+                await raw.executemany(op.lean.sql, [op.lean.args(p) for p in op.params])
+                rows = None
+            elif op.fetch:
+                rows = await raw.fetch(op.lean.sql, *op.lean.args(op.params))
+            else:
+                await raw.execute(op.lean.sql, *op.lean.args(op.params))
+                rows = None
+            continue
         if op.lean is not None and op.lean.driver == conn.dialect.driver:
             result = await conn.exec_driver_sql(op.lean.sql, op.lean.args(op.params))
         elif op.params is not None:
