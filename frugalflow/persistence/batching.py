@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..exceptions import LeaseError, StoreUnavailableError
 from .errors import is_transient
-from .leases import Fence, fence_check
+from .leases import Fence, fence_checks
 from .plans import Plan, Rows, adrive, drive, drive_in_driver_transaction
 
 if TYPE_CHECKING:
@@ -260,10 +260,7 @@ def _forget_carrier(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any
 def _batch_plan(batch: Sequence[Write], *, pg: bool) -> Plan[list[Any]]:
     """The fence checks (in run order: locks taken in one order), the merged checkpoint
     rows, then each call's plan; the outcome of each call."""
-    lost: dict[Fence, LeaseError | None] = {}
-    fences = {w.fence for w in batch if w.fence is not None}
-    for fence in sorted(fences, key=lambda f: (f.run_id, f.holder, f.epoch)):
-        lost[fence] = yield from fence_check(fence, pg=pg)
+    lost = yield from fence_checks({w.fence for w in batch if w.fence is not None}, pg=pg)
     live = [w for w in batch if w.fence is None or lost[w.fence] is None]
     merges: dict[Callable[[Sequence[Rows]], Plan[None]], list[Rows]] = {}
     for w in live:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,6 +39,7 @@ __all__ = [
     "check_lease",
     "current_fence",
     "fence_check",
+    "fence_checks",
     "fence_plan",
     "fenced",
     "holder_id",
@@ -162,6 +163,39 @@ def fence_check(fence: Fence, *, pg: bool) -> Plan[LeaseError | None]:
     except LeaseError as error:
         return error
     return None
+
+
+def fence_checks(fences: Iterable[Fence], *, pg: bool) -> Plan[dict[Fence, LeaseError | None]]:
+    """`fence_check` for several fences in one transaction (in run order). PostgreSQL: the
+    leases that hold are renewed by ONE statement (a round trip per fence saved); the
+    others are checked one by one (their LeaseError)."""
+    ordered = sorted(fences, key=lambda f: (f.run_id, f.holder, f.epoch))
+    outcome: dict[Fence, LeaseError | None] = {}
+    renewable = [f for f in ordered if f.ttl is not None]
+    if pg and len(renewable) > 1:
+        now = utcnow()
+        rows = yield lean_op("lease.renew_many", _renew_many_prebuilt, {
+            "runs": [f.run_id for f in renewable], "holders": [f.holder for f in renewable],
+            "epochs": [f.epoch for f in renewable],
+            "expires": [now + timedelta(seconds=f.ttl or 0.0) for f in renewable],
+        }, pg=True, fetch=True)
+        held = {(r[0], r[1], r[2]) for r in rows}
+        outcome.update((f, None) for f in renewable if (f.run_id, f.holder, f.epoch) in held)
+    for fence in ordered:
+        if fence not in outcome:
+            outcome[fence] = yield from fence_check(fence, pg=pg)
+    return outcome
+
+
+def _renew_many_prebuilt() -> Any:
+    """Renew the leases still held by the (run, holder, epoch) triples given as arrays."""
+    return text(
+        "UPDATE ff_leases SET expires_at = v.expires FROM unnest("
+        "CAST(:runs AS VARCHAR[]), CAST(:holders AS VARCHAR[]), CAST(:epochs AS INTEGER[]), "
+        "CAST(:expires AS TIMESTAMP WITH TIME ZONE[])) AS v(run_id, holder, epoch, expires) "
+        "WHERE ff_leases.run_id = v.run_id AND ff_leases.holder = v.holder "
+        "AND ff_leases.epoch = v.epoch "
+        "RETURNING ff_leases.run_id, ff_leases.holder, ff_leases.epoch")
 
 
 def _check_plan(fence: Fence, *, pg: bool) -> Plan[None]:
