@@ -12,11 +12,11 @@ the driver for each call. Why the I/O looks the way it does (speed, and atomicit
   (a fenced write adds BEGIN, the lease check and COMMIT).
   One transaction per write on SQLite (BEGIN IMMEDIATE). A cancelled caller leaves the
   whole checkpoint or nothing.
-* Group commit: concurrent puts and put_writes (many runs on one saver) are written
-  together, one statement or transaction for the lot.
-* SQLite work runs in a worker thread on the Store's sync engine: one thread hop per
-  operation (aiosqlite hops per statement). Async SQLite writes queue on the Store's
-  per-process writer lock, with the Store's other writers.
+* Group commit (the Store's `Writer`): concurrent puts and put_writes of many runs, and
+  their ledger rows, are written together, one transaction for the lot.
+* SQLite work runs on the event loop's thread on the Store's sync engine (microseconds in
+  WAL); a worker thread takes it only while another process holds the write lock. Async
+  SQLite writes queue on the Store's per-process writer lock, with its other writers.
 
 Lease fences (`leases.fenced`, set by the Runner around a run) hold for every write, as for
 `Store.write`: the caller's fence is captured when it calls, checked in the transaction of
