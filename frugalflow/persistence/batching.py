@@ -113,20 +113,27 @@ class Writer:
     async def _submit(self, write: Write, shard: int) -> Any:
         queue = self._queues.setdefault(shard, [])
         if shard not in self._busy and not queue:
-            # The shard is free: this task writes, after one turn of the loop in which the
-            # runs that are ready queue their writes to join it (a SQLite transaction runs
-            # on the loop's thread: nothing could queue while it runs).
+            # The shard is free: after one turn of the loop, in which the runs that are
+            # ready queue their writes (a SQLite transaction runs on the loop's thread:
+            # nothing could queue while it runs), this task writes its own write alone,
+            # or hands it with those that joined to a drain task (a caller cancelled then
+            # cancels no other run's write).
             self._busy.add(shard)
+            handed = False
             try:
                 await asyncio.sleep(0)
-                joined = [w for w in queue[:_MAX_BATCH - 1] if not w.done or not w.done.done()]
-                del queue[:_MAX_BATCH - 1]
-                if joined:
-                    return await self._lead([write, *joined], shard)
-                (outcome,) = await self._run([write], shard)
+                if queue:
+                    write.done = asyncio.get_running_loop().create_future()
+                    queue.insert(0, write)
+                    handed = True
+                else:
+                    (outcome,) = await self._run([write], shard)
             finally:
                 self._busy.discard(shard)
                 self._start_drain(shard)  # for calls that queued meanwhile
+            if handed:
+                assert write.done is not None
+                return await write.done
             if isinstance(outcome, _Lost):
                 raise outcome.error
             return outcome
@@ -134,21 +141,6 @@ class Writer:
         queue.append(write)
         self._start_drain(shard)
         return await write.done
-
-    async def _lead(self, batch: list[Write], shard: int) -> Any:
-        """Write `batch` (this task's write first, then those that joined it); settle the
-        others and return this one's outcome."""
-        loop = asyncio.get_running_loop()
-        mine = batch[0]
-        mine.done = loop.create_future()
-        try:
-            await self._flush(batch, shard)
-        except BaseException:
-            for w in batch[1:]:
-                if w.done is not None and not w.done.done():
-                    w.done.cancel()
-            raise
-        return mine.done.result()
 
     def _start_drain(self, shard: int) -> None:
         if self._queues.get(shard) and shard not in self._busy:
@@ -209,6 +201,9 @@ class Writer:
             raise
         except Exception:
             pass  # one of them is at fault: the deferred writes alone, then the batch
+        except BaseException:  # cancelled: maybe written, maybe not (they are idempotent)
+            self._deferred.setdefault(shard, [])[:0] = deferred
+            raise
         for w in deferred:
             try:
                 await self._transaction([w])
