@@ -58,7 +58,7 @@ from frugalflow.persistence import Store
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from pg import create_database, drop_database  # noqa: E402  (the tests' throwaway databases)
-from frugalflow.persistence.checkpointer import SQLModelSaver
+from frugalflow.persistence.saver import SQLModelSaver
 
 CHANNELS = 10  # channels per checkpoint in the aput workload
 CHANGED = 2  # channels with a new version in each put
@@ -209,7 +209,7 @@ async def compare(savers: dict[str, Saver], args: argparse.Namespace,
                   f"{r[('overhead', conc)] * 1e6:7.0f} us overhead/step", flush=True)
 
 
-async def main() -> None:
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sqlite-path", help="SQLite file for SQLModelSaver (the official saver "
                     "uses <path>-official); both must not exist; default: a temp directory")
@@ -227,8 +227,11 @@ async def main() -> None:
                     "and what AsyncSqliteSaver gets unless told otherwise")
     ap.add_argument("--databases", default="sqlite,postgres",
                     help="comma-separated subset of sqlite,postgres")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+async def main() -> None:
+    args = _arguments()
     tmp = None
     if args.sqlite_path:
         path = os.path.abspath(args.sqlite_path)
@@ -297,7 +300,8 @@ async def main() -> None:
           f"(pool_size={args.pool_size}) and groups concurrent writes; both SQLite savers "
           "use WAL; ours synchronous=NORMAL (the Store's), the official one "
           f"synchronous={args.official_sqlite_synchronous}; the official SQLite saver has one "
-          "aiosqlite connection, ours the Store's sync engine in a worker thread.")
+          "aiosqlite connection, ours the Store's sync engine on the event loop's thread "
+          "(a worker thread only while another process holds the write lock).")
 
 
 def _table(results: dict[str, dict[tuple[str, int], float]]) -> str:

@@ -19,19 +19,14 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.messages import AIMessage
 from langgraph.graph import START
 from langgraph.types import Command
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 
 from .catalog import Catalog
 from .events import EventBus, attempt_event
@@ -48,8 +43,9 @@ from .statuses import FINAL_STATUSES, NodeStatus, RunStatus
 from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
 from .persistence.ledger import Ledger, RunRecord, scrub
-from .persistence.store import Fence, Store, fenced, unfenced
-from .persistence.tables import LeaseHistoryRow, LeaseRow, RunRow, utcnow
+from .persistence.leases import Lease, acquire_lease, afenced, fenced, holder_id, unfenced
+from .persistence.store import Store, postgres_url
+from .persistence.tables import RunRow, utcnow
 from .usage import RunUsage
 
 if TYPE_CHECKING:
@@ -68,116 +64,6 @@ __all__ = ["FINAL_STATUSES", "Lease", "RunResult", "RunStatus", "Runner"]
 log = logging.getLogger("frugalflow")
 
 
-_LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
-_HISTORY = LeaseHistoryRow.__table__  # type: ignore[attr-defined]
-_RUNS = RunRow.__table__  # type: ignore[attr-defined]
-
-
-def _holder_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-@dataclass
-class Lease:
-    """The right to execute one run until `expires_at`; `epoch` fences stale holders."""
-
-    run_id: str
-    holder: str
-    epoch: int
-    ttl: float
-    store: Store
-    lost: bool = False
-    stop: str | None = None  # why the lease keeper stopped the run: "lost" | "cancel"
-
-    @property
-    def fence(self) -> Fence:
-        """The fence of this lease's writes; each of them renews the lease (Fence.ttl)."""
-        return Fence(self.run_id, self.holder, self.epoch, self.ttl)
-
-    async def renew(self) -> bool:
-        """Extend the lease; False when it was lost (expired and taken by someone else)."""
-        async def once() -> bool:
-            async with self.store.write() as conn:
-                result = await conn.execute(
-                    update(_LEASES)
-                    .where(_LEASES.c.run_id == self.run_id, _LEASES.c.holder == self.holder,
-                           _LEASES.c.epoch == self.epoch)
-                    .values(expires_at=utcnow() + timedelta(seconds=self.ttl))
-                )
-            return bool(result.rowcount)
-
-        return await self.store.retrying(once, what=f"lease renewal of {self.run_id}")
-
-    async def release(self) -> None:
-        await self.store.retrying(self._release, what=f"lease release of {self.run_id}")
-
-    async def _release(self) -> None:
-        # Expire rather than delete: the row keeps the epoch, so the next holder's is higher.
-        async with self.store.write() as conn:
-            await conn.execute(
-                update(_LEASES).where(_LEASES.c.run_id == self.run_id,
-                                      _LEASES.c.holder == self.holder,
-                                      _LEASES.c.epoch == self.epoch)
-                .values(expires_at=utcnow())
-            )
-            await conn.execute(
-                update(_HISTORY).where(_HISTORY.c.run_id == self.run_id,
-                                       _HISTORY.c.epoch == self.epoch,
-                                       _HISTORY.c.holder == self.holder)
-                .values(released_at=utcnow())
-            )
-
-
-async def acquire_lease(store: Store, run_id: str, holder: str, ttl: float) -> Lease:
-    """Take the run's lease, or raise LeaseError naming the current holder."""
-    now = utcnow()
-    expires = now + timedelta(seconds=ttl)
-    try:
-        async with store.write() as conn:
-            q = select(_LEASES).where(_LEASES.c.run_id == run_id)
-            if not store.is_sqlite:
-                q = q.with_for_update()
-            row = (await conn.execute(q)).first()
-            if row is None:
-                await conn.execute(
-                    _LEASES.insert().values(run_id=run_id, holder=holder, epoch=1,
-                                            expires_at=expires, acquired_at=now)
-                )
-                await conn.execute(_HISTORY.insert().values(
-                    run_id=run_id, holder=holder, epoch=1, acquired_at=now))
-                return Lease(run_id, holder, 1, ttl, store)
-            current = LeaseRow.model_validate(dict(row._mapping))
-            if current.holder != holder and _aware(current.expires_at) > now:
-                left = (_aware(current.expires_at) - now).total_seconds()
-                raise LeaseError(
-                    f"run {run_id!r} is being executed by {current.holder} (lease valid for "
-                    f"{left:.1f} s more); wait for it to finish, or resume after the lease expires",
-                    run_id=run_id, holder=current.holder,
-                )
-            epoch = current.epoch + 1
-            await conn.execute(
-                update(_LEASES).where(_LEASES.c.run_id == run_id).values(
-                    holder=holder, epoch=epoch, expires_at=expires, acquired_at=now)
-            )
-            await conn.execute(_HISTORY.insert().values(
-                run_id=run_id, holder=holder, epoch=epoch, acquired_at=now))
-            return Lease(run_id, holder, epoch, ttl, store)
-    except IntegrityError:  # another process inserted the lease first
-        raise LeaseError(
-            f"run {run_id!r} was just taken by another executor", run_id=run_id
-        ) from None
-
-
-def _aware(dt: Any) -> Any:
-    from datetime import timezone
-
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
-
-
-@contextlib.asynccontextmanager
-async def _fenced_async(fence: Fence) -> Any:
-    with fenced(fence):
-        yield
 
 
 @dataclass
@@ -251,7 +137,7 @@ class Runner:
         self.policy = policy
         self.breakers = breakers if breakers is not None else default_breakers
         self.lease_ttl = lease_ttl
-        self.holder = holder or _holder_id()
+        self.holder = holder or holder_id()
         self._flows: dict[str, Flow[Any]] = {}
         self._compiled: dict[str, CompiledFlow] = {}
         self._tasks: dict[str, asyncio.Task[RunResult]] = {}
@@ -313,7 +199,7 @@ class Runner:
     @property
     def saver(self) -> BaseCheckpointSaver[Any]:
         if self._saver is None:
-            from .persistence.checkpointer import SQLModelSaver
+            from .persistence.saver import SQLModelSaver
 
             self._saver = SQLModelSaver(self.store)
         return self._saver
@@ -617,7 +503,7 @@ class Runner:
         keeper = asyncio.create_task(self._keep_lease(lease, asyncio.current_task()))
         end = _Ending()
         try:
-            async with self._slots, _fenced_async(lease.fence):
+            async with self._slots, afenced(lease.fence):
                 await self._drive(run_id, graph_input, end)
         except BudgetExceededError as e:
             end.stop(RunStatus.BUDGET_EXCEEDED, str(e), e)

@@ -22,8 +22,9 @@ from sqlalchemy import func, select
 from frugalflow.exceptions import LeaseError
 from frugalflow.persistence import Store
 from frugalflow.persistence import tables as t
-from frugalflow.persistence.checkpointer import REDACTED, SQLModelSaver, scrub_metadata
-from frugalflow.persistence.store import Fence, fenced
+from frugalflow.persistence.saver import SQLModelSaver
+from frugalflow.persistence.scrub import REDACTED, scrub_metadata
+from frugalflow.persistence.leases import Fence, fenced
 
 BLOBS: Any = t.CheckpointBlobRow.__table__  # type: ignore[attr-defined]
 CHECKPOINTS: Any = t.CheckpointRow.__table__  # type: ignore[attr-defined]
@@ -445,6 +446,35 @@ async def test_writes_under_a_stale_fence_are_rejected_and_leave_nothing(
         await saver.adelete_thread(f"{live.run_id}-{live.holder}")
     tup = await saver.aget_tuple(_config(f"{live.run_id}-{live.holder}"))
     assert tup is not None and tup.pending_writes == [("task", "ch", 1)]
+
+
+async def test_fences_with_a_ttl_checked_together_renew_the_held_leases_only(
+    saver: SQLModelSaver, store: Store
+) -> None:
+    # The Runner's fences carry a TTL: a batch renews the leases still held in one go and
+    # rejects the calls of a lease another executor took, whatever else shares the batch.
+    await store.setup()
+    held = [await _lease(store, f"held-{i}-{uuid.uuid4().hex}", "me", 1, ttl=1)
+            for i in range(3)]
+    gone = await _lease(store, f"gone-{uuid.uuid4().hex}", "someone-else", 2, ttl=60)
+    fences = [Fence(f.run_id, f.holder, f.epoch, ttl=120) for f in held]
+    fences.append(Fence(gone.run_id, "me", 1, ttl=120))
+
+    async def put(fence: Fence) -> Any:
+        with fenced(fence):
+            return await saver.aput(_config(fence.run_id), _checkpoint({}, {}), {}, {})
+
+    outcomes = await asyncio.gather(*(put(f) for f in fences * 3), return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes] == (["dict"] * 3 + ["LeaseError"]) * 3
+    leases = t.LeaseRow.__table__  # type: ignore[attr-defined]
+    async with store.read() as conn:
+        rows = {r.run_id: r for r in (await conn.execute(select(leases))).all()}
+    for fence in fences[:3]:  # renewed for the fence's TTL, not the 1 s they were taken for
+        expires = rows[fence.run_id].expires_at
+        expires = expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)
+        assert expires > datetime.now(timezone.utc) + timedelta(seconds=60)
+    assert rows[gone.run_id].holder == "someone-else" and rows[gone.run_id].epoch == 2
+    assert await saver.aget_tuple(_config(gone.run_id)) is None
 
 
 def test_sync_writes_are_fenced_too(db_url: str) -> None:

@@ -28,8 +28,9 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel
 from frugalflow.exceptions import StoreUnavailableError
+from frugalflow.persistence.errors import is_transient
+from frugalflow.persistence.store import Store
 from frugalflow.resilience import BreakerRegistry
-from frugalflow.persistence.store import Store, is_transient
 from frugalflow.persistence.tables import CheckpointRow, LeaseRow, NodeRunRow, RunRow
 from frugalflow.runner import Runner
 from tcp_proxy import TcpProxy
@@ -516,8 +517,8 @@ async def test_runs_left_without_a_job_or_executor_are_queued_again(fresh_pg_url
     sweep queues it again, and leaves alone a run a live executor holds."""
     from durable_flows import chain_flow
 
+    from frugalflow.persistence.leases import acquire_lease
     from frugalflow.scale.dispatch import ProcrastinateDispatcher
-    from frugalflow.runner import acquire_lease
 
     runner = Runner(fresh_pg_url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
                     breakers=BreakerRegistry(), lease_ttl=30.0,

@@ -19,7 +19,8 @@ from frugalflow.exceptions import (
 )
 from frugalflow.resilience import BreakerRegistry
 from frugalflow.persistence import Store
-from frugalflow.runner import Runner, RunStatus, acquire_lease
+from frugalflow.persistence.leases import acquire_lease
+from frugalflow.runner import Runner, RunStatus
 
 
 @pytest.fixture
@@ -216,9 +217,9 @@ async def test_two_hundred_concurrent_runs(db_url: str) -> None:
 
 
 async def test_a_stale_executor_cannot_write_a_single_row(db_url: str) -> None:
-    from frugalflow.persistence.checkpointer import SQLModelSaver
+    from frugalflow.persistence.saver import SQLModelSaver
     from frugalflow.persistence.ledger import Ledger
-    from frugalflow.persistence.store import Fence, fenced
+    from frugalflow.persistence.leases import Fence, fenced
 
     store = Store(db_url)
     await store.setup()

@@ -31,7 +31,7 @@ from frugalflow.testing.emulator import ProviderEmulator, emulated_catalog
 from frugalflow.persistence import Store
 from frugalflow.persistence import scrub as policy
 from frugalflow.persistence import tables as t
-from frugalflow.persistence.checkpointer import SQLModelSaver
+from frugalflow.persistence.saver import SQLModelSaver
 from frugalflow.persistence.scrub import (
     REDACTED,
     SecretFilter,

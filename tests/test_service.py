@@ -36,8 +36,16 @@ def db(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'service.db'}"
 
 
+def _slow(latency: float) -> Catalog:
+    """The simulated catalog, each call taking `latency` s (a run still going when watched)."""
+    return Catalog([s.model_copy(update={"model_kwargs": {"latency": latency}})
+                    for s in Catalog.simulated()], name="slow")
+
+
 async def test_start_watch_events_and_read_the_run(db: str) -> None:
-    async with serving(db) as client:
+    # Calls take time: an instant run could end before the stream subscribes (it would
+    # show only its final status).
+    async with serving(db, catalog=_slow(0.2)) as client:
         flows = (await client.get("/flows")).json()
         assert {f["name"] for f in flows} == {"chain", "review"}
         started = await client.post("/runs", json={"flow": "chain", "input": {"topic": "sse"},

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Text, case, cast, func, select, update
+from sqlalchemy import Text, bindparam, case, cast, func, literal_column, null, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..exceptions import (
     ErrorClass,
@@ -25,10 +27,13 @@ from ..exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from ..statuses import Outcome
+from ..statuses import NodeStatus, Outcome, RunStatus
 from ..usage import Attempt
+from .batching import Write
+from .leases import afenced, current_fence, unfenced
+from .plans import Op, Plan, lean_op
 from .scrub import scrub, scrub_exact
-from .store import Store, unfenced
+from .store import Store
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
 __all__ = ["CallOutcome", "CostRow", "Ledger", "RunRecord", "scrub"]
@@ -90,6 +95,7 @@ class Ledger:
         # in order: written before the run's next ledger write, at its end or release.
         self._unwritten: dict[str, list[dict[str, Any]]] = {}
         self._flushing: dict[str, asyncio.Lock] = {}
+        self._task_runs: dict[str, str] = {}  # task -> run, for node_finished's batch
 
     # -- writes --------------------------------------------------------------------
 
@@ -100,15 +106,19 @@ class Ledger:
         input: Any,
         *,
         budget_usd: float | None = None,
-        status: str = "pending",
+        status: str = RunStatus.PENDING,
         principal: str | None = None,
     ) -> RunRow:
         await self.store.setup()
         row = RunRow(id=run_id, flow=flow, status=status, input=_as_dict(scrub(input)),
                      budget_usd=budget_usd, principal=principal)
+        values = _values(row)
+
+        def plan() -> Plan[None]:
+            yield Op(_RUNS.insert().values(**values))
+
         try:
-            async with self.store.write() as conn:
-                await conn.execute(_RUNS.insert().values(**_values(row)))
+            await self.store.run_write(plan, key=run_id, retry=False)
         except IntegrityError:
             raise RunStateError(
                 f"a run with id {run_id!r} already exists; resume it or use another id",
@@ -118,48 +128,55 @@ class Ledger:
 
     async def update_run(self, run_id: str, **changes: Any) -> None:
         changes["updated_at"] = utcnow()
-        if changes.get("status") in ("succeeded", "failed", "cancelled"):
+        if changes.get("status") in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
             changes.setdefault("finished_at", changes["updated_at"])
         if "error" in changes and changes["error"] is not None:
             changes["error"] = _storable(scrub(str(changes["error"]))[:4000])
         if changes.get("pending_resume") is not None:  # a user's answer: kept as given
             changes["pending_resume"] = scrub_exact(changes["pending_resume"])
 
-        async def once() -> None:
-            async with self.store.write() as conn:
-                await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(**changes))
+        pg = not self.store.is_sqlite
 
-        await self.store.retrying(once, what=f"update of run {run_id}")
+        def plan() -> Plan[None]:
+            yield lean_op("runs.update", _update_run_prebuilt, {**changes, "w_id": run_id},
+                          pg=pg, columns=sorted(changes))
+
+        await self.store.run_write(plan, key=run_id, what=f"update of run {run_id}")
 
     async def node_started(self, task_id: str, run_id: str, node: str,
                            holder: str | None = None) -> None:
-        async def once() -> None:
-            async with self.store.write() as conn:
-                await _upsert_node(conn, self.store, task_id, run_id, node, holder)
+        pg = not self.store.is_sqlite
+        values = {"id": task_id, "run_id": run_id, "node": node, "status": NodeStatus.RUNNING,
+                  "holder": holder, "cost_usd": 0.0, "started_at": utcnow(),
+                  "finished_at": None, "error": None}  # every column: no defaults applied
+        self._task_runs[task_id] = run_id
 
-        await self.store.retrying(once, what=f"node row of run {run_id}")
+        def plan() -> Plan[None]:
+            yield lean_op("nodes.upsert", partial(_upsert_node_prebuilt, pg), values, pg=pg,
+                          columns=_NODE_COLUMNS)
+
+        # Awaited: its fence check stops a run taken over by another executor before the
+        # node runs (and pays). The previous node's deferred row goes in the same
+        # transaction (`node_finished`).
+        await self.store.run_write(plan, key=run_id, what=f"node row of run {run_id}")
 
     async def node_finished(
-        self, task_id: str, *, status: str = "done", error: str | None = None
+        self, task_id: str, *, status: str = NodeStatus.DONE, error: str | None = None,
+        run_id: str | None = None,
     ) -> None:
-        await self.store.retrying(lambda: self._node_finished(task_id, status, error),
-                                  what=f"node row {task_id}")
+        pg = not self.store.is_sqlite
+        params = {"w_id": task_id, "w_status": status, "w_at": utcnow(),
+                  "w_error": _storable(scrub(error)[:2000]) if error else None}
 
-    async def _node_finished(self, task_id: str, status: str, error: str | None) -> None:
-        async with self.store.write() as conn:
-            cost = (
-                await conn.execute(
-                    select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
-                        _ATTEMPTS.c.task_id == task_id
-                    )
-                )
-            ).scalar_one()
-            await conn.execute(
-                update(_NODES).where(_NODES.c.id == task_id).values(
-                    status=status, finished_at=utcnow(), cost_usd=float(cost),
-                    error=_storable(scrub(error)[:2000]) if error else None,
-                )
-            )
+        def plan() -> Plan[None]:
+            yield lean_op("nodes.finish", _finish_node_prebuilt, params, pg=pg)
+
+        # Bookkeeping, not a promise: written with the run's next write (the next node's
+        # row, its checkpoint), one transaction per step. A row a crash left `running` is
+        # settled by `close_nodes` (done if the task's writes were saved).
+        mapped = self._task_runs.pop(task_id, None)
+        key = run_id or mapped or task_id
+        self.store.writer.defer(Write(plan=plan, fence=current_fence()), key)
 
     async def close_nodes(self, run_id: str, *, recheck: bool = False) -> int:
         """Settle the node rows of `run_id` that no executor will finish (left `running` by
@@ -176,40 +193,40 @@ class Ledger:
         cost = (select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0))
                 .where(_ATTEMPTS.c.task_id == _NODES.c.id).scalar_subquery())
 
-        async def once() -> int:
-            n = 0
-            async with self.store.write() as conn:
-                result = await conn.execute(
+        def plan() -> Plan[int]:
+            settled = yield Op(
+                update(_NODES)
+                .where(_NODES.c.run_id == run_id, _NODES.c.status == NodeStatus.RUNNING)
+                .values(status=case((saved, NodeStatus.DONE), else_=NodeStatus.ABANDONED),
+                        finished_at=utcnow(), cost_usd=cost).returning(_NODES.c.id), fetch=True)
+            # Calls written down but never answered in the ledger: their executor died
+            # or stopped mid-call. They may have been paid: settle them at their estimate.
+            pending = (yield Op(
+                select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
+                    _ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == Outcome.PENDING),
+                fetch=True))[0][0]
+            abandoned = yield Op(
+                update(_ATTEMPTS).where(_ATTEMPTS.c.run_id == run_id,
+                                        _ATTEMPTS.c.outcome == Outcome.PENDING)
+                .values(outcome=Outcome.ABANDONED, error_class=ErrorClass.ABANDONED,
+                        error="its executor stopped before the answer was recorded; "
+                              "tokens and cost are estimates")
+                .returning(_ATTEMPTS.c.id), fetch=True)
+            if abandoned and pending:
+                yield Op(update(_RUNS).where(_RUNS.c.id == run_id).values(
+                    cost_usd=_RUNS.c.cost_usd + pending, updated_at=utcnow()))
+            rechecked = []
+            if recheck:
+                rechecked = yield Op(
                     update(_NODES)
-                    .where(_NODES.c.run_id == run_id, _NODES.c.status == "running")
-                    .values(status=case((saved, "done"), else_="abandoned"),
-                            finished_at=utcnow(), cost_usd=cost))
-                n += int(result.rowcount or 0)
-                # Calls written down but never answered in the ledger: their executor died
-                # or stopped mid-call. They may have been paid: settle them at their estimate.
-                pending = (await conn.execute(
-                    select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), 0.0)).where(
-                        _ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == "pending"))
-                ).scalar_one()
-                result = await conn.execute(
-                    update(_ATTEMPTS).where(_ATTEMPTS.c.run_id == run_id,
-                                            _ATTEMPTS.c.outcome == "pending")
-                    .values(outcome="abandoned", error_class="abandoned",
-                            error="its executor stopped before the answer was recorded; "
-                                  "tokens and cost are estimates"))
-                if result.rowcount and pending:
-                    await conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(
-                        cost_usd=_RUNS.c.cost_usd + pending, updated_at=utcnow()))
-                if recheck:
-                    result = await conn.execute(
-                        update(_NODES)
-                        .where(_NODES.c.run_id == run_id, _NODES.c.status == "done", ~saved)
-                        .values(status="abandoned",
-                                error="its checkpoint write failed; it runs again on resume"))
-                    n += int(result.rowcount or 0)
-            return n
+                    .where(_NODES.c.run_id == run_id, _NODES.c.status == NodeStatus.DONE,
+                           ~saved)
+                    .values(status=NodeStatus.ABANDONED,
+                            error="its checkpoint write failed; it runs again on resume")
+                    .returning(_NODES.c.id), fetch=True)
+            return len(settled) + len(rechecked)
 
-        return await self.store.retrying(once, what=f"node rows of run {run_id}")
+        return await self.store.run_write(plan, key=run_id, what=f"node rows of run {run_id}")
 
     async def record_attempt(self, attempt: Attempt, *, flow: str | None = None) -> None:
         """Write one attempt and add its cost to its run, in one transaction.
@@ -263,7 +280,7 @@ class Ledger:
             lock = self._flushing.setdefault(key, asyncio.Lock())
             # One writer per run: rows in order, none twice. Unfenced: a paid call is
             # recorded even if another executor took the run over meanwhile.
-            async with lock, _unfenced_async():
+            async with lock, afenced(None):
                 rows = self._unwritten.get(key, [])
                 while rows:
                     values = rows[0]
@@ -289,56 +306,32 @@ class Ledger:
         values = _attempt_values(attempt, flow)
         tries = 0
 
-        async def once() -> None:
+        def plan() -> Plan[None]:
             nonlocal tries
-            tries += 1
-            with unfenced():
-                async with self.store.write() as conn:
-                    if tries > 1 and (await conn.execute(select(_ATTEMPTS.c.id).where(
-                            _ATTEMPTS.c.call_id == values["call_id"],
-                            _ATTEMPTS.c.try_number == values["try_number"],
-                            _ATTEMPTS.c.model == values["model"]).limit(1))).first():
-                        return  # the try that lost its connection had committed
-                    await conn.execute(_ATTEMPTS.insert().values(**values))
+            tries += 1  # a retry checks first whether the dropped try had committed
+            return _intent_plan(values, check=tries > 1, pg=not self.store.is_sqlite)
 
-        await self.store.retrying(once, what="call written down before it is sent")
+        await self.store.run_write(plan, key=values["run_id"] or "", fence=None,
+                                   what="call written down before it is sent")
 
     async def _insert_attempt(self, values: dict[str, Any], *, check: bool) -> None:
-        """Insert the attempt row, or fill the row its call was written down in; `check`
-        is kept for callers that retry (the lookup below also finds an earlier try)."""
-        async with self.store.write() as conn:
-            found = (await conn.execute(
-                select(_ATTEMPTS.c.id, _ATTEMPTS.c.outcome, _ATTEMPTS.c.cost_usd).where(
-                    _ATTEMPTS.c.call_id == values["call_id"],
-                    _ATTEMPTS.c.try_number == values["try_number"],
-                    _ATTEMPTS.c.model == values["model"]).limit(1))).first()
-            added = values["cost_usd"]
-            if found is None:
-                await conn.execute(_ATTEMPTS.insert().values(**values))
-            elif found.outcome in UNSETTLED:
-                await conn.execute(
-                    update(_ATTEMPTS).where(_ATTEMPTS.c.id == found.id).values(**values))
-                if found.outcome == "abandoned":  # its estimate was added to the run already
-                    added -= found.cost_usd or 0.0
-            else:
-                return  # an earlier try of this write committed before its connection dropped
-            if values["run_id"] and added:
-                await conn.execute(
-                    update(_RUNS).where(_RUNS.c.id == values["run_id"]).values(
-                        cost_usd=_RUNS.c.cost_usd + added, updated_at=utcnow()
-                    )
-                )
+        """Insert the attempt row, or fill the row its call was written down in (one
+        transaction with the other runs' writes); `check` is kept for callers that retry
+        (the plan's lookup also finds an earlier try). Not retried here."""
+        pg = not self.store.is_sqlite
+        await self.store.run_write(lambda: _attempt_plan(values, pg=pg), key=values["run_id"] or "",
+                                   retry=False)
 
     # -- reads ---------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRow:
         await self.store.setup()
 
-        async def once() -> Any:
-            async with self.store.read() as conn:
-                return (await conn.execute(_select_runs().where(_RUNS.c.id == run_id))).first()
+        def plan() -> Plan[Any]:
+            rows = yield Op(_GET_RUN, {"w_id": run_id}, fetch=True)
+            return rows[0] if rows else None
 
-        row = await self.store.retrying(once, what=f"read of run {run_id}")
+        row = await self.store.run_read(plan, what=f"read of run {run_id}")
         if row is None:
             raise RunNotFoundError(f"no run {run_id!r} in {self.store!r}", run_id=run_id)
         return _run_row(row._mapping)
@@ -402,7 +395,7 @@ class Ledger:
             key = _ATTEMPTS.c[by]
         else:
             raise ValueError(f"costs(by={by!r}): use node, model, provider, flow, run or day")
-        ok = (_ATTEMPTS.c.outcome == "ok").cast(_ATTEMPTS.c.try_number.type)
+        ok = (_ATTEMPTS.c.outcome == Outcome.OK).cast(_ATTEMPTS.c.try_number.type)
         q = (
             select(
                 key.label("k"),
@@ -434,7 +427,7 @@ class Ledger:
 
         q = (select(_ATTEMPTS.c.response)
              .where(_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.call_key == call_key,
-                    _ATTEMPTS.c.outcome == "ok")
+                    _ATTEMPTS.c.outcome == Outcome.OK)
              .order_by(_ATTEMPTS.c.id.desc()).limit(1))
 
         async def once() -> Any:
@@ -454,7 +447,7 @@ class Ledger:
         async with self.store.write() as conn:
             result = await conn.execute(
                 update(_ATTEMPTS).where(_ATTEMPTS.c.call_id == call_id,
-                                        _ATTEMPTS.c.outcome == "ok").values(feedback=good))
+                                        _ATTEMPTS.c.outcome == Outcome.OK).values(feedback=good))
         return int(result.rowcount or 0)
 
     async def run_feedback(self, run_id: str, good: bool, *, node: str | None = None,
@@ -466,7 +459,7 @@ class Ledger:
             raise UserError("feedback names exactly one of node or call_id: which answer "
                             "was good or bad")
         await self.get_run(run_id)  # RunNotFoundError names the id
-        where = [_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == "ok"]
+        where = [_ATTEMPTS.c.run_id == run_id, _ATTEMPTS.c.outcome == Outcome.OK]
         where.append(_ATTEMPTS.c.node == node if node is not None
                      else _ATTEMPTS.c.call_id == call_id)
         async with self.store.write() as conn:
@@ -559,40 +552,86 @@ class Ledger:
         return [AttemptRow.model_validate(dict(r._mapping)) for r in rows]
 
 
-async def _upsert_node(
-    conn: AsyncConnection, store: Store, task_id: str, run_id: str, node: str,
-    holder: str | None,
-) -> None:
-    values = {"id": task_id, "run_id": run_id, "node": node, "status": "running",
-              "started_at": utcnow(), "holder": holder}
-    if store.is_sqlite:
-        from sqlalchemy.dialects.sqlite import insert
+def _intent_plan(values: dict[str, Any], *, check: bool, pg: bool) -> Plan[None]:
+    """Insert the pending row of a call about to be sent (`check`: unless a dropped try
+    did)."""
+    if check and (yield _find_attempt(values, pg)):
+        return
+    yield lean_op("attempts.insert", lambda: _ATTEMPTS.insert(), values, pg=pg,
+                  columns=list(values))
+
+
+def _attempt_plan(values: dict[str, Any], *, pg: bool) -> Plan[None]:
+    """Insert the attempt row or fill its pending row, and add its cost to its run."""
+    found = yield _find_attempt(values, pg)
+    added = values["cost_usd"]
+    if not found:
+        yield lean_op("attempts.insert", lambda: _ATTEMPTS.insert(), values, pg=pg,
+                      columns=list(values))
+    elif found[0][1] in UNSETTLED:  # (id, outcome, cost_usd)
+        yield lean_op("attempts.fill", lambda: update(_ATTEMPTS).where(
+            _ATTEMPTS.c.id == bindparam("w_id")), {**values, "w_id": found[0][0]}, pg=pg,
+            columns=list(values))
+        if found[0][1] == Outcome.ABANDONED:  # its estimate was added to the run already
+            added -= found[0][2] or 0.0
     else:
-        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-    stmt = insert(_NODES).values(**values)
-    await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["id"],
-            set_={"status": "running", "started_at": values["started_at"], "finished_at": None,
-                  "holder": holder},
-        )
-    )
+        return  # an earlier try of this write committed before its connection dropped
+    if values["run_id"] and added:
+        yield lean_op("runs.add_cost", _add_cost_prebuilt,
+                      {"w_id": values["run_id"], "w_add": added, "w_at": utcnow()}, pg=pg)
 
 
-@asynccontextmanager
-async def _unfenced_async() -> AsyncIterator[None]:
-    with unfenced():
-        yield
+def _find_attempt(values: dict[str, Any], pg: bool) -> Op:
+    """The row (id, outcome, cost_usd) of this try of this call, if written."""
+    return lean_op("attempts.find", lambda: select(
+        _ATTEMPTS.c.id, _ATTEMPTS.c.outcome, _ATTEMPTS.c.cost_usd).where(
+        _ATTEMPTS.c.call_id == bindparam("f_call"),
+        _ATTEMPTS.c.try_number == bindparam("f_try"),
+        _ATTEMPTS.c.model == bindparam("f_model")),  # one row (or an earlier try's)
+        {"f_call": values["call_id"], "f_try": values["try_number"],
+         "f_model": values["model"]}, pg=pg, fetch=True)
 
 
-UNSETTLED = ("pending", "abandoned")
+# The ledger's hot statements, with parameters (compiled once per driver: `lean_op`).
+_NODE_COLUMNS = ("id", "run_id", "node", "status", "holder", "cost_usd", "started_at",
+                 "finished_at", "error")
+
+
+def _upsert_node_prebuilt(pg: bool) -> Any:
+    insert = postgresql_insert if pg else sqlite_insert
+    stmt = insert(_NODES)
+    return stmt.on_conflict_do_update(index_elements=["id"], set_={
+        "status": stmt.excluded.status, "started_at": stmt.excluded.started_at,
+        "finished_at": null(), "holder": stmt.excluded.holder})
+
+
+def _finish_node_prebuilt() -> Any:
+    cost = select(func.coalesce(func.sum(_ATTEMPTS.c.cost_usd), literal_column("0.0"))).where(
+        _ATTEMPTS.c.task_id == bindparam("w_id")).scalar_subquery()
+    return update(_NODES).where(_NODES.c.id == bindparam("w_id")).values(
+        status=bindparam("w_status", type_=_NODES.c.status.type),
+        finished_at=bindparam("w_at", type_=_NODES.c.finished_at.type), cost_usd=cost,
+        error=bindparam("w_error", type_=_NODES.c.error.type))
+
+
+def _update_run_prebuilt() -> Any:
+    return update(_RUNS).where(_RUNS.c.id == bindparam("w_id"))
+
+
+def _add_cost_prebuilt() -> Any:
+    return update(_RUNS).where(_RUNS.c.id == bindparam("w_id")).values(
+        cost_usd=_RUNS.c.cost_usd + bindparam("w_add", type_=_RUNS.c.cost_usd.type),
+        updated_at=bindparam("w_at", type_=_RUNS.c.updated_at.type))
+
+
+UNSETTLED = (Outcome.PENDING, Outcome.ABANDONED)
 """Outcomes of calls written down before they were sent whose answer the ledger lacks."""
 
 
 def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
-    """The ff_attempts row of `attempt` (without its id)."""
+    """The ff_attempts row of `attempt` (every column but its id: no defaults applied)."""
     usage = attempt.usage
-    row = AttemptRow(
+    values: dict[str, Any] = dict(
         run_id=attempt.run_id, task_id=attempt.task_id, call_id=attempt.call_id, flow=flow,
         node=attempt.node, model=attempt.model, provider=attempt.provider,
         try_number=attempt.try_number, outcome=attempt.outcome,
@@ -606,14 +645,12 @@ def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
         started_at=datetime.fromtimestamp(attempt.started_at, timezone.utc),
         call_key=attempt.call_key, route_reason=attempt.route_reason,
         prompt=scrub(attempt.prompt)[:4000] if attempt.prompt else None,
-        category=attempt.category, usage_estimated=attempt.usage_estimated,
+        feedback=None, category=attempt.category, usage_estimated=attempt.usage_estimated,
         # The answer is replayed on resume: kept as given, except exact key values.
         response=(scrub_exact(_message_json(attempt.response))
                   if attempt.response is not None else None),
     )
-    values = {k: _storable(v) for k, v in _values(row).items()}
-    values.pop("id", None)
-    return values
+    return {k: _storable(v) for k, v in values.items()}
 
 
 def _message_json(message: Any) -> dict[str, Any]:
@@ -644,6 +681,10 @@ def _select_runs() -> Any:
     cannot be decoded (nested past the decoder's recursion limit) breaks no read of others."""
     return select(*(cast(c, Text).label(c.name) if c.name in _RUN_JSON else c
                     for c in _RUNS.c))
+
+
+# Built once: building a select costs more than running it (SQLAlchemy caches its SQL).
+_GET_RUN = _select_runs().where(_RUNS.c.id == bindparam("w_id"))
 
 
 def _run_row(mapping: RowMapping) -> RunRow:

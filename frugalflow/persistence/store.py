@@ -11,156 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import threading
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from sqlalchemy import event, inspect, select, text, update
+from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import (
-    DBAPIError,
-    InterfaceError,
-    OperationalError,
-    PendingRollbackError,
-    ResourceClosedError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlmodel import create_engine
 
-from ..exceptions import LeaseError, SchemaVersionError, StoreUnavailableError
+from ..exceptions import SchemaVersionError, StoreUnavailableError
 from . import tables
+from .batching import AsyncLanes, SqliteLanes, Write, Writer
+from .errors import is_transient
+from .leases import Fence, check_fence, current_fence
+from .plans import Plan, adrive
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
-    "Fence",
     "Store",
-    "check_lease",
-    "current_fence",
     "default_url",
-    "fenced",
-    "is_transient",
-    "renew_statement",
-    "unfenced",
+    "postgres_url",
 ]
 
 T = TypeVar("T")
 log = logging.getLogger("frugalflow")
-
-
-@dataclass(frozen=True)
-class Fence:
-    """Writes made under this fence commit only while (run_id, holder, epoch) holds the lease.
-
-    With `ttl` (the Runner's fences), each write also renews the lease for `ttl` seconds in
-    its own transaction, even past its expiry as long as nobody took it over (holder and
-    epoch unchanged): a merely slow executor keeps its run; only a takeover fences it off.
-    Without `ttl`, an expired lease rejects the write."""
-
-    run_id: str
-    holder: str
-    epoch: int
-    ttl: float | None = None
-
-
-_FENCE: ContextVar[Fence | None] = ContextVar("frugalflow_fence", default=None)
-
-
-@contextmanager
-def fenced(fence: Fence | None) -> Iterator[None]:
-    """Fence every Store write of this context (and of tasks it starts) with `fence`."""
-    token = _FENCE.set(fence)
-    try:
-        yield
-    finally:
-        _FENCE.reset(token)
-
-
-def unfenced() -> Any:
-    """A context for writes that must go through whatever the lease says (lease bookkeeping)."""
-    return fenced(None)
-
-
-def current_fence() -> Fence | None:
-    """The fence of this context's writes (None: unfenced)."""
-    return _FENCE.get()
-
-
-def check_lease(fence: Fence, row: Any, what: str = "write") -> None:
-    """Raise LeaseError unless `row` (the run's lease row: holder, epoch, expires_at, or
-    None) says `fence` still holds its run. The one rule every fenced write applies."""
-    now = datetime.now(timezone.utc)
-    expires = None if row is None else (
-        row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc))
-    if row is None or row.holder != fence.holder or row.epoch != fence.epoch \
-            or cast(datetime, expires) <= now:
-        raise LeaseError(
-            f"run {fence.run_id!r}: this executor ({fence.holder}, epoch {fence.epoch}) no "
-            f"longer holds the lease; the {what} was rejected",
-            run_id=fence.run_id, holder=row.holder if row is not None else "",
-        )
-
-
-def renew_statement(fence: Fence) -> Any:
-    """UPDATE extending the lease by `fence.ttl` if `fence` still names its holder and epoch
-    (RETURNING the epoch: one row when renewed). Takes the row lock as SELECT FOR UPDATE."""
-    from .tables import utcnow
-
-    table = tables.LeaseRow.__table__  # type: ignore[attr-defined]  # SQLModel: undeclared
-    return (update(table)
-            .where(table.c.run_id == fence.run_id, table.c.holder == fence.holder,
-                   table.c.epoch == fence.epoch)
-            .values(expires_at=utcnow() + timedelta(seconds=fence.ttl or 0.0))
-            .returning(table.c.epoch))
-
-
-# Error texts of SQLite that mean "busy or unreachable", not "your statement is wrong".
-_SQLITE_TRANSIENT = ("database is locked", "database is busy", "database table is locked",
-                     "unable to open database", "disk i/o error")
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether `error` means the database is unreachable or busy (a retry may succeed), as
-    opposed to a bad statement or a constraint: connection errors of asyncpg, psycopg and
-    aiosqlite/sqlite3, as raised by the drivers or wrapped by SQLAlchemy."""
-    if isinstance(error, (StoreUnavailableError, OSError, asyncio.TimeoutError, PoolTimeoutError,
-                          PendingRollbackError, ResourceClosedError)):
-        return True
-    if isinstance(error, DBAPIError):
-        if error.connection_invalidated:
-            return True
-        orig = error.orig if error.orig is not None else error
-        if isinstance(orig, sqlite3.Error) or "sqlite" in type(orig).__module__:
-            return any(t in str(orig).lower() for t in _SQLITE_TRANSIENT)
-        if isinstance(error, (InterfaceError, OperationalError)):
-            return True
-        return _driver_transient(orig)
-    if isinstance(error, sqlite3.OperationalError):  # raw driver (lean statements)
-        return any(t in str(error).lower() for t in _SQLITE_TRANSIENT)
-    return _driver_transient(error)
-
-
-def _driver_transient(error: BaseException) -> bool:
-    module = type(error).__module__
-    if module.startswith("asyncpg"):
-        import asyncpg
-
-        return isinstance(error, (asyncpg.exceptions.PostgresConnectionError,
-                                  asyncpg.exceptions.InterfaceError,
-                                  asyncpg.exceptions.CannotConnectNowError))
-    if module.startswith("psycopg"):
-        import psycopg
-
-        return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
-    return False
 
 
 def _v1(conn: Connection) -> None:
@@ -190,10 +71,16 @@ def _v4(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_ff_runs_principal ON ff_runs (principal)"))
 
 
+def _v5(conn: Connection) -> None:
+    """ff_attempts(task_id): a node's cost is summed over its task's attempts when it ends
+    (without the index, a scan of every attempt ever made, per node)."""
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ff_attempts_task ON ff_attempts (task_id)"))
+
+
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
 # function here that alters existing databases (and must be a no-op where _v1 already
 # created the new shape). Never edit or reorder an applied migration.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups
@@ -203,6 +90,13 @@ def default_url() -> str:
     return os.environ.get("FRUGALFLOW_DATABASE_URL") or "sqlite:///frugalflow.db"
 
 
+def postgres_url(url: str, driver: str = "postgresql") -> str:
+    """A user's PostgreSQL URL (`postgres://` or `postgresql[+driver]://`) for `driver`,
+    password kept: "postgresql" gives the libpq form (asyncpg.connect, psycopg conninfo)."""
+    u = make_url(url.replace("postgres://", "postgresql://", 1))
+    return u.set(drivername=driver).render_as_string(hide_password=False)
+
+
 def _driver_urls(url: str) -> tuple[str, str, str]:
     """(dialect, async URL, sync URL) for a user URL."""
     if url.startswith("sqlite"):
@@ -210,12 +104,8 @@ def _driver_urls(url: str) -> tuple[str, str, str]:
         base = u.set(drivername="sqlite")
         return "sqlite", base.set(drivername="sqlite+aiosqlite").render_as_string(False), base.render_as_string(False)
     if url.startswith(("postgresql", "postgres")):
-        u = make_url(url.replace("postgres://", "postgresql://", 1))
-        return (
-            "postgresql",
-            u.set(drivername="postgresql+asyncpg").render_as_string(False),
-            u.set(drivername="postgresql+psycopg").render_as_string(False),
-        )
+        return ("postgresql", postgres_url(url, "postgresql+asyncpg"),
+                postgres_url(url, "postgresql+psycopg"))
     raise StoreUnavailableError(
         f"unsupported database URL {_mask(url)!r}: use sqlite:///path.db or postgresql://user@host/db"
     )
@@ -249,6 +139,11 @@ class Store:
         # spinning on "database is locked"; other processes wait on busy_timeout.
         self._alock: asyncio.Lock | None = None
         self._tlock = threading.Lock()
+        # The hot path (checkpoints, ledger rows of a run, leases): connections kept
+        # between calls, and group commit across runs (batching.py).
+        self.lanes = AsyncLanes(self)
+        self.sqlite_lanes = SqliteLanes(self)
+        self.writer = Writer(self)
 
     def __repr__(self) -> str:
         return f"Store({_mask(self.url)!r})"
@@ -300,11 +195,11 @@ class Store:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction (serialised per process on SQLite), fenced if a Fence is set."""
-        fence = _FENCE.get()
+        fence = current_fence()
         async with self.sqlite_writer():
             async with self._connect(begin=True) as conn:
                 if fence is not None:
-                    await self._check_fence(conn, fence)
+                    await check_fence(conn, fence, sqlite=self.is_sqlite)
                 yield conn
 
     @asynccontextmanager
@@ -319,18 +214,6 @@ class Store:
             self._alock = asyncio.Lock()
         async with self._alock:
             yield
-
-    async def _check_fence(self, conn: AsyncConnection, fence: Fence) -> None:
-        # In the writing transaction itself: on PostgreSQL the row lock makes a concurrent
-        # takeover wait until this write commits; on SQLite the write lock is already held.
-        if fence.ttl is not None and (await conn.execute(renew_statement(fence))).first():
-            return  # still the holder: the write renewed the lease
-        table = tables.LeaseRow.__table__  # type: ignore[attr-defined]  # SQLModel: undeclared
-        q = select(table.c.holder, table.c.epoch, table.c.expires_at).where(
-            table.c.run_id == fence.run_id)
-        if not self.is_sqlite:
-            q = q.with_for_update()
-        check_lease(fence, (await conn.execute(q)).first())
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -373,7 +256,7 @@ class Store:
         first try may have committed before the connection dropped). `fence`: the one
         whose TTL bounds the retries (default: this context's)."""
         if fence is True:
-            fence = _FENCE.get()
+            fence = current_fence()
         budget = (fence.ttl if isinstance(fence, Fence) and fence.ttl is not None
                   else self.retry_for)
         deadline = time.monotonic() + budget
@@ -387,6 +270,35 @@ class Store:
                 log.info("frugalflow: %s failed (%s); retrying in %.2f s", what, e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def run_write(self, plan: Callable[[], Plan[T]], *, key: str,
+                        fence: Fence | None | bool = True, retry: bool = True,
+                        what: str = "write") -> T:
+        """Run a write plan in a transaction shared with the other runs' writes that arrive
+        together (group commit), fenced by `fence` (default: this context's). `retry`: as
+        `retrying` does (the plan must be safe to repeat). `key`: the run it writes."""
+        if fence is True:
+            fence = current_fence()
+        write = Write(plan=plan, fence=fence or None)
+        if not retry:
+            return typing.cast(T, await self.writer.submit(write, key))
+        return typing.cast(T, await self.retrying(
+            lambda: self.writer.submit(write, key), what=what, fence=fence))
+
+    async def run_read(self, plan: Callable[[], Plan[T]], *, what: str = "read") -> T:
+        """Run a read plan on a kept connection (no pool checkout), retried like
+        `retrying`."""
+        async def once() -> T:
+            try:
+                if self.is_sqlite:
+                    return await self.sqlite_lanes.ainline(plan, write=False)
+                await self.setup()
+                async with self.lanes.connection() as conn:
+                    return await adrive(conn, plan())
+            except Exception as e:
+                raise (self.unavailable(e) if is_transient(e) else e) from e
+
+        return await self.retrying(once, what=what)
 
     async def probe(self) -> bool:
         """Whether the database answers now (one short query; on SQLite, whether the write
@@ -500,6 +412,7 @@ class Store:
         return max(rows, default=0)
 
     async def close(self) -> None:
+        await self.writer.wait()
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None

@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import JSON, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
 
+from ..statuses import NodeStatus, RunStatus
+
 __all__ = [
     "AttemptRow",
     "CheckpointBlobRow",
@@ -98,7 +100,7 @@ class RunRow(SQLModel, table=True):
 
     id: str = Field(primary_key=True)
     flow: str = Field(index=True)
-    status: str = Field(default="pending", index=True)
+    status: str = Field(default=RunStatus.PENDING, index=True)
     input: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     budget_usd: float | None = None
     cost_usd: float = 0.0
@@ -126,7 +128,7 @@ class NodeRunRow(SQLModel, table=True):
     id: str = Field(primary_key=True)  # LangGraph task id
     run_id: str = Field(index=True)
     node: str
-    status: str = "running"
+    status: str = NodeStatus.RUNNING
     holder: str | None = None
     """The executor (worker) that ran it."""
     cost_usd: float = 0.0
@@ -139,7 +141,8 @@ class AttemptRow(SQLModel, table=True):
     """One try of one model for one call: the finance and reliability record."""
 
     __tablename__ = "ff_attempts"
-    __table_args__ = (Index("ff_attempts_run_node", "run_id", "node"),)
+    __table_args__ = (Index("ff_attempts_run_node", "run_id", "node"),
+                      Index("ff_attempts_task", "task_id"))
 
     id: int | None = Field(default=None, primary_key=True)
     run_id: str | None = Field(default=None)

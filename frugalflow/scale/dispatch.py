@@ -24,8 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy.engine import make_url
-
+from ..persistence.store import postgres_url
 from ..statuses import RunStatus
 
 if TYPE_CHECKING:
@@ -59,17 +58,12 @@ class Dispatcher(Protocol):
         """The engine's view of the run's message (e.g. todo, doing, succeeded), or None."""
 
 
-def _libpq(url: str) -> str:
-    u = make_url(url.replace("postgres://", "postgresql://", 1))
-    return u.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def _database_lost(error: BaseException) -> bool:
     """Whether `error` says the database (or the way to it) went away, not a bug."""
     from procrastinate.exceptions import ConnectorException
 
     from ..exceptions import StoreUnavailableError
-    from ..persistence.store import is_transient
+    from ..persistence.errors import is_transient
 
     if isinstance(error, (ConnectorException, StoreUnavailableError, OSError)):
         return True
@@ -105,7 +99,7 @@ class ProcrastinateDispatcher:
         self.stall_timeout = stall_timeout
         self.heartbeat = heartbeat
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-            conninfo=_libpq(url), min_size=1, max_size=4))
+            conninfo=postgres_url(url), min_size=1, max_size=4))
         self.runner: Runner | None = None
         self._opened = False
 

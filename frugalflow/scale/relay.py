@@ -9,9 +9,9 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy.engine import make_url
 
 from ..events import Event, EventBus
+from ..persistence.store import postgres_url
 
 __all__ = ["PostgresEventRelay"]
 
@@ -25,8 +25,7 @@ class PostgresEventRelay:
     CHANNEL = "frugalflow_events"
 
     def __init__(self, url: str, bus: EventBus) -> None:
-        self.dsn = make_url(url.replace("postgres://", "postgresql://", 1)).set(
-            drivername="postgresql").render_as_string(hide_password=False)
+        self.dsn = postgres_url(url)
         self.bus = bus
         self.origin = uuid.uuid4().hex
         self._conn: Any = None
