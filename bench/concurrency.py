@@ -60,7 +60,7 @@ from pg import create_database, drop_database  # noqa: E402  (the tests' throwaw
 
 from frugalflow import Catalog, Flow, Needs, RoutedChatModel  # noqa: E402
 from frugalflow.resilience import BreakerRegistry  # noqa: E402
-from frugalflow.providers.simulated import SimulatedChatModel  # noqa: E402
+from frugalflow.testing import SimulatedChatModel  # noqa: E402
 from frugalflow.runner import Runner  # noqa: E402
 
 PROMPT = "Classify this support ticket: my invoice is wrong."
