@@ -17,9 +17,12 @@ class Triage(BaseModel):
 
 
 class TicketFields(BaseModel):
+    """Structured fields extracted from a support ticket."""
+
     customer_name: str = Field(description="the customer's name, or 'unknown'")
     order_id: str | None = Field(default=None, description="an order number if mentioned")
-    product: str | None = None
+    product: str | None = Field(default=None, description="the product concerned")
+    urgency: Literal["low", "normal", "high"] = "normal"
     summary: str = Field(description="one sentence describing the problem")
 
 

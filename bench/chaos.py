@@ -53,7 +53,7 @@ from pydantic import BaseModel, Field  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from frugalflow import END, START, Flow, Needs, RoutedChatModel  # noqa: E402
-from frugalflow.emulator import EMULATED_MODELS, EMULATOR_KEY_ENV  # noqa: E402
+from frugalflow.testing.emulator import EMULATED_MODELS, EMULATOR_KEY_ENV  # noqa: E402
 
 FLOW = "chaos"
 # A realistic-looking key: the emulator's key-echoing 401 repeats it, as OpenAI's does.
@@ -153,9 +153,9 @@ class _Endpoint:
 def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str | None,
                 lease_ttl: float, stall: float, concurrency: int, tag: str = "") -> Any:
     from frugalflow import BreakerRegistry, FallbackPolicy
-    from frugalflow.dispatch import ProcrastinateDispatcher
-    from frugalflow.emulator import emulated_catalog
-    from frugalflow.fallback import RedisBreakerRegistry, RedisRateLimiter
+    from frugalflow.scale.dispatch import ProcrastinateDispatcher
+    from frugalflow.scale.redis import RedisBreakerRegistry, RedisRateLimiter
+    from frugalflow.testing.emulator import emulated_catalog
     from frugalflow.runner import Runner
 
     catalog = emulated_catalog(_Endpoint(emulator_url))  # type: ignore[arg-type]
@@ -173,7 +173,7 @@ def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str 
 
 
 async def worker_main(args: argparse.Namespace) -> None:
-    from frugalflow.dispatch import run_worker
+    from frugalflow.scale.dispatch import run_worker
 
     os.environ[EMULATOR_KEY_ENV] = KEY
     runner = make_runner(args.db, emulator_url=args.emulator, redis=args.redis,
@@ -241,7 +241,7 @@ async def chaos_loop(args: argparse.Namespace, rng: random.Random, emu: Any, pg:
                      watchers: set[asyncio.Task[None]]) -> None:
     from sqlalchemy import text
 
-    from frugalflow.emulator import FAULT_KINDS, fault_supported
+    from frugalflow.testing.emulator import FAULT_KINDS, fault_supported
 
     kinds = [k for k in PROVIDER_FAULTS if k in FAULT_KINDS]
     if missing := [k for k in PROVIDER_FAULTS if k not in FAULT_KINDS]:
@@ -330,7 +330,7 @@ async def driver(args: argparse.Namespace) -> None:
     from sqlalchemy import text
     from tcp_proxy import TcpProxy
 
-    from frugalflow.emulator import ProviderEmulator
+    from frugalflow.testing.emulator import ProviderEmulator
 
     rng = random.Random(args.seed)
     os.environ[EMULATOR_KEY_ENV] = KEY

@@ -31,9 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from frugalflow import BreakerRegistry, FallbackPolicy  # noqa: E402
+from frugalflow.resilience import BreakerRegistry, FallbackPolicy  # noqa: E402
 from frugalflow.cli import load_flow  # noqa: E402
-from frugalflow.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog  # noqa: E402
+from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog  # noqa: E402
 
 A_ROUTE, A_MODEL = "openai", "llama-3.1-8b-instant"  # Groq, served on the OpenAI route
 B_ROUTE = "gemini"

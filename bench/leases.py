@@ -29,7 +29,7 @@ async def main(runs: int, lease_ttl: float, latency: float, admin: str) -> None:
     from durable_flows import chain_flow
 
     from frugalflow import Catalog
-    from frugalflow.fallback import BreakerRegistry
+    from frugalflow.resilience import BreakerRegistry
     from frugalflow.runner import Runner
 
     cat = Catalog.simulated()

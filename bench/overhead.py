@@ -25,7 +25,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
 import frugalflow
-from frugalflow import BreakerRegistry, Catalog, Flow, Needs, RoutedChatModel, SimulatedChatModel
+from frugalflow import BreakerRegistry, Catalog, Flow, Needs, RoutedChatModel
+from frugalflow.testing import SimulatedChatModel
 
 
 class State(TypedDict, total=False):

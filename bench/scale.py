@@ -67,7 +67,7 @@ async def throughput(admin: str, workers: int, runs: int) -> float:
             t0 = time.monotonic()
             ids = [(await sub.start("chain", {"topic": f"t{i}"}, wait=False)).run_id
                    for i in range(runs)]
-            results = await asyncio.gather(*(sub._await_dispatched(i) for i in ids))
+            results = await asyncio.gather(*(sub.wait(i) for i in ids))
             elapsed = time.monotonic() - t0
             bad = [r.status for r in results if r.status != "succeeded"]
             if bad:
@@ -110,7 +110,7 @@ async def recovery(admin: str) -> float:
                     break
                 await asyncio.sleep(0.05)
             recovered = time.monotonic() - killed_at
-            await asyncio.gather(*(sub._await_dispatched(i) for i in ids))
+            await asyncio.gather(*(sub.wait(i) for i in ids))
         finally:
             stop(procs)
             await sub.close()

@@ -4,21 +4,20 @@ extract (structured output, cheapest capable model) -> check -> END. The validat
 extracted invoice against its own arithmetic and the source text; an answer that fails is
 paid for, recorded as a failed outcome, and the call escalates to a more capable model.
 
-On the simulated catalog an oracle reads the invoice with a regex, and each simulated model
-returns the right fields with a probability set by its quality score (lower on messy
-invoices), so cheap models fail on hard documents the way real ones do.
+On the simulated catalog an oracle (frugalflow.testing.oracles) reads the invoice with a
+regex, and each simulated model returns the right fields with a probability set by its
+quality score (lower on messy invoices), so cheap models fail on hard documents the way real
+ones do.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, TypedDict
 
-from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import BaseModel, Field
 
 from frugalflow import END, START, Flow, Needs, RoutedChatModel
-from frugalflow.providers.simulated import simulator
 
 
 class Invoice(BaseModel):
@@ -70,35 +69,6 @@ async def extract(state: ExtractionState, model: RoutedChatModel) -> ExtractionS
 
 flow.add_edge(START, "extract")
 flow.add_edge("extract", END)
-
-
-# -- simulation support: the oracle that simulated models consult -------------------------
-
-_NUM = r"([0-9]+(?:\.[0-9]{1,2})?)"
-
-
-def read_invoice(messages: list[BaseMessage]) -> tuple[dict[str, Any], float]:
-    """The right answer for a (generated) invoice, and how hard the document is (0..1)."""
-    text = str(messages[-1].content)
-    field = {
-        "invoice_number": re.search(r"(INV-\d+)", text),
-        "vendor": re.search(r"(?:From|Vendor|Seller):\s*(.+)", text),
-        "currency": re.search(r"\b(EUR|USD|GBP|CHF)\b", text),
-        "subtotal": re.search(r"Subtotal[^:\n]*:\s*" + _NUM, text),
-        "tax": re.search(r"(?:Tax|VAT)[^:\n]*:\s*" + _NUM, text),
-        "total": re.search(r"Total[^:\n]*:\s*" + _NUM, text),
-    }
-    answer: dict[str, Any] = {}
-    for key, m in field.items():
-        if m is None:
-            return {}, 1.0
-        value = m.group(1).strip()
-        answer[key] = float(value) if key in ("subtotal", "tax", "total") else value
-    noise = len(re.findall(r"(?i)note|ref|previous|credit|discount", text))
-    return answer, min(1.0, 0.15 * noise + len(text) / 4000)
-
-
-simulator.oracles["Invoice"] = read_invoice
 
 
 def sample_invoices(n: int = 20, seed: int = 0) -> list[str]:

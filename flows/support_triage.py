@@ -11,25 +11,14 @@ on the model with the lowest expected cost per validated answer).
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, TypedDict
+from typing import TypedDict
 
 from langchain_core.messages import HumanMessage, SystemMessage
-from pydantic import BaseModel, Field
 
+from agents.support import TicketFields
 from frugalflow import END, START, Flow, Needs, RoutedChatModel
-from frugalflow.providers.simulated import simulator
 
 CATEGORIES = ("billing", "shipping", "account", "technical", "other")
-
-
-class TicketFields(BaseModel):
-    """Structured fields extracted from a support ticket."""
-
-    customer_name: str = Field(description="the customer's name, or 'unknown'")
-    order_id: str | None = Field(default=None, description="an order number if mentioned")
-    product: str | None = Field(default=None, description="the product concerned")
-    urgency: Literal["low", "normal", "high"] = "normal"
-    summary: str = Field(description="one sentence describing the problem")
 
 
 class TriageState(TypedDict, total=False):
@@ -117,32 +106,3 @@ flow.add_edge("classify", "extract")
 flow.add_edge("extract", "draft")
 flow.add_edge("draft", "review")
 flow.add_edge("review", END)
-
-
-# -- simulation support: the oracle that simulated models consult -------------------------
-
-
-def read_ticket(messages: list[Any]) -> tuple[dict[str, Any], float]:
-    """The right fields of a ticket, and how hard it is to read (0..1)."""
-    text = str(messages[-1].content)
-    name = (re.search(r"(?:I'm|I am|This is|[Nn]ame is)\s+([A-Z][a-z]+(?: [A-Z][a-z]+)?)", text)
-            or re.search(r"(?:^|\s)[-\u2014]\s*([A-Z][a-z]+)\s*$", text)
-            or re.search(r"(?:Regards|Thanks|Cheers),?\s+([A-Z][a-z]+(?: [A-Z][a-z]+)?)", text))
-    order = re.search(r"(?i)\border\s*#?\s*(\d+)", text)
-    product = re.search(r"\(the ([^)]+)\)", text)
-    urgent = re.search(r"(?i)urgent|asap|immediately|blocked", text)
-    summary = re.split(r"(?<=[.?!])\s", text.strip(), maxsplit=1)[0][:120]
-    answer = {
-        "customer_name": name.group(1) if name else "unknown",
-        "order_id": order.group(1) if order else None,
-        "product": product.group(1) if product else None,
-        "urgency": "high" if urgent else "normal",
-        "summary": summary,
-    }
-    # Several orders or a forwarded thread make a ticket hard; a short one is easy.
-    orders = len(re.findall(r"(?i)\border\s*#?\s*\d+", text))
-    tangled = len(re.findall(r"(?i)forwarded|previous|also|another|wrong order", text))
-    return answer, min(1.0, 0.3 * max(0, orders - 1) + 0.2 * tangled + len(text) / 3000)
-
-
-simulator.oracles["TicketFields"] = read_ticket

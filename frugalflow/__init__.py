@@ -1,6 +1,11 @@
 """frugalflow: agentic workflows whose every step runs on the cheapest capable model.
 
-The public API is what `__all__` lists; everything else is internal.
+The public API is what `__all__` lists: what a flow is written with (Flow, Agent, Needs,
+Judge, RoutedChatModel), what it runs against (Catalog, ModelSpec, FallbackPolicy,
+BreakerRegistry), how it runs durably (Runner, RunResult, RunStatus), what it reports
+(Usage, RunUsage, Attempt) and the errors a caller catches. Everything else lives in its
+module (`frugalflow.ranking.rank`, `frugalflow.resilience.CircuitBreaker`, ...); test doubles
+in `frugalflow.testing`, scale-out in `frugalflow.scale`.
 """
 
 # private aliases: the stdlib helpers are not part of the flat API (tests/test_exports.py)
@@ -19,6 +24,7 @@ from .exceptions import (
     FrugalflowError,
     IncompleteResponseError,
     InvalidRequestError,
+    LeaseError,
     MalformedResponseError,
     MissingIntegrationError,
     ModelAPIError,
@@ -27,17 +33,22 @@ from .exceptions import (
     ProviderConnectionError,
     ProviderOverloadedError,
     RateLimitError,
+    RunNotFoundError,
+    RunStateError,
+    SchemaVersionError,
+    StoreError,
+    StoreUnavailableError,
     UserError,
+    ValidationFailedError,
 )
-from .fallback import BreakerRegistry, BreakerState, CircuitBreaker, FallbackPolicy
-from .usage import Attempt
+from .resilience import BreakerRegistry, FallbackPolicy
 from .flow import END, START, Agent, CompiledFlow, Flow
-from .providers.simulated import SimulatedChatModel, Simulator
 from .judge import Judge
-from .needs import Needs, estimate_tokens
-from .ranking import explain, rank
+from .needs import Needs
 from .routed import RoutedChatModel, RunContext
-from .usage import RunUsage, Usage
+from .runner import RunResult, Runner
+from .statuses import RunStatus
+from .usage import Attempt, RunUsage, Usage
 
 try:
     __version__ = _version("frugalflow")
@@ -53,12 +64,10 @@ __all__ = [
     "Attempt",
     "AuthenticationError",
     "BreakerRegistry",
-    "BreakerState",
     "BudgetExceededError",
     "Capabilities",
     "Catalog",
     "CatalogError",
-    "CircuitBreaker",
     "CompiledFlow",
     "ContentFilterError",
     "ContextLengthError",
@@ -69,6 +78,7 @@ __all__ = [
     "IncompleteResponseError",
     "InvalidRequestError",
     "Judge",
+    "LeaseError",
     "MalformedResponseError",
     "MissingIntegrationError",
     "ModelAPIError",
@@ -81,13 +91,17 @@ __all__ = [
     "RateLimitError",
     "RoutedChatModel",
     "RunContext",
+    "RunNotFoundError",
+    "RunResult",
+    "RunStateError",
+    "RunStatus",
     "RunUsage",
-    "SimulatedChatModel",
-    "Simulator",
+    "Runner",
+    "SchemaVersionError",
+    "StoreError",
+    "StoreUnavailableError",
     "Usage",
     "UserError",
+    "ValidationFailedError",
     "__version__",
-    "estimate_tokens",
-    "explain",
-    "rank",
 ]

@@ -47,7 +47,7 @@ from .exceptions import (
     UserError,
     ValidationFailedError,
 )
-from .fallback import Action
+from .resilience import Action
 from .needs import estimate_tokens, prompt_text
 from .ranking import Candidate, Ranking, no_capable_model_error, rank
 from .statuses import Outcome
@@ -55,7 +55,7 @@ from .usage import Attempt, RunUsage, Usage
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
-    from .fallback import RateReservation
+    from .limits import RateReservation
     from .routed import RoutedChatModel, RunContext
 
 __all__ = [
@@ -108,7 +108,7 @@ class _Try:
 
     candidate: Candidate
     spec: ModelSpec
-    reservation: RateReservation | bool | None
+    reservation: RateReservation | None
     started: float
     t0: float
     message: AIMessage | None = None
@@ -287,7 +287,7 @@ class CallAttempts:
         self.reasons = {m: f"{why}; p={probs[m]:.2f}, ${costs[m]:.6f}" for m, why in order}
         return [by_key[m] for m, _ in order]
 
-    async def admit(self, c: Candidate) -> RateReservation | bool | None | _Skip:
+    async def admit(self, c: Candidate) -> RateReservation | None | _Skip:
         """Whether to try `c` (else why not, in `skipped`); its rate-limit reservation."""
         spec = c.spec
         if spec.provider in self.banned_providers:
@@ -330,7 +330,7 @@ class CallAttempts:
 
     # -- one try ---------------------------------------------------------------------------
 
-    def start(self, c: Candidate, reservation: RateReservation | bool | None) -> _Try:
+    def start(self, c: Candidate, reservation: RateReservation | None) -> _Try:
         return _Try(c, c.spec, reservation, time.time(), time.perf_counter())
 
     def attempt_id(self) -> str:

@@ -16,34 +16,25 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .exceptions import CatalogError
+from .needs import SKILLS
 from .usage import Usage
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
 
     from .needs import Needs
-    from .providers import ProviderAdapter
+    from .providers.base import ProviderAdapter
     from .ranking import Prefilter
 
 __all__ = ["CAPABILITIES", "SKILLS", "Capabilities", "Catalog", "ModelSpec"]
 
 log = logging.getLogger("frugalflow")
 
-SKILLS: tuple[str, ...] = (
-    "classification",
-    "extraction",
-    "summarization",
-    "writing",
-    "reasoning",
-    "coding",
-    "math",
-    "tool_use",
-)
 CAPABILITIES: tuple[str, ...] = (
     "tool_calling",
     "structured_output",
@@ -151,6 +142,14 @@ class ModelSpec(BaseModel):
     def __str__(self) -> str:
         return self.key
 
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with `update`, what was derived from the old fields is derived again."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update:  # pydantic copies the instance dict, cached properties included
+            for name in _CACHED:
+                copy.__dict__.pop(name, None)
+        return copy
+
     # -- resolved from libraries -------------------------------------------------------
 
     @cached_property
@@ -251,6 +250,11 @@ def _genai_price(spec: ModelSpec, usage: Usage) -> float:
     except Exception as e:  # genai-prices raises plain errors for unknown models
         raise LookupError(str(e)) from e
     return float(result.total_price)
+
+
+_CACHED = tuple(name for name, value in vars(ModelSpec).items()
+                if isinstance(value, cached_property))
+"""ModelSpec's derived values, computed once per (frozen) spec."""
 
 
 def _resolve(spec: ModelSpec) -> _Resolved:

@@ -7,7 +7,8 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -15,13 +16,18 @@ from rich.table import Table
 
 from .catalog import Catalog
 from .exceptions import FrugalflowError
-from .fallback import BreakerRegistry, FallbackPolicy
+from .resilience import BreakerRegistry, Breakers, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
+from .statuses import NodeStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
     from .needs import Needs
+    from .persistence.ledger import Ledger, RunRecord
+    from .runner import RunResult, Runner
     from .service import Docs
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
@@ -86,7 +92,7 @@ def demo(
 
 
 def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
-    from .providers.simulated import simulator
+    from .testing.simulator import simulator
 
     flow = load_flow("support_triage")
     catalog = Catalog.simulated()
@@ -111,7 +117,7 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
 
     asyncio.run(run_all())
 
-    ok = [a for a in attempts if a.outcome == "ok"]
+    ok = [a for a in attempts if a.outcome == Outcome.OK]
     strongest = catalog.strongest()
     actual = sum(a.cost_usd for a in attempts)
     baseline = sum(strongest.cost(a.usage) for a in ok if a.usage is not None)
@@ -121,7 +127,7 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
             "cost_usd": actual, "strongest_model": strongest.key,
             "strongest_cost_usd": baseline,
             "saving": 1 - actual / baseline if baseline else None,
-            "fallbacks": [a.__dict__ | {"usage": None} for a in attempts if a.outcome != "ok"],
+            "fallbacks": [a.__dict__ | {"usage": None} for a in attempts if a.outcome != Outcome.OK],
         }, indent=2, default=str))
         return
 
@@ -142,12 +148,12 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
         ticket = ticket_of.setdefault(final.run_id, len(ticket_of) + 1)
         counts: dict[tuple[str, str | None], int] = {}
         for t in tries:
-            if t.outcome != "ok":
+            if t.outcome != Outcome.OK:
                 counts[(t.model, t.error_class)] = counts.get((t.model, t.error_class), 0) + 1
         why = "; ".join(f"{m} {cls} x{n}" for (m, cls), n in counts.items())
         usage = final.usage
         table.add_row(
-            str(ticket), final.node, final.model if final.outcome == "ok" else "FAILED",
+            str(ticket), final.node, final.model if final.outcome == Outcome.OK else "FAILED",
             str(len(tries)),
             f"{usage.input_tokens}/{usage.output_tokens}" if usage else "-",
             f"{final.cost_usd:.6f}", why or "-",
@@ -176,7 +182,7 @@ def _catalog(path: str | None) -> Catalog:
 
 
 def _runner(db: str | None, catalog: str | None, flows: list[Flow[Any]],
-            router: str | None = None) -> Any:
+            router: str | None = None) -> Runner:
     from .runner import Runner
 
     return Runner(db, flows=flows, catalog=_catalog(catalog), router=router)
@@ -196,18 +202,20 @@ def _print_event(e: dict[str, Any]) -> None:
     if kind == "node_started":
         console.print(f"  [cyan]>[/] {e['node']}")
     elif kind == "attempt":
-        if e["outcome"] == "ok":
+        if e["outcome"] == Outcome.OK:
             console.print(f"    {e['model']}  {e['input_tokens']}/{e['output_tokens']} tok  "
                           f"${e['cost_usd']:.6f}  {e['latency_ms']:.0f} ms")
         else:
             console.print(f"    [yellow]{e['model']} {e['error_class']} -> {e['action']}[/]")
-    elif kind == "node_finished" and e["status"] != "done":
+    elif kind == "node_finished" and e["status"] != NodeStatus.DONE:
         console.print(f"  [red]{e['node']} {e['status']}[/]")
 
 
-async def _run_with_progress(runner: Any, coro_factory: Any, as_json: bool) -> Any:
+async def _run_with_progress(runner: Runner,
+                             start: Callable[[], Coroutine[Any, Any, RunResult]],
+                             as_json: bool) -> RunResult:
     async with runner.events.subscribe() as events:
-        task = asyncio.create_task(coro_factory())
+        task = asyncio.create_task(start())
         if not as_json:
             async def show() -> None:
                 async for e in events:
@@ -286,7 +294,8 @@ async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | No
 
 
 async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as_json: bool,
-                           action: Any, router: str | None = None) -> None:
+                           action: Callable[[Runner], Coroutine[Any, Any, RunResult]],
+                           router: str | None = None) -> None:
     runner = _runner(db, catalog, [f], router)
     try:
         if not as_json:
@@ -302,11 +311,11 @@ async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as
                           "interrupts": result.interrupts, "state": result.state,
                           "cost_by_node": record.cost_by("node"),
                           "cost_by_model": record.cost_by("model")}, indent=2, default=str))
-        if result.status in ("failed", "budget_exceeded"):
+        if result.status in (RunStatus.FAILED, RunStatus.BUDGET_EXCEEDED):
             raise typer.Exit(code=1)
         return
     _cost_table(record)
-    color = "green" if result.status == "succeeded" else "yellow"
+    color = "green" if result.status == RunStatus.SUCCEEDED else "yellow"
     console.print(f"run [bold]{result.run_id}[/]: [{color}]{result.status}[/], "
                   f"${result.cost_usd:.6f}")
     if result.error:
@@ -314,16 +323,16 @@ async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as
     if result.interrupts:
         console.print(f"  waiting on: {json.dumps(result.interrupts, default=str)[:300]}")
         console.print(f"  resume with: frugalflow resume {result.run_id} --value '\"...\"'")
-    if result.status == "budget_exceeded":
+    if result.status == RunStatus.BUDGET_EXCEEDED:
         console.print(f"  resume with: frugalflow resume {result.run_id} --budget <USD>")
 
 
-def _cost_table(record: Any) -> None:
+def _cost_table(record: RunRecord) -> None:
     table = Table(title=f"run {record.run.id}: calls")
     for col in ("node", "model", "outcome", "tokens in/out", "cost $", "latency ms"):
         table.add_column(col)
     for a in record.attempts:
-        outcome = "ok" if a.outcome == "ok" else f"{a.error_class} -> {a.action}"
+        outcome = "ok" if a.outcome == Outcome.OK else f"{a.error_class} -> {a.action}"
         table.add_row(a.node, a.model, outcome, f"{a.input_tokens}/{a.output_tokens}",
                       f"{a.cost_usd:.6f}", f"{a.latency_ms:.0f}")
     console.print(table)
@@ -399,7 +408,7 @@ def runs_feedback(
     console.print(f"run {run_id}: {n} answer(s) marked {'good' if good else 'bad'}")
 
 
-async def _ledger_call(db: str | None, fn: Any) -> Any:
+async def _ledger_call(db: str | None, fn: Callable[[Ledger], Awaitable[T]]) -> T:
     from .persistence import Store
     from .persistence.ledger import Ledger
 
@@ -440,7 +449,7 @@ def router_train(
 
 async def _router_train(name: str, flow: str | None, node: str | None, min_examples: int,
                         embeddings: bool, db: str | None, catalog: str | None) -> dict[str, Any]:
-    from .learning import EmbeddingFeaturizer, embeddings_available
+    from .learning import EmbeddingFeaturizer, embeddings_available, examples_from
 
     if embeddings and not embeddings_available():
         raise FrugalflowError("--embeddings needs the embeddings extra: "
@@ -451,7 +460,7 @@ async def _router_train(name: str, flow: str | None, node: str | None, min_examp
             name, flow=flow, node=node, min_examples=min_examples,
             featurizer=EmbeddingFeaturizer() if embeddings else None)
         if router is None:
-            found = len(await runner.ledger.examples(flow=flow, node=node))
+            found = len(examples_from(await runner.ledger.outcomes(flow=flow, node=node)))
             where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
             raise FrugalflowError(
                 f"only {found} outcomes in the ledger{' for ' + where if where else ''}; "
@@ -536,31 +545,18 @@ def catalog_cmd(
                               help="Show the fleet's breakers shared through Redis."),
 ) -> None:
     """Models, prices, capabilities, availability and circuit-breaker state."""
-    from .fallback import BreakerRegistry, RedisBreakerRegistry, default_breakers
+    from .resilience import default_breakers
+    from .scale.redis import RedisBreakerRegistry
 
     try:
         cat = _catalog(catalog)
     except FrugalflowError as e:
         _fail(e)
-    breakers: BreakerRegistry = default_breakers
-    shared = "local"
-    if redis:
-        try:
-            fleet = RedisBreakerRegistry(redis)
-        except ValueError as e:
-            _fail(e)
-
-        async def read_fleet() -> str:
-            try:
-                state = await fleet.acheck()
-                for provider in {s.provider for s in cat}:
-                    await fleet.astate(provider)
-                return state
-            finally:
-                await fleet.aclose()
-
-        shared = asyncio.run(read_fleet())
-        breakers = fleet
+    try:
+        breakers = RedisBreakerRegistry(redis) if redis else default_breakers
+    except ValueError as e:  # not a redis:// URL
+        _fail(e)
+    states, shared = asyncio.run(_breaker_states(breakers, {s.provider for s in cat}))
     rows: list[_CatalogRow] = []
     for s in cat:
         rows.append({
@@ -569,7 +565,7 @@ def catalog_cmd(
             "capabilities": [c for c, v in s.caps.model_dump().items() if v],
             "quality": s.quality, "available": cat.is_available(s),
             "why_not": cat.unavailable_reason(s), "simulated": s.simulated,
-            "breaker": breakers.state(s.provider).value, "shared_state": shared,
+            "breaker": states[s.provider], "shared_state": shared,
         })
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -583,6 +579,20 @@ def catalog_cmd(
                       "yes" if r["available"] else f"no: {r['why_not']}", r["breaker"])
     console.print(table)
     console.print(f"shared state: {shared}")
+
+
+async def _breaker_states(breakers: Breakers,
+                          providers: set[str]) -> tuple[dict[str, str], str]:
+    """Each provider's breaker state, and whether they are shared ("local" when not)."""
+    from .scale.redis import RedisBreakerRegistry
+
+    if not isinstance(breakers, RedisBreakerRegistry):
+        return {p: (await breakers.astate(p)).value for p in providers}, "local"
+    try:
+        shared = await breakers.acheck()
+        return {p: (await breakers.astate(p)).value for p in providers}, shared
+    finally:
+        await breakers.aclose()
 
 
 def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
@@ -643,8 +653,8 @@ def worker(
     catalog: str = CatalogOption, router: str = RouterOption,
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
-    from .dispatch import ProcrastinateDispatcher, run_worker
-    from .fallback import RedisBreakerRegistry, RedisRateLimiter
+    from .scale.dispatch import ProcrastinateDispatcher, run_worker
+    from .scale.redis import RedisBreakerRegistry, RedisRateLimiter
     from .runner import Runner
 
     try:
@@ -670,7 +680,7 @@ def worker(
     asyncio.run(main())
 
 
-def _fail(error: BaseException) -> None:
+def _fail(error: BaseException) -> NoReturn:
     lines = str(error).splitlines() or [type(error).__name__]
     console.print(f"[red]error:[/] {lines[0]}")
     for line in lines[1:]:

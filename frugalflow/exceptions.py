@@ -34,8 +34,9 @@ positionally and everything else as keywords with defaults.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
+
+from .statuses import ErrorClass
 
 if TYPE_CHECKING:
     from .usage import Attempt
@@ -74,11 +75,9 @@ __all__ = [
 class FrugalflowError(Exception):
     """Root of every frugalflow error."""
 
-    def __init__(self, message: str, **attrs: Any) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        for key, value in attrs.items():
-            setattr(self, key, value)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuild from the message, then restore attributes: subclasses need no pickling code.
@@ -103,7 +102,9 @@ class MissingIntegrationError(UserError):
     extra: str
 
     def __init__(self, message: str, *, package: str = "", extra: str = "") -> None:
-        super().__init__(message, package=package, extra=extra)
+        super().__init__(message)
+        self.package = package
+        self.extra = extra
 
 
 class FlowError(UserError):
@@ -112,7 +113,8 @@ class FlowError(UserError):
     node: str | None
 
     def __init__(self, message: str, *, node: str | None = None) -> None:
-        super().__init__(message, node=node)
+        super().__init__(message)
+        self.node = node
 
 
 class NoCapableModelError(UserError):
@@ -128,40 +130,23 @@ class NoCapableModelError(UserError):
         node: str | None = None,
         rejected: Sequence[tuple[str, Sequence[str]]] = (),
     ) -> None:
-        super().__init__(message, node=node, rejected=[(m, list(r)) for m, r in rejected])
+        super().__init__(message)
+        self.node = node
+        self.rejected = [(m, list(r)) for m, r in rejected]
 
 
 class ErrorSource(TypedDict):
-    """Which model a `ModelAPIError` came from; adapters pass it on as `**where`."""
+    """Which model a `ModelAPIError` came from, passed on as `**where`."""
 
     provider: str
     model: str
 
 
-class ErrorClass(StrEnum):
-    """How a failed model call is stored (`ff_attempts.error_class`) and counted. Code that
-    reacts to a failure branches on the exception's type; this is its name on disk."""
-
-    UNKNOWN = "unknown"
-    RATE_LIMIT = "rate_limit"
-    OVERLOADED = "overloaded"
-    TIMEOUT = "timeout"
-    CONNECTION = "connection"
-    INCOMPLETE = "incomplete"
-    AUTH = "auth"
-    CONTEXT_LENGTH = "context_length"
-    CONTENT_FILTER = "content_filter"
-    MALFORMED = "malformed"
-    VALIDATION = "validation"
-    INVALID_REQUEST = "invalid_request"
-    ABANDONED = "abandoned"  # the call's executor died before its answer was written
-
-
 class ModelAPIError(FrugalflowError):
-    """A model call failed. `error_class` says how frugalflow reacts to it."""
+    """A model call failed. Its type says how frugalflow reacts; `error_class` is the name
+    the ledger stores."""
 
     error_class: ClassVar[ErrorClass] = ErrorClass.UNKNOWN
-    # Set by FrugalflowError.__init__; declared here so type checkers see them.
     provider: str
     model: str
     status_code: int | None
@@ -178,14 +163,12 @@ class ModelAPIError(FrugalflowError):
         retry_after: float | None = None,
         body: str | None = None,
     ) -> None:
-        super().__init__(
-            message,
-            provider=provider,
-            model=model,
-            status_code=status_code,
-            retry_after=retry_after,
-            body=body,
-        )
+        super().__init__(message)
+        self.provider = provider
+        self.model = model
+        self.status_code = status_code
+        self.retry_after = retry_after
+        self.body = body
 
 
 class RateLimitError(ModelAPIError):
@@ -255,9 +238,11 @@ class BudgetExceededError(FrugalflowError):
         spent_usd: float = 0.0,
         needed_usd: float | None = None,
     ) -> None:
-        super().__init__(
-            message, node=node, budget_usd=budget_usd, spent_usd=spent_usd, needed_usd=needed_usd
-        )
+        super().__init__(message)
+        self.node = node
+        self.budget_usd = budget_usd
+        self.spent_usd = spent_usd
+        self.needed_usd = needed_usd
 
 
 class StoreError(FrugalflowError):
@@ -267,7 +252,12 @@ class StoreError(FrugalflowError):
 class StoreUnavailableError(StoreError):
     """The database cannot be reached or opened."""
 
-    retryable: bool  # set False when waiting cannot help (absent: retry)
+    retryable: bool
+    """False when waiting cannot help (the store does not retry it)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class SchemaVersionError(StoreError):
@@ -280,7 +270,8 @@ class RunNotFoundError(StoreError):
     run_id: str
 
     def __init__(self, message: str, *, run_id: str = "") -> None:
-        super().__init__(message, run_id=run_id)
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class RunStateError(StoreError):
@@ -290,7 +281,9 @@ class RunStateError(StoreError):
     status: str
 
     def __init__(self, message: str, *, run_id: str = "", status: str = "") -> None:
-        super().__init__(message, run_id=run_id, status=status)
+        super().__init__(message)
+        self.run_id = run_id
+        self.status = status
 
 
 class LeaseError(StoreError):
@@ -300,7 +293,9 @@ class LeaseError(StoreError):
     holder: str
 
     def __init__(self, message: str, *, run_id: str = "", holder: str = "") -> None:
-        super().__init__(message, run_id=run_id, holder=holder)
+        super().__init__(message)
+        self.run_id = run_id
+        self.holder = holder
 
 
 # ExceptionGroup's `message` is a read-only property, FrugalflowError's a plain attribute;

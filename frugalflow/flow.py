@@ -37,9 +37,9 @@ from pydantic import ValidationError
 from .attempts import Validator
 from .catalog import Catalog
 from .exceptions import FlowError
-from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
 from .needs import Needs
 from .ranking import no_capable_model_error, rank
+from .resilience import Breakers, FallbackPolicy, default_breakers
 from .routed import RoutedChatModel, RunContext
 from .usage import Listener, RunUsage
 
@@ -352,7 +352,7 @@ class Flow(Generic[S]):
         *,
         checkpointer: BaseCheckpointSaver[Any] | None = None,
         policy: FallbackPolicy | None = None,
-        breakers: BreakerRegistry | None = None,
+        breakers: Breakers | None = None,
         interrupt_before: Sequence[str] | None = None,
         interrupt_after: Sequence[str] | None = None,
     ) -> CompiledFlow:
@@ -437,7 +437,7 @@ class CompiledFlow:
         catalog: Catalog,
         graph: CompiledStateGraph[Any, Any, Any, Any],
         policy: FallbackPolicy,
-        breakers: BreakerRegistry,
+        breakers: Breakers,
     ) -> None:
         self.flow = flow
         self.catalog = catalog

@@ -33,6 +33,11 @@ class Judge:
     answers against the flows' oracles and err as often as their quality says.
     """
 
+    MARK = "frugalflow_judge"
+    """The key, in the judge prompt's `additional_kwargs`, that marks a judge request: no
+    provider integration sends it, test doubles recognise a judge request by it (never by the
+    prompt's wording) and read what is judged from it."""
+
     def __init__(self, criteria: str, *, needs: Needs | None = None) -> None:
         if not criteria.strip():
             raise UserError("Judge needs criteria: what makes an answer acceptable")
@@ -49,7 +54,8 @@ class Judge:
                 "You check another model's answer against criteria. Reply with APPROVE or "
                 "REJECT as the first word, then one sentence of reasons.\n"
                 f"Criteria: {self.criteria}"),
-            HumanMessage(f"Input:\n{question}\n\nAnswer:\n{answer}"),
+            HumanMessage(f"Input:\n{question}\n\nAnswer:\n{answer}",
+                         additional_kwargs={self.MARK: {"input": question, "answer": answer}}),
         ]
 
     @staticmethod

@@ -16,10 +16,22 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .catalog import SKILLS
 
-__all__ = ["Needs", "estimate_tokens", "prompt_text", "tool_tokens"]
+__all__ = [
+    "SKILLS", "Needs", "estimate_tokens", "prompt_text", "tool_tokens"]
 
+
+# The skills a model has a quality score in (the catalog) and a node may ask a minimum of.
+SKILLS: tuple[str, ...] = (
+    "classification",
+    "extraction",
+    "summarization",
+    "writing",
+    "reasoning",
+    "coding",
+    "math",
+    "tool_use",
+)
 
 class Needs(BaseModel):
     """What a node requires of a model.

@@ -25,31 +25,19 @@ from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
 from .attempts import CallAttempts, Validator
 from .catalog import Catalog, ModelSpec
 from .exceptions import UserError
-from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
+from .limits import Limiter
+from .resilience import Breakers, FallbackPolicy, default_breakers
 from .needs import Needs, tool_schema, tool_tokens
 from .ranking import Prefilter, prefilter
 from .usage import Attempt, RunUsage
 
 if TYPE_CHECKING:
-    from .fallback import RateReservation
     from .learning import Router
 
 __all__ = ["DEFAULT_ATTEMPT_WINDOW", "RoutedChatModel", "RunContext"]
 
 DEFAULT_ATTEMPT_WINDOW = 1000
 """Attempts kept by a RoutedChatModel's own context (used outside a run); totals count all."""
-
-
-class RateLimits(Protocol):
-    """Keeps calls under each model's rpm/tpm (`RateLimiter`; `RedisRateLimiter` for a fleet)."""
-
-    async def aacquire(self, spec: ModelSpec, tokens: int) -> RateReservation | bool | None:
-        """A reservation (truthy), None when over a limit, True when `spec` has no limits."""
-        ...
-
-    async def acorrect(self, reservation: Any, actual_tokens: int) -> None:
-        """Replace a reservation's estimated tokens with the call's actual usage."""
-        ...
 
 
 class Replay(Protocol):
@@ -75,10 +63,10 @@ class RunContext:
 
     catalog: Catalog
     policy: FallbackPolicy = field(default_factory=FallbackPolicy)
-    breakers: BreakerRegistry = field(default_factory=lambda: default_breakers)
+    breakers: Breakers = field(default_factory=lambda: default_breakers)
     usage: RunUsage = field(default_factory=RunUsage)
     sleep: Sleep | None = None  # tests pass a fake clock's
-    limiter: RateLimits | None = None
+    limiter: Limiter | None = None
     """A `RateLimiter` keeping calls under the catalog's rpm/tpm (`RedisRateLimiter` for a
     fleet); None: limits are not enforced here."""
     router: Router | None = None

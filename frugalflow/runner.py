@@ -10,6 +10,7 @@ was executing at the crash runs again from its start.
     runner = Runner("sqlite:///runs.db", flows=[triage_flow], catalog=Catalog.default())
     result = await runner.start("support_triage", {"ticket": "..."}, budget=0.10)
     result = await runner.resume(result.run_id, budget=0.50)   # after budget_exceeded
+    result = await runner.wait(run_id)   # started with wait=False, or executed by workers
 """
 
 from __future__ import annotations
@@ -17,23 +18,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
+from langchain_core.messages import AIMessage
 from langgraph.graph import START
 from langgraph.types import Command
 from sqlalchemy import select, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from .catalog import Catalog
+from .events import EventBus, attempt_event
 from .exceptions import (
     BudgetExceededError,
     FrugalflowError,
@@ -42,8 +43,8 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from .fallback import BreakerRegistry, FallbackPolicy, default_breakers
-from .statuses import FINAL_STATUSES, RunStatus
+from .resilience import Breakers, FallbackPolicy, default_breakers
+from .statuses import FINAL_STATUSES, NodeStatus, RunStatus
 from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
 from .persistence.ledger import Ledger, RunRecord, scrub
@@ -54,8 +55,15 @@ from .usage import RunUsage
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
     from langgraph.checkpoint.base import BaseCheckpointSaver
+    from langgraph.types import StateSnapshot
 
-__all__ = ["FINAL_STATUSES", "EventBus", "Lease", "RunResult", "RunStatus", "Runner"]
+    from .limits import Limiter
+    from .learning import Featurizer, LearnedRouter, Router
+    from .routed import Replay, RunContext
+    from .scale.dispatch import Dispatcher
+    from .scale.relay import PostgresEventRelay
+
+__all__ = ["FINAL_STATUSES", "Lease", "RunResult", "RunStatus", "Runner"]
 
 log = logging.getLogger("frugalflow")
 
@@ -172,164 +180,12 @@ async def _fenced_async(fence: Fence) -> Any:
         yield
 
 
-def _attempt_event(a: Attempt) -> dict[str, Any]:
-    u = a.usage
-    return {
-        "node": a.node, "model": a.model, "provider": a.provider, "outcome": a.outcome,
-        "error_class": a.error_class, "error": scrub(a.error) if a.error else None,
-        "action": a.action, "fallback_from": a.fallback_from, "cost_usd": a.cost_usd,
-        "latency_ms": round(a.latency_ms, 2), "call_id": a.call_id,
-        "input_tokens": u.input_tokens if u else 0, "output_tokens": u.output_tokens if u else 0,
-    }
-
-
-class EventBus:
-    """In-process publish/subscribe of run events (`subscribe(run_id)` or all runs)."""
-
-    def __init__(self, maxsize: int = 1000) -> None:
-        self._subs: list[tuple[str | None, asyncio.Queue[dict[str, Any]]]] = []
-        self._maxsize = maxsize
-
-        self.relay: Any = None
-        """Set to a PostgresEventRelay to share events with every process of the database."""
-
-    def publish(self, run_id: str, kind: str, **data: Any) -> None:
-        event = {"run_id": run_id, "event": kind, "at": utcnow().isoformat(), **data}
-        self.deliver(event)
-        if self.relay is not None:
-            self.relay.send(event)
-
-    def deliver(self, event: dict[str, Any]) -> None:
-        """Hand `event` to this process's subscribers."""
-        run_id = event.get("run_id")
-        for rid, queue in list(self._subs):
-            if rid is None or rid == run_id:
-                with contextlib.suppress(asyncio.QueueFull):  # a slow consumer loses events
-                    queue.put_nowait(event)
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self, run_id: str | None = None) -> Any:
-        """`async with bus.subscribe(id) as events: async for e in events: ...`"""
-        async with self.queue(run_id) as queue:
-
-            async def iterate() -> Any:
-                while True:
-                    yield await queue.get()
-
-            yield iterate()
-
-    @contextlib.asynccontextmanager
-    async def queue(self, run_id: str | None = None) -> Any:
-        """The events as an asyncio.Queue (safe to `wait_for(queue.get(), t)`)."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self._maxsize)
-        entry = (run_id, queue)
-        self._subs.append(entry)
-        try:
-            yield queue
-        finally:
-            self._subs.remove(entry)
-
-
-class PostgresEventRelay:
-    """Shares run events between processes through PostgreSQL LISTEN/NOTIFY, so a service's
-    event stream shows what workers on other machines do."""
-
-    CHANNEL = "frugalflow_events"
-
-    def __init__(self, url: str, bus: EventBus) -> None:
-        self.dsn = make_url(url.replace("postgres://", "postgresql://", 1)).set(
-            drivername="postgresql").render_as_string(hide_password=False)
-        self.bus = bus
-        self.origin = uuid.uuid4().hex
-        self._conn: Any = None
-        self._outbox: asyncio.Queue[str] | None = None
-        self._sender: asyncio.Task[None] | None = None
-        self._reconnecting: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._connect()
-        self._outbox = asyncio.Queue(10_000)
-        self._sender = asyncio.create_task(self._send_loop())
-        self.bus.relay = self
-
-    async def _connect(self) -> None:
-        import asyncpg
-
-        self._conn = await asyncpg.connect(self.dsn)
-        await self._conn.add_listener(self.CHANNEL, self._on_notify)
-        # A dropped connection (server restart, network cut) is replaced: until then the
-        # events of other processes do not arrive (the service re-reads runs every second).
-        self._conn.add_termination_listener(self._on_terminated)
-
-    def _on_terminated(self, _conn: Any) -> None:
-        if self._outbox is not None and (self._reconnecting is None or self._reconnecting.done()):
-            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
-
-    async def _reconnect(self) -> None:
-        """Connect again, with backoff, until it works (or the relay is closed)."""
-        delay = 0.05
-        while self._outbox is not None:
-            with contextlib.suppress(Exception):
-                old, self._conn = self._conn, None
-                if old is not None and not old.is_closed():
-                    old.terminate()
-            try:
-                await self._connect()
-                log.info("frugalflow: event relay reconnected")
-                return
-            except Exception as e:  # still unreachable: try again
-                log.debug("frugalflow: event relay reconnect failed: %s", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def send(self, event: dict[str, Any]) -> None:
-        if self._outbox is None:
-            return
-        payload = json.dumps({**event, "origin": self.origin}, default=str)
-        if len(payload) > 7900:  # NOTIFY payloads are limited to 8000 bytes
-            payload = json.dumps({k: event[k] for k in ("run_id", "event", "at") if k in event}
-                                 | {"origin": self.origin, "truncated": True})
-        with contextlib.suppress(asyncio.QueueFull):
-            self._outbox.put_nowait(payload)
-
-    async def _send_loop(self) -> None:
-        outbox = self._outbox
-        assert outbox is not None
-        while True:
-            payload = await outbox.get()
-            try:
-                if self._conn is None or self._conn.is_closed():
-                    raise ConnectionError("the event relay's connection is closed")
-                await self._conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, payload)
-            except Exception:  # a lost event is logged, never fatal to the run
-                log.warning("frugalflow: could not relay an event", exc_info=True)
-                if self._conn is None or self._conn.is_closed():
-                    self._on_terminated(self._conn)
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        event = json.loads(payload)
-        if event.pop("origin", None) != self.origin:
-            self.bus.deliver(event)
-
-    async def close(self) -> None:
-        self._outbox = None  # stops reconnecting
-        for task in (self._sender, self._reconnecting):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._conn is not None:
-            with contextlib.suppress(Exception):  # already dropped by the server
-                await self._conn.close()
-        self.bus.relay = None
-
-
 @dataclass
 class RunResult:
     """Where a run stands after the runner returned from it."""
 
     run_id: str
-    status: str
+    status: RunStatus
     state: dict[str, Any] | None = None
     cost_usd: float = 0.0
     error: str | None = None
@@ -340,7 +196,33 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "succeeded"
+        return self.status == RunStatus.SUCCEEDED
+
+
+_ENDED = frozenset({RunStatus.INTERRUPTED, RunStatus.BUDGET_EXCEEDED, RunStatus.FAILED,
+                    RunStatus.SUCCEEDED, RunStatus.CANCELLED})
+"""Where a run stays until someone acts on it (resume, cancel, start anew)."""
+_STOPPED = _ENDED | {RunStatus.PAUSED}
+
+
+@dataclass
+class _Ending:
+    """How one execution of a run stopped: what is recorded as the run's end."""
+
+    status: RunStatus = RunStatus.FAILED
+    values: dict[str, Any] | None = None
+    interrupts: list[Any] = field(default_factory=list)
+    error: str | None = None
+    error_type: str | None = None
+    continuation: bool = False
+    """The run had executed before (its node rows may be left open, its calls replayed)."""
+
+    def stop(self, status: RunStatus, error: str, cause: BaseException) -> None:
+        self.status, self.error, self.error_type = status, error, type(cause).__name__
+
+    def result(self, run_id: str) -> RunResult:
+        return RunResult(run_id, self.status, self.values, error=self.error,
+                         interrupts=self.interrupts)
 
 
 class Runner:
@@ -353,15 +235,15 @@ class Runner:
         flows: Iterable[Flow[Any]] = (),
         catalog: Catalog | None = None,
         policy: FallbackPolicy | None = None,
-        breakers: BreakerRegistry | None = None,
+        breakers: Breakers | None = None,
         lease_ttl: float = 30.0,
         max_concurrency: int = 64,
         holder: str | None = None,
-        checkpointer: Any = None,
-        dispatcher: Any = None,
+        checkpointer: BaseCheckpointSaver[Any] | None = None,
+        dispatcher: Dispatcher | None = None,
         share_events: bool | None = None,
-        router: Any = None,
-        limiter: Any = None,
+        router: Router | str | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
@@ -378,12 +260,12 @@ class Runner:
         self._closing = False
         self.events = EventBus()
         """Live run events in this process: run/node start and finish, every model attempt."""
-        self._saver: Any = checkpointer  # default: SQLModelSaver on the same store
+        self._saver = checkpointer  # default: SQLModelSaver on the same store
         self.limiter = limiter
         """A RateLimiter for the catalog's rpm/tpm (RedisRateLimiter: shared by the fleet)."""
         self._router_name: str | None = router if isinstance(router, str) else None
         self._router_version: int | None = None
-        self.router: Any = None if isinstance(router, str) else router
+        self.router: Router | None = None if isinstance(router, str) else router
         """The `frugalflow.learning.Router` for nodes whose needs set `target`, `price_weight`
         or `cascade`; swap it and the next runs use the new one. Given by name, the runner
         uses the newest stored version (checked at each run's start, so every worker picks
@@ -429,7 +311,7 @@ class Runner:
         return hit
 
     @property
-    def saver(self) -> Any:
+    def saver(self) -> BaseCheckpointSaver[Any]:
         if self._saver is None:
             from .persistence.checkpointer import SQLModelSaver
 
@@ -441,21 +323,16 @@ class Runner:
     async def setup(self) -> None:
         await self.store.setup()
         if self._share_events and self._relay is None and not self.store.is_sqlite:
+            from .scale.relay import PostgresEventRelay
+
             self._relay = PostgresEventRelay(self.store.url, self.events)
             await self._relay.start()
         if self.dispatcher is not None:
             await self.dispatcher.open()
 
-    async def start(
-        self,
-        flow: str | Flow[Any],
-        input: Any,
-        *,
-        budget: float | None = None,
-        run_id: str | None = None,
-        wait: bool = True,
-        principal: str | None = None,
-    ) -> RunResult:
+    async def start(self, flow: str | Flow[Any], input: Any, *, budget: float | None = None,
+                    run_id: str | None = None, wait: bool = True,
+                    principal: str | None = None) -> RunResult:
         """Create a run and execute it; with `wait=False`, execute it in the background.
         `principal` records who started it (the service's named tokens)."""
         if isinstance(flow, Flow):
@@ -474,22 +351,14 @@ class Runner:
             return await self._launch(run_id, input, wait=wait)
         # Dispatched: the input becomes the thread's first checkpoint (state, not a message),
         # then the queue says "run X is ready".
-        await self.ledger.create_run(run_id, name, input, budget_usd=budget, status="queued",
-                                     principal=principal)
+        await self.ledger.create_run(run_id, name, input, budget_usd=budget,
+                                     status=RunStatus.QUEUED, principal=principal)
         graph = self.compiled(name).graph
         await graph.aupdate_state(self._config(run_id), input, as_node=START)
-        await self.dispatcher.submit(run_id)
-        return await self._await_dispatched(run_id) if wait else RunResult(run_id, "queued")
+        return await self._dispatch(self.dispatcher, run_id, wait=wait)
 
-    async def resume(
-        self,
-        run_id: str,
-        value: Any = None,
-        *,
-        budget: float | None = None,
-        wait: bool = True,
-        wait_for_lease: float = 0.0,
-    ) -> RunResult:
+    async def resume(self, run_id: str, value: Any = None, *, budget: float | None = None,
+                     wait: bool = True, wait_for_lease: float = 0.0) -> RunResult:
         """Continue a run from its last checkpoint.
 
         `value` answers an interrupt; `budget` replaces the run's budget (e.g. after
@@ -515,7 +384,7 @@ class Runner:
                 )
             await self.ledger.update_run(run_id, budget_usd=budget)
         graph_input: Any = None
-        if row.status == "interrupted":
+        if row.status == RunStatus.INTERRUPTED:
             graph_input = Command(resume=value)
         elif value is not None:
             raise RunStateError(
@@ -524,10 +393,9 @@ class Runner:
             )
         if self.dispatcher is not None:
             await self.ledger.update_run(
-                run_id, status="queued",
-                pending_resume={"value": value} if row.status == "interrupted" else None)
-            await self.dispatcher.submit(run_id)
-            return await self._await_dispatched(run_id) if wait else RunResult(run_id, "queued")
+                run_id, status=RunStatus.QUEUED,
+                pending_resume={"value": value} if row.status == RunStatus.INTERRUPTED else None)
+            return await self._dispatch(self.dispatcher, run_id, wait=wait)
         return await self._launch(run_id, graph_input, wait=wait, wait_for_lease=wait_for_lease)
 
     async def execute_dispatched(self, run_id: str) -> RunResult | None:
@@ -539,7 +407,7 @@ class Runner:
         graph_input: Any = None
         if row.pending_resume is not None:
             graph_input = Command(resume=row.pending_resume.get("value"))
-        elif row.status == "queued" and not await self._has_checkpoint(row.flow, run_id):
+        elif row.status == RunStatus.QUEUED and not await self._has_checkpoint(row.flow, run_id):
             # Its starter died before seeding the thread: start from the recorded input.
             graph_input = row.input
         try:
@@ -562,19 +430,24 @@ class Runner:
         saver = cast("BaseCheckpointSaver[Any]", self.compiled(flow).graph.checkpointer)
         return await saver.aget_tuple(self._config(run_id)) is not None
 
-    async def _await_dispatched(self, run_id: str, poll: float = 0.1, *,
-                                through_pauses: bool = False) -> RunResult:
-        """Wait for a dispatched run to stop (finish, interrupt, budget, failure; a pause
-        too unless `through_pauses`)."""
-        going = ("queued", "running", "pending") + (("paused",) if through_pauses else ())
+    async def _dispatch(self, dispatcher: Dispatcher, run_id: str, *, wait: bool) -> RunResult:
+        """Queue the run for a worker; with `wait`, follow it until it stops (a pause too:
+        `start`/`resume` report it, while `wait` waits for the worker that takes it next)."""
+        await dispatcher.submit(run_id)
+        if not wait:
+            return RunResult(run_id, RunStatus.QUEUED)
+        return await self._follow(run_id, until=_STOPPED)
+
+    async def _follow(self, run_id: str, *, until: frozenset[RunStatus]) -> RunResult:
+        """Follow a run that workers execute until its status is one of `until`."""
         async with self.events.queue(run_id) as events:
             while True:
                 row = await self.ledger.get_run(run_id)
-                if row.status not in going:
+                if row.status in until:
                     return self._result(row)
                 # Woken by the run's events (relayed from workers), re-checked every second.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(events.get(), poll * 10)
+                    await asyncio.wait_for(events.get(), 1.0)
 
     async def cancel(self, run_id: str) -> RunResult:
         """Stop a run: cancel it here if it executes here, else ask its executor to stop."""
@@ -587,27 +460,27 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             return self._result(await self.ledger.get_run(run_id))
-        if self.dispatcher is not None and row.status == "queued":
+        if self.dispatcher is not None and row.status == RunStatus.QUEUED:
             await self.dispatcher.cancel(run_id)
-        if row.status == "running":
+        if row.status == RunStatus.RUNNING:
             # Executing elsewhere: its executor sees the request when it renews its lease.
             await self.ledger.update_run(run_id, cancel_requested=True)
             return self._result(await self.ledger.get_run(run_id))
-        await self.ledger.update_run(run_id, status="cancelled")
+        await self.ledger.update_run(run_id, status=RunStatus.CANCELLED)
         return self._result(await self.ledger.get_run(run_id))
 
     async def retrain_router(
         self, name: str | None = None, *, flow: str | None = None, node: str | None = None,
-        min_examples: int = 20, featurizer: Any = None,
-    ) -> Any:
+        min_examples: int = 20, featurizer: Featurizer | None = None,
+    ) -> LearnedRouter | None:
         """Train a router on the ledger's outcomes, store it as a new version of `name`
         (default: the runner's router name, else "default") and use it for the next runs.
         `featurizer`: lexical features unless given (e.g. `EmbeddingFeaturizer()`).
         Returns the router, or None when the ledger holds fewer than `min_examples`."""
-        from .learning import train_router
+        from .learning import examples_from, train_router
 
         name = name or self._router_name or "default"
-        examples = await self.ledger.examples(flow=flow, node=node)
+        examples = examples_from(await self.ledger.outcomes(flow=flow, node=node))
         if len(examples) < min_examples:
             return None
         router = await asyncio.to_thread(train_router, examples, self.catalog,
@@ -619,7 +492,7 @@ class Runner:
         self.router = router
         return router
 
-    async def _current_router(self) -> Any:
+    async def _current_router(self) -> Router | None:
         """The router for a run starting now (a named one: its newest stored version)."""
         name = self._router_name
         if name is None:
@@ -631,20 +504,22 @@ class Runner:
 
                 self.router = PriorRouter.from_catalog(self.catalog)
         elif version != self._router_version:
-            self.router = await self.ledger.load_router(name, version)
+            from .learning import LearnedRouter
+
+            self.router = await self.ledger.load_router(
+                name, version, decode=LearnedRouter.from_bytes)
             self._router_version = version
         return self.router
 
     async def wait(self, run_id: str) -> RunResult:
-        """The result of a background run started with `wait=False`, or of a run paused by
-        a database outage (it resumes here when the database is back); with a dispatcher,
-        the end of a run that workers execute."""
+        """The result of a run once it stops: one started with `wait=False`, one paused by
+        a database outage (it resumes here when the database is back) and, with a
+        dispatcher, one that workers execute (a pause there is not its end: the run is
+        queued again, so this waits for the worker that takes it next)."""
         task = self._tasks.get(run_id)
         if task is None:
             if self.dispatcher is not None:
-                # Executed by a worker: a run paused there (shutdown, database outage) is
-                # queued again, so only its end counts.
-                return await self._await_dispatched(run_id, through_pauses=True)
+                return await self._follow(run_id, until=_ENDED)
             return self._result(await self.ledger.get_run(run_id))
         while True:
             result = await asyncio.shield(task)
@@ -654,11 +529,16 @@ class Runner:
                 return result
             task = nxt
 
+    @property
+    def executing(self) -> frozenset[str]:
+        """The runs executing in this process now (or recovering from a database outage)."""
+        return frozenset(self._tasks)
+
     async def get(self, run_id: str) -> RunRecord:
         """The run with its node executions and model attempts."""
         return await self.ledger.run_record(run_id)
 
-    async def state(self, run_id: str) -> Any:
+    async def state(self, run_id: str) -> StateSnapshot:
         """The run's LangGraph state snapshot (values, next nodes, interrupts)."""
         row = await self.ledger.get_run(run_id)
         return await self.compiled(row.flow).graph.aget_state(self._config(run_id))
@@ -709,10 +589,10 @@ class Runner:
             self._launching.discard(run_id)
         task.add_done_callback(lambda t: self._forget(run_id, t))
         if not wait:
-            return RunResult(run_id, "running")
+            return RunResult(run_id, RunStatus.RUNNING)
         return await asyncio.shield(task) if not task.done() else task.result()
 
-    def _forget(self, run_id: str, task: asyncio.Task[Any]) -> None:
+    def _forget(self, run_id: str, task: asyncio.Task[RunResult]) -> None:
         if self._tasks.get(run_id) is task:  # not a recovery task that replaced it
             self._tasks.pop(run_id, None)
 
@@ -734,74 +614,83 @@ class Runner:
         return config
 
     async def _execute(self, run_id: str, graph_input: Any, lease: Lease) -> RunResult:
-        me = asyncio.current_task()
-        keeper = asyncio.create_task(self._keep_lease(lease, me))
-        status, error, error_type = "failed", None, None
-        values: dict[str, Any] | None = None
-        interrupts: list[Any] = []
-        continuation = False
-        fence = lease.fence
+        keeper = asyncio.create_task(self._keep_lease(lease, asyncio.current_task()))
+        end = _Ending()
         try:
-            async with self._slots, _fenced_async(fence):
-                row = await self.ledger.get_run(run_id)
-                compiled = self.compiled(row.flow)
-                if row.status not in ("pending", "queued") or row.pending_resume is not None:
-                    # A continuation: calls that completed before a crash are replayed.
-                    continuation = True
-                ctx = await self._context(compiled, row, continuation)
-                await self.ledger.update_run(run_id, status="running", error=None, error_type=None)
-                self.events.publish(run_id, "run_started", flow=row.flow)
-                config = self._config(run_id)
-                async for mode, chunk in compiled.graph.astream(
-                    graph_input, config, context=ctx, stream_mode=["tasks", "values"]
-                ):
-                    if mode == "values":
-                        values = chunk if isinstance(chunk, dict) else {"value": chunk}
-                    elif mode == "tasks":
-                        # a "tasks" event is a dict (a task starting or its result)
-                        await self._on_task(run_id, cast("dict[str, Any]", chunk))
-                snapshot = await compiled.graph.aget_state(config)
-                interrupts = [scrub(i.value) for i in snapshot.interrupts]
-                status = "interrupted" if snapshot.next or interrupts else "succeeded"
-                values = dict(snapshot.values) if snapshot.values else values
+            async with self._slots, _fenced_async(lease.fence):
+                await self._drive(run_id, graph_input, end)
         except BudgetExceededError as e:
-            status, error, error_type = "budget_exceeded", str(e), type(e).__name__
+            end.stop(RunStatus.BUDGET_EXCEEDED, str(e), e)
         except asyncio.CancelledError:
-            if lease.stop is not None and me is not None and me.uncancel() == 0:
-                # Stopped by the lease keeper, not by our caller: the lease went to another
-                # executor, or a cancel was requested from another process.
-                if lease.stop == "lost":
-                    await self._stop_keeper(keeper)
-                    return self._lost_result(run_id, values)
-                status, error = "cancelled", "cancelled"
-                return await self._end(run_id, status, values, [], error, None, lease, keeper,
-                                       settle_nodes=True)
-            status = "paused" if self._closing else "cancelled"
-            error = "stopped by shutdown; resume it" if self._closing else "cancelled"
-            with contextlib.suppress(StoreUnavailableError):  # kept for the next executor
-                await asyncio.shield(self._finish(run_id, status, values, [], error, None,
-                                                  lease, keeper, settle_nodes=True))
-            raise
+            stopped = await self._stopped(run_id, lease, keeper, end.values)
+            if stopped is None:
+                raise
+            return stopped
         except StoreUnavailableError as e:
             # The database stayed unreachable for the lease's time (every write retries
             # that long): release the run as `paused` once it is back, and resume it then.
-            return await self._outage(run_id, lease, keeper, graph_input, values, e)
+            return await self._outage(run_id, lease, keeper, graph_input, end.values, e)
         except LeaseError:
             # A fenced write found another executor holding the run (our writes renew the
             # lease, so only a takeover ends here): write nothing more.
             lease.lost = True
             await self._stop_keeper(keeper)
-            return self._lost_result(run_id, values)
+            return self._lost_result(run_id, end.values)
         except FrugalflowError as e:
-            status, error, error_type = "failed", str(e), type(e).__name__
+            end.stop(RunStatus.FAILED, str(e), e)
         except Exception as e:  # a bug in a node: the run fails, persisted and resumable
             log.exception("frugalflow: run %s failed", run_id)
-            status, error, error_type = "failed", f"{type(e).__name__}: {e}", type(e).__name__
+            end.stop(RunStatus.FAILED, f"{type(e).__name__}: {e}", e)
         # Only a cut-short execution, or an earlier one, leaves node rows open.
-        return await self._end(run_id, status, values, interrupts, error, error_type, lease,
-                               keeper, settle_nodes=continuation or status != "succeeded")
+        return await self._end(run_id, end, lease, keeper,
+                               settle_nodes=end.continuation or end.status != RunStatus.SUCCEEDED)
 
-    async def _context(self, compiled: CompiledFlow, row: RunRow, continuation: bool) -> Any:
+    async def _drive(self, run_id: str, graph_input: Any, end: _Ending) -> None:
+        """Execute the run's graph up to its next stop, noting in `end` how far it got."""
+        row = await self.ledger.get_run(run_id)
+        compiled = self.compiled(row.flow)
+        # A continuation: calls that completed before a crash are replayed.
+        end.continuation = (row.status not in (RunStatus.PENDING, RunStatus.QUEUED)
+                            or row.pending_resume is not None)
+        ctx = await self._context(compiled, row, end.continuation)
+        await self.ledger.update_run(run_id, status=RunStatus.RUNNING, error=None, error_type=None)
+        self.events.publish(run_id, "run_started", flow=row.flow)
+        config = self._config(run_id)
+        async for mode, chunk in compiled.graph.astream(
+            graph_input, config, context=ctx, stream_mode=["tasks", "values"]
+        ):
+            if mode == "values":
+                end.values = chunk if isinstance(chunk, dict) else {"value": chunk}
+            elif mode == "tasks":
+                # a "tasks" event is a dict (a task starting or its result)
+                await self._on_task(run_id, cast("dict[str, Any]", chunk))
+        snapshot = await compiled.graph.aget_state(config)
+        end.interrupts = [scrub(i.value) for i in snapshot.interrupts]
+        end.status = (RunStatus.INTERRUPTED if snapshot.next or end.interrupts
+                      else RunStatus.SUCCEEDED)
+        end.values = dict(snapshot.values) if snapshot.values else end.values
+
+    async def _stopped(self, run_id: str, lease: Lease, keeper: asyncio.Task[None],
+                       values: dict[str, Any] | None) -> RunResult | None:
+        """The run's task was cancelled: by the lease keeper (the result), or by our caller
+        or a shutdown (None: the cancellation goes on, the run's end recorded)."""
+        me = asyncio.current_task()
+        if lease.stop is not None and me is not None and me.uncancel() == 0:
+            # Stopped by the lease keeper, not by our caller: the lease went to another
+            # executor, or a cancel was requested from another process.
+            if lease.stop == "lost":
+                await self._stop_keeper(keeper)
+                return self._lost_result(run_id, values)
+            return await self._end(run_id, _Ending(RunStatus.CANCELLED, values, error="cancelled"),
+                                   lease, keeper, settle_nodes=True)
+        end = (_Ending(RunStatus.PAUSED, values, error="stopped by shutdown; resume it")
+               if self._closing else _Ending(RunStatus.CANCELLED, values, error="cancelled"))
+        with contextlib.suppress(StoreUnavailableError):  # kept for the next executor
+            await asyncio.shield(self._finish(run_id, end, lease, keeper, settle_nodes=True))
+        return None
+
+    async def _context(self, compiled: CompiledFlow, row: RunRow,
+                       continuation: bool) -> RunContext:
         """A fresh run context (call keys count from 1 again: replay finds the calls)."""
         usage = RunUsage(budget_usd=row.budget_usd, run_id=row.id, spent_usd=row.cost_usd)
         ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
@@ -812,68 +701,58 @@ class Runner:
             ctx.replay = self._replayer(row.id)
         return ctx
 
-    async def _end(
-        self, run_id: str, status: str, values: dict[str, Any] | None, interrupts: list[Any],
-        error: str | None, error_type: str | None, lease: Lease, keeper: asyncio.Task[Any],
-        *, settle_nodes: bool,
-    ) -> RunResult:
+    async def _end(self, run_id: str, end: _Ending, lease: Lease, keeper: asyncio.Task[None],
+                   *, settle_nodes: bool) -> RunResult:
         """Record the run's end and release it; the result the caller sees."""
         try:
-            await asyncio.shield(self._finish(run_id, status, values, interrupts, error,
-                                              error_type, lease, keeper,
+            await asyncio.shield(self._finish(run_id, end, lease, keeper,
                                               settle_nodes=settle_nodes))
         except StoreUnavailableError as e:
             # The run ended but its end could not be written: written when the store is back.
-            self._recover_later(run_id, lease, status, values, interrupts, error, error_type,
-                                reason=e)
-            return RunResult(run_id, status, values, error=error, interrupts=interrupts)
+            self._recover_later(run_id, lease, end, reason=e)
+            return end.result(run_id)
         if lease.lost:
-            return self._lost_result(run_id, values)
+            return self._lost_result(run_id, end.values)
         try:
             row = await self.ledger.get_run(run_id)
         except StoreUnavailableError:  # recorded; only the read of it back failed
-            return RunResult(run_id, status, values, error=error, interrupts=interrupts)
-        return RunResult(run_id, row.status, values, row.cost_usd, row.error, interrupts)
+            return end.result(run_id)
+        return RunResult(run_id, RunStatus(row.status), end.values, row.cost_usd, row.error,
+                         end.interrupts)
 
     def _lost_result(self, run_id: str, values: dict[str, Any] | None) -> RunResult:
-        return RunResult(run_id, "paused", values, lost_lease=True,
+        return RunResult(run_id, RunStatus.PAUSED, values, lost_lease=True,
                          error="another executor took this run over (its lease expired "
                                "while this one stalled); it continues there")
 
-    async def _stop_keeper(self, keeper: asyncio.Task[Any]) -> None:
+    async def _stop_keeper(self, keeper: asyncio.Task[None]) -> None:
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
 
-    async def _outage(self, run_id: str, lease: Lease, keeper: asyncio.Task[Any],
+    async def _outage(self, run_id: str, lease: Lease, keeper: asyncio.Task[None],
                       graph_input: Any, values: dict[str, Any] | None,
                       e: StoreUnavailableError) -> RunResult:
         await self._stop_keeper(keeper)
         reason = (f"paused: the database was unreachable for longer than the lease "
                   f"({lease.ttl:g} s): {e}; resumed automatically when it is back")
         log.error("frugalflow: run %s %s", run_id, reason)
-        self._recover_later(run_id, lease, "paused", values, [], reason, "StoreUnavailableError",
-                            reason=e, graph_input=graph_input)
-        return RunResult(run_id, "paused", values, error=reason)
+        end = _Ending(RunStatus.PAUSED, values, error=reason, error_type="StoreUnavailableError")
+        self._recover_later(run_id, lease, end, reason=e, graph_input=graph_input)
+        return RunResult(run_id, RunStatus.PAUSED, values, error=reason)
 
-    def _recover_later(
-        self, run_id: str, lease: Lease, status: str, values: dict[str, Any] | None,
-        interrupts: list[Any], error: str | None, error_type: str | None, *,
-        reason: BaseException, graph_input: Any = None,
-    ) -> None:
+    def _recover_later(self, run_id: str, lease: Lease, end: _Ending, *,
+                       reason: BaseException, graph_input: Any = None) -> None:
         """Once the database is back: write the kept attempt rows and the run's end (or
         `paused`), release the lease, and resume a paused run (here, or through the
         dispatcher). `runner.wait(run_id)` returns its final result."""
-        task = asyncio.create_task(self._recover(run_id, lease, status, values, interrupts,
-                                                 error, error_type, graph_input),
+        task = asyncio.create_task(self._recover(run_id, lease, end, graph_input),
                                    name=f"recover:{run_id}")
         self._tasks[run_id] = task
         task.add_done_callback(lambda t: self._forget(run_id, t))
 
-    async def _recover(
-        self, run_id: str, lease: Lease, status: str, values: dict[str, Any] | None,
-        interrupts: list[Any], error: str | None, error_type: str | None, graph_input: Any,
-    ) -> RunResult:
+    async def _recover(self, run_id: str, lease: Lease, end: _Ending,
+                       graph_input: Any) -> RunResult:
         while True:
             await self._wait_for_store()
             try:
@@ -881,26 +760,28 @@ class Runner:
                     await self.ledger.flush_attempts(run_id)
                     await self.ledger.close_nodes(run_id, recheck=True)
                     await self.ledger.update_run(
-                        run_id, status=status, error=error, error_type=error_type,
-                        output=scrub(values) if values is not None and status != "paused"
-                        else None, interrupts=interrupts or None, pending_resume=None)
+                        run_id, status=end.status, error=end.error, error_type=end.error_type,
+                        output=scrub(end.values)
+                        if end.values is not None and end.status != RunStatus.PAUSED else None,
+                        interrupts=end.interrupts or None, pending_resume=None)
                 with unfenced():
                     await lease.release()
                 break
             except StoreUnavailableError:
                 continue  # gone again: wait again
             except LeaseError:
-                return self._lost_result(run_id, values)
-        self.events.publish(run_id, "run_finished", status=status,
-                            error=scrub(error) if error else None)
-        if status != "paused":
-            return self._result(await self.ledger.get_run(run_id))
-        if self.dispatcher is not None:
-            await self.dispatcher.submit(run_id)
-            return self._result(await self.ledger.get_run(run_id))
-        if self._closing:
-            return self._result(await self.ledger.get_run(run_id))
-        log.info("frugalflow: the database is back; resuming run %s", run_id)
+                return self._lost_result(run_id, end.values)
+        self.events.publish(run_id, "run_finished", status=end.status,
+                            error=scrub(end.error) if end.error else None)
+        if end.status == RunStatus.PAUSED and self.dispatcher is not None:
+            await self.dispatcher.submit(run_id)  # a worker resumes it
+        elif end.status == RunStatus.PAUSED and not self._closing:
+            log.info("frugalflow: the database is back; resuming run %s", run_id)
+            return await self._resume_after_outage(run_id, graph_input)
+        return self._result(await self.ledger.get_run(run_id))
+
+    async def _resume_after_outage(self, run_id: str, graph_input: Any) -> RunResult:
+        """Execute a run paused by an outage again, with the input that did not land."""
         row = await self.ledger.get_run(run_id)
         resume_input: Any = None
         if isinstance(graph_input, Command):
@@ -918,11 +799,8 @@ class Runner:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _finish(
-        self, run_id: str, status: str, values: dict[str, Any] | None, interrupts: list[Any],
-        error: str | None, error_type: str | None, lease: Lease, keeper: asyncio.Task[Any],
-        *, settle_nodes: bool,
-    ) -> None:
+    async def _finish(self, run_id: str, end: _Ending, lease: Lease, keeper: asyncio.Task[None],
+                      *, settle_nodes: bool) -> None:
         await self._stop_keeper(keeper)
         if lease.lost:
             return  # another executor owns the run now: write nothing more
@@ -934,9 +812,10 @@ class Runner:
                 if settle_nodes:
                     await self.ledger.close_nodes(run_id)
                 await self.ledger.update_run(
-                    run_id, status=status, output=scrub(values) if values is not None else None,
-                    interrupts=interrupts or None, error=error, error_type=error_type,
-                    pending_resume=None,
+                    run_id, status=end.status,
+                    output=scrub(end.values) if end.values is not None else None,
+                    interrupts=end.interrupts or None, error=end.error,
+                    error_type=end.error_type, pending_resume=None,
                 )
         except LeaseError:
             lease.lost = True
@@ -945,12 +824,12 @@ class Runner:
             return
         with unfenced():
             await lease.release()
-            if status == "paused" and self.dispatcher is not None:
+            if end.status == RunStatus.PAUSED and self.dispatcher is not None:
                 # Stopped by this worker's shutdown: hand it to another worker.
                 with contextlib.suppress(Exception):
                     await self.dispatcher.submit(run_id)
-        self.events.publish(run_id, "run_finished", status=status,
-                            error=scrub(error) if error else None)
+        self.events.publish(run_id, "run_finished", status=end.status,
+                            error=scrub(end.error) if end.error else None)
 
     async def _on_task(self, run_id: str, chunk: dict[str, Any]) -> None:
         if self.ledger.unwritten(run_id):  # attempt rows kept during an outage go first
@@ -960,19 +839,21 @@ class Runner:
             self.events.publish(run_id, "node_started", node=chunk["name"], task_id=chunk["id"])
         else:
             err = chunk.get("error")
-            status = "error" if err else ("interrupted" if chunk.get("interrupts") else "done")
+            status = (NodeStatus.ERROR if err else NodeStatus.INTERRUPTED
+                      if chunk.get("interrupts") else NodeStatus.DONE)
             await self.ledger.node_finished(chunk["id"], status=status,
                                             error=str(err) if err else None)
             self.events.publish(run_id, "node_finished", node=chunk["name"],
                                 task_id=chunk["id"], status=status)
 
-    def _replayer(self, run_id: str) -> Any:
-        async def replay(node: str | None, call_key: str) -> Any:
-            return await self.ledger.replayable(run_id, node, call_key)
+    def _replayer(self, run_id: str) -> Replay:
+        async def replay(node: str | None, call_key: str) -> AIMessage | None:
+            answer = await self.ledger.replayable(run_id, node, call_key)
+            return answer if isinstance(answer, AIMessage) else None
 
         return replay
 
-    def _ledger_listener(self, flow: str) -> Any:
+    def _ledger_listener(self, flow: str) -> Callable[[Attempt], Awaitable[None]]:
         async def write(attempt: Attempt) -> None:
             try:
                 await self.ledger.record_attempt(attempt, flow=flow)
@@ -981,7 +862,7 @@ class Runner:
                 # its end or its release. The model call itself succeeded: go on.
                 log.warning("frugalflow: attempt row of run %s kept until the database is "
                             "back: %s", attempt.run_id, e)
-            self.events.publish(attempt.run_id or "", "attempt", **_attempt_event(attempt))
+            self.events.publish(attempt.run_id or "", "attempt", **attempt_event(attempt))
 
         return write
 
@@ -1004,5 +885,5 @@ class Runner:
                 return
 
     def _result(self, row: RunRow) -> RunResult:
-        return RunResult(row.id, row.status, row.output, row.cost_usd, row.error,
+        return RunResult(row.id, RunStatus(row.status), row.output, row.cost_usd, row.error,
                          list(row.interrupts or []))

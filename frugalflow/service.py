@@ -34,7 +34,7 @@ import math
 import re
 import tomllib
 import warnings
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from os import PathLike
@@ -59,7 +59,8 @@ from .exceptions import (
     UserError,
 )
 from .persistence.tables import RunRow
-from .runner import FINAL_STATUSES, Runner
+from .runner import RunResult, Runner
+from .statuses import FINAL_STATUSES
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -450,7 +451,7 @@ def _shown(name: str, value: Any) -> Any:
     return value
 
 
-def _row(row: Any, json_fields: tuple[str, ...]) -> dict[str, Any]:
+def _row(row: BaseModel, json_fields: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = row.model_dump(mode="json", exclude=set(json_fields))
     for name in json_fields:
         out[name] = _shown(name, getattr(row, name))
@@ -464,7 +465,7 @@ def _run_json(row: RunRow) -> dict[str, Any]:
     return _row(row, _RUN_JSON)
 
 
-def _result(result: Any) -> dict[str, Any]:
+def _result(result: RunResult) -> dict[str, Any]:
     return {"run_id": result.run_id, "status": result.status, "cost_usd": result.cost_usd,
             "error": result.error, "interrupts": _shown("interrupts", result.interrupts),
             "state": _shown("state", result.state)}
@@ -534,20 +535,32 @@ def create_router(
                    "allow_unauthenticated=True if the app is bound to loopback only")
         log.warning(message)
         warnings.warn(message, UnauthenticatedServiceWarning, stacklevel=2)
-    require = auth.require
     route_class = _route_class(max_body_bytes, max_json_depth)
     router = APIRouter(route_class=route_class)
-    api = APIRouter(route_class=route_class, dependencies=[Depends(require)])
+    api = APIRouter(route_class=route_class, dependencies=[Depends(auth.require)])
+    _add_run_routes(api, runner, auth.require)
+    _add_run_action_routes(api, runner, auth.require)
+    _add_status_routes(api, router, runner, auth)
+    router.include_router(api)
+    return router
 
-    async def own_run(run_id: str, who: Principal | None) -> RunRow:
-        """The run, if `who` may see it; else 404, the same as for a missing run."""
-        try:
-            row = await runner.ledger.get_run(run_id)
-        except FrugalflowError as e:
-            raise _translate(e, run_id) from None
-        if who is not None and not who.is_admin and row.principal != who.name:
-            raise _not_found(run_id)
-        return row
+
+_Require = Callable[[Request], Awaitable["Principal | None"]]
+
+
+async def _own_run(runner: Runner, run_id: str, who: Principal | None) -> RunRow:
+    """The run, if `who` may see it; else 404, the same as for a missing run."""
+    try:
+        row = await runner.ledger.get_run(run_id)
+    except FrugalflowError as e:
+        raise _translate(e, run_id) from None
+    if who is not None and not who.is_admin and row.principal != who.name:
+        raise _not_found(run_id)
+    return row
+
+
+def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
+    """The flows, and runs: start one, list them, read one."""
 
     @api.get("/flows")
     async def list_flows() -> list[dict[str, Any]]:
@@ -589,7 +602,7 @@ def create_router(
 
     @api.get("/runs/{run_id}", response_model=dict[str, Any])
     async def get_run(run_id: str, who: Principal | None = Depends(require)) -> Response:
-        await own_run(run_id, who)
+        await _own_run(runner, run_id, who)
         try:
             record = await runner.get(run_id)
         except FrugalflowError as e:
@@ -602,10 +615,14 @@ def create_router(
             "calls": [_row(a, ("response",)) for a in record.attempts],
         }))
 
+
+def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
+    """What a principal does to one of its runs: resume, cancel, feedback, follow."""
+
     @api.post("/runs/{run_id}/resume", status_code=202, response_model=dict[str, Any])
     async def resume_run(run_id: str, body: ResumeRun,
                          who: Principal | None = Depends(require)) -> Response:
-        await own_run(run_id, who)
+        await _own_run(runner, run_id, who)
         try:
             result = await runner.resume(run_id, body.value, budget=body.budget, wait=body.wait)
         except FrugalflowError as e:
@@ -616,7 +633,7 @@ def create_router(
 
     @api.post("/runs/{run_id}/cancel", response_model=dict[str, Any])
     async def cancel_run(run_id: str, who: Principal | None = Depends(require)) -> Response:
-        await own_run(run_id, who)
+        await _own_run(runner, run_id, who)
         try:
             return _render(_result(await runner.cancel(run_id)))
         except FrugalflowError as e:
@@ -626,7 +643,7 @@ def create_router(
     async def run_feedback(run_id: str, body: Feedback,
                            who: Principal | None = Depends(require)) -> dict[str, Any]:
         """Was an answer good? Learned routers trained afterwards learn from it."""
-        await own_run(run_id, who)
+        await _own_run(runner, run_id, who)
         try:
             n = await runner.ledger.run_feedback(run_id, body.good, node=body.node,
                                                  call_id=body.call_id)
@@ -637,15 +654,19 @@ def create_router(
     @api.get("/runs/{run_id}/events")
     async def run_events(run_id: str, request: Request,
                          who: Principal | None = Depends(require)) -> StreamingResponse:
-        row = await own_run(run_id, who)
+        row = await _own_run(runner, run_id, who)
         return StreamingResponse(_sse(runner, run_id, row.status, request),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+
+def _add_status_routes(api: APIRouter, router: APIRouter, runner: Runner, auth: _Auth) -> None:
+    """The catalog with provider health (authenticated), and /health (liveness for all)."""
+
     @api.get("/catalog")
     async def catalog() -> list[dict[str, Any]]:
         cat = runner.catalog
-        breakers = runner.breakers
+        health = await _provider_health(runner)
         return [
             {"model": s.key, "provider": s.provider, "simulated": s.simulated,
              "input_per_mtok": s.input_price_per_mtok, "output_per_mtok": s.output_price_per_mtok,
@@ -653,7 +674,7 @@ def create_router(
              "capabilities": [c for c, v in s.caps.model_dump().items() if v],
              "quality": s.quality, "available": cat.is_available(s),
              "unavailable_reason": cat.unavailable_reason(s),
-             "provider_health": breakers.state(s.provider).value}
+             "provider_health": health[s.provider]}
             for s in cat
         ]
 
@@ -664,13 +685,16 @@ def create_router(
             return {"ok": True}
         return {"ok": True, **await _health_details(runner)}
 
-    router.include_router(api)
-    return router
+
+async def _provider_health(runner: Runner) -> dict[str, str]:
+    """Each catalog provider's breaker state (shared by the fleet with Redis breakers)."""
+    providers = sorted({s.provider for s in runner.catalog})
+    return {p: (await runner.breakers.astate(p)).value for p in providers}
 
 
 async def _health_details(runner: Runner) -> dict[str, Any]:
     from . import __version__
-    from .fallback import acheck_shared_state
+    from .scale.redis import acheck_shared_state
 
     database: dict[str, Any] = {"dialect": runner.store.dialect}
     try:
@@ -678,10 +702,9 @@ async def _health_details(runner: Runner) -> dict[str, Any]:
         database["reachable"] = True
     except (StoreError, asyncio.TimeoutError):
         database["reachable"] = False
-    providers = sorted({s.provider for s in runner.catalog})
     return {"version": __version__, "database": database,
-            "executing": len(runner._tasks), "flows": sorted(runner.flows),
-            "providers": {p: runner.breakers.state(p).value for p in providers},
+            "executing": len(runner.executing), "flows": sorted(runner.flows),
+            "providers": await _provider_health(runner),
             # "unavailable": Redis (shared breakers / rate limits) is down and this process
             # uses in-process state until it is back; "local": nothing is shared.
             "shared_state": await acheck_shared_state(runner.breakers, runner.limiter)}

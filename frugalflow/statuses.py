@@ -1,4 +1,5 @@
-"""The states a run, a node execution and a model call can be in (stored as their values).
+"""The states a run, a node execution and a model call can be in, and how a failed call is
+classified: the vocabulary stored in the ledger (as their string values).
 
 They are `StrEnum`s: a member equals its string, so rows written before the enums existed
 read back unchanged and JSON, SQL and logs see the plain value.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["FINAL_STATUSES", "NodeStatus", "Outcome", "RunStatus"]
+__all__ = ["FINAL_STATUSES", "ErrorClass", "NodeStatus", "Outcome", "RunStatus"]
 
 
 class RunStatus(StrEnum):
@@ -47,3 +48,22 @@ class Outcome(StrEnum):
     ERROR = "error"
     REPLAYED = "replayed"  # answered from the ledger after a crash: not paid again
     ABANDONED = "abandoned"  # its executor died before the answer was written
+
+
+class ErrorClass(StrEnum):
+    """How a failed model call is stored (`ff_attempts.error_class`) and counted. Code that
+    reacts to a failure branches on the exception's type; this is its name on disk."""
+
+    UNKNOWN = "unknown"
+    RATE_LIMIT = "rate_limit"
+    OVERLOADED = "overloaded"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    INCOMPLETE = "incomplete"
+    AUTH = "auth"
+    CONTEXT_LENGTH = "context_length"
+    CONTENT_FILTER = "content_filter"
+    MALFORMED = "malformed"
+    VALIDATION = "validation"
+    INVALID_REQUEST = "invalid_request"
+    ABANDONED = "abandoned"  # the call's executor died before its answer was written

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import ErrorClass
-from .statuses import Outcome
+from .statuses import ErrorClass, Outcome
 
 if TYPE_CHECKING:
     from langchain_core.messages import AIMessage

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from frugalflow import BreakerRegistry, Catalog, FallbackPolicy, RunContext, RunUsage
-from frugalflow.fallback import default_breakers
-from frugalflow.providers.simulated import simulator as _simulator
+from frugalflow.resilience import Breakers, default_breakers
+from frugalflow.testing.simulator import simulator as _simulator
 
 # the session's PostgreSQL and Redis servers, real or throwaway (tests/services.py), and the
 # session-wide throwaway PostgreSQL database (tests/pg.py)
@@ -39,10 +39,16 @@ def _no_network() -> Iterator[None]:
 def sim() -> Iterator[Any]:
     """The process-wide simulator, reset around every test."""
     _simulator.reset(seed=0)
-    default_breakers.reset()
     yield _simulator
     _simulator.reset(seed=0)
-    default_breakers.reset()
+
+
+@pytest.fixture(autouse=True)
+async def _fresh_breakers() -> AsyncIterator[None]:
+    """The process-wide breakers, closed around every test."""
+    await default_breakers.areset()
+    yield
+    await default_breakers.areset()
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +90,7 @@ def make_ctx(catalog: Catalog, clock: FakeClock) -> Any:
 
     def make(
         *, budget: float | None = None, policy: FallbackPolicy | None = None,
-        cat: Catalog | None = None, breakers: BreakerRegistry | None = None,
+        cat: Catalog | None = None, breakers: Breakers | None = None,
     ) -> RunContext:
         return RunContext(
             catalog=cat or catalog,

@@ -18,7 +18,7 @@ from langchain_core.messages import HumanMessage
 from langgraph.types import interrupt
 
 from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
 
 LATENCY = 0.4  # seconds per simulated model call in the chain flow
 
@@ -79,7 +79,7 @@ def review_flow() -> Flow[ReviewState]:
 
 
 async def _main(command: str, url: str, run_id: str) -> None:
-    from frugalflow.providers.simulated import simulator
+    from frugalflow.testing.simulator import simulator
     from frugalflow.runner import Runner
 
     simulator.reset(seed=0)

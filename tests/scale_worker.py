@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from durable_flows import chain_flow  # noqa: E402
 
 from frugalflow import Catalog  # noqa: E402
-from frugalflow.dispatch import ProcrastinateDispatcher, run_worker  # noqa: E402
-from frugalflow.fallback import BreakerRegistry, RedisBreakerRegistry, RedisRateLimiter  # noqa: E402
+from frugalflow.resilience import BreakerRegistry  # noqa: E402
+from frugalflow.scale.dispatch import ProcrastinateDispatcher, run_worker  # noqa: E402
+from frugalflow.scale.redis import RedisBreakerRegistry, RedisRateLimiter  # noqa: E402
 from frugalflow.runner import Runner  # noqa: E402
 
 

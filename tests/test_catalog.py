@@ -191,3 +191,15 @@ def test_tiered_prices_follow_genai_prices() -> None:
     small = spec.cost(Usage(input_tokens=1_000)) / 1_000
     large = spec.cost(Usage(input_tokens=300_000)) / 300_000
     assert large > small
+
+
+def test_a_spec_copied_with_changes_derives_its_key_adapter_and_prices_again() -> None:
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
+    assert (spec.key, spec.adapter.__class__.__name__) == ("sim-openai/gpt-4o-mini", "SimulatedAdapter")
+    price = spec.input_price_per_mtok
+    moved = spec.model_copy(update={"provider": "openai", "simulated": False,
+                                    "input_price": price * 2})
+    assert moved.key == "openai/gpt-4o-mini"
+    assert moved.adapter.__class__.__name__ == "OpenAIAdapter"
+    assert moved.input_price_per_mtok == price * 2
+    assert spec.model_copy().key == spec.key  # a plain copy keeps what it derived

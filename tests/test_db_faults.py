@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel
 from frugalflow.exceptions import StoreUnavailableError
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
 from frugalflow.persistence.store import Store, is_transient
 from frugalflow.persistence.tables import CheckpointRow, LeaseRow, NodeRunRow, RunRow
 from frugalflow.runner import Runner
@@ -417,7 +417,8 @@ async def test_a_node_whose_checkpoint_writes_were_lost_is_not_left_done(tmp_pat
 async def test_the_event_relay_reconnects_after_its_connection_is_cut(
     pg_url: str, proxy: TcpProxy
 ) -> None:
-    from frugalflow.runner import EventBus, PostgresEventRelay
+    from frugalflow.events import EventBus
+    from frugalflow.scale.relay import PostgresEventRelay
 
     sender_bus, receiver_bus = EventBus(), EventBus()
     sender = PostgresEventRelay(via(proxy, pg_url), sender_bus)
@@ -459,7 +460,7 @@ async def test_a_worker_outlives_its_database(
     from durable_flows import chain_flow
     from procrastinate.exceptions import ConnectorException
 
-    from frugalflow.dispatch import ProcrastinateDispatcher, run_worker
+    from frugalflow.scale.dispatch import ProcrastinateDispatcher, run_worker
 
     def make(url: str) -> Runner:
         return Runner(url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
@@ -515,7 +516,7 @@ async def test_runs_left_without_a_job_or_executor_are_queued_again(fresh_pg_url
     sweep queues it again, and leaves alone a run a live executor holds."""
     from durable_flows import chain_flow
 
-    from frugalflow.dispatch import ProcrastinateDispatcher
+    from frugalflow.scale.dispatch import ProcrastinateDispatcher
     from frugalflow.runner import acquire_lease
 
     runner = Runner(fresh_pg_url, flows=[chain_flow(2)], catalog=Catalog.simulated(),

@@ -18,7 +18,7 @@ from durable_flows import _latency_catalog, chain_flow
 from sqlalchemy import select
 
 from frugalflow import Catalog, ModelSpec
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
 from frugalflow.persistence import Store
 from frugalflow.persistence import tables as t
 from frugalflow.runner import Runner

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 
 from frugalflow import exceptions as ff
 from frugalflow.catalog import ModelSpec
-from frugalflow.emulator import FAULT_KINDS, PROVIDERS, ProviderEmulator
+from frugalflow.testing.emulator import FAULT_KINDS, PROVIDERS, ProviderEmulator
 from frugalflow.providers import adapter_for
 
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5",
@@ -658,15 +658,24 @@ async def test_frugalflow_adapters_classify_emulated_faults(
     error = adapter_for(spec).translate(caught.value, spec)
     assert isinstance(error, expected), repr(error)
     if kind == "rate_limit" and provider == "openai":
-        assert error.retry_after == 2.0  # type: ignore[attr-defined]
+        assert error.retry_after == 2.0
 
 
 def test_fault_kinds_are_documented() -> None:
-    from frugalflow import emulator
+    from frugalflow.testing import wire_faults
 
-    assert emulator.__doc__ is not None
+    assert wire_faults.__doc__ is not None
     for kind in FAULT_KINDS:
-        assert f"\n    {kind} " in emulator.__doc__, kind
+        assert f"\n    {kind} " in wire_faults.__doc__, kind
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_the_judge_mark_never_reaches_the_wire(emu: ProviderEmulator, provider: str) -> None:
+    from frugalflow import Judge
+
+    await make(emu, provider).ainvoke(Judge("Specific.").prompt("the input", "the answer"))
+    sent = json.dumps(emu.requests[-1].body)
+    assert "the input" in sent and Judge.MARK not in sent  # a real provider never sees it
 
 
 def test_no_io_before_start() -> None:

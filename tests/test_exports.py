@@ -1,6 +1,8 @@
-"""The flat public API: `frugalflow.__all__` is exactly what the package module offers.
+"""The flat public API: `frugalflow.__all__` is exactly the list below, and exactly what the
+package module offers.
 
-In the spirit of httpx's tests/test_exported_members.py: every public name bound in
+In the spirit of httpx's tests/test_exported_members.py: the public names are written out here
+(adding or dropping one is a decision this test makes visible), every public name bound in
 `frugalflow/__init__.py` is listed, nothing else is, nothing twice, and every listed name imports.
 """
 
@@ -13,6 +15,31 @@ import frugalflow
 
 # dunder names that are part of the API on purpose
 INCLUDED_PRIVATE = {"__version__"}
+
+PUBLIC_API = [
+    # writing a flow
+    "END", "START", "Agent", "Flow", "CompiledFlow", "Needs", "Judge", "RoutedChatModel",
+    "RunContext",
+    # what it runs against
+    "SKILLS", "Capabilities", "Catalog", "ModelSpec", "FallbackPolicy", "BreakerRegistry",
+    # durable runs
+    "Runner", "RunResult", "RunStatus",
+    # what it reports
+    "Usage", "RunUsage", "Attempt",
+    # errors a caller catches (the tree in frugalflow/exceptions.py)
+    "FrugalflowError", "UserError", "CatalogError", "MissingIntegrationError", "FlowError",
+    "NoCapableModelError", "ModelAPIError", "RateLimitError", "ProviderOverloadedError",
+    "ModelTimeoutError", "ProviderConnectionError", "IncompleteResponseError",
+    "AuthenticationError", "ContextLengthError", "ContentFilterError", "MalformedResponseError",
+    "ValidationFailedError", "InvalidRequestError", "AllModelsFailedError",
+    "BudgetExceededError", "StoreError", "StoreUnavailableError", "SchemaVersionError",
+    "RunNotFoundError", "RunStateError", "LeaseError",
+    "__version__",
+]
+
+# internals that live in their modules, not in the flat API
+INTERNAL = ["CircuitBreaker", "BreakerState", "rank", "explain", "estimate_tokens",
+            "SimulatedChatModel", "Simulator", "Lease", "EventBus", "Store", "Ledger"]
 
 
 def _namespace_public_names() -> set[str]:
@@ -38,6 +65,23 @@ def _isort_key(name: str) -> tuple[int, str]:
     if name[0].isupper():
         return (1, name)
     return (2, name)
+
+
+def test_all_is_the_public_api() -> None:
+    assert sorted(frugalflow.__all__) == sorted(PUBLIC_API)
+    assert len(PUBLIC_API) == len(set(PUBLIC_API))
+
+
+def test_internals_stay_out() -> None:
+    assert [name for name in INTERNAL if hasattr(frugalflow, name)] == []
+
+
+def test_every_exception_in_the_tree_is_public() -> None:
+    from frugalflow import exceptions
+
+    raised = {name for name, value in vars(exceptions).items()
+              if isinstance(value, type) and issubclass(value, exceptions.FrugalflowError)}
+    assert sorted(raised - set(frugalflow.__all__)) == []
 
 
 def test_all_lists_exactly_the_public_names() -> None:

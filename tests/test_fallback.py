@@ -1,3 +1,6 @@
+"""Failures classified and translated, the retry policy, the one health rule, and the
+circuit breakers in process and in Redis."""
+
 from __future__ import annotations
 
 import pickle
@@ -8,20 +11,30 @@ from frugalflow import (
     AllModelsFailedError,
     Attempt,
     AuthenticationError,
-    BreakerRegistry,
-    BreakerState,
     Catalog,
-    CircuitBreaker,
     ContentFilterError,
     ContextLengthError,
-    FallbackPolicy,
     InvalidRequestError,
+    IncompleteResponseError,
+    MalformedResponseError,
     ModelAPIError,
     ModelTimeoutError,
+    ProviderConnectionError,
     ProviderOverloadedError,
     RateLimitError,
 )
-from frugalflow.fallback import Action, error_from_status, parse_retry_after
+from frugalflow.exceptions import ValidationFailedError
+from frugalflow.providers.base import error_from_status
+from frugalflow.resilience import (
+    Action,
+    BreakerRegistry,
+    BreakerState,
+    CircuitBreaker,
+    FallbackPolicy,
+    Mark,
+    parse_retry_after,
+    verdict,
+)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +60,40 @@ def test_status_classification(status: int, body: str, cls: type) -> None:
     err = error_from_status(status, f"HTTP {status}", body=body, provider="p", model="m")
     assert type(err) is cls
     assert err.status_code == status
+
+
+def test_one_translator_reads_sdk_errors_through_wrappers() -> None:
+    import httpx
+    import openai
+
+    from frugalflow.providers import adapter_for
+    from frugalflow.providers.base import translate_error
+
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"].model_copy(
+        update={"provider": "openai", "simulated": False})
+    adapter = adapter_for(spec)
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    answer = httpx.Response(429, headers={"retry-after": "2"}, request=request)
+    sdk_error = openai.RateLimitError("slow down", response=answer, body=None)
+    try:
+        try:
+            raise sdk_error
+        except openai.RateLimitError as inner:
+            raise RuntimeError("an integration's own wrapper") from inner
+    except RuntimeError as wrapper:
+        err = adapter.translate(wrapper, spec)
+    assert type(err) is RateLimitError and err.retry_after == 2.0 and err.status_code == 429
+    assert err.provider == "openai" and err.message.startswith("openai/gpt-4o-mini: HTTP 429")
+    # What every SDK shares: transport errors, httpx status errors, already-translated ones.
+    assert type(translate_error(TimeoutError(), spec)) is ModelTimeoutError
+    assert type(translate_error(ConnectionResetError(), spec)) is ProviderConnectionError
+    status = httpx.HTTPStatusError("503", request=request,
+                                   response=httpx.Response(503, request=request))
+    assert type(translate_error(status, spec)) is ProviderOverloadedError
+    mine = ContextLengthError("too long")
+    assert translate_error(mine, spec) is mine
+    unknown = translate_error(ValueError("odd"), spec)
+    assert type(unknown) is ModelAPIError and "ValueError: odd" in str(unknown)
 
 
 def test_retry_after_parsing() -> None:
@@ -112,27 +159,100 @@ def test_cancelled_probe_frees_the_slot(clock) -> None:  # type: ignore[no-untyp
     assert b.allow()
 
 
-def test_registry_disables_a_provider_on_auth_failure(clock) -> None:  # type: ignore[no-untyped-def]
+async def test_registry_disables_a_provider_on_auth_failure(clock) -> None:  # type: ignore[no-untyped-def]
     reg = BreakerRegistry(threshold=2, cooldown=5, clock=clock)
     spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
     other = Catalog.simulated()["sim-openai/gpt-4.1"]
-    reg.record(spec, AuthenticationError("bad key", status_code=401))
-    assert reg.state("sim-openai") is BreakerState.DISABLED
-    assert not reg.acquire(other)
-    assert "disabled" in (reg.blocked_reason(other) or "")
+    await reg.arecord(spec, AuthenticationError("bad key", status_code=401))
+    assert await reg.astate("sim-openai") is BreakerState.DISABLED
+    assert not await reg.aacquire(other)
+    assert "disabled" in (await reg.ablocked_reason(other) or "")
     clock.now += 10_000
-    assert not reg.acquire(other)  # disabled for the process, not a cooldown
+    assert not await reg.aacquire(other)  # disabled for the process, not a cooldown
 
 
-def test_registry_counts_only_health_errors(clock) -> None:  # type: ignore[no-untyped-def]
+async def test_registry_counts_only_health_errors(clock) -> None:  # type: ignore[no-untyped-def]
     reg = BreakerRegistry(threshold=1, cooldown=5, clock=clock)
     spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
-    reg.record(spec, ContextLengthError("too long"))
-    reg.record(spec, InvalidRequestError("bad"))
-    assert reg.acquire(spec)
-    reg.record(spec, ProviderOverloadedError("503"))
-    assert reg.state("sim-openai") is BreakerState.OPEN
-    assert reg.state("sim-openai/gpt-4o-mini") is BreakerState.OPEN
+    await reg.arecord(spec, ContextLengthError("too long"))
+    await reg.arecord(spec, InvalidRequestError("bad"))
+    assert await reg.aacquire(spec)
+    await reg.arecord(spec, ProviderOverloadedError("503"))
+    assert await reg.astate("sim-openai") is BreakerState.OPEN
+    assert await reg.astate("sim-openai/gpt-4o-mini") is BreakerState.OPEN
+
+
+# Every outcome, and what the one health rule makes of it: (provider, model) breaker.
+_VERDICTS = [
+    (None, Mark.UP, Mark.UP),
+    (ContextLengthError("too long"), Mark.UP, Mark.UP),
+    (ContentFilterError("flagged"), Mark.UP, Mark.UP),
+    (InvalidRequestError("bad"), Mark.UP, Mark.UP),
+    (ValidationFailedError("rejected"), Mark.UP, Mark.UP),
+    (MalformedResponseError("not JSON"), Mark.UP, Mark.DOWN),
+    (AuthenticationError("bad key", status_code=401), Mark.OFF, Mark.NONE),
+    (RateLimitError("slow down"), Mark.DOWN, Mark.DOWN),
+    (ProviderOverloadedError("503"), Mark.DOWN, Mark.DOWN),
+    (ModelTimeoutError("slow"), Mark.DOWN, Mark.DOWN),
+    (ProviderConnectionError("reset"), Mark.DOWN, Mark.DOWN),
+    (IncompleteResponseError("cut"), Mark.DOWN, Mark.DOWN),
+    (ModelAPIError("who knows"), Mark.DOWN, Mark.DOWN),
+]
+
+
+@pytest.mark.parametrize(("error", "provider", "model"), _VERDICTS,
+                         ids=lambda v: type(v).__name__ if isinstance(v, Exception) else None)
+def test_one_health_rule(error: ModelAPIError | None, provider: Mark, model: Mark) -> None:
+    v = verdict(error, max_rest=600)
+    assert (v.provider, v.model) == (provider, model)
+
+
+def test_a_retry_after_rests_the_model_capped() -> None:
+    assert verdict(RateLimitError("x", retry_after=30.0), max_rest=600).rest == 30.0
+    assert verdict(RateLimitError("x", retry_after=10**6), max_rest=600).rest == 600
+    assert verdict(RateLimitError("x"), max_rest=600).rest is None
+    assert verdict(ProviderOverloadedError("x", retry_after=30.0), max_rest=600).rest is None
+
+
+@pytest.mark.parametrize(("error", "provider", "model"), _VERDICTS,
+                         ids=lambda v: type(v).__name__ if isinstance(v, Exception) else None)
+async def test_the_registries_apply_the_same_rule(
+        redis_url: str, error: ModelAPIError | None, provider: Mark, model: Mark) -> None:
+    """In process and in Redis, one outcome leaves the same breaker states."""
+    import uuid
+
+    from frugalflow.scale.redis import RedisBreakerRegistry
+
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
+    local = BreakerRegistry(threshold=1)
+    fleet = RedisBreakerRegistry(redis_url, threshold=1,
+                                 prefix=f"frugalflow:test:{uuid.uuid4().hex}:")
+    try:
+        states = []
+        for reg in (local, fleet):
+            await reg.arecord(spec, error)
+            states.append((await reg.astate(spec.provider), await reg.astate(spec.key)))
+        assert states[0] == states[1]
+        assert fleet.shared_state() == "ok"  # it was Redis that answered
+    finally:
+        await fleet.areset()
+        await fleet.aclose()
+
+
+def test_a_redis_registry_has_no_silent_local_reads() -> None:
+    """Every public method of either registry is async (or says which state it reads)."""
+    import inspect
+
+    from frugalflow.resilience import Breakers
+    from frugalflow.scale.redis import RedisBreakerRegistry
+
+    assert not issubclass(RedisBreakerRegistry, BreakerRegistry)
+    for cls in (BreakerRegistry, RedisBreakerRegistry):
+        public = {n for n, f in inspect.getmembers(cls, inspect.isfunction)
+                  if not n.startswith("_")}
+        sync = {n for n in public if not inspect.iscoroutinefunction(getattr(cls, n))}
+        assert sync == {"shared_state"}, (cls, sync)
+        assert {n for n in dir(Breakers) if n.startswith("a") or n == "shared_state"} <= public
 
 
 def test_exceptions_pickle() -> None:
@@ -155,7 +275,7 @@ async def test_redis_breakers_are_shared_between_workers(clock, redis_url: str) 
     import uuid
 
     from frugalflow import ProviderOverloadedError as Overloaded
-    from frugalflow.fallback import RedisBreakerRegistry
+    from frugalflow.scale.redis import RedisBreakerRegistry
 
     prefix = f"frugalflow:test:{uuid.uuid4().hex}:"
     a = RedisBreakerRegistry(redis_url, threshold=2, cooldown=10, prefix=prefix, clock=clock)
@@ -185,7 +305,7 @@ async def test_redis_breakers_are_shared_between_workers(clock, redis_url: str) 
 async def test_rate_limits_are_shared_by_the_fleet(clock, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     import uuid
 
-    from frugalflow.fallback import RedisRateLimiter
+    from frugalflow.scale.redis import RedisRateLimiter
 
     prefix = f"frugalflow:test-rate:{uuid.uuid4().hex}:"
     wall = lambda: 600.0 + clock.now  # noqa: E731 - a minute window we control

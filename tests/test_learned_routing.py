@@ -12,12 +12,13 @@ import pytest
 from langchain_core.messages import HumanMessage
 from typer.testing import CliRunner
 
-from flows.document_extraction import flow as extraction, read_invoice, sample_invoices
-from flows.support_triage import TicketFields, check_fields, read_ticket
+from flows.document_extraction import flow as extraction, sample_invoices
+from flows.support_triage import TicketFields, check_fields
 from frugalflow import Catalog, Needs
 from frugalflow.cli import app
-from frugalflow.learning import LearnedRouter, PriorRouter, choose
+from frugalflow.learning import LearnedRouter, PriorRouter, choose, examples_from
 from frugalflow.runner import Runner
+from frugalflow.testing.oracles import read_invoice, read_ticket
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,7 +201,7 @@ async def test_triage_records_the_ticket_category_with_its_extraction(tmp_path: 
         ticket = "Hi, I'm Dana Reyes. I was charged twice for order 88231 (the standing desk)."
         result = await runner.start(triage.name, {"ticket": ticket})
         assert result.ok
-        examples = await runner.ledger.examples(flow=triage.name, node="extract")
+        examples = examples_from(await runner.ledger.outcomes(flow=triage.name, node="extract"))
     finally:
         await runner.close()
     assert examples and {e.category for e in examples} == {result.state["category"]}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from frugalflow import Catalog, MissingIntegrationError, UserError, learning
+from frugalflow.exceptions import ErrorClass
 from frugalflow.learning import (
     Example,
     LearnedRouter,
@@ -21,7 +22,12 @@ from frugalflow.learning import (
     Router,
     choose,
     default_featurizer,
+    examples_from,
+    features,
+    success_of,
 )
+from frugalflow.persistence.ledger import CallOutcome
+from frugalflow.statuses import Outcome
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = {
@@ -179,6 +185,32 @@ def test_choose_orders_by_target_price_weight_and_cost() -> None:
         choose(probs, {"tiny": 1, "large": 2})
 
 
+def test_what_counts_as_a_success() -> None:
+    def call(outcome: Outcome, error_class: ErrorClass | None = None,
+             feedback: bool | None = None) -> CallOutcome:
+        return CallOutcome(node="n", text="t", model="m", category="c", outcome=outcome,
+                           error_class=error_class, feedback=feedback)
+
+    # an answer counts unless feedback says it was bad; a rejected or malformed answer is
+    # a failure; anything else says nothing about the model and is left out
+    cases = [
+        (call(Outcome.OK), True),
+        (call(Outcome.OK, feedback=True), True),
+        (call(Outcome.OK, feedback=False), False),
+        (call(Outcome.ERROR, ErrorClass.VALIDATION), False),
+        (call(Outcome.ERROR, ErrorClass.MALFORMED), False),
+        (call(Outcome.ERROR, ErrorClass.RATE_LIMIT), None),
+        (call(Outcome.ERROR, ErrorClass.TIMEOUT), None),
+        (call(Outcome.ERROR, ErrorClass.CONTEXT_LENGTH), None),
+        (call(Outcome.ABANDONED, ErrorClass.ABANDONED), None),
+        (call(Outcome.PENDING), None),
+        (call(Outcome.REPLAYED), None),
+    ]
+    assert [success_of(c) for c, _ in cases] == [want for _, want in cases]
+    assert examples_from(c for c, _ in cases) == [
+        Example("n", "t", "m", want, "c") for _, want in cases if want is not None]
+
+
 def test_lexical_featurizer_needs_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
@@ -198,7 +230,7 @@ def test_lexical_featurizer_needs_no_network(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_embeddings_are_optional(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(learning, "embeddings_available", lambda: False)
+    monkeypatch.setattr(features, "embeddings_available", lambda: False)
     assert isinstance(default_featurizer(), LexicalFeaturizer)
     with pytest.raises(MissingIntegrationError, match=r"frugalflow\[embeddings\]") as err:
         learning.EmbeddingFeaturizer()

@@ -12,7 +12,7 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from frugalflow import Catalog, RoutedChatModel, RunUsage, routed
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
 from frugalflow.usage import Attempt
 from frugalflow.routed import DEFAULT_ATTEMPT_WINDOW
 from frugalflow.usage import Usage

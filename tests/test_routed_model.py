@@ -11,7 +11,6 @@ from pydantic import BaseModel
 
 from frugalflow import (
     AllModelsFailedError,
-    BreakerState,
     BudgetExceededError,
     Catalog,
     FallbackPolicy,
@@ -22,6 +21,7 @@ from frugalflow import (
     ProviderConnectionError,
     RoutedChatModel,
 )
+from frugalflow.resilience import BreakerState
 
 
 def spec(provider: str, model: str, price: float, window: int = 100_000, **kw: Any) -> ModelSpec:
@@ -104,7 +104,7 @@ async def test_auth_failure_disables_the_provider(routed: Any, sim: Any) -> None
     await model.ainvoke(HI)
     assert model.last_model == "sim-b/medium"
     assert [a.model for a in model.context.usage.attempts] == ["sim-a/small", "sim-b/medium"]
-    assert model.context.breakers.state("sim-a") is BreakerState.DISABLED
+    assert await model.context.breakers.astate("sim-a") is BreakerState.DISABLED
     # later calls skip the whole provider without a wasted call
     before = sim.calls["sim-a"]
     await model.ainvoke(HI)
@@ -170,7 +170,7 @@ async def test_breaker_opens_and_half_open_probe_closes_it(
     fault = sim.fail("sim-a", "unavailable")
     model = routed(policy=policy, breakers=breakers)
     await model.ainvoke(HI)  # small fails (1), medium fails (2): breaker opens
-    assert breakers.state("sim-a") is BreakerState.OPEN
+    assert await breakers.astate("sim-a") is BreakerState.OPEN
     calls = sim.calls["sim-a"]
     for _ in range(3):
         await model.ainvoke(HI)
@@ -179,7 +179,7 @@ async def test_breaker_opens_and_half_open_probe_closes_it(
     clock.now += 31
     await model.ainvoke(HI)  # the half-open probe goes through and closes the breaker
     assert model.last_model == "sim-a/small"
-    assert breakers.state("sim-a") is BreakerState.CLOSED
+    assert await breakers.astate("sim-a") is BreakerState.CLOSED
 
 
 async def test_budget_skips_expensive_candidates_and_then_stops(routed: Any, sim: Any) -> None:
@@ -311,7 +311,7 @@ async def test_cancellation_propagates_and_frees_the_probe(routed: Any, sim: Any
     breakers = BreakerRegistry(threshold=1, cooldown=1, clock=clock)
     model = routed(breakers=breakers, policy=FallbackPolicy(timeout=None))
     small = model.context.catalog["sim-a/small"]
-    breakers.record(small, ProviderConnectionError("x"))
+    await breakers.arecord(small, ProviderConnectionError("x"))
     clock.now += 5  # cooldown over: the next call is the half-open probe
     sim.fail("sim-a/small", "timeout")  # it hangs
     task = asyncio.create_task(model.ainvoke(HI))
@@ -320,8 +320,8 @@ async def test_cancellation_propagates_and_frees_the_probe(routed: Any, sim: Any
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert breakers.get("sim-a").probe_in_flight is False
-    assert breakers.acquire(small)  # the probe slot was released
+    assert await breakers.ablocked_reason(small) is None  # no probe in flight
+    assert await breakers.aacquire(small)  # the probe slot was released
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -394,7 +394,7 @@ async def test_pydantic_validator_checks_text_answers(make_ctx: Any) -> None:
 
 
 async def test_rate_limited_model_is_skipped_without_a_call(cat: Catalog, make_ctx: Any, sim: Any) -> None:
-    from frugalflow.fallback import RateLimiter
+    from frugalflow.limits import RateLimiter
 
     limited = Catalog([s.model_copy(update={"rpm": 1}) if s.key == "sim-a/small" else s
                        for s in cat], name="limited")

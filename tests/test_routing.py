@@ -4,7 +4,9 @@ import pytest
 from langchain_core.messages import HumanMessage
 from pydantic import ValidationError
 
-from frugalflow import Catalog, ModelSpec, Needs, estimate_tokens, explain, rank
+from frugalflow import Catalog, ModelSpec, Needs
+from frugalflow.needs import estimate_tokens
+from frugalflow.ranking import explain, rank
 
 
 def _cat(*specs: ModelSpec) -> Catalog:

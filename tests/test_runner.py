@@ -17,9 +17,9 @@ from frugalflow.exceptions import (
     SchemaVersionError,
     StoreUnavailableError,
 )
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
 from frugalflow.persistence import Store
-from frugalflow.runner import Runner, acquire_lease
+from frugalflow.runner import Runner, RunStatus, acquire_lease
 
 
 @pytest.fixture
@@ -50,6 +50,17 @@ async def test_run_succeeds_and_the_ledger_answers_cost_questions(runner: Runner
     (flow,) = await runner.ledger.costs("flow")
     assert flow.key == "chain"
     assert [r.id for r in await runner.ledger.list_runs(flow="chain")] == [result.run_id]
+
+
+async def test_wait_is_the_result_of_a_background_run(runner: Runner) -> None:
+    started = await runner.start("chain", {"topic": "background"}, wait=False)
+    assert started.status is RunStatus.RUNNING and started.run_id in runner.executing
+    result = await runner.wait(started.run_id)
+    assert result.status is RunStatus.SUCCEEDED and result.ok
+    assert result.state is not None and result.state["n3"]
+    # no longer executing here: its end, read from the ledger
+    again = await runner.wait(started.run_id)
+    assert again.status is RunStatus.SUCCEEDED and again.cost_usd == result.cost_usd > 0
 
 
 async def test_budget_exceeded_is_persisted_and_resumable_with_more(runner: Runner) -> None:

@@ -88,7 +88,7 @@ async def test_three_workers_200_runs_one_killed(fresh_pg_url: str) -> None:
             assert victim_holder is not None
             victim.send_signal(signal.SIGKILL)
             results = await asyncio.wait_for(
-                asyncio.gather(*(sub._await_dispatched(i) for i in ids)), timeout=240)
+                asyncio.gather(*(sub.wait(i) for i in ids)), timeout=240)
         assert [r.status for r in results].count("succeeded") == 200
 
         nodes = await rows(sub, t.NodeRunRow.__table__)
@@ -135,7 +135,7 @@ async def test_cancel_reaches_the_worker_executing_the_run(fresh_pg_url: str) ->
                     if e["event"] == "node_started":
                         break
             await sub.cancel(run_id)
-            result = await asyncio.wait_for(sub._await_dispatched(run_id), timeout=30)
+            result = await asyncio.wait_for(sub.wait(run_id), timeout=30)
         assert result.status == "cancelled"
 
 
@@ -181,6 +181,6 @@ async def test_a_run_whose_starter_died_before_queueing_still_executes(fresh_pg_
         assert await sub.dispatcher.requeue_orphans(sub, older_than=0.0) == 1
         assert await sub.dispatcher.requeue_orphans(sub, older_than=0.0) == 0  # queued once
         with workers(url, 1):
-            result = await asyncio.wait_for(sub._await_dispatched("orphan"), timeout=60)
+            result = await asyncio.wait_for(sub.wait("orphan"), timeout=60)
         assert result.status == "succeeded"
         assert result.state is not None and result.state["topic"] == "o"

@@ -26,8 +26,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from frugalflow import END, START, AllModelsFailedError, Catalog, Flow, Needs, RoutedChatModel
-from frugalflow.emulator import ProviderEmulator, emulated_catalog
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
+from frugalflow.testing.emulator import ProviderEmulator, emulated_catalog
 from frugalflow.persistence import Store
 from frugalflow.persistence import scrub as policy
 from frugalflow.persistence import tables as t

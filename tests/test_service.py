@@ -14,7 +14,8 @@ from durable_flows import chain_flow, review_flow
 from served import served
 
 from frugalflow import Catalog, UserError
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.learning import examples_from
+from frugalflow.resilience import BreakerRegistry
 from frugalflow.runner import Runner
 from frugalflow.service import create_app
 
@@ -165,7 +166,7 @@ async def test_feedback_on_a_runs_answer_is_recorded_for_learning(db: str) -> No
     # The ledger's training examples now count n2's answer as a failure.
     runner = Runner(db, flows=[chain_flow(3)], catalog=Catalog.simulated())
     try:
-        examples = await runner.ledger.examples(flow="chain")
+        examples = examples_from(await runner.ledger.outcomes(flow="chain"))
     finally:
         await runner.close()
     assert [(e.node, e.success) for e in examples] == [("n1", True), ("n2", False), ("n3", True)]

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from frugalflow import Catalog, UserError
 from frugalflow.cli import app as cli
-from frugalflow.fallback import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry
 from frugalflow.runner import Runner
 from frugalflow.service import (
     Principal,

@@ -18,16 +18,11 @@ from conftest import FakeClock
 from langchain_core.messages import HumanMessage
 from tcp_proxy import TcpProxy
 
-from frugalflow import (
-    BreakerRegistry,
-    Catalog,
-    FallbackPolicy,
-    ProviderOverloadedError,
-    RateLimitError,
-)
+from frugalflow import Catalog, ProviderOverloadedError, RateLimitError
 from frugalflow.cli import load_flow
-from frugalflow.fallback import (
-    RateLimiter,
+from frugalflow.limits import RateLimiter
+from frugalflow.resilience import BreakerRegistry, FallbackPolicy
+from frugalflow.scale.redis import (
     RedisBreakerRegistry,
     RedisRateLimiter,
     acheck_shared_state,
@@ -64,10 +59,11 @@ def closed_port() -> int:
     return port
 
 
-def shared_pair(url: str, clock: Any = time.time, **kw: Any) -> tuple[RedisBreakerRegistry,
-                                                                       RedisRateLimiter]:
+def shared_pair(url: str, clock: Any = time.time, threshold: int = 5,
+                **kw: Any) -> tuple[RedisBreakerRegistry, RedisRateLimiter]:
     prefix = f"frugalflow:test-shared:{uuid.uuid4().hex}:"
-    return (RedisBreakerRegistry(url, prefix=prefix + "b:", clock=clock, **kw),
+    return (RedisBreakerRegistry(url, prefix=prefix + "b:", clock=clock, threshold=threshold,
+                                 **kw),
             RedisRateLimiter(url, prefix=prefix + "r:", clock=clock, **kw))
 
 
@@ -123,8 +119,7 @@ async def test_tcp_proxy_cuts_refuses_and_restores(proxy: TcpProxy) -> None:
 async def test_unreachable_redis_from_the_start_never_fails_a_run(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "frugalflow.shared")
-    breakers, limiter = shared_pair(f"redis://127.0.0.1:{closed_port()}/0")
-    breakers.threshold = 3
+    breakers, limiter = shared_pair(f"redis://127.0.0.1:{closed_port()}/0", threshold=3)
     app = load_flow("flows/support_triage.py").compile(limited_catalog(), breakers=breakers)
     try:
         assert await acheck_shared_state(breakers, limiter) == "unavailable"
@@ -135,7 +130,7 @@ async def test_unreachable_redis_from_the_start_never_fails_a_run(
         assert shared_state(breakers, limiter) == "unavailable"
         # One warning for the whole outage, not one per call or per shared part.
         assert len(shared_warnings(caplog)) == 1
-        assert limiter.used(ctx.catalog["sim-openai/gpt-4o-mini"])[0] >= 0  # counted locally
+        assert sum(limiter.local.used(s)[0] for s in ctx.catalog) > 0  # counted locally
         # While down, breakers still work in-process.
         spec = ctx.catalog["sim-openai/gpt-4o-mini"]
         for _ in range(3):
@@ -371,16 +366,16 @@ async def test_retry_after_rests_the_model_in_process(clock: FakeClock) -> None:
     reg = BreakerRegistry(clock=clock)
     spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
     other = Catalog.simulated()["sim-openai/gpt-4.1"]
-    reg.record(spec, RateLimitError("slow down", status_code=429, retry_after=30.0))
-    assert "rate limited until" in (reg.cooldown_reason(spec) or "")
-    assert reg.cooldown_reason(other) is None  # per model
+    await reg.arecord(spec, RateLimitError("slow down", status_code=429, retry_after=30.0))
+    assert "rate limited until" in (await reg.acooldown_reason(spec) or "")
+    assert await reg.acooldown_reason(other) is None  # per model
     clock.now += 29.9
-    assert reg.cooldown_reason(spec) is not None
+    assert await reg.acooldown_reason(spec) is not None
     clock.now += 0.1
-    assert reg.cooldown_reason(spec) is None
-    reg.record(spec, RateLimitError("slow down", retry_after=10**6))  # capped
+    assert await reg.acooldown_reason(spec) is None
+    await reg.arecord(spec, RateLimitError("slow down", retry_after=10**6))  # capped
     clock.now += reg.max_retry_after
-    assert reg.cooldown_reason(spec) is None
+    assert await reg.acooldown_reason(spec) is None
 
 
 async def test_retry_after_rests_the_model_for_the_fleet(clock: FakeClock) -> None:
@@ -409,7 +404,7 @@ def _emulator_key(monkeypatch: pytest.MonkeyPatch) -> Any:
     from langchain_anthropic import _client_utils as anthropic_clients
     from langchain_openai.chat_models import _client_utils as openai_clients
 
-    from frugalflow.emulator import EMULATOR_KEY_ENV
+    from frugalflow.testing.emulator import EMULATOR_KEY_ENV
 
     monkeypatch.setenv(EMULATOR_KEY_ENV, "emulator-test-key")
     yield
@@ -424,7 +419,7 @@ def _emulator_key(monkeypatch: pytest.MonkeyPatch) -> Any:
 async def test_retry_after_over_the_wire_is_remembered(_emulator_key: None, shared: bool) -> None:
     from test_wire import ROUTE, first_choice, tries
 
-    from frugalflow.emulator import ProviderEmulator, emulated_catalog
+    from frugalflow.testing.emulator import ProviderEmulator, emulated_catalog
 
     clock = FakeClock()
     clock.now = time.time()

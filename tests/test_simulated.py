@@ -1,19 +1,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
-from frugalflow import (
-    ContextLengthError,
-    ProviderOverloadedError,
-    RateLimitError,
-    SimulatedChatModel,
-    Simulator,
-)
+from frugalflow import ContextLengthError, ProviderOverloadedError, RateLimitError
+from frugalflow.testing import SimulatedChatModel, Simulator
 
 HI = [HumanMessage("hello")]
 
@@ -113,8 +108,9 @@ async def test_latency_is_configurable() -> None:
 
 
 async def test_simulated_judge_checks_answers_against_the_oracle() -> None:
-    from flows.document_extraction import Invoice, read_invoice, sample_invoices
-    from frugalflow import Judge, SimulatedChatModel
+    from flows.document_extraction import Invoice, sample_invoices
+    from frugalflow.testing.oracles import read_invoice
+    from frugalflow import Judge
 
     doc = sample_invoices(2, seed=1)[1]
     right = Invoice(**read_invoice([HumanMessage(doc)])[0])
@@ -127,3 +123,73 @@ async def test_simulated_judge_checks_answers_against_the_oracle() -> None:
     unsound = SimulatedChatModel(model_name="judge", provider="sim-j", accuracy=0.0)
     reply = await unsound.ainvoke(judge.prompt(doc, right.model_dump_json()))
     assert Judge.verdict(str(reply.content)) is not True  # a bad judge gets it wrong
+
+
+async def test_a_judge_request_is_recognised_by_its_mark_not_its_wording() -> None:
+    from langchain_core.messages import SystemMessage
+
+    from frugalflow import Judge
+    from frugalflow.testing.simulator import JUDGE_MARK, judge_request
+
+    judge = Judge("Every field is as printed.")
+    marked = judge.prompt("Invoice INV-1 from Acme", '{"vendor": "Acme"}')
+    unmarked = [type(m)(content=m.content) for m in marked]  # the same words, no mark
+    assert JUDGE_MARK == Judge.MARK
+    assert judge_request(marked) == ("Invoice INV-1 from Acme", '{"vendor": "Acme"}')
+    assert judge_request(unmarked) is None
+    model = SimulatedChatModel(model_name="judge", provider="sim-j", accuracy=1.0)
+    verdict = str((await model.ainvoke(marked)).content)
+    assert verdict.split(":")[0] in ("APPROVE", "REJECT")
+    plain = str((await model.ainvoke(unmarked)).content)
+    assert plain.startswith("[judge] ")  # the judge's wording alone is an ordinary request
+    reworded = [SystemMessage("Grade it."),
+                HumanMessage("?", additional_kwargs=marked[-1].additional_kwargs)]
+    # marked in other words: still a judge request (no oracle knows the input: a sound
+    # judge approves)
+    assert Judge.verdict(str((await model.ainvoke(reworded)).content)) is True
+
+
+async def test_the_judge_mark_reaches_the_model_through_the_routed_model(make_ctx: Any) -> None:
+    from frugalflow import Catalog, Judge, ModelSpec, Needs, RoutedChatModel
+    from frugalflow.testing.simulator import judge_request
+
+    seen: list[tuple[str, str] | None] = []
+
+    def judge_says(messages: list[Any]) -> str:
+        seen.append(judge_request(messages))
+        return "APPROVE: fine."
+
+    def spec(name: str, price: float, **update: Any) -> ModelSpec:
+        return ModelSpec(provider="sim-a", model=name, simulated=True, input_price=price,
+                         output_price=price, context_window=100_000,
+                         quality={"writing": 0.9, "reasoning": 0.9}).model_copy(update=update)
+
+    catalog = Catalog([spec("writer", 0.1),
+                       spec("judge", 0.5, model_kwargs={"responder": judge_says})], name="j")
+    model = RoutedChatModel(context=make_ctx(cat=catalog), node="n",
+                            needs=Needs(quality={"writing": 0.4}))
+    answer = await model.with_validator(Judge("The answer is specific.")).ainvoke(
+        [HumanMessage("hello there")])
+    assert len(seen) == 1 and seen[0] is not None
+    question, judged_answer = seen[0]
+    assert question == "hello there" and str(answer.content) in judged_answer
+
+
+def test_importing_a_flow_leaves_the_simulator_alone(sim: Any, monkeypatch: Any) -> None:
+    from pathlib import Path
+
+    from frugalflow.cli import load_flow
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(sim, "oracles", {})
+    for name in ("support_triage", "document_extraction", "research_brief"):
+        load_flow(name)  # executes the flow's module afresh
+    assert sim.oracles == {}
+
+
+def test_the_process_wide_simulator_knows_the_flows_oracles(sim: Any) -> None:
+    from frugalflow.testing.oracles import FLOW_ORACLES
+
+    assert {name: sim.oracles[name] for name in FLOW_ORACLES} == FLOW_ORACLES
+    assert Simulator().oracles == {}  # a simulator of your own knows what you give it
+    assert Simulator(oracles=FLOW_ORACLES).oracles == FLOW_ORACLES

@@ -20,7 +20,7 @@ from pg import create_database, drop_database
 from services import PG_ENV, REDIS_ENV, THROWAWAY_ENV, ServiceUnavailable, SessionServices
 
 from frugalflow import Catalog
-from frugalflow.fallback import RedisRateLimiter
+from frugalflow.scale.redis import RedisRateLimiter
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent

@@ -13,18 +13,16 @@ from langchain_core.tools import tool
 from pydantic import BaseModel
 
 from frugalflow import (
-    BreakerRegistry,
-    BreakerState,
-    FallbackPolicy,
     InvalidRequestError,
     Needs,
     RoutedChatModel,
     RunContext,
 )
 from frugalflow.cli import load_flow
+from frugalflow.resilience import BreakerRegistry, BreakerState, FallbackPolicy
 from conftest import FakeClock
 
-from frugalflow.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
+from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
 
 ROUTE = {"openai": "openai", "groq": "openai", "deepseek": "openai", "anthropic": "anthropic",
          "google": "gemini", "ollama": "ollama"}
@@ -134,7 +132,7 @@ async def test_401_disables_the_provider_for_the_process() -> None:
         emu.fault(route, "auth", times=None)
         ctx = await run()
         assert tries(ctx, "review")[0][1] == "auth"
-        assert app.breakers.state(provider) is BreakerState.DISABLED
+        assert await app.breakers.astate(provider) is BreakerState.DISABLED
         before = len(emu.requests_for(route))
         ctx = await run()  # the next run never calls that provider
         assert len(emu.requests_for(route)) == before
@@ -220,7 +218,7 @@ async def test_breaker_opens_skips_and_half_open_probe_closes() -> None:
         fault = emu.fault(route, "unavailable", times=None)
         for _ in range(3):
             await run()
-        assert app.breakers.state(provider) is BreakerState.OPEN
+        assert await app.breakers.astate(provider) is BreakerState.OPEN
         before = len(emu.requests_for(route))
         await run()
         assert len(emu.requests_for(route)) == before  # skipped while open
@@ -228,7 +226,7 @@ async def test_breaker_opens_skips_and_half_open_probe_closes() -> None:
         clock.now += 31
         ctx = await run()
         assert ctx.usage.attempts[0].model == key and ctx.usage.attempts[0].outcome == "ok"
-        assert app.breakers.state(provider) is BreakerState.CLOSED
+        assert await app.breakers.astate(provider) is BreakerState.CLOSED
 
 
 # -- the seeds' providers, each shown working ----------------------------------------------

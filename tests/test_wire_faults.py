@@ -31,7 +31,7 @@ from frugalflow import (
     RoutedChatModel,
     RunContext,
 )
-from frugalflow.emulator import (
+from frugalflow.testing.emulator import (
     EMULATOR_KEY_ENV,
     PROVIDERS,
     ProviderEmulator,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Text, case, cast, func, select, update
 from sqlalchemy.engine import RowMapping
@@ -18,18 +18,20 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..exceptions import (
+    ErrorClass,
     LeaseError,
     RunNotFoundError,
     RunStateError,
     StoreUnavailableError,
     UserError,
 )
+from ..statuses import Outcome
 from ..usage import Attempt
 from .scrub import scrub, scrub_exact
 from .store import Store, unfenced
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
-__all__ = ["CostRow", "Ledger", "RunRecord", "scrub"]
+__all__ = ["CallOutcome", "CostRow", "Ledger", "RunRecord", "scrub"]
 
 _RUNS = RunRow.__table__  # type: ignore[attr-defined]
 _NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
@@ -37,6 +39,7 @@ _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
 _WRITES = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
 
 GroupBy = Literal["node", "model", "provider", "flow", "day", "run"]
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -47,6 +50,19 @@ class CostRow:
     attempts: int
     input_tokens: int
     output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """One model call and its input, as `Ledger.outcomes` reads it for learned routing."""
+
+    node: str
+    text: str
+    model: str
+    category: str | None
+    outcome: Outcome
+    error_class: ErrorClass | None
+    feedback: bool | None
 
 
 @dataclass
@@ -462,31 +478,27 @@ class Ledger:
                             f"`frugalflow runs show {run_id}`")
         return n
 
-    async def examples(self, *, flow: str | None = None, node: str | None = None) -> list[Any]:
-        """Training examples from outcomes: an answer is a success unless its validator
-        rejected it or explicit feedback says it was bad; transport failures say nothing
-        about the model's ability and are left out."""
-        from ..learning import Example
-
+    async def outcomes(
+        self, *, flow: str | None = None, node: str | None = None
+    ) -> list[CallOutcome]:
+        """Every model call with its input text, oldest first: what routers train on
+        (`frugalflow.learning.examples_from` says which calls count as a success)."""
         await self.store.setup()
-        q = select(_ATTEMPTS).where(_ATTEMPTS.c.prompt.is_not(None))
+        c = _ATTEMPTS.c
+        q = (select(c.node, c.prompt, c.model, c.category, c.outcome, c.error_class, c.feedback)
+             .where(c.prompt.is_not(None)))
         if flow:
-            q = q.where(_ATTEMPTS.c.flow == flow)
+            q = q.where(c.flow == flow)
         if node:
-            q = q.where(_ATTEMPTS.c.node == node)
+            q = q.where(c.node == node)
         async with self.store.read() as conn:
-            rows = (await conn.execute(q.order_by(_ATTEMPTS.c.id))).all()
-        out = []
-        for r in rows:
-            if r.outcome == "ok":
-                success = r.feedback is not False
-            elif r.error_class in ("validation", "malformed"):
-                success = False
-            else:
-                continue
-            out.append(Example(node=r.node, text=r.prompt, model=r.model, success=success,
-                               category=r.category))
-        return out
+            rows = (await conn.execute(q.order_by(c.id))).all()
+        return [
+            CallOutcome(node=r.node, text=r.prompt, model=r.model, category=r.category,
+                        outcome=Outcome(r.outcome), feedback=r.feedback,
+                        error_class=ErrorClass(r.error_class) if r.error_class else None)
+            for r in rows
+        ]
 
     async def save_router(self, name: str, router: Any, *, examples: int = 0,
                           metrics: dict[str, Any] | None = None) -> int:
@@ -511,10 +523,11 @@ class Ledger:
                 select(func.max(table.c.version)).where(table.c.name == name))).scalar()
         return int(v) if v is not None else None
 
-    async def load_router(self, name: str, version: int | None = None) -> Any:
-        """Version `version` (default: the newest) of router `name`, or None."""
-        from ..learning import LearnedRouter
-
+    async def load_router(
+        self, name: str, version: int | None = None, *, decode: Callable[[bytes], _R]
+    ) -> _R | None:
+        """Version `version` (default: the newest) of router `name`, or None; `decode`
+        turns the stored bytes into the router (`LearnedRouter.from_bytes`)."""
         table = RouterRow.__table__  # type: ignore[attr-defined]
         await self.store.setup()
         q = select(table.c.blob).where(table.c.name == name)
@@ -525,7 +538,7 @@ class Ledger:
         if row is None:
             return None
         # Decoding a large router is CPU work: keep it off the event loop.
-        return await asyncio.to_thread(LearnedRouter.from_bytes, row.blob)
+        return await asyncio.to_thread(decode, row.blob)
 
     async def routers(self) -> list[dict[str, Any]]:
         """Every stored router version (name, version, examples, metrics, created_at)."""

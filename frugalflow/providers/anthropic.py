@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..exceptions import ModelAPIError
-from . import ProviderAdapter, translate_common
-from .openai import translate_sdk
-
-if TYPE_CHECKING:
-    from ..catalog import ModelSpec
+from .base import ProviderAdapter, SDKError, read_stainless_error
 
 
 class AnthropicAdapter(ProviderAdapter):
@@ -35,9 +30,9 @@ class AnthropicAdapter(ProviderAdapter):
         if "_client" in model.__dict__:
             model._client.close()
 
-    def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
+    def read_error(self, error: BaseException) -> SDKError | None:
         try:
             import anthropic
-        except ImportError:  # pragma: no cover
-            return translate_common(error, spec)
-        return translate_sdk(anthropic, error, spec) or translate_common(error, spec)
+        except ImportError:  # pragma: no cover - the adapter is only used when installed
+            return None
+        return read_stainless_error(anthropic, error)

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..exceptions import ErrorSource, ModelAPIError
-from ..fallback import error_from_status
-from . import ProviderAdapter, translate_common
-
-if TYPE_CHECKING:
-    from ..catalog import ModelSpec
+from .base import ProviderAdapter, SDKError
 
 
 class GoogleAdapter(ProviderAdapter):
@@ -35,24 +30,13 @@ class GoogleAdapter(ProviderAdapter):
         # The last candidate chunk carries finishReason (STOP, MAX_TOKENS, SAFETY, ...).
         return bool(meta.get("finish_reason"))
 
-    def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
-        where: ErrorSource = {"provider": spec.provider, "model": spec.model}
-        # langchain-google-genai may wrap the SDK's error; look at the cause chain once.
-        for exc in (error, error.__cause__):
-            code = _status(exc)
-            if code is not None:
-                return error_from_status(
-                    code, f"{spec.key}: HTTP {code}: {str(exc)[:300]}", body=str(exc)[:2000],
-                    **where,
-                )
-        return translate_common(error, spec)
-
-
-def _status(error: BaseException | None) -> int | None:
-    try:
-        from google.genai import errors
-    except ImportError:  # pragma: no cover
+    def read_error(self, error: BaseException) -> SDKError | None:
+        try:
+            from google.genai import errors
+        except ImportError:  # pragma: no cover - the adapter is only used when installed
+            return None
+        if isinstance(error, errors.APIError):
+            code = int(error.code)
+            return SDKError(f"HTTP {code}: {str(error)[:300]}", status=code,
+                            body=str(error)[:2000])
         return None
-    if isinstance(error, errors.APIError):
-        return int(error.code)
-    return None

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ModelAPIError
-from ..fallback import error_from_status
-from . import ProviderAdapter, translate_common
+from .base import ProviderAdapter, SDKError
 
 if TYPE_CHECKING:
     from ..catalog import ModelSpec
@@ -59,14 +57,12 @@ class OllamaAdapter(ProviderAdapter):
             else:
                 inner.close()
 
-    def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
+    def read_error(self, error: BaseException) -> SDKError | None:
         try:
             import ollama
-        except ImportError:  # pragma: no cover
-            return translate_common(error, spec)
+        except ImportError:  # pragma: no cover - the adapter is only used when installed
+            return None
         if isinstance(error, ollama.ResponseError):
-            return error_from_status(
-                error.status_code, f"{spec.key}: HTTP {error.status_code}: {error.error}",
-                body=str(error.error), provider=spec.provider, model=spec.model,
-            )
-        return translate_common(error, spec)
+            return SDKError(f"HTTP {error.status_code}: {error.error}",
+                            status=error.status_code, body=str(error.error))
+        return None

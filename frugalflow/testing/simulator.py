@@ -1,4 +1,4 @@
-"""Simulated providers: offline chat models with realistic usage and scriptable faults.
+"""The simulated provider: offline chat models with realistic usage and scriptable faults.
 
 `SimulatedChatModel` is a real LangChain chat model that never touches the network. It is
 deterministic for a seed, answers tool calls and structured output with schema-valid
@@ -17,8 +17,8 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -28,7 +28,6 @@ from langchain_core.messages import (
     AIMessageChunk,
     BaseMessage,
     HumanMessage,
-    SystemMessage,
     ToolMessage,
 )
 from langchain_core.messages.tool import tool_call_chunk
@@ -44,13 +43,22 @@ from ..exceptions import (
     ModelAPIError,
     ProviderConnectionError,
 )
-from ..fallback import error_from_status
-from . import ProviderAdapter
+from ..providers.base import ProviderAdapter, error_from_status
+from .fake_json import fake_json
+from .oracles import FLOW_ORACLES, Oracle
 
 if TYPE_CHECKING:
     from ..catalog import ModelSpec
 
-__all__ = ["FAULT_KINDS", "Fault", "SimulatedChatModel", "Simulator", "simulator"]
+__all__ = [
+    "FAULT_KINDS",
+    "Fault",
+    "SimulatedAdapter",
+    "SimulatedChatModel",
+    "Simulator",
+    "oracle_success",
+    "simulator",
+]
 
 # Fault kinds and the HTTP answer each imitates (None: not an HTTP answer).
 FAULT_KINDS: dict[str, tuple[int | None, str]] = {
@@ -97,14 +105,17 @@ class Fault:
 class Simulator:
     """Fault plan, call counters and latency scale shared by simulated models."""
 
-    def __init__(self, *, seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, seed: int = 0, clock: Callable[[], float] = time.monotonic,
+        oracles: Mapping[str, Oracle] | None = None,
+    ) -> None:
         self.seed = seed
         self.clock = clock
         self.latency_scale = 0.0
         """Each model sleeps its catalog `latency_ms` times this (0: instant)."""
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
-        self.oracles: dict[str, Callable[[list[BaseMessage]], tuple[dict[str, Any], float]]] = {}
+        self.oracles: dict[str, Oracle] = dict(oracles or {})
         """Tool/schema name -> (right answer, difficulty 0..1) for the messages: simulated
         models answer that tool call correctly with a probability set by their quality."""
         self._rng = random.Random(seed)
@@ -175,8 +186,10 @@ class Simulator:
             return None, self.calls[key]
 
 
-simulator = Simulator()
-"""The process-wide simulator that catalog-built simulated models use."""
+simulator = Simulator(oracles=FLOW_ORACLES)
+"""The process-wide simulator that catalog-built simulated models (and the provider emulator)
+use. It knows the ready-made flows' oracles (frugalflow.testing.oracles), so that they run
+offline as written: the demo, `frugalflow run` without keys, the notebooks and the tests."""
 
 
 def _error(kind: str, fault: Fault, provider: str, model: str) -> ModelAPIError:
@@ -211,9 +224,18 @@ def oracle_success(ability: float, difficulty: float) -> float:
     return 1.0 / (1.0 + math.exp(-30.0 * (ability - (0.45 + 0.4 * d))))
 
 
-def _is_judge_request(messages: Sequence[BaseMessage]) -> bool:
-    return bool(messages) and isinstance(messages[0], SystemMessage) and \
-        "Reply with APPROVE or REJECT" in str(messages[0].content)
+JUDGE_MARK = "frugalflow_judge"
+"""`Judge.MARK`: the key a judge request carries in `additional_kwargs` (spelt out here so
+the test doubles do not import the routing stack; tests/test_simulated.py checks they agree)."""
+
+
+def judge_request(messages: Sequence[BaseMessage]) -> tuple[str, str] | None:
+    """(input, answer) of a judge request, recognised by `Judge`'s mark (never its wording)."""
+    for m in messages:
+        mark = m.additional_kwargs.get(JUDGE_MARK)
+        if isinstance(mark, dict):
+            return str(mark.get("input", "")), str(mark.get("answer", ""))
+    return None
 
 
 class SimulatedChatModel(BaseChatModel):
@@ -307,11 +329,11 @@ class SimulatedChatModel(BaseChatModel):
                 args: Any = {"__not_the_schema__": True}
             elif self.responder is not None:
                 out = self.responder(messages)
-                args = out if isinstance(out, dict) else _fake(fn.get("parameters", {}), rng)
+                args = out if isinstance(out, dict) else fake_json(fn.get("parameters", {}), rng)
             elif fn["name"] in self._sim().oracles:
                 args = self._oracle_answer(fn["name"], messages, rng)
             else:
-                args = _fake(fn.get("parameters", {}), rng)
+                args = fake_json(fn.get("parameters", {}), rng)
             msg = AIMessage(
                 content="",
                 tool_calls=[{"name": fn["name"], "args": args,
@@ -321,8 +343,8 @@ class SimulatedChatModel(BaseChatModel):
             if self.responder is not None:
                 out = self.responder(messages)
                 msg = out if isinstance(out, AIMessage) else AIMessage(content=str(out))
-            elif _is_judge_request(messages):
-                msg = AIMessage(content=self._judge(messages, rng))
+            elif (judged := judge_request(messages)) is not None:
+                msg = AIMessage(content=self._judge(*judged, rng))
             else:
                 n = max(1, self.output_tokens * 3 // 4)
                 words = [rng.choice(_WORDS) for _ in range(n)]
@@ -335,12 +357,10 @@ class SimulatedChatModel(BaseChatModel):
         msg.response_metadata = {"model_name": self.model_name, "model_provider": self.provider}
         return msg
 
-    def _judge(self, messages: Sequence[BaseMessage], rng: random.Random) -> str:
-        """A `Judge` verdict: right (by an oracle that knows the input) with probability
-        `accuracy`, else the opposite; with no oracle for the input, APPROVE that often."""
-        text = str(messages[-1].content)
-        question, _, answer = text.partition("\n\nAnswer:\n")
-        question = question.removeprefix("Input:\n")
+    def _judge(self, question: str, answer: str, rng: random.Random) -> str:
+        """A `Judge` verdict on `answer` to `question`: right (by an oracle that knows the
+        input) with probability `accuracy`, else the opposite; with no oracle for the input,
+        APPROVE that often."""
         truth: bool | None = None
         try:
             given = json.loads(answer)
@@ -512,53 +532,6 @@ def _chunks(message: AIMessage) -> Iterator[ChatGenerationChunk]:
         )
 
 
-def _fake(schema: dict[str, Any], rng: random.Random, defs: dict[str, Any] | None = None) -> Any:
-    """A value valid against a JSON schema (the subset pydantic emits)."""
-    defs = defs if defs is not None else schema.get("$defs", {})
-    if "$ref" in schema:
-        return _fake(defs[schema["$ref"].rsplit("/", 1)[-1]], rng, defs)
-    if "const" in schema:
-        return schema["const"]
-    if "enum" in schema:
-        return rng.choice(schema["enum"])
-    for key in ("anyOf", "oneOf"):
-        if key in schema:
-            options = [s for s in schema[key] if s.get("type") != "null"] or schema[key]
-            return _fake(options[0], rng, defs)
-    if "allOf" in schema:
-        return _fake(schema["allOf"][0], rng, defs)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or "properties" in schema:
-        return {name: _fake(sub, rng, defs) for name, sub in schema.get("properties", {}).items()}
-    if kind == "array":
-        n = max(int(schema.get("minItems", 1)), 1)
-        return [_fake(schema.get("items", {"type": "string"}), rng, defs) for _ in range(n)]
-    if kind == "integer":
-        lo = int(schema.get("minimum", 0))
-        hi = int(schema.get("maximum", lo + 10))
-        return rng.randint(lo, hi)
-    if kind == "number":
-        low = float(schema.get("minimum", 0.0))
-        high = float(schema.get("maximum", low + 1.0))
-        return round(rng.uniform(low, high), 3)
-    if kind == "boolean":
-        return rng.random() < 0.5
-    if kind == "null":
-        return None
-    fmt = schema.get("format")
-    if fmt == "date":
-        return "2026-01-15"
-    if fmt == "date-time":
-        return "2026-01-15T10:00:00Z"
-    if fmt == "email":
-        return "customer@example.com"
-    n = max(int(schema.get("minLength", 1)), 1)
-    text = " ".join(rng.choice(_WORDS) for _ in range(3))
-    return (text * (n // len(text) + 1))[: max(n, len(text))]
-
-
 class SimulatedAdapter(ProviderAdapter):
     """Catalog entries with `simulated = true` or a provider named `sim-*`."""
 
@@ -597,11 +570,6 @@ class SimulatedAdapter(ProviderAdapter):
             "image_inputs": caps.get("vision", False),
             "reasoning_output": caps.get("reasoning", False),
         }
-
-    def translate(self, error: BaseException, spec: ModelSpec) -> ModelAPIError:
-        from . import translate_common
-
-        return translate_common(error, spec)
 
     def check(self, message: Any, spec: ModelSpec) -> None:
         """Simulated refusals are raised as errors (fault kind content_filter), never

@@ -22,18 +22,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.engine import make_url
 
+from ..statuses import RunStatus
+
 if TYPE_CHECKING:
-    from .runner import Runner
+    from procrastinate.jobs import Job
+
+    from ..runner import Runner
 
 __all__ = ["Dispatcher", "ProcrastinateDispatcher", "run_worker"]
 
 log = logging.getLogger("frugalflow")
 
 TASK_NAME = "frugalflow.execute_run"
+# procrastinate's job statuses (not run statuses) of a run that no job will execute
+_NO_LIVE_JOB = (None, "succeeded", "failed", "cancelled", "aborted")
 
 
 class Dispatcher(Protocol):
@@ -62,15 +68,15 @@ def _database_lost(error: BaseException) -> bool:
     """Whether `error` says the database (or the way to it) went away, not a bug."""
     from procrastinate.exceptions import ConnectorException
 
-    from .exceptions import StoreUnavailableError
-    from .persistence.store import is_transient
+    from ..exceptions import StoreUnavailableError
+    from ..persistence.store import is_transient
 
     if isinstance(error, (ConnectorException, StoreUnavailableError, OSError)):
         return True
     return is_transient(error)
 
 
-async def _until_reachable(step: Callable[[], Awaitable[Any]], what: str, *,
+async def _until_reachable(step: Callable[[], Awaitable[object]], what: str, *,
                            first: float = 0.2, cap: float = 5.0) -> None:
     """Await `step()`, again and again with backoff while the database is unreachable."""
     delay = first
@@ -151,21 +157,21 @@ class ProcrastinateDispatcher:
         except exceptions.AlreadyEnqueued:
             log.info("frugalflow: run %s is already queued", run_id)
 
-    async def _job_ids(self, run_id: str) -> list[Any]:
+    async def _jobs(self, run_id: str) -> list[Job]:
         jobs = await self.app.job_manager.list_jobs_async(lock=run_id)
         return list(jobs)
 
     async def cancel(self, run_id: str) -> bool:
         await self.open()
         dropped = False
-        for job in await self._job_ids(run_id):
-            if job.status == "todo":
+        for job in await self._jobs(run_id):
+            if job.status == "todo" and job.id is not None:  # not yet taken by a worker
                 dropped |= bool(await self.app.job_manager.cancel_job_by_id_async(job.id))
         return dropped
 
     async def status(self, run_id: str) -> str | None:
         await self.open()
-        jobs = await self._job_ids(run_id)
+        jobs = await self._jobs(run_id)
         return str(jobs[-1].status) if jobs else None
 
     async def retry_stalled(self) -> int:
@@ -195,22 +201,21 @@ class ProcrastinateDispatcher:
 
         from sqlalchemy import select
 
-        from .persistence.tables import LeaseRow, utcnow
+        from ..persistence.tables import LeaseRow, utcnow
 
         leases = LeaseRow.__table__  # type: ignore[attr-defined]
         before = utcnow() - timedelta(seconds=older_than)
         n = 0
-        for status in ("queued", "paused", "running"):
+        for status in (RunStatus.QUEUED, RunStatus.PAUSED, RunStatus.RUNNING):
             rows = await runner.ledger.list_runs(status=status, limit=500, updated_before=before)
             for row in rows:
-                if status == "running":
+                if status == RunStatus.RUNNING:
                     async with runner.store.read() as conn:
                         live = (await conn.execute(select(leases.c.run_id).where(
                             leases.c.run_id == row.id, leases.c.expires_at > utcnow()))).first()
                     if live is not None:
                         continue  # an executor holds it
-                if await self.status(row.id) in (None, "succeeded", "failed", "cancelled",
-                                                 "aborted"):
+                if await self.status(row.id) in _NO_LIVE_JOB:
                     await self.submit(row.id)
                     n += 1
         if n:

@@ -1,0 +1,88 @@
+"""Run events in this process: an in-process publish/subscribe bus the runner feeds.
+
+Events are plain dicts (`run_id`, `event`, `at`, then the event's fields): run and node
+starts and ends, and every model attempt. A relay (`frugalflow.scale.relay`) shares them
+with the other processes of the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, TypeAlias
+
+from .persistence.scrub import scrub
+from .persistence.tables import utcnow
+from .usage import Attempt
+
+__all__ = ["Event", "EventBus", "EventRelay", "attempt_event"]
+
+Event: TypeAlias = dict[str, Any]
+"""One run event: `run_id`, `event` (its kind), `at` (ISO time), then the kind's fields."""
+
+
+class EventRelay(Protocol):
+    """Carries this process's events to the other processes (PostgresEventRelay)."""
+
+    def send(self, event: Event) -> None: ...
+
+
+def attempt_event(a: Attempt) -> dict[str, Any]:
+    """The fields of an `attempt` event: one model call, its error scrubbed of secrets."""
+    u = a.usage
+    return {
+        "node": a.node, "model": a.model, "provider": a.provider, "outcome": a.outcome,
+        "error_class": a.error_class, "error": scrub(a.error) if a.error else None,
+        "action": a.action, "fallback_from": a.fallback_from, "cost_usd": a.cost_usd,
+        "latency_ms": round(a.latency_ms, 2), "call_id": a.call_id,
+        "input_tokens": u.input_tokens if u else 0, "output_tokens": u.output_tokens if u else 0,
+    }
+
+
+class EventBus:
+    """In-process publish/subscribe of run events (`subscribe(run_id)` or all runs)."""
+
+    def __init__(self, maxsize: int = 1000) -> None:
+        self._subs: list[tuple[str | None, asyncio.Queue[Event]]] = []
+        self._maxsize = maxsize
+
+        self.relay: EventRelay | None = None
+        """Set to a PostgresEventRelay to share events with every process of the database."""
+
+    def publish(self, run_id: str, kind: str, **data: Any) -> None:
+        event: Event = {"run_id": run_id, "event": kind, "at": utcnow().isoformat(), **data}
+        self.deliver(event)
+        if self.relay is not None:
+            self.relay.send(event)
+
+    def deliver(self, event: Event) -> None:
+        """Hand `event` to this process's subscribers."""
+        run_id = event.get("run_id")
+        for rid, queue in list(self._subs):
+            if rid is None or rid == run_id:
+                with contextlib.suppress(asyncio.QueueFull):  # a slow consumer loses events
+                    queue.put_nowait(event)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, run_id: str | None = None
+                        ) -> AsyncIterator[AsyncIterator[Event]]:
+        """`async with bus.subscribe(id) as events: async for e in events: ...`"""
+        async with self.queue(run_id) as queue:
+
+            async def iterate() -> AsyncIterator[Event]:
+                while True:
+                    yield await queue.get()
+
+            yield iterate()
+
+    @contextlib.asynccontextmanager
+    async def queue(self, run_id: str | None = None) -> AsyncIterator[asyncio.Queue[Event]]:
+        """The events as an asyncio.Queue (safe to `wait_for(queue.get(), t)`)."""
+        queue: asyncio.Queue[Event] = asyncio.Queue(self._maxsize)
+        entry = (run_id, queue)
+        self._subs.append(entry)
+        try:
+            yield queue
+        finally:
+            self._subs.remove(entry)

@@ -1,0 +1,1 @@
+"""Running frugalflow as a fleet: work dispatched to workers, state shared through Redis."""
