@@ -90,9 +90,13 @@ async def main() -> None:
         await run_plain()
         await run_ff()
     p_times, f_times = [], []
-    for _ in range(args.runs):
-        p_times.append(await run_plain())
-        f_times.append(await run_ff())
+    for i in range(args.runs):  # alternating, and which goes first too (caches, allocator)
+        if i % 2:
+            f_times.append(await run_ff())
+            p_times.append(await run_plain())
+        else:
+            p_times.append(await run_plain())
+            f_times.append(await run_ff())
     print(f"nodes per run: {n}, runs: {args.runs} each (alternating), checkpointer: InMemorySaver")
     print(f"catalog: simulated ({len(Catalog.simulated())} models), model latency: 0")
     print(f"frugalflow from: {frugalflow.__file__}")

@@ -66,14 +66,14 @@ __all__ = [
     "billed",
     "generate_once",
     "iter_with_timeout",
-    "new_call_id",
     "short_error",
 ]
 
 INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
 """The config of a candidate's own call: the routed model is the run callbacks observe."""
 
-# Call ids: a random per-process prefix and a counter (uuid4 costs a syscall per call).
+# Call ids (one per routed call, shared by its attempts): a random per-process prefix and a
+# counter (uuid4 costs a syscall per call).
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _call_counter = itertools.count(1)
 
@@ -84,11 +84,6 @@ _CUT_SHORT = (IncompleteResponseError, ProviderConnectionError, ModelTimeoutErro
 
 class _Skip(Enum):
     SKIP = 0  # `admit`: this candidate is not tried
-
-
-def new_call_id() -> str:
-    """An id shared by every attempt of one routed call."""
-    return f"{_ID_PREFIX}{next(_call_counter):08x}"
 
 
 class ModelJudge(ABC):
@@ -274,7 +269,7 @@ class CallAttempts:
         if remaining is not None and ranking.first().expected_cost > remaining:
             raise budget_error(routed.node, self.usage, ranking.first())
         self.ranking = ranking
-        self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"  # new_call_id(), inline
+        self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
         return ranking  # its candidates are made as the loop reaches them
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
@@ -317,7 +312,8 @@ class CallAttempts:
         limiter = self.ctx.limiter
         if limiter is None:
             return None
-        reservation = await limiter.aacquire(spec, self.n_in + self.routed.needs.expected_output_tokens)
+        tokens = self.n_in + self.routed.needs.expected_output_tokens
+        reservation = await limiter.aacquire(spec, tokens)
         if not reservation:
             self.skipped.append(f"{spec.key}: over its rate limit (last 60 s)")
             return _Skip.SKIP
