@@ -110,3 +110,29 @@ def test_every_file_says_its_job() -> None:
     silent = [str(p.relative_to(PACKAGE)) for p in _modules().values()
               if ast.get_docstring(ast.parse(p.read_text())) is None]
     assert silent == []
+
+
+def test_every_module_the_readme_names_exists() -> None:
+    import importlib
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    named = set(re.findall(r"`(frugalflow(?:\.[a-z_]+)+)", readme))
+    missing = []
+    for name in sorted(named):
+        parts = name.split(".")
+        # `frugalflow.persistence.MIGRATIONS` names an attribute: import the longest module
+        for cut in range(len(parts), 1, -1):
+            try:
+                module = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            obj: object = module
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr, None)
+            if obj is None:
+                missing.append(name)
+            break
+        else:
+            missing.append(name)
+    assert missing == []
