@@ -8,7 +8,7 @@ call and records the attempt). Runs alternate; the medians are compared.
 
     python bench/overhead.py [--nodes 50] [--runs 30]
 
-Target (issue 2): ratio <= 1.15 at N = 50. It prints figures; it is not a timed test.
+Target (issue 12): ratio <= 1.05 at N = 50. It prints figures; it is not a timed test.
 """
 
 from __future__ import annotations
