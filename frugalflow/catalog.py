@@ -8,6 +8,7 @@ provider is configured (its API key is set, or it is local) are *available*.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import tomllib
@@ -464,7 +465,7 @@ class Catalog:
                 f"catalog {name!r}: unknown top-level keys {sorted(unknown)}; "
                 "expected 'models' (a list of model entries) and optionally 'quality'"
             )
-        quality_table = data.get("quality") or {}
+        quality_table = _with_builtin_scores(data.get("quality") or {})
         entries = data.get("models")
         if not isinstance(entries, list) or not entries:
             raise CatalogError(f"catalog {name!r} has no 'models' list; add [[models]] entries")
@@ -473,7 +474,9 @@ class Catalog:
             if not isinstance(entry, Mapping):
                 raise CatalogError(f"catalog {name!r}: models[{i}] is not a table")
             entry = dict(entry)
-            ref = entry.get("quality_ref") or entry.get("model")
+            ref = str(entry.get("quality_ref")
+                      or _builtin_refs().get(f"{entry.get('provider')}/{entry.get('model')}")
+                      or entry.get("model"))
             scores, srcs = _parse_quality(quality_table.get(ref, {}), name, ref)
             inline, inline_srcs = _parse_quality(entry.pop("quality", {}), name, ref)
             scores.update(inline)
@@ -622,6 +625,32 @@ def _parse_quality(
         else:
             scores[skill] = float(value)
     return scores, srcs
+
+
+@functools.cache
+def _builtin_quality() -> Mapping[str, Mapping[str, Any]]:
+    """The built-in score table (quality.toml), by canonical model key."""
+    return tomllib.loads((resources.files("frugalflow") / "data" / "quality.toml").read_text())
+
+
+@functools.cache
+def _builtin_refs() -> Mapping[str, str]:
+    """`provider/model` of each built-in model -> its key in the score table."""
+    data = tomllib.loads((resources.files("frugalflow") / "data" / "catalog.toml").read_text())
+    return {f"{m['provider']}/{m['model']}": m["quality_ref"]
+            for m in data.get("models", []) if "quality_ref" in m}
+
+
+def _with_builtin_scores(own: Mapping[str, Any]) -> dict[str, Any]:
+    """A catalog's score table over the built-in one: a model a file names inherits the built-in
+    scores of its key, and the file's own scores win skill by skill."""
+    merged: dict[str, Any] = {ref: dict(scores) for ref, scores in _builtin_quality().items()}
+    for ref, scores in own.items():
+        if isinstance(scores, Mapping) and isinstance(merged.get(ref), dict):
+            merged[ref].update(scores)
+        else:
+            merged[ref] = scores
+    return merged
 
 
 def _builtin_data(filename: str) -> dict[str, Any]:

@@ -203,3 +203,41 @@ def test_a_spec_copied_with_changes_derives_its_key_adapter_and_prices_again() -
     assert moved.adapter.__class__.__name__ == "OpenAIAdapter"
     assert moved.input_price_per_mtok == price * 2
     assert spec.model_copy().key == spec.key  # a plain copy keeps what it derived
+
+
+def test_a_custom_catalog_file_inherits_built_in_scores_and_may_override_them(
+        tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        """
+[[models]]
+provider = "openai"
+model = "gpt-4o-mini"
+input_price = 0.15
+output_price = 0.6
+
+[[models]]
+provider = "my-vllm"
+model = "served-4o-mini"
+base_url = "http://127.0.0.1:9/v1"
+integration = "langchain_openai:ChatOpenAI"
+quality_ref = "gpt-4o-mini"
+quality = { writing = { score = 0.5, source = "our own eval" } }
+
+[[models]]
+provider = "my-vllm"
+model = "unknown-model"
+base_url = "http://127.0.0.1:9/v1"
+integration = "langchain_openai:ChatOpenAI"
+"""
+    )
+    cat = Catalog.from_file(path)
+    builtin = Catalog.builtin()["openai/gpt-4o-mini"]
+    inherited = cat["openai/gpt-4o-mini"]
+    assert inherited.quality == builtin.quality and inherited.quality  # by its key, no table
+    assert inherited.quality_sources["writing"] == builtin.quality_sources["writing"]
+    overridden = cat["my-vllm/served-4o-mini"]  # by quality_ref, one skill overridden
+    assert overridden.quality["writing"] == 0.5
+    assert overridden.quality_sources["writing"] == "our own eval"
+    assert overridden.quality["reasoning"] == builtin.quality["reasoning"]
+    assert cat["my-vllm/unknown-model"].quality == {}  # nothing invented
