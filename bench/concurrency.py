@@ -82,15 +82,20 @@ def _chain(graph: Any, nodes: int, make: Callable[[int], Any]) -> None:
     graph.add_edge(f"n{nodes - 1}", END)
 
 
+def _sleeper(i: int, latency: float) -> Any:
+    """A node that only waits `latency` (`--node sleep`: persistence alone, no model)."""
+    async def sleeper(state: State) -> State:
+        await asyncio.sleep(latency)
+        return {"last": f"n{i}", "count": state.get("count", 0) + 1}
+    return sleeper
+
+
 def frugal_flow(args: argparse.Namespace) -> Flow[State]:
     flow: Flow[State] = Flow("chain", State)
 
     def make(i: int) -> Any:
         if args.node == "sleep":
-            async def sleeper(state: State) -> State:
-                await asyncio.sleep(args.latency)
-                return {"last": f"n{i}", "count": state.get("count", 0) + 1}
-            return sleeper
+            return _sleeper(i, args.latency)
 
         async def node(state: State, model: RoutedChatModel) -> State:
             msg = await model.ainvoke([HumanMessage(f"{PROMPT} {state.get('last', '')}")])
@@ -112,10 +117,7 @@ def plain_graph(args: argparse.Namespace, saver: Any) -> Any:
 
     def make(i: int) -> Any:
         if args.node == "sleep":
-            async def sleeper(state: State) -> State:
-                await asyncio.sleep(args.latency)
-                return {"last": f"n{i}", "count": state.get("count", 0) + 1}
-            return sleeper
+            return _sleeper(i, args.latency)
 
         async def node(state: State) -> State:
             msg = await model.ainvoke([HumanMessage(f"{PROMPT} {state.get('last', '')}")])

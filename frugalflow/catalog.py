@@ -654,12 +654,7 @@ def _with_builtin_scores(own: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _builtin_data(filename: str) -> dict[str, Any]:
-    base = resources.files("frugalflow") / "data"
-    data = tomllib.loads((base / filename).read_text())
-    quality_file = base / "quality.toml"
-    if quality_file.is_file():
-        quality = tomllib.loads(quality_file.read_text())
-        merged = dict(quality)
-        merged.update(data.get("quality", {}))
-        data["quality"] = merged
+    """A built-in catalog file (its models' scores come from quality.toml in `from_dict`)."""
+    text = (resources.files("frugalflow") / "data" / filename).read_text()
+    data: dict[str, Any] = tomllib.loads(text)
     return data
