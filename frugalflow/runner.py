@@ -44,8 +44,8 @@ from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
 from .persistence.ledger import Ledger, RunRecord, scrub
 from .persistence.leases import Lease, acquire_lease, afenced, fenced, holder_id, unfenced
-from .persistence.store import Store, postgres_url
-from .persistence.tables import RunRow, utcnow
+from .persistence.store import Store
+from .persistence.tables import RunRow
 from .usage import RunUsage
 
 if TYPE_CHECKING:
