@@ -77,10 +77,22 @@ def _v5(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ff_attempts_task ON ff_attempts (task_id)"))
 
 
+def _v6(conn: Connection) -> None:
+    """Measured capability: ff_attempts.request and .reasoning_tokens (replayable requests,
+    hidden output), and the evaluation and node-policy tables."""
+    columns = {c["name"] for c in inspect(conn).get_columns("ff_attempts")}
+    if "request" not in columns:  # _v1 on this release already created it
+        conn.execute(text("ALTER TABLE ff_attempts ADD COLUMN request JSON"))
+    if "reasoning_tokens" not in columns:
+        conn.execute(text("ALTER TABLE ff_attempts ADD COLUMN reasoning_tokens INTEGER"))
+    for table in (tables.EvalRow, tables.EvalCellRow, tables.PolicyRow):
+        table.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined,union-attr]
+
+
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
 # function here that alters existing databases (and must be a no-op where _v1 already
 # created the new shape). Never edit or reorder an applied migration.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups

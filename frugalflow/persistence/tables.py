@@ -20,10 +20,13 @@ __all__ = [
     "CheckpointBlobRow",
     "CheckpointRow",
     "CheckpointWriteRow",
+    "EvalCellRow",
+    "EvalRow",
     "LeaseHistoryRow",
     "RouterRow",
     "LeaseRow",
     "NodeRunRow",
+    "PolicyRow",
     "RunRow",
     "SchemaVersionRow",
     "metadata",
@@ -177,6 +180,13 @@ class AttemptRow(SQLModel, table=True):
     usage_estimated: bool | None = None
     """True: the provider reported no (or only partial) usage, so the tokens and cost are
     frugalflow's estimate; None: written before schema v3."""
+    reasoning_tokens: int | None = None
+    """Hidden reasoning (thinking) tokens billed as output, when the provider reports them
+    (part of output_tokens); None: not reported, or written before schema v6."""
+    request: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The request of a successful call (messages, tools, response schema; scrubbed), so an
+    evaluation can replay production traffic to another model (`frugalflow eval
+    --from-ledger`); None before schema v6."""
 
 
 class RouterRow(SQLModel, table=True):
@@ -189,6 +199,63 @@ class RouterRow(SQLModel, table=True):
     blob: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     examples: int = 0
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class EvalRow(SQLModel, table=True):
+    """One evaluation: what was measured (flow, node, data set, scorer, candidates) and how."""
+
+    __tablename__ = "ff_evals"
+
+    id: str = Field(primary_key=True)
+    flow: str = Field(index=True)
+    node: str | None = None
+    """The node evaluated (None: the whole flow, end to end)."""
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """Data set, scorer, candidates, repeats and budget, as given."""
+    status: str = "running"
+    cost_usd: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    finished_at: datetime | None = None
+
+
+class EvalCellRow(SQLModel, table=True):
+    """One case answered by one model (one repeat): the unit an evaluation pays for once.
+
+    Kept apart from `ff_attempts`: evaluation calls are not production traffic, so they
+    never count in production costs or train routers by accident."""
+
+    __tablename__ = "ff_eval_cells"
+
+    eval_id: str = Field(primary_key=True)
+    case_id: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    repeat: int = Field(default=0, primary_key=True)
+    outcome: str
+    """pass, fail (the scorer rejected the answer) or error (no answer, or no score)."""
+    score: float | None = None
+    reason: str | None = None
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    output: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class PolicyRow(SQLModel, table=True):
+    """A flow's node policy, versioned: per node, the measured rates and the chosen models.
+    The newest version of a name is the one runs use."""
+
+    __tablename__ = "ff_policies"
+
+    name: str = Field(primary_key=True)
+    version: int = Field(primary_key=True)
+    flow: str = Field(index=True)
+    body: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    source: str | None = None
+    """Where it came from (an evaluation id), for the audit trail."""
     created_at: datetime = Field(default_factory=utcnow)
 
 
