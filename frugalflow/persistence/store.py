@@ -86,7 +86,7 @@ def _v6(conn: Connection) -> None:
     if "reasoning_tokens" not in columns:
         conn.execute(text("ALTER TABLE ff_attempts ADD COLUMN reasoning_tokens INTEGER"))
     for table in (tables.EvalRow, tables.EvalCellRow, tables.PolicyRow):
-        table.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined,union-attr]
+        table.__table__.create(conn, checkfirst=True)  # type: ignore[union-attr]
 
 
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
