@@ -1,0 +1,324 @@
+"""The evaluation executor: cells run on the forced model, scored, recorded, resumed unpaid."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, TypedDict
+
+import pytest
+from langchain_core.messages import HumanMessage, SystemMessage
+from sqlalchemy import func, select
+
+from frugalflow import END, START, Flow, Needs, RoutedChatModel
+from frugalflow.catalog import Catalog, ModelSpec
+from frugalflow.evaluation.cases import CellOutcome, EvalCase, Score
+from frugalflow.evaluation.results import EvalStatus, EvalStore
+from frugalflow.evaluation.run import EvalProgress, Evaluation
+from frugalflow.exceptions import UserError
+from frugalflow.limits import RateLimiter
+from frugalflow.persistence import Store
+from frugalflow.persistence.tables import AttemptRow
+
+NANO, MINI, FLASH = "sim-openai/gpt-4.1-nano", "sim-openai/gpt-4o-mini", "sim-google/gemini-2.5-flash"
+
+
+class S(TypedDict, total=False):
+    question: str
+    answer: str
+    summary: str
+
+
+def make_flow(validator: Any = None, out_tokens: int = 50) -> Flow[S]:
+    flow: Flow[S] = Flow("qa", S)
+
+    @flow.node(needs=Needs(quality={"reasoning": 0.95}, expected_output_tokens=out_tokens),
+               validator=validator)
+    async def answer(state: S, model: RoutedChatModel) -> S:
+        reply = await model.ainvoke([SystemMessage("Answer."), HumanMessage(state["question"])])
+        return {"answer": str(reply.content)}
+
+    @flow.node(needs=Needs(expected_output_tokens=out_tokens))
+    async def summarise(state: S, model: RoutedChatModel) -> S:
+        reply = await model.ainvoke([HumanMessage(f"Summarise: {state['answer']}")])
+        return {"summary": str(reply.content)}
+
+    flow.add_edge(START, "answer").add_edge("answer", "summarise").add_edge("summarise", END)
+    return flow
+
+
+class ByModel:
+    """Passes when the answer comes from one of the models the case expects (the simulated
+    answers start with `[model]`)."""
+
+    name = "by-model"
+
+    def __init__(self, field: str = "answer") -> None:
+        self.field = field
+        self.seen: list[tuple[str, Any]] = []
+
+    async def score(self, case: EvalCase, output: Any) -> Score:
+        self.seen.append((case.id, output))
+        text = output[self.field]
+        ok = any(text.startswith(f"[{m}]") for m in case.expected)
+        return Score(passed=ok, value=1.0 if ok else 0.0, reason=None if ok else "wrong model")
+
+
+def cases(n: int = 3) -> list[EvalCase]:
+    return [EvalCase(id=f"c{i}", inputs={"question": f"question number {i}?"},
+                     expected=["gpt-4.1-nano"]) for i in range(n)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'eval.db'}")
+
+
+async def test_node_cells_run_on_the_forced_model_and_are_recorded(store: Store, sim: Any) -> None:
+    scorer = ByModel()
+    ev = Evaluation(make_flow(), cases(3), scorer, node="answer", catalog=Catalog.simulated(),
+                    candidates=[NANO, MINI], store=store, concurrency=3)
+    plan = await ev.plan()
+    assert len(plan.todo) == 6 and plan.estimate_usd > 0 and not plan.resumed
+    assert set(plan.per_model_usd) == {NANO, MINI}
+    result = await ev.run(plan)
+    assert result.status == EvalStatus.COMPLETED and result.complete
+    assert {(c.model, c.outcome) for c in result.cells} == {
+        (NANO, CellOutcome.PASS), (MINI, CellOutcome.FAIL)}
+    # each cell called its own model once, and only the node ran (no summarise call)
+    assert sim.calls[NANO] == 3 and sim.calls[MINI] == 3
+    assert sum(sim.calls[k] for k in sim.calls if "/" in k) == 6
+    # the node's state update is what was scored
+    assert all(set(out) == {"answer"} for _, out in scorer.seen)
+    cell = result.cells[0]
+    assert cell.cost_usd > 0 and cell.input_tokens > 0 and cell.output_tokens > 0
+    assert cell.latency_ms >= 0 and cell.node == "answer" and cell.output["answer"]
+    stored = await EvalStore(store).cells(result.eval_id)
+    assert sorted(stored, key=lambda c: (c.case_id, c.model)) == sorted(
+        result.cells, key=lambda c: (c.case_id, c.model))
+    record = await EvalStore(store).get(result.eval_id)
+    assert record.status == EvalStatus.COMPLETED and record.node == "answer"
+    assert record.cost_usd == pytest.approx(sum(c.cost_usd for c in result.cells))
+    assert record.spec["candidates"] == [NANO, MINI] and record.spec["scorer"] == "by-model"
+    # evaluation calls are not production traffic
+    async with store.read() as conn:
+        n = (await conn.execute(select(func.count()).select_from(AttemptRow.__table__))).scalar()
+    assert n == 0
+    await store.close()
+
+
+async def test_flow_mode_forces_every_node_and_scores_the_final_state(sim: Any) -> None:
+    scorer = ByModel("summary")
+    ev = Evaluation(make_flow(), cases(2), scorer, catalog=Catalog.simulated(),
+                    candidates="sim-openai/gpt-4.1*")
+    result = await ev.run()
+    assert result.complete and ev.candidates == [NANO, "sim-openai/gpt-4.1"]
+    assert sim.calls[NANO] == 4 and sim.calls["sim-openai/gpt-4.1"] == 4  # 2 cases x 2 nodes
+    assert all({"question", "answer", "summary"} <= set(out) for _, out in scorer.seen)
+    by_model = {c.model: c.outcome for c in result.cells}
+    assert by_model == {NANO: CellOutcome.PASS, "sim-openai/gpt-4.1": CellOutcome.FAIL}
+
+
+async def test_default_candidates_ignore_the_quality_prior() -> None:
+    catalog = Catalog.simulated()
+    ev = Evaluation(make_flow(), cases(1), ByModel(), node="answer", catalog=catalog)
+    # reasoning >= 0.95 rejects every model on the prior; the evaluation measures them all
+    assert ev.candidates == [s.key for s in catalog]
+
+
+async def test_a_killed_evaluation_resumes_without_paying_a_recorded_cell(
+        store: Store, sim: Any) -> None:
+    flow, catalog = make_flow(), Catalog.simulated()
+    first = Evaluation(flow, cases(4), ByModel(), node="answer", catalog=catalog,
+                       candidates=[NANO, MINI], store=store, concurrency=1)
+    plan = await first.plan()
+    task: asyncio.Task[Any] | None = None
+    seen: list[int] = []
+
+    def kill_after_three(p: EvalProgress) -> None:
+        seen.append(p.done)
+        if p.done == 3 and task is not None:
+            task.cancel()
+
+    task = asyncio.create_task(first.run(plan, on_progress=kill_after_three))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    evals = EvalStore(store)
+    record = await evals.get(plan.eval_id)
+    assert record.status == EvalStatus.STOPPED and record.stop_reason == "interrupted"
+    assert len(await evals.cells(plan.eval_id)) == 3
+    assert sim.calls[NANO] + sim.calls[MINI] == 3
+    # the same spec again: the same evaluation, its recorded cells skipped
+    again = Evaluation(flow, cases(4), ByModel(), node="answer", catalog=catalog,
+                       candidates=[NANO, MINI], store=store, concurrency=2)
+    plan2 = await again.plan()
+    assert plan2.resumed and plan2.eval_id == plan.eval_id and len(plan2.todo) == 5
+    result = await again.run(plan2)
+    assert result.complete and len(result.cells) == 8
+    assert sim.calls[NANO] == 4 and sim.calls[MINI] == 4  # every cell paid exactly once
+    assert (await evals.get(plan.eval_id)).status == EvalStatus.COMPLETED
+    assert result.cost_usd == pytest.approx(sum(c.cost_usd for c in result.cells))
+    # --resume ID with other candidates is refused before anything is paid
+    other = Evaluation(flow, cases(4), ByModel(), node="answer", catalog=catalog,
+                       candidates=[NANO], store=store, eval_id=plan.eval_id)
+    with pytest.raises(UserError, match="other cases, models"):
+        await other.plan()
+    await store.close()
+
+
+async def test_an_unavailable_model_and_an_outage_mark_their_cells_and_the_rest_goes_on(
+        store: Store, sim: Any) -> None:
+    keyed = ModelSpec(provider="openai", model="gpt-4o-mini", input_price=0.15,
+                      output_price=0.6, context_window=128000, max_output_tokens=16384,
+                      capabilities={"tool_calling": True, "structured_output": True})
+    catalog = Catalog.simulated().extend([keyed])
+    sim.down("sim-google")
+    ev = Evaluation(make_flow(), cases(3), ByModel(), node="answer", catalog=catalog,
+                    candidates=[NANO, FLASH, "openai/gpt-4o-mini"], store=store)
+    plan = await ev.plan()
+    assert "openai/gpt-4o-mini" in plan.unavailable
+    result = await ev.run(plan)
+    assert result.complete
+    by_model: dict[str, set[CellOutcome]] = {}
+    for c in result.cells:
+        by_model.setdefault(c.model, set()).add(c.outcome)
+    assert by_model == {NANO: {CellOutcome.PASS}, FLASH: {CellOutcome.ERROR},
+                        "openai/gpt-4o-mini": {CellOutcome.ERROR}}
+    reasons = {c.model: c.reason or "" for c in result.cells if c.outcome == CellOutcome.ERROR}
+    assert "unavailable" in reasons["openai/gpt-4o-mini"]
+    assert "OPENAI_API_KEY" in reasons["openai/gpt-4o-mini"] or "install" in reasons[
+        "openai/gpt-4o-mini"]
+    assert "503" in reasons[FLASH] or "unavailable" in reasons[FLASH].lower()
+    # the outage is over: a re-run retries only the cells that got no answer
+    sim.clear()
+    calls_before = sim.calls[NANO]
+    retry = Evaluation(make_flow(), cases(3), ByModel(), node="answer", catalog=catalog,
+                       candidates=[NANO, FLASH, "openai/gpt-4o-mini"], store=store)
+    plan2 = await retry.plan()
+    assert {k.model for k in plan2.todo} == {FLASH, "openai/gpt-4o-mini"}
+    again = await retry.run(plan2)
+    assert sim.calls[NANO] == calls_before
+    assert {c.outcome for c in again.cells if c.model == FLASH} == {CellOutcome.FAIL}
+    await store.close()
+
+
+async def test_a_scorer_that_raises_marks_its_cell_never_a_traceback() -> None:
+    class Raising:
+        name = "raising"
+
+        async def score(self, case: EvalCase, output: Any) -> Score:
+            if case.id == "c1":
+                raise KeyError("missing")
+            return Score(passed=True)
+
+    ev = Evaluation(make_flow(), cases(2), Raising(), node="answer", catalog=Catalog.simulated(),
+                    candidates=[NANO])
+    result = await ev.run()
+    assert result.complete
+    bad = [c for c in result.cells if c.case_id == "c1"][0]
+    assert bad.outcome == CellOutcome.ERROR and "KeyError" in (bad.reason or "")
+    assert bad.cost_usd > 0 and bad.output is not None  # paid and answered: kept on resume
+    assert [c.outcome for c in result.cells if c.case_id == "c0"] == [CellOutcome.PASS]
+
+
+async def test_a_validator_rejection_is_the_models_failure_not_an_error() -> None:
+    ev = Evaluation(make_flow(validator=lambda m: "too vague"), cases(1), ByModel(),
+                    node="answer", catalog=Catalog.simulated(), candidates=[NANO])
+    result = await ev.run()
+    (cell,) = result.cells
+    assert cell.outcome == CellOutcome.FAIL and "too vague" in (cell.reason or "")
+    assert cell.cost_usd > 0
+
+
+async def test_an_estimate_over_the_budget_is_refused_before_anything_is_paid(sim: Any) -> None:
+    ev = Evaluation(make_flow(out_tokens=4000), cases(3), ByModel(), node="answer",
+                    catalog=Catalog.simulated(), candidates=[NANO, MINI], budget=0.0001)
+    with pytest.raises(UserError, match=r"estimated \$.* for 6 cells is over the budget left"):
+        await ev.plan()
+    assert not sim.calls
+
+
+async def test_the_budget_stops_new_cells_and_a_larger_one_finishes(store: Store,
+                                                                     sim: Any) -> None:
+    # The node expects 1 output token; the simulated models answer ~60: the estimate
+    # passes, the actual spend reaches the budget part way.
+    flow, catalog = make_flow(out_tokens=1), Catalog.simulated()
+    one = Evaluation(flow, cases(1), ByModel(), node="answer", catalog=catalog,
+                     candidates=[MINI]).cell_cost(cases(1)[0], MINI)
+    budget = one * 12
+    ev = Evaluation(flow, cases(10), ByModel(), node="answer", catalog=catalog,
+                    candidates=[MINI], budget=budget, store=store, concurrency=2)
+    result = await ev.run()
+    assert result.status == EvalStatus.STOPPED and result.stop_reason == "budget reached"
+    assert 0 < len(result.cells) < 10
+    per_cell = max(c.cost_usd for c in result.cells)
+    # No cell starts once the budget is spent; the cells in flight (2) may finish over it.
+    assert budget < result.cost_usd <= budget + 2 * per_cell
+    record = await EvalStore(store).get(result.eval_id)
+    assert record.status == EvalStatus.STOPPED and record.stop_reason == "budget reached"
+    recorded = len(result.cells)
+    bigger = Evaluation(flow, cases(10), ByModel(), node="answer", catalog=catalog,
+                        candidates=[MINI], budget=1.0, store=store)
+    done = await bigger.run()
+    assert done.complete and len(done.cells) == 10
+    assert sim.calls[MINI] <= 10 + 2  # recorded cells never again (at most the cut ones)
+    assert sim.calls[MINI] >= 10 and recorded < 10
+    await store.close()
+
+
+async def test_calls_wait_for_room_in_the_models_rate_limit(clock: Any, sim: Any) -> None:
+    catalog = Catalog.simulated().override(NANO, rpm=2)
+    ev = Evaluation(make_flow(), cases(5), ByModel(), node="answer", catalog=catalog,
+                    candidates=[NANO], limiter=RateLimiter(clock=clock), sleep=clock.sleep,
+                    concurrency=3)
+    result = await ev.run()
+    assert result.complete and {c.outcome for c in result.cells} == {CellOutcome.PASS}
+    assert sim.calls[NANO] == 5  # none skipped to another model, none failed
+    assert clock.now - 1000.0 >= 120  # 5 calls at 2 a minute: two full windows waited
+
+
+async def test_progress_reports_per_model_counts_and_cost() -> None:
+    seen: list[EvalProgress] = []
+    ev = Evaluation(make_flow(), cases(2), ByModel(), node="answer", catalog=Catalog.simulated(),
+                    candidates=[NANO, MINI], concurrency=1)
+    await ev.run(on_progress=seen.append)
+    assert [p.done for p in seen] == [1, 2, 3, 4]
+    last = seen[-1]
+    assert last.total == 4 and last.models[NANO].done == 2 and last.models[MINI].total == 2
+    assert last.cost_usd > 0 and last.eta_s == 0
+    assert seen[0].eta_s is not None and seen[0].eta_s >= 0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"node": "answr"}, "no node 'answr'; did you mean 'answer'"),
+    ({"candidates": "sim-openai/gpt-4.1-nanoo"}, "did you mean sim-openai/gpt-4.1-nano"),
+    ({"candidates": "nothing/*"}, "matches no model"),
+    ({"repeats": 0}, "repeats must be at least 1"),
+    ({"budget": float("nan")}, "budget"),
+])
+def test_bad_arguments_are_one_clear_line(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        Evaluation(make_flow(), cases(1), ByModel(), catalog=Catalog.simulated(), **kwargs)
+
+
+def test_duplicate_case_ids_and_empty_data_are_refused() -> None:
+    with pytest.raises(UserError, match="appears twice"):
+        Evaluation(make_flow(), cases(1) * 2, ByModel(), catalog=Catalog.simulated())
+    with pytest.raises(UserError, match="empty"):
+        Evaluation(make_flow(), [], ByModel(), catalog=Catalog.simulated())
+
+
+def test_a_named_model_without_a_hard_need_is_refused() -> None:
+    flow: Flow[S] = Flow("tools", S)
+
+    @flow.node(needs=Needs(vision=True))
+    async def look(state: S, model: RoutedChatModel) -> S:
+        return {}
+
+    flow.add_edge(START, "look").add_edge("look", END)
+    catalog = Catalog.simulated()
+    blind = next(s.key for s in catalog if not s.caps.vision)
+    with pytest.raises(UserError, match="no image input"):
+        Evaluation(flow, cases(1), ByModel(), node="look", catalog=catalog, candidates=[blind])
+    ev = Evaluation(flow, cases(1), ByModel(), node="look", catalog=catalog, candidates="*")
+    assert blind not in ev.candidates and blind in ev._chosen.dropped
