@@ -688,6 +688,11 @@ def _fail(error: BaseException) -> NoReturn:
     raise typer.Exit(code=1)
 
 
+from .eval_cli import add_eval_command  # noqa: E402 (given the helpers defined above)
+
+add_eval_command(app, load_flow=load_flow, catalog=_catalog)
+
+
 def main() -> None:
     app()
 

@@ -50,7 +50,7 @@ from .cases import Cell, CellOutcome, EvalCase, Score, Scorer
 from .results import EvalStatus, EvalStore
 
 __all__ = ["CellKey", "EvalPlan", "EvalProgress", "EvalResult", "Evaluation", "ModelProgress",
-           "PacedLimiter"]
+           "PacedLimiter", "check_node", "retryable"]
 
 BUDGET_REACHED = "budget reached"
 INTERRUPTED = "interrupted"
@@ -240,6 +240,19 @@ def _failure(error: BaseException) -> tuple[CellOutcome, str]:
     return CellOutcome.ERROR, text[:500]
 
 
+def check_node(flow: Flow[Any], node: str) -> None:
+    """UserError unless `node` is a node of `flow` that calls a model (or a subflow)."""
+    if node not in flow.nodes:
+        close = difflib.get_close_matches(node, list(flow.nodes), n=2)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise UserError(f"flow {flow.name!r} has no node {node!r}{hint} "
+                        f"(nodes: {', '.join(flow.nodes)})")
+    spec = flow.nodes[node]
+    if spec.fn is not None and spec.needs is None:
+        raise UserError(f"node {node!r} of flow {flow.name!r} calls no model: there is no "
+                        "model choice to evaluate; pick a model node")
+
+
 def retryable(cell: Cell) -> bool:
     """A cell worth running again on resume: an error that cost nothing and answered
     nothing (no key, an open breaker, an outage before any token)."""
@@ -306,15 +319,8 @@ class Evaluation:
 
     def _check_args(self, cases: Sequence[EvalCase], repeats: int, concurrency: int,
                     budget: float | None) -> None:
-        flow, node = self.flow, self.node
-        if node is not None and node not in flow.nodes:
-            close = difflib.get_close_matches(node, list(flow.nodes), n=2)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise UserError(f"flow {flow.name!r} has no node {node!r}{hint} "
-                            f"(nodes: {', '.join(flow.nodes)})")
-        if node is not None and flow.nodes[node].fn is not None and flow.nodes[node].needs is None:
-            raise UserError(f"node {node!r} of flow {flow.name!r} calls no model: there is no "
-                            "model choice to evaluate; pick a model node")
+        if self.node is not None:
+            check_node(self.flow, self.node)
         if not cases:
             raise UserError("no cases to evaluate: the data set is empty")
         seen: set[str] = set()
