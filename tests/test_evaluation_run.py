@@ -322,3 +322,45 @@ def test_a_named_model_without_a_hard_need_is_refused() -> None:
         Evaluation(flow, cases(1), ByModel(), node="look", catalog=catalog, candidates=[blind])
     ev = Evaluation(flow, cases(1), ByModel(), node="look", catalog=catalog, candidates="*")
     assert blind not in ev.candidates and blind in ev._chosen.dropped
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_evaluation_then_resume_never_repays_a_recorded_cell(
+        tmp_path: Path, sim: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import eval_child
+
+    db = f"sqlite:///{tmp_path / 'killed.db'}"
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    proc = subprocess.Popen([sys.executable, str(here / "eval_child.py"), db],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # blocks on the child's output: no sleeps
+        if line.strip() == "cell 5":
+            break
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err
+    store = Store(db)
+    evals = EvalStore(store)
+    (killed,) = await evals.list()
+    assert killed.status == EvalStatus.RUNNING  # the kill left it mid-run, not "completed"
+    recorded = await evals.cells(killed.id)
+    assert len(recorded) >= 5
+    ev = eval_child.evaluation(db)
+    plan = await ev.plan()
+    assert plan.resumed and plan.eval_id == killed.id
+    result = await ev.run(plan)
+    assert result.complete and len(result.cells) == 12
+    # this process paid only the cells the killed one had not recorded
+    assert sum(sim.calls[m] for m in eval_child.MODELS) == 12 - len(recorded)
+    assert {(c.case_id, c.model) for c in result.cells} == {
+        (c.id, m) for c in eval_child.CASES for m in eval_child.MODELS}
+    await store.close()
+    assert ev.store is not None
+    await ev.store.store.close()
