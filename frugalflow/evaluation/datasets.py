@@ -108,8 +108,9 @@ def _from_jsonl(file: Path, text: str) -> list[EvalCase]:
 
 
 def _case_shaped(row: Mapping[str, Any]) -> bool:
-    """A pydantic-evals case ({"inputs": {...}, ...}), not a flat object of inputs."""
-    return isinstance(row.get("inputs"), dict) and set(row) <= _CASE_KEYS
+    """A pydantic-evals case ({"inputs": {...}, ...}), not a flat object of inputs (a
+    case's keys only: inputs that are not an object are then an error, not a field)."""
+    return "inputs" in row and set(row) <= _CASE_KEYS
 
 
 def _flat_case(where: str, index: int, row: Mapping[str, Any]) -> EvalCase:
