@@ -47,6 +47,11 @@ def _panel(ax: Axes, node: NodeReport) -> None:
         return max(cost, floor)
 
     rows = [r for r in node.rows if r.n]
+    # Limits first: autoscaling on one model alone would warn of an empty range.
+    xs = [x(r.cost_per_call) for r in rows] or [floor]
+    ax.set_xscale("log")
+    ax.set_xlim(min(xs) / 2, max(xs) * 2)
+    ax.set_autoscalex_on(False)
     for r in rows:
         err = [[r.rate - r.interval.low], [r.interval.high - r.rate]]
         current = r.model == node.current
@@ -69,7 +74,6 @@ def _panel(ax: Axes, node: NodeReport) -> None:
         ax.plot([x(node.choice.expected_cost)], [node.choice.assured_rate], marker="*",
                 markersize=16, color="gold", markeredgecolor="black", linestyle="none",
                 label="chosen", zorder=5)
-    ax.set_xscale("log")
     ax.set_ylim(0.0, 1.05)
     ax.set_xlabel("cost per call (USD, log)")
     ax.set_ylabel("pass rate")

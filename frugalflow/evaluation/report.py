@@ -277,9 +277,10 @@ class Report:
     _png: list[bytes] = field(default_factory=list, repr=False, compare=False)
 
     def summary_lines(self) -> list[str]:
-        """One line per node: the proposed move, its pass rate and its saving."""
+        """One line per node: the proposed move, its pass rate and its saving; with recorded
+        volume, a last line for the whole flow."""
         lines = [n.summary_line() for n in self.per_node.values()]
-        if self.savings is not None and len(self.per_node) > 1:
+        if self.savings is not None:
             lines.append(self.savings.total_line())
         return lines
 
