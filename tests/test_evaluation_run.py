@@ -29,10 +29,10 @@ class S(TypedDict, total=False):
     summary: str
 
 
-def make_flow(validator: Any = None, out_tokens: int = 50) -> Flow[S]:
+def make_flow(validator: Any = None, out_tokens: int = 50, quality: float = 0.95) -> Flow[S]:
     flow: Flow[S] = Flow("qa", S)
 
-    @flow.node(needs=Needs(quality={"reasoning": 0.95}, expected_output_tokens=out_tokens),
+    @flow.node(needs=Needs(quality={"reasoning": quality}, expected_output_tokens=out_tokens),
                validator=validator)
     async def answer(state: S, model: RoutedChatModel) -> S:
         reply = await model.ainvoke([SystemMessage("Answer."), HumanMessage(state["question"])])
@@ -364,3 +364,44 @@ async def test_sigkill_mid_evaluation_then_resume_never_repays_a_recorded_cell(
     await store.close()
     assert ev.store is not None
     await ev.store.store.close()
+
+
+async def test_rows_that_do_not_fit_the_input_are_refused_before_anything_is_paid(
+        sim: Any) -> None:
+    bad = [EvalCase(id="c0", inputs={"questin": "typo"})]
+    with pytest.raises(UserError, match="do not fit flow 'qa'"):
+        Evaluation(make_flow(), bad, ByModel(), node="answer", catalog=Catalog.simulated())
+    assert not sim.calls
+
+
+async def test_recorded_calls_are_replayed_to_each_candidate_apart_from_the_ledger(
+        store: Store, sim: Any) -> None:
+    from frugalflow.evaluation.from_ledger import cases_from_ledger
+    from frugalflow.evaluation.scorers import ReferenceScorer
+    from frugalflow.persistence.ledger import Ledger
+    from frugalflow.runner import Runner
+
+    flow, catalog = make_flow(quality=0.5), Catalog.simulated()
+    runner = Runner(store, flows=[flow], catalog=catalog)
+    for i in range(3):
+        assert (await runner.start("qa", {"question": f"recorded question {i}"})).ok
+    async with store.read() as conn:
+        production = (await conn.execute(
+            select(func.count()).select_from(AttemptRow.__table__))).scalar()
+    cases = await cases_from_ledger(Ledger(store), flow="qa", node="answer")
+    assert len(cases) == 3 and all(c.request is not None for c in cases)
+    used = cases[0].metadata["model"]
+    sim.calls.clear()
+    ev = Evaluation(flow, cases, ReferenceScorer("exact"), node="answer", catalog=catalog,
+                    candidates=[used, MINI if used != MINI else NANO], store=store)
+    result = await ev.run()
+    assert result.complete and len(result.cells) == 6
+    # the model production used gives the same (seeded) answer: it passes; the other fails
+    assert {c.outcome for c in result.cells if c.model == used} == {CellOutcome.PASS}
+    assert {c.outcome for c in result.cells if c.model != used} == {CellOutcome.FAIL}
+    assert sum(sim.calls[k] for k in sim.calls if "/" in k) == 6  # one call per cell
+    async with store.read() as conn:
+        after = (await conn.execute(
+            select(func.count()).select_from(AttemptRow.__table__))).scalar()
+    assert after == production  # the evaluation wrote nothing to production statistics
+    await runner.close()

@@ -47,7 +47,10 @@ from ..statuses import Outcome
 from ..usage import RunUsage
 from .candidates import force_flow, forced_needs, model_needs, resolve_candidates
 from .cases import Cell, CellOutcome, EvalCase, Score, Scorer
+from .datasets import check_cases
+from .from_ledger import replay_request
 from .results import EvalStatus, EvalStore
+from .scorers import safe_score
 
 __all__ = ["CellKey", "EvalPlan", "EvalProgress", "EvalResult", "Evaluation", "ModelProgress",
            "PacedLimiter", "check_node", "retryable"]
@@ -259,16 +262,6 @@ def retryable(cell: Cell) -> bool:
     return cell.outcome == CellOutcome.ERROR and cell.cost_usd == 0 and cell.output is None
 
 
-async def _safe_score(scorer: Scorer, case: EvalCase, output: Any) -> Score | str:
-    try:
-        return await scorer.score(case, output)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # the scorer's failure is this cell's, recorded with its reason
-        first = str(e).splitlines()[0] if str(e) else ""
-        return f"scorer {getattr(scorer, 'name', '?')!r} raised {type(e).__name__}: {first}"[:500]
-
-
 class Evaluation:
     """One flow (end to end) or one node, measured on `cases` for each candidate model."""
 
@@ -296,6 +289,7 @@ class Evaluation:
         self.flow, self.node, self.scorer = flow, node, scorer
         self.catalog = catalog if catalog is not None else Catalog.default()
         self._check_args(cases, repeats, concurrency, budget)
+        check_cases(cases, flow, node)  # rows that do not fit the input: refused, unpaid
         self.cases = list(cases)
         self._by_id = {c.id: c for c in self.cases}
         self.repeats, self.concurrency = repeats, concurrency
@@ -454,7 +448,7 @@ class Evaluation:
             spec = self.flow.nodes.get(node) if node is not None else None
             needs = spec.needs if spec is not None and spec.needs is not None else Needs()
             routed = RoutedChatModel(needs=forced_needs(needs, model), node=node, context=ctx)
-            return await _replay(routed, case)
+            return await replay_request(routed, case.request)
         graph = self._graph(model)
         if self.node is None:
             state = await graph.ainvoke(dict(case.inputs), context=ctx)
@@ -495,7 +489,7 @@ class Evaluation:
             outcome, reason = _failure(e)
             verdict = Score(passed=False, reason=reason) if outcome == CellOutcome.FAIL else reason
         else:
-            verdict = await _safe_score(self.scorer, case, output)
+            verdict = await safe_score(self.scorer, case, output)
         return self._cell(key, node, usage, verdict, output)
 
     def _cell(self, key: CellKey, node: str | None, usage: RunUsage, verdict: Score | str,
@@ -550,11 +544,6 @@ def _new_id() -> str:
     return f"ev-{uuid.uuid4().hex[:12]}"
 
 
-async def _replay(model: RoutedChatModel, case: EvalCase) -> Any:
-    from .from_ledger import replay_request
-
-    assert case.request is not None
-    return await replay_request(model, case.request)
 
 
 class _Runner:
