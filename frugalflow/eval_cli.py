@@ -32,6 +32,7 @@ from .persistence.store import Store
 if TYPE_CHECKING:
     from .evaluation.cases import EvalCase, Scorer
     from .evaluation.report import Report
+    from .evaluation.results import EvalRecord
     from .evaluation.run import EvalPlan, EvalProgress, EvalResult
 
 __all__ = ["EvalArgs", "add_eval_command", "eval_command"]
@@ -176,8 +177,10 @@ def _check_args(args: EvalArgs) -> None:
         raise UserError(f"--budget: {e}") from None
 
 
-def _reuse(args: EvalArgs, spec: dict[str, Any]) -> None:
+def _reuse(args: EvalArgs, record: EvalRecord) -> None:
     """--resume ID: what was not given again comes from the stored evaluation."""
+    spec = record.spec
+    args.node = args.node or record.node
     data = spec.get("data") or {}
     if not args.data and not args.from_ledger:
         if data.get("file"):
@@ -250,7 +253,7 @@ async def evaluate(args: EvalArgs) -> int:
     store = Store(args.db)
     try:
         if args.resume:
-            _reuse(args, (await EvalStore(store).get(args.resume)).spec)
+            _reuse(args, await EvalStore(store).get(args.resume))
         _check_args(args)
         flow = _hooks.load_flow(args.flow)
         cat = _hooks.catalog(args.catalog)
@@ -260,7 +263,8 @@ async def evaluate(args: EvalArgs) -> int:
         check_cases(cases, flow, args.node)
         scorer = _scorer(args, flow, cases)
         ev = Evaluation(flow, cases, scorer, node=args.node, catalog=cat,
-                        candidates=args.models, repeats=args.repeats or 1, budget=args.budget,
+                        candidates=args.models, budget=args.budget,
+                        repeats=1 if args.repeats is None else args.repeats,
                         concurrency=args.concurrency, store=EvalStore(store),
                         data=_data_spec(args), eval_id=args.resume)
         plan = await ev.plan()
