@@ -167,35 +167,36 @@ async def test_a_killed_evaluation_resumes_without_paying_a_recorded_cell(
 
 
 async def test_an_unavailable_model_and_an_outage_mark_their_cells_and_the_rest_goes_on(
-        store: Store, sim: Any) -> None:
-    keyed = ModelSpec(provider="openai", model="gpt-4o-mini", input_price=0.15,
-                      output_price=0.6, context_window=128000, max_output_tokens=16384,
-                      capabilities={"tool_calling": True, "structured_output": True})
+        store: Store, sim: Any, clock: Any) -> None:
+    keyed = ModelSpec(provider="acme", model="gpt-4o-mini", api_key_env="ACME_EVAL_KEY",
+                      integration="frugalflow.testing.simulator:SimulatedChatModel",
+                      input_price=0.15, output_price=0.6, context_window=128000,
+                      max_output_tokens=16384, capabilities={"streaming": True})
     catalog = Catalog.simulated().extend([keyed])
     sim.down("sim-google")
     ev = Evaluation(make_flow(), cases(3), ByModel(), node="answer", catalog=catalog,
-                    candidates=[NANO, FLASH, "openai/gpt-4o-mini"], store=store)
+                    candidates=[NANO, FLASH, "acme/gpt-4o-mini"], store=store,
+                    sleep=clock.sleep)  # retry backoffs on the fake clock
     plan = await ev.plan()
-    assert "openai/gpt-4o-mini" in plan.unavailable
+    assert "acme/gpt-4o-mini" in plan.unavailable
     result = await ev.run(plan)
     assert result.complete
     by_model: dict[str, set[CellOutcome]] = {}
     for c in result.cells:
         by_model.setdefault(c.model, set()).add(c.outcome)
     assert by_model == {NANO: {CellOutcome.PASS}, FLASH: {CellOutcome.ERROR},
-                        "openai/gpt-4o-mini": {CellOutcome.ERROR}}
+                        "acme/gpt-4o-mini": {CellOutcome.ERROR}}
     reasons = {c.model: c.reason or "" for c in result.cells if c.outcome == CellOutcome.ERROR}
-    assert "unavailable" in reasons["openai/gpt-4o-mini"]
-    assert "OPENAI_API_KEY" in reasons["openai/gpt-4o-mini"] or "install" in reasons[
-        "openai/gpt-4o-mini"]
+    assert "unavailable" in reasons["acme/gpt-4o-mini"]
+    assert "set ACME_EVAL_KEY" in reasons["acme/gpt-4o-mini"]
     assert "503" in reasons[FLASH] or "unavailable" in reasons[FLASH].lower()
     # the outage is over: a re-run retries only the cells that got no answer
     sim.clear()
     calls_before = sim.calls[NANO]
     retry = Evaluation(make_flow(), cases(3), ByModel(), node="answer", catalog=catalog,
-                       candidates=[NANO, FLASH, "openai/gpt-4o-mini"], store=store)
+                       candidates=[NANO, FLASH, "acme/gpt-4o-mini"], store=store)
     plan2 = await retry.plan()
-    assert {k.model for k in plan2.todo} == {FLASH, "openai/gpt-4o-mini"}
+    assert {k.model for k in plan2.todo} == {FLASH, "acme/gpt-4o-mini"}
     again = await retry.run(plan2)
     assert sim.calls[NANO] == calls_before
     assert {c.outcome for c in again.cells if c.model == FLASH} == {CellOutcome.FAIL}
