@@ -406,3 +406,22 @@ async def test_recorded_calls_are_replayed_to_each_candidate_apart_from_the_ledg
             select(func.count()).select_from(AttemptRow.__table__))).scalar()
     assert after == production  # the evaluation wrote nothing to production statistics
     await runner.close()
+
+
+async def test_a_judge_scores_in_the_evaluations_context_and_its_spend_counts(
+        store: Store, sim: Any) -> None:
+    from frugalflow.evaluation.scorers import JudgeScorer
+    from frugalflow.judge import Judge
+
+    catalog = Catalog.simulated()
+    ev = Evaluation(make_flow(), cases(2), JudgeScorer(Judge("The answer is polite.")),
+                    node="answer", catalog=catalog, candidates=[NANO], store=store)
+    result = await ev.run()
+    assert result.complete and all(c.scored for c in result.cells)
+    judged = ev.scoring.spent_usd
+    assert judged > 0  # the judge was asked in the evaluation's context, on its catalog
+    cells = sum(c.cost_usd for c in result.cells)
+    assert result.cost_usd == pytest.approx(cells + judged)
+    record = await EvalStore(store).get(result.eval_id)
+    assert record.cost_usd == pytest.approx(result.cost_usd)
+    await store.close()

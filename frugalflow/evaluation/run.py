@@ -30,7 +30,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from pydantic import BaseModel
 
 from ..catalog import Catalog
-from ..attempts import short_error
+from ..attempts import ModelJudge, short_error
 from ..exceptions import (
     AllModelsFailedError,
     BudgetExceededError,
@@ -50,7 +50,7 @@ from .cases import Cell, CellOutcome, EvalCase, Score, Scorer
 from .datasets import check_cases
 from .from_ledger import replay_request
 from .results import EvalStatus, EvalStore
-from .scorers import safe_score
+from .scorers import JudgeScorer, ValidatorScorer, safe_score
 
 __all__ = ["CellKey", "EvalPlan", "EvalProgress", "EvalResult", "Evaluation", "ModelProgress",
            "PacedLimiter", "check_node", "retryable"]
@@ -243,6 +243,17 @@ def _failure(error: BaseException) -> tuple[CellOutcome, str]:
     return CellOutcome.ERROR, text[:500]
 
 
+def _judging_in(scorer: Scorer, ctx: RunContext) -> Scorer:
+    """A scorer that asks a judge, given no context of its own, judges in the evaluation's:
+    its catalog, breakers and rate limits, its spend counted in the evaluation's."""
+    if not isinstance(scorer, ValidatorScorer) or not isinstance(scorer.validator, ModelJudge) \
+            or getattr(scorer, "_context", None) is not None:
+        return scorer
+    if isinstance(scorer, JudgeScorer):
+        return JudgeScorer(scorer.judge, name=scorer.name, context=ctx)
+    return ValidatorScorer(scorer.validator, name=scorer.name, context=ctx)
+
+
 def check_node(flow: Flow[Any], node: str) -> None:
     """UserError unless `node` is a node of `flow` that calls a model (or a subflow)."""
     if node not in flow.nodes:
@@ -306,6 +317,9 @@ class Evaluation:
 
             limiter = RateLimiter()
         self.limiter = PacedLimiter(limiter, sleep=sleep)
+        self.scoring = RunUsage(run_id="eval:scoring")
+        """Spend of the scorer's own calls (a judge): the evaluation's, in no cell's cost."""
+        self.scorer = _judging_in(scorer, self._context(self.scoring))
         self.needs = model_needs(flow, node)
         self._chosen = resolve_candidates(self.catalog, self.needs, candidates)
         self.candidates = self._chosen.models
@@ -330,6 +344,12 @@ class Evaluation:
             check_budget(budget)
         except ValueError as e:
             raise UserError(f"budget: {e}") from None
+
+    def _context(self, usage: RunUsage) -> RunContext:
+        """A context of the evaluation's own: no ledger hooks (nothing reaches production
+        statistics), the evaluation's breakers, paced rate limits and retry policy."""
+        return RunContext(catalog=self.catalog, policy=self.policy, breakers=self.breakers,
+                          usage=usage, sleep=self.sleep, limiter=self.limiter)
 
     # -- the plan ---------------------------------------------------------------------------
 
@@ -475,8 +495,7 @@ class Evaluation:
                         reason=f"{key.model} unavailable: {why}")
         usage = RunUsage(budget_usd=budget_left,
                          run_id=f"eval:{key.case_id}:{key.model}:{key.repeat}")
-        ctx = RunContext(catalog=self.catalog, policy=self.policy, breakers=self.breakers,
-                         usage=usage, sleep=self.sleep, limiter=self.limiter)
+        ctx = self._context(usage)
         output: Any = None
         verdict: Score | str
         try:
@@ -525,6 +544,7 @@ class Evaluation:
         runner = _Runner(self, plan, on_progress)
         try:
             stop = await runner.go()
+            await runner.record_scoring_cost()
         except asyncio.CancelledError:
             if store is not None:
                 await store.finish(plan.eval_id, EvalStatus.STOPPED, INTERRUPTED)
@@ -536,8 +556,8 @@ class Evaluation:
         if store is not None:
             await store.finish(plan.eval_id, status, None if complete else stop or "incomplete")
         return EvalResult(plan.eval_id, self.flow.name, self.node, status, cells,
-                          list(plan.candidates), plan.spent_usd + runner.spent,
-                          runner.spent, None if complete else stop)
+                          list(plan.candidates), plan.spent_usd + runner.total(),
+                          runner.total(), None if complete else stop)
 
 
 def _new_id() -> str:
@@ -557,6 +577,8 @@ class _Runner:
         self.stop: str | None = None
         self.failure: BaseException | None = None
         self.t0 = time.monotonic()
+        self.scoring0 = ev.scoring.spent_usd  # the scorer's spend before this run
+        self.scoring_recorded = 0.0
         self.progress = {m: ModelProgress(0, plan.cases * plan.repeats)
                          for m in plan.candidates}
         for c in plan.done:
@@ -567,7 +589,18 @@ class _Runner:
 
     def _left(self) -> float | None:
         budget = self.ev.budget
-        return None if budget is None else budget - self.plan.spent_usd - self.spent
+        return None if budget is None else budget - self.plan.spent_usd - self.total()
+
+    def total(self) -> float:
+        """This run's spend: its cells', and its scorer's (a judge)."""
+        return self.spent + self.ev.scoring.spent_usd - self.scoring0
+
+    async def record_scoring_cost(self) -> None:
+        """Record what the scorer's judge spent since the last cell (in no cell's cost)."""
+        added = self.ev.scoring.spent_usd - self.scoring0 - self.scoring_recorded
+        if added > 0 and self.ev.store is not None:
+            self.scoring_recorded += added
+            await self.ev.store.add_cost(self.plan.eval_id, added)
 
     async def go(self) -> str | None:
         sem = asyncio.Semaphore(self.ev.concurrency)
@@ -615,6 +648,7 @@ class _Runner:
             cell = await self.ev.cell(key, budget_left=left)
             if store is not None:
                 await store.record_cell(self.plan.eval_id, cell)
+                await self.record_scoring_cost()
         except _BudgetStop as stop:
             self.stop = BUDGET_REACHED
             self.spent += stop.spent
@@ -642,4 +676,4 @@ class _Runner:
         eta = elapsed / new * left if new else None
         snapshot = {m: replace(p) for m, p in self.progress.items()}
         self.on_progress(EvalProgress(self.plan.eval_id, snapshot,
-                                      self.plan.spent_usd + self.spent, elapsed, eta))
+                                      self.plan.spent_usd + self.total(), elapsed, eta))
