@@ -203,3 +203,19 @@ def test_from_ledger_replays_recorded_calls(workdir: Path, sim: Any) -> None:
     record, _ = stored(workdir, out["eval_id"])
     assert record.spec["data"]["ledger"]["sample"] == 2
     assert record.spec["data"]["scorer"] == "normalized"
+
+
+def test_the_whole_flow_end_to_end(workdir: Path, sim: Any) -> None:
+    result = invoke("support_triage", "--data", str(workdir / "cases.jsonl"), "--db",
+                    f"sqlite:///{workdir / 'eval.db'}", "--models", "sim-openai/gpt-4.1-nano",
+                    "--scorer", "fields:category", "--yes", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["node"] is None and out["cells"] == 4 and out["status"] == "completed"
+    (node,) = out["report"]["nodes"]
+    assert node["node"] is None
+    # every node of the flow ran on the candidate: 4 tickets x 4 nodes (a rejected
+    # extraction fails its case and ends that run early)
+    assert 4 <= sim.calls["sim-openai/gpt-4.1-nano"] <= 16
+    assert sum(sim.calls[k] for k in sim.calls if "/" in k) == sim.calls[
+        "sim-openai/gpt-4.1-nano"]

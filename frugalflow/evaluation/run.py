@@ -392,7 +392,7 @@ class Evaluation:
             return spec.estimate_cost(n_in, n_out)
         # A node's prompt is its instructions around the inputs: the inputs plus a margin.
         n_in = len(json.dumps(dict(case.inputs), default=str)) // 4 + 50
-        return sum(spec.estimate_cost(n_in, n.output_budget) for _, n in self.needs)
+        return sum(spec.estimate_cost(n_in, n.expected_output_tokens) for _, n in self.needs)
 
     async def plan(self) -> EvalPlan:
         """The cells left to run (a matching earlier evaluation is resumed) and their cost.
