@@ -164,6 +164,15 @@ def test_cases_that_fit_the_state_pass_the_check() -> None:
                  EvalCase("c", request=Request(messages=[]))], ticket_flow(), "classify")
 
 
+def test_numbers_read_for_text_fields_become_text_again(tmp_path: Path) -> None:
+    f = write(tmp_path / "c.csv", "ticket,priority\n88231,2\n")
+    given = load_cases(f)
+    assert given[0].inputs == {"ticket": 88231, "priority": 2}  # the CSV cannot know
+    (fitted,) = check_cases(given, ticket_flow(), "classify")
+    assert fitted.inputs == {"ticket": "88231", "priority": 2}
+    assert check_cases(given[:0], ticket_flow(), None) == []
+
+
 def test_unknown_and_mistyped_fields_are_named_with_the_expected_fields() -> None:
     cases = [EvalCase("ok", {"ticket": "t"}),
              EvalCase("typo", {"tikcet": "t"}),

@@ -13,9 +13,9 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from pydantic import BaseModel
 
 from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel, UserError
-from frugalflow.evaluation.cases import EvalCase
+from frugalflow.evaluation.cases import EvalCase, Score
 from frugalflow.evaluation.from_ledger import cases_from_ledger, replay_request
-from frugalflow.evaluation.scorers import ReferenceScorer, output_value
+from frugalflow.evaluation.scorers import ReferenceScorer, ValidatorScorer, output_value
 from frugalflow.persistence import Store
 from frugalflow.persistence.ledger import Ledger
 from frugalflow.persistence.scrub import REDACTED
@@ -180,14 +180,23 @@ async def test_a_recorded_request_replays_to_another_model(recorded: Runner) -> 
     catalog = Catalog.simulated()
     strong = catalog.built(catalog["sim-google/gemini-2.5-pro"])
     scorer = ReferenceScorer("exact")
+    # the node's validator takes an Invoice: the replayed JSON is parsed into it first
+    validator = ValidatorScorer(adds_up)
+    assert validator.schema is Invoice
     for case in cases:
         assert case.request is not None
         answer = await replay_request(strong, case.request)
         assert isinstance(answer, AIMessage) and answer.tool_calls[0]["name"] == "Invoice"
         fields = output_value(answer, case.request)
         assert set(fields) == set(Invoice.model_fields)
+        assert await validator.score(case, answer) == Score(True, 1.0)
         if case.expected is not None:  # easy invoices: a strong model agrees with production
             assert (await scorer.score(case, answer)).passed
+    broken = AIMessage(content="", tool_calls=[{"name": "Invoice", "args": {"total": "x"},
+                                                "id": "1", "type": "tool_call"}])
+    failed = await validator.score(cases[0], broken)
+    assert not failed.passed and (failed.reason or "").startswith("the output fails schema "
+                                                                  "Invoice: ")
     # a plain call replays as text
     (note,) = await cases_from_ledger(recorded.ledger, flow="invoices", node="note", limit=1)
     assert note.request is not None
