@@ -34,7 +34,6 @@ __all__ = ["aload_cases", "asave_cases", "check_cases", "load_cases", "save_case
 SUFFIXES = (".jsonl", ".csv", ".yaml", ".yml", ".json")
 """The data set files `load_cases` reads."""
 
-_ID_KEYS = ("id", "name")
 _EXPECTED_KEYS = ("expected", "expected_output")
 _CASE_KEYS = frozenset({"id", "name", "inputs", "expected_output", "expected", "metadata",
                         "evaluators"})
@@ -115,9 +114,12 @@ def _case_shaped(row: Mapping[str, Any]) -> bool:
 
 
 def _flat_case(where: str, index: int, row: Mapping[str, Any]) -> EvalCase:
-    ids = [row[k] for k in _ID_KEYS if row.get(k) not in (None, "")]
-    inputs = {k: v for k, v in row.items() if k not in _ID_KEYS and k not in _EXPECTED_KEYS}
-    return _case(where, index, ids[0] if ids else None, inputs, _expected(row), None)
+    """A flat row: its `id` (else its `name`) names the case, `expected` (or
+    `expected_output`) is the answer, the rest are inputs. With an `id`, a `name` is an
+    input (a state may have a `name` field)."""
+    id_key = "id" if "id" in row else "name"
+    inputs = {k: v for k, v in row.items() if k != id_key and k not in _EXPECTED_KEYS}
+    return _case(where, index, row.get(id_key), inputs, _expected(row), None)
 
 
 def _expected(row: Mapping[str, Any]) -> Any:
