@@ -618,6 +618,22 @@ def recorded_request(routed: RoutedChatModel, messages: Sequence[BaseMessage]) -
     dicts), the bound tools (OpenAI tool dicts, the response schema's own tool apart) and
     the response schema (JSON schema), like `frugalflow.evaluation.cases.Request`."""
     from langchain_core.messages import messages_to_dict
+
+    # A routed model's tools and schema never change (binding makes a copy, reused by
+    # every call of the node): converted once per copy, not once per call.
+    bound = routed._variants.get(_RECORDED)
+    if bound is None:
+        bound = routed._variants[_RECORDED] = _bound_json(routed)
+    tools, json_schema = bound
+    return {"messages": messages_to_dict(list(messages)), "tools": list(tools),
+            "schema": json_schema}
+
+
+_RECORDED = ("frugalflow:recorded-request",)  # the key of `_bound_json` in the variants
+
+
+def _bound_json(routed: RoutedChatModel) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The routed model's tools (but its response schema's own) and response schema."""
     from langchain_core.utils.function_calling import convert_to_json_schema
 
     schema = routed.response_schema
@@ -627,9 +643,7 @@ def recorded_request(routed: RoutedChatModel, messages: Sequence[BaseMessage]) -
             json_schema = convert_to_json_schema(schema)
         except Exception:  # an odd schema must not fail the call it records
             json_schema = {"title": getattr(schema, "__name__", str(schema))}
-    return {"messages": messages_to_dict(list(messages)),
-            "tools": [tool_schema(t) for t in routed.tools if t is not schema],
-            "schema": json_schema}
+    return [tool_schema(t) for t in routed.tools if t is not schema], json_schema
 
 
 async def generate_once(

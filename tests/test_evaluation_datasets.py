@@ -52,14 +52,16 @@ def test_jsonl_reads_pydantic_evals_cases_and_flat_objects(tmp_path: Path) -> No
         "",  # blank lines are skipped
         json.dumps({"ticket": "where is my parcel", "priority": 2, "expected": "shipping"}),
         json.dumps({"id": "t3", "ticket": "login broken"}),
+        json.dumps({"id": "t4", "name": "Dana", "ticket": "hi"}),  # with an id, name is input
     ]) + "\n")
     cases = load_cases(f)
-    assert [c.id for c in cases] == ["refund", "row-2", "t3"]
+    assert [c.id for c in cases] == ["refund", "row-2", "t3", "t4"]
     assert cases[0].inputs == {"ticket": "refund me"}
     assert cases[0].expected == {"label": "billing"} and cases[0].metadata == {"lang": "en"}
     assert cases[1].inputs == {"ticket": "where is my parcel", "priority": 2}
     assert cases[1].expected == "shipping"
     assert cases[2].inputs == {"ticket": "login broken"} and cases[2].expected is None
+    assert cases[3].id == "t4" and cases[3].inputs == {"name": "Dana", "ticket": "hi"}
 
 
 def test_csv_decodes_json_cells_and_keeps_the_rest_as_text(tmp_path: Path) -> None:
@@ -162,6 +164,15 @@ def test_cases_that_fit_the_state_pass_the_check() -> None:
                  EvalCase("b", {"messages": [{"role": "user", "content": "hi"}]}),
                  # a replayed call is not node input
                  EvalCase("c", request=Request(messages=[]))], ticket_flow(), "classify")
+
+
+def test_numbers_read_for_text_fields_become_text_again(tmp_path: Path) -> None:
+    f = write(tmp_path / "c.csv", "ticket,priority\n88231,2\n")
+    given = load_cases(f)
+    assert given[0].inputs == {"ticket": 88231, "priority": 2}  # the CSV cannot know
+    (fitted,) = check_cases(given, ticket_flow(), "classify")
+    assert fitted.inputs == {"ticket": "88231", "priority": 2}
+    assert check_cases(given[:0], ticket_flow(), None) == []
 
 
 def test_unknown_and_mistyped_fields_are_named_with_the_expected_fields() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import difflib
 import json
 import re
@@ -33,7 +34,6 @@ __all__ = ["aload_cases", "asave_cases", "check_cases", "load_cases", "save_case
 SUFFIXES = (".jsonl", ".csv", ".yaml", ".yml", ".json")
 """The data set files `load_cases` reads."""
 
-_ID_KEYS = ("id", "name")
 _EXPECTED_KEYS = ("expected", "expected_output")
 _CASE_KEYS = frozenset({"id", "name", "inputs", "expected_output", "expected", "metadata",
                         "evaluators"})
@@ -114,9 +114,12 @@ def _case_shaped(row: Mapping[str, Any]) -> bool:
 
 
 def _flat_case(where: str, index: int, row: Mapping[str, Any]) -> EvalCase:
-    ids = [row[k] for k in _ID_KEYS if row.get(k) not in (None, "")]
-    inputs = {k: v for k, v in row.items() if k not in _ID_KEYS and k not in _EXPECTED_KEYS}
-    return _case(where, index, ids[0] if ids else None, inputs, _expected(row), None)
+    """A flat row: its `id` (else its `name`) names the case, `expected` (or
+    `expected_output`) is the answer, the rest are inputs. With an `id`, a `name` is an
+    input (a state may have a `name` field)."""
+    id_key = "id" if "id" in row else "name"
+    inputs = {k: v for k, v in row.items() if k != id_key and k not in _EXPECTED_KEYS}
+    return _case(where, index, row.get(id_key), inputs, _expected(row), None)
 
 
 def _expected(row: Mapping[str, Any]) -> Any:
@@ -273,10 +276,15 @@ async def asave_cases(cases: Sequence[EvalCase], path: str | Path) -> None:
 # -- checking against a flow ---------------------------------------------------------------
 
 
-def check_cases(cases: Sequence[EvalCase], flow: Flow[Any], node: str | None) -> None:
+def check_cases(cases: Sequence[EvalCase], flow: Flow[Any],
+                node: str | None) -> list[EvalCase]:
     """Raise UserError, before anything is paid, when `node` is not a node of `flow`, or when
     cases' inputs do not fit the flow's state schema (unknown fields; values of the wrong
-    type, where the schema says). Cases that replay a recorded request are not checked."""
+    type, where the schema says). Cases that replay a recorded request are not checked.
+
+    Returns the cases to run: as given, except that a number read from a CSV cell (or
+    JSON) for a text field becomes its text again (an order id `88231` given to a `str`
+    field); run these, not the ones given."""
     if node is not None and node not in flow.nodes:
         close = difflib.get_close_matches(node, list(flow.nodes), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -284,16 +292,19 @@ def check_cases(cases: Sequence[EvalCase], flow: Flow[Any], node: str | None) ->
                         f"{', '.join(flow.nodes)}")
     fields = _state_fields(flow.state)
     if fields is None:
-        return  # a state without declared fields (dict, Any): nothing to check against
+        return list(cases)  # a state without declared fields (dict, Any): nothing to check
     problems: dict[str, list[str]] = {}
+    fitted: list[EvalCase] = []
     for case in cases:
         if case.request is not None:
+            fitted.append(case)
             continue
-        found = _problems(case.inputs, fields)
+        found, inputs = _fit(case.inputs, fields)
         if found:
             problems[case.id] = found
+        fitted.append(case if inputs is None else dataclasses.replace(case, inputs=inputs))
     if not problems:
-        return
+        return fitted
     shown = "; ".join(f"case {cid!r}: {', '.join(p)}"
                       for cid, p in list(problems.items())[:_SHOWN])
     more = f" (and {len(problems) - _SHOWN} more cases)" if len(problems) > _SHOWN else ""
@@ -335,10 +346,14 @@ def _checker(hint: Any) -> _Check:
     return adapter.validate_python
 
 
-def _problems(inputs: Mapping[str, Any], fields: Mapping[str, _Check]) -> list[str]:
+def _fit(inputs: Mapping[str, Any], fields: Mapping[str, _Check]
+         ) -> tuple[list[str], dict[str, Any] | None]:
+    """What is wrong with `inputs`, and the inputs with numbers for text fields turned back
+    into text (None: nothing changed)."""
     if not inputs:
-        return ["no inputs"]
+        return ["no inputs"], None
     found: list[str] = []
+    fixed: dict[str, Any] = {}
     for key, value in inputs.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
@@ -351,9 +366,25 @@ def _problems(inputs: Mapping[str, Any], fields: Mapping[str, _Check]) -> list[s
         try:
             check(value)
         except ValidationError as e:
+            text = _as_text(value, check)
+            if text is not None:
+                fixed[key] = text
+                continue
             err = e.errors()[0]
             found.append(f"field {key!r}: {err['msg'].lower()}, got {_short(value)}")
-    return found
+    return found, ({**inputs, **fixed} if fixed else None)
+
+
+def _as_text(value: Any, check: Callable[[Any], None]) -> str | None:
+    """A number's text, when the field takes that text (else None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    text = json.dumps(value)
+    try:
+        check(text)
+    except ValidationError:
+        return None
+    return text
 
 
 def _short(value: Any) -> str:

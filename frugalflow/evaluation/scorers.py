@@ -19,14 +19,15 @@ import math
 import re
 import string
 import sys
+import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, messages_from_dict
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from ..attempts import rejection
+from ..attempts import rejection, short_error
 from ..exceptions import UserError
 from ..persistence.scrub import scrub
 from .cases import EvalCase, Request, Score, Scorer
@@ -104,9 +105,13 @@ class ValidatorScorer:
     spend and budget its calls count in) or a catalog; default: `Catalog.default()`."""
 
     def __init__(self, validator: Validator, *, name: str = "validator",
-                 context: RunContext | Catalog | None = None) -> None:
+                 context: RunContext | Catalog | None = None,
+                 schema: type[BaseModel] | None = None) -> None:
         self.validator, self.name = validator, name
         self._context = context
+        self.schema = schema if schema is not None else _subject_model(validator)
+        """The pydantic model a replayed structured output is parsed into before the
+        validator sees it, as production parsed it: given, or the validator's annotation."""
 
     def context(self) -> RunContext:
         """The run context a judge's calls are made in (built once)."""
@@ -123,6 +128,12 @@ class ValidatorScorer:
         message = output if isinstance(output, AIMessage) else None
         parsed = (output_value(output, case.request) if message is None or (
             case.request is not None and case.request.schema is not None) else None)
+        if isinstance(parsed, Mapping) and self.schema is not None:
+            try:
+                parsed = self.schema.model_validate(parsed)
+            except ValidationError as e:  # production calls this a malformed answer
+                return Score(passed=False, value=0.0, reason=f"the output fails schema "
+                             f"{self.schema.__name__}: {short_error(e)}")
         routed: RoutedChatModel | None = None
         spec: ModelSpec | None = None
         if isinstance(self.validator, ModelJudge):
@@ -131,6 +142,20 @@ class ValidatorScorer:
                                  _prompt(case))
         return Score(passed=reason is None, value=1.0 if reason is None else 0.0,
                      reason=reason)
+
+
+def _subject_model(validator: Any) -> type[BaseModel] | None:
+    """The pydantic model a validator function annotates its answer with, if any: a
+    recorded structured output is JSON, which production had parsed into that model."""
+    if isinstance(validator, type) or not callable(validator):
+        return None
+    try:
+        first = next(iter(inspect.signature(validator).parameters.values()), None)
+        hints = typing.get_type_hints(validator) if first is not None else {}
+    except Exception:  # unresolvable annotations: the validator gets the JSON
+        return None
+    hint = hints.get(first.name) if first is not None else None
+    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
 class JudgeScorer(ValidatorScorer):
