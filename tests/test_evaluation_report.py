@@ -166,6 +166,7 @@ def test_the_rich_table_lists_every_model_and_marks_the_choice() -> None:
     console.print(report)
     text = console.export_text()
     assert "a/m" in text and "b/m" in text and "chosen 100%" in text and "current" in text
+    assert "b/m -> a/m, pass 0.96" in text  # the node's summary closes its section
 
 
 async def test_the_chart_is_a_png_with_one_panel_per_node(tmp_path: Path) -> None:
@@ -242,6 +243,7 @@ async def test_reprice_by_measured_ratio_or_catalog_prices(ledger: Ledger) -> No
     assert priced.nodes["draft"].method == Method.CATALOG
     assert priced.nodes["draft"].after_usd == pytest.approx(spec.estimate_cost(10_000, 2_000))
     assert priced.nodes["critique"].after_usd == pytest.approx(spec.estimate_cost(5_000, 1_000))
+    assert priced.total_line().endswith("re-priced at catalog prices (same answer lengths assumed)")
     with pytest.raises(UserError, match="pass a catalog"):
         reprice(volume, {"draft": choice})
 
@@ -256,6 +258,7 @@ async def test_the_report_states_the_saving_on_recorded_volume(ledger: Ledger) -
                      "-75% cost, $40 -> $10 per 10k runs")
     assert report.savings is not None and report.savings.after_usd == pytest.approx(0.06)
     assert total.startswith("f (last 30 days, 15 calls): $0.09 -> $0.06")
+    assert total.endswith("re-priced by measured cost per call")
     data = report.to_json()
     assert data["savings"]["nodes"][0]["method"] in ("measured", "unchanged")
     assert data["nodes"][0]["savings"]["method"] == "measured"

@@ -30,7 +30,8 @@ def _figure_class() -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("the evaluation chart needs matplotlib: install frugalflow[evals]") from None
+        raise UserError("the evaluation chart needs matplotlib: "
+                        "install frugalflow[evals]") from None
     return Figure, FigureCanvasAgg
 
 

@@ -338,7 +338,10 @@ def _rich_table(report: Report) -> Table:
                           _opt(r.cost_per_success, ".6f"), _opt(r.latency_ms_p50, ".0f"),
                           _opt(r.latency_ms_p95, ".0f"), _opt(r.output_tokens_p50, ".0f"),
                           " ".join(m for m in marks if m), style=style)
-        table.add_row(n.name, n.verdict(), *[""] * 10, style="italic", end_section=True)
+        line = n.summary_line().removeprefix(f"{n.name}: ")
+        table.add_row(n.name, line, *[""] * 10, style="italic", end_section=True)
+    if report.savings is not None:
+        table.caption = report.savings.total_line()
     return table
 
 
@@ -380,7 +383,8 @@ def build_report(cells: Sequence[Cell], *, catalog: Catalog | None = None,
     """The report of an evaluation's cells: per node (a cell's `node`; None: the whole flow)
     and model, the statistics, frontier, hull and cheapest policy meeting `target` (judged
     on Wilson lower bounds at `confidence`). `current` is the model each node uses now (by
-    node name; default: the most-called model in `volume`). With a `volume` (recorded
+    node name, `WHOLE_FLOW` for a whole-flow evaluation; default: the most-called model in
+    `volume`). With a `volume` (recorded
     production calls, `savings.recent_volume`), the choices are re-priced on it."""
     if not 0.0 <= target <= 1.0:
         raise UserError(f"target pass rate must be between 0 and 1, got {target}")

@@ -127,6 +127,11 @@ class Method(StrEnum):
     UNCHANGED = "unchanged"  # no choice for this node: as recorded
 
 
+_HOW = {Method.MEASURED: "re-priced by measured cost per call",
+        Method.CATALOG: "re-priced at catalog prices (same answer lengths assumed)",
+        Method.UNCHANGED: "nothing re-priced"}
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSavings:
     """One node's recorded spend (`node` None: the whole flow) and what the choice would
@@ -144,7 +149,9 @@ class NodeSavings:
     @property
     def change_pct(self) -> float:
         """The change in cost, in percent (negative: a saving); 0 when nothing was spent."""
-        return (self.after_usd - self.before_usd) / self.before_usd * 100 if self.before_usd else 0.0
+        if not self.before_usd:
+            return 0.0
+        return (self.after_usd - self.before_usd) / self.before_usd * 100
 
     def per_10k(self) -> tuple[float, float]:
         """Before and after per 10k runs of the flow (per 10k calls when no run was named)."""
@@ -173,6 +180,7 @@ class Savings:
 
     def for_whole_flow(self) -> NodeSavings:
         methods = {s.method for s in self.nodes.values()} - {Method.UNCHANGED}
+        # Mixed methods: the total is only as good as its weakest part, catalog prices.
         method = methods.pop() if len(methods) == 1 else (
             Method.CATALOG if Method.CATALOG in methods else Method.UNCHANGED)
         proposed = sorted({s.proposed for s in self.nodes.values() if s.proposed})
@@ -197,7 +205,14 @@ class Savings:
         per = "runs" if total.runs else "calls"
         return (f"{self.flow} (last {self.days:g} days, {total.calls} calls): "
                 f"${total.before_usd:.2f} -> ${total.after_usd:.2f} "
-                f"({total.change_pct:+.0f}%), ${before:.2f} -> ${after:.2f} per 10k {per}")
+                f"({total.change_pct:+.0f}%), ${before:.2f} -> ${after:.2f} per 10k {per}; "
+                f"{self._how()}")
+
+    def _how(self) -> str:
+        changed = {k: s.method for k, s in self.nodes.items() if s.method != Method.UNCHANGED}
+        if len(set(changed.values())) <= 1:
+            return _HOW[next(iter(changed.values()), Method.UNCHANGED)]
+        return "re-priced per node: " + ", ".join(f"{k} {m}" for k, m in changed.items())
 
     def to_json(self) -> dict[str, Any]:
         total = self.for_whole_flow()
