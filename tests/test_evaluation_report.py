@@ -101,7 +101,8 @@ def test_a_target_between_two_hull_models_is_met_by_a_stated_mix() -> None:
     assert [s for _, s in node.choice.shares] == pytest.approx([s for _, s in expected.shares])
     assert node.hull == ("cheap", "mid", "big")
     line = node.summary_line()
-    assert line.startswith("draft: ? -> ") and "% mid + " in line and "% big, pass " in line
+    assert line.startswith("draft: ") and "% mid + " in line and "% big, pass " in line
+    assert "->" not in line.split(",")[0]  # no current model to move from
     assert "(>= 0.80)" in line and line.endswith("per 10k calls")
 
 
@@ -199,8 +200,9 @@ def _attempt(run: str, node: str, model: str, cost: float, *, flow: str = "f",
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> object:
-    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+async def ledger(db_url: str) -> object:
+    """A real ledger (SQLite file, and a PostgreSQL database) with a month of calls."""
+    store = Store(db_url)
     await store.setup()
     rows = [_attempt(f"r{i}", "draft", "a/flash", 0.004) for i in range(10)]
     rows += [_attempt(f"r{i}", "critique", "c/big", 0.01) for i in range(5)]
@@ -262,3 +264,12 @@ async def test_the_report_states_the_saving_on_recorded_volume(ledger: Ledger) -
     data = report.to_json()
     assert data["savings"]["nodes"][0]["method"] in ("measured", "unchanged")
     assert data["nodes"][0]["savings"]["method"] == "measured"
+
+
+def test_a_small_share_of_a_mix_is_never_shown_as_zero() -> None:
+    node = build_report(cells("a/flash", 96, 4, 0.0041) + cells("b/chat", 96, 4, 0.0015)
+                        + cells("c/nano", 60, 40, 0.0002)).per_node["draft"]
+    assert node.choice is not None and node.choice.shares[0][0] == "c/nano"
+    assert node.choice.shares[0][1] < 0.005  # barely worth mixing, yet cheaper: stated
+    assert "0.4% c/nano + 99.6% b/chat" in node.summary_line()
+    assert "0.4% c/nano + 99.6% b/chat" in node.verdict()

@@ -152,6 +152,11 @@ def _money(usd: float) -> str:
     return f"${usd:.2g}" if usd else "$0"
 
 
+def _share(share: float) -> str:
+    """A mix's share, never shown as 0% or 100% when it is neither."""
+    return f"{share:.0%}" if 0.01 <= share <= 0.99 else f"{share:.1%}"
+
+
 @dataclass(frozen=True, slots=True)
 class NodeReport:
     """One node (None: the whole flow): its models cheapest first, the frontier and hull
@@ -205,7 +210,7 @@ class NodeReport:
             row = self.row(model)
             assert row is not None
             return f"{model}, pass {row.rate:.2f} {row.interval}"
-        mix = " + ".join(f"{s:.0%} {m}" for m, s in self.choice.shares)
+        mix = " + ".join(f"{_share(s)} {m}" for m, s in self.choice.shares)
         return f"{mix}, pass {self.expected_pass:.2f} (>= {self.choice.assured_rate:.2f})"
 
     def _cost_change(self) -> str:
@@ -232,7 +237,8 @@ class NodeReport:
         if self.current is not None and models == [self.current]:
             head = f"{self.name}: keep {self._proposal()}"
         else:
-            head = f"{self.name}: {self.current or '?'} -> {self._proposal()}"
+            head = (f"{self.name}: {self.current} -> {self._proposal()}" if self.current
+                    else f"{self.name}: {self._proposal()}")
         return f"{head}, {self._cost_change()}"
 
     def choice_json(self) -> dict[str, Any] | None:
