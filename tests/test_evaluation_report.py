@@ -89,6 +89,7 @@ def test_the_cheapest_model_whose_lower_bound_meets_the_target_is_chosen_alone()
     assert report.summary_lines() == [
         f"draft: a/flash -> b/chat, pass 0.96 [{ci.low:.2f}, {ci.high:.2f}], -63% cost, "
         "$41 -> $15 per 10k calls"]
+    assert repr(report).splitlines()[1:] == report.summary_lines()  # a notebook's text form
 
 
 def test_a_target_between_two_hull_models_is_met_by_a_stated_mix() -> None:
@@ -153,9 +154,15 @@ def test_the_report_becomes_a_node_policy_with_evidence_and_choice() -> None:
     assert NodePolicies.model_validate(policy.model_dump()) == policy
 
 
-def test_bad_targets_are_refused_in_one_line() -> None:
+def test_bad_input_is_refused_in_one_line() -> None:
     with pytest.raises(UserError, match="target pass rate"):
         build_report(cells("a/m", 1, 0, 0.001), target=1.5)
+    with pytest.raises(UserError, match="confidence must be between 0 and 1"):
+        build_report(cells("a/m", 1, 0, 0.001), confidence=95)
+    empty = build_report([])
+    assert empty.summary_lines() == [] and empty.to_json()["nodes"] == []
+    with pytest.raises(UserError, match="nothing to chart"):
+        plot_report(empty)
 
 
 def test_the_rich_table_lists_every_model_and_marks_the_choice() -> None:

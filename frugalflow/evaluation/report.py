@@ -282,6 +282,10 @@ class Report:
     savings: Savings | None = None
     _png: list[bytes] = field(default_factory=list, repr=False, compare=False)
 
+    def __repr__(self) -> str:  # a notebook's text form: what it says, not every field
+        return "\n".join([f"Report(target={self.target}, confidence={self.confidence})",
+                          *self.summary_lines()])
+
     def summary_lines(self) -> list[str]:
         """One line per node: the proposed move, its pass rate and its saving; with recorded
         volume, a last line for the whole flow."""
@@ -394,6 +398,8 @@ def build_report(cells: Sequence[Cell], *, catalog: Catalog | None = None,
     production calls, `savings.recent_volume`), the choices are re-priced on it."""
     if not 0.0 <= target <= 1.0:
         raise UserError(f"target pass rate must be between 0 and 1, got {target}")
+    if not 0.0 < confidence < 1.0:
+        raise UserError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
     now = dict(volume.current() if volume is not None else {}) | dict(current or {})
     nodes: dict[str | None, NodeReport] = {}
     for node, by_model in _group(cells).items():
