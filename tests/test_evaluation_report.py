@@ -30,6 +30,7 @@ from frugalflow.exceptions import UserError
 from frugalflow.persistence.ledger import Ledger
 from frugalflow.persistence.store import Store
 from frugalflow.persistence.tables import AttemptRow
+from frugalflow.policies import Choice
 from frugalflow.policies import Policy as NodePolicies
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -253,6 +254,12 @@ async def test_reprice_by_measured_ratio_or_catalog_prices(ledger: Ledger) -> No
     assert priced.nodes["draft"].after_usd == pytest.approx(spec.estimate_cost(10_000, 2_000))
     assert priced.nodes["critique"].after_usd == pytest.approx(spec.estimate_cost(5_000, 1_000))
     assert priced.total_line().endswith("re-priced at catalog prices (same answer lengths assumed)")
+    stored = Choice(models=("sim-deepseek/deepseek-chat", "sim-openai/gpt-4.1"), shares=(0.5, 0.5))
+    mixed = reprice(volume, {"draft": stored}, catalog).nodes["draft"]  # a stored policy's
+    big = catalog["sim-openai/gpt-4.1"]
+    assert mixed.after_usd == pytest.approx(
+        0.5 * spec.estimate_cost(10_000, 2_000) + 0.5 * big.estimate_cost(10_000, 2_000))
+    assert mixed.proposed == "50.0% sim-deepseek/deepseek-chat + 50.0% sim-openai/gpt-4.1"
     with pytest.raises(UserError, match="pass a catalog"):
         reprice(volume, {"draft": choice})
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from ..exceptions import UserError
+from ..policies import Choice
 from ..persistence.tables import AttemptRow
 from ..statuses import Outcome
 from .frontier import Policy
@@ -222,12 +223,22 @@ class Savings:
                 "nodes": [s.to_json() for s in self.nodes.values()]}
 
 
-def _by_ratio(nv: NodeVolume, choice: Policy, measured: Mapping[str, float]) -> float | None:
+Shares = tuple[tuple[str, float], ...]
+
+
+def _shares(choice: Policy | Choice) -> Shares:
+    """(model, share of calls) of a computed policy or a stored choice."""
+    if isinstance(choice, Policy):
+        return choice.shares
+    return tuple(zip(choice.models, choice.shares or (1.0,), strict=True))
+
+
+def _by_ratio(nv: NodeVolume, choice: Shares, measured: Mapping[str, float]) -> float | None:
     """Each recorded model's spend times proposal/measured cost; None when a model the node
     used (or a proposed one) was not measured."""
-    if any(measured.get(m) is None for m, _ in choice.shares):
+    if any(measured.get(m) is None for m, _ in choice):
         return None
-    proposal = sum(s * measured[m] for m, s in choice.shares)
+    proposal = sum(s * measured[m] for m, s in choice)
     after = 0.0
     for mv in nv.models:
         cost = measured.get(mv.model)
@@ -237,35 +248,37 @@ def _by_ratio(nv: NodeVolume, choice: Policy, measured: Mapping[str, float]) -> 
     return after
 
 
-def _by_catalog(nv: NodeVolume, choice: Policy, catalog: Catalog | None) -> float:
+def _by_catalog(nv: NodeVolume, choice: Shares, catalog: Catalog | None) -> float:
     if catalog is None:
         raise UserError(f"cannot re-price node {nv.node!r}: the evaluation did not measure "
                         f"{', '.join(m.model for m in nv.models)}; pass a catalog to price "
                         "its recorded tokens")
     return sum(share * catalog[model].estimate_cost(nv.input_tokens, nv.output_tokens)
-               for model, share in choice.shares)
+               for model, share in choice)
 
 
-def _describe(choice: Policy) -> str:
-    if len(choice.shares) == 1:
-        return choice.shares[0][0]
-    return " + ".join(f"{s:.0%} {m}" for m, s in choice.shares)
+def _describe(choice: Shares) -> str:
+    if len(choice) == 1:
+        return choice[0][0]
+    return " + ".join(f"{s:.1%} {m}" for m, s in choice)
 
 
-def reprice(volume: Volume, choices: Mapping[str | None, Policy],
+def reprice(volume: Volume, choices: Mapping[str | None, Policy | Choice],
             catalog: Catalog | None = None, *,
             measured: Mapping[str | None, Mapping[str, float]] | None = None) -> Savings:
-    """`volume` re-priced with the choice per node (key None: every node without its own).
+    """`volume` re-priced with the choice per node (key None: every node without its own),
+    a computed `Policy` or a stored policy's `Choice`.
     With `measured` (per node, model -> measured cost per call) covering the node's
     recorded models and the proposal, by measured ratio; otherwise at `catalog` prices."""
     nodes: dict[str, NodeSavings] = {}
     for name, nv in volume.nodes.items():
-        choice = choices.get(name, choices.get(None))
+        chosen = choices.get(name, choices.get(None))
         current = tuple(m.model for m in nv.models)
-        if choice is None:
+        if chosen is None:
             nodes[name] = NodeSavings(name, nv.calls, volume.runs, nv.cost_usd, nv.cost_usd,
                                       Method.UNCHANGED, current, "")
             continue
+        choice = _shares(chosen)
         costs = (measured or {}).get(name, (measured or {}).get(None, {}))
         after = _by_ratio(nv, choice, costs)
         method = Method.MEASURED
