@@ -30,6 +30,7 @@ from frugalflow.exceptions import UserError
 from frugalflow.persistence.ledger import Ledger
 from frugalflow.persistence.store import Store
 from frugalflow.persistence.tables import AttemptRow
+from frugalflow.policies import Choice
 from frugalflow.policies import Policy as NodePolicies
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -89,6 +90,7 @@ def test_the_cheapest_model_whose_lower_bound_meets_the_target_is_chosen_alone()
     assert report.summary_lines() == [
         f"draft: a/flash -> b/chat, pass 0.96 [{ci.low:.2f}, {ci.high:.2f}], -63% cost, "
         "$41 -> $15 per 10k calls"]
+    assert repr(report).splitlines()[1:] == report.summary_lines()  # a notebook's text form
 
 
 def test_a_target_between_two_hull_models_is_met_by_a_stated_mix() -> None:
@@ -101,7 +103,8 @@ def test_a_target_between_two_hull_models_is_met_by_a_stated_mix() -> None:
     assert [s for _, s in node.choice.shares] == pytest.approx([s for _, s in expected.shares])
     assert node.hull == ("cheap", "mid", "big")
     line = node.summary_line()
-    assert line.startswith("draft: ? -> ") and "% mid + " in line and "% big, pass " in line
+    assert line.startswith("draft: ") and "% mid + " in line and "% big, pass " in line
+    assert "->" not in line.split(",")[0]  # no current model to move from
     assert "(>= 0.80)" in line and line.endswith("per 10k calls")
 
 
@@ -152,9 +155,15 @@ def test_the_report_becomes_a_node_policy_with_evidence_and_choice() -> None:
     assert NodePolicies.model_validate(policy.model_dump()) == policy
 
 
-def test_bad_targets_are_refused_in_one_line() -> None:
+def test_bad_input_is_refused_in_one_line() -> None:
     with pytest.raises(UserError, match="target pass rate"):
         build_report(cells("a/m", 1, 0, 0.001), target=1.5)
+    with pytest.raises(UserError, match="confidence must be between 0 and 1"):
+        build_report(cells("a/m", 1, 0, 0.001), confidence=95)
+    empty = build_report([])
+    assert empty.summary_lines() == [] and empty.to_json()["nodes"] == []
+    with pytest.raises(UserError, match="nothing to chart"):
+        plot_report(empty)
 
 
 def test_the_rich_table_lists_every_model_and_marks_the_choice() -> None:
@@ -166,6 +175,7 @@ def test_the_rich_table_lists_every_model_and_marks_the_choice() -> None:
     console.print(report)
     text = console.export_text()
     assert "a/m" in text and "b/m" in text and "chosen 100%" in text and "current" in text
+    assert "b/m -> a/m, pass 0.96" in text  # the node's summary closes its section
 
 
 async def test_the_chart_is_a_png_with_one_panel_per_node(tmp_path: Path) -> None:
@@ -198,8 +208,9 @@ def _attempt(run: str, node: str, model: str, cost: float, *, flow: str = "f",
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> object:
-    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+async def ledger(db_url: str) -> object:
+    """A real ledger (SQLite file, and a PostgreSQL database) with a month of calls."""
+    store = Store(db_url)
     await store.setup()
     rows = [_attempt(f"r{i}", "draft", "a/flash", 0.004) for i in range(10)]
     rows += [_attempt(f"r{i}", "critique", "c/big", 0.01) for i in range(5)]
@@ -242,6 +253,13 @@ async def test_reprice_by_measured_ratio_or_catalog_prices(ledger: Ledger) -> No
     assert priced.nodes["draft"].method == Method.CATALOG
     assert priced.nodes["draft"].after_usd == pytest.approx(spec.estimate_cost(10_000, 2_000))
     assert priced.nodes["critique"].after_usd == pytest.approx(spec.estimate_cost(5_000, 1_000))
+    assert priced.total_line().endswith("re-priced at catalog prices (same answer lengths assumed)")
+    stored = Choice(models=("sim-deepseek/deepseek-chat", "sim-openai/gpt-4.1"), shares=(0.5, 0.5))
+    mixed = reprice(volume, {"draft": stored}, catalog).nodes["draft"]  # a stored policy's
+    big = catalog["sim-openai/gpt-4.1"]
+    assert mixed.after_usd == pytest.approx(
+        0.5 * spec.estimate_cost(10_000, 2_000) + 0.5 * big.estimate_cost(10_000, 2_000))
+    assert mixed.proposed == "50.0% sim-deepseek/deepseek-chat + 50.0% sim-openai/gpt-4.1"
     with pytest.raises(UserError, match="pass a catalog"):
         reprice(volume, {"draft": choice})
 
@@ -256,6 +274,16 @@ async def test_the_report_states_the_saving_on_recorded_volume(ledger: Ledger) -
                      "-75% cost, $40 -> $10 per 10k runs")
     assert report.savings is not None and report.savings.after_usd == pytest.approx(0.06)
     assert total.startswith("f (last 30 days, 15 calls): $0.09 -> $0.06")
+    assert total.endswith("re-priced by measured cost per call")
     data = report.to_json()
     assert data["savings"]["nodes"][0]["method"] in ("measured", "unchanged")
     assert data["nodes"][0]["savings"]["method"] == "measured"
+
+
+def test_a_small_share_of_a_mix_is_never_shown_as_zero() -> None:
+    node = build_report(cells("a/flash", 96, 4, 0.0041) + cells("b/chat", 96, 4, 0.0015)
+                        + cells("c/nano", 60, 40, 0.0002)).per_node["draft"]
+    assert node.choice is not None and node.choice.shares[0][0] == "c/nano"
+    assert node.choice.shares[0][1] < 0.005  # barely worth mixing, yet cheaper: stated
+    assert "0.4% c/nano + 99.6% b/chat" in node.summary_line()
+    assert "0.4% c/nano + 99.6% b/chat" in node.verdict()

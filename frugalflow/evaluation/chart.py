@@ -30,7 +30,8 @@ def _figure_class() -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("the evaluation chart needs matplotlib: install frugalflow[evals]") from None
+        raise UserError("the evaluation chart needs matplotlib: "
+                        "install frugalflow[evals]") from None
     return Figure, FigureCanvasAgg
 
 
@@ -50,14 +51,15 @@ def _panel(ax: Axes, node: NodeReport) -> None:
     # Limits first: autoscaling on one model alone would warn of an empty range.
     xs = [x(r.cost_per_call) for r in rows] or [floor]
     ax.set_xscale("log")
-    ax.set_xlim(min(xs) / 2, max(xs) * 2)
+    ax.set_xlim(min(xs) / 2, max(xs) * 4)  # room for the labels
     ax.set_autoscalex_on(False)
     for r in rows:
         err = [[r.rate - r.interval.low], [r.interval.high - r.rate]]
         current = r.model == node.current
         ax.errorbar([x(r.cost_per_call)], [r.rate], yerr=err, fmt="s" if current else "o",
                     color="tab:orange" if current else "tab:blue", capsize=3, markersize=5)
-        label = f"{r.model} (current)" if current else r.model
+        label = r.model + (" (free)" if r.cost_per_call <= 0 else "") + (
+            " (current)" if current else "")
         ax.annotate(label, (x(r.cost_per_call), r.rate), textcoords="offset points",
                     xytext=(5, 4), fontsize=7)
     by_model = {r.model: r for r in rows}

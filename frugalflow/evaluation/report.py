@@ -152,6 +152,11 @@ def _money(usd: float) -> str:
     return f"${usd:.2g}" if usd else "$0"
 
 
+def _share(share: float) -> str:
+    """A mix's share, never shown as 0% or 100% when it is neither."""
+    return f"{share:.0%}" if 0.01 <= share <= 0.99 else f"{share:.1%}"
+
+
 @dataclass(frozen=True, slots=True)
 class NodeReport:
     """One node (None: the whole flow): its models cheapest first, the frontier and hull
@@ -205,7 +210,7 @@ class NodeReport:
             row = self.row(model)
             assert row is not None
             return f"{model}, pass {row.rate:.2f} {row.interval}"
-        mix = " + ".join(f"{s:.0%} {m}" for m, s in self.choice.shares)
+        mix = " + ".join(f"{_share(s)} {m}" for m, s in self.choice.shares)
         return f"{mix}, pass {self.expected_pass:.2f} (>= {self.choice.assured_rate:.2f})"
 
     def _cost_change(self) -> str:
@@ -232,7 +237,8 @@ class NodeReport:
         if self.current is not None and models == [self.current]:
             head = f"{self.name}: keep {self._proposal()}"
         else:
-            head = f"{self.name}: {self.current or '?'} -> {self._proposal()}"
+            head = (f"{self.name}: {self.current} -> {self._proposal()}" if self.current
+                    else f"{self.name}: {self._proposal()}")
         return f"{head}, {self._cost_change()}"
 
     def choice_json(self) -> dict[str, Any] | None:
@@ -275,6 +281,10 @@ class Report:
     confidence: float
     savings: Savings | None = None
     _png: list[bytes] = field(default_factory=list, repr=False, compare=False)
+
+    def __repr__(self) -> str:  # a notebook's text form: what it says, not every field
+        return "\n".join([f"Report(target={self.target}, confidence={self.confidence})",
+                          *self.summary_lines()])
 
     def summary_lines(self) -> list[str]:
         """One line per node: the proposed move, its pass rate and its saving; with recorded
@@ -338,7 +348,10 @@ def _rich_table(report: Report) -> Table:
                           _opt(r.cost_per_success, ".6f"), _opt(r.latency_ms_p50, ".0f"),
                           _opt(r.latency_ms_p95, ".0f"), _opt(r.output_tokens_p50, ".0f"),
                           " ".join(m for m in marks if m), style=style)
-        table.add_row(n.name, n.verdict(), *[""] * 10, style="italic", end_section=True)
+        line = n.summary_line().removeprefix(f"{n.name}: ")
+        table.add_row(n.name, line, *[""] * 10, style="italic", end_section=True)
+    if report.savings is not None:
+        table.caption = report.savings.total_line()
     return table
 
 
@@ -380,10 +393,13 @@ def build_report(cells: Sequence[Cell], *, catalog: Catalog | None = None,
     """The report of an evaluation's cells: per node (a cell's `node`; None: the whole flow)
     and model, the statistics, frontier, hull and cheapest policy meeting `target` (judged
     on Wilson lower bounds at `confidence`). `current` is the model each node uses now (by
-    node name; default: the most-called model in `volume`). With a `volume` (recorded
+    node name, `WHOLE_FLOW` for a whole-flow evaluation; default: the most-called model in
+    `volume`). With a `volume` (recorded
     production calls, `savings.recent_volume`), the choices are re-priced on it."""
     if not 0.0 <= target <= 1.0:
         raise UserError(f"target pass rate must be between 0 and 1, got {target}")
+    if not 0.0 < confidence < 1.0:
+        raise UserError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
     now = dict(volume.current() if volume is not None else {}) | dict(current or {})
     nodes: dict[str | None, NodeReport] = {}
     for node, by_model in _group(cells).items():

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from ..exceptions import UserError
+from ..policies import Choice
 from ..persistence.tables import AttemptRow
 from ..statuses import Outcome
 from .frontier import Policy
@@ -127,6 +128,11 @@ class Method(StrEnum):
     UNCHANGED = "unchanged"  # no choice for this node: as recorded
 
 
+_HOW = {Method.MEASURED: "re-priced by measured cost per call",
+        Method.CATALOG: "re-priced at catalog prices (same answer lengths assumed)",
+        Method.UNCHANGED: "nothing re-priced"}
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSavings:
     """One node's recorded spend (`node` None: the whole flow) and what the choice would
@@ -144,7 +150,9 @@ class NodeSavings:
     @property
     def change_pct(self) -> float:
         """The change in cost, in percent (negative: a saving); 0 when nothing was spent."""
-        return (self.after_usd - self.before_usd) / self.before_usd * 100 if self.before_usd else 0.0
+        if not self.before_usd:
+            return 0.0
+        return (self.after_usd - self.before_usd) / self.before_usd * 100
 
     def per_10k(self) -> tuple[float, float]:
         """Before and after per 10k runs of the flow (per 10k calls when no run was named)."""
@@ -173,6 +181,7 @@ class Savings:
 
     def for_whole_flow(self) -> NodeSavings:
         methods = {s.method for s in self.nodes.values()} - {Method.UNCHANGED}
+        # Mixed methods: the total is only as good as its weakest part, catalog prices.
         method = methods.pop() if len(methods) == 1 else (
             Method.CATALOG if Method.CATALOG in methods else Method.UNCHANGED)
         proposed = sorted({s.proposed for s in self.nodes.values() if s.proposed})
@@ -197,7 +206,14 @@ class Savings:
         per = "runs" if total.runs else "calls"
         return (f"{self.flow} (last {self.days:g} days, {total.calls} calls): "
                 f"${total.before_usd:.2f} -> ${total.after_usd:.2f} "
-                f"({total.change_pct:+.0f}%), ${before:.2f} -> ${after:.2f} per 10k {per}")
+                f"({total.change_pct:+.0f}%), ${before:.2f} -> ${after:.2f} per 10k {per}; "
+                f"{self._how()}")
+
+    def _how(self) -> str:
+        changed = {k: s.method for k, s in self.nodes.items() if s.method != Method.UNCHANGED}
+        if len(set(changed.values())) <= 1:
+            return _HOW[next(iter(changed.values()), Method.UNCHANGED)]
+        return "re-priced per node: " + ", ".join(f"{k} {m}" for k, m in changed.items())
 
     def to_json(self) -> dict[str, Any]:
         total = self.for_whole_flow()
@@ -207,12 +223,22 @@ class Savings:
                 "nodes": [s.to_json() for s in self.nodes.values()]}
 
 
-def _by_ratio(nv: NodeVolume, choice: Policy, measured: Mapping[str, float]) -> float | None:
+Shares = tuple[tuple[str, float], ...]
+
+
+def _shares(choice: Policy | Choice) -> Shares:
+    """(model, share of calls) of a computed policy or a stored choice."""
+    if isinstance(choice, Policy):
+        return choice.shares
+    return tuple(zip(choice.models, choice.shares or (1.0,), strict=True))
+
+
+def _by_ratio(nv: NodeVolume, choice: Shares, measured: Mapping[str, float]) -> float | None:
     """Each recorded model's spend times proposal/measured cost; None when a model the node
     used (or a proposed one) was not measured."""
-    if any(measured.get(m) is None for m, _ in choice.shares):
+    if any(measured.get(m) is None for m, _ in choice):
         return None
-    proposal = sum(s * measured[m] for m, s in choice.shares)
+    proposal = sum(s * measured[m] for m, s in choice)
     after = 0.0
     for mv in nv.models:
         cost = measured.get(mv.model)
@@ -222,35 +248,37 @@ def _by_ratio(nv: NodeVolume, choice: Policy, measured: Mapping[str, float]) -> 
     return after
 
 
-def _by_catalog(nv: NodeVolume, choice: Policy, catalog: Catalog | None) -> float:
+def _by_catalog(nv: NodeVolume, choice: Shares, catalog: Catalog | None) -> float:
     if catalog is None:
         raise UserError(f"cannot re-price node {nv.node!r}: the evaluation did not measure "
                         f"{', '.join(m.model for m in nv.models)}; pass a catalog to price "
                         "its recorded tokens")
     return sum(share * catalog[model].estimate_cost(nv.input_tokens, nv.output_tokens)
-               for model, share in choice.shares)
+               for model, share in choice)
 
 
-def _describe(choice: Policy) -> str:
-    if len(choice.shares) == 1:
-        return choice.shares[0][0]
-    return " + ".join(f"{s:.0%} {m}" for m, s in choice.shares)
+def _describe(choice: Shares) -> str:
+    if len(choice) == 1:
+        return choice[0][0]
+    return " + ".join(f"{s:.1%} {m}" for m, s in choice)
 
 
-def reprice(volume: Volume, choices: Mapping[str | None, Policy],
+def reprice(volume: Volume, choices: Mapping[str | None, Policy | Choice],
             catalog: Catalog | None = None, *,
             measured: Mapping[str | None, Mapping[str, float]] | None = None) -> Savings:
-    """`volume` re-priced with the choice per node (key None: every node without its own).
+    """`volume` re-priced with the choice per node (key None: every node without its own),
+    a computed `Policy` or a stored policy's `Choice`.
     With `measured` (per node, model -> measured cost per call) covering the node's
     recorded models and the proposal, by measured ratio; otherwise at `catalog` prices."""
     nodes: dict[str, NodeSavings] = {}
     for name, nv in volume.nodes.items():
-        choice = choices.get(name, choices.get(None))
+        chosen = choices.get(name, choices.get(None))
         current = tuple(m.model for m in nv.models)
-        if choice is None:
+        if chosen is None:
             nodes[name] = NodeSavings(name, nv.calls, volume.runs, nv.cost_usd, nv.cost_usd,
                                       Method.UNCHANGED, current, "")
             continue
+        choice = _shares(chosen)
         costs = (measured or {}).get(name, (measured or {}).get(None, {}))
         after = _by_ratio(nv, choice, costs)
         method = Method.MEASURED
