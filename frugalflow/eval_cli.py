@@ -259,8 +259,7 @@ async def evaluate(args: EvalArgs) -> int:
         cat = _hooks.catalog(args.catalog)
         if args.node is not None:
             check_node(flow, args.node)  # before reading any case
-        cases = await _cases(args, flow, store)
-        check_cases(cases, flow, args.node)
+        cases = check_cases(await _cases(args, flow, store), flow, args.node)
         scorer = _scorer(args, flow, cases)
         ev = Evaluation(flow, cases, scorer, node=args.node, catalog=cat,
                         candidates=args.models, budget=args.budget,

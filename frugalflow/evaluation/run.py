@@ -300,8 +300,8 @@ class Evaluation:
         self.flow, self.node, self.scorer = flow, node, scorer
         self.catalog = catalog if catalog is not None else Catalog.default()
         self._check_args(cases, repeats, concurrency, budget)
-        check_cases(cases, flow, node)  # rows that do not fit the input: refused, unpaid
-        self.cases = list(cases)
+        # Rows that do not fit the input are refused here, unpaid; the cases to run come back.
+        self.cases = check_cases(cases, flow, node)
         self._by_id = {c.id: c for c in self.cases}
         self.repeats, self.concurrency = repeats, concurrency
         self.budget = check_budget(budget)
