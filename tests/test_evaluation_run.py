@@ -425,3 +425,44 @@ async def test_a_judge_scores_in_the_evaluations_context_and_its_spend_counts(
     record = await EvalStore(store).get(result.eval_id)
     assert record.cost_usd == pytest.approx(result.cost_usd)
     await store.close()
+
+
+async def test_a_result_reports_itself() -> None:
+    ev = Evaluation(make_flow(), cases(3), ByModel(), node="answer", catalog=Catalog.simulated(),
+                    candidates=[NANO, MINI])
+    report = (await ev.run()).report(target=0.2)
+    (node,) = report.per_node.values()
+    assert node.node == "answer" and {r.model for r in node.rows} == {NANO, MINI}
+    assert node.row(NANO) is not None and node.row(NANO).rate == 1.0  # type: ignore[union-attr]
+
+
+async def test_the_results_store_on_sqlite_and_postgres(db_url: str) -> None:
+    from frugalflow.evaluation.cases import Cell
+
+    store = Store(db_url)
+    evals = EvalStore(store)
+    record = await evals.create("ev-test", "qa", "answer", {"key": "k1", "candidates": [NANO]})
+    assert record.status == EvalStatus.RUNNING and record.cost_usd == 0
+    cell = Cell("c0", NANO, 0, CellOutcome.ERROR, reason="outage", output=None)
+    await evals.record_cell("ev-test", cell)
+    paid = Cell("c0", NANO, 0, CellOutcome.PASS, score=1.0, cost_usd=0.25,
+                output={"answer": "fine\x00", "api_key": "sk-abcdefghijklmnopqrstuv"},
+                reasoning_tokens=7)
+    await evals.record_cell("ev-test", paid)  # the retried cell replaces the error
+    await evals.record_cell("ev-test", Cell("c1", NANO, 0, CellOutcome.FAIL, cost_usd=0.5))
+    cells = await evals.cells("ev-test")
+    assert [(c.case_id, c.outcome) for c in cells] == [("c0", CellOutcome.PASS),
+                                                       ("c1", CellOutcome.FAIL)]
+    assert cells[0].node == "answer" and cells[0].reasoning_tokens == 7
+    assert cells[0].output["answer"] == "fine" and "sk-" not in str(cells[0].output)
+    assert (await evals.get("ev-test")).cost_usd == pytest.approx(0.75)
+    assert (await evals.find("qa", "answer", "k1")) is not None
+    assert (await evals.find("qa", None, "k1")) is None
+    done = await evals.finish("ev-test", EvalStatus.STOPPED, "budget reached")
+    assert done.status == EvalStatus.STOPPED and done.stop_reason == "budget reached"
+    again = await evals.resume("ev-test")
+    assert again.status == EvalStatus.RUNNING and again.stop_reason is None
+    assert [r.id for r in await evals.list(flow="qa")] == ["ev-test"]
+    with pytest.raises(UserError, match="no evaluation 'nope'"):
+        await evals.get("nope")
+    await store.close()

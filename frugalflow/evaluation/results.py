@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import and_, delete, select, update
 
 from ..exceptions import UserError
-from ..persistence.scrub import scrub_json
+from ..persistence.scrub import scrub_json, scrub_text
 from ..persistence.store import Store
 from ..persistence.tables import EvalCellRow, EvalRow, utcnow
 from .cases import Cell, CellOutcome
@@ -138,7 +138,7 @@ class EvalStore:
         values = {
             "eval_id": eval_id, "case_id": cell.case_id, "model": cell.model,
             "repeat": cell.repeat, "outcome": cell.outcome.value, "score": _finite(cell.score),
-            "reason": cell.reason, "cost_usd": cell.cost_usd, "latency_ms": cell.latency_ms,
+            "reason": scrub_text(cell.reason) if cell.reason else None, "cost_usd": cell.cost_usd, "latency_ms": cell.latency_ms,
             "input_tokens": cell.input_tokens, "output_tokens": cell.output_tokens,
             "reasoning_tokens": cell.reasoning_tokens, "output": _storable(cell.output),
             "created_at": utcnow(),

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 from pydantic import BaseModel
@@ -51,6 +51,9 @@ from .datasets import check_cases
 from .from_ledger import replay_request
 from .results import EvalStatus, EvalStore
 from .scorers import JudgeScorer, ValidatorScorer, safe_score
+
+if TYPE_CHECKING:
+    from .report import Report
 
 __all__ = ["CellKey", "EvalPlan", "EvalProgress", "EvalResult", "Evaluation", "ModelProgress",
            "PacedLimiter", "check_node", "retryable"]
@@ -157,6 +160,14 @@ class EvalResult:
     @property
     def complete(self) -> bool:
         return self.status == EvalStatus.COMPLETED
+
+    def report(self, *, catalog: Catalog | None = None, target: float = 0.9,
+               confidence: float = 0.95) -> Report:
+        """The report of these cells (`build_report`): per node and model, the pass rate
+        with its interval, cost, latency, the frontier and the cheapest policy for `target`."""
+        from .report import build_report
+
+        return build_report(self.cells, catalog=catalog, target=target, confidence=confidence)
 
 
 class PacedLimiter:
