@@ -289,8 +289,11 @@ async def _confirmed(args: EvalArgs, plan: EvalPlan) -> bool:
         out.print(f"  [dim]left out {model}: {why}[/]", highlight=False)
     if not plan.todo or args.yes:
         return True
-    ok = await asyncio.to_thread(typer.confirm, f"Spend about ${plan.estimate_usd:.6f}?",
-                                 default=False, err=args.as_json)
+    try:
+        ok = await asyncio.to_thread(typer.confirm, f"Spend about ${plan.estimate_usd:.6f}?",
+                                     default=False, err=args.as_json)
+    except typer.Abort:  # no answer (stdin closed): not a yes
+        ok = False
     if not ok:
         out.print("not started: nothing was paid")
     return bool(ok)

@@ -219,3 +219,9 @@ def test_the_whole_flow_end_to_end(workdir: Path, sim: Any) -> None:
     assert 4 <= sim.calls["sim-openai/gpt-4.1-nano"] <= 16
     assert sum(sim.calls[k] for k in sim.calls if "/" in k) == sim.calls[
         "sim-openai/gpt-4.1-nano"]
+
+
+def test_no_answer_to_the_question_is_not_a_yes(workdir: Path, sim: Any) -> None:
+    result = invoke(*base(workdir), input="")
+    assert result.exit_code == 1 and "not started: nothing was paid" in result.output
+    assert not sim.calls
