@@ -466,3 +466,23 @@ async def test_the_results_store_on_sqlite_and_postgres(db_url: str) -> None:
     with pytest.raises(UserError, match="no evaluation 'nope'"):
         await evals.get("nope")
     await store.close()
+
+
+async def test_reasoning_tokens_are_recorded_per_cell(monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain_core.messages import AIMessage
+
+    from frugalflow.testing.simulator import SimulatedChatModel
+
+    original = SimulatedChatModel._answer
+
+    def with_reasoning(self: Any, messages: Any, malformed: bool = False) -> AIMessage:
+        msg = original(self, messages, malformed)
+        assert msg.usage_metadata is not None
+        msg.usage_metadata["output_token_details"] = {"reasoning": 11}  # a thinking model
+        return msg
+
+    monkeypatch.setattr(SimulatedChatModel, "_answer", with_reasoning)
+    ev = Evaluation(make_flow(), cases(2), ByModel(), node="answer", catalog=Catalog.simulated(),
+                    candidates=[NANO])
+    result = await ev.run()
+    assert [c.reasoning_tokens for c in result.cells] == [11, 11]

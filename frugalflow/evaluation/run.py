@@ -234,12 +234,6 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=default))
 
 
-def _reasoning_tokens(response: Any) -> int:
-    meta = getattr(response, "usage_metadata", None) or {}
-    details = meta.get("output_token_details") or {}
-    return int(details.get("reasoning") or 0)
-
-
 def _failure(error: BaseException) -> tuple[CellOutcome, str]:
     """A cell's outcome when its run raised: a model whose answers were rejected (schema,
     validator) failed the case; anything else (no key, outage, a bug) is an error."""
@@ -530,7 +524,7 @@ class Evaluation:
             latency_ms=sum(a.latency_ms for a in own),
             input_tokens=sum(a.usage.input_tokens for a in own if a.usage),
             output_tokens=sum(a.usage.output_tokens for a in own if a.usage),
-            reasoning_tokens=sum(_reasoning_tokens(a.response) for a in own),
+            reasoning_tokens=sum(a.usage.reasoning_tokens for a in own if a.usage),
             output=None if output is None else _jsonable(output))
         if isinstance(verdict, str):
             return Cell(key.case_id, key.model, key.repeat, CellOutcome.ERROR, reason=verdict,
