@@ -486,3 +486,29 @@ async def test_reasoning_tokens_are_recorded_per_cell(monkeypatch: pytest.Monkey
                     candidates=[NANO])
     result = await ev.run()
     assert [c.reasoning_tokens for c in result.cells] == [11, 11]
+
+
+async def test_a_model_waiting_for_its_rate_limit_does_not_hold_up_the_others(
+        clock: Any, sim: Any) -> None:
+    slow = "sim-openai/gpt-4o-mini"
+    catalog = Catalog.simulated().override(slow, rpm=1)
+
+    async def sleep(seconds: float) -> None:  # the fake clock, letting other tasks run
+        clock.now += seconds
+        await asyncio.sleep(0)
+
+    done: list[str] = []  # the model of each cell, in the order they completed
+    before: dict[str, int] = {}
+
+    def seen(p: EvalProgress) -> None:
+        done.extend(m for m, mp in p.models.items() if mp.done > before.get(m, 0))
+        before.update({m: mp.done for m, mp in p.models.items()})
+
+    ev = Evaluation(make_flow(), cases(3), ByModel(), node="answer", catalog=catalog,
+                    candidates=[slow, NANO], limiter=RateLimiter(clock=clock), sleep=sleep,
+                    concurrency=1)
+    result = await ev.run(on_progress=seen)
+    assert result.complete and sim.calls[slow] == 3 and sim.calls[NANO] == 3
+    assert clock.now - 1000.0 >= 120  # the slow model's 3 calls span two minutes
+    # one cell at a time, yet the fast model's cells did not wait behind the slow model's
+    assert done == [slow, NANO, NANO, NANO, slow, slow]

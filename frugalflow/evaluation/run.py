@@ -22,6 +22,7 @@ import hashlib
 import json
 import time
 import uuid
+from contextvars import ContextVar
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -170,9 +171,31 @@ class EvalResult:
         return build_report(self.cells, catalog=catalog, target=target, confidence=confidence)
 
 
+class _Slot:
+    """A cell's place among the cells run at once. It is given up while the cell waits for
+    room in its model's rate window, so that other models' cells run meanwhile."""
+
+    def __init__(self, sem: asyncio.Semaphore) -> None:
+        self.sem, self.held = sem, True
+
+    def give_up(self) -> None:
+        if self.held:
+            self.held = False
+            self.sem.release()
+
+    async def take(self) -> None:
+        if not self.held:
+            await self.sem.acquire()
+            self.held = True
+
+
+_SLOT: ContextVar[_Slot | None] = ContextVar("frugalflow_eval_slot", default=None)
+
+
 class PacedLimiter:
     """A rate limiter that waits for room in the model's window instead of refusing: an
-    evaluation's cell must be answered by its own model, never skipped to another."""
+    evaluation's cell must be answered by its own model, never skipped to another. While it
+    waits, the cell gives up its place among those run at once (other models go on)."""
 
     def __init__(self, inner: Limiter, *, sleep: Sleep | None = None, poll: float = 1.0,
                  max_wait: float = 300.0) -> None:
@@ -181,13 +204,20 @@ class PacedLimiter:
 
     async def aacquire(self, spec: Any, tokens: int) -> RateReservation | None:
         waited = 0.0
-        while True:
-            reservation = await self.inner.aacquire(spec, tokens)
-            too_big = spec.tpm is not None and tokens > spec.tpm  # never fits: do not wait
-            if reservation is not None or too_big or waited >= self.max_wait:
-                return reservation
-            await self._sleep(self.poll)
-            waited += self.poll
+        slot = _SLOT.get()
+        try:
+            while True:
+                reservation = await self.inner.aacquire(spec, tokens)
+                too_big = spec.tpm is not None and tokens > spec.tpm  # never fits: no wait
+                if reservation is not None or too_big or waited >= self.max_wait:
+                    return reservation
+                if slot is not None:
+                    slot.give_up()
+                await self._sleep(self.poll)
+                waited += self.poll
+        finally:
+            if slot is not None:
+                await slot.take()
 
     async def acorrect(self, reservation: RateReservation, actual_tokens: int) -> None:
         await self.inner.acorrect(reservation, actual_tokens)
@@ -649,6 +679,8 @@ class _Runner:
     async def _one(self, key: CellKey, usd: float, left: float | None,
                    sem: asyncio.Semaphore) -> None:
         store = self.ev.store
+        slot = _Slot(sem)
+        _SLOT.set(slot)  # this task's own context: its calls' limiter finds it
         try:
             cell = await self.ev.cell(key, budget_left=left)
             if store is not None:
@@ -671,7 +703,7 @@ class _Runner:
             self._report()
         finally:
             self.reserved -= usd
-            sem.release()
+            slot.give_up()
 
     def _report(self) -> None:
         if self.on_progress is None:
