@@ -512,3 +512,23 @@ async def test_a_model_waiting_for_its_rate_limit_does_not_hold_up_the_others(
     assert clock.now - 1000.0 >= 120  # the slow model's 3 calls span two minutes
     # one cell at a time, yet the fast model's cells did not wait behind the slow model's
     assert done == [slow, NANO, NANO, NANO, slow, slow]
+
+
+async def test_the_budget_settles_cells_waiting_for_their_rate_window_without_a_deadlock(
+        clock: Any, sim: Any) -> None:
+    # One cell at a time; gpt-4o-mini may be called once a minute. Its second cell waits for
+    # its window (its place given up) while the next cell finds the budget nearly spent and
+    # must let the waiting cell finish before deciding: it needs a place back to finish.
+    catalog = Catalog.simulated().override(MINI, rpm=1)
+
+    async def sleep(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0)
+
+    ev = Evaluation(make_flow(out_tokens=1), cases(3), ByModel(), node="answer",
+                    catalog=catalog, candidates=[MINI, NANO], budget=8.8e-5,
+                    limiter=RateLimiter(clock=clock), sleep=sleep, concurrency=1)
+    result = await asyncio.wait_for(ev.run(), timeout=30)
+    assert result.status == EvalStatus.STOPPED and result.stop_reason == "budget reached"
+    assert [(c.case_id, c.model) for c in result.cells] == [
+        ("c0", NANO), ("c0", MINI), ("c1", MINI)]

@@ -642,12 +642,8 @@ class _Runner:
         pending: set[asyncio.Task[None]] = set()
         try:
             for key in self.plan.todo:
-                await sem.acquire()
                 usd = self.plan.cell_usd.get(key, 0.0)
-                if self.stop is None and not await self._affordable(usd, pending):
-                    self.stop = BUDGET_REACHED
-                if self.stop is not None:
-                    sem.release()
+                if not await self._slot(usd, sem, pending):
                     break
                 left = self._left()
                 # The cell may spend what is left but for what the cells in flight reserved.
@@ -666,6 +662,22 @@ class _Runner:
         if self.failure is not None:
             raise self.failure
         return self.stop
+
+    async def _slot(self, usd: float, sem: asyncio.Semaphore,
+                    pending: set[asyncio.Task[None]]) -> bool:
+        """Take a place for a cell expected to cost `usd`; False (no place held): start no
+        more cells. No place is held while the cells in flight settle: one that waits for
+        its rate window gave its place up and needs one back to finish."""
+        while True:
+            if self.stop is None and not await self._affordable(usd, pending):
+                self.stop = BUDGET_REACHED
+            if self.stop is not None:
+                return False
+            await sem.acquire()
+            left = self._left()
+            if self.stop is None and (left is None or self.reserved + usd <= left):
+                return True
+            sem.release()  # spent or reserved meanwhile: settle again, then decide
 
     async def _affordable(self, usd: float, pending: set[asyncio.Task[None]]) -> bool:
         left = self._left()
