@@ -200,8 +200,9 @@ async def test_a_recorded_request_replays_to_another_model(recorded: Runner) -> 
     # a plain call replays as text
     (note,) = await cases_from_ledger(recorded.ledger, flow="invoices", node="note", limit=1)
     assert note.request is not None
-    text = await replay_request(strong, note.request)
+    text = await replay_request(strong, note.request, key="sim-google/gemini-2.5-pro")
     assert isinstance(output_value(text, note.request), str) and text.content
+    assert text.response_metadata["frugalflow"] == {"model": "sim-google/gemini-2.5-pro"}
 
 
 async def test_replay_refuses_a_schema_it_cannot_bind() -> None:

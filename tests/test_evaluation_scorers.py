@@ -166,6 +166,12 @@ async def test_a_judge_scores_with_a_routed_model_of_the_catalog() -> None:
     attempts = scorer.context().usage.attempts
     assert len(attempts) == 2 and all(a.node == "eval:judge" for a in attempts)
     assert scorer.context().usage.spent_usd > 0
+    # an answer that says which model wrote it is never judged by that model
+    judge_model = attempts[0].model
+    mine = AIMessage(content=json.dumps(right),
+                     response_metadata={"frugalflow": {"model": judge_model}})
+    await scorer.score(case(request=request), mine)
+    assert scorer.context().usage.attempts[-1].model != judge_model
 
 
 # -- any callable ---------------------------------------------------------------------------

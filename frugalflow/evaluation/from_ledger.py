@@ -112,11 +112,13 @@ def _when(moment: datetime | None) -> str:
     return moment.isoformat(timespec="seconds") if moment is not None else "?"
 
 
-async def replay_request(model: BaseChatModel, request: Request) -> AIMessage:
+async def replay_request(model: BaseChatModel, request: Request, *,
+                         key: str | None = None) -> AIMessage:
     """Send a recorded request to `model` (a built chat model) as production sent it: the
     same messages, bound to the same tools, and to the response schema as a forced tool
     call (as `with_structured_output` binds it), so `output_value(answer, request)` reads
-    the structured output back."""
+    the structured output back. `key` (the catalog's `provider/model`) is written where
+    routed answers say who answered, so a judge never judges its own model's answer."""
     messages = messages_from_dict(request.messages)
     tools: list[Any] = list(request.tools)
     if request.schema is not None:
@@ -132,4 +134,6 @@ async def replay_request(model: BaseChatModel, request: Request) -> AIMessage:
     if not isinstance(answer, AIMessage):
         raise TypeError(f"{type(model).__name__} answered a {type(answer).__name__}, not an "
                         "AIMessage")
+    if key is not None:
+        answer.response_metadata = {**answer.response_metadata, "frugalflow": {"model": key}}
     return answer
