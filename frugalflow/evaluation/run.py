@@ -503,7 +503,7 @@ class Evaluation:
             spec = self.flow.nodes.get(node) if node is not None else None
             needs = spec.needs if spec is not None and spec.needs is not None else Needs()
             routed = RoutedChatModel(needs=forced_needs(needs, model), node=node, context=ctx)
-            return await replay_request(routed, case.request)
+            return await replay_request(routed, case.request, key=model)
         graph = self._graph(model)
         if self.node is None:
             state = await graph.ainvoke(dict(case.inputs), context=ctx)
