@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Integer, and_, cast, func, or_, select
 
+from .exceptions import UserError
 from .persistence.tables import AttemptRow
 from .policies import Choice, Policy
 from .statuses import ErrorClass, Outcome
@@ -52,6 +53,7 @@ __all__ = [
     "explore_share",
     "load_measurements",
     "threshold_of",
+    "unknown_policy",
 ]
 
 _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
@@ -115,6 +117,12 @@ class MeasuredRate:
             else f"{self.n_eff:.1f}"
         return (f"measured: n={n}, rate {self.mean:.2f} [{self.low:.2f}, {self.high:.2f}] "
                 f"({self.source})")
+
+
+def unknown_policy(name: str, stored: Collection[str]) -> UserError:
+    """The one-line error for a policy name nothing is stored under."""
+    return UserError(f"unknown policy {name!r} (stored: {', '.join(sorted(stored)) or 'none'}); "
+                     f"store one with `frugalflow eval ... --save-policy {name}`")
 
 
 def threshold_of(needs: Needs) -> float | None:

@@ -39,7 +39,7 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from .measured import MeasureConfig
+from .measured import MeasureConfig, unknown_policy
 from .policies import Policy
 from .resilience import Breakers, FallbackPolicy, default_breakers
 from .statuses import FINAL_STATUSES, NodeStatus, RunStatus
@@ -435,9 +435,9 @@ class Runner:
     async def _check_policy(self) -> None:
         """Raise UserError for a policy name nothing is stored under (checked until found)."""
         if self._policy_name is not None and self._policy_version is None:
-            await self._current_policy()
+            await self.current_policy()
 
-    async def _current_policy(self) -> tuple[Policy | None, str | None]:
+    async def current_policy(self) -> tuple[Policy | None, str | None]:
         """The node policy for a run starting now (a named one: its newest stored version),
         with its label for route reasons (`policy <name> v<k>`)."""
         name = self._policy_name
@@ -448,10 +448,7 @@ class Runner:
         policies = PolicyStore(self.store)
         version = await policies.version(name)
         if version is None:
-            names = sorted({p.name for p in await policies.list()})
-            raise UserError(f"unknown policy {name!r}: none is stored in {self.store!r} "
-                            f"(stored: {', '.join(names) or 'none'}); store one with "
-                            f"`frugalflow eval ... --save-policy {name}`")
+            raise unknown_policy(name, {p.name for p in await policies.list()})
         if version != self._policy_version or self.policy is None:
             stored = await policies.load(name, version)
             assert stored is not None  # versions are never deleted
@@ -463,7 +460,7 @@ class Runner:
         at once, production verdicts reloaded after `measure.ttl` seconds."""
         from .measured import load_measurements
 
-        policy, label = await self._current_policy()
+        policy, label = await self.current_policy()
         if self.measure is None and (policy is None or policy.flow != flow.name):
             return None
         key = (label, id(policy))

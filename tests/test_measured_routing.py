@@ -338,3 +338,82 @@ async def test_explored_calls_are_recorded_as_exploration(tmp_path: Path) -> Non
     assert any(r and r.startswith("exploration") for r in reasons)
     with pytest.raises(UserError, match="explore must be a share"):
         Runner(f"sqlite:///{tmp_path / 'y.db'}", explore=1.5)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+FLOW_FILE = '''
+from typing import TypedDict
+from langchain_core.messages import HumanMessage
+from frugalflow import END, START, Flow, Needs
+
+
+class S(TypedDict, total=False):
+    text: str
+    out: str
+
+
+flow = Flow("measured_demo", S)
+
+
+async def write(state, model):
+    answer = await model.ainvoke([HumanMessage(state["text"])])
+    return {"out": str(answer.content)[:40]}
+
+
+flow.add_node("write", write, needs=Needs(quality={"writing": 0.85}), validator=lambda a: True)
+flow.add_edge(START, "write")
+flow.add_edge("write", END)
+'''
+
+
+def test_cli_runs_explains_and_lists_with_a_policy(tmp_path: Path) -> None:
+    import asyncio
+    import json
+
+    from typer.testing import CliRunner
+
+    from frugalflow.cli import app
+
+    path = tmp_path / "demo_flow.py"
+    path.write_text(FLOW_FILE)
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    cli = CliRunner()
+    run = ["run", f"{path}:flow", "-i", '{"text": "hi"}', "--db", db, "--json"]
+    out = cli.invoke(app, [*run, "--policy", "nope"])
+    assert out.exit_code == 1 and "unknown policy 'nope'" in out.output
+    assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
+
+    async def save() -> None:
+        store = Store(db)
+        try:
+            await PolicyStore(store).save("writing", policy(
+                (CHEAP, 100, 99), (STRONG, 40, 40), choice=Choice(models=(STRONG,))))
+            await PolicyStore(store).save("other", Policy(flow="elsewhere"))
+        finally:
+            await store.close()
+
+    asyncio.run(save())
+    listed = cli.invoke(app, ["policy", "list", "--db", db])
+    assert listed.exit_code == 0 and "writing" in listed.output and FLOW in listed.output
+    assert f"write ({STRONG})" in listed.output
+    shown = cli.invoke(app, ["explain", f"{path}:flow", "--db", db, "--policy", "writing"])
+    assert shown.exit_code == 0, shown.output
+    assert "measured: n=100, rate 0.98 [0.9" in shown.output and "prior only" in shown.output
+    assert "prior only" in cli.invoke(app, ["explain", f"{path}:flow"]).output
+    ran = cli.invoke(app, [*run, "--policy", "writing"])
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.output)["status"] == "succeeded"
+    wrong = cli.invoke(app, [*run, "--policy", "other"])
+    assert wrong.exit_code == 1 and "is for flow 'elsewhere'" in wrong.output
+
+    async def reasons() -> list[str | None]:
+        store = Store(db)
+        try:
+            from frugalflow.persistence.ledger import Ledger
+
+            return [a.route_reason for a in await Ledger(store).all_attempts()]
+        finally:
+            await store.close()
+
+    assert asyncio.run(reasons()) == ["policy writing v1"]
