@@ -316,6 +316,32 @@ async def test_exploration_never_spends_beyond_the_budget() -> None:
     assert any((a.route_reason or "").startswith("exploration") for a in sctx.usage.attempts)
 
 
+async def test_a_rejected_exploration_falls_back_to_the_plan_not_above_it() -> None:
+    # Flash is unproven (9/10), every cheaper model proven below 0.85: the plan starts at
+    # gpt-4.1. Flash's prior writing score (0.898) is above gpt-4.1's (0.874), yet its
+    # rejected exploration must not make the plan skip gpt-4.1 for a pricier model.
+    bad = ("sim-openai/gpt-4.1-nano", "sim-openai/gpt-4o-mini", "sim-google/gemini-2.5-flash-lite",
+           CHEAP, PRIOR_FIRST, "sim-groq/llama-3.3-70b-versatile",
+           "sim-together/meta-llama/Llama-3.3-70B-Instruct-Turbo",
+           "sim-anthropic/claude-haiku-4-5")
+    tallies = {("write", m): Tally(passes=0, fails=50, policy_n=50, sources=("eval:x",))
+               for m in bad}
+    tallies[("write", FLASH)] = Tally(passes=9, fails=1, policy_n=10, sources=("eval:x",))
+    model, ctx = _explorer(1.0, measured=Measurements(FLOW, tallies),
+                           validator=lambda a: "gemini-2.5-flash" not in str(a.content)
+                           or "rejected")
+    for i in range(12):
+        await model.ainvoke([HumanMessage(f"call {i}")])
+    calls: dict[str, list[Any]] = {}
+    for a in ctx.usage.attempts:
+        calls.setdefault(a.call_id, []).append(a)
+    explored = [c for c in calls.values() if (c[0].route_reason or "").startswith("exploration")]
+    assert explored and all(c[0].model == FLASH and c[0].error_class == "validation"
+                            for c in explored)
+    assert all([a.model for a in c[1:]] == [STRONG] for c in explored)
+    assert all(c[0].model == STRONG for c in calls.values() if c not in explored)
+
+
 async def _plan_cost(model: RoutedChatModel) -> float:
     from frugalflow.attempts import CallAttempts
 
