@@ -4,6 +4,7 @@ and exploration that stays within its share and the run's budget."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -394,7 +395,6 @@ flow.add_edge("write", END)
 
 
 def test_cli_runs_explains_and_lists_with_a_policy(tmp_path: Path) -> None:
-    import asyncio
     import json
 
     from typer.testing import CliRunner
@@ -443,3 +443,42 @@ def test_cli_runs_explains_and_lists_with_a_policy(tmp_path: Path) -> None:
             await store.close()
 
     assert asyncio.run(reasons()) == ["policy writing v1"]
+
+
+@pytest.mark.slow
+async def test_a_worker_picks_up_each_new_policy_version(fresh_pg_url: str) -> None:
+    import subprocess
+    import sys
+
+    from durable_flows import chain_flow
+
+    from frugalflow.scale.dispatch import ProcrastinateDispatcher
+
+    url = fresh_pg_url
+    chain = Policy(flow="chain", nodes={"n1": NodePolicy(choice=Choice(models=(STRONG,)))})
+    policies = PolicyStore(Store(url))
+    await policies.save("chain-policy", chain)
+    submitter = Runner(url, flows=[chain_flow(1)], catalog=Catalog.simulated(),
+                       dispatcher=ProcrastinateDispatcher(url, stall_timeout=3.0, heartbeat=0.5))
+    await submitter.setup()
+    worker = subprocess.Popen([sys.executable, str(Path(__file__).parent / "policy_worker.py"),
+                               url, "chain-policy"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and "ready" in worker.stdout.readline()
+
+        async def first(topic: str) -> tuple[str, str | None]:
+            result = await asyncio.wait_for(submitter.start("chain", {"topic": topic}), 60)
+            assert result.ok, result.error
+            a = (await submitter.get(result.run_id)).attempts[0]
+            return a.model, a.route_reason
+
+        assert await first("one") == (STRONG, "policy chain-policy v1")
+        await policies.save("chain-policy", chain.model_copy(update={"nodes": {
+            "n1": NodePolicy(choice=Choice(models=(FLASH,)))}}))
+        assert await first("two") == (FLASH, "policy chain-policy v2")  # same worker process
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+        await submitter.close()
+        await policies.store.close()
