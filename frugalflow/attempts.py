@@ -49,7 +49,7 @@ from .exceptions import (
     ValidationFailedError,
 )
 from .resilience import Action
-from .needs import estimate_tokens, prompt_text
+from .needs import estimate_tokens, prompt_text, tool_schema
 from .ranking import Candidate, Ranking, no_capable_model_error, rank
 from .statuses import Outcome
 from .usage import Attempt, RunUsage, Usage
@@ -68,6 +68,8 @@ __all__ = [
     "billed",
     "generate_once",
     "iter_with_timeout",
+    "recorded_request",
+    "rejection",
     "short_error",
 ]
 
@@ -494,8 +496,11 @@ class CallAttempts:
         if call_key is None and self.usage.listeners:  # only persisted runs replay
             call_key = self.routed._key_for_ledger(ctx, self.task_id, self.messages,
                                                    self.kwargs)
+        # Only persisted runs keep the request (the ledger writes it for replay by `eval`).
+        request = recorded_request(self.routed, self.messages) if self.usage.listeners else None
         await self.record(self._attempt(Outcome.OK, t, usage=paid, estimated=estimated,
-                                        cost=cost, call_key=call_key, response=message))
+                                        cost=cost, call_key=call_key, response=message,
+                                        request=request))
         self.routed._last_model = spec.key
         self.generation = t.generation
         return message
@@ -579,6 +584,7 @@ class CallAttempts:
                  usage: Usage | None = None, cost: float = 0.0, estimated: bool = False,
                  error: ModelAPIError | None = None, action: Action | None = None,
                  call_key: str | None = None, response: AIMessage | None = None,
+                 request: dict[str, Any] | None = None,
                  model: str = "", provider: str = "") -> Attempt:
         """Every Attempt of this call is made here: a try's (pending, ok or error), or
         without `t` the replay's (`model`, `provider` and `call_key` name it)."""
@@ -598,7 +604,8 @@ class CallAttempts:
             started_at=t.started, call_key=call_key,
             route_reason=self.reasons.get(spec.key) if ended else None,
             prompt=prompt_text(self.messages) if ended and self.usage.listeners else None,
-            category=self.routed.category, usage_estimated=estimated, response=response)
+            category=self.routed.category, usage_estimated=estimated, response=response,
+            request=request)
 
     async def record(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
@@ -644,15 +651,28 @@ def parse_output(schema: Any, spec: ModelSpec, message: AIMessage) -> Any:
 async def validate(routed: RoutedChatModel, validator: Validator, spec: ModelSpec,
                    message: AIMessage, parsed: Any, messages: Sequence[BaseMessage]) -> None:
     """Run the node's validator; a failure escalates to a more capable model."""
+    reason = await rejection(routed, validator, spec, message, parsed, messages)
+    if reason is not None:
+        raise ValidationFailedError(f"{spec.key} output rejected by the validator: {reason}",
+                                    provider=spec.provider, model=spec.model)
+
+
+async def rejection(routed: RoutedChatModel | None, validator: Validator, spec: ModelSpec | None,
+                    message: AIMessage | None, parsed: Any,
+                    messages: Sequence[BaseMessage]) -> str | None:
+    """Why `validator` rejects the answer (`parsed` if any, else `message`), or None when it
+    accepts. A judge needs the routed model that asked and the answering model's spec."""
     subject = parsed if parsed is not None else message
     reason: str | None = None
     verdict: object  # False, or a str (the reason), rejects the answer
     try:
         if isinstance(validator, ModelJudge):
+            if routed is None or spec is None:
+                raise UserError("a Judge validator needs a routed model and a model to judge")
             verdict = await validator.check(routed, spec, messages, subject)
         elif isinstance(validator, type) and issubclass(validator, BaseModel):
             if parsed is None:
-                validator.model_validate_json(str(message.content))
+                validator.model_validate_json(str(getattr(message, "content", "")))
             else:
                 validator.model_validate(
                     parsed.model_dump() if isinstance(parsed, BaseModel) else parsed)
@@ -668,11 +688,41 @@ async def validate(routed: RoutedChatModel, validator: Validator, spec: ModelSpe
         reason = short_error(e)
         verdict = False
     if verdict is False or isinstance(verdict, str):
-        raise ValidationFailedError(
-            f"{spec.key} output rejected by the validator: "
-            f"{verdict if isinstance(verdict, str) else reason or 'returned False'}",
-            provider=spec.provider, model=spec.model,
-        )
+        return verdict if isinstance(verdict, str) else reason or "returned False"
+    return None
+
+
+def recorded_request(routed: RoutedChatModel, messages: Sequence[BaseMessage]) -> dict[str, Any]:
+    """The request of a call as JSON, replayable to another model: messages (LangChain
+    dicts), the bound tools (OpenAI tool dicts, the response schema's own tool apart) and
+    the response schema (JSON schema), like `frugalflow.evaluation.cases.Request`."""
+    from langchain_core.messages import messages_to_dict
+
+    # A routed model's tools and schema never change (binding makes a copy, reused by
+    # every call of the node): converted once per copy, not once per call.
+    bound = routed._variants.get(_RECORDED)
+    if bound is None:
+        bound = routed._variants[_RECORDED] = _bound_json(routed)
+    tools, json_schema = bound
+    return {"messages": messages_to_dict(list(messages)), "tools": list(tools),
+            "schema": json_schema}
+
+
+_RECORDED = ("frugalflow:recorded-request",)  # the key of `_bound_json` in the variants
+
+
+def _bound_json(routed: RoutedChatModel) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The routed model's tools (but its response schema's own) and response schema."""
+    from langchain_core.utils.function_calling import convert_to_json_schema
+
+    schema = routed.response_schema
+    json_schema: dict[str, Any] | None = None
+    if schema is not None:
+        try:
+            json_schema = convert_to_json_schema(schema)
+        except Exception:  # an odd schema must not fail the call it records
+            json_schema = {"title": getattr(schema, "__name__", str(schema))}
+    return [tool_schema(t) for t in routed.tools if t is not schema], json_schema
 
 
 async def generate_once(
@@ -738,7 +788,8 @@ def billed(message: AIMessage | None, n_in: int, *, partial: bool) -> tuple[Usag
     return Usage(input_tokens=reported.input_tokens or n_in,
                  output_tokens=max(reported.output_tokens, out),
                  cache_read_tokens=reported.cache_read_tokens,
-                 cache_write_tokens=reported.cache_write_tokens, requests=1), True
+                 cache_write_tokens=reported.cache_write_tokens, requests=1,
+                 reasoning_tokens=reported.reasoning_tokens), True
 
 
 def short_error(error: BaseException, limit: int = 300) -> str:
