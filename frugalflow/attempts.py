@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import random
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -56,6 +57,7 @@ from .usage import Attempt, RunUsage, Usage
 if TYPE_CHECKING:
     from .catalog import ModelSpec
     from .limits import RateReservation
+    from .policies import Choice
     from .routed import RoutedChatModel, RunContext
 
 __all__ = [
@@ -168,6 +170,7 @@ class CallAttempts:
     min_quality = -1.0
     too_long: ModelSpec | None = None  # the model that last said the prompt is too long
     over_budget: Candidate | None = None
+    explored: Candidate | None = None  # the unproven model this call explores first
 
     # -- the drivers -------------------------------------------------------------------
 
@@ -262,8 +265,8 @@ class CallAttempts:
         self.n_in = estimate_tokens(self.messages)
         if routed.tools:
             self.n_in += routed._tools_tokens()
-        ranking = rank(ctx.catalog, needs, self.messages, prefiltered=ctx.static(needs),
-                       input_tokens=self.n_in)
+        ranking = rank(ctx.catalog, needs, self.messages,
+                       prefiltered=ctx.static(needs, routed.node), input_tokens=self.n_in)
         if not len(ranking):
             raise no_capable_model_error(routed.node, needs, ranking, ctx.catalog)
         if ctx.router is not None and needs.routed:
@@ -272,6 +275,8 @@ class CallAttempts:
             raise budget_error(routed.node, self.usage, ranking.first())
         self.ranking = ranking
         self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
+        if ctx.measured is not None:
+            self.prefer(ranking, remaining)
         return ranking  # its candidates are made as the loop reaches them
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
@@ -288,6 +293,79 @@ class CallAttempts:
         by_key = {c.spec.key: c for c in rows}
         self.reasons = {m: f"{why}; p={probs[m]:.2f}, ${costs[m]:.6f}" for m, why in order}
         return [by_key[m] for m, _ in order]
+
+    def prefer(self, ranking: Ranking, remaining: float | None) -> None:
+        """A stored policy's choice first (`policy <name> v<k>`); then, on a share of a
+        validated node's calls, a cheaper unproven model before it (`exploration`)."""
+        measured = self.ctx.measured
+        assert measured is not None
+        rows: list[Candidate] | None = None
+        choice = measured.choice(self.routed.node)
+        if choice is not None:
+            rows = self.chosen(ranking.rows, choice, measured.label or "policy (given)")
+        explored = self.exploration(rows[0] if rows else ranking.first(), remaining)
+        if explored is not None:
+            rows = [explored, *(rows if rows is not None else ranking.rows)]
+        if rows is not None:
+            ranking.rows = rows
+
+    def seed(self, salt: str) -> str:
+        """What seeds this call's random choices: the run and the call's key, so a resumed
+        call chooses as before (outside a durable run: the call's place in its context)."""
+        if self.call_key is None and self.usage.listeners:
+            self.call_key = self.routed._key_for_ledger(self.ctx, self.task_id, self.messages,
+                                                        self.kwargs)
+        if self.call_key is None:
+            self.ctx.draws += 1
+            return f"{salt}:{self.usage.run_id}:#{self.ctx.draws}"
+        return f"{salt}:{self.usage.run_id}:{self.call_key}"
+
+    def chosen(self, rows: list[Candidate], choice: Choice, label: str) -> list[Candidate] | None:
+        """`rows` with the policy's model first (a mix: drawn by its shares), or None when
+        that model cannot take this call (the ranking's order stands)."""
+        model, reason = choice.models[0], label
+        if len(choice.models) == 2:
+            first, second = choice.models
+            if random.Random(self.seed("mix")).random() >= choice.shares[0]:
+                model = second
+            reason = (f"{label}: mix {choice.shares[0]:.0%} {first} / "
+                      f"{choice.shares[1]:.0%} {second}")
+        at = next((i for i, c in enumerate(rows) if c.spec.key == model), None)
+        if at is None:
+            return None
+        self.reasons = {**self.reasons, model: reason}
+        return [rows[at], *rows[:at], *rows[at + 1:]]
+
+    def exploration(self, first: Candidate, remaining: float | None) -> Candidate | None:
+        """On up to `explore` of a validated node's calls: the cheapest unproven model
+        cheaper than `first` whose Thompson draw meets the node's target, when it and
+        `first` after it both fit in the remaining budget."""
+        from .measured import explore_share, threshold_of
+
+        ctx, routed = self.ctx, self.routed
+        share = explore_share(ctx.explore, routed.node)
+        threshold = threshold_of(routed.needs)
+        if share <= 0 or routed.validator is None or threshold is None or ctx.measured is None:
+            return None
+        rng = random.Random(self.seed("explore"))
+        if rng.random() >= share:
+            return None
+        room = remaining - first.expected_cost if remaining is not None else None
+        options = rank(ctx.catalog, routed.needs, self.messages, input_tokens=self.n_in,
+                       prefiltered=ctx.explorable(routed.needs, routed.node, threshold))
+        pool = {c.spec.key: c for c in options if c.expected_cost < first.expected_cost
+                and (room is None or c.expected_cost <= room)}
+        pick = ctx.measured.thompson(routed.node, [(k, c.expected_cost) for k, c in pool.items()],
+                                     threshold, rng)
+        if pick is None:
+            return None
+        model, draw = pick
+        rate = ctx.measured.rate(routed.node, model)
+        self.reasons = {**self.reasons, model: (
+            f"exploration: draw {draw:.2f} >= {threshold:g}; "
+            f"{rate.describe() if rate is not None else 'prior only'}")}
+        self.explored = pool[model]
+        return self.explored
 
     async def admit(self, c: Candidate) -> RateReservation | None | _Skip:
         """Whether to try `c` (else why not, in `skipped`); its rate-limit reservation."""
@@ -466,7 +544,8 @@ class CallAttempts:
     def escalate(self, c: Candidate, err: ModelAPIError) -> None:
         """What the next candidate must do better than `c`, given how `c` failed."""
         if isinstance(err, ValidationFailedError):
-            self.min_quality = max(self.min_quality, -c.neg_quality)  # a more capable model
+            if c is not self.explored:  # an unproven model's miss says nothing of the plan
+                self.min_quality = max(self.min_quality, -c.neg_quality)  # a more capable model
         elif isinstance(err, ContextLengthError):
             self.min_window = max(self.min_window, c.spec.window)
             self.too_long = c.spec

@@ -8,9 +8,9 @@ images, price caps, the budget left) and orders the capable models by the expect
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from langchain_core.messages import BaseMessage
 
@@ -18,11 +18,16 @@ from .catalog import Catalog, ModelSpec
 from .exceptions import NoCapableModelError
 from .needs import Needs, estimate_tokens, has_images
 
+if TYPE_CHECKING:
+    from .measured import Measurements
+
 __all__ = [
     "Candidate",
     "Prefilter",
     "Ranking",
+    "QualityJudge",
     "explain",
+    "measured_note",
     "no_capable_model_error",
     "prefilter",
     "rank",
@@ -146,6 +151,26 @@ def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str
     return reasons
 
 
+QualityJudge = Callable[[ModelSpec], list[str] | None]
+"""Per model: why a measurement rejects it on the node's quality need ([]: it admits it),
+or None where nothing was measured and the catalog's prior judges
+(`frugalflow.measured.Measurements.judge`)."""
+
+
+def _quality_judged(catalog: Catalog, needs: Needs,
+                    judge: QualityJudge) -> Callable[[ModelSpec], list[str]]:
+    """The static reasons with the quality need judged by `judge` where it measured."""
+    bare = needs.with_(quality={}) if needs.quality else needs
+
+    def reasons(spec: ModelSpec) -> list[str]:
+        verdict = judge(spec)
+        if verdict is None:
+            return _static_reasons(catalog, spec, needs)
+        return _static_reasons(catalog, spec, bare) + verdict
+
+    return reasons
+
+
 @dataclass
 class Prefilter:
     """The catalog split by the needs that do not depend on a call's messages."""
@@ -168,12 +193,15 @@ class Prefilter:
     """The row at each tie-break place."""
 
 
-def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
-    """Apply the static needs (capabilities, quality, providers, latency, availability)."""
+def prefilter(catalog: Catalog, needs: Needs, judge: QualityJudge | None = None) -> Prefilter:
+    """Apply the static needs (capabilities, quality, providers, latency, availability).
+    With `judge`, quality is judged on measurements where they exist (see `QualityJudge`)."""
     eligible: list[ModelSpec] = []
     rejected: list[tuple[ModelSpec, list[str]]] = []
+    judged = _quality_judged(catalog, needs, judge) if judge is not None else None
     for spec in catalog:
-        reasons = _static_reasons(catalog, spec, needs)
+        reasons = (judged(spec) if judged is not None
+                   else _static_reasons(catalog, spec, needs))
         if reasons:
             rejected.append((spec, reasons))
         else:
@@ -253,10 +281,17 @@ def explain(
     *,
     input_tokens: int | None = None,
     budget_left: float | None = None,
+    node: str | None = None,
+    measured: Measurements | None = None,
 ) -> list[dict[str, Any]]:
-    """Every catalog model, accepted (with its rank and expected cost) or rejected (why)."""
+    """Every catalog model, accepted (with its rank and expected cost) or rejected (why),
+    and what was measured of it on `node` (`measured`: "measured: n, rate, interval" or
+    "prior only"); with measurements, quality is judged on them where they exist."""
+    judged = (prefilter(catalog, needs, measured.judge(node, needs))
+              if measured is not None and measured.covers(node) else None)
     ranking = rank(
-        catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left
+        catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left,
+        prefiltered=judged,
     )
     rows: list[dict[str, Any]] = []
     for i, c in enumerate(ranking.candidates, 1):
@@ -267,7 +302,15 @@ def explain(
     for spec, reasons in ranking.rejected:
         rows.append({"model": spec.key, "accepted": False, "rank": None,
                      "expected_cost_usd": None, "reasons": reasons})
+    for row in rows:
+        row["measured"] = measured_note(measured, node, row["model"])
     return rows
+
+
+def measured_note(measured: Measurements | None, node: str | None, model: str) -> str:
+    """`measured: n=48, rate 0.94 [0.83, 0.98] (eval:abc, production)`, or `prior only`."""
+    rate = measured.rate(node, model) if measured is not None else None
+    return rate.describe() if rate is not None else "prior only"
 
 
 def no_capable_model_error(
