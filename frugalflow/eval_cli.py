@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .evaluation.cases import EvalCase, Scorer
     from .evaluation.report import Report
     from .evaluation.results import EvalRecord
-    from .evaluation.run import EvalPlan, EvalProgress, EvalResult
+    from .evaluation.run import EvalPlan, EvalProgress, EvalResult, Evaluation
 
 __all__ = ["EvalArgs", "add_eval_command", "eval_command"]
 
@@ -255,8 +255,9 @@ async def evaluate(args: EvalArgs) -> int:
         if args.resume:
             _reuse(args, await EvalStore(store).get(args.resume))
         _check_args(args)
-        flow = _hooks.load_flow(args.flow)
-        cat = _hooks.catalog(args.catalog)
+        # Executing the flow's module and reading the catalog block: off the event loop.
+        flow = await asyncio.to_thread(_hooks.load_flow, args.flow)
+        cat = await asyncio.to_thread(_hooks.catalog, args.catalog)
         if args.node is not None:
             check_node(flow, args.node)  # before reading any case
         cases = check_cases(await _cases(args, flow, store), flow, args.node)
@@ -299,10 +300,9 @@ async def _confirmed(args: EvalArgs, plan: EvalPlan) -> bool:
     return bool(ok)
 
 
-async def _run(ev: Any, plan: EvalPlan, args: EvalArgs) -> EvalResult:
+async def _run(ev: Evaluation, plan: EvalPlan, args: EvalArgs) -> EvalResult:
     if args.as_json or not plan.todo:
-        result: EvalResult = await ev.run(plan)
-        return result
+        return await ev.run(plan)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console, transient=False) as bar:
