@@ -80,6 +80,7 @@ class EvalArgs:
     db: str | None = None
     catalog: str | None = None
     seed: int = 0
+    fresh: bool = False
 
 
 def add_eval_command(app: typer.Typer, *, load_flow: Callable[[str], Flow[Any]],
@@ -104,6 +105,7 @@ def eval_command(
     concurrency: int = typer.Option(4, "--concurrency", help="Cells run at once (each model within its rate limits)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Start without asking to confirm the estimated cost."),
     resume: str = typer.Option(None, "--resume", help="Continue this evaluation (its data and options are reused)."),
+    fresh: bool = typer.Option(False, "--fresh", help="A new evaluation, even if the same one was run before (default: continue it)."),
     target: float = typer.Option(0.9, "--target", help="Pass rate the chosen policy must meet (on the interval's lower bound)."),
     save_policy: str = typer.Option(None, "--save-policy", help="Store the report's node policy as the next version of NAME."),
     chart: str = typer.Option(None, "--chart", help="Save the cost-quality chart to this PNG file."),
@@ -116,7 +118,7 @@ def eval_command(
                     until=until, sample=sample, models=models, scorer=scorer, repeats=repeats,
                     budget=budget, concurrency=concurrency, yes=yes, resume=resume,
                     target=target, save_policy=save_policy, chart=chart, as_json=as_json,
-                    db=db, catalog=catalog)
+                    db=db, catalog=catalog, fresh=fresh)
     try:
         code = asyncio.run(evaluate(args))
     except (UserError, ValueError) as e:
@@ -155,6 +157,8 @@ def _date(text: str | None, option: str) -> datetime | None:
 
 
 def _check_args(args: EvalArgs) -> None:
+    if args.fresh and args.resume:
+        raise UserError("--fresh starts a new evaluation; --resume continues one: choose one")
     if args.data and args.from_ledger:
         raise UserError("give --data FILE or --from-ledger, not both")
     if not args.data and not args.from_ledger:
@@ -266,7 +270,7 @@ async def evaluate(args: EvalArgs) -> int:
                         candidates=args.models, budget=args.budget,
                         repeats=1 if args.repeats is None else args.repeats,
                         concurrency=args.concurrency, store=EvalStore(store),
-                        data=_data_spec(args), eval_id=args.resume)
+                        data=_data_spec(args), eval_id=args.resume, fresh=args.fresh)
         plan = await ev.plan()
         if not await _confirmed(args, plan):
             return INCOMPLETE

@@ -75,6 +75,10 @@ def test_eval_runs_reports_and_a_rerun_pays_nothing_again(workdir: Path, sim: An
     second = json.loads(again.stdout)
     assert second["eval_id"] == out["eval_id"] and second["new_cost_usd"] == 0
     assert sum(sim.calls[k] for k in sim.calls if "/" in k) == calls  # nothing paid again
+    fresh = invoke(*base(workdir), "--yes", "--json", "--fresh")
+    assert fresh.exit_code == 0, fresh.output
+    third = json.loads(fresh.stdout)
+    assert third["eval_id"] != out["eval_id"] and third["new_cost_usd"] > 0
 
 
 def test_eval_table_progress_and_policy(workdir: Path) -> None:
