@@ -43,7 +43,7 @@ synthesizer = Agent(
 critic = Agent(
     name="critique",
     instructions="Check the brief against the findings: unsupported claims, gaps, clarity.",
-    needs=Needs(quality={"reasoning": 0.75}, expected_output_tokens=150),
+    needs=Needs(quality={"reasoning": 0.72}, expected_output_tokens=150),
     output=Critique,
     prompt=lambda s: f"Findings:\n{s.get('findings')}\n\nBrief:\n{s['brief']}",
 )

@@ -33,7 +33,7 @@ def _ticket(state: Any) -> str:
 triager = Agent(
     name="triage",
     instructions="Classify the support ticket and say whether it is urgent.",
-    needs=Needs(quality={"classification": 0.45}, expected_output_tokens=20),
+    needs=Needs(quality={"classification": 0.34}, expected_output_tokens=20),
     output=Triage,
     prompt=_ticket,
 )
@@ -57,6 +57,6 @@ reviewer = Agent(
     name="review",
     instructions=("Review the reply for accuracy, tone and policy. Start with APPROVE or "
                   "REJECT, then one sentence of reasons."),
-    needs=Needs(quality={"reasoning": 0.75}, expected_output_tokens=150),
+    needs=Needs(quality={"reasoning": 0.72}, expected_output_tokens=150),
     prompt=lambda s: f"Ticket:\n{s['ticket']}\n\nReply:\n{s['draft']}",
 )

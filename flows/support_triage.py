@@ -36,7 +36,7 @@ flow: Flow[TriageState] = Flow(
 )
 
 
-@flow.node(needs=Needs(quality={"classification": 0.45}, expected_output_tokens=5))
+@flow.node(needs=Needs(quality={"classification": 0.34}, expected_output_tokens=5))
 async def classify(state: TriageState, model: RoutedChatModel) -> TriageState:
     answer = await model.ainvoke(
         [
@@ -88,7 +88,7 @@ async def draft(state: TriageState, model: RoutedChatModel) -> TriageState:
     return {"draft": str(answer.content)}
 
 
-@flow.node(needs=Needs(quality={"reasoning": 0.75}, expected_output_tokens=150))
+@flow.node(needs=Needs(quality={"reasoning": 0.72}, expected_output_tokens=150))
 async def review(state: TriageState, model: RoutedChatModel) -> TriageState:
     answer = await model.ainvoke(
         [
