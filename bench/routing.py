@@ -233,10 +233,9 @@ def _mc_prompt(question: str, options: str) -> str:
     return question + "".join(f"\n{letters[i]}. {o}" for i, o in enumerate(opts[:16]))
 
 
-def load_mmlu_pro(data: Path, prefix_tokens: int,
-                  prices: dict[str, tuple[float, float]]) -> Dataset:
+def load_mmlu_pro(data: Path, prefix_tokens: int, prices: dict[str, tuple[float, float]],
+                  models: Sequence[str] = MMLU_PRO_LADDER) -> Dataset:
     rows = _read_rows(data / "mmlu-pro" / "mmlu_pro_correctness.csv.gz")
-    models = MMLU_PRO_LADDER
     kept = _keep_complete(rows, models)
     texts = [_mc_prompt(r["question"], r["options"]) for r in kept]
     in_tok = np.array([prefix_tokens + (len(r["question"]) + len(r["options"])) / 4 for r in kept])
@@ -250,7 +249,7 @@ def load_mmlu_pro(data: Path, prefix_tokens: int,
         *pnotes, *_token_notes(models, in_tok, out_tok),
     ]
     return Dataset(
-        "MMLU-Pro", texts, [r["category"] for r in kept], models,
+        "MMLU-Pro", texts, [r["category"] for r in kept], list(models),
         np.array([[_truth(r[f"correct:{m}"]) for m in models] for r in kept], dtype=bool),
         cost, in_tok, out_tok, unit, notes, len(rows), len(rows) - len(kept),
     )
