@@ -54,6 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import routing  # noqa: E402  (the loaders and prices of bench/routing.py)
+from routing_metrics import accuracy_at_cost  # noqa: E402
 
 from frugalflow.evaluation import Measured, Policy, cheapest_policy, lower_hull  # noqa: E402
 from frugalflow.learning import (  # noqa: E402
@@ -341,6 +342,7 @@ class RouterResult:
     cost_share: float  # test cost / the incumbent's
     single_acc: float | None  # the cheapest single operating point instead of a mix
     single_cost_share: float | None
+    curve: tuple[np.ndarray, np.ndarray] | None = None  # test (cost share, accuracy) per point
 
 
 def _folds(tasks: Sequence[str], rows: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -421,6 +423,10 @@ def compare_routers(data: TaskData, seed: int, folds: int, max_iter: int) -> lis
                                     float("nan"), None, None))
             continue
         acc, cost = _apply(mix.shares, P, C, data.correct[test], data.paid[test])
+        test_curve = operating_curve(Rule.PRICE_WEIGHT, P, C, data.correct[test],
+                                     data.paid[test])
+        on_test = (np.array([p.cost * len(test) / inc_cost for p in test_curve]),
+                   np.array([p.rate for p in test_curve]))
         singles = [p for p in curve if Measured("", p.n, p.successes, p.cost).interval().low
                    >= target]
         s_acc = s_cost = None
@@ -429,7 +435,7 @@ def compare_routers(data: TaskData, seed: int, folds: int, max_iter: int) -> lis
             s_acc, s_cost = _apply(((one.param, 1.0),), P, C, data.correct[test],
                                    data.paid[test])
         out.append(RouterResult(name, mix.describe(), acc, cost / inc_cost, s_acc,
-                                None if s_cost is None else s_cost / inc_cost))
+                                None if s_cost is None else s_cost / inc_cost, on_test))
     return out
 
 
@@ -447,12 +453,19 @@ def report_routers(data: TaskData, results: Sequence[RouterResult], seed: int) -
     if "learned router" not in by:
         return f"{data.name}: no text column, learned router not run"
     lr, tb = by["learned router"], by["per-task table"]
-    worse = (lr.cost_share > tb.cost_share and lr.acc <= tb.acc) or \
-        (lr.acc < tb.acc and lr.cost_share >= tb.cost_share)
-    better = (lr.cost_share <= tb.cost_share and lr.acc >= tb.acc)
-    word = "WORSE" if worse else "not worse" if better else "a trade-off"
-    return (f"{data.name}: learned router {word} than the table (accuracy {lr.acc:.4f} vs "
-            f"{tb.acc:.4f}, cost {lr.cost_share:.1%} vs {tb.cost_share:.1%} of the incumbent)")
+    head = (f"{data.name}: accuracy {lr.acc:.4f} vs the table's {tb.acc:.4f}, cost "
+            f"{lr.cost_share:.1%} vs {tb.cost_share:.1%} of the incumbent's")
+    if lr.cost_share <= tb.cost_share and lr.acc >= tb.acc:
+        return f"{head}: learned router not worse"
+    if lr.cost_share >= tb.cost_share and lr.acc <= tb.acc:
+        return f"{head}: learned router WORSE"
+    # A trade-off: judge on the router's test curve (mixing two points) at the table's cost.
+    assert lr.curve is not None
+    got = accuracy_at_cost(lr.curve[0], lr.curve[1], tb.cost_share)
+    at = got[1] if got is not None else float("nan")
+    word = "not worse" if got is not None and at >= tb.acc else "WORSE"
+    return (f"{head}; a trade-off: at the table's cost the router's test curve (mixing two "
+            f"points) reaches {at:.4f}: learned router {word}")
 
 
 # -- data ----------------------------------------------------------------------------------

@@ -187,3 +187,68 @@ def test_the_calibration_experiment_on_synthetic_nodes() -> None:
     assert run.payback_calls == pytest.approx(run.eval_cost / run.saving_per_call)
     met, promised = run.kept[0.8]
     assert promised == 2 and met == 2  # both nodes promise 0.8 (big on hard) and keep it
+
+
+# -- both benches on a foreign CSV -----------------------------------------------------
+
+WEAK_NAME, STRONG_NAME = "acme-small-instruct-2025", "acme-frontier-reasoner-2025"
+
+
+def _foreign_csv(path: Path, rows: int = 240) -> None:
+    rng = random.Random(5)
+    words = {"refunds": "refund charge invoice", "poetry": "poem verse rhyme metre"}
+    with path.open("w") as f:
+        # The strong model first: the benches must not take column order for weak/strong.
+        f.write(f"eval_name,question,split,correct:{STRONG_NAME},correct:{WEAK_NAME},"
+                f"cost:{STRONG_NAME},cost:{WEAK_NAME}\n")
+        for i in range(rows):
+            task = rng.choice(list(words))
+            weak_ok = rng.random() < (0.9 if task == "refunds" else 0.3)
+            split = "test" if i % 4 == 0 else "train"
+            f.write(f"{task},{words[task]} number {i},{split},{int(rng.random() < 0.95)},"
+                    f"{int(weak_ok)},{0.01 + rng.random() / 1000},{0.001}\n")
+
+
+@pytest.mark.slow
+def test_routing_bench_reads_a_foreign_csv(tmp_path: Path) -> None:
+    import subprocess
+
+    path = tmp_path / "evals.csv"
+    _foreign_csv(path)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "routing.py"), "--csv", str(path), "--models",
+         f"{STRONG_NAME},{WEAK_NAME}", "--max-iter", "60", "--val-folds", "2"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "split: the file's 'split' column, 180 train / 60 test" in out
+    assert "task column: 'eval_name'" in out
+    assert f"weak/strong by mean cost per query on train (--strong to state it): weak {WEAK_NAME}" \
+        in out
+    assert f"PGR vs share of calls to {STRONG_NAME}" in out
+    assert STRONG_NAME in out.split("cost-quality curve on test")[1].splitlines()[1]  # full name
+    for needle in ("accuracy at 20% of the best model's cost", "on the hull instead", "APGR"):
+        assert needle in out, needle
+    stated = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "routing.py"), "--csv", str(path), "--models",
+         f"{STRONG_NAME},{WEAK_NAME}", "--strong", "nobody"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert stated.returncode != 0 and "--strong 'nobody' is not one of the models" in stated.stderr
+
+
+@pytest.mark.slow
+def test_calibration_bench_runs_on_a_task_csv(tmp_path: Path) -> None:
+    import subprocess
+
+    path = tmp_path / "evals.csv"
+    _foreign_csv(path, rows=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "calibration.py"), "--csv", str(path),
+         "--sizes", "25,50", "--seeds", "2", "--max-iter", "60"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "2 nodes" in out and "the 'split' column (test rows held out)" in out
+    for needle in ("(a) held-out accuracy", "(b) nodes whose held-out", "(c) the evaluation's",
+                   "per-task table", "learned router", "never worse than the per-task table"):
+        assert needle in out, needle

@@ -21,7 +21,7 @@ from typing import TypedDict
 import numpy as np
 from numpy.typing import NDArray
 
-from ..evaluation.frontier import Measured, cheapest_policy, lower_hull
+from ..evaluation.frontier import Interval, Measured, cheapest_policy, lower_hull
 from ..exceptions import UserError
 
 __all__ = ["HullMix", "HullMixDoc", "OperatingPoint", "Rule", "default_params", "hull_mix",
@@ -151,14 +151,25 @@ def operating_curve(rule: Rule, P: Floats, C: Floats, outcomes: NDArray[np.bool_
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Observed(Measured):
+    """A measurement judged on its observed rate (its interval is the point)."""
+
+    def interval(self, confidence: float = 0.95) -> Interval:
+        return Interval(self.rate, self.rate)
+
+
 def hull_mix(points: Sequence[OperatingPoint], rule: Rule, *, quality: float | None = None,
-             cost: float | None = None, confidence: float = 0.95) -> HullMix | None:
+             cost: float | None = None, confidence: float | None = 0.95) -> HullMix | None:
     """The mix of one or two adjacent hull operating points for a target `quality` (the
     cheapest whose lower-bound pass rate meets it) or `cost` (the best lower-bound rate whose
-    mean cost per call stays within it). None when no mix reaches it."""
+    mean cost per call stays within it). `confidence=None`: judge on observed rates instead
+    of lower bounds. None when no mix reaches it."""
     if (quality is None) == (cost is None):
         raise UserError("hull_mix: give exactly one of quality or cost")
-    measured = [Measured(str(i), p.n, p.successes, p.cost) for i, p in enumerate(points)]
+    kind = Measured if confidence is not None else _Observed
+    measured = [kind(str(i), p.n, p.successes, p.cost) for i, p in enumerate(points)]
+    confidence = confidence if confidence is not None else 0.95  # unused by _Observed
     param = {str(i): p.param for i, p in enumerate(points)}
     if quality is not None:
         policy = cheapest_policy(measured, quality, confidence)
