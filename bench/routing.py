@@ -786,7 +786,7 @@ def _arguments() -> argparse.ArgumentParser:
                     help="frugalflow router on MiniLM embeddings (frugalflow[embeddings])")
     ap.add_argument("--embeddings-cache", type=Path, default=None,
                     help="folder to keep computed embeddings in between runs")
-    ap.add_argument("--max-iter", type=int, default=300,
+    ap.add_argument("--max-iter", type=int, default=1000,
                     help="gradient steps per fit (a fit stopped here before converging is "
                          "reported)")
     ap.add_argument("--split-column", default="split",

@@ -48,6 +48,9 @@ def test_a_quality_between_two_hull_points_is_a_stated_mix_of_them() -> None:
     # Halfway in lower-bound rate is halfway in cost on the chord: cheaper than the dearer point.
     assert mix.expected_cost == pytest.approx((0.001 + 0.004) / 2, rel=1e-6)
     assert hull_mix(POINTS, Rule.PRICE_WEIGHT, quality=0.99) is None
+    # On observed rates (no interval), 0.9 is exactly the point at 0.5.
+    observed = hull_mix(POINTS, Rule.PRICE_WEIGHT, quality=0.9, confidence=None)
+    assert observed is not None and observed.shares == ((0.5, 1.0),)
 
 
 def test_a_cost_target_gets_the_best_assured_rate_it_can_pay_for() -> None:
@@ -96,6 +99,9 @@ def test_choose_draws_the_operating_point_from_the_mix() -> None:
     assert all("drawn from 50% target=0.5 + 50% target=0.9" in why for _, why in firsts)
     with pytest.raises(UserError, match="cascade"):
         choose(probs, costs, cascade=True, mix=mix)
+    # A price-weight mix decides alone, whatever target the node states.
+    by_value = HullMix(Rule.PRICE_WEIGHT, ((0.0, 1.0),), 0.01, 0.9)
+    assert choose(probs, costs, target=0.5, mix=by_value)[0][0] == "big"
 
 
 CHEAP, STRONG = "sim-groq/llama-3.1-8b-instant", "sim-deepseek/deepseek-chat"

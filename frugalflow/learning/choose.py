@@ -22,9 +22,12 @@ def choose(
     mix: HullMix | None = None,
     rng: random.Random | None = None,
 ) -> list[tuple[str, str]]:
-    """The order in which to try the models of `probs` (see `_choose`); with `mix`, the
-    operating point of this call is drawn from it (with `rng`) and replaces `target` or
-    `price_weight`, as its rule says. The first model's reason names the draw."""
+    """The order in which to try the models of `probs` (see `_choose`).
+
+    With `mix` (a router's calibrated operating points, `frugalflow.learning.hull`), this
+    call's operating point is drawn from it (with `rng`) and its rule decides the first
+    model: a TARGET mix replaces `target` (`price_weight`, if given, still orders the rest);
+    a PRICE_WEIGHT mix replaces both. The first model's reason names the draw."""
     if mix is None:
         return _choose(probs, costs, target=target, price_weight=price_weight, cascade=cascade)
     if cascade:
@@ -33,7 +36,7 @@ def choose(
     if mix.rule is Rule.TARGET:
         target = param
     else:
-        price_weight = param
+        target, price_weight = None, param
     order = _choose(probs, costs, target=target, price_weight=price_weight)
     if order:
         first, why = order[0]
