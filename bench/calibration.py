@@ -30,13 +30,15 @@ expectation). The incumbent is the best single model on the pooled calibration d
   held-out pass rate meets it, per target. A held-out sample is itself noisy, so this share
   understates what the interval promises about the true rate.
 - (c) the evaluation's cost (n rows x every model x every node) and the calls after which
-  the saving per call of "switch safely" pays it back.
+  the saving per call of each rule above pays it back.
 Then the router comparison: a 70/30 split stratified by node (or the file's split); the
 learned router (frugalflow.learning.LearnedRouter, lexical features + the node as a tag) and
 a per-node lookup table (the node's pass rate per model on train), both run by
-`choose(price_weight=lambda)`; each one's operating mix (`frugalflow.learning.hull_mix`,
-two adjacent points of its lower convex hull) is chosen on 3-fold out-of-fold predictions
-of the train split for 95% of the incumbent's train accuracy, then applied to test.
+`choose(price_weight=lambda)` on the same expected cost per query (this prompt's input tokens
+and the model's mean output on train; with a file's costs, the model's mean on train); each
+one's operating mix (`frugalflow.learning.hull_mix`: two adjacent points of its lower
+convex hull) is chosen on 3-fold out-of-fold predictions of the train split, the cheapest
+whose lower-bound accuracy is >= 95% of the incumbent's train accuracy, then applied to test.
 Prices: bench/routing.py's (genai-prices via frugalflow's catalog), all printed.
 It prints figures; it is not a timed test.
 """
@@ -88,6 +90,14 @@ class TaskData:
     texts: list[str] | None
     test: np.ndarray | None  # [n] bool: the file's held-out rows (a `split` column)
     notes: list[str] = field(default_factory=list)
+    source: routing.Dataset | None = None  # token counts and prices, for per-query estimates
+
+    def expected(self, train: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[rows, M] the cost a router knows before each call: this prompt's input tokens and
+        the model's mean output on train when priced by tokens, else its mean cost on train."""
+        if self.source is not None:
+            return routing.expected_costs(self.source, train, rows)
+        return np.repeat(self.paid[train].mean(axis=0)[None, :], len(rows), axis=0)
 
 
 @dataclass(frozen=True)
@@ -403,7 +413,6 @@ def compare_routers(data: TaskData, seed: int, folds: int, max_iter: int) -> lis
     inc = int(np.argmax(data.correct[train].mean(axis=0)))
     target = SAFE_SHARE * float(data.correct[train, inc].mean())
     inc_cost = float(data.paid[test, inc].sum())
-    C_mean = data.paid[train].mean(axis=0)  # what both routers know of cost before a call
     predictors = {"per-task table": lambda tr, rs: table_predict(data, tr, rs)}
     if data.texts is not None:
         predictors["learned router"] = lambda tr, rs: learned_predict(data, tr, rs, max_iter)
@@ -413,12 +422,12 @@ def compare_routers(data: TaskData, seed: int, folds: int, max_iter: int) -> lis
         P_oof = np.zeros((len(train), len(data.models)))
         for f in range(folds):
             P_oof[fold == f] = predict(train[fold != f], train[fold == f])
-        C_oof = np.repeat(C_mean[None, :], len(train), axis=0)
+        C_oof = data.expected(train, train)
         curve = operating_curve(Rule.PRICE_WEIGHT, P_oof, C_oof, data.correct[train],
                                 data.paid[train])
         mix = hull_mix(curve, Rule.PRICE_WEIGHT, quality=target)
         P = predict(train, test)
-        C = np.repeat(C_mean[None, :], len(test), axis=0)
+        C = data.expected(train, test)
         if mix is None:
             out.append(RouterResult(name, "no operating point reaches the target", float("nan"),
                                     float("nan"), None, None))
@@ -458,7 +467,7 @@ def report_routers(data: TaskData, results: Sequence[RouterResult], seed: int) -
     if "learned router" not in by:
         return f"{data.name}: no text column, learned router not run"
     lr, tb = by["learned router"], by["per-task table"]
-    head = (f"{data.name}: accuracy {lr.acc:.4f} vs the table's {tb.acc:.4f}, cost "
+    head = (f"{data.name} (seed {seed}): accuracy {lr.acc:.4f} vs the table's {tb.acc:.4f}, cost "
             f"{lr.cost_share:.1%} vs {tb.cost_share:.1%} of the incumbent's")
     if lr.cost_share <= tb.cost_share and lr.acc >= tb.acc:
         return f"{head}: learned router not worse"
@@ -481,7 +490,7 @@ def report_routers(data: TaskData, results: Sequence[RouterResult], seed: int) -
 def _from_routing(ds: routing.Dataset) -> TaskData:
     assert ds.categories is not None
     return TaskData(ds.name, list(ds.models), [str(c) for c in ds.categories], ds.correct,
-                    ds.cost, list(ds.texts), None, list(ds.notes))
+                    ds.cost, list(ds.texts), None, list(ds.notes), ds)
 
 
 def load_task_csv(path: Path, models: Sequence[str] | None, split_column: str) -> TaskData:
@@ -549,6 +558,8 @@ def _arguments() -> argparse.ArgumentParser:
     ap.add_argument("--max-iter", type=int, default=1000,
                     help="gradient steps per fit at most (fits converge in about 350 here)")
     ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--router-seeds", type=int, default=1,
+                    help="train/test splits for the router comparison (default 1)")
     return ap
 
 
@@ -568,8 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for n in sizes for seed in range(args.seeds)]
         report_sizes(data, runs, targets)
         if not args.no_router:
-            verdicts.append(report_routers(
-                data, compare_routers(data, 0, args.folds, args.max_iter), 0))
+            for seed in range(args.router_seeds if data.test is None else 1):
+                verdicts.append(report_routers(
+                    data, compare_routers(data, seed, args.folds, args.max_iter), seed))
     if verdicts:
         print("=" * 100)
         print("target: the learned router (with hull mixing) is never worse than the per-task "
