@@ -70,6 +70,8 @@ def test_draws_follow_the_stated_shares_and_the_mix_round_trips() -> None:
     draws = [mix.draw(rng) for _ in range(4000)]
     assert draws.count(0.3) / len(draws) == pytest.approx(0.25, abs=0.03)
     assert HullMix.from_dict(mix.to_dict()) == mix
+    assert HullMix(Rule.TARGET, ((0.3, 0.004), (0.8, 0.996)), 0.0, 0.9).describe() \
+        .startswith("0.4% target=0.3 + 99.6% target=0.8")  # never rounded to 0% / 100%
     with pytest.raises(UserError, match="sum to 1"):
         HullMix(Rule.TARGET, ((0.3, 0.5),), 0.0, 0.0)
     with pytest.raises(UserError, match="not a saved hull mix"):

@@ -85,8 +85,14 @@ class HullMix:
         return self.shares[-1][0]
 
     def describe(self) -> str:
-        mix = " + ".join(f"{share:.0%} {self.rule}={param:.4g}" for param, share in self.shares)
-        return f"{mix} (pass >= {self.assured_rate:.3f}, ${self.expected_cost:.6g}/call)"
+        promise = f"(pass >= {self.assured_rate:.3f}, ${self.expected_cost:.6g}/call)"
+        if len(self.shares) == 1:
+            return f"{self.rule}={self.shares[0][0]:.4g} {promise}"
+        # A small share is shown as such (0.4%), never rounded to 0% (nor its partner to 100%).
+        mix = " + ".join(f"{share:.0%} {self.rule}={param:.4g}" if 0.01 <= share <= 0.99
+                         else f"{share:.1%} {self.rule}={param:.4g}"
+                         for param, share in self.shares)
+        return f"{mix} {promise}"
 
     def to_dict(self) -> HullMixDoc:
         return {"rule": str(self.rule), "shares": [[p, s] for p, s in self.shares],
