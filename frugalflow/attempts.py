@@ -281,15 +281,18 @@ class CallAttempts:
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
         """Reorder the capable models by the router's per-input predictions."""
-        from .learning import choose
+        from .learning import LearnedRouter, choose
 
         routed, needs, router = self.routed, self.routed.needs, self.ctx.router
         assert router is not None
+        # A router calibrated on its hull runs this node at a drawn operating point.
+        mix = (router.mix_for(routed.node)
+               if isinstance(router, LearnedRouter) and not needs.cascade else None)
         probs = router.predict(prompt_text(self.messages), [c.spec.key for c in rows],
                                node=routed.node, category=routed.category)
         costs = {c.spec.key: c.expected_cost for c in rows}
         order = choose(probs, costs, target=needs.target, price_weight=needs.price_weight,
-                       cascade=needs.cascade)
+                       cascade=needs.cascade, mix=mix)
         by_key = {c.spec.key: c for c in rows}
         self.reasons = {m: f"{why}; p={probs[m]:.2f}, ${costs[m]:.6f}" for m, why in order}
         return [by_key[m] for m, _ in order]

@@ -52,6 +52,7 @@ __all__ = [
     "beta_quantile",
     "explore_share",
     "load_measurements",
+    "DEFAULT_TARGET",
     "threshold_of",
     "unknown_policy",
 ]
@@ -125,11 +126,17 @@ def unknown_policy(name: str, stored: Collection[str]) -> UserError:
                      f"store one with `frugalflow eval ... --save-policy {name}`")
 
 
+DEFAULT_TARGET = 0.9
+"""The pass rate a measured model must show (interval lower bound) on a node that has
+quality thresholds but no `target`: the thresholds are benchmark scores, not pass rates."""
+
+
 def threshold_of(needs: Needs) -> float | None:
-    """The pass rate a node asks for: its target, else its highest quality threshold."""
+    """The pass rate a node asks for: its `target`; `DEFAULT_TARGET` for a node with quality
+    thresholds and no target; None for a node that asks no quality at all."""
     if needs.target is not None:
         return needs.target
-    return max(needs.quality.values()) if needs.quality else None
+    return DEFAULT_TARGET if needs.quality else None
 
 
 def explore_share(explore: float | Mapping[str, float], node: str | None) -> float:
@@ -200,7 +207,7 @@ class Measurements:
         """For `ranking.prefilter`: per model, why the measurement rejects it ([] admits),
         or None where nothing was measured (the catalog's prior judges)."""
         threshold = threshold_of(needs)
-        what = "target" if needs.target is not None else "quality"
+        what = "target" if needs.target is not None else "default target"
 
         def verdict(spec: ModelSpec) -> list[str] | None:
             rate = self.rate(node, spec.key)

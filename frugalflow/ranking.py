@@ -16,7 +16,7 @@ from langchain_core.messages import BaseMessage
 
 from .catalog import Catalog, ModelSpec
 from .exceptions import NoCapableModelError
-from .needs import Needs, estimate_tokens, has_images
+from .needs import Needs, Unscored, estimate_tokens, has_images, unscored_reason
 
 if TYPE_CHECKING:
     from .measured import Measurements
@@ -135,7 +135,8 @@ def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str
     for skill, minimum in needs.quality.items():
         score = spec.quality.get(skill)
         if score is None:
-            reasons.append(f"no {skill} score")
+            if needs.unscored is Unscored.REJECT:
+                reasons.append(unscored_reason(skill))
         elif score < minimum:
             reasons.append(f"quality.{skill} {score:.2f} < {minimum}")
     if needs.providers is not None and spec.provider not in needs.providers:

@@ -50,7 +50,7 @@ def adds_up(invoice: Invoice) -> bool | str:
 def invoice_flow() -> Flow[DocState]:
     flow: Flow[DocState] = Flow("invoices", DocState)
 
-    @flow.node(needs=Needs(quality={"extraction": 0.6}), validator=adds_up)
+    @flow.node(needs=Needs(quality={"extraction": 0.2}), validator=adds_up)
     async def extract(state: DocState, model: RoutedChatModel) -> DocState:
         reader = model.with_structured_output(Invoice)
         invoice = await reader.ainvoke([SystemMessage("Extract the invoice fields."),
