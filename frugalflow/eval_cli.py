@@ -230,7 +230,7 @@ def _scorer(args: EvalArgs, flow: Flow[Any], cases: list[EvalCase]) -> Scorer:
     if spec is None:
         if validator is not None:
             spec = "validator"
-        elif all(c.expected is not None for c in cases):
+        elif any(c.expected is not None for c in cases):  # the others: error cells, say why
             spec = "normalized"
         else:
             raise UserError("nothing to score the answers with: the node has no validator and "
