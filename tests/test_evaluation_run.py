@@ -20,7 +20,8 @@ from frugalflow.limits import RateLimiter
 from frugalflow.persistence import Store
 from frugalflow.persistence.tables import AttemptRow
 
-NANO, MINI, FLASH = "sim-openai/gpt-4.1-nano", "sim-openai/gpt-4o-mini", "sim-google/gemini-2.5-flash"
+NANO, MINI = "sim-openai/gpt-4.1-nano", "sim-openai/gpt-4o-mini"
+FLASH = "sim-google/gemini-2.5-flash"
 
 
 class S(TypedDict, total=False):

@@ -63,7 +63,8 @@ class Candidates:
     dropped: dict[str, str] = field(default_factory=dict)
 
 
-def _hard_reasons(catalog: Catalog, spec: ModelSpec, needs: Iterable[tuple[str, Needs]]) -> list[str]:
+def _hard_reasons(catalog: Catalog, spec: ModelSpec,
+                  needs: Iterable[tuple[str, Needs]]) -> list[str]:
     """Why `spec` cannot run these nodes at all (availability aside: that is per cell)."""
     unavailable = catalog.unavailable_reason(spec)
     reasons: list[str] = []
@@ -121,7 +122,8 @@ def resolve_candidates(catalog: Catalog, needs: Sequence[tuple[str, Needs]],
             continue
         if item not in catalog:
             close = difflib.get_close_matches(item, keys, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else f" (models: {', '.join(keys)})"
+            hint = (f"; did you mean {', '.join(close)}?" if close
+                    else f" (models: {', '.join(keys)})")
             raise UserError(f"no model {item!r} in catalog {catalog.name!r}{hint}")
         why = _hard_reasons(catalog, catalog[item], needs)
         if why:

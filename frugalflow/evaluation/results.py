@@ -138,7 +138,8 @@ class EvalStore:
         values = {
             "eval_id": eval_id, "case_id": cell.case_id, "model": cell.model,
             "repeat": cell.repeat, "outcome": cell.outcome.value, "score": _finite(cell.score),
-            "reason": scrub_text(cell.reason) if cell.reason else None, "cost_usd": cell.cost_usd, "latency_ms": cell.latency_ms,
+            "reason": scrub_text(cell.reason) if cell.reason else None,
+            "cost_usd": cell.cost_usd, "latency_ms": cell.latency_ms,
             "input_tokens": cell.input_tokens, "output_tokens": cell.output_tokens,
             "reasoning_tokens": cell.reasoning_tokens, "output": _storable(cell.output),
             "created_at": utcnow(),

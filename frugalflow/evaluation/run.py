@@ -1,4 +1,4 @@
-"""The evaluation executor: every case answered by every candidate model, scored, recorded as it arrives.
+"""The evaluation executor: each case answered by each candidate model, scored, recorded at once.
 
     evaluation = Evaluation(flow, cases, scorer, node="extract", store=EvalStore(store))
     plan = await evaluation.plan()          # candidates, cells left, estimated cost
