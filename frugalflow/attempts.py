@@ -47,9 +47,10 @@ from .exceptions import (
     UserError,
     ValidationFailedError,
 )
+from .allowance import Allowance, allowance, max_tokens_param
 from .resilience import Action
 from .needs import estimate_tokens, prompt_text
-from .ranking import Candidate, Ranking, no_capable_model_error, rank
+from .ranking import Candidate, Priced, Ranking, no_capable_model_error, rank
 from .statuses import Outcome
 from .usage import Attempt, RunUsage, Usage
 
@@ -77,8 +78,8 @@ INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _call_counter = itertools.count(1)
 
-# Errors that are not the model's: the caller's mistake, or the run's database.
-_NOT_THE_MODELS = (UserError, StoreError)
+# Errors that are not the model's: the caller's mistake, the run's database, or its budget.
+_NOT_THE_MODELS = (UserError, StoreError, BudgetExceededError)
 # Failures that may have cut an answer short: it is billed at least for what arrived.
 _CUT_SHORT = (IncompleteResponseError, ProviderConnectionError, ModelTimeoutError)
 
@@ -116,6 +117,7 @@ class _Try:
     gathered: AIMessageChunk | None = None
     emitted: bool = False  # chunks reached the consumer: no retry can follow
     verdict: bool = False  # the breakers heard how it ended (else its slot is released)
+    allowed: Allowance | None = None  # under a budget: its max output and what it holds
 
     def take(self, chunk: AIMessageChunk, attempt_id: str) -> None:
         chunk.id = attempt_id
@@ -158,6 +160,7 @@ class CallAttempts:
     call_key: str | None = None
     n_in = 0
     ranking: Ranking | None = None
+    priced: Priced | None = None
     generation: ChatGeneration | None = None  # the answering candidate's, when it made one
     reasons: dict[str, str] = {}  # why the router put a model where it did; replaced
     previous: str | None = None  # the model tried before this one
@@ -166,6 +169,7 @@ class CallAttempts:
     min_quality = -1.0
     too_long: ModelSpec | None = None  # the model that last said the prompt is too long
     over_budget: Candidate | None = None
+    refused: Allowance | None = None  # the allowance that refused `over_budget`
 
     # -- the drivers -------------------------------------------------------------------
 
@@ -260,8 +264,9 @@ class CallAttempts:
         self.n_in = estimate_tokens(self.messages)
         if routed.tools:
             self.n_in += routed._tools_tokens()
+        self.priced = ctx.priced(routed.node, needs)
         ranking = rank(ctx.catalog, needs, self.messages, prefiltered=ctx.static(needs),
-                       input_tokens=self.n_in)
+                       input_tokens=self.n_in, prices=self.priced)
         if not len(ranking):
             raise no_capable_model_error(routed.node, needs, ranking, ctx.catalog)
         if ctx.router is not None and needs.routed:
@@ -299,11 +304,13 @@ class CallAttempts:
             return _Skip.SKIP
         if self.min_quality >= 0 and -c.neg_quality <= self.min_quality:
             return _Skip.SKIP
-        left = self.usage.remaining_usd if self.usage.budget_usd is not None else None
-        if left is not None and c.expected_cost > left:
-            self.skipped.append(f"{spec.key}: over the remaining budget")
-            self.over_budget = self.over_budget or c
-            return _Skip.SKIP
+        if self.usage.budget_usd is not None:
+            allowed = self.allow(c)
+            if allowed.refusal is not None:
+                self.skipped.append(f"{spec.key}: {allowed.refusal}")
+                if self.over_budget is None:
+                    self.over_budget, self.refused = c, allowed
+                return _Skip.SKIP
         # A 429's Retry-After rests the model for every run (and the fleet, via Redis).
         resting = await self.ctx.breakers.acooldown_reason(spec)
         if resting is not None:
@@ -331,7 +338,49 @@ class CallAttempts:
     # -- one try ---------------------------------------------------------------------------
 
     def start(self, c: Candidate, reservation: RateReservation | None) -> _Try:
-        return _Try(c, c.spec, reservation, time.time(), time.perf_counter())
+        t = _Try(c, c.spec, reservation, time.time(), time.perf_counter())
+        if self.usage.budget_usd is not None:
+            # Sized now (no await since): what the budget left, less the calls in flight,
+            # pays. A refusal here (a retry after a paid failure, or parallel calls took
+            # the rest since admission) raises in `answer`, where the try is released.
+            t.allowed = self.allow(c)
+            self.ctx.held_usd += t.allowed.hold_usd
+        return t
+
+    # -- the budget's share of a call (see frugalflow.allowance) -------------------------------
+
+    def allow(self, c: Candidate) -> Allowance:
+        """`c`'s allowance from the budget left, less what calls in flight hold."""
+        assert self.priced is not None
+        left = max((self.usage.remaining_usd or 0.0) - self.ctx.held_usd, 0.0)
+        return allowance(c.spec, self.routed.needs, self.n_in, self.priced.estimates[c.order],
+                         left)
+
+    def unhold(self, t: _Try) -> None:
+        """The try's cost is recorded (or it ended unpaid): free what it held."""
+        if t.allowed is not None and t.allowed.hold_usd:
+            self.ctx.held_usd = max(self.ctx.held_usd - t.allowed.hold_usd, 0.0)
+            t.allowed = Allowance(t.allowed.max_output, 0.0, t.allowed.refusal)
+
+    def within_budget(self, t: _Try) -> None:
+        """Raise the budget error when the try's allowance refused it (before it is sent)."""
+        allowed = t.allowed
+        if allowed is not None and allowed.refusal is not None:
+            raise budget_error(self.routed.node, self.usage, t.candidate,
+                               needed=allowed.needed_usd, why=allowed.refusal)
+
+    def call_kwargs(self, t: _Try) -> dict[str, Any]:
+        """The call's keywords, with the max output its allowance gives (if any)."""
+        allowed = t.allowed
+        if allowed is None:
+            return self.kwargs
+        self.within_budget(t)
+        param = max_tokens_param(t.spec)
+        if allowed.max_output is None or param is None:
+            return self.kwargs
+        asked = self.kwargs.get(param)
+        cap = min(asked, allowed.max_output) if isinstance(asked, int) else allowed.max_output
+        return {**self.kwargs, param: cap}
 
     def attempt_id(self) -> str:
         """The message id of this try's chunks (each attempt streams under its own)."""
@@ -341,18 +390,22 @@ class CallAttempts:
         # Durable runs write the call down before it is sent: if the process dies before
         # the answer is recorded, the ledger still shows a call that may have been paid
         # (settled later at its estimated cost).
+        self.within_budget(t)
         if self.ctx.intent is not None:
-            expected_out = self.routed.needs.expected_output_tokens
+            expected_out = round(self.priced.estimates[t.candidate.order].p50) \
+                if self.priced is not None else self.routed.needs.expected_output_tokens
             await self.ctx.intent(self._attempt(
                 Outcome.PENDING, t, cost=t.candidate.expected_cost, estimated=True,
                 usage=Usage(input_tokens=self.n_in, requests=1, output_tokens=expected_out)))
 
     def open_stream(self, t: _Try) -> AsyncIterator[Any]:
         model = self.routed._bound(t.spec, self.ctx)
-        return model.astream(self.messages, config=INNER_CONFIG, stop=self.stop, **self.kwargs)
+        return model.astream(self.messages, config=INNER_CONFIG, stop=self.stop,
+                             **self.call_kwargs(t))
 
     async def answer(self, t: _Try) -> AIMessage:
         """The candidate's checked answer (streamed to `forward` when it listens)."""
+        self.within_budget(t)
         if self.ctx.intent is not None:
             await self.intend(t)
         if self.forward is not None:
@@ -366,15 +419,16 @@ class CallAttempts:
         else:
             spec, timeout = t.spec, self.ctx.policy.timeout
             model = self.routed._bound(spec, self.ctx)
+            kwargs = self.call_kwargs(t)
             if spec.adapter.timeout_param is None and timeout is not None:
                 # The client has no timeout of its own: enforce the policy's.
                 async with asyncio.timeout(timeout):
                     message, generation = await generate_once(model, self.messages, self.stop,
-                                                              self.kwargs)
+                                                              kwargs)
             else:
                 # The client was built with timeout=policy.timeout and raises.
                 message, generation = await generate_once(model, self.messages, self.stop,
-                                                          self.kwargs)
+                                                          kwargs)
             t.message, t.generation = message, generation
         validating = self.check(t, message)
         if validating is not None:
@@ -394,6 +448,7 @@ class CallAttempts:
 
     async def release(self, t: _Try) -> None:
         """The try ended without a verdict (cancelled): free its breakers' slot."""
+        self.unhold(t)
         await asyncio.shield(self.ctx.breakers.arelease(t.spec))
 
     # -- after a try -------------------------------------------------------------------------
@@ -416,6 +471,7 @@ class CallAttempts:
         if call_key is None and self.usage.listeners:  # only persisted runs replay
             call_key = self.routed._key_for_ledger(ctx, self.task_id, self.messages,
                                                    self.kwargs)
+        self.unhold(t)  # no await until the record adds the cost: never counted twice or none
         await self.record(self._attempt(Outcome.OK, t, usage=paid, estimated=estimated,
                                         cost=cost, call_key=call_key, response=message))
         self.routed._last_model = spec.key
@@ -446,6 +502,7 @@ class CallAttempts:
         if message is None and t.gathered is not None:
             message = cast(AIMessage, message_chunk_to_message(t.gathered))
         paid, estimated = billed(message, self.n_in, partial=isinstance(err, _CUT_SHORT))
+        self.unhold(t)
         await self.record(self._attempt(
             Outcome.ERROR, t, usage=paid, estimated=estimated,
             cost=spec.cost(paid) if paid else 0.0, error=err, action=action))
@@ -491,7 +548,10 @@ class CallAttempts:
             attempts=self.attempts,
         )
         if self.over_budget is not None:
-            raise budget_error(node, self.usage, self.over_budget) from group
+            refused = self.refused
+            raise budget_error(node, self.usage, self.over_budget,
+                               needed=refused.needed_usd if refused else None,
+                               why=refused.refusal if refused else None) from group
         raise group
 
     # -- the record ----------------------------------------------------------------------------
@@ -526,15 +586,20 @@ class CallAttempts:
         await self.usage.arecord(attempt)
 
 
-def budget_error(node: str | None, usage: RunUsage, cheapest: Candidate) -> BudgetExceededError:
+def budget_error(node: str | None, usage: RunUsage, cheapest: Candidate, *,
+                 needed: float | None = None, why: str | None = None) -> BudgetExceededError:
+    """The run's budget cannot pay for `cheapest` (`needed`: what its admission reserves,
+    default its expected cost; `why`: the allowance's refusal)."""
+    needed = needed if needed is not None else cheapest.expected_cost
+    detail = f" ({why})" if why else ""
     return BudgetExceededError(
         f"node {node!r}: the run's budget cannot pay for the next call: "
         f"${usage.spent_usd:.6f} of ${usage.budget_usd} spent, "
         f"${usage.remaining_usd or 0.0:.6f} left; the cheapest capable call "
-        f"({cheapest.spec.key}) needs about ${cheapest.expected_cost:.6f}. "
+        f"({cheapest.spec.key}) needs about ${needed:.6f}{detail}. "
         "Resume the run with a larger budget.",
         node=node, budget_usd=usage.budget_usd or 0.0,
-        spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
+        spent_usd=usage.spent_usd, needed_usd=needed,
     )
 
 

@@ -4,6 +4,11 @@
 quality, providers, latency, availability); `rank` adds the per-call ones (context window,
 images, price caps, the budget left) and orders the capable models by the expected cost of
 *this* call; `explain` lists every model, accepted or rejected with its reasons.
+
+The expected cost of a call to a model is its input tokens at the input price plus the
+model's estimated output tokens on the node (median, hidden reasoning included: see
+`verbosity`) at the output price: measured where a run knows them (`Priced`), else the
+per-model prior.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from langchain_core.messages import BaseMessage
 from .catalog import Catalog, ModelSpec
 from .exceptions import NoCapableModelError
 from .needs import Needs, estimate_tokens, has_images
+from .verbosity import TokenEstimate, Verbosity, prior_estimate
 
 __all__ = [
     "Candidate",
     "Prefilter",
+    "Priced",
     "Ranking",
     "explain",
     "no_capable_model_error",
     "prefilter",
+    "priced",
     "rank",
 ]
 
@@ -161,7 +169,7 @@ class Prefilter:
     all_vision: bool = True
     """Whether every eligible model takes images."""
     prices: list[tuple[float, float]] = field(default_factory=list)
-    """Per row: $/input token, and the cost of the needs' expected output tokens."""
+    """Per row: $/input token, and the cost of the model's prior output estimate."""
     tiebreak: list[int] = field(default_factory=list)
     """Per row: its place in (-quality, latency, catalog order), which breaks cost ties."""
     by_tiebreak: list[int] = field(default_factory=list)
@@ -184,14 +192,34 @@ def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
          s.caps.vision, -s.mean_quality(skills), s.latency_ms)
         for s in eligible
     ]
-    n_out = needs.expected_output_tokens
     by_tiebreak = sorted(range(len(rows)), key=lambda i: (rows[i][5], rows[i][6], i))
     tiebreak = [0] * len(rows)
     for place, i in enumerate(by_tiebreak):
         tiebreak[i] = place
     return Prefilter(eligible, rejected, rows, min((s.window for s in eligible), default=0),
                      all(s.caps.vision for s in eligible),
-                     [(r[1], n_out * r[2]) for r in rows], tiebreak, by_tiebreak)
+                     [(r[1], prior_estimate(needs, r[0]).p50 * r[2]) for r in rows],
+                     tiebreak, by_tiebreak)
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """A node's output estimate per prefiltered model, and the prices `rank` uses."""
+
+    prices: list[tuple[float, float]]
+    """Per prefiltered row: $/input token, and the cost of the estimated output (p50)."""
+    estimates: list[TokenEstimate]
+    """Per prefiltered row (a Candidate's `order`): the output estimate."""
+
+
+def priced(static: Prefilter, needs: Needs, node: str | None,
+           verbosity: Verbosity | None) -> Priced:
+    """The expected output of each of `static`'s models on `node` (a run computes it once
+    per node; `verbosity` None: the prior)."""
+    v = verbosity if verbosity is not None else Verbosity()
+    estimates = [v.estimate(node, needs, row[0]) for row in static.rows]
+    return Priced([(row[1], e.p50 * row[2]) for row, e in zip(static.rows, estimates)],
+                  estimates)
 
 
 def rank(
@@ -203,15 +231,17 @@ def rank(
     budget_left: float | None = None,
     input_tokens: int | None = None,
     prefiltered: Prefilter | None = None,
+    prices: Priced | None = None,
 ) -> Ranking:
     """Capable models for a call with `messages`, cheapest expected cost first.
 
     Ties are broken by quality (mean over the needed skills, else all), then latency.
-    `prefiltered` is `prefilter(catalog, needs)` when the caller keeps it (per run).
+    `prefiltered` is `prefilter(catalog, needs)` when the caller keeps it (per run), and
+    `prices` its models' output estimates on the node (default: the prior's).
     """
     static = prefiltered if prefiltered is not None else prefilter(catalog, needs)
+    out_prices = prices.prices if prices is not None else static.prices
     n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
-    n_out = needs.expected_output_tokens
     context_needed = n_in + (needs.max_output_tokens or needs.expected_output_tokens)
     # Images matter only when a capable model cannot read them.
     images = (bool(messages) and not needs.vision and not static.all_vision
@@ -222,13 +252,13 @@ def rank(
         # The routed call's usual case: nothing is rejected per call, only the order
         # depends on its size. Sorting (cost, tie-break place) pairs is the same order as
         # (cost, -quality, latency, catalog order), and plain tuples sort fastest.
-        costs = [n_in * p_in + out for p_in, out in static.prices]
+        costs = [n_in * p_in + out for p_in, out in out_prices]
         return Ranking._lazy(sorted(zip(costs, static.tiebreak)), static,
                              list(static.rejected), n_in)
     rejected = list(static.rejected)
     ranked: list[Candidate] = []
-    for i, (spec, p_in, p_out, window, vision, neg_quality, latency) in enumerate(static.rows):
-        cost = n_in * p_in + n_out * p_out
+    for i, (spec, p_in, _, window, vision, neg_quality, latency) in enumerate(static.rows):
+        cost = n_in * p_in + out_prices[i][1]
         reasons: list[str] = []
         if window < context_needed:
             reasons.append(f"context {window} < {context_needed} tokens needed")
@@ -253,10 +283,19 @@ def explain(
     *,
     input_tokens: int | None = None,
     budget_left: float | None = None,
+    node: str | None = None,
+    verbosity: Verbosity | None = None,
 ) -> list[dict[str, Any]]:
-    """Every catalog model, accepted (with its rank and expected cost) or rejected (why)."""
+    """Every catalog model, accepted (with its rank and expected cost) or rejected (why).
+
+    Each model that passed the static needs also shows its output estimate on `node`
+    (`output_tokens`, `output_tokens_p90`, `output_source`; from `verbosity`, else the prior).
+    """
+    static = prefilter(catalog, needs)
+    pr = priced(static, needs, node, verbosity)
     ranking = rank(
-        catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left
+        catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left,
+        prefiltered=static, prices=pr,
     )
     rows: list[dict[str, Any]] = []
     for i, c in enumerate(ranking.candidates, 1):
@@ -267,6 +306,17 @@ def explain(
     for spec, reasons in ranking.rejected:
         rows.append({"model": spec.key, "accepted": False, "rank": None,
                      "expected_cost_usd": None, "reasons": reasons})
+    return _with_output_estimates(rows, static, pr)
+
+
+def _with_output_estimates(rows: list[dict[str, Any]], static: Prefilter,
+                           pr: Priced) -> list[dict[str, Any]]:
+    by_key = {row[0].key: e for row, e in zip(static.rows, pr.estimates)}
+    for r in rows:
+        e = by_key.get(r["model"])
+        r["output_tokens"] = round(e.p50) if e is not None else None
+        r["output_tokens_p90"] = round(e.p90) if e is not None else None
+        r["output_source"] = e.source if e is not None else None
     return rows
 
 

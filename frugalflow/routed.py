@@ -28,11 +28,12 @@ from .exceptions import UserError
 from .limits import Limiter
 from .resilience import Breakers, FallbackPolicy, default_breakers
 from .needs import Needs, tool_schema, tool_tokens
-from .ranking import Prefilter, prefilter
+from .ranking import Prefilter, Priced, prefilter, priced
 from .usage import Attempt, RunUsage
 
 if TYPE_CHECKING:
     from .learning import Router
+    from .verbosity import Verbosity
 
 __all__ = ["DEFAULT_ATTEMPT_WINDOW", "RoutedChatModel", "RunContext"]
 
@@ -80,8 +81,16 @@ class RunContext:
     """When resuming: `await replay(node, call_key) -> AIMessage | None`, the answer a
     completed call with this key already got (the runner looks it up in the ledger), so a
     node re-executed after a crash does not pay again for calls it had finished."""
+    verbosity: Verbosity | None = None
+    """Output-token estimates per node x model (the runner reads them from the ledger at each
+    run's start, see `frugalflow.verbosity`); None: the per-model prior."""
+    held_usd: float = 0.0
+    """Budget held by the run's calls in flight (each its most possible cost), so that
+    parallel calls together stay within the budget (see `frugalflow.allowance`)."""
     _occurrences: dict[tuple[str | None, str], int] = field(default_factory=dict, repr=False)
     _static: dict[int, tuple[Needs, Prefilter]] = field(default_factory=dict, repr=False)
+    _priced: dict[tuple[str | None, int], tuple[Needs, Priced]] = field(default_factory=dict,
+                                                                        repr=False)
 
     def __repr__(self) -> str:
         return f"RunContext(catalog={self.catalog.name!r}, run_id={self.usage.run_id!r})"
@@ -99,6 +108,14 @@ class RunContext:
         hit = self._static.get(id(needs))
         if hit is None or hit[0] is not needs:
             hit = self._static[id(needs)] = (needs, self.catalog.prefiltered(needs, prefilter))
+        return hit[1]
+
+    def priced(self, node: str | None, needs: Needs) -> Priced:
+        """The node's output estimates and prices per prefiltered model (once per run)."""
+        hit = self._priced.get((node, id(needs)))
+        if hit is None or hit[0] is not needs:
+            hit = self._priced[(node, id(needs))] = (
+                needs, priced(self.static(needs), needs, node, self.verbosity))
         return hit[1]
 
     def model(self, spec: ModelSpec) -> BaseChatModel:

@@ -47,6 +47,7 @@ from .persistence.leases import Lease, acquire_lease, afenced, fenced, holder_id
 from .persistence.store import Store
 from .persistence.tables import RunRow
 from .usage import RunUsage
+from .verbosity import VerbosityCache
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
@@ -162,6 +163,9 @@ class Runner:
         self._share_events = share_events if share_events is not None else (
             dispatcher is not None and not self.store.is_sqlite)
         self._relay: PostgresEventRelay | None = None
+        self.verbosity = VerbosityCache()
+        """Output-token estimates per flow, node and model, read from the ledger at a run's
+        start (at most once a minute per flow): ranking and budgets use them."""
         for f in flows:
             self.register(f)
 
@@ -581,6 +585,7 @@ class Runner:
         usage = RunUsage(budget_usd=row.budget_usd, run_id=row.id, spent_usd=row.cost_usd)
         ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
         ctx.router = await self._current_router()
+        ctx.verbosity = await self.verbosity.get(self.store, row.flow)
         ctx.limiter = self.limiter
         ctx.intent = functools.partial(self.ledger.record_intent, flow=row.flow)
         if continuation:
