@@ -305,7 +305,7 @@ class CallAttempts:
         if self.min_quality >= 0 and -c.neg_quality <= self.min_quality:
             return _Skip.SKIP
         if self.usage.budget_usd is not None:
-            allowed = self.allow(c)
+            allowed = await self.admitted(c)
             if allowed.refusal is not None:
                 self.skipped.append(f"{spec.key}: {allowed.refusal}")
                 if self.over_budget is None:
@@ -338,14 +338,7 @@ class CallAttempts:
     # -- one try ---------------------------------------------------------------------------
 
     def start(self, c: Candidate, reservation: RateReservation | None) -> _Try:
-        t = _Try(c, c.spec, reservation, time.time(), time.perf_counter())
-        if self.usage.budget_usd is not None:
-            # Sized now (no await since): what the budget left, less the calls in flight,
-            # pays. A refusal here (a retry after a paid failure, or parallel calls took
-            # the rest since admission) raises in `answer`, where the try is released.
-            t.allowed = self.allow(c)
-            self.ctx.held_usd += t.allowed.hold_usd
-        return t
+        return _Try(c, c.spec, reservation, time.time(), time.perf_counter())
 
     # -- the budget's share of a call (see frugalflow.allowance) -------------------------------
 
@@ -356,25 +349,38 @@ class CallAttempts:
         return allowance(c.spec, self.routed.needs, self.n_in, self.priced.estimates[c.order],
                          left)
 
+    async def admitted(self, c: Candidate) -> Allowance:
+        """`c`'s allowance; while parallel calls of the run hold what it lacks, it waits for
+        them to be recorded (a call never waits on its own task's: a judge inside a call)."""
+        while True:
+            allowed = self.allow(c)
+            if allowed.refusal is None or not self.ctx.others_hold():
+                return allowed
+            await self.ctx.hold_released()
+
+    async def take_allowance(self, t: _Try) -> None:
+        """Under a budget, before the try is sent: its max output, and hold its most cost
+        (sized from the budget left now; raises the budget error when it cannot be paid)."""
+        if self.usage.budget_usd is None or t.allowed is not None:
+            return
+        allowed = await self.admitted(t.candidate)
+        if allowed.refusal is not None:
+            raise budget_error(self.routed.node, self.usage, t.candidate,
+                               needed=allowed.needed_usd, why=allowed.refusal)
+        t.allowed = allowed
+        self.ctx.hold(allowed.hold_usd)  # no await since it was sized
+
     def unhold(self, t: _Try) -> None:
         """The try's cost is recorded (or it ended unpaid): free what it held."""
         if t.allowed is not None and t.allowed.hold_usd:
-            self.ctx.held_usd = max(self.ctx.held_usd - t.allowed.hold_usd, 0.0)
+            self.ctx.unhold(t.allowed.hold_usd)
             t.allowed = Allowance(t.allowed.max_output, 0.0, t.allowed.refusal)
-
-    def within_budget(self, t: _Try) -> None:
-        """Raise the budget error when the try's allowance refused it (before it is sent)."""
-        allowed = t.allowed
-        if allowed is not None and allowed.refusal is not None:
-            raise budget_error(self.routed.node, self.usage, t.candidate,
-                               needed=allowed.needed_usd, why=allowed.refusal)
 
     def call_kwargs(self, t: _Try) -> dict[str, Any]:
         """The call's keywords, with the max output its allowance gives (if any)."""
         allowed = t.allowed
         if allowed is None:
             return self.kwargs
-        self.within_budget(t)
         param = max_tokens_param(t.spec)
         if allowed.max_output is None or param is None:
             return self.kwargs
@@ -390,7 +396,7 @@ class CallAttempts:
         # Durable runs write the call down before it is sent: if the process dies before
         # the answer is recorded, the ledger still shows a call that may have been paid
         # (settled later at its estimated cost).
-        self.within_budget(t)
+        await self.take_allowance(t)
         if self.ctx.intent is not None:
             expected_out = round(self.priced.estimates[t.candidate.order].p50) \
                 if self.priced is not None else self.routed.needs.expected_output_tokens
@@ -405,7 +411,7 @@ class CallAttempts:
 
     async def answer(self, t: _Try) -> AIMessage:
         """The candidate's checked answer (streamed to `forward` when it listens)."""
-        self.within_budget(t)
+        await self.take_allowance(t)
         if self.ctx.intent is not None:
             await self.intend(t)
         if self.forward is not None:

@@ -91,6 +91,8 @@ class RunContext:
     _static: dict[int, tuple[Needs, Prefilter]] = field(default_factory=dict, repr=False)
     _priced: dict[tuple[str | None, int], tuple[Needs, Priced]] = field(default_factory=dict,
                                                                         repr=False)
+    _holds: dict[asyncio.Task[Any] | None, float] = field(default_factory=dict, repr=False)
+    _released: asyncio.Event | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return f"RunContext(catalog={self.catalog.name!r}, run_id={self.usage.run_id!r})"
@@ -117,6 +119,37 @@ class RunContext:
             hit = self._priced[(node, id(needs))] = (
                 needs, priced(self.static(needs), needs, node, self.verbosity))
         return hit[1]
+
+    # -- budget held by calls in flight (see frugalflow.allowance) --------------------------
+
+    def hold(self, usd: float) -> None:
+        """A call of the current task holds `usd` of the budget until it is recorded."""
+        task = asyncio.current_task()
+        self._holds[task] = self._holds.get(task, 0.0) + usd
+        self.held_usd += usd
+
+    def unhold(self, usd: float) -> None:
+        task = asyncio.current_task()
+        rest = self._holds.get(task, 0.0) - usd
+        if rest > 1e-12:
+            self._holds[task] = rest
+        else:
+            self._holds.pop(task, None)
+        self.held_usd = max(self.held_usd - usd, 0.0)
+        released, self._released = self._released, None
+        if released is not None:
+            released.set()
+
+    def others_hold(self) -> bool:
+        """Whether calls of other tasks hold budget (a wait for them ends)."""
+        task = asyncio.current_task()
+        return any(t is not task for t in self._holds)
+
+    async def hold_released(self) -> None:
+        """Until a call in flight frees what it held."""
+        if self._released is None:
+            self._released = asyncio.Event()
+        await self._released.wait()
 
     def model(self, spec: ModelSpec) -> BaseChatModel:
         """The built chat model for `spec` (built once per catalog, timeout and key)."""
