@@ -9,7 +9,7 @@ parallel calls of the run together stay within the budget. A call whose affordab
 output is below `MIN_USEFUL_OUTPUT` is refused.
 
 The guarantee rests on the prompt's token estimate (about four characters a token), taken
-with an `INPUT_MARGIN`, and on the provider honouring the max output.
+with a margin (`INPUT_MARGIN`, `INPUT_SLACK`), and on the provider honouring the max output.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ __all__ = ["INPUT_MARGIN", "MIN_USEFUL_OUTPUT", "Allowance", "allowance", "max_t
 MIN_USEFUL_OUTPUT = 16
 """Below this many affordable output tokens a call is refused (no useful answer fits)."""
 INPUT_MARGIN = 1.25
-"""The prompt's estimated tokens are taken 25% larger when sizing the max output."""
+"""The prompt's estimated tokens are taken 25% larger when sizing the max output ..."""
+INPUT_SLACK = 32
+"""... plus this many (the provider's per-message template tokens the estimate misses)."""
 HEADROOM = 4.0
 """A call's max output is at most this many times its estimate's high quantile ..."""
 HEADROOM_FLOOR = 2048
@@ -64,7 +66,7 @@ def allowance(spec: ModelSpec, needs: Needs, n_in: int, estimate: TokenEstimate,
               left: float) -> Allowance:
     """The allowance of a call of `n_in` input tokens to `spec`, with `left` USD free."""
     p_in, p_out = spec.input_price_per_mtok / 1e6, spec.output_price_per_mtok / 1e6
-    cost_in = math.ceil(n_in * INPUT_MARGIN) * p_in
+    cost_in = math.ceil(n_in * INPUT_MARGIN + INPUT_SLACK) * p_in
     needed = cost_in + estimate.p90 * p_out
     if needed > left:
         return Allowance(refusal=f"over the remaining budget (${needed:.6f} for its input and "

@@ -370,11 +370,24 @@ class CallAttempts:
         t.allowed = allowed
         self.ctx.hold(allowed.hold_usd)  # no await since it was sized
 
+    def settle_hold(self, t: _Try, message: AIMessage) -> None:
+        """The answer is in: hold only what it costs (a judge validating it may need the
+        rest) until it is recorded."""
+        allowed = t.allowed
+        if allowed is None or not allowed.hold_usd:
+            return
+        paid, _ = billed(message, self.n_in, partial=False)
+        cost = t.spec.cost(paid) if paid is not None else 0.0
+        if cost < allowed.hold_usd:
+            self.ctx.unhold(allowed.hold_usd - cost)
+            t.allowed = Allowance(allowed.max_output, cost, allowed.refusal, allowed.needed_usd)
+
     def unhold(self, t: _Try) -> None:
         """The try's cost is recorded (or it ended unpaid): free what it held."""
         if t.allowed is not None and t.allowed.hold_usd:
             self.ctx.unhold(t.allowed.hold_usd)
-            t.allowed = Allowance(t.allowed.max_output, 0.0, t.allowed.refusal)
+            t.allowed = Allowance(t.allowed.max_output, 0.0, t.allowed.refusal,
+                                  t.allowed.needed_usd)
 
     def call_kwargs(self, t: _Try) -> dict[str, Any]:
         """The call's keywords, with the max output its allowance gives (if any)."""
@@ -445,6 +458,8 @@ class CallAttempts:
         """The adapter's end markers and the output schema; the node's validator is left
         to await (None without one)."""
         spec, routed = t.spec, self.routed
+        if t.allowed is not None:
+            self.settle_hold(t, message)
         spec.adapter.check(message, spec)
         schema = routed.response_schema
         parsed = parse_output(schema, spec, message) if schema is not None else None

@@ -516,7 +516,8 @@ def explain(
         console.print(f"[bold]{node}[/] ({needs.describe()}): "
                       f"{len(ok)} candidates, ${min(costs):.6f} .. ${max(costs):.6f} per call")
         for r in ok:
-            console.print(f"  {r['rank']:>2}. {r['model']}  ${r['expected_cost_usd']:.6f}")
+            console.print(f"  {r['rank']:>2}. {r['model']}  ${r['expected_cost_usd']:.6f}  "
+                          f"~{r['output_tokens']} out tokens ({r['output_source']})")
         for r in rows:
             if not r["accepted"]:
                 console.print(f"   [dim]x {r['model']}: {'; '.join(r['reasons'])}[/]")

@@ -295,3 +295,55 @@ async def test_the_runner_reads_estimates_from_its_ledger(tmp_path: Any) -> None
     e = v.ledger[key]
     assert e.n == 2 and e.source == "measured (ledger, n=2)"
     assert 0 < e.p50 < 200  # the simulator's short answers, not the 400-token default
+
+
+def test_binding_tools_keeps_the_default_a_default() -> None:
+    ref_spec = ref("gpt-4o")
+    tools_needs = Needs().with_(tools=True)
+    assert prior_estimate(tools_needs, ref_spec).source == "prior (model verbosity)"
+    assert prior_estimate(Needs(expected_output_tokens=90).with_(tools=True),
+                          ref_spec).p50 == 90
+
+
+# -- the bound reaches real integrations -----------------------------------------------------
+
+_BOUND = {"openai": ("max_completion_tokens",), "anthropic": ("max_tokens",),
+          "gemini": ("generationConfig", "maxOutputTokens")}
+
+
+def _bound(route: str, body: dict[str, Any]) -> int:
+    value: Any = body
+    for k in _BOUND[route]:
+        value = value[k]
+    return int(value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("key", "route"), [("openai/gpt-4o-mini", "openai"),
+                                            ("anthropic/claude-haiku-4-5", "anthropic"),
+                                            ("google/gemini-2.5-flash", "gemini")])
+async def test_each_integration_sends_the_max_output(key: str, route: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
+
+    monkeypatch.setenv(EMULATOR_KEY_ENV, "emulator-test-key")
+
+    def long_answer(provider: str, model: str, body: dict[str, Any]) -> str:
+        # A model that would write 50,000 tokens, stopped at the bound the request carries.
+        return "word " * (4 * _bound(provider, body) // 5)
+
+    async with ProviderEmulator(seed=0, responder=long_answer) as emu:
+        cat = emulated_catalog(emu, [key])
+        budget = 0.02
+        ctx = RunContext(catalog=cat, usage=RunUsage(budget_usd=budget, run_id="wire"))
+        model = RoutedChatModel(needs=Needs(), node="n", context=ctx)
+        try:
+            await model.ainvoke(HI)
+        finally:
+            await cat.aclose()
+    (request,) = emu.requests
+    spec_ = cat[key]
+    bound = _bound(route, request.body)
+    assert MIN_USEFUL_OUTPUT <= bound <= spec_.max_output
+    assert spec_.estimate_cost(50, 50_000) > budget  # unbounded, the answer breaks the cap
+    assert 0 < ctx.usage.spent_usd <= budget
