@@ -174,6 +174,11 @@ class Prefilter:
     """Per row: its place in (-quality, latency, catalog order), which breaks cost ties."""
     by_tiebreak: list[int] = field(default_factory=list)
     """The row at each tie-break place."""
+    prior: Priced | None = None
+    """The rows' prior output estimates and `prices` (what a node nothing was measured of
+    uses: computed once per needs, not per run)."""
+    explicit_out: bool = False
+    """Whether the needs set expected_output_tokens themselves (the prior depends on it)."""
 
 
 def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
@@ -196,10 +201,15 @@ def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
     tiebreak = [0] * len(rows)
     for place, i in enumerate(by_tiebreak):
         tiebreak[i] = place
+    estimates = [prior_estimate(needs, s) for s in eligible]
+    prices = [(r[1], e.p50 * r[2]) for r, e in zip(rows, estimates)]
     return Prefilter(eligible, rejected, rows, min((s.window for s in eligible), default=0),
-                     all(s.caps.vision for s in eligible),
-                     [(r[1], prior_estimate(needs, r[0]).p50 * r[2]) for r in rows],
-                     tiebreak, by_tiebreak)
+                     all(s.caps.vision for s in eligible), prices, tiebreak, by_tiebreak,
+                     Priced(prices, estimates), _explicit_out(needs))
+
+
+def _explicit_out(needs: Needs) -> bool:
+    return "expected_output_tokens" in needs.model_fields_set
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +226,9 @@ def priced(static: Prefilter, needs: Needs, node: str | None,
            verbosity: Verbosity | None) -> Priced:
     """The expected output of each of `static`'s models on `node` (a run computes it once
     per node; `verbosity` None: the prior)."""
+    if (static.prior is not None and (verbosity is None or not verbosity.knows(node))
+            and static.explicit_out == _explicit_out(needs)):
+        return static.prior  # nothing measured of this node: the prior, computed once
     v = verbosity if verbosity is not None else Verbosity()
     estimates = [v.estimate(node, needs, row[0]) for row in static.rows]
     return Priced([(row[1], e.p50 * row[2]) for row, e in zip(static.rows, estimates)],

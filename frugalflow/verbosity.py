@@ -191,6 +191,16 @@ class Verbosity:
     """(node, `provider/model`) -> measured by an evaluation (a stored policy's evidence)."""
     min_measured: int = MIN_MEASURED
     prior: VerbosityPrior | None = None
+    _nodes: frozenset[str] = field(default=frozenset(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        nodes = {n for n, _ in self.ledger} | {n for n, _ in self.evaluated}
+        object.__setattr__(self, "_nodes", frozenset(nodes))
+
+    def knows(self, node: str | None) -> bool:
+        """Whether `node`'s estimates differ from the built-in prior's (something of it was
+        measured, or this holds its own prior)."""
+        return self.prior is not None or node in self._nodes
 
     def estimate(self, node: str | None, needs: Needs, spec: ModelSpec) -> TokenEstimate:
         if node is not None:
