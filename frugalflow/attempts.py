@@ -319,7 +319,8 @@ class CallAttempts:
         limiter = self.ctx.limiter
         if limiter is None:
             return None
-        tokens = self.n_in + self.routed.needs.expected_output_tokens
+        tokens = self.n_in + (round(self.priced.estimates[c.order].p50) if self.priced
+                              else self.routed.needs.expected_output_tokens)
         reservation = await limiter.aacquire(spec, tokens)
         if not reservation:
             self.skipped.append(f"{spec.key}: over its rate limit (last 60 s)")
