@@ -554,6 +554,7 @@ class Runner:
             elif mode == "tasks":
                 # a "tasks" event is a dict (a task starting or its result)
                 await self._on_task(run_id, cast("dict[str, Any]", chunk))
+        self.verbosity.ran(row.flow)
         snapshot = await compiled.graph.aget_state(config)
         end.interrupts = [scrub(i.value) for i in snapshot.interrupts]
         end.status = (RunStatus.INTERRUPTED if snapshot.next or end.interrupts

@@ -68,7 +68,9 @@ LEDGER_ROWS = 20_000
 PER_PAIR = 500
 """The newest calls of one node x model an estimate is made of."""
 CACHE_SECONDS = 60.0
-"""A runner reuses a flow's estimates this long (every run's start would query otherwise)."""
+"""A runner reuses a flow's estimates this long (every run's start would query otherwise)..."""
+REFRESH_SECONDS = 1.0
+"""... or this long once a run of the flow ended in the runner (its calls are news)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,18 +265,27 @@ async def ledger_rows(store: Store, *, flow: str | None, since: datetime,
 
 
 class VerbosityCache:
-    """A runner's estimates per flow, read from its ledger at most every `ttl` seconds."""
+    """A runner's estimates per flow, read from its ledger at most every `ttl` seconds, or
+    every `refresh` seconds after a run of the flow ended here."""
 
     def __init__(self, *, q: float = HIGH_QUANTILE, ttl: float = CACHE_SECONDS,
-                 window: timedelta = LEDGER_WINDOW) -> None:
-        self.q, self.ttl, self.window = q, ttl, window
+                 refresh: float = REFRESH_SECONDS, window: timedelta = LEDGER_WINDOW) -> None:
+        self.q, self.ttl, self.refresh, self.window = q, ttl, refresh, window
         self._cache: dict[str | None, tuple[float, Verbosity]] = {}
+        self._ran: set[str | None] = set()
+
+    def ran(self, flow: str | None) -> None:
+        """A run of `flow` ended here: its calls are in the ledger."""
+        self._ran.add(flow)
 
     async def get(self, store: Store, flow: str | None) -> Verbosity:
         now = time.monotonic()
         hit = self._cache.get(flow)
-        if hit is not None and now - hit[0] < self.ttl:
-            return hit[1]
+        if hit is not None:
+            age = now - hit[0]
+            if age < (self.refresh if flow in self._ran else self.ttl):
+                return hit[1]
+        self._ran.discard(flow)
         since = datetime.now(timezone.utc) - self.window
         rows = await ledger_rows(store, flow=flow, since=since)
         # Grouping thousands of rows is CPU work: off the event loop.
