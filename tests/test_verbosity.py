@@ -29,6 +29,7 @@ from frugalflow.verbosity import (
     DEFAULT_OUTPUT_TOKENS,
     TokenEstimate,
     Verbosity,
+    VerbosityCache,
     VerbosityPrior,
     prior_estimate,
 )
@@ -284,10 +285,11 @@ async def test_parallel_calls_wait_for_holds_rather_than_fail() -> None:
 async def test_the_runner_reads_estimates_from_its_ledger(tmp_path: Any) -> None:
     cat = Catalog.simulated()
     runner = Runner(f"sqlite:///{tmp_path / 'l.db'}", flows=[_chain(2)], catalog=cat)
+    runner.verbosity = VerbosityCache(refresh=0.0)  # (default: a second after a run ends)
     try:
         for i in range(2):
             assert (await runner.start("long_chain", {"topic": str(i)})).ok
-        runner.verbosity.forget()
+        # Read at the second run's start (one call then); a run ended since: read again.
         v = await runner.verbosity.get(runner.store, "long_chain")
     finally:
         await runner.close()
