@@ -135,7 +135,8 @@ class RunContext:
             self._holds[task] = rest
         else:
             self._holds.pop(task, None)
-        self.held_usd = max(self.held_usd - usd, 0.0)
+        # (exactly 0 once nothing is held: no float residue left to hold)
+        self.held_usd = max(self.held_usd - usd, 0.0) if self._holds else 0.0
         released, self._released = self._released, None
         if released is not None:
             released.set()
