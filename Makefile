@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast typecheck bench clean
+.PHONY: install demo test test-fast typecheck bench notebooks clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-fast: install
 # mypy --strict on frugalflow/ (settings in pyproject.toml [tool.mypy]).
 typecheck: install
 	$(PY) -m mypy
+
+# Re-execute the example notebooks in place, so the committed copies carry their outputs.
+notebooks: install
+	$(PY) examples/execute.py
 
 bench: install
 	$(PY) bench/overhead.py

@@ -28,14 +28,14 @@ planner = Agent(
 researcher = Agent(
     name="research",
     instructions="Answer the sub-question from the knowledge base in 2-3 sentences; cite files.",
-    needs=Needs(quality={"summarization": 0.65}, expected_output_tokens=200),
+    needs=Needs(quality={"summarization": 0.2}, expected_output_tokens=200),
     prompt=lambda s: f"Sub-question: {s['question']}",
 )
 
 synthesizer = Agent(
     name="synthesize",
     instructions="Write a concise brief (under 200 words) from the findings; keep citations.",
-    needs=Needs(quality={"writing": 0.8}, expected_output_tokens=400),
+    needs=Needs(quality={"writing": 0.28}, expected_output_tokens=400),
     prompt=lambda s: (f"Topic: {s['topic']}\nFindings:\n" + "\n".join(s.get("findings", []))
                       + (f"\nFix these issues: {s['issues']}" if s.get("issues") else "")),
 )
@@ -43,7 +43,7 @@ synthesizer = Agent(
 critic = Agent(
     name="critique",
     instructions="Check the brief against the findings: unsupported claims, gaps, clarity.",
-    needs=Needs(quality={"reasoning": 0.8}, expected_output_tokens=150),
+    needs=Needs(quality={"reasoning": 0.72}, expected_output_tokens=150),
     output=Critique,
     prompt=lambda s: f"Findings:\n{s.get('findings')}\n\nBrief:\n{s['brief']}",
 )

@@ -33,7 +33,7 @@ def _ticket(state: Any) -> str:
 triager = Agent(
     name="triage",
     instructions="Classify the support ticket and say whether it is urgent.",
-    needs=Needs(quality={"classification": 0.6}, expected_output_tokens=20),
+    needs=Needs(quality={"classification": 0.34}, expected_output_tokens=20),
     output=Triage,
     prompt=_ticket,
 )
@@ -41,7 +41,7 @@ triager = Agent(
 extractor = Agent(
     name="extract",
     instructions="Extract the ticket's fields. Use 'unknown' or null when absent.",
-    needs=Needs(quality={"extraction": 0.7}, expected_output_tokens=120),
+    needs=Needs(quality={"extraction": 0.2}, expected_output_tokens=120),
     output=TicketFields,
     prompt=_ticket,
 )
@@ -49,7 +49,7 @@ extractor = Agent(
 drafter = Agent(
     name="draft",
     instructions="Write a short, friendly, accurate reply to the customer.",
-    needs=Needs(quality={"writing": 0.8}, expected_output_tokens=350),
+    needs=Needs(quality={"writing": 0.28}, expected_output_tokens=350),
     prompt=lambda s: f"Ticket: {s['ticket']}\nKnown fields: {s.get('fields')}",
 )
 
@@ -57,6 +57,6 @@ reviewer = Agent(
     name="review",
     instructions=("Review the reply for accuracy, tone and policy. Start with APPROVE or "
                   "REJECT, then one sentence of reasons."),
-    needs=Needs(quality={"reasoning": 0.8}, expected_output_tokens=150),
+    needs=Needs(quality={"reasoning": 0.72}, expected_output_tokens=150),
     prompt=lambda s: f"Ticket:\n{s['ticket']}\n\nReply:\n{s['draft']}",
 )

@@ -99,7 +99,7 @@ def chaos_flow(log_path: str | None = None) -> Flow[ChaosState]:
         finally:
             os.close(fd)
 
-    @flow.node(needs=Needs(quality={"classification": 0.6}, expected_output_tokens=5))
+    @flow.node(needs=Needs(quality={"classification": 0.45}, expected_output_tokens=5))
     async def classify(state: ChaosState, model: RoutedChatModel, config: Any) -> ChaosState:
         log("start", "classify", config)
         answer = await model.ainvoke([SystemMessage("Classify: billing, shipping or other."),
@@ -115,7 +115,7 @@ def chaos_flow(log_path: str | None = None) -> Flow[ChaosState]:
         log("end", "extract", config)
         return {"fields": fields.model_dump()}  # type: ignore[union-attr]
 
-    @flow.node(needs=Needs(quality={"writing": 0.7}, expected_output_tokens=120))
+    @flow.node(needs=Needs(quality={"writing": 0.28}, expected_output_tokens=120))
     async def draft(state: ChaosState, model: RoutedChatModel, config: Any) -> ChaosState:
         log("start", "draft", config)
         answer = await model.ainvoke([HumanMessage(
@@ -123,7 +123,7 @@ def chaos_flow(log_path: str | None = None) -> Flow[ChaosState]:
         log("end", "draft", config)
         return {"draft": str(answer.content)}
 
-    @flow.node(needs=Needs(quality={"reasoning": 0.6}, expected_output_tokens=40))
+    @flow.node(needs=Needs(quality={"reasoning": 0.45}, expected_output_tokens=40))
     async def review(state: ChaosState, model: RoutedChatModel, config: Any) -> ChaosState:
         log("start", "review", config)
         answer = await model.ainvoke([HumanMessage(

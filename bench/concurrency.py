@@ -103,7 +103,7 @@ def frugal_flow(args: argparse.Namespace) -> Flow[State]:
         return node
 
     for i in range(args.nodes):
-        needs = Needs(quality={"classification": 0.6}) if args.node == "model" else None
+        needs = Needs(quality={"classification": 0.45}) if args.node == "model" else None
         flow.add_node(f"n{i}", make(i), needs=needs)
         flow.add_edge(START if i == 0 else f"n{i - 1}", f"n{i}")
     flow.add_edge(f"n{args.nodes - 1}", END)

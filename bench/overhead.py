@@ -60,7 +60,7 @@ def frugal_flow(n: int):  # type: ignore[no-untyped-def]
         return {"last": str(msg.content)[:20]}
 
     for i in range(n):
-        flow.add_node(f"n{i}", node, needs=Needs(quality={"classification": 0.6}))
+        flow.add_node(f"n{i}", node, needs=Needs(quality={"classification": 0.45}))
         flow.add_edge(START if i == 0 else f"n{i - 1}", f"n{i}")
     flow.add_edge(f"n{n - 1}", END)
     return flow.compile(Catalog.simulated(), checkpointer=InMemorySaver(),

@@ -60,10 +60,17 @@ from frugalflow.learning import (
     Example,
     LearnedRouter,
     LexicalFeaturizer,
+    OperatingPoint,
+    Rule,
     choose,
     embeddings_available,
+    hull_mix,
 )
+from frugalflow.learning.hull import default_params, route_batch
 from frugalflow.usage import Usage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_metrics import accuracy_at_cost, apgr, auc, cpt, pgr_curve  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -97,6 +104,7 @@ MMLU_PRO_PREFIX_TOKENS = 3500
 GSM8K_PREFIX_TOKENS = 1200
 ROUTELLM_MMLU_OUTPUT_TOKENS = 1
 TARGET_SHARE = 0.95  # of the best single model's accuracy
+COST_SHARES = (0.2, 0.5)  # accuracy at these shares of the best single model's cost
 ISSUE_TARGET_PCT = 50.0  # issue: the router reaches it at <= 50% of that model's cost
 
 
@@ -117,6 +125,7 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
     n_read: int = 0
     dropped: int = 0
+    test_mask: np.ndarray | None = None  # [n] bool: the file's own test rows (--split-column)
 
     @property
     def n(self) -> int:
@@ -233,10 +242,9 @@ def _mc_prompt(question: str, options: str) -> str:
     return question + "".join(f"\n{letters[i]}. {o}" for i, o in enumerate(opts[:16]))
 
 
-def load_mmlu_pro(data: Path, prefix_tokens: int,
-                  prices: dict[str, tuple[float, float]]) -> Dataset:
+def load_mmlu_pro(data: Path, prefix_tokens: int, prices: dict[str, tuple[float, float]],
+                  models: Sequence[str] = MMLU_PRO_LADDER) -> Dataset:
     rows = _read_rows(data / "mmlu-pro" / "mmlu_pro_correctness.csv.gz")
-    models = MMLU_PRO_LADDER
     kept = _keep_complete(rows, models)
     texts = [_mc_prompt(r["question"], r["options"]) for r in kept]
     in_tok = np.array([prefix_tokens + (len(r["question"]) + len(r["options"])) / 4 for r in kept])
@@ -250,7 +258,7 @@ def load_mmlu_pro(data: Path, prefix_tokens: int,
         *pnotes, *_token_notes(models, in_tok, out_tok),
     ]
     return Dataset(
-        "MMLU-Pro", texts, [r["category"] for r in kept], models,
+        "MMLU-Pro", texts, [r["category"] for r in kept], list(models),
         np.array([[_truth(r[f"correct:{m}"]) for m in models] for r in kept], dtype=bool),
         cost, in_tok, out_tok, unit, notes, len(rows), len(rows) - len(kept),
     )
@@ -306,8 +314,11 @@ def load_routellm_gsm8k(data: Path, prefix_tokens: int,
     )
 
 
+TASK_COLUMNS = ("category", "task", "eval_name", "subject")
+
+
 def load_csv(path: Path, models: list[str], prefix_tokens: int, output_tokens: int | None,
-             prices: dict[str, tuple[float, float]]) -> Dataset:
+             prices: dict[str, tuple[float, float]], split_column: str = "split") -> Dataset:
     rows = _read_rows(path)
     if not rows:
         sys.exit(f"error: {path} has no rows")
@@ -315,36 +326,55 @@ def load_csv(path: Path, models: list[str], prefix_tokens: int, output_tokens: i
     text_col = "prompt" if "prompt" in cols else "question" if "question" in cols else None
     if text_col is None:
         sys.exit(f"error: {path} needs a 'prompt' or 'question' column")
-    cat_col = next((c for c in ("category", "subject") if c in cols), None)
-    kept = _keep_complete(rows, models)
+    cat_col = next((c for c in TASK_COLUMNS if c in cols), None)
+    given = [m for m in models if f"cost:{m}" in cols]  # per-query costs win over prices
+    kept = [r for r in _keep_complete(rows, models) if all(r[f"cost:{m}"].strip() for m in given)]
     if len(kept) < 20:
         sys.exit(f"error: only {len(kept)} complete rows in {path}; need at least 20")
     texts = [r[text_col] + (f"\n{r['options']}" if r.get("options") else "") for r in kept]
     correct = np.array([[_truth(r[f"correct:{m}"]) for m in models] for r in kept], dtype=bool)
-    if all(f"cost:{m}" in cols for m in models):
-        cost = np.array([[float(r[f"cost:{m}"] or 0) for m in models] for r in kept])
-        notes = ["costs: the file's cost:<model> columns (USD per query, as given)"]
-        in_tok = out_tok = None
-        unit: dict[str, tuple[float, float]] = {}
-    else:
+    cost = np.zeros((len(kept), len(models)))
+    for m in given:
+        cost[:, models.index(m)] = [float(r[f"cost:{m}"]) for r in kept]
+    notes = [f"costs of {', '.join(given)}: the file's cost:<model> columns (USD per query, as "
+             "given; a router expects each model's mean on the train split)"] if given else []
+    priced = [m for m in models if m not in given]
+    in_tok = out_tok = None
+    unit: dict[str, tuple[float, float]] = {}
+    if priced:
         in_tok = np.array([prefix_tokens + len(t) / 4 for t in texts])
-        if output_tokens is not None:
-            out_tok = np.full((len(kept), len(models)), float(output_tokens))
-            onote = f"output tokens = {output_tokens} per query (--output-tokens)"
-        else:
-            absent = [m for m in models if f"out_chars:{m}" not in cols]
-            if absent:
-                sys.exit(f"error: no cost:{absent[0]} or out_chars:{absent[0]} column; add one "
-                         "or pass --output-tokens N")
-            out_tok = np.array([[float(r[f"out_chars:{m}"] or 0) / 4 for m in models]
-                                for r in kept])
-            onote = "output tokens = out_chars:<model> / 4"
-        cost, unit, pnotes = _costs(models, in_tok, out_tok, prices)
-        notes = [f"input tokens = {prefix_tokens} (--prefix-tokens) + len(text) / 4", onote,
-                 *pnotes, *_token_notes(models, in_tok, out_tok)]
+        out_tok, onote = _csv_output_tokens(kept, models, priced, output_tokens)
+        part, unit, pnotes = _costs(priced, in_tok, out_tok[:, [models.index(m) for m in priced]],
+                                    prices)
+        for k, m in enumerate(priced):
+            cost[:, models.index(m)] = part[:, k]
+        notes += [f"input tokens = {prefix_tokens} (--prefix-tokens) + len(text) / 4", onote,
+                  *pnotes, *_token_notes(priced, in_tok, out_tok[:, [models.index(m)
+                                                                     for m in priced]])]
     cats = [r[cat_col] or None for r in kept] if cat_col else None
+    if cat_col:
+        notes.append(f"task column: {cat_col!r} (stratifies the split; a router feature)")
+    test_mask = None
+    if split_column in cols:
+        test_mask = np.array([r[split_column].strip().lower() == "test" for r in kept])
+        if test_mask.all() or not test_mask.any():
+            sys.exit(f"error: the {split_column!r} column needs both 'test' rows and others "
+                     "(train); fix it or pass --split-column none")
     return Dataset(path.name, texts, cats, models, correct, cost, in_tok, out_tok, unit, notes,
-                   len(rows), len(rows) - len(kept))
+                   len(rows), len(rows) - len(kept), test_mask)
+
+
+def _csv_output_tokens(kept: list[dict[str, str]], models: list[str], priced: list[str],
+                       output_tokens: int | None) -> tuple[np.ndarray, str]:
+    if output_tokens is not None:
+        return (np.full((len(kept), len(models)), float(output_tokens)),
+                f"output tokens = {output_tokens} per query (--output-tokens)")
+    absent = [m for m in priced if f"out_chars:{m}" not in kept[0]]
+    if absent:
+        sys.exit(f"error: no cost:{absent[0]} or out_chars:{absent[0]} column; add one "
+                 "or pass --output-tokens N")
+    out = np.array([[float(r.get(f"out_chars:{m}") or 0) / 4 for m in models] for r in kept])
+    return out, "output tokens = out_chars:<model> / 4"
 
 
 # -- split -----------------------------------------------------------------------------
@@ -385,48 +415,44 @@ class RouterKind:
     rule: str  # "value": argmax p - lambda * cost; "target": cheapest with p >= t
 
 
+UNCONVERGED: dict[str, int] = {}  # router kind -> fits stopped at --max-iter
+
+
 def fit_predict(kind: RouterKind, ds: Dataset, train: np.ndarray,
                 test: np.ndarray) -> np.ndarray:
     router = kind.make().fit(examples(ds, train), heads=ds.models)
+    if router.n_iter >= router.max_iter:
+        UNCONVERGED[kind.name] = UNCONVERGED.get(kind.name, 0) + 1
     cats = [ds.categories[i] for i in test] if ds.categories else None
     return router.predict_batch([ds.texts[i] for i in test], ds.models, cats)
 
 
 def expected_costs(ds: Dataset, train: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """What a router knows before the call: this prompt's input tokens, the mean output."""
+    """What a router knows before the call: this prompt's input tokens and the mean output
+    for a model priced by tokens; the mean on train for a model whose costs are given."""
+    out = np.repeat(ds.cost[train].mean(axis=0)[None, :], len(rows), axis=0)
     if ds.in_tokens is None or ds.out_tokens is None:
-        return np.repeat(ds.cost[train].mean(axis=0)[None, :], len(rows), axis=0)
-    mean_out = ds.out_tokens[train].mean(axis=0)
-    pin = np.array([ds.unit_prices[m][0] for m in ds.models])
-    pout = np.array([ds.unit_prices[m][1] for m in ds.models])
-    return ds.in_tokens[rows][:, None] * pin[None, :] + (mean_out * pout)[None, :]
+        return out
+    for j, m in enumerate(ds.models):
+        if m in ds.unit_prices:
+            pin, pout = ds.unit_prices[m]
+            out[:, j] = ds.in_tokens[rows] * pin + ds.out_tokens[train, j].mean() * pout
+    return out
+
+
+def _rule(rule: str) -> Rule:
+    return Rule.PRICE_WEIGHT if rule == "value" else Rule.TARGET
 
 
 def route(rule: str, P: np.ndarray, C: np.ndarray, param: float) -> np.ndarray:
-    """The model each row goes to: the first model of `choose`'s order, vectorised.
-
-    "value": argmax of p - param * cost; "target": the cheapest model (by expected cost)
-    with p >= param, else the most likely one.
-    """
-    if rule == "value":
-        return np.argmax(P - param * C, axis=1)
-    n = len(P)
-    pick = np.full(n, -1)
-    cost_rank = np.argsort(C, axis=1, kind="stable")
-    for r in range(P.shape[1]):
-        j = cost_rank[:, r]
-        ok = (pick < 0) & (P[np.arange(n), j] >= param)
-        pick[ok] = j[ok]
-    rest = pick < 0
-    pick[rest] = np.argmax(P[rest], axis=1)
-    return pick
+    """The model each row goes to: the first model of `choose`'s order, vectorised
+    (`frugalflow.learning.hull.route_batch`). "value": argmax of p - param * cost;
+    "target": the cheapest model (by expected cost) with p >= param, else the most likely."""
+    return route_batch(_rule(rule), P, C, param)
 
 
 def params_for(rule: str, C: np.ndarray) -> np.ndarray:
-    if rule == "value":
-        scale = float(C.max(axis=1).mean())
-        return np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 400) / scale])
-    return np.linspace(0.0, 1.0, 401)
+    return default_params(_rule(rule), C)
 
 
 @dataclass
@@ -471,77 +497,15 @@ def curve_table(points: Sequence[Point], models: Sequence[str], best_cost: float
         if all(p is not q for q in chosen):
             chosen.append(p)
     label = "lambda/USD" if rule == "value" else "target p"
-    short = [_short(m) for m in models]
-    head = f"    {label:>11s}  " + " ".join(f"{s:>7s}" for s in short)
+    widths = [max(7, len(m)) for m in models]
+    head = f"    {label:>11s}  " + " ".join(f"{m:>{w}s}" for m, w in zip(models, widths, strict=True))
     head += "  accuracy    cost USD  % of best"
     lines = [head]
     for p in chosen:
-        shares = " ".join(f"{100 * s:6.1f}%" for s in p.shares)
+        shares = " ".join(f"{100 * s:{w - 1}.1f}%" for s, w in zip(p.shares, widths, strict=True))
         lines.append(f"    {p.param:11.4g}  {shares}  {p.acc:8.4f}  {p.cost:10.4f}  "
                      f"{100 * p.cost / best_cost:8.1f}%")
     return lines
-
-
-def _short(model: str) -> str:
-    table = {
-        "Meta-Llama-3_1-8B-Instruct": "L3.1-8B", "gemini-1.5-flash-002": "G1.5F",
-        "Meta-Llama-3_1-70B-Instruct": "L3.1-70", "gemini-1.5-pro-002": "G1.5P",
-        "gemini-3.1-pro": "G3.1P", "mixtral-8x7b-instruct": "Mixtral",
-        "gpt-4-1106-preview": "GPT-4",
-    }
-    return table.get(model, model[:7])
-
-
-def auc(score: np.ndarray, label: np.ndarray) -> float:
-    """Area under the ROC curve: P(a random success scores above a random failure)."""
-    label = np.asarray(label, dtype=bool)
-    pos, neg = int(label.sum()), int((~label).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(score, kind="stable")
-    ranks = np.empty(len(score))
-    ranks[order] = np.arange(1, len(score) + 1)
-    # Ties share their mean rank.
-    s_sorted = score[order]
-    start = 0
-    for i in range(1, len(score) + 1):
-        if i == len(score) or s_sorted[i] != s_sorted[start]:
-            if i - start > 1:
-                ranks[order[start:i]] = (start + 1 + i) / 2
-            start = i
-    return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def pgr_curve(score: np.ndarray, correct: np.ndarray, weak: int, strong: int,
-              grid: np.ndarray) -> np.ndarray:
-    """Accuracy when the top share (by score) of queries goes to the strong model."""
-    order = np.argsort(-score, kind="stable")
-    accs = []
-    n = len(score)
-    for s in grid:
-        k = int(round(s * n))
-        use_strong = np.zeros(n, dtype=bool)
-        use_strong[order[:k]] = True
-        accs.append(np.where(use_strong, correct[:, strong], correct[:, weak]).mean())
-    return np.array(accs)
-
-
-def apgr(acc: np.ndarray, grid: np.ndarray, weak_acc: float, strong_acc: float) -> float:
-    pgr = (acc - weak_acc) / (strong_acc - weak_acc)
-    return float(np.sum((pgr[1:] + pgr[:-1]) / 2 * np.diff(grid)))
-
-
-def cpt(acc: np.ndarray, grid: np.ndarray, weak_acc: float, strong_acc: float,
-        x: float) -> float | None:
-    """Smallest strong-call share whose PGR reaches x (linear between grid points)."""
-    pgr = (acc - weak_acc) / (strong_acc - weak_acc)
-    for i in range(len(grid)):
-        if pgr[i] >= x:
-            if i == 0:
-                return float(grid[0])
-            a, b = pgr[i - 1], pgr[i]
-            return float(grid[i - 1] + (x - a) / (b - a) * (grid[i] - grid[i - 1]))
-    return None
 
 
 @dataclass
@@ -562,10 +526,15 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) 
     print("=" * 100)
     print(f"{ds.name}: {ds.n_read:,} rows read, {ds.dropped:,} dropped (a blank outcome for a "
           f"model of the ladder), {ds.n:,} used")
-    train, test = split(ds.n, ds.categories, args.test_frac, args.seed)
-    strat = "stratified by category" if ds.categories else "no category column: unstratified"
-    print(f"split: seed {args.seed}, {len(train):,} train / {len(test):,} test questions "
-          f"({100 * (1 - args.test_frac):.0f}/{100 * args.test_frac:.0f}, {strat})")
+    if ds.test_mask is not None:
+        train, test = np.flatnonzero(~ds.test_mask), np.flatnonzero(ds.test_mask)
+        print(f"split: the file's {args.split_column!r} column, {len(train):,} train / "
+              f"{len(test):,} test questions (rows marked 'test' are the test split)")
+    else:
+        train, test = split(ds.n, ds.categories, args.test_frac, args.seed)
+        strat = "stratified by category" if ds.categories else "no category column: unstratified"
+        print(f"split: seed {args.seed}, {len(train):,} train / {len(test):,} test questions "
+              f"({100 * (1 - args.test_frac):.0f}/{100 * args.test_frac:.0f}, {strat})")
     for line in ds.notes:
         print(line)
     sp = _baselines(ds, train, test)
@@ -577,9 +546,12 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, kinds: list[RouterKind]) 
         P = _router_on_test(ds, args, kind, sp, C_test, out)
         _operating_point(ds, args, kind, sp, P, C_test, out)
         if len(ds.models) == 2:
-            scores[kind.name] = P[:, 1] - P[:, 0]
+            scores[kind.name] = P[:, 1] - P[:, 0]  # turned to strong - weak below
     if len(ds.models) == 2:
-        _pgr_report(ds, sp.Y, scores, args.seed)
+        weak, strong = weak_strong(ds, sp.train, args.strong)
+        if (weak, strong) == (1, 0):
+            scores = {name: -sc for name, sc in scores.items()}
+        _pgr_report(ds, sp.Y, scores, args.seed, weak, strong)
     print(f"[{ds.name}: {time.perf_counter() - t0:.1f} s]")
     return out
 
@@ -615,8 +587,8 @@ def _baselines(ds: Dataset, train: np.ndarray, test: np.ndarray) -> _Split:
     if acc[best] > acc[cheap]:
         s = max(0.0, (target - acc[cheap]) / (acc[best] - acc[cheap]))
         mix = (1 - s) * total[cheap] + s * total[best]
-        print(f"    random {_short(ds.models[cheap])}/{_short(ds.models[best])} mix reaching the "
-              f"target sends {pct(s)} to {_short(ds.models[best])}: {100 * mix / best_cost:.1f}% "
+        print(f"    random {ds.models[cheap]}/{ds.models[best]} mix reaching the "
+              f"target sends {pct(s)} to {ds.models[best]}: {100 * mix / best_cost:.1f}% "
               "of the best model's cost (expected value)")
     print(f"target: {TARGET_SHARE:.0%} of {ds.models[best]}'s accuracy = {target:.4f}")
     return _Split(train, test, Y, paid, best, best_cost, target)
@@ -634,7 +606,7 @@ def _router_on_test(ds: Dataset, args: argparse.Namespace, kind: RouterKind, sp:
             if kind.rule == "value" else "cheapest with p >= t (choose(target=t))")
     print(f"{kind.name}: rule {rule}; fit + predict {fit_s:.1f} s")
     _check_choose(kind.rule, P, C_test, ds.models)
-    aucs = "  ".join(f"{_short(m)} {auc(P[:, j], sp.Y[:, j]):.3f}"
+    aucs = "  ".join(f"{m} {auc(P[:, j], sp.Y[:, j]):.3f}"
                      for j, m in enumerate(ds.models))
     print(f"  ROC AUC of predicted success on test (0.5 = blind): {aucs}")
     print("  cost-quality curve on test (shares of calls per model):")
@@ -648,6 +620,15 @@ def _router_on_test(ds: Dataset, args: argparse.Namespace, kind: RouterKind, sp:
               f"{100 * hit.cost / sp.best_cost:.1f}% of {ds.models[sp.best]}'s cost "
               f"(accuracy {hit.acc:.4f}, param {hit.param:.4g})")
         out[f"{kind.name}:curve_pct"] = 100 * hit.cost / sp.best_cost
+    for share in COST_SHARES:
+        got = accuracy_at_cost(np.array([p.cost for p in pts]), np.array([p.acc for p in pts]),
+                               share * sp.best_cost)
+        if got is None:
+            print(f"  accuracy at {share:.0%} of the best model's cost: no point that cheap")
+            continue
+        print(f"  accuracy at {share:.0%} of the best model's cost (test curve): {got[0]:.4f}; "
+              f"mixing two points: {got[1]:.4f}")
+        out[f"{kind.name}:acc@{share:.0%}"] = got[1]
     return P
 
 
@@ -680,7 +661,7 @@ def _operating_point(ds: Dataset, args: argparse.Namespace, kind: RouterKind, sp
     pick = route(kind.rule, P, C_test, chosen.param)
     v_acc, v_cost = sp.Y[rows, pick].mean(), sp.paid[rows, pick].sum()
     counts = np.bincount(pick, minlength=M) / len(pick)
-    shares = " ".join(f"{_short(m)} {100 * s:.1f}%"
+    shares = " ".join(f"{m} {100 * s:.1f}%"
                       for m, s in zip(ds.models, counts, strict=True))
     verdict = "reaches" if v_acc >= sp.target else "misses"
     print(f"  operating point chosen without test labels (param {chosen.param:.4g}: the "
@@ -690,6 +671,28 @@ def _operating_point(ds: Dataset, args: argparse.Namespace, kind: RouterKind, sp
           f"{100 * v_cost / sp.best_cost:.1f}% of {ds.models[sp.best]}'s; calls: {shares}")
     out[f"{kind.name}:val_pct"] = 100 * v_cost / sp.best_cost
     out[f"{kind.name}:val_acc"] = float(v_acc)
+    _hull_point(ds, kind, sp, P, C_test, oof_pts, train_target, out)
+
+
+def _hull_point(ds: Dataset, kind: RouterKind, sp: _Split, P: np.ndarray, C_test: np.ndarray,
+                oof_pts: Sequence[Point], train_target: float, out: dict[str, float]) -> None:
+    """The same target met by a random mix of two adjacent points of the out-of-fold curve's
+    lower convex hull (`frugalflow.learning.hull_mix`, on observed rates), run on test."""
+    k = len(sp.train)
+    curve = [OperatingPoint(p.param, k, int(round(p.acc * k)), p.cost / k) for p in oof_pts]
+    mix = hull_mix(curve, _rule(kind.rule), quality=train_target, confidence=None)
+    if mix is None:
+        return
+    rows = np.arange(len(sp.test))
+    acc = cost = 0.0
+    for param, share in mix.shares:
+        pick = route(kind.rule, P, C_test, param)
+        acc += share * float(sp.Y[rows, pick].mean())
+        cost += share * float(sp.paid[rows, pick].sum())
+    print(f"    on the hull instead: {mix.describe()}: test accuracy {acc:.4f} (expected), cost "
+          f"{100 * cost / sp.best_cost:.1f}% of {ds.models[sp.best]}'s")
+    out[f"{kind.name}:hull_pct"] = 100 * cost / sp.best_cost
+    out[f"{kind.name}:hull_acc"] = acc
 
 
 def _check_choose(rule: str, P: np.ndarray, C: np.ndarray, models: Sequence[str]) -> None:
@@ -709,8 +712,36 @@ def _check_choose(rule: str, P: np.ndarray, C: np.ndarray, models: Sequence[str]
                 raise AssertionError(f"route() and choose() disagree: {mine} vs {first}")
 
 
-def _pgr_report(ds: Dataset, Y: np.ndarray, scores: dict[str, np.ndarray], seed: int) -> None:
-    weak, strong = 0, 1
+def weak_strong(ds: Dataset, train: np.ndarray, stated: str | None) -> tuple[int, int]:
+    """(weak, strong) for PGR: as stated by --strong, else the dearer model (mean cost per
+    query on train) is the strong one. Printed either way; a surprising order is flagged,
+    never swapped silently."""
+    mean_cost = ds.cost[train].mean(axis=0)
+    acc = ds.correct[train].mean(axis=0)
+    if stated is not None:
+        if stated not in ds.models:
+            sys.exit(f"error: --strong {stated!r} is not one of the models: "
+                     f"{', '.join(ds.models)}")
+        strong = ds.models.index(stated)
+        how = "as stated by --strong"
+    else:
+        strong = int(np.argmax(mean_cost))
+        how = "by mean cost per query on train (--strong to state it)"
+    weak = 1 - strong
+    print(f"weak/strong {how}: weak {ds.models[weak]} (${mean_cost[weak]:.6f}/query, train "
+          f"accuracy {acc[weak]:.4f}), strong {ds.models[strong]} (${mean_cost[strong]:.6f}, "
+          f"{acc[strong]:.4f})")
+    if mean_cost[strong] < mean_cost[weak]:
+        print("warning: the strong model is the cheaper one: PGR's 'share of strong calls' is "
+              "then not a cost")
+    if acc[strong] <= acc[weak]:
+        print("warning: the strong model is not more accurate on train: PGR's gap is <= 0 "
+              "and its figures mean little")
+    return weak, strong
+
+
+def _pgr_report(ds: Dataset, Y: np.ndarray, scores: dict[str, np.ndarray], seed: int,
+                weak: int = 0, strong: int = 1) -> None:
     wa, sa = Y[:, weak].mean(), Y[:, strong].mean()
     grid = np.linspace(0, 1, 101)
     print()
@@ -755,7 +786,14 @@ def _arguments() -> argparse.ArgumentParser:
                     help="frugalflow router on MiniLM embeddings (frugalflow[embeddings])")
     ap.add_argument("--embeddings-cache", type=Path, default=None,
                     help="folder to keep computed embeddings in between runs")
-    ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--max-iter", type=int, default=1000,
+                    help="gradient steps per fit (a fit stopped here before converging is "
+                         "reported)")
+    ap.add_argument("--split-column", default="split",
+                    help="with --csv: rows whose value here is 'test' are the test split "
+                         "(default: split; 'none' to ignore it)")
+    ap.add_argument("--strong", default=None,
+                    help="two-model sets: the strong model for PGR (default: the dearer one)")
     ap.add_argument("--val-folds", type=int, default=3,
                     help="folds of the train split for choosing the operating point")
     return ap
@@ -798,7 +836,8 @@ def _datasets(ap: argparse.ArgumentParser,
         if len(models) < 2:
             ap.error("--models needs at least two models")
         prefix = args.prefix_tokens if args.prefix_tokens is not None else 0
-        datasets.append(lambda: load_csv(args.csv, models, prefix, args.output_tokens, prices))
+        datasets.append(lambda: load_csv(args.csv, models, prefix, args.output_tokens, prices,
+                                         args.split_column))
         return datasets
     known = {
         "mmlu-pro": lambda: load_mmlu_pro(
@@ -819,16 +858,25 @@ def _summary(summary: list[tuple[str, dict[str, float]]], kinds: list[RouterKind
     print(f"summary: cost to reach {TARGET_SHARE:.0%} of the best single model's accuracy, "
           "% of that model's cost (test split)")
     print(f"    {'data set':16s} {'router':22s} {'curve read-off':>15s} {'validation-chosen':>18s} "
-          f"{'(its accuracy)':>15s}")
+          f"{'(its accuracy)':>15s} {'on the hull':>12s} {'(accuracy)':>11s}   accuracy at "
+          + ", ".join(f"{s:.0%}" for s in COST_SHARES) + " of its cost")
     for name, res in summary:
         for kind in kinds:
             c = res.get(f"{kind.name}:curve_pct")
             v = res.get(f"{kind.name}:val_pct")
             a = res.get(f"{kind.name}:val_acc")
+            h, ha = res.get(f"{kind.name}:hull_pct"), res.get(f"{kind.name}:hull_acc")
+            shares = [res.get(f"{kind.name}:acc@{s:.0%}") for s in COST_SHARES]
             print(f"    {name:16s} {kind.name:22s} "
                   f"{(f'{c:.1f}%' if c is not None else 'not reached'):>15s} "
                   f"{(f'{v:.1f}%' if v is not None else 'n/a'):>18s} "
-                  f"{(f'{a:.4f}' if a is not None else ''):>15s}")
+                  f"{(f'{a:.4f}' if a is not None else ''):>15s} "
+                  f"{(f'{h:.1f}%' if h is not None else 'n/a'):>12s} "
+                  f"{(f'{ha:.4f}' if ha is not None else ''):>11s}   "
+                  + ", ".join(f"{x:.4f}" if x is not None else "n/a" for x in shares))
+    for name, n in UNCONVERGED.items():
+        print(f"warning: {n} fit(s) of {name} stopped at --max-iter before converging; "
+              "raise --max-iter")
     for name, res in summary:
         c = res.get(f"{kinds[0].name}:curve_pct")
         if name == "MMLU-Pro" and c is not None:

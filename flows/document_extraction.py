@@ -57,7 +57,7 @@ flow: Flow[ExtractionState] = Flow(
 )
 
 
-@flow.node(needs=Needs(quality={"extraction": 0.5}, expected_output_tokens=80, cascade=True))
+@flow.node(needs=Needs(quality={"extraction": 0.2}, expected_output_tokens=80, cascade=True))
 async def extract(state: ExtractionState, model: RoutedChatModel) -> ExtractionState:
     document = state["document"]
     validated = model.with_validator(lambda inv: check_invoice(inv, document))

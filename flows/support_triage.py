@@ -36,7 +36,7 @@ flow: Flow[TriageState] = Flow(
 )
 
 
-@flow.node(needs=Needs(quality={"classification": 0.6}, expected_output_tokens=5))
+@flow.node(needs=Needs(quality={"classification": 0.34}, expected_output_tokens=5))
 async def classify(state: TriageState, model: RoutedChatModel) -> TriageState:
     answer = await model.ainvoke(
         [
@@ -62,7 +62,7 @@ def check_fields(fields: TicketFields, ticket: str) -> bool | str:
     return True
 
 
-@flow.node(needs=Needs(structured_output=True, quality={"extraction": 0.7},
+@flow.node(needs=Needs(structured_output=True, quality={"extraction": 0.2},
                        expected_output_tokens=120, cascade=True))
 async def extract(state: TriageState, model: RoutedChatModel) -> TriageState:
     ticket = state["ticket"]
@@ -76,7 +76,7 @@ async def extract(state: TriageState, model: RoutedChatModel) -> TriageState:
     return {"fields": fields.model_dump()}
 
 
-@flow.node(needs=Needs(quality={"writing": 0.8}, expected_output_tokens=350))
+@flow.node(needs=Needs(quality={"writing": 0.28}, expected_output_tokens=350))
 async def draft(state: TriageState, model: RoutedChatModel) -> TriageState:
     answer = await model.ainvoke(
         [
@@ -88,7 +88,7 @@ async def draft(state: TriageState, model: RoutedChatModel) -> TriageState:
     return {"draft": str(answer.content)}
 
 
-@flow.node(needs=Needs(quality={"reasoning": 0.8}, expected_output_tokens=150))
+@flow.node(needs=Needs(quality={"reasoning": 0.72}, expected_output_tokens=150))
 async def review(state: TriageState, model: RoutedChatModel) -> TriageState:
     answer = await model.ainvoke(
         [

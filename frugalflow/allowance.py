@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import BudgetExceededError
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
     from .needs import Needs
+    from .ranking import Candidate
+    from .usage import RunUsage
     from .verbosity import TokenEstimate
 
-__all__ = ["INPUT_MARGIN", "MIN_USEFUL_OUTPUT", "Allowance", "allowance", "max_tokens_param"]
+__all__ = ["INPUT_MARGIN", "MIN_USEFUL_OUTPUT", "Allowance", "allowance", "budget_error",
+           "max_tokens_param", "with_max_output"]
 
 MIN_USEFUL_OUTPUT = 16
 """Below this many affordable output tokens a call is refused (no useful answer fits)."""
@@ -92,3 +97,31 @@ def allowance(spec: ModelSpec, needs: Needs, n_in: int, estimate: TokenEstimate,
         return Allowance(refusal=f"over the remaining budget (only {max(cap, 0)} output tokens "
                          f"affordable, ${left:.6f} left)", needed_usd=needed)
     return Allowance(cap, cost_in + cap * p_out, None, needed)
+
+
+def with_max_output(kwargs: dict[str, Any], spec: ModelSpec,
+                    allowed: Allowance) -> dict[str, Any]:
+    """A call's keywords with its allowance's max output (a smaller one asked is kept)."""
+    param = max_tokens_param(spec)
+    if allowed.max_output is None or param is None:
+        return kwargs
+    asked = kwargs.get(param)
+    cap = min(asked, allowed.max_output) if isinstance(asked, int) else allowed.max_output
+    return {**kwargs, param: cap}
+
+
+def budget_error(node: str | None, usage: RunUsage, cheapest: Candidate, *,
+                 needed: float | None = None, why: str | None = None) -> BudgetExceededError:
+    """The run's budget cannot pay for `cheapest` (`needed`: what its admission reserves,
+    default its expected cost; `why`: the allowance's refusal)."""
+    needed = needed if needed is not None else cheapest.expected_cost
+    detail = f" ({why})" if why else ""
+    return BudgetExceededError(
+        f"node {node!r}: the run's budget cannot pay for the next call: "
+        f"${usage.spent_usd:.6f} of ${usage.budget_usd} spent, "
+        f"${usage.remaining_usd or 0.0:.6f} left; the cheapest capable call "
+        f"({cheapest.spec.key}) needs about ${needed:.6f}{detail}. "
+        "Resume the run with a larger budget.",
+        node=node, budget_usd=usage.budget_usd or 0.0,
+        spent_usd=usage.spent_usd, needed_usd=needed,
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import random
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -47,16 +48,18 @@ from .exceptions import (
     UserError,
     ValidationFailedError,
 )
-from .allowance import Allowance, allowance, max_tokens_param
+from .allowance import Allowance, allowance, budget_error, with_max_output
 from .resilience import Action
-from .needs import estimate_tokens, prompt_text
-from .ranking import Candidate, Priced, Ranking, no_capable_model_error, rank
+from .needs import estimate_tokens, prompt_text, tool_schema
+from .ranking import Candidate, Priced, Ranking, no_capable_model_error, priced, rank
 from .statuses import Outcome
 from .usage import Attempt, RunUsage, Usage
+from .verbosity import TokenEstimate, Verbosity
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
     from .limits import RateReservation
+    from .policies import Choice
     from .routed import RoutedChatModel, RunContext
 
 __all__ = [
@@ -67,6 +70,8 @@ __all__ = [
     "billed",
     "generate_once",
     "iter_with_timeout",
+    "recorded_request",
+    "rejection",
     "short_error",
 ]
 
@@ -170,6 +175,7 @@ class CallAttempts:
     too_long: ModelSpec | None = None  # the model that last said the prompt is too long
     over_budget: Candidate | None = None
     refused: Allowance | None = None  # the allowance that refused `over_budget`
+    explored: Candidate | None = None  # the unproven model this call explores first
 
     # -- the drivers -------------------------------------------------------------------
 
@@ -264,8 +270,9 @@ class CallAttempts:
         self.n_in = estimate_tokens(self.messages)
         if routed.tools:
             self.n_in += routed._tools_tokens()
-        self.priced = ctx.priced(routed.node, needs)
-        ranking = rank(ctx.catalog, needs, self.messages, prefiltered=ctx.static(needs),
+        static = ctx.static(needs, routed.node)
+        self.priced = ctx.priced(routed.node, needs, static)
+        ranking = rank(ctx.catalog, needs, self.messages, prefiltered=static,
                        input_tokens=self.n_in, prices=self.priced)
         if not len(ranking):
             raise no_capable_model_error(routed.node, needs, ranking, ctx.catalog)
@@ -275,22 +282,103 @@ class CallAttempts:
             raise budget_error(routed.node, self.usage, ranking.first())
         self.ranking = ranking
         self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
+        if ctx.measured is not None:
+            self.prefer(ranking, remaining)
         return ranking  # its candidates are made as the loop reaches them
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
         """Reorder the capable models by the router's per-input predictions."""
-        from .learning import choose
+        from .learning import LearnedRouter, choose
 
         routed, needs, router = self.routed, self.routed.needs, self.ctx.router
         assert router is not None
+        # A router calibrated on its hull runs this node at a drawn operating point.
+        mix = (router.mix_for(routed.node)
+               if isinstance(router, LearnedRouter) and not needs.cascade else None)
         probs = router.predict(prompt_text(self.messages), [c.spec.key for c in rows],
                                node=routed.node, category=routed.category)
         costs = {c.spec.key: c.expected_cost for c in rows}
         order = choose(probs, costs, target=needs.target, price_weight=needs.price_weight,
-                       cascade=needs.cascade)
+                       cascade=needs.cascade, mix=mix)
         by_key = {c.spec.key: c for c in rows}
         self.reasons = {m: f"{why}; p={probs[m]:.2f}, ${costs[m]:.6f}" for m, why in order}
         return [by_key[m] for m, _ in order]
+
+    def prefer(self, ranking: Ranking, remaining: float | None) -> None:
+        """A stored policy's choice first (`policy <name> v<k>`); then, on a share of a
+        validated node's calls, a cheaper unproven model before it (`exploration`)."""
+        measured = self.ctx.measured
+        assert measured is not None
+        rows: list[Candidate] | None = None
+        choice = measured.choice(self.routed.node)
+        if choice is not None:
+            rows = self.chosen(ranking.rows, choice, measured.label or "policy (given)")
+        explored = self.exploration(rows[0] if rows else ranking.first(), remaining)
+        if explored is not None:
+            rows = [explored, *(rows if rows is not None else ranking.rows)]
+        if rows is not None:
+            ranking.rows = rows
+
+    def seed(self, salt: str) -> str:
+        """What seeds this call's random choices: the run and the call's key, so a resumed
+        call chooses as before (outside a durable run: the call's place in its context)."""
+        if self.call_key is None and self.usage.listeners:
+            self.call_key = self.routed._key_for_ledger(self.ctx, self.task_id, self.messages,
+                                                        self.kwargs)
+        if self.call_key is None:
+            self.ctx.draws += 1
+            return f"{salt}:{self.usage.run_id}:#{self.ctx.draws}"
+        return f"{salt}:{self.usage.run_id}:{self.call_key}"
+
+    def chosen(self, rows: list[Candidate], choice: Choice, label: str) -> list[Candidate] | None:
+        """`rows` with the policy's model first (a mix: drawn by its shares), or None when
+        that model cannot take this call (the ranking's order stands)."""
+        model, reason = choice.models[0], label
+        if len(choice.models) == 2:
+            first, second = choice.models
+            if random.Random(self.seed("mix")).random() >= choice.shares[0]:
+                model = second
+            reason = (f"{label}: mix {choice.shares[0]:.0%} {first} / "
+                      f"{choice.shares[1]:.0%} {second}")
+        at = next((i for i, c in enumerate(rows) if c.spec.key == model), None)
+        if at is None:
+            return None
+        self.reasons = {**self.reasons, model: reason}
+        return [rows[at], *rows[:at], *rows[at + 1:]]
+
+    def exploration(self, first: Candidate, remaining: float | None) -> Candidate | None:
+        """On up to `explore` of a validated node's calls: the cheapest unproven model
+        cheaper than `first` whose Thompson draw meets the node's target, when it and
+        `first` after it both fit in the remaining budget."""
+        from .measured import explore_share, threshold_of
+
+        ctx, routed = self.ctx, self.routed
+        share = explore_share(ctx.explore, routed.node)
+        threshold = threshold_of(routed.needs)
+        if share <= 0 or routed.validator is None or threshold is None or ctx.measured is None:
+            return None
+        rng = random.Random(self.seed("explore"))
+        if rng.random() >= share:
+            return None
+        # Under a budget, room after the planned call's reserve (see `allowance`).
+        room = remaining - self.allow(first).needed_usd if remaining is not None else None
+        explorable = ctx.explorable(routed.needs, routed.node, threshold)
+        options = rank(ctx.catalog, routed.needs, self.messages, input_tokens=self.n_in,
+                       prefiltered=explorable,
+                       prices=priced(explorable, routed.needs, routed.node, ctx.verbosity))
+        pool = {c.spec.key: c for c in options if c.expected_cost < first.expected_cost
+                and (room is None or self.allow(c).needed_usd <= room)}
+        pick = ctx.measured.thompson(routed.node, [(k, c.expected_cost) for k, c in pool.items()],
+                                     threshold, rng)
+        if pick is None:
+            return None
+        model, draw = pick
+        rate = ctx.measured.rate(routed.node, model)
+        self.reasons = {**self.reasons, model: (
+            f"exploration: draw {draw:.2f} >= {threshold:g}; "
+            f"{rate.describe() if rate is not None else 'prior only'}")}
+        self.explored = pool[model]
+        return self.explored
 
     async def admit(self, c: Candidate) -> RateReservation | None | _Skip:
         """Whether to try `c` (else why not, in `skipped`); its rate-limit reservation."""
@@ -319,8 +407,7 @@ class CallAttempts:
         limiter = self.ctx.limiter
         if limiter is None:
             return None
-        tokens = self.n_in + (round(self.priced.estimates[c.order].p50) if self.priced
-                              else self.routed.needs.expected_output_tokens)
+        tokens = self.n_in + round(self.estimate(c).p50)
         reservation = await limiter.aacquire(spec, tokens)
         if not reservation:
             self.skipped.append(f"{spec.key}: over its rate limit (last 60 s)")
@@ -343,12 +430,18 @@ class CallAttempts:
 
     # -- the budget's share of a call (see frugalflow.allowance) -------------------------------
 
+    def estimate(self, c: Candidate) -> TokenEstimate:
+        """`c`'s output estimate on this node (see `frugalflow.verbosity`)."""
+        hit = self.priced.by_key.get(c.spec.key) if self.priced is not None else None
+        if hit is None:  # a candidate from another ranking (exploration)
+            verbosity = self.ctx.verbosity if self.ctx.verbosity is not None else Verbosity()
+            hit = verbosity.estimate(self.routed.node, self.routed.needs, c.spec)
+        return hit
+
     def allow(self, c: Candidate) -> Allowance:
         """`c`'s allowance from the budget left, less what calls in flight hold."""
-        assert self.priced is not None
         left = max((self.usage.remaining_usd or 0.0) - self.ctx.held_usd, 0.0)
-        return allowance(c.spec, self.routed.needs, self.n_in, self.priced.estimates[c.order],
-                         left)
+        return allowance(c.spec, self.routed.needs, self.n_in, self.estimate(c), left)
 
     async def admitted(self, c: Candidate) -> Allowance:
         """`c`'s allowance; while parallel calls of the run hold what it lacks, it waits for
@@ -392,15 +485,8 @@ class CallAttempts:
 
     def call_kwargs(self, t: _Try) -> dict[str, Any]:
         """The call's keywords, with the max output its allowance gives (if any)."""
-        allowed = t.allowed
-        if allowed is None:
-            return self.kwargs
-        param = max_tokens_param(t.spec)
-        if allowed.max_output is None or param is None:
-            return self.kwargs
-        asked = self.kwargs.get(param)
-        cap = min(asked, allowed.max_output) if isinstance(asked, int) else allowed.max_output
-        return {**self.kwargs, param: cap}
+        return self.kwargs if t.allowed is None else with_max_output(self.kwargs, t.spec,
+                                                                      t.allowed)
 
     def attempt_id(self) -> str:
         """The message id of this try's chunks (each attempt streams under its own)."""
@@ -412,8 +498,7 @@ class CallAttempts:
         # (settled later at its estimated cost).
         await self.take_allowance(t)
         if self.ctx.intent is not None:
-            expected_out = round(self.priced.estimates[t.candidate.order].p50) \
-                if self.priced is not None else self.routed.needs.expected_output_tokens
+            expected_out = round(self.estimate(t.candidate).p50)
             await self.ctx.intent(self._attempt(
                 Outcome.PENDING, t, cost=t.candidate.expected_cost, estimated=True,
                 usage=Usage(input_tokens=self.n_in, requests=1, output_tokens=expected_out)))
@@ -493,9 +578,12 @@ class CallAttempts:
         if call_key is None and self.usage.listeners:  # only persisted runs replay
             call_key = self.routed._key_for_ledger(ctx, self.task_id, self.messages,
                                                    self.kwargs)
+        # Only persisted runs keep the request (the ledger writes it for replay by `eval`).
+        request = recorded_request(self.routed, self.messages) if self.usage.listeners else None
         self.unhold(t)  # no await until the record adds the cost: never counted twice or none
         await self.record(self._attempt(Outcome.OK, t, usage=paid, estimated=estimated,
-                                        cost=cost, call_key=call_key, response=message))
+                                        cost=cost, call_key=call_key, response=message,
+                                        request=request))
         self.routed._last_model = spec.key
         self.generation = t.generation
         return message
@@ -540,7 +628,8 @@ class CallAttempts:
     def escalate(self, c: Candidate, err: ModelAPIError) -> None:
         """What the next candidate must do better than `c`, given how `c` failed."""
         if isinstance(err, ValidationFailedError):
-            self.min_quality = max(self.min_quality, -c.neg_quality)  # a more capable model
+            if c is not self.explored:  # an unproven model's miss says nothing of the plan
+                self.min_quality = max(self.min_quality, -c.neg_quality)  # a more capable model
         elif isinstance(err, ContextLengthError):
             self.min_window = max(self.min_window, c.spec.window)
             self.too_long = c.spec
@@ -582,6 +671,7 @@ class CallAttempts:
                  usage: Usage | None = None, cost: float = 0.0, estimated: bool = False,
                  error: ModelAPIError | None = None, action: Action | None = None,
                  call_key: str | None = None, response: AIMessage | None = None,
+                 request: dict[str, Any] | None = None,
                  model: str = "", provider: str = "") -> Attempt:
         """Every Attempt of this call is made here: a try's (pending, ok or error), or
         without `t` the replay's (`model`, `provider` and `call_key` name it)."""
@@ -601,28 +691,12 @@ class CallAttempts:
             started_at=t.started, call_key=call_key,
             route_reason=self.reasons.get(spec.key) if ended else None,
             prompt=prompt_text(self.messages) if ended and self.usage.listeners else None,
-            category=self.routed.category, usage_estimated=estimated, response=response)
+            category=self.routed.category, usage_estimated=estimated, response=response,
+            request=request)
 
     async def record(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
         await self.usage.arecord(attempt)
-
-
-def budget_error(node: str | None, usage: RunUsage, cheapest: Candidate, *,
-                 needed: float | None = None, why: str | None = None) -> BudgetExceededError:
-    """The run's budget cannot pay for `cheapest` (`needed`: what its admission reserves,
-    default its expected cost; `why`: the allowance's refusal)."""
-    needed = needed if needed is not None else cheapest.expected_cost
-    detail = f" ({why})" if why else ""
-    return BudgetExceededError(
-        f"node {node!r}: the run's budget cannot pay for the next call: "
-        f"${usage.spent_usd:.6f} of ${usage.budget_usd} spent, "
-        f"${usage.remaining_usd or 0.0:.6f} left; the cheapest capable call "
-        f"({cheapest.spec.key}) needs about ${needed:.6f}{detail}. "
-        "Resume the run with a larger budget.",
-        node=node, budget_usd=usage.budget_usd or 0.0,
-        spent_usd=usage.spent_usd, needed_usd=needed,
-    )
 
 
 # -- the pieces of a try ---------------------------------------------------------------------
@@ -652,15 +726,28 @@ def parse_output(schema: Any, spec: ModelSpec, message: AIMessage) -> Any:
 async def validate(routed: RoutedChatModel, validator: Validator, spec: ModelSpec,
                    message: AIMessage, parsed: Any, messages: Sequence[BaseMessage]) -> None:
     """Run the node's validator; a failure escalates to a more capable model."""
+    reason = await rejection(routed, validator, spec, message, parsed, messages)
+    if reason is not None:
+        raise ValidationFailedError(f"{spec.key} output rejected by the validator: {reason}",
+                                    provider=spec.provider, model=spec.model)
+
+
+async def rejection(routed: RoutedChatModel | None, validator: Validator, spec: ModelSpec | None,
+                    message: AIMessage | None, parsed: Any,
+                    messages: Sequence[BaseMessage]) -> str | None:
+    """Why `validator` rejects the answer (`parsed` if any, else `message`), or None when it
+    accepts. A judge needs the routed model that asked and the answering model's spec."""
     subject = parsed if parsed is not None else message
     reason: str | None = None
     verdict: object  # False, or a str (the reason), rejects the answer
     try:
         if isinstance(validator, ModelJudge):
+            if routed is None or spec is None:
+                raise UserError("a Judge validator needs a routed model and a model to judge")
             verdict = await validator.check(routed, spec, messages, subject)
         elif isinstance(validator, type) and issubclass(validator, BaseModel):
             if parsed is None:
-                validator.model_validate_json(str(message.content))
+                validator.model_validate_json(str(getattr(message, "content", "")))
             else:
                 validator.model_validate(
                     parsed.model_dump() if isinstance(parsed, BaseModel) else parsed)
@@ -676,11 +763,41 @@ async def validate(routed: RoutedChatModel, validator: Validator, spec: ModelSpe
         reason = short_error(e)
         verdict = False
     if verdict is False or isinstance(verdict, str):
-        raise ValidationFailedError(
-            f"{spec.key} output rejected by the validator: "
-            f"{verdict if isinstance(verdict, str) else reason or 'returned False'}",
-            provider=spec.provider, model=spec.model,
-        )
+        return verdict if isinstance(verdict, str) else reason or "returned False"
+    return None
+
+
+def recorded_request(routed: RoutedChatModel, messages: Sequence[BaseMessage]) -> dict[str, Any]:
+    """The request of a call as JSON, replayable to another model: messages (LangChain
+    dicts), the bound tools (OpenAI tool dicts, the response schema's own tool apart) and
+    the response schema (JSON schema), like `frugalflow.evaluation.cases.Request`."""
+    from langchain_core.messages import messages_to_dict
+
+    # A routed model's tools and schema never change (binding makes a copy, reused by
+    # every call of the node): converted once per copy, not once per call.
+    bound = routed._variants.get(_RECORDED)
+    if bound is None:
+        bound = routed._variants[_RECORDED] = _bound_json(routed)
+    tools, json_schema = bound
+    return {"messages": messages_to_dict(list(messages)), "tools": list(tools),
+            "schema": json_schema}
+
+
+_RECORDED = ("frugalflow:recorded-request",)  # the key of `_bound_json` in the variants
+
+
+def _bound_json(routed: RoutedChatModel) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The routed model's tools (but its response schema's own) and response schema."""
+    from langchain_core.utils.function_calling import convert_to_json_schema
+
+    schema = routed.response_schema
+    json_schema: dict[str, Any] | None = None
+    if schema is not None:
+        try:
+            json_schema = convert_to_json_schema(schema)
+        except Exception:  # an odd schema must not fail the call it records
+            json_schema = {"title": getattr(schema, "__name__", str(schema))}
+    return [tool_schema(t) for t in routed.tools if t is not schema], json_schema
 
 
 async def generate_once(
@@ -746,7 +863,8 @@ def billed(message: AIMessage | None, n_in: int, *, partial: bool) -> tuple[Usag
     return Usage(input_tokens=reported.input_tokens or n_in,
                  output_tokens=max(reported.output_tokens, out),
                  cache_read_tokens=reported.cache_read_tokens,
-                 cache_write_tokens=reported.cache_write_tokens, requests=1), True
+                 cache_write_tokens=reported.cache_write_tokens, requests=1,
+                 reasoning_tokens=reported.reasoning_tokens), True
 
 
 def short_error(error: BaseException, limit: int = 300) -> str:

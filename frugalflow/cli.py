@@ -22,6 +22,7 @@ from .flow import Flow
 from .statuses import NodeStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
+    from .flow import CompiledFlow
     from .needs import Needs
     from .persistence.ledger import Ledger, RunRecord
     from .runner import RunResult, Runner
@@ -175,6 +176,9 @@ CatalogOption = typer.Option(None, "--catalog", help="Catalog file (default: FRU
 RouterOption = typer.Option(None, "--router", envvar="FRUGALFLOW_ROUTER",
                             help="Route nodes that ask for it (Needs target/price_weight/cascade) "
                                  "with this stored router's newest version (see `frugalflow router`).")
+PolicyOption = typer.Option(None, "--policy", envvar="FRUGALFLOW_POLICY",
+                            help="Route on this stored node policy's newest version (its measured "
+                                 "pass rates and choices; see `frugalflow policy list`).")
 
 
 def _catalog(path: str | None) -> Catalog:
@@ -182,10 +186,30 @@ def _catalog(path: str | None) -> Catalog:
 
 
 def _runner(db: str | None, catalog: str | None, flows: list[Flow[Any]],
-            router: str | None = None) -> Runner:
+            router: str | None = None, policy: str | None = None) -> Runner:
     from .runner import Runner
 
-    return Runner(db, flows=flows, catalog=_catalog(catalog), router=router)
+    return Runner(db, flows=flows, catalog=_catalog(catalog), router=router, policy=policy)
+
+
+def _check_policy(db: str | None, name: str | None) -> None:
+    """An unknown policy name: one line before anything runs (its own short-lived store)."""
+    if not name:
+        return
+    from .measured import unknown_policy
+    from .persistence import Store
+    from .persistence.policy_store import PolicyStore
+
+    async def check() -> None:
+        store = Store(db)
+        try:
+            policies = PolicyStore(store)
+            if await policies.version(name) is None:
+                raise unknown_policy(name, {p.name for p in await policies.list()})
+        finally:
+            await store.close()
+
+    asyncio.run(check())
 
 
 def _parse_json(text: str | None, what: str) -> Any:
@@ -236,7 +260,7 @@ def run(
     input: str = typer.Option("{}", "--input", "-i", help="The run's input as JSON."),
     budget: float = typer.Option(None, "--budget", help="USD the run may spend."),
     db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
-    router: str = RouterOption,
+    router: str = RouterOption, policy: str = PolicyOption,
 ) -> None:
     """Start a durable run: live per-node progress, then a cost table."""
     try:
@@ -244,7 +268,8 @@ def run(
         f = load_flow(flow)
         value = _parse_json(input, "--input")
         asyncio.run(_start_or_resume(f, db, catalog, as_json,
-                                     lambda r: r.start(f.name, value, budget=budget), router))
+                                     lambda r: r.start(f.name, value, budget=budget), router,
+                                     policy))
     except FrugalflowError as e:
         _fail(e)
 
@@ -256,13 +281,13 @@ def resume(
     budget: float = typer.Option(None, "--budget", help="A new budget in USD."),
     flow: str = typer.Option(None, "--flow", help="Where the run's flow is defined, if not in flows/."),
     db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
-    router: str = RouterOption,
+    router: str = RouterOption, policy: str = PolicyOption,
 ) -> None:
     """Resume a run from its last checkpoint (after a crash, a budget stop or an interrupt)."""
     try:
         _check_budget(budget)
         answer = _parse_json(value, "--value")
-        asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json, router))
+        asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json, router, policy))
     except FrugalflowError as e:
         _fail(e)
 
@@ -279,7 +304,7 @@ def _check_budget(budget: float | None) -> None:
 
 async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | None,
                   db: str | None, catalog: str | None, as_json: bool,
-                  router: str | None = None) -> None:
+                  router: str | None = None, policy: str | None = None) -> None:
     from .persistence import Store
     from .persistence.ledger import Ledger
 
@@ -290,14 +315,18 @@ async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | No
         await store.close()
     f = load_flow(flow or row.flow)
     await _start_or_resume(f, db, catalog, as_json,
-                           lambda r: r.resume(run_id, answer, budget=budget), router)
+                           lambda r: r.resume(run_id, answer, budget=budget), router, policy)
 
 
 async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as_json: bool,
                            action: Callable[[Runner], Coroutine[Any, Any, RunResult]],
-                           router: str | None = None) -> None:
-    runner = _runner(db, catalog, [f], router)
+                           router: str | None = None, policy: str | None = None) -> None:
+    runner = _runner(db, catalog, [f], router, policy)
     try:
+        stored, _label = await runner.current_policy()  # an unknown name: one line, no run
+        if stored is not None and stored.flow != f.name:
+            raise FrugalflowError(f"policy {policy!r} is for flow {stored.flow!r}, not "
+                                  f"{f.name!r}: name a policy stored for {f.name!r}")
         if not as_json:
             console.print(f"[bold]{f.name}[/] on catalog [cyan]{runner.catalog.name}[/], "
                           f"database {runner.store!r}")
@@ -419,6 +448,44 @@ async def _ledger_call(db: str | None, fn: Callable[[Ledger], Awaitable[T]]) -> 
         await store.close()
 
 
+policy_app = typer.Typer(help="Stored node policies: measured pass rates and choices per node.",
+                         no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("list")
+def policy_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
+    """Stored node policies and their versions (runs use the newest version of a name)."""
+    from .persistence import Store
+    from .persistence.policy_store import PolicyStore, StoredPolicy
+
+    async def stored() -> list[StoredPolicy]:
+        store = Store(db)
+        try:
+            return await PolicyStore(store).list()
+        finally:
+            await store.close()
+
+    try:
+        rows = asyncio.run(stored())
+    except FrugalflowError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps([{"name": p.name, "version": p.version, "flow": p.flow,
+                           "source": p.source, "created_at": str(p.created_at),
+                           "policy": p.policy.model_dump(mode="json")} for p in rows], indent=2))
+        return
+    table = Table(title="node policies")
+    for col in ("name", "version", "flow", "nodes (choice)", "source", "created"):
+        table.add_column(col)
+    for p in rows:
+        nodes = ", ".join(f"{n} ({' / '.join(np.choice.models) if np.choice else '-'})"
+                          for n, np in p.policy.nodes.items())
+        table.add_row(p.name, str(p.version), p.flow, nodes, p.source or "",
+                      str(p.created_at)[:19])
+    console.print(table)
+
+
 router_app = typer.Typer(help="Learned routers stored in the database.", no_args_is_help=True)
 app.add_typer(router_app, name="router")
 
@@ -498,14 +565,21 @@ def router_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
 def explain(
     flow: str = typer.Argument(..., help="A flow in flows/ or path/to/file.py:attr."),
     tokens: int = typer.Option(1000, "--tokens", help="Input tokens of the call to price."),
-    catalog: str = CatalogOption, as_json: bool = JsonOption,
+    catalog: str = CatalogOption, as_json: bool = JsonOption, policy: str = PolicyOption,
+    db: str = typer.Option(None, "--db", help="Judge quality on what this database measured "
+                                              "(production verdicts, and --policy)."),
 ) -> None:
-    """Per node: candidate models in order, rejected models and why, expected cost range."""
+    """Per node: candidate models in order, rejected models and why, expected cost range,
+    and what was measured of each (with --policy or --db; else the prior only)."""
     try:
         compiled = load_flow(flow).compile(_catalog(catalog))
+        if policy or db:
+            _check_policy(db, policy)
+            plan = asyncio.run(_measured_plan(compiled, db, policy, tokens))
+        else:
+            plan = compiled.explain(input_tokens=tokens)
     except FrugalflowError as e:
         _fail(e)
-    plan = compiled.explain(input_tokens=tokens)
     if as_json:
         print(json.dumps(plan, indent=2))
         return
@@ -517,10 +591,34 @@ def explain(
                       f"{len(ok)} candidates, ${min(costs):.6f} .. ${max(costs):.6f} per call")
         for r in ok:
             console.print(f"  {r['rank']:>2}. {r['model']}  ${r['expected_cost_usd']:.6f}  "
-                          f"~{r['output_tokens']} out tokens ({r['output_source']})")
+                          f"~{r['output_tokens']} out tokens ({r['output_source']})  "
+                          f"[dim]{r['measured']}[/]")
         for r in rows:
             if not r["accepted"]:
                 console.print(f"   [dim]x {r['model']}: {'; '.join(r['reasons'])}[/]")
+
+
+async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | None,
+                         tokens: int) -> dict[str, list[dict[str, Any]]]:
+    """`CompiledFlow.explain` with quality judged on what `db` measured (and policy `name`)."""
+    from .measured import load_measurements
+    from .persistence import Store
+    from .persistence.policy_store import PolicyStore
+    from .ranking import explain as explain_rows
+
+    flow = compiled.flow
+    store = Store(db)
+    try:
+        stored = await PolicyStore(store).load(name) if name else None
+        measured = await load_measurements(
+            store, flow.name, policy=stored.policy if stored else None,
+            label=f"policy {stored.name} v{stored.version}" if stored else None,
+            validated={n for n, spec in flow.nodes.items() if spec.validator is not None})
+    finally:
+        await store.close()
+    return {n: explain_rows(compiled.catalog, spec.needs, input_tokens=tokens, node=n,
+                            measured=measured)
+            for n, spec in flow.nodes.items() if spec.needs is not None}
 
 
 class _CatalogRow(TypedDict):
@@ -622,6 +720,7 @@ def serve(
                              help="OpenAPI schema and /docs: token (need a token), public, off."),
     max_concurrency: int = typer.Option(64, "--max-concurrency"),
     db: str = DbOption, catalog: str = CatalogOption, router: str = RouterOption,
+    policy: str = PolicyOption,
 ) -> None:
     """Serve the HTTP API (runs, events, resume, cancel, flows, catalog) with uvicorn."""
     import uvicorn
@@ -630,8 +729,9 @@ def serve(
     from .service import create_app
 
     try:
+        _check_policy(db, policy)
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
-                        max_concurrency=max_concurrency, router=router)
+                        max_concurrency=max_concurrency, router=router, policy=policy)
         application = create_app(runner, token=token, tokens=tokens, host=host,
                                  docs=cast("Docs", docs))  # create_app checks the value
     except FrugalflowError as e:
@@ -651,7 +751,7 @@ def worker(
                                         help="Seconds without heartbeat before a worker's jobs are requeued."),
     redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
                               help="Share circuit breakers and rate limits through Redis (redis://host:6379/0)."),
-    catalog: str = CatalogOption, router: str = RouterOption,
+    catalog: str = CatalogOption, router: str = RouterOption, policy: str = PolicyOption,
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
     from .scale.dispatch import ProcrastinateDispatcher, run_worker
@@ -662,12 +762,14 @@ def worker(
         if not db or not db.startswith(("postgresql", "postgres")):
             raise FrugalflowError("workers need a PostgreSQL database: --db postgresql://... "
                                   "(or FRUGALFLOW_DATABASE_URL)")
+        _check_policy(db, policy)
         dispatcher = ProcrastinateDispatcher(db, queue=queue, stall_timeout=stall_timeout,
                                              heartbeat=max(stall_timeout / 6, 0.2))
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
                         dispatcher=dispatcher, lease_ttl=lease_ttl, max_concurrency=concurrency,
                         breakers=RedisBreakerRegistry(redis) if redis else None,
-                        limiter=RedisRateLimiter(redis) if redis else None, router=router)
+                        limiter=RedisRateLimiter(redis) if redis else None, router=router,
+                        policy=policy)
     except FrugalflowError as e:
         _fail(e)
 

@@ -42,7 +42,7 @@ class Judge:
         if not criteria.strip():
             raise UserError("Judge needs criteria: what makes an answer acceptable")
         self.criteria = criteria.strip()
-        self.needs = needs if needs is not None else Needs(quality={"reasoning": 0.8},
+        self.needs = needs if needs is not None else Needs(quality={"reasoning": 0.75},
                                                            expected_output_tokens=60)
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
@@ -18,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 __all__ = [
-    "SKILLS", "Needs", "estimate_tokens", "prompt_text", "tool_tokens"]
+    "SKILLS", "Needs", "Unscored", "estimate_tokens", "prompt_text", "tool_tokens",
+    "unscored_reason"]
 
 
 # The skills a model has a quality score in (the catalog) and a node may ask a minimum of.
@@ -32,6 +34,22 @@ SKILLS: tuple[str, ...] = (
     "math",
     "tool_use",
 )
+
+
+class Unscored(StrEnum):
+    """What a quality minimum does with a model that has no score for the skill."""
+
+    REJECT = "reject"
+    """Not a candidate until it is scored (measure it with `frugalflow eval`)."""
+    ACCEPT = "accept"
+    """A candidate like a model that meets the minimum (its cost decides)."""
+
+
+def unscored_reason(skill: str) -> str:
+    """Why the default rule rejects a model with no `skill` score, and the ways out."""
+    return (f"unscored for {skill} (rule: reject; measure it with `frugalflow eval`, "
+            "or set Needs(unscored='accept'))")
+
 
 class Needs(BaseModel):
     """What a node requires of a model.
@@ -51,6 +69,8 @@ class Needs(BaseModel):
     min_context: int | None = Field(default=None, gt=0)
     quality: dict[str, float] = Field(default_factory=dict)
     """Minimum score per skill, 0..1 (skills: classification, extraction, ...)."""
+    unscored: Unscored = Unscored.REJECT
+    """What `quality` does with a model that has no score for a skill it names."""
     providers: tuple[str, ...] | None = None
     """Only these providers (None: any)."""
     exclude_providers: tuple[str, ...] = ()
@@ -136,6 +156,8 @@ class Needs(BaseModel):
             if getattr(self, name):
                 parts.append(name)
         parts += [f"quality.{k}>={v}" for k, v in sorted(self.quality.items())]
+        if self.quality and self.unscored is not Unscored.REJECT:
+            parts.append(f"unscored={self.unscored.value}")
         for name in ("min_context", "providers", "exclude_providers", "models",
                      "exclude_models", "max_cost_per_call", "max_latency_ms", "target",
                      "price_weight", "cascade"):

@@ -13,23 +13,28 @@ per-model prior.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from langchain_core.messages import BaseMessage
 
 from .catalog import Catalog, ModelSpec
 from .exceptions import NoCapableModelError
-from .needs import Needs, estimate_tokens, has_images
+from .needs import Needs, Unscored, estimate_tokens, has_images, unscored_reason
 from .verbosity import TokenEstimate, Verbosity, prior_estimate
+
+if TYPE_CHECKING:
+    from .measured import Measurements
 
 __all__ = [
     "Candidate",
     "Prefilter",
     "Priced",
     "Ranking",
+    "QualityJudge",
     "explain",
+    "measured_note",
     "no_capable_model_error",
     "prefilter",
     "priced",
@@ -138,7 +143,8 @@ def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str
     for skill, minimum in needs.quality.items():
         score = spec.quality.get(skill)
         if score is None:
-            reasons.append(f"no {skill} score")
+            if needs.unscored is Unscored.REJECT:
+                reasons.append(unscored_reason(skill))
         elif score < minimum:
             reasons.append(f"quality.{skill} {score:.2f} < {minimum}")
     if needs.providers is not None and spec.provider not in needs.providers:
@@ -151,6 +157,26 @@ def _static_reasons(catalog: Catalog, spec: ModelSpec, needs: Needs) -> list[str
         reasons.append("model excluded")
     if needs.max_latency_ms is not None and spec.latency_ms > needs.max_latency_ms:
         reasons.append(f"latency {spec.latency_ms:.0f} ms > {needs.max_latency_ms:.0f} ms")
+    return reasons
+
+
+QualityJudge = Callable[[ModelSpec], list[str] | None]
+"""Per model: why a measurement rejects it on the node's quality need ([]: it admits it),
+or None where nothing was measured and the catalog's prior judges
+(`frugalflow.measured.Measurements.judge`)."""
+
+
+def _quality_judged(catalog: Catalog, needs: Needs,
+                    judge: QualityJudge) -> Callable[[ModelSpec], list[str]]:
+    """The static reasons with the quality need judged by `judge` where it measured."""
+    bare = needs.with_(quality={}) if needs.quality else needs
+
+    def reasons(spec: ModelSpec) -> list[str]:
+        verdict = judge(spec)
+        if verdict is None:
+            return _static_reasons(catalog, spec, needs)
+        return _static_reasons(catalog, spec, bare) + verdict
+
     return reasons
 
 
@@ -181,12 +207,15 @@ class Prefilter:
     """Whether the needs set expected_output_tokens themselves (the prior depends on it)."""
 
 
-def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
-    """Apply the static needs (capabilities, quality, providers, latency, availability)."""
+def prefilter(catalog: Catalog, needs: Needs, judge: QualityJudge | None = None) -> Prefilter:
+    """Apply the static needs (capabilities, quality, providers, latency, availability).
+    With `judge`, quality is judged on measurements where they exist (see `QualityJudge`)."""
     eligible: list[ModelSpec] = []
     rejected: list[tuple[ModelSpec, list[str]]] = []
+    judged = _quality_judged(catalog, needs, judge) if judge is not None else None
     for spec in catalog:
-        reasons = _static_reasons(catalog, spec, needs)
+        reasons = (judged(spec) if judged is not None
+                   else _static_reasons(catalog, spec, needs))
         if reasons:
             rejected.append((spec, reasons))
         else:
@@ -205,7 +234,8 @@ def prefilter(catalog: Catalog, needs: Needs) -> Prefilter:
     prices = [(r[1], e.p50 * r[2]) for r, e in zip(rows, estimates)]
     return Prefilter(eligible, rejected, rows, min((s.window for s in eligible), default=0),
                      all(s.caps.vision for s in eligible), prices, tiebreak, by_tiebreak,
-                     Priced(prices, estimates), _explicit_out(needs))
+                     Priced(prices, estimates, {s.key: e for s, e in zip(eligible, estimates)}),
+                     _explicit_out(needs))
 
 
 def _explicit_out(needs: Needs) -> bool:
@@ -220,6 +250,8 @@ class Priced:
     """Per prefiltered row: $/input token, and the cost of the estimated output (p50)."""
     estimates: list[TokenEstimate]
     """Per prefiltered row (a Candidate's `order`): the output estimate."""
+    by_key: dict[str, TokenEstimate]
+    """The estimates by model key (`provider/model`)."""
 
 
 def priced(static: Prefilter, needs: Needs, node: str | None,
@@ -232,7 +264,7 @@ def priced(static: Prefilter, needs: Needs, node: str | None,
     v = verbosity if verbosity is not None else Verbosity()
     estimates = [v.estimate(node, needs, row[0]) for row in static.rows]
     return Priced([(row[1], e.p50 * row[2]) for row, e in zip(static.rows, estimates)],
-                  estimates)
+                  estimates, {row[0].key: e for row, e in zip(static.rows, estimates)})
 
 
 def rank(
@@ -297,14 +329,18 @@ def explain(
     input_tokens: int | None = None,
     budget_left: float | None = None,
     node: str | None = None,
+    measured: Measurements | None = None,
     verbosity: Verbosity | None = None,
 ) -> list[dict[str, Any]]:
-    """Every catalog model, accepted (with its rank and expected cost) or rejected (why).
+    """Every catalog model, accepted (with its rank and expected cost) or rejected (why),
+    and what was measured of it on `node` (`measured`: "measured: n, rate, interval" or
+    "prior only"); with measurements, quality is judged on them where they exist.
 
     Each model that passed the static needs also shows its output estimate on `node`
     (`output_tokens`, `output_tokens_p90`, `output_source`; from `verbosity`, else the prior).
     """
-    static = prefilter(catalog, needs)
+    static = (prefilter(catalog, needs, measured.judge(node, needs))
+              if measured is not None and measured.covers(node) else prefilter(catalog, needs))
     pr = priced(static, needs, node, verbosity)
     ranking = rank(
         catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left,
@@ -319,18 +355,24 @@ def explain(
     for spec, reasons in ranking.rejected:
         rows.append({"model": spec.key, "accepted": False, "rank": None,
                      "expected_cost_usd": None, "reasons": reasons})
-    return _with_output_estimates(rows, static, pr)
+    for row in rows:
+        row["measured"] = measured_note(measured, node, row["model"])
+    return _with_output_estimates(rows, pr)
 
 
-def _with_output_estimates(rows: list[dict[str, Any]], static: Prefilter,
-                           pr: Priced) -> list[dict[str, Any]]:
-    by_key = {row[0].key: e for row, e in zip(static.rows, pr.estimates)}
+def _with_output_estimates(rows: list[dict[str, Any]], pr: Priced) -> list[dict[str, Any]]:
     for r in rows:
-        e = by_key.get(r["model"])
+        e = pr.by_key.get(r["model"])
         r["output_tokens"] = round(e.p50) if e is not None else None
         r["output_tokens_p90"] = round(e.p90) if e is not None else None
         r["output_source"] = e.source if e is not None else None
     return rows
+
+
+def measured_note(measured: Measurements | None, node: str | None, model: str) -> str:
+    """`measured: n=48, rate 0.94 [0.83, 0.98] (eval:abc, production)`, or `prior only`."""
+    rate = measured.rate(node, model) if measured is not None else None
+    return rate.describe() if rate is not None else "prior only"
 
 
 def no_capable_model_error(

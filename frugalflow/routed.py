@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence)
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -28,11 +29,12 @@ from .exceptions import UserError
 from .limits import Limiter
 from .resilience import Breakers, FallbackPolicy, default_breakers
 from .needs import Needs, tool_schema, tool_tokens
-from .ranking import Prefilter, Priced, prefilter, priced
+from .ranking import Prefilter, Priced, QualityJudge, prefilter, priced
 from .usage import Attempt, RunUsage
 
 if TYPE_CHECKING:
     from .learning import Router
+    from .measured import Measurements
     from .verbosity import Verbosity
 
 __all__ = ["DEFAULT_ATTEMPT_WINDOW", "RoutedChatModel", "RunContext"]
@@ -81,16 +83,26 @@ class RunContext:
     """When resuming: `await replay(node, call_key) -> AIMessage | None`, the answer a
     completed call with this key already got (the runner looks it up in the ledger), so a
     node re-executed after a crash does not pay again for calls it had finished."""
+    measured: Measurements | None = None
+    """What was measured of the flow's nodes (`frugalflow.measured`): quality needs are
+    judged on measured pass rates where they exist, and a stored policy's choice goes first."""
+    explore: float | Mapping[str, float] = 0.0
+    """The share of calls (one share, or per node) of nodes with a validator that may try a
+    cheaper, unproven model first (Thompson sampling on `measured`)."""
     verbosity: Verbosity | None = None
     """Output-token estimates per node x model (the runner reads them from the ledger at each
     run's start, see `frugalflow.verbosity`); None: the per-model prior."""
     held_usd: float = 0.0
     """Budget held by the run's calls in flight (each its most possible cost), so that
     parallel calls together stay within the budget (see `frugalflow.allowance`)."""
+    draws: int = field(default=0, repr=False)
+    """Calls outside a durable run that drew a random choice (it seeds the next draw)."""
     _occurrences: dict[tuple[str | None, str], int] = field(default_factory=dict, repr=False)
     _static: dict[int, tuple[Needs, Prefilter]] = field(default_factory=dict, repr=False)
-    _priced: dict[tuple[str | None, int], tuple[Needs, Priced]] = field(default_factory=dict,
-                                                                        repr=False)
+    _judged: dict[tuple[int, str, bool], tuple[Needs, Prefilter]] = field(
+        default_factory=dict, repr=False)
+    _priced: dict[tuple[str | None, int], tuple[Needs, Prefilter, Priced]] = field(
+        default_factory=dict, repr=False)
     _holds: dict[asyncio.Task[Any] | None, float] = field(default_factory=dict, repr=False)
     _released: asyncio.Event | None = field(default=None, repr=False)
 
@@ -104,7 +116,10 @@ class RunContext:
         self._occurrences[k] = n
         return f"{node}:{digest}#{n}"
 
-    def static(self, needs: Needs) -> Prefilter:
+    def static(self, needs: Needs, node: str | None = None) -> Prefilter:
+        measured = self.measured
+        if measured is not None and measured.covers(node):
+            return self._measured_static(needs, node or "", measured, explorable=False)
         # Per run, by identity (a node's needs object is shared by all its calls); the
         # catalog-level cache behind it also watches the providers' keys.
         hit = self._static.get(id(needs))
@@ -112,13 +127,37 @@ class RunContext:
             hit = self._static[id(needs)] = (needs, self.catalog.prefiltered(needs, prefilter))
         return hit[1]
 
-    def priced(self, node: str | None, needs: Needs) -> Priced:
-        """The node's output estimates and prices per prefiltered model (once per run)."""
-        hit = self._priced.get((node, id(needs)))
+    def explorable(self, needs: Needs, node: str | None, threshold: float) -> Prefilter:
+        """The models a call of `node` may explore: every hard need met but quality, not
+        admitted (by measurement or prior), and unproven (`Measurements.unproven`)."""
+        measured = self.measured
+        assert measured is not None
+        admitted = {s.key for s in self.static(needs, node).eligible}
+
+        def judge(spec: ModelSpec) -> list[str]:
+            if spec.key in admitted:
+                return ["admitted already"]
+            return [] if measured.unproven(node, spec.key, threshold) else ["proven"]
+
+        return self._measured_static(needs, node or "", measured, explorable=True, judge=judge)
+
+    def _measured_static(self, needs: Needs, node: str, measured: Measurements, *,
+                         explorable: bool, judge: QualityJudge | None = None) -> Prefilter:
+        # Per run (measurements are a snapshot taken at the run's start), per node.
+        key = (id(needs), node, explorable)
+        hit = self._judged.get(key)
         if hit is None or hit[0] is not needs:
-            hit = self._priced[(node, id(needs))] = (
-                needs, priced(self.static(needs), needs, node, self.verbosity))
+            judged = prefilter(self.catalog, needs, judge or measured.judge(node, needs))
+            hit = self._judged[key] = (needs, judged)
         return hit[1]
+
+    def priced(self, node: str | None, needs: Needs, static: Prefilter) -> Priced:
+        """The node's output estimates and prices per model of `static` (once per run)."""
+        hit = self._priced.get((node, id(needs)))
+        if hit is None or hit[0] is not needs or hit[1] is not static:
+            hit = self._priced[(node, id(needs))] = (
+                needs, static, priced(static, needs, node, self.verbosity))
+        return hit[2]
 
     # -- budget held by calls in flight (see frugalflow.allowance) --------------------------
 

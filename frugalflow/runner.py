@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,6 +39,8 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
+from .measured import MeasureConfig, unknown_policy
+from .policies import Policy
 from .resilience import Breakers, FallbackPolicy, default_breakers
 from .statuses import FINAL_STATUSES, NodeStatus, RunStatus
 from .usage import Attempt
@@ -47,7 +50,7 @@ from .persistence.leases import Lease, acquire_lease, afenced, fenced, holder_id
 from .persistence.store import Store
 from .persistence.tables import RunRow
 from .usage import RunUsage
-from .verbosity import VerbosityCache
+from .verbosity import Verbosity, VerbosityCache
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
 
     from .limits import Limiter
     from .learning import Featurizer, LearnedRouter, Router
+    from .measured import Measurements
     from .routed import Replay, RunContext
     from .scale.dispatch import Dispatcher
     from .scale.relay import PostgresEventRelay
@@ -121,7 +125,7 @@ class Runner:
         *,
         flows: Iterable[Flow[Any]] = (),
         catalog: Catalog | None = None,
-        policy: FallbackPolicy | None = None,
+        policy: Policy | str | FallbackPolicy | None = None,
         breakers: Breakers | None = None,
         lease_ttl: float = 30.0,
         max_concurrency: int = 64,
@@ -131,11 +135,18 @@ class Runner:
         share_events: bool | None = None,
         router: Router | str | None = None,
         limiter: Limiter | None = None,
+        fallback: FallbackPolicy | None = None,
+        measure: MeasureConfig | bool | None = None,
+        explore: float | Mapping[str, float] = 0.0,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
         self.catalog = catalog if catalog is not None else Catalog.default()
-        self.policy = policy
+        if isinstance(policy, FallbackPolicy):  # what `policy` meant before node policies
+            fallback, policy = fallback or policy, None
+        self.fallback = fallback
+        """Retries, fallbacks and timeouts of model calls (`FallbackPolicy`)."""
+        self._init_measuring(policy, measure, explore)
         self.breakers = breakers if breakers is not None else default_breakers
         self.lease_ttl = lease_ttl
         self.holder = holder or holder_id()
@@ -196,7 +207,7 @@ class Runner:
                 )
             hit = self._compiled[name] = flow.compile(
                 self.catalog, checkpointer=self.saver,
-                policy=self.policy, breakers=self.breakers,
+                policy=self.fallback, breakers=self.breakers,
             )
         return hit
 
@@ -235,6 +246,7 @@ class Runner:
         budget = check_budget(budget)  # ValueError: NaN, infinite, zero or negative
         run_id = run_id or uuid.uuid4().hex
         await self.setup()
+        await self._check_policy()  # an unknown policy name: fail before writing anything
         if self.dispatcher is None:
             await self.ledger.create_run(run_id, name, input, budget_usd=budget,
                                          principal=principal)
@@ -266,6 +278,7 @@ class Runner:
             raise LeaseError(f"run {run_id!r} is already executing in this process",
                              run_id=run_id, holder=self.holder)
         self.compiled(row.flow)
+        await self._check_policy()  # an unknown policy name: fail before changing anything
         if budget is not None:
             if budget < row.cost_usd:
                 raise UserError(
@@ -400,6 +413,80 @@ class Runner:
                 name, version, decode=LearnedRouter.from_bytes)
             self._router_version = version
         return self.router
+
+    def _init_measuring(self, policy: Policy | str | None, measure: MeasureConfig | bool | None,
+                        explore: float | Mapping[str, float]) -> None:
+        shares = explore.values() if isinstance(explore, Mapping) else [explore]
+        if not all(0.0 <= float(v) <= 1.0 for v in shares):
+            raise UserError(f"explore must be a share of calls between 0 and 1 (one, or per "
+                            f"node), got {explore!r}")
+        self.explore = explore
+        """Share of calls of validated nodes that may try a cheaper, unproven model first."""
+        self._policy_name: str | None = policy if isinstance(policy, str) else None
+        self._policy_version: int | None = None
+        self.policy: Policy | None = policy if isinstance(policy, Policy) else None
+        """The node policy in use (`frugalflow.policies`); given by name, the runner uses its
+        newest stored version (checked at each run's start, so every worker picks up a new
+        `frugalflow eval --save-policy`)."""
+        on = measure if measure is not None else (
+            policy is not None or any(float(v) > 0 for v in shares))
+        self.measure: MeasureConfig | None = (
+            measure if isinstance(measure, MeasureConfig) else MeasureConfig() if on else None)
+        """How production verdicts are measured (None: not; a policy's evidence still
+        counts). By default on with a policy or exploration."""
+        self._measured: dict[str, tuple[object, Measurements]] = {}
+
+    async def _check_policy(self) -> None:
+        """Raise UserError for a policy name nothing is stored under (checked until found)."""
+        if self._policy_name is not None and self._policy_version is None:
+            await self.current_policy()
+
+    async def current_policy(self) -> tuple[Policy | None, str | None]:
+        """The node policy for a run starting now (a named one: its newest stored version),
+        with its label for route reasons (`policy <name> v<k>`)."""
+        name = self._policy_name
+        if name is None:
+            return self.policy, None
+        from .persistence.policy_store import PolicyStore
+
+        policies = PolicyStore(self.store)
+        version = await policies.version(name)
+        if version is None:
+            raise unknown_policy(name, {p.name for p in await policies.list()})
+        if version != self._policy_version or self.policy is None:
+            stored = await policies.load(name, version)
+            assert stored is not None  # versions are never deleted
+            self.policy, self._policy_version = stored.policy, version
+        return self.policy, f"policy {name} v{version}"
+
+    async def _current_verbosity(self, flow: str) -> Verbosity:
+        """Output-token estimates for a run of `flow` starting now: the ledger's (cached
+        briefly), and the node policy's evidence (`current_policy`, read just before)."""
+        verbosity = await self.verbosity.get(self.store, flow)
+        policy = self.policy
+        return verbosity.with_policy(policy) if policy is not None and policy.flow == flow \
+            else verbosity
+
+    async def _current_measurements(self, flow: Flow[Any]) -> Measurements | None:
+        """What was measured of `flow` for a run starting now: the policy's newest version
+        at once, production verdicts reloaded after `measure.ttl` seconds."""
+        from .measured import load_measurements
+
+        policy, label = await self.current_policy()
+        if self.measure is None and (policy is None or policy.flow != flow.name):
+            return None
+        key = (label, id(policy))
+        hit = self._measured.get(flow.name)
+        config = self.measure or MeasureConfig()
+        if hit is not None and hit[0] == key and (
+                self.measure is None or time.monotonic() - hit[1].loaded_at < config.ttl):
+            return hit[1]
+        validated = {n for n, spec in flow.nodes.items() if spec.validator is not None}
+        measured = await load_measurements(self.store, flow.name, validated=validated,
+                                           policy=policy, label=label, config=config,
+                                           production=self.measure is not None)
+        self._measured[flow.name] = (key, measured)
+        return measured
 
     async def wait(self, run_id: str) -> RunResult:
         """The result of a run once it stops: one started with `wait=False`, one paused by
@@ -586,7 +673,9 @@ class Runner:
         usage = RunUsage(budget_usd=row.budget_usd, run_id=row.id, spent_usd=row.cost_usd)
         ctx = compiled.new_context(usage=usage, listeners=[self._ledger_listener(row.flow)])
         ctx.router = await self._current_router()
-        ctx.verbosity = await self.verbosity.get(self.store, row.flow)
+        ctx.measured = await self._current_measurements(compiled.flow)
+        ctx.explore = self.explore
+        ctx.verbosity = await self._current_verbosity(row.flow)
         ctx.limiter = self.limiter
         ctx.intent = functools.partial(self.ledger.record_intent, flow=row.flow)
         if continuation:

@@ -612,7 +612,7 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
             "cost_by_node": record.cost_by("node"),
             "cost_by_model": record.cost_by("model"),
             "nodes": [n.model_dump(mode="json") for n in record.nodes],
-            "calls": [_row(a, ("response",)) for a in record.attempts],
+            "calls": [_row(a, ("response", "request")) for a in record.attempts],
         }))
 
 

@@ -30,6 +30,8 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     requests: int = 0
+    reasoning_tokens: int = 0
+    """Hidden reasoning (thinking) tokens, billed as output and counted in `output_tokens`."""
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -38,6 +40,7 @@ class Usage:
             self.cache_read_tokens + other.cache_read_tokens,
             self.cache_write_tokens + other.cache_write_tokens,
             self.requests + other.requests,
+            self.reasoning_tokens + other.reasoning_tokens,
         )
 
     @property
@@ -51,12 +54,14 @@ class Usage:
         if not meta:
             return None
         details = meta.get("input_token_details") or {}
+        out_details = meta.get("output_token_details") or {}
         return cls(
             input_tokens=int(meta.get("input_tokens") or 0),
             output_tokens=int(meta.get("output_tokens") or 0),
             cache_read_tokens=int(details.get("cache_read") or 0),
             cache_write_tokens=int(details.get("cache_creation") or 0),
             requests=1,
+            reasoning_tokens=int(out_details.get("reasoning") or 0),
         )
 
 
@@ -91,6 +96,9 @@ class Attempt:
     category: str | None = None  # the input's category, another feature routers learn from
     usage_estimated: bool = False  # the provider reported no (or partial) usage: tokens estimated
     response: Any = field(default=None, repr=False)  # the answer (an AIMessage), if ok
+    # The request of an ok call, as JSON (messages, tools, response schema), so evaluations
+    # can replay production traffic; persisted runs only (the ledger writes it).
+    request: dict[str, Any] | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         if self.outcome == Outcome.OK:

@@ -47,7 +47,7 @@ def chain_flow(n: int = 5, *, announce: bool = False) -> Flow[ChainState]:
         return node
 
     for i in range(1, n + 1):
-        flow.add_node(f"n{i}", make(i), needs=Needs(quality={"classification": 0.6}))
+        flow.add_node(f"n{i}", make(i), needs=Needs(quality={"classification": 0.45}))
         flow.add_edge(START if i == 1 else f"n{i - 1}", f"n{i}")
     flow.add_edge(f"n{n}", END)
     return flow

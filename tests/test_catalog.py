@@ -63,7 +63,8 @@ def test_quality_scores_carry_their_source() -> None:
     cat = Catalog.builtin()
     spec = cat["openai/gpt-4o"]
     assert spec.quality["reasoning"] > 0.5
-    assert "MMLU-Pro" in spec.quality_sources["reasoning"]
+    assert "GPQA Diamond" in spec.quality_sources["reasoning"]
+    assert "Artificial Analysis" in spec.quality_sources["reasoning"]
     for s in cat:
         assert set(s.quality) <= set(SKILLS)
         for skill in s.quality:

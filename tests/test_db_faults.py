@@ -72,7 +72,7 @@ def fault_flow(counts: Counter[str], hooks: dict[str, Hook]) -> Flow[S]:
         return node
 
     for i in range(1, NODES + 1):
-        flow.add_node(f"n{i}", make(i), needs=Needs(quality={"classification": 0.6}))
+        flow.add_node(f"n{i}", make(i), needs=Needs(quality={"classification": 0.45}))
         flow.add_edge(START if i == 1 else f"n{i - 1}", f"n{i}")
     flow.add_edge(f"n{NODES}", END)
     return flow

@@ -205,7 +205,7 @@ async def test_no_capable_model_names_the_need(routed: Any) -> None:
     model = routed(Needs(quality={"math": 0.5}))
     with pytest.raises(NoCapableModelError) as info:
         await model.ainvoke(HI)
-    assert "quality.math>=0.5" in str(info.value) and "no math score" in str(info.value)
+    assert "quality.math>=0.5" in str(info.value) and "unscored for math (rule: reject" in str(info.value)
 
 
 class Ticket(BaseModel):

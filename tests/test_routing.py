@@ -5,7 +5,7 @@ from langchain_core.messages import HumanMessage
 from pydantic import ValidationError
 
 from frugalflow import Catalog, ModelSpec, Needs
-from frugalflow.needs import estimate_tokens
+from frugalflow.needs import estimate_tokens, unscored_reason
 from frugalflow.ranking import explain, rank
 
 
@@ -66,7 +66,8 @@ def test_quality_minimum_and_unknown_scores() -> None:
     cat = _cat(_m("sim-a", "scored", 1, 1, quality={"math": 0.6}), _m("sim-b", "unscored", 0.1, 0.1))
     r = rank(cat, Needs(quality={"math": 0.5}))
     assert [c.spec.model for c in r.candidates] == ["scored"]
-    assert r.rejected[0][1] == ["no math score"]
+    assert r.rejected[0][1] == [unscored_reason("math")]
+    assert r.rejected[0][1][0].startswith("unscored for math (rule: reject")
     r = rank(cat, Needs(quality={"math": 0.7}))
     assert not r.candidates
     assert "quality.math 0.60 < 0.7" in dict((s.model, x) for s, x in r.rejected)["scored"]

@@ -111,7 +111,9 @@ class Policy:
     def describe(self) -> str:
         if len(self.shares) == 1:
             return f"{self.shares[0][0]} (pass >= {self.assured_rate:.2f}, ${self.expected_cost:.6f}/call)"
-        mix = " + ".join(f"{share:.0%} {model}" for model, share in self.shares)
+        # A small share is shown as such (0.4%), never rounded to 0% (nor its partner to 100%).
+        mix = " + ".join(f"{share:.0%} {model}" if 0.01 <= share <= 0.99
+                         else f"{share:.1%} {model}" for model, share in self.shares)
         return f"{mix} (pass >= {self.assured_rate:.2f}, ${self.expected_cost:.6f}/call)"
 
 

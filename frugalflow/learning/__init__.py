@@ -19,7 +19,9 @@ base64-encoded arrays (no pickle).
 
 Modules: `examples` (what a router learns from, and which logged calls count as a
 success), `features` (featurizers), `routers` (`PriorRouter`, `LearnedRouter`,
-`train_router`), `choose` (the order to try models in).
+`train_router`), `choose` (the order to try models in), `hull` (a router's operating
+points, their lower convex hull and the random mix of two adjacent points that reaches a
+target quality or cost: `LearnedRouter.calibrate` keeps one per node, `choose` draws from it).
 """
 
 from __future__ import annotations
@@ -34,22 +36,28 @@ from .features import (
     default_featurizer,
     embeddings_available,
 )
+from .hull import HullMix, OperatingPoint, Rule, hull_mix, operating_curve
 from .routers import LearnedRouter, PriorRouter, Router, train_router
 
 __all__ = [
     "EmbeddingFeaturizer",
     "Example",
     "Featurizer",
+    "HullMix",
     "LearnedRouter",
     "LexicalFeaturizer",
     "LoggedCall",
+    "OperatingPoint",
     "PriorRouter",
     "Router",
+    "Rule",
     "SparseRows",
     "choose",
     "default_featurizer",
     "embeddings_available",
     "examples_from",
+    "hull_mix",
+    "operating_curve",
     "success_of",
     "tags_for",
     "train_router",

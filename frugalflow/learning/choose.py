@@ -3,14 +3,48 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 
 from ..exceptions import UserError
+from .hull import HullMix, Rule
 
 __all__ = ["choose"]
 
 
 def choose(
+    probs: Mapping[str, float],
+    costs: Mapping[str, float],
+    *,
+    target: float | None = None,
+    price_weight: float | None = None,
+    cascade: bool = False,
+    mix: HullMix | None = None,
+    rng: random.Random | None = None,
+) -> list[tuple[str, str]]:
+    """The order in which to try the models of `probs` (see `_choose`).
+
+    With `mix` (a router's calibrated operating points, `frugalflow.learning.hull`), this
+    call's operating point is drawn from it (with `rng`) and its rule decides the first
+    model: a TARGET mix replaces `target` (`price_weight`, if given, still orders the rest);
+    a PRICE_WEIGHT mix replaces both. The first model's reason names the draw."""
+    if mix is None:
+        return _choose(probs, costs, target=target, price_weight=price_weight, cascade=cascade)
+    if cascade:
+        raise UserError("choose: cascade cannot be combined with a hull mix")
+    param = mix.draw(rng)
+    if mix.rule is Rule.TARGET:
+        target = param
+    else:
+        target, price_weight = None, param
+    order = _choose(probs, costs, target=target, price_weight=price_weight)
+    if order:
+        first, why = order[0]
+        order[0] = (first, f"{why}; {mix.rule}={param:.4g} drawn from {mix.describe()}")
+    return order
+
+
+def _choose(
     probs: Mapping[str, float],
     costs: Mapping[str, float],
     *,

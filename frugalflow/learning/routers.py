@@ -17,6 +17,7 @@ import numpy as np
 from ..exceptions import UserError
 from ._solver import Design, Objective, design, minimise, sigmoid, step_size
 from .examples import Example, tags_for
+from .hull import HullMix, Rule, hull_mix, operating_curve
 from .features import (
     ArrayDoc,
     Featurizer,
@@ -187,6 +188,8 @@ class LearnedRouter(Router):
         self.b: FloatArray | None = None
         self.n_iter = 0
         self.l2_used: float | None = None
+        self.mixes: dict[str, HullMix] = {}
+        """Calibrated operating points per node ("*": any node), see `calibrate`."""
 
     def __repr__(self) -> str:
         state = f"{len(self.models)} models, {len(self.heads)} heads" if self.fitted else "unfitted"
@@ -404,6 +407,41 @@ class LearnedRouter(Router):
             out[:, j] = (n_m * sigmoid(z) + k * p_prior[j]) / (n_m + k)
         return out
 
+    # -- operating point on the hull -------------------------------------------------
+
+    def mix_for(self, node: str | None) -> HullMix | None:
+        """The calibrated operating mix for `node` (else the one for any node), if any."""
+        return self.mixes.get(node or "*") or self.mixes.get("*")
+
+    def calibrate(
+        self, texts: Sequence[str], candidates: Sequence[str], outcomes: Floats,
+        paid: Floats, *, node: str | None = None, rule: Rule = Rule.PRICE_WEIGHT,
+        quality: float | None = None, cost: float | None = None,
+        categories: Sequence[str | None] | None = None, expected: Floats | None = None,
+        confidence: float = 0.95,
+    ) -> HullMix:
+        """Measure this router's operating curve on calibration inputs (every candidate's
+        outcome and cost per input, [n, candidates]) and keep, for `node` (None: any node),
+        the mix of two adjacent hull points reaching `quality` (lower-bound pass rate) or
+        `cost` (mean USD per call). `choose` draws from it per call once a run uses the
+        router. `expected`: the costs known before each call (default: each candidate's
+        mean of `paid`). Raises UserError when no mix reaches the target."""
+        P = self.predict_batch(texts, candidates, categories,
+                               nodes=[node] * len(texts))
+        paid = np.asarray(paid, dtype=np.float64)
+        C = expected if expected is not None else np.repeat(
+            paid.mean(axis=0, keepdims=True), len(texts), axis=0)
+        curve = operating_curve(rule, P, C, np.asarray(outcomes, dtype=bool), paid)
+        mix = hull_mix(curve, rule, quality=quality, cost=cost, confidence=confidence)
+        if mix is None:
+            best = max(curve, key=lambda p: p.rate)
+            what = f"pass rate {quality}" if quality is not None else f"cost ${cost}/call"
+            raise UserError(f"no operating point of the router reaches {what} on these "
+                            f"{len(texts)} inputs (best rate {best.rate:.3f} at "
+                            f"${best.cost:.6g}/call): lower the target or add candidates")
+        self.mixes[node or "*"] = mix
+        return mix
+
     # -- persistence -----------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
@@ -428,6 +466,7 @@ class LearnedRouter(Router):
             "w_shared": encode_array(self.w_shared) if self.w_shared is not None else None,
             "W": encode_array(self.W) if self.W is not None else None,
             "b": encode_array(self.b) if self.b is not None else None,
+            "mixes": {node: mix.to_dict() for node, mix in self.mixes.items()},
         }
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
@@ -463,6 +502,7 @@ class LearnedRouter(Router):
         r.w_shared = _weights(doc.get("w_shared"))
         r.W = _weights(doc.get("W"))
         r.b = _weights(doc.get("b"))
+        r.mixes = {str(k): HullMix.from_dict(v) for k, v in (doc.get("mixes") or {}).items()}
         return r
 
 

@@ -35,7 +35,7 @@ from .scrub import scrub, scrub_exact
 from .store import Store
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
-__all__ = ["CallOutcome", "CostRow", "Ledger", "RunRecord", "scrub"]
+__all__ = ["CallOutcome", "CostRow", "Ledger", "RecordedCall", "RunRecord", "scrub"]
 
 _RUNS = RunRow.__table__  # type: ignore[attr-defined]
 _NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
@@ -66,6 +66,22 @@ class CallOutcome:
     category: str | None
     outcome: Outcome
     error_class: ErrorClass | None
+    feedback: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedCall:
+    """A successful model call recorded with its request, as `Ledger.recorded_calls` reads
+    it for evaluations that replay production traffic."""
+
+    id: int
+    run_id: str | None
+    call_id: str
+    node: str
+    model: str
+    started_at: datetime
+    request: dict[str, Any]
+    response: dict[str, Any] | None
     feedback: bool | None
 
 
@@ -492,6 +508,56 @@ class Ledger:
             for r in rows
         ]
 
+    async def recorded_calls(
+        self, *, flow: str, node: str, since: datetime | None = None,
+        until: datetime | None = None,
+        pick: Callable[[list[int]], Sequence[int]] | None = None,
+    ) -> list[RecordedCall]:
+        """The successful calls of `node` in `flow` recorded with their request, oldest
+        first, started in [since, until); `pick` chooses among their ids (a sample) before
+        the requests themselves are read."""
+        await self.store.setup()
+        c = _ATTEMPTS.c
+        where = [c.flow == flow, c.node == node, c.outcome == Outcome.OK,
+                 c.request.is_not(None)]
+        if since is not None:
+            where.append(c.started_at >= _utc(since))
+        if until is not None:
+            where.append(c.started_at < _utc(until))
+        async with self.store.read() as conn:
+            ids = [r[0] for r in (await conn.execute(
+                select(c.id).where(*where).order_by(c.id))).all()]
+            if pick is not None:
+                ids = sorted(set(pick(ids)))
+            rows: list[Any] = []
+            for start in range(0, len(ids), 500):  # bounded IN lists
+                rows += (await conn.execute(
+                    select(c.id, c.run_id, c.call_id, c.node, c.model, c.started_at,
+                           c.request, c.response, c.feedback)
+                    .where(c.id.in_(ids[start:start + 500])).order_by(c.id))).all()
+        return [RecordedCall(id=r.id, run_id=r.run_id, call_id=r.call_id, node=r.node,
+                             model=r.model, started_at=_aware(r.started_at) or utcnow(),
+                             request=r.request,
+                             response=r.response, feedback=r.feedback) for r in rows]
+
+    async def recorded_span(self, *, flow: str, node: str | None = None
+                            ) -> tuple[int, int, datetime | None, datetime | None]:
+        """What `recorded_calls` can draw on, to say why a filter matched nothing: the
+        successful calls of `flow` (of `node`, if given), how many of them carry their
+        request, and when the first and last of those started."""
+        await self.store.setup()
+        c = _ATTEMPTS.c
+        where = [c.flow == flow, c.outcome == Outcome.OK]
+        if node is not None:
+            where.append(c.node == node)
+        has = c.request.is_not(None)
+        q = select(func.count(), func.count(case((has, 1))),
+                   func.min(case((has, c.started_at))),
+                   func.max(case((has, c.started_at)))).where(*where)
+        async with self.store.read() as conn:
+            n, with_request, first, last = (await conn.execute(q)).one()
+        return int(n or 0), int(with_request or 0), _aware(first), _aware(last)
+
     async def save_router(self, name: str, router: Any, *, examples: int = 0,
                           metrics: dict[str, Any] | None = None) -> int:
         """Store a trained router as the next version of `name`; returns the version."""
@@ -648,6 +714,9 @@ def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
         # The answer is replayed on resume: kept as given, except exact key values.
         response=(scrub_exact(_message_json(attempt.response))
                   if attempt.response is not None else None),
+        reasoning_tokens=usage.reasoning_tokens if usage else None,
+        # Replayed by evaluations as it was sent: kept as given, except exact key values.
+        request=scrub_exact(_plain_json(attempt.request)) if attempt.request else None,
     )
     return {k: _storable(v) for k, v in values.items()}
 
@@ -655,8 +724,27 @@ def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
 def _message_json(message: Any) -> dict[str, Any]:
     from langchain_core.messages import message_to_dict
 
-    plain: dict[str, Any] = json.loads(json.dumps(message_to_dict(message), default=str))
+    return _plain_json(message_to_dict(message))
+
+
+def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
+    plain: dict[str, Any] = json.loads(json.dumps(value, default=str))
     return plain
+
+
+def _aware(value: Any) -> datetime | None:
+    """A timestamp read back (SQLite returns naive UTC ones, or text from an aggregate)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    moment: datetime = value
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _utc(value: datetime) -> datetime:
+    """`value` in UTC, the zone timestamps are stored in (naive: taken as UTC already)."""
+    return value.astimezone(timezone.utc) if value.tzinfo is not None else value
 
 
 def _values(row: Any) -> dict[str, Any]:

@@ -559,6 +559,9 @@ class SimulatedAdapter(ProviderAdapter):
 
     def build(self, spec: ModelSpec, *, timeout: float | None = None) -> BaseChatModel:
         kwargs = dict(spec.model_kwargs)
+        # A catalog entry may state the simulation's accuracy (simulated.toml does), so that
+        # simulated outcomes do not move with the scale of the routing prior's scores.
+        kwargs.setdefault("accuracy", spec.mean_quality() if spec.quality else 1.0)
         model = SimulatedChatModel(
             model_name=spec.model,
             provider=spec.provider,
@@ -566,7 +569,6 @@ class SimulatedAdapter(ProviderAdapter):
             profile=self.profile(spec),
             scaled_latency=spec.latency_ms / 1000.0,
             timeout=timeout,
-            accuracy=spec.mean_quality() if spec.quality else 1.0,
             **kwargs,
         )
         return model
