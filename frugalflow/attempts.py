@@ -48,11 +48,13 @@ from .exceptions import (
     UserError,
     ValidationFailedError,
 )
+from .allowance import Allowance, allowance, budget_error, with_max_output
 from .resilience import Action
 from .needs import estimate_tokens, prompt_text, tool_schema
-from .ranking import Candidate, Ranking, no_capable_model_error, rank
+from .ranking import Candidate, Priced, Ranking, no_capable_model_error, priced, rank
 from .statuses import Outcome
 from .usage import Attempt, RunUsage, Usage
+from .verbosity import TokenEstimate, Verbosity
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
@@ -81,8 +83,8 @@ INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _call_counter = itertools.count(1)
 
-# Errors that are not the model's: the caller's mistake, or the run's database.
-_NOT_THE_MODELS = (UserError, StoreError)
+# Errors that are not the model's: the caller's mistake, the run's database, or its budget.
+_NOT_THE_MODELS = (UserError, StoreError, BudgetExceededError)
 # Failures that may have cut an answer short: it is billed at least for what arrived.
 _CUT_SHORT = (IncompleteResponseError, ProviderConnectionError, ModelTimeoutError)
 
@@ -120,6 +122,7 @@ class _Try:
     gathered: AIMessageChunk | None = None
     emitted: bool = False  # chunks reached the consumer: no retry can follow
     verdict: bool = False  # the breakers heard how it ended (else its slot is released)
+    allowed: Allowance | None = None  # under a budget: its max output and what it holds
 
     def take(self, chunk: AIMessageChunk, attempt_id: str) -> None:
         chunk.id = attempt_id
@@ -162,6 +165,7 @@ class CallAttempts:
     call_key: str | None = None
     n_in = 0
     ranking: Ranking | None = None
+    priced: Priced | None = None
     generation: ChatGeneration | None = None  # the answering candidate's, when it made one
     reasons: dict[str, str] = {}  # why the router put a model where it did; replaced
     previous: str | None = None  # the model tried before this one
@@ -170,6 +174,7 @@ class CallAttempts:
     min_quality = -1.0
     too_long: ModelSpec | None = None  # the model that last said the prompt is too long
     over_budget: Candidate | None = None
+    refused: Allowance | None = None  # the allowance that refused `over_budget`
     explored: Candidate | None = None  # the unproven model this call explores first
 
     # -- the drivers -------------------------------------------------------------------
@@ -265,8 +270,10 @@ class CallAttempts:
         self.n_in = estimate_tokens(self.messages)
         if routed.tools:
             self.n_in += routed._tools_tokens()
-        ranking = rank(ctx.catalog, needs, self.messages,
-                       prefiltered=ctx.static(needs, routed.node), input_tokens=self.n_in)
+        static = ctx.static(needs, routed.node)
+        self.priced = ctx.priced(routed.node, needs, static)
+        ranking = rank(ctx.catalog, needs, self.messages, prefiltered=static,
+                       input_tokens=self.n_in, prices=self.priced)
         if not len(ranking):
             raise no_capable_model_error(routed.node, needs, ranking, ctx.catalog)
         if ctx.router is not None and needs.routed:
@@ -353,11 +360,14 @@ class CallAttempts:
         rng = random.Random(self.seed("explore"))
         if rng.random() >= share:
             return None
-        room = remaining - first.expected_cost if remaining is not None else None
+        # Under a budget, room after the planned call's reserve (see `allowance`).
+        room = remaining - self.allow(first).needed_usd if remaining is not None else None
+        explorable = ctx.explorable(routed.needs, routed.node, threshold)
         options = rank(ctx.catalog, routed.needs, self.messages, input_tokens=self.n_in,
-                       prefiltered=ctx.explorable(routed.needs, routed.node, threshold))
+                       prefiltered=explorable,
+                       prices=priced(explorable, routed.needs, routed.node, ctx.verbosity))
         pool = {c.spec.key: c for c in options if c.expected_cost < first.expected_cost
-                and (room is None or c.expected_cost <= room)}
+                and (room is None or self.allow(c).needed_usd <= room)}
         pick = ctx.measured.thompson(routed.node, [(k, c.expected_cost) for k, c in pool.items()],
                                      threshold, rng)
         if pick is None:
@@ -382,11 +392,13 @@ class CallAttempts:
             return _Skip.SKIP
         if self.min_quality >= 0 and -c.neg_quality <= self.min_quality:
             return _Skip.SKIP
-        left = self.usage.remaining_usd if self.usage.budget_usd is not None else None
-        if left is not None and c.expected_cost > left:
-            self.skipped.append(f"{spec.key}: over the remaining budget")
-            self.over_budget = self.over_budget or c
-            return _Skip.SKIP
+        if self.usage.budget_usd is not None:
+            allowed = await self.admitted(c)
+            if allowed.refusal is not None:
+                self.skipped.append(f"{spec.key}: {allowed.refusal}")
+                if self.over_budget is None:
+                    self.over_budget, self.refused = c, allowed
+                return _Skip.SKIP
         # A 429's Retry-After rests the model for every run (and the fleet, via Redis).
         resting = await self.ctx.breakers.acooldown_reason(spec)
         if resting is not None:
@@ -395,7 +407,7 @@ class CallAttempts:
         limiter = self.ctx.limiter
         if limiter is None:
             return None
-        tokens = self.n_in + self.routed.needs.expected_output_tokens
+        tokens = self.n_in + round(self.estimate(c).p50)
         reservation = await limiter.aacquire(spec, tokens)
         if not reservation:
             self.skipped.append(f"{spec.key}: over its rate limit (last 60 s)")
@@ -416,6 +428,66 @@ class CallAttempts:
     def start(self, c: Candidate, reservation: RateReservation | None) -> _Try:
         return _Try(c, c.spec, reservation, time.time(), time.perf_counter())
 
+    # -- the budget's share of a call (see frugalflow.allowance) -------------------------------
+
+    def estimate(self, c: Candidate) -> TokenEstimate:
+        """`c`'s output estimate on this node (see `frugalflow.verbosity`)."""
+        hit = self.priced.by_key.get(c.spec.key) if self.priced is not None else None
+        if hit is None:  # a candidate from another ranking (exploration)
+            verbosity = self.ctx.verbosity if self.ctx.verbosity is not None else Verbosity()
+            hit = verbosity.estimate(self.routed.node, self.routed.needs, c.spec)
+        return hit
+
+    def allow(self, c: Candidate) -> Allowance:
+        """`c`'s allowance from the budget left, less what calls in flight hold."""
+        left = max((self.usage.remaining_usd or 0.0) - self.ctx.held_usd, 0.0)
+        return allowance(c.spec, self.routed.needs, self.n_in, self.estimate(c), left)
+
+    async def admitted(self, c: Candidate) -> Allowance:
+        """`c`'s allowance; while parallel calls of the run hold what it lacks, it waits for
+        them to be recorded (a call never waits on its own task's: a judge inside a call)."""
+        while True:
+            allowed = self.allow(c)
+            if allowed.refusal is None or not self.ctx.others_hold():
+                return allowed
+            await self.ctx.hold_released()
+
+    async def take_allowance(self, t: _Try) -> None:
+        """Under a budget, before the try is sent: its max output, and hold its most cost
+        (sized from the budget left now; raises the budget error when it cannot be paid)."""
+        if self.usage.budget_usd is None or t.allowed is not None:
+            return
+        allowed = await self.admitted(t.candidate)
+        if allowed.refusal is not None:
+            raise budget_error(self.routed.node, self.usage, t.candidate,
+                               needed=allowed.needed_usd, why=allowed.refusal)
+        t.allowed = allowed
+        self.ctx.hold(allowed.hold_usd)  # no await since it was sized
+
+    def settle_hold(self, t: _Try, message: AIMessage) -> None:
+        """The answer is in: hold only what it costs (a judge validating it may need the
+        rest) until it is recorded."""
+        allowed = t.allowed
+        if allowed is None or not allowed.hold_usd:
+            return
+        paid, _ = billed(message, self.n_in, partial=False)
+        cost = t.spec.cost(paid) if paid is not None else 0.0
+        if cost < allowed.hold_usd:
+            self.ctx.unhold(allowed.hold_usd - cost)
+            t.allowed = Allowance(allowed.max_output, cost, allowed.refusal, allowed.needed_usd)
+
+    def unhold(self, t: _Try) -> None:
+        """The try's cost is recorded (or it ended unpaid): free what it held."""
+        if t.allowed is not None and t.allowed.hold_usd:
+            self.ctx.unhold(t.allowed.hold_usd)
+            t.allowed = Allowance(t.allowed.max_output, 0.0, t.allowed.refusal,
+                                  t.allowed.needed_usd)
+
+    def call_kwargs(self, t: _Try) -> dict[str, Any]:
+        """The call's keywords, with the max output its allowance gives (if any)."""
+        return self.kwargs if t.allowed is None else with_max_output(self.kwargs, t.spec,
+                                                                      t.allowed)
+
     def attempt_id(self) -> str:
         """The message id of this try's chunks (each attempt streams under its own)."""
         return f"lc_run--{self.call_id}-{len(self.attempts) + 1}"
@@ -424,18 +496,21 @@ class CallAttempts:
         # Durable runs write the call down before it is sent: if the process dies before
         # the answer is recorded, the ledger still shows a call that may have been paid
         # (settled later at its estimated cost).
+        await self.take_allowance(t)
         if self.ctx.intent is not None:
-            expected_out = self.routed.needs.expected_output_tokens
+            expected_out = round(self.estimate(t.candidate).p50)
             await self.ctx.intent(self._attempt(
                 Outcome.PENDING, t, cost=t.candidate.expected_cost, estimated=True,
                 usage=Usage(input_tokens=self.n_in, requests=1, output_tokens=expected_out)))
 
     def open_stream(self, t: _Try) -> AsyncIterator[Any]:
         model = self.routed._bound(t.spec, self.ctx)
-        return model.astream(self.messages, config=INNER_CONFIG, stop=self.stop, **self.kwargs)
+        return model.astream(self.messages, config=INNER_CONFIG, stop=self.stop,
+                             **self.call_kwargs(t))
 
     async def answer(self, t: _Try) -> AIMessage:
         """The candidate's checked answer (streamed to `forward` when it listens)."""
+        await self.take_allowance(t)
         if self.ctx.intent is not None:
             await self.intend(t)
         if self.forward is not None:
@@ -449,15 +524,16 @@ class CallAttempts:
         else:
             spec, timeout = t.spec, self.ctx.policy.timeout
             model = self.routed._bound(spec, self.ctx)
+            kwargs = self.call_kwargs(t)
             if spec.adapter.timeout_param is None and timeout is not None:
                 # The client has no timeout of its own: enforce the policy's.
                 async with asyncio.timeout(timeout):
                     message, generation = await generate_once(model, self.messages, self.stop,
-                                                              self.kwargs)
+                                                              kwargs)
             else:
                 # The client was built with timeout=policy.timeout and raises.
                 message, generation = await generate_once(model, self.messages, self.stop,
-                                                          self.kwargs)
+                                                          kwargs)
             t.message, t.generation = message, generation
         validating = self.check(t, message)
         if validating is not None:
@@ -468,6 +544,8 @@ class CallAttempts:
         """The adapter's end markers and the output schema; the node's validator is left
         to await (None without one)."""
         spec, routed = t.spec, self.routed
+        if t.allowed is not None:
+            self.settle_hold(t, message)
         spec.adapter.check(message, spec)
         schema = routed.response_schema
         parsed = parse_output(schema, spec, message) if schema is not None else None
@@ -477,6 +555,7 @@ class CallAttempts:
 
     async def release(self, t: _Try) -> None:
         """The try ended without a verdict (cancelled): free its breakers' slot."""
+        self.unhold(t)
         await asyncio.shield(self.ctx.breakers.arelease(t.spec))
 
     # -- after a try -------------------------------------------------------------------------
@@ -501,6 +580,7 @@ class CallAttempts:
                                                    self.kwargs)
         # Only persisted runs keep the request (the ledger writes it for replay by `eval`).
         request = recorded_request(self.routed, self.messages) if self.usage.listeners else None
+        self.unhold(t)  # no await until the record adds the cost: never counted twice or none
         await self.record(self._attempt(Outcome.OK, t, usage=paid, estimated=estimated,
                                         cost=cost, call_key=call_key, response=message,
                                         request=request))
@@ -532,6 +612,7 @@ class CallAttempts:
         if message is None and t.gathered is not None:
             message = cast(AIMessage, message_chunk_to_message(t.gathered))
         paid, estimated = billed(message, self.n_in, partial=isinstance(err, _CUT_SHORT))
+        self.unhold(t)
         await self.record(self._attempt(
             Outcome.ERROR, t, usage=paid, estimated=estimated,
             cost=spec.cost(paid) if paid else 0.0, error=err, action=action))
@@ -578,7 +659,10 @@ class CallAttempts:
             attempts=self.attempts,
         )
         if self.over_budget is not None:
-            raise budget_error(node, self.usage, self.over_budget) from group
+            refused = self.refused
+            raise budget_error(node, self.usage, self.over_budget,
+                               needed=refused.needed_usd if refused else None,
+                               why=refused.refusal if refused else None) from group
         raise group
 
     # -- the record ----------------------------------------------------------------------------
@@ -613,18 +697,6 @@ class CallAttempts:
     async def record(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
         await self.usage.arecord(attempt)
-
-
-def budget_error(node: str | None, usage: RunUsage, cheapest: Candidate) -> BudgetExceededError:
-    return BudgetExceededError(
-        f"node {node!r}: the run's budget cannot pay for the next call: "
-        f"${usage.spent_usd:.6f} of ${usage.budget_usd} spent, "
-        f"${usage.remaining_usd or 0.0:.6f} left; the cheapest capable call "
-        f"({cheapest.spec.key}) needs about ${cheapest.expected_cost:.6f}. "
-        "Resume the run with a larger budget.",
-        node=node, budget_usd=usage.budget_usd or 0.0,
-        spent_usd=usage.spent_usd, needed_usd=cheapest.expected_cost,
-    )
 
 
 # -- the pieces of a try ---------------------------------------------------------------------

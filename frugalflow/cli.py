@@ -591,6 +591,7 @@ def explain(
                       f"{len(ok)} candidates, ${min(costs):.6f} .. ${max(costs):.6f} per call")
         for r in ok:
             console.print(f"  {r['rank']:>2}. {r['model']}  ${r['expected_cost_usd']:.6f}  "
+                          f"~{r['output_tokens']} out tokens ({r['output_source']})  "
                           f"[dim]{r['measured']}[/]")
         for r in rows:
             if not r["accepted"]:

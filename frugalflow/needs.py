@@ -129,8 +129,9 @@ class Needs(BaseModel):
         return tuple(value) if value is not None else None
 
     def with_(self, **changes: Any) -> Needs:
-        """A copy with `changes` applied and validated."""
-        return Needs(**{**self.model_dump(), **changes})
+        """A copy with `changes` applied and validated (fields left at their default stay
+        so: an output estimate tells a node's own setting from the default)."""
+        return Needs(**{**self.model_dump(exclude_unset=True), **changes})
 
     @property
     def output_budget(self) -> int:

@@ -4,6 +4,11 @@
 quality, providers, latency, availability); `rank` adds the per-call ones (context window,
 images, price caps, the budget left) and orders the capable models by the expected cost of
 *this* call; `explain` lists every model, accepted or rejected with its reasons.
+
+The expected cost of a call to a model is its input tokens at the input price plus the
+model's estimated output tokens on the node (median, hidden reasoning included: see
+`verbosity`) at the output price: measured where a run knows them (`Priced`), else the
+per-model prior.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from langchain_core.messages import BaseMessage
 from .catalog import Catalog, ModelSpec
 from .exceptions import NoCapableModelError
 from .needs import Needs, Unscored, estimate_tokens, has_images, unscored_reason
+from .verbosity import TokenEstimate, Verbosity, prior_estimate
 
 if TYPE_CHECKING:
     from .measured import Measurements
@@ -24,12 +30,14 @@ if TYPE_CHECKING:
 __all__ = [
     "Candidate",
     "Prefilter",
+    "Priced",
     "Ranking",
     "QualityJudge",
     "explain",
     "measured_note",
     "no_capable_model_error",
     "prefilter",
+    "priced",
     "rank",
 ]
 
@@ -187,11 +195,16 @@ class Prefilter:
     all_vision: bool = True
     """Whether every eligible model takes images."""
     prices: list[tuple[float, float]] = field(default_factory=list)
-    """Per row: $/input token, and the cost of the needs' expected output tokens."""
+    """Per row: $/input token, and the cost of the model's prior output estimate."""
     tiebreak: list[int] = field(default_factory=list)
     """Per row: its place in (-quality, latency, catalog order), which breaks cost ties."""
     by_tiebreak: list[int] = field(default_factory=list)
     """The row at each tie-break place."""
+    prior: Priced | None = None
+    """The rows' prior output estimates and `prices` (what a node nothing was measured of
+    uses: computed once per needs, not per run)."""
+    explicit_out: bool = False
+    """Whether the needs set expected_output_tokens themselves (the prior depends on it)."""
 
 
 def prefilter(catalog: Catalog, needs: Needs, judge: QualityJudge | None = None) -> Prefilter:
@@ -213,14 +226,45 @@ def prefilter(catalog: Catalog, needs: Needs, judge: QualityJudge | None = None)
          s.caps.vision, -s.mean_quality(skills), s.latency_ms)
         for s in eligible
     ]
-    n_out = needs.expected_output_tokens
     by_tiebreak = sorted(range(len(rows)), key=lambda i: (rows[i][5], rows[i][6], i))
     tiebreak = [0] * len(rows)
     for place, i in enumerate(by_tiebreak):
         tiebreak[i] = place
+    estimates = [prior_estimate(needs, s) for s in eligible]
+    prices = [(r[1], e.p50 * r[2]) for r, e in zip(rows, estimates)]
     return Prefilter(eligible, rejected, rows, min((s.window for s in eligible), default=0),
-                     all(s.caps.vision for s in eligible),
-                     [(r[1], n_out * r[2]) for r in rows], tiebreak, by_tiebreak)
+                     all(s.caps.vision for s in eligible), prices, tiebreak, by_tiebreak,
+                     Priced(prices, estimates, {s.key: e for s, e in zip(eligible, estimates)}),
+                     _explicit_out(needs))
+
+
+def _explicit_out(needs: Needs) -> bool:
+    return "expected_output_tokens" in needs.model_fields_set
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """A node's output estimate per prefiltered model, and the prices `rank` uses."""
+
+    prices: list[tuple[float, float]]
+    """Per prefiltered row: $/input token, and the cost of the estimated output (p50)."""
+    estimates: list[TokenEstimate]
+    """Per prefiltered row (a Candidate's `order`): the output estimate."""
+    by_key: dict[str, TokenEstimate]
+    """The estimates by model key (`provider/model`)."""
+
+
+def priced(static: Prefilter, needs: Needs, node: str | None,
+           verbosity: Verbosity | None) -> Priced:
+    """The expected output of each of `static`'s models on `node` (a run computes it once
+    per node; `verbosity` None: the prior)."""
+    if (static.prior is not None and (verbosity is None or not verbosity.knows(node))
+            and static.explicit_out == _explicit_out(needs)):
+        return static.prior  # nothing measured of this node: the prior, computed once
+    v = verbosity if verbosity is not None else Verbosity()
+    estimates = [v.estimate(node, needs, row[0]) for row in static.rows]
+    return Priced([(row[1], e.p50 * row[2]) for row, e in zip(static.rows, estimates)],
+                  estimates, {row[0].key: e for row, e in zip(static.rows, estimates)})
 
 
 def rank(
@@ -232,15 +276,17 @@ def rank(
     budget_left: float | None = None,
     input_tokens: int | None = None,
     prefiltered: Prefilter | None = None,
+    prices: Priced | None = None,
 ) -> Ranking:
     """Capable models for a call with `messages`, cheapest expected cost first.
 
     Ties are broken by quality (mean over the needed skills, else all), then latency.
-    `prefiltered` is `prefilter(catalog, needs)` when the caller keeps it (per run).
+    `prefiltered` is `prefilter(catalog, needs)` when the caller keeps it (per run), and
+    `prices` its models' output estimates on the node (default: the prior's).
     """
     static = prefiltered if prefiltered is not None else prefilter(catalog, needs)
+    out_prices = prices.prices if prices is not None else static.prices
     n_in = input_tokens if input_tokens is not None else estimate_tokens(messages, tools)
-    n_out = needs.expected_output_tokens
     context_needed = n_in + (needs.max_output_tokens or needs.expected_output_tokens)
     # Images matter only when a capable model cannot read them.
     images = (bool(messages) and not needs.vision and not static.all_vision
@@ -251,13 +297,13 @@ def rank(
         # The routed call's usual case: nothing is rejected per call, only the order
         # depends on its size. Sorting (cost, tie-break place) pairs is the same order as
         # (cost, -quality, latency, catalog order), and plain tuples sort fastest.
-        costs = [n_in * p_in + out for p_in, out in static.prices]
+        costs = [n_in * p_in + out for p_in, out in out_prices]
         return Ranking._lazy(sorted(zip(costs, static.tiebreak)), static,
                              list(static.rejected), n_in)
     rejected = list(static.rejected)
     ranked: list[Candidate] = []
-    for i, (spec, p_in, p_out, window, vision, neg_quality, latency) in enumerate(static.rows):
-        cost = n_in * p_in + n_out * p_out
+    for i, (spec, p_in, _, window, vision, neg_quality, latency) in enumerate(static.rows):
+        cost = n_in * p_in + out_prices[i][1]
         reasons: list[str] = []
         if window < context_needed:
             reasons.append(f"context {window} < {context_needed} tokens needed")
@@ -284,15 +330,21 @@ def explain(
     budget_left: float | None = None,
     node: str | None = None,
     measured: Measurements | None = None,
+    verbosity: Verbosity | None = None,
 ) -> list[dict[str, Any]]:
     """Every catalog model, accepted (with its rank and expected cost) or rejected (why),
     and what was measured of it on `node` (`measured`: "measured: n, rate, interval" or
-    "prior only"); with measurements, quality is judged on them where they exist."""
-    judged = (prefilter(catalog, needs, measured.judge(node, needs))
-              if measured is not None and measured.covers(node) else None)
+    "prior only"); with measurements, quality is judged on them where they exist.
+
+    Each model that passed the static needs also shows its output estimate on `node`
+    (`output_tokens`, `output_tokens_p90`, `output_source`; from `verbosity`, else the prior).
+    """
+    static = (prefilter(catalog, needs, measured.judge(node, needs))
+              if measured is not None and measured.covers(node) else prefilter(catalog, needs))
+    pr = priced(static, needs, node, verbosity)
     ranking = rank(
         catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left,
-        prefiltered=judged,
+        prefiltered=static, prices=pr,
     )
     rows: list[dict[str, Any]] = []
     for i, c in enumerate(ranking.candidates, 1):
@@ -305,6 +357,15 @@ def explain(
                      "expected_cost_usd": None, "reasons": reasons})
     for row in rows:
         row["measured"] = measured_note(measured, node, row["model"])
+    return _with_output_estimates(rows, pr)
+
+
+def _with_output_estimates(rows: list[dict[str, Any]], pr: Priced) -> list[dict[str, Any]]:
+    for r in rows:
+        e = pr.by_key.get(r["model"])
+        r["output_tokens"] = round(e.p50) if e is not None else None
+        r["output_tokens_p90"] = round(e.p90) if e is not None else None
+        r["output_source"] = e.source if e is not None else None
     return rows
 
 

@@ -29,12 +29,13 @@ from .exceptions import UserError
 from .limits import Limiter
 from .resilience import Breakers, FallbackPolicy, default_breakers
 from .needs import Needs, tool_schema, tool_tokens
-from .ranking import Prefilter, QualityJudge, prefilter
+from .ranking import Prefilter, Priced, QualityJudge, prefilter, priced
 from .usage import Attempt, RunUsage
 
 if TYPE_CHECKING:
     from .learning import Router
     from .measured import Measurements
+    from .verbosity import Verbosity
 
 __all__ = ["DEFAULT_ATTEMPT_WINDOW", "RoutedChatModel", "RunContext"]
 
@@ -88,12 +89,22 @@ class RunContext:
     explore: float | Mapping[str, float] = 0.0
     """The share of calls (one share, or per node) of nodes with a validator that may try a
     cheaper, unproven model first (Thompson sampling on `measured`)."""
+    verbosity: Verbosity | None = None
+    """Output-token estimates per node x model (the runner reads them from the ledger at each
+    run's start, see `frugalflow.verbosity`); None: the per-model prior."""
+    held_usd: float = 0.0
+    """Budget held by the run's calls in flight (each its most possible cost), so that
+    parallel calls together stay within the budget (see `frugalflow.allowance`)."""
     draws: int = field(default=0, repr=False)
     """Calls outside a durable run that drew a random choice (it seeds the next draw)."""
     _occurrences: dict[tuple[str | None, str], int] = field(default_factory=dict, repr=False)
     _static: dict[int, tuple[Needs, Prefilter]] = field(default_factory=dict, repr=False)
     _judged: dict[tuple[int, str, bool], tuple[Needs, Prefilter]] = field(
         default_factory=dict, repr=False)
+    _priced: dict[tuple[str | None, int], tuple[Needs, Prefilter, Priced]] = field(
+        default_factory=dict, repr=False)
+    _holds: dict[asyncio.Task[Any] | None, float] = field(default_factory=dict, repr=False)
+    _released: asyncio.Event | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return f"RunContext(catalog={self.catalog.name!r}, run_id={self.usage.run_id!r})"
@@ -139,6 +150,46 @@ class RunContext:
             judged = prefilter(self.catalog, needs, judge or measured.judge(node, needs))
             hit = self._judged[key] = (needs, judged)
         return hit[1]
+
+    def priced(self, node: str | None, needs: Needs, static: Prefilter) -> Priced:
+        """The node's output estimates and prices per model of `static` (once per run)."""
+        hit = self._priced.get((node, id(needs)))
+        if hit is None or hit[0] is not needs or hit[1] is not static:
+            hit = self._priced[(node, id(needs))] = (
+                needs, static, priced(static, needs, node, self.verbosity))
+        return hit[2]
+
+    # -- budget held by calls in flight (see frugalflow.allowance) --------------------------
+
+    def hold(self, usd: float) -> None:
+        """A call of the current task holds `usd` of the budget until it is recorded."""
+        task = asyncio.current_task()
+        self._holds[task] = self._holds.get(task, 0.0) + usd
+        self.held_usd += usd
+
+    def unhold(self, usd: float) -> None:
+        task = asyncio.current_task()
+        rest = self._holds.get(task, 0.0) - usd
+        if rest > 1e-12:
+            self._holds[task] = rest
+        else:
+            self._holds.pop(task, None)
+        # (exactly 0 once nothing is held: no float residue left to hold)
+        self.held_usd = max(self.held_usd - usd, 0.0) if self._holds else 0.0
+        released, self._released = self._released, None
+        if released is not None:
+            released.set()
+
+    def others_hold(self) -> bool:
+        """Whether calls of other tasks hold budget (a wait for them ends)."""
+        task = asyncio.current_task()
+        return any(t is not task for t in self._holds)
+
+    async def hold_released(self) -> None:
+        """Until a call in flight frees what it held."""
+        if self._released is None:
+            self._released = asyncio.Event()
+        await self._released.wait()
 
     def model(self, spec: ModelSpec) -> BaseChatModel:
         """The built chat model for `spec` (built once per catalog, timeout and key)."""

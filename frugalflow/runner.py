@@ -50,6 +50,7 @@ from .persistence.leases import Lease, acquire_lease, afenced, fenced, holder_id
 from .persistence.store import Store
 from .persistence.tables import RunRow
 from .usage import RunUsage
+from .verbosity import Verbosity, VerbosityCache
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
@@ -173,6 +174,9 @@ class Runner:
         self._share_events = share_events if share_events is not None else (
             dispatcher is not None and not self.store.is_sqlite)
         self._relay: PostgresEventRelay | None = None
+        self.verbosity = VerbosityCache()
+        """Output-token estimates per flow, node and model, read from the ledger at a run's
+        start (at most once a minute per flow): ranking and budgets use them."""
         for f in flows:
             self.register(f)
 
@@ -455,6 +459,14 @@ class Runner:
             self.policy, self._policy_version = stored.policy, version
         return self.policy, f"policy {name} v{version}"
 
+    async def _current_verbosity(self, flow: str) -> Verbosity:
+        """Output-token estimates for a run of `flow` starting now: the ledger's (cached
+        briefly), and the node policy's evidence (`current_policy`, read just before)."""
+        verbosity = await self.verbosity.get(self.store, flow)
+        policy = self.policy
+        return verbosity.with_policy(policy) if policy is not None and policy.flow == flow \
+            else verbosity
+
     async def _current_measurements(self, flow: Flow[Any]) -> Measurements | None:
         """What was measured of `flow` for a run starting now: the policy's newest version
         at once, production verdicts reloaded after `measure.ttl` seconds."""
@@ -629,6 +641,7 @@ class Runner:
             elif mode == "tasks":
                 # a "tasks" event is a dict (a task starting or its result)
                 await self._on_task(run_id, cast("dict[str, Any]", chunk))
+        self.verbosity.ran(row.flow)
         snapshot = await compiled.graph.aget_state(config)
         end.interrupts = [scrub(i.value) for i in snapshot.interrupts]
         end.status = (RunStatus.INTERRUPTED if snapshot.next or end.interrupts
@@ -662,6 +675,7 @@ class Runner:
         ctx.router = await self._current_router()
         ctx.measured = await self._current_measurements(compiled.flow)
         ctx.explore = self.explore
+        ctx.verbosity = await self._current_verbosity(row.flow)
         ctx.limiter = self.limiter
         ctx.intent = functools.partial(self.ledger.record_intent, flow=row.flow)
         if continuation:

@@ -746,7 +746,10 @@ async def test_routed_model_falls_back_across_real_clients(
         return ModelSpec(provider=provider, model=model, base_url=emu.base_url(base),
                          api_key_env=f"EMU_{provider.upper()}_KEY", input_price=price,
                          output_price=price, context_window=window,
-                         capabilities={"tool_calling": True, "structured_output": True},
+                         # No reasoning mode: the expected output is the same for all (a
+                         # reasoning model's thinking tokens would change the price order).
+                         capabilities={"tool_calling": True, "structured_output": True,
+                                       "reasoning": False},
                          quality={"writing": 0.8})
 
     cat = Catalog([

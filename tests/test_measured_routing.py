@@ -14,6 +14,7 @@ from typing import Any, TypedDict
 import pytest
 from langchain_core.messages import HumanMessage
 
+from frugalflow.verbosity import TokenEstimate, Verbosity
 from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel, RunContext, RunUsage
 from frugalflow.exceptions import BudgetExceededError, UserError
 from frugalflow.measured import (
@@ -36,7 +37,8 @@ CHEAP = "sim-groq/llama-3.1-8b-instant"  # writing 0.286: the prior rejects it a
 PRIOR_FIRST = "sim-deepseek/deepseek-chat"  # writing 0.431: the prior's cheapest capable
 STRONG = "sim-openai/gpt-4.1"
 FLASH = "sim-google/gemini-2.5-flash"
-NEEDS = Needs(quality={"writing": 0.42})
+# One output length for every model (the verbosity prior would reorder them by price).
+NEEDS = Needs(quality={"writing": 0.42}, expected_output_tokens=400)
 
 
 class S(TypedDict, total=False):
@@ -279,6 +281,8 @@ def _explorer(share: float, budget: float | None = None,
     ctx = RunContext(catalog=Catalog.simulated(), breakers=BreakerRegistry(),
                      usage=RunUsage(budget_usd=budget, run_id="explore"), measured=m,
                      explore=share)
+    # Flash measured as terse as the rest (its reasoning prior would price it above gpt-4.1).
+    ctx.verbosity = Verbosity(ledger={("write", FLASH): TokenEstimate(400, 1004, n=50)})
     return RoutedChatModel(needs=NEEDS, node="write", context=ctx, validator=validator), ctx
 
 
@@ -348,7 +352,8 @@ async def _plan_cost(model: RoutedChatModel) -> float:
     from frugalflow.attempts import CallAttempts
 
     attempts = CallAttempts(model, [HumanMessage("one call")], None, {})
-    return float(next(iter(attempts.plan())).expected_cost)
+    # What a budget must hold for it: its input and the p90 of its output estimate.
+    return attempts.allow(next(iter(attempts.plan()))).needed_usd
 
 
 async def test_explored_calls_are_recorded_as_exploration(tmp_path: Path) -> None:

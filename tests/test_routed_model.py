@@ -183,8 +183,9 @@ async def test_breaker_opens_and_half_open_probe_closes_it(
 
 
 async def test_budget_skips_expensive_candidates_and_then_stops(routed: Any, sim: Any) -> None:
-    # small's expected call costs ~4e-5 (404 tokens at $0.1/M); medium's ~2e-4.
-    model = routed(budget=1e-4, policy=FallbackPolicy(max_retries=0))
+    # small's expected call costs ~4e-5 (404 tokens at $0.1/M); medium's ~2e-4. Admission
+    # reserves the p90 of the output estimate (2.5x the 400 tokens): ~1e-4 and ~5e-4.
+    model = routed(budget=3e-4, policy=FallbackPolicy(max_retries=0))
     await model.ainvoke(HI)
     spent = model.context.usage.spent_usd
     assert 0 < spent < 1e-4
@@ -195,7 +196,7 @@ async def test_budget_skips_expensive_candidates_and_then_stops(routed: Any, sim
     assert sim.calls["sim-a/medium"] == 0
     assert "Resume the run with a larger budget" in str(info.value)
     assert info.value.node == "n"
-    model.context.usage.spent_usd = 1e-4
+    model.context.usage.spent_usd = 3e-4
     with pytest.raises(BudgetExceededError):
         await model.ainvoke(HI)  # nothing fits: stops before any call
 

@@ -317,7 +317,8 @@ class SimulatedChatModel(BaseChatModel):
             )
         return fault
 
-    def _answer(self, messages: list[BaseMessage], malformed: bool = False) -> AIMessage:
+    def _answer(self, messages: list[BaseMessage], malformed: bool = False,
+                max_tokens: int | None = None) -> AIMessage:
         rng = self._rng(messages)
         if self.responder is not None and not self.bound_tools:
             out = self.responder(messages)
@@ -351,10 +352,17 @@ class SimulatedChatModel(BaseChatModel):
                 msg = AIMessage(content=f"[{self.model_name}] " + " ".join(words) + ".")
         n_in = self._input_tokens(messages)
         n_out = max(1, (len(str(msg.content)) + len(json.dumps([c["args"] for c in msg.tool_calls]))) // 4)
+        stopped = "stop"
+        if max_tokens is not None and n_out > max_tokens:
+            # As a provider does: the answer stops at the caller's max output (billed so).
+            msg = AIMessage(content=str(msg.content)[: max_tokens * 4])
+            n_out, stopped = max_tokens, "length"
         msg.usage_metadata = {
             "input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
         }
         msg.response_metadata = {"model_name": self.model_name, "model_provider": self.provider}
+        if stopped != "stop":
+            msg.response_metadata["finish_reason"] = stopped
         return msg
 
     def _judge(self, question: str, answer: str, rng: random.Random) -> str:
@@ -445,7 +453,8 @@ class SimulatedChatModel(BaseChatModel):
                 time.sleep(self.timeout)
                 raise TimeoutError(f"{self.key}: no answer within {self.timeout} s")
             self._raise(fault)
-        return ChatResult(generations=[ChatGeneration(message=self._answer(messages))])
+        return ChatResult(generations=[ChatGeneration(
+            message=self._answer(messages, max_tokens=kwargs.get("max_tokens")))])
 
     async def _agenerate(
         self,
@@ -464,7 +473,8 @@ class SimulatedChatModel(BaseChatModel):
                 malformed = True
             elif fault.kind != "stream_cut":
                 self._raise(fault)
-        return ChatResult(generations=[ChatGeneration(message=self._answer(messages, malformed))])
+        return ChatResult(generations=[ChatGeneration(
+            message=self._answer(messages, malformed, max_tokens=kwargs.get("max_tokens")))])
 
     async def _hang(self) -> None:
         """The provider never answers: give up after `timeout`, as an HTTP client would."""
@@ -500,7 +510,8 @@ class SimulatedChatModel(BaseChatModel):
             await self._hang()
         if fault is not None and fault.kind not in ("stream_cut", "malformed"):
             self._raise(fault)
-        message = self._answer(messages, malformed=fault is not None and fault.kind == "malformed")
+        message = self._answer(messages, malformed=fault is not None and fault.kind == "malformed",
+                               max_tokens=kwargs.get("max_tokens"))
         for i, chunk in enumerate(_chunks(message)):
             if fault is not None and fault.kind == "stream_cut" and i >= fault.after_chunks:
                 raise ProviderConnectionError(
