@@ -521,7 +521,9 @@ class Evaluation:
         return update
 
     async def cell(self, key: CellKey, *, budget_left: float | None = None) -> Cell:
-        """Run and score one cell (raises `_BudgetStop` when the budget cannot pay it)."""
+        """Run and score one cell. `budget_left` caps its calls (raises `_BudgetStop` when it
+        cannot pay one); the runner gives none: a routed call that the budget caps gets a
+        smaller max output, and an answer cut short would be measured as the model's."""
         case, spec = self._by_id[key.case_id], self.catalog[key.model]
         node = self._case_node(case)
         why = self.catalog.unavailable_reason(spec)
@@ -645,11 +647,10 @@ class _Runner:
                 usd = self.plan.cell_usd.get(key, 0.0)
                 if not await self._slot(usd, sem, pending):
                     break
-                left = self._left()
-                # The cell may spend what is left but for what the cells in flight reserved.
-                cell_left = None if left is None else left - self.reserved
+                # Started only while the budget left covers what the cells in flight and
+                # this one should cost; each then runs uncapped, to measure whole answers.
                 self.reserved += usd
-                task = asyncio.create_task(self._one(key, usd, cell_left, sem))
+                task = asyncio.create_task(self._one(key, usd, sem))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             if pending:
@@ -688,13 +689,12 @@ class _Runner:
             left = self._left()
         return left is not None and self.stop is None and usd <= left
 
-    async def _one(self, key: CellKey, usd: float, left: float | None,
-                   sem: asyncio.Semaphore) -> None:
+    async def _one(self, key: CellKey, usd: float, sem: asyncio.Semaphore) -> None:
         store = self.ev.store
         slot = _Slot(sem)
         _SLOT.set(slot)  # this task's own context: its calls' limiter finds it
         try:
-            cell = await self.ev.cell(key, budget_left=left)
+            cell = await self.ev.cell(key)
             if store is not None:
                 await store.record_cell(self.plan.eval_id, cell)
                 await self.record_scoring_cost()
