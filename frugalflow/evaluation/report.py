@@ -31,7 +31,7 @@ from ..policies import Choice, Evidence, NodePolicy
 from ..policies import Policy as NodePolicies
 from .cases import Cell
 from .frontier import Interval, Measured, Policy, cheapest_policy, frontier, lower_hull, wilson
-from .savings import NodeSavings, Savings, Volume, reprice
+from .savings import NodeSavings, Savings, Volume, money as _money, reprice
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -142,14 +142,6 @@ class ModelStats:
             "reasoning_tokens_p50": self.reasoning_tokens_p50,
             "reasoning_tokens_p90": self.reasoning_tokens_p90,
         }
-
-
-def _money(usd: float) -> str:
-    if usd >= 10:
-        return f"${usd:,.0f}"
-    if usd >= 0.1:
-        return f"${usd:.2f}"
-    return f"${usd:.2g}" if usd else "$0"
 
 
 def _share(share: float) -> str:

@@ -29,9 +29,21 @@ if TYPE_CHECKING:
     from ..persistence.ledger import Ledger
 
 __all__ = ["Method", "ModelVolume", "NodeSavings", "NodeVolume", "Savings", "Volume",
-           "recent_volume", "reprice"]
+           "money", "recent_volume", "reprice"]
 
 _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
+
+
+def money(usd: float) -> str:
+    """USD readably at any size: $41, $0.33, $0.0031 (small sums keep two significant digits:
+    a month of cheap calls is not "$0.00")."""
+    if usd >= 10:
+        return f"${usd:,.0f}"
+    if usd >= 0.1:
+        return f"${usd:.2f}"
+    return f"${usd:.2g}" if usd else "$0"
+
+
 _PER = 10_000
 
 
@@ -205,8 +217,8 @@ class Savings:
         before, after = total.per_10k()
         per = "runs" if total.runs else "calls"
         return (f"{self.flow} (last {self.days:g} days, {total.calls} calls): "
-                f"${total.before_usd:.2f} -> ${total.after_usd:.2f} "
-                f"({total.change_pct:+.0f}%), ${before:.2f} -> ${after:.2f} per 10k {per}; "
+                f"{money(total.before_usd)} -> {money(total.after_usd)} "
+                f"({total.change_pct:+.0f}%), {money(before)} -> {money(after)} per 10k {per}; "
                 f"{self._how()}")
 
     def _how(self) -> str:
