@@ -27,3 +27,14 @@ def test_notebook_runs(path: Path) -> None:
 
 def test_there_are_notebooks() -> None:
     assert len(NOTEBOOKS) >= 4
+
+
+def test_the_evaluation_notebook_is_committed_with_its_chart() -> None:
+    # A reader on GitHub sees the evaluation's chart without running anything: the committed
+    # notebook carries its outputs (`make notebooks` re-executes it).
+    nb = nbformat.read(EXAMPLES / "06_evaluate_a_new_model.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # report chart, before/after
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "sim-newco/swift-1" in text and "unscored for extraction" in text
