@@ -11,13 +11,11 @@ give_up. Every `Attempt` of the call is made by one factory, `_attempt`.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import random
 import time
 import uuid
-from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -32,7 +30,6 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
-from pydantic import BaseModel
 
 from .exceptions import (
     AllModelsFailedError,
@@ -47,7 +44,9 @@ from .exceptions import (
     StoreError,
     UserError,
     ValidationFailedError,
+    short_error,
 )
+from .validation import parse_output, validate
 from .allowance import Allowance, allowance, budget_error, with_max_output
 from .resilience import Action
 from .needs import estimate_tokens, prompt_text, tool_schema
@@ -65,14 +64,10 @@ if TYPE_CHECKING:
 __all__ = [
     "INNER_CONFIG",
     "CallAttempts",
-    "ModelJudge",
-    "Validator",
     "billed",
     "generate_once",
     "iter_with_timeout",
     "recorded_request",
-    "rejection",
-    "short_error",
 ]
 
 INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
@@ -90,22 +85,6 @@ _CUT_SHORT = (IncompleteResponseError, ProviderConnectionError, ModelTimeoutErro
 
 class _Skip(Enum):
     SKIP = 0  # `admit`: this candidate is not tried
-
-
-class ModelJudge(ABC):
-    """A validator that is itself a model call (`Judge` registers here): it is given the
-    routed model that asked, the model that answered, the prompt and the answer."""
-
-    @abstractmethod
-    async def check(self, routed: RoutedChatModel, spec: ModelSpec,
-                    messages: Sequence[BaseMessage], subject: Any) -> bool | str:
-        """True to accept; False or a reason to reject."""
-
-
-Validator = Callable[[Any], object] | type[BaseModel] | ModelJudge
-"""What checks a node's answers: a callable (sync or async) returning True/None to accept,
-False or a reason string (or raising) to reject; a pydantic model the answer must fit; or a
-`ModelJudge` such as `Judge` (another model decides)."""
 
 
 @dataclass(slots=True)
@@ -702,71 +681,6 @@ class CallAttempts:
 # -- the pieces of a try ---------------------------------------------------------------------
 
 
-def parse_output(schema: Any, spec: ModelSpec, message: AIMessage) -> Any:
-    """The structured output parsed from `message` (None without a schema)."""
-    if schema is None:
-        return None
-    calls = message.tool_calls
-    if not calls:
-        raise MalformedResponseError(
-            f"{spec.key} returned no structured output (no tool call)",
-            provider=spec.provider, model=spec.model,
-        )
-    if isinstance(schema, type) and issubclass(schema, BaseModel):
-        try:
-            return schema.model_validate(calls[0]["args"])
-        except Exception as e:  # pydantic.ValidationError or a bad type
-            raise MalformedResponseError(
-                f"{spec.key} output fails schema {schema.__name__}: {short_error(e)}",
-                provider=spec.provider, model=spec.model,
-            ) from e
-    return calls[0]["args"]
-
-
-async def validate(routed: RoutedChatModel, validator: Validator, spec: ModelSpec,
-                   message: AIMessage, parsed: Any, messages: Sequence[BaseMessage]) -> None:
-    """Run the node's validator; a failure escalates to a more capable model."""
-    reason = await rejection(routed, validator, spec, message, parsed, messages)
-    if reason is not None:
-        raise ValidationFailedError(f"{spec.key} output rejected by the validator: {reason}",
-                                    provider=spec.provider, model=spec.model)
-
-
-async def rejection(routed: RoutedChatModel | None, validator: Validator, spec: ModelSpec | None,
-                    message: AIMessage | None, parsed: Any,
-                    messages: Sequence[BaseMessage]) -> str | None:
-    """Why `validator` rejects the answer (`parsed` if any, else `message`), or None when it
-    accepts. A judge needs the routed model that asked and the answering model's spec."""
-    subject = parsed if parsed is not None else message
-    reason: str | None = None
-    verdict: object  # False, or a str (the reason), rejects the answer
-    try:
-        if isinstance(validator, ModelJudge):
-            if routed is None or spec is None:
-                raise UserError("a Judge validator needs a routed model and a model to judge")
-            verdict = await validator.check(routed, spec, messages, subject)
-        elif isinstance(validator, type) and issubclass(validator, BaseModel):
-            if parsed is None:
-                validator.model_validate_json(str(getattr(message, "content", "")))
-            else:
-                validator.model_validate(
-                    parsed.model_dump() if isinstance(parsed, BaseModel) else parsed)
-            verdict = True
-        else:
-            # (mypy cannot narrow the union by `issubclass` above)
-            verdict = cast(Callable[[Any], object], validator)(subject)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-    except (UserError, asyncio.CancelledError):
-        raise
-    except Exception as e:  # the validator's own words are the reason
-        reason = short_error(e)
-        verdict = False
-    if verdict is False or isinstance(verdict, str):
-        return verdict if isinstance(verdict, str) else reason or "returned False"
-    return None
-
-
 def recorded_request(routed: RoutedChatModel, messages: Sequence[BaseMessage]) -> dict[str, Any]:
     """The request of a call as JSON, replayable to another model: messages (LangChain
     dicts), the bound tools (OpenAI tool dicts, the response schema's own tool apart) and
@@ -865,11 +779,6 @@ def billed(message: AIMessage | None, n_in: int, *, partial: bool) -> tuple[Usag
                  cache_read_tokens=reported.cache_read_tokens,
                  cache_write_tokens=reported.cache_write_tokens, requests=1,
                  reasoning_tokens=reported.reasoning_tokens), True
-
-
-def short_error(error: BaseException, limit: int = 300) -> str:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text[:limit]
 
 
 async def iter_with_timeout(it: AsyncIterator[Any], timeout: float | None) -> AsyncIterator[Any]:

@@ -351,3 +351,9 @@ def _rebuild_group(
     message: str, exceptions: list[Exception], node: str | None, attempts: list[Attempt]
 ) -> AllModelsFailedError:
     return AllModelsFailedError(message, exceptions, node=node, attempts=attempts)
+
+
+def short_error(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (its class name when it has none), cut to `limit`."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:limit]

@@ -34,7 +34,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
-from .attempts import Validator
+from .validation import Validator
 from .catalog import Catalog
 from .exceptions import FlowError
 from .needs import Needs

@@ -10,7 +10,7 @@ from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from pydantic import BaseModel
 
 from .attempts import INNER_CONFIG as _INNER_CONFIG
-from .attempts import ModelJudge
+from .validation import ModelJudge
 from .catalog import ModelSpec
 from .exceptions import UserError
 from .needs import Needs

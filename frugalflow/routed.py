@@ -23,7 +23,8 @@ from langchain_core.runnables import Runnable
 from langgraph.runtime import get_runtime
 from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
 
-from .attempts import CallAttempts, Validator
+from .attempts import CallAttempts
+from .validation import Validator
 from .catalog import Catalog, ModelSpec
 from .exceptions import UserError
 from .limits import Limiter

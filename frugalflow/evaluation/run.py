@@ -31,7 +31,8 @@ from langchain_core.messages import AIMessage, BaseMessage
 from pydantic import BaseModel
 
 from ..catalog import Catalog
-from ..attempts import ModelJudge, short_error
+from ..exceptions import short_error
+from ..validation import ModelJudge
 from ..exceptions import (
     AllModelsFailedError,
     BudgetExceededError,

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, messages_from_dict
 from pydantic import BaseModel, ValidationError
 
-from ..attempts import rejection, short_error
+from ..exceptions import short_error
+from ..validation import rejection
 from ..exceptions import UserError
 from ..persistence.scrub import scrub
 from .cases import EvalCase, Request, Score, Scorer
@@ -35,7 +36,7 @@ from .cases import EvalCase, Request, Score, Scorer
 if TYPE_CHECKING:
     from pydantic_evals.evaluators import Evaluator
 
-    from ..attempts import Validator
+    from ..validation import Validator
     from ..catalog import Catalog, ModelSpec
     from ..judge import Judge
     from ..routed import RoutedChatModel, RunContext
@@ -99,7 +100,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 class ValidatorScorer:
-    """The node's own validator, called as production calls it (`attempts.rejection`): a
+    """The node's own validator, called as production calls it (`validation.rejection`): a
     callable (True/None accept; False, a reason or raising reject), a pydantic model the
     answer must fit, or a `Judge`. A judge needs models: give `context` (a RunContext, whose
     spend and budget its calls count in) or a catalog; default: `Catalog.default()`."""
@@ -123,7 +124,7 @@ class ValidatorScorer:
         return self._context
 
     async def score(self, case: EvalCase, output: Any) -> Score:
-        from ..attempts import ModelJudge
+        from ..validation import ModelJudge
 
         message = output if isinstance(output, AIMessage) else None
         parsed = (output_value(output, case.request) if message is None or (
