@@ -53,15 +53,22 @@ def _panel(ax: Axes, node: NodeReport) -> None:
     ax.set_xscale("log")
     ax.set_xlim(min(xs) / 2, max(xs) * 4)  # room for the labels
     ax.set_autoscalex_on(False)
-    for r in rows:
+    placed: list[tuple[float, float, int]] = []  # (x, rate, label line) of labels drawn
+    for r in sorted(rows, key=lambda r: r.cost_per_call):
         err = [[r.rate - r.interval.low], [r.interval.high - r.rate]]
         current = r.model == node.current
         ax.errorbar([x(r.cost_per_call)], [r.rate], yerr=err, fmt="s" if current else "o",
                     color="tab:orange" if current else "tab:blue", capsize=3, markersize=5)
         label = r.model + (" (free)" if r.cost_per_call <= 0 else "") + (
             " (current)" if current else "")
+        # Models of about the same cost and rate would print their names over each other:
+        # each takes the first line no nearby label uses.
+        taken = {level for px, py, level in placed
+                 if abs(math.log10(x(r.cost_per_call) / px)) < 1.1 and abs(r.rate - py) < 0.06}
+        level = next(k for k in range(len(placed) + 1) if k not in taken)
+        placed.append((x(r.cost_per_call), r.rate, level))
         ax.annotate(label, (x(r.cost_per_call), r.rate), textcoords="offset points",
-                    xytext=(5, 4), fontsize=7)
+                    xytext=(5, 4 - 9 * level), fontsize=7)
     by_model = {r.model: r for r in rows}
     front = [by_model[m] for m in node.frontier if m in by_model]
     if front:
