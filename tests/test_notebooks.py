@@ -3,8 +3,12 @@ with current outputs, plots included, so a reader on GitHub sees them without ru
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import importlib.util
 import re
+import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -12,6 +16,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbformat import NotebookNode
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
@@ -142,3 +148,45 @@ def test_notebook_runs_and_its_committed_outputs_are_current(path: Path) -> None
     stale = [(i, sorted(s), sorted(f)) for i, (s, f) in enumerate(zip(stored, fresh)) if s != f]
     assert not stale, f"{path.name} outputs differ from a fresh run (cell, committed, fresh): " \
                       f"{stale}; {REEXECUTE}"
+
+
+def _extra_closure(extra: str) -> set[str]:
+    """Distribution names `pip install 'frugalflow[extra]'` asks for, core ones included."""
+    project = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text())["project"]
+    extras: dict[str, list[str]] = project["optional-dependencies"]
+    names: set[str] = set()
+    todo, seen = list(project["dependencies"]) + extras[extra], {extra}
+    while todo:
+        requirement = Requirement(todo.pop())
+        if canonicalize_name(requirement.name) == "frugalflow":
+            todo += [r for e in requirement.extras - seen for r in extras[e]]
+            seen |= requirement.extras
+        else:
+            names.add(canonicalize_name(requirement.name))
+    return names
+
+
+def test_the_notebooks_extra_installs_what_the_notebooks_import() -> None:
+    provided = _extra_closure("notebooks")
+    assert {"ipykernel", "nbclient", "nbformat", "matplotlib", "fastapi"} <= provided
+    local = {"frugalflow", "flows", "agents", "tools", *sys.stdlib_module_names}
+    distributions = importlib.metadata.packages_distributions()
+    missing: set[str] = set()
+    for path in NOTEBOOKS:
+        for cell in _code_cells(nbformat.read(path, as_version=4)):
+            code = "\n".join(line for line in cell.source.splitlines()
+                             if not line.lstrip().startswith(("%", "!")))
+            flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # notebooks await
+            tree = compile(code, path.name, "exec", flags)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    modules = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    modules = [node.module]
+                else:
+                    continue
+                for top in {m.split(".")[0] for m in modules} - local:
+                    dists = {canonicalize_name(d) for d in distributions.get(top, [top])}
+                    if not dists & provided:
+                        missing.add(f"{path.stem}: {top}")
+    assert not missing, f"add to the `notebooks` extra: {sorted(missing)}"
