@@ -22,7 +22,7 @@ import math
 import os
 import typing
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, cast, overload
 
@@ -437,9 +437,12 @@ def _wrap(spec: NodeSpec) -> Callable[..., Any]:
 
 ContextFactory = Callable[[RunnableConfig | None, Mapping[str, Any] | None], RunContext]
 """Builds a run's context from its config and the plain `context` LangGraph was given."""
+ContextSetup = Callable[[RunContext, RunnableConfig | None, Mapping[str, Any] | None],
+                        Awaitable[None]]
+"""Completes a built context with what needs I/O (a stored policy's measurements)."""
 
-CONTEXT_KEYS = ("budget", "run_id")
-"""What a run's plain context (or its `configurable`, for `budget`) may set."""
+CONTEXT_KEYS = ("budget", "policy", "run_id")
+"""What a run's plain context (or its `configurable`) may set."""
 
 
 class FlowGraph(CompiledStateGraph[Any, Any, Any, Any]):
@@ -451,15 +454,18 @@ class FlowGraph(CompiledStateGraph[Any, Any, Any, Any]):
     `context_factory`, so the run's nodes share one budget and spend.
     """
 
-    def __init__(self, *, context_factory: ContextFactory | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, context_factory: ContextFactory | None = None,
+                 context_setup: ContextSetup | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.context_factory = context_factory  # in __dict__: `copy()` (the server's) keeps it
+        # Both in __dict__: `copy()` (how the server attaches its checkpointer) keeps them.
+        self.context_factory = context_factory
+        self.context_setup = context_setup
 
     @classmethod
-    def of(cls, graph: CompiledStateGraph[Any, Any, Any, Any],
-           context_factory: ContextFactory) -> FlowGraph:
+    def of(cls, graph: CompiledStateGraph[Any, Any, Any, Any], context_factory: ContextFactory,
+           context_setup: ContextSetup | None = None) -> FlowGraph:
         attrs = {k: v for k, v in graph.__dict__.items() if k != "__orig_class__"}
-        return cls(context_factory=context_factory, **attrs)
+        return cls(context_factory=context_factory, context_setup=context_setup, **attrs)
 
     def _context(self, config: RunnableConfig | None, context: Any) -> Any:
         if isinstance(context, RunContext) or self.context_factory is None:
@@ -479,15 +485,31 @@ class FlowGraph(CompiledStateGraph[Any, Any, Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, *, context: Any = None,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
-        async for part in super().astream(
-                input, config, context=self._context(config, context), **kwargs):
+        built = self._context(config, context)
+        if built is not context and isinstance(built, RunContext) and self.context_setup:
+            await self.context_setup(built, config, context)
+        async for part in super().astream(input, config, context=built, **kwargs):
             yield part
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, *, context: Any = None,
         **kwargs: Any,
     ) -> Iterator[Any]:
-        yield from super().stream(input, config, context=self._context(config, context), **kwargs)
+        built = self._context(config, context)
+        if built is not context and _setting(config, context, "policy"):
+            raise UserError("a stored policy is loaded from the database: run the graph with "
+                            "ainvoke/astream (async), or without a policy")
+        yield from super().stream(input, config, context=built, **kwargs)
+
+
+def _setting(config: RunnableConfig | None, given: Any, key: str) -> Any:
+    """`key` from a run's plain context, else its `configurable`, else FRUGALFLOW_<KEY>."""
+    if isinstance(given, Mapping) and given.get(key) is not None:
+        return given[key]
+    configurable = (config or {}).get("configurable") or {}
+    if configurable.get(key) is not None:
+        return configurable[key]
+    return os.environ.get(f"FRUGALFLOW_{key.upper()}") or None
 
 
 def _budget_setting(value: object, source: str) -> float | None:
@@ -517,7 +539,7 @@ class CompiledFlow(Generic[S]):
         self.flow = flow
         self.catalog = catalog
         self.graph: CompiledStateGraph[Any, Any, Any, Any] = FlowGraph.of(
-            graph, self.default_context)
+            graph, self.default_context, self._setup_context)
         """The LangGraph graph: expose it to LangGraph's server (`langgraph.json`) as is."""
         self.policy = policy
         self.breakers = breakers
@@ -549,14 +571,15 @@ class CompiledFlow(Generic[S]):
         `graph.ainvoke`): this flow's catalog, and the budget from the plain `context`
         (`{"budget": 0.05}`), else `config["configurable"]["budget"]`, else the environment's
         `FRUGALFLOW_BUDGET` (none: no limit). Its run id is the context's or configurable's
-        `run_id` (LangGraph's server sets one), else a new one."""
+        `run_id` (LangGraph's server sets one), else a new one. A `policy` named the same
+        way is loaded by the graph's async entry points (`_setup_context`)."""
         given = dict(given or {})
         unknown = sorted(set(given) - set(CONTEXT_KEYS))
         if unknown:
             raise UserError(f"flow {self.name!r}: unknown context key(s) {', '.join(unknown)}; "
                             f"expected: {', '.join(CONTEXT_KEYS)}")
         configurable = (config or {}).get("configurable") or {}
-        if "budget" in given:
+        if given.get("budget") is not None:
             budget = _budget_setting(given["budget"], "context budget")
         elif configurable.get("budget") is not None:
             budget = _budget_setting(configurable["budget"], "configurable budget")
@@ -564,6 +587,36 @@ class CompiledFlow(Generic[S]):
             budget = _budget_setting(os.environ.get("FRUGALFLOW_BUDGET", ""), "FRUGALFLOW_BUDGET")
         run_id = given.get("run_id") or configurable.get("run_id")
         return self.new_context(budget=budget, run_id=str(run_id) if run_id else None)
+
+    async def _setup_context(self, ctx: RunContext, config: RunnableConfig | None,
+                             given: Mapping[str, Any] | None) -> None:
+        """A default context's stored node policy: named by the plain context's, else the
+        configurable's `policy`, else `FRUGALFLOW_POLICY`; read (newest version) from
+        `FRUGALFLOW_DATABASE_URL` at each run's start."""
+        name = _setting(config, given, "policy")
+        if name is None:
+            return
+        from .measured import load_measurements, unknown_policy
+        from .persistence.policy_store import PolicyStore
+        from .persistence.store import Store
+
+        url = os.environ.get("FRUGALFLOW_DATABASE_URL")
+        if not url:
+            raise UserError(f"policy {name!r} is read from a database: set "
+                            "FRUGALFLOW_DATABASE_URL to the one it was saved in")
+        store = Store(url)
+        try:
+            policies = PolicyStore(store)
+            version = await policies.version(str(name))
+            stored = await policies.load(str(name), version) if version is not None else None
+            if stored is None:
+                raise unknown_policy(str(name), {p.name for p in await policies.list()})
+            validated = {n for n, spec in self.flow.nodes.items() if spec.validator is not None}
+            ctx.measured = await load_measurements(
+                store, self.flow.name, validated=validated, policy=stored.policy,
+                label=f"policy {name} v{version}", production=False)
+        finally:
+            await store.close()
 
     def _config(self, config: RunnableConfig | None, ctx: RunContext) -> RunnableConfig:
         config = cast(RunnableConfig, dict(config or {}))  # a copy: the caller's stays as is

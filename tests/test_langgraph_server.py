@@ -21,6 +21,9 @@ from langgraph.store.memory import InMemoryStore
 
 from frugalflow import END, START, Catalog, Flow, RoutedChatModel, UserError
 from frugalflow.exceptions import BudgetExceededError
+from frugalflow.persistence.policy_store import PolicyStore
+from frugalflow.persistence.store import Store
+from frugalflow.policies import Choice, Evidence, NodePolicy, Policy
 from frugalflow.routed import RunContext
 from frugalflow.runner import RunResult
 from frugalflow.statuses import RunStatus
@@ -136,7 +139,7 @@ async def test_a_configured_budget_stops_the_served_run() -> None:
 @pytest.mark.parametrize("config, context, problem", [
     ({"budget": "abc"}, None, "configurable budget"),
     ({"budget": -1}, None, "configurable budget"),
-    ({}, {"budgte": 1}, "unknown context key(s) budgte; expected: budget, run_id"),
+    ({}, {"budgte": 1}, "unknown context key(s) budgte; expected: budget, policy, run_id"),
 ])
 async def test_bad_configuration_is_one_clear_line(config: dict[str, Any],
                                                    context: dict[str, Any] | None,
@@ -144,6 +147,39 @@ async def test_bad_configuration_is_one_clear_line(config: dict[str, Any],
     graph = _probe_flow().compile(Catalog.simulated()).graph
     with pytest.raises(UserError, match=problem.replace("(", r"\(").replace(")", r"\)")):
         await graph.ainvoke({"text": "hi"}, config={"configurable": config}, context=context)
+
+
+STRONG = "sim-openai/gpt-4.1"
+
+
+async def test_a_stored_policy_named_in_configuration_routes_the_served_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flow = _probe_flow()
+    graph = _as_served(flow.compile(Catalog.simulated()).graph)
+    seen: list[RunContext] = flow.seen  # type: ignore[attr-defined]
+    config: Any = {"configurable": {"thread_id": "t", "policy": "probe-policy"}}
+    with pytest.raises(UserError, match="set FRUGALFLOW_DATABASE_URL"):
+        await graph.ainvoke({"text": "hi"}, config=config)
+
+    url = f"sqlite:///{tmp_path / 'policies.db'}"
+    monkeypatch.setenv("FRUGALFLOW_DATABASE_URL", url)
+    store = Store(url)
+    try:
+        with pytest.raises(UserError, match="unknown policy 'probe-policy'"):
+            await graph.ainvoke({"text": "hi"}, config=config)
+        node = NodePolicy(models={STRONG: Evidence(n=60, passes=60)},
+                          choice=Choice(models=(STRONG,)))
+        await PolicyStore(store).save("probe-policy", Policy(flow="probe", nodes={"a": node}))
+    finally:
+        await store.close()
+    await graph.ainvoke({"text": "hi"}, config=config)
+    ctx = seen[-1]
+    assert ctx.measured is not None
+    first = ctx.usage.attempts[0]
+    assert (first.node, first.model, first.route_reason) == ("a", STRONG, "policy probe-policy v1")
+
+    with pytest.raises(UserError, match="async"):  # the sync API cannot read the database
+        graph.invoke({"text": "hi"}, config=config)
 
 
 def test_sync_invoke_of_the_graph_builds_a_context_too() -> None:
