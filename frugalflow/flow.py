@@ -22,7 +22,8 @@ import math
 import os
 import typing
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator,
+                             Mapping, Sequence)
 from dataclasses import dataclass, field
 from typing import Any, Generic, cast, overload
 
@@ -467,26 +468,27 @@ class FlowGraph(CompiledStateGraph[Any, Any, Any, Any]):
         attrs = {k: v for k, v in graph.__dict__.items() if k != "__orig_class__"}
         return cls(context_factory=context_factory, context_setup=context_setup, **attrs)
 
-    def _context(self, config: RunnableConfig | None, context: Any) -> Any:
+    def _context(self, config: RunnableConfig | None, context: Any) -> tuple[Any, bool]:
+        """The context to run with, and whether it was built here (from configuration)."""
         if isinstance(context, RunContext) or self.context_factory is None:
-            return context
+            return context, False
         if context is None:
             try:  # a subgraph of a flow run: the parent's context
                 parent = get_runtime().context
             except RuntimeError:
                 parent = None
             if isinstance(parent, RunContext):
-                return parent
+                return parent, False
         elif not isinstance(context, Mapping):
-            return context  # not ours to interpret: LangGraph's schema coercion decides
-        return self.context_factory(config, context)
+            return context, False  # not ours to interpret: LangGraph's schema coercion decides
+        return self.context_factory(config, context), True
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, *, context: Any = None,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
-        built = self._context(config, context)
-        if built is not context and isinstance(built, RunContext) and self.context_setup:
+        built, fresh = self._context(config, context)
+        if fresh and self.context_setup is not None:
             await self.context_setup(built, config, context)
         async for part in super().astream(input, config, context=built, **kwargs):
             yield part
@@ -495,8 +497,8 @@ class FlowGraph(CompiledStateGraph[Any, Any, Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, *, context: Any = None,
         **kwargs: Any,
     ) -> Iterator[Any]:
-        built = self._context(config, context)
-        if built is not context and _setting(config, context, "policy"):
+        built, fresh = self._context(config, context)
+        if fresh and self.context_setup is not None and _setting(config, context, "policy"):
             raise UserError("a stored policy is loaded from the database: run the graph with "
                             "ainvoke/astream (async), or without a policy")
         yield from super().stream(input, config, context=built, **kwargs)

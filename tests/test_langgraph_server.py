@@ -129,6 +129,27 @@ async def test_each_run_shares_one_context_with_the_configured_budget(
     assert seen[4].usage.budget_usd == 0.125
 
 
+async def test_a_graph_called_inside_a_flow_run_uses_that_runs_context(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRUGALFLOW_POLICY", "never-loaded")  # the run's own context wins
+    inner = _probe_flow()
+    inner_graph = inner.compile(Catalog.simulated()).graph
+
+    class Outer(TypedDict, total=False):
+        text: str
+
+    async def call_inner(state: Outer) -> Outer:
+        return {"text": (await inner_graph.ainvoke({"text": state["text"]}))["text"]}
+
+    outer: Flow[Outer] = Flow("outer", Outer)
+    outer.add_node("call_inner", call_inner)
+    outer.add_edge(START, "call_inner")
+    app = outer.compile(Catalog.simulated())
+    ctx = app.new_context(budget=0.75)
+    assert (await app.ainvoke({"text": "x"}, context=ctx))["text"] == "xab"
+    assert inner.seen == [ctx, ctx]  # type: ignore[attr-defined]
+
+
 async def test_a_configured_budget_stops_the_served_run() -> None:
     graph = _as_served(_probe_flow().compile(Catalog.simulated()).graph)
     with pytest.raises(BudgetExceededError):
