@@ -468,6 +468,17 @@ class FlowGraph(CompiledStateGraph[Any, Any, Any, Any]):
         attrs = {k: v for k, v in graph.__dict__.items() if k != "__orig_class__"}
         return cls(context_factory=context_factory, context_setup=context_setup, **attrs)
 
+    def get_context_jsonschema(self) -> dict[str, Any] | None:
+        """What a run's plain `context` may set (Studio's assistant form shows it): the
+        RunContext object itself has no JSON form."""
+        return {"title": f"{self.name}_context", "type": "object", "properties": {
+            "budget": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                       "description": "USD this run may spend (default: FRUGALFLOW_BUDGET)"},
+            "policy": {"type": ["string", "null"],
+                       "description": "stored node policy (default: FRUGALFLOW_POLICY)"},
+            "run_id": {"type": ["string", "null"]},
+        }, "additionalProperties": False}
+
     def _context(self, config: RunnableConfig | None, context: Any) -> tuple[Any, bool]:
         """The context to run with, and whether it was built here (from configuration)."""
         if isinstance(context, RunContext) or self.context_factory is None:

@@ -59,6 +59,9 @@ def test_langgraph_json_names_a_compiled_graph_per_ready_made_flow(
     for graph in graphs.values():
         assert isinstance(graph, CompiledStateGraph)
         assert graph.checkpointer is None  # the server refuses graphs with their own
+        # Studio's assistant form: the plain context a run may set, not the RunContext object.
+        schema = graph.get_context_jsonschema()
+        assert set(schema["properties"]) == {"budget", "policy", "run_id"}
 
 
 async def test_served_graph_runs_without_a_frugalflow_context(graphs: dict[str, Any]) -> None:
