@@ -85,6 +85,11 @@ class RunResult:
     """This executor stopped because another executor took the run over (status `paused`
     here; the run goes on there)."""
 
+    def __post_init__(self) -> None:
+        # Typed as the enum for type checkers; a plain string (a ledger row's) becomes it
+        # here, so `result.status is RunStatus.FAILED` and a misspelt status fail early.
+        self.status = RunStatus(self.status)
+
     @property
     def ok(self) -> bool:
         return self.status == RunStatus.SUCCEEDED
