@@ -124,8 +124,9 @@ def _fresh_venv(tmp: Path, wheel: Path) -> Path:
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
+                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300, env=clean)
     # Dependencies come from this environment's site-packages, offline, *after* the new venv's
     # own; a bare path in a .pth runs none of that folder's .pth files, so the repository's
     # editable install cannot leak in (checked below all the same).
