@@ -15,8 +15,13 @@ from typing import TypedDict
 
 from langchain_core.messages import HumanMessage, SystemMessage
 
-from agents.support import TicketFields
 from frugalflow import END, START, Flow, Needs, RoutedChatModel
+
+# Installed from the wheel the folder is frugalflow_agents (see pyproject.toml).
+if __package__ == "frugalflow_flows":
+    from frugalflow_agents.support import TicketFields
+else:
+    from agents.support import TicketFields
 
 CATEGORIES = ("billing", "shipping", "account", "technical", "other")
 

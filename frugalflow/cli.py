@@ -43,18 +43,35 @@ def _root() -> None:
     """frugalflow: run each workflow step on the cheapest capable model."""
 
 
+# The ready-made flows as the wheel installs them (the repository's flows/, see pyproject.toml).
+_INSTALLED_FLOWS = "frugalflow_flows"
+
+
+def installed_flow_names() -> list[str]:
+    """The ready-made flows installed with frugalflow (none when run from a plain checkout)."""
+    spec = importlib.util.find_spec(_INSTALLED_FLOWS)
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    return sorted({p.stem for folder in folders for p in Path(folder).glob("*.py")
+                   if not p.stem.startswith("_")})
+
+
 def load_flow(name: str) -> Flow[Any]:
-    """A flow named `flows/<name>.py` (its `flow`), or `path/to/file.py:attr`."""
+    """A flow named `flows/<name>.py` here or among the installed ready-made flows (its `flow`),
+    or `path/to/file.py:attr`."""
     path_text, _, attr = name.partition(":")
     path = Path(path_text)
+    attr = attr or "flow"
     if path.suffix != ".py":
         path = Path("flows") / f"{path_text}.py"
-    attr = attr or "flow"
+        if not path.exists() and path_text in installed_flow_names():
+            module = importlib.import_module(f"{_INSTALLED_FLOWS}.{path_text}")
+            return _flow_attr(module, attr, f"{_INSTALLED_FLOWS}.{path_text}")
     if not path.exists():
-        available = sorted(p.stem for p in Path("flows").glob("*.py") if p.stem != "__init__")
+        available = sorted({p.stem for p in Path("flows").glob("*.py") if p.stem != "__init__"}
+                           | set(installed_flow_names()))
         raise FrugalflowError(
             f"no flow {name!r}: {path} does not exist"
-            + (f" (flows here: {', '.join(available)})" if available else
+            + (f" (flows: {', '.join(available)})" if available else
                " (run from the repository root, or name a file: path/to/file.py:attr)")
         )
     if str(Path.cwd()) not in sys.path:
@@ -65,9 +82,13 @@ def load_flow(name: str) -> Flow[Any]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
+    return _flow_attr(module, attr, str(path))
+
+
+def _flow_attr(module: object, attr: str, where: str) -> Flow[Any]:
     flow = getattr(module, attr, None)
     if not isinstance(flow, Flow):
-        raise FrugalflowError(f"{path}:{attr} is not a frugalflow Flow")
+        raise FrugalflowError(f"{where}:{attr} is not a frugalflow Flow")
     return flow
 
 
@@ -695,7 +716,12 @@ async def _breaker_states(breakers: Breakers,
 
 
 def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
-    """Every flow defined in `folder/*.py` (each module's `flow`)."""
+    """Every flow defined in `folder/*.py` (each module's `flow`); without a `flows` folder
+    here, the installed ready-made flows."""
+    if folder == "flows" and not Path(folder).is_dir():
+        return [load_flow(name) for name in installed_flow_names()]
+    if not Path(folder).is_dir():
+        raise FrugalflowError(f"no flow folder {folder!r}: give --flows an existing folder")
     out = []
     for path in sorted(Path(folder).glob("*.py")):
         if path.stem.startswith("_"):
