@@ -58,6 +58,8 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
+from .flow import Flow
+from .inputs import InputError, input_fields
 from .persistence.tables import RunRow
 from .runner import RunResult, Runner
 from .statuses import FINAL_STATUSES
@@ -559,6 +561,12 @@ async def _own_run(runner: Runner, run_id: str, who: Principal | None) -> RunRow
     return row
 
 
+def _input_json(flow: Flow[Any]) -> list[dict[str, Any]] | None:
+    """The flow's input fields (name, type, required); None when its schema is unreadable."""
+    fields = input_fields(flow)
+    return None if fields is None else [f.as_json() for f in fields]
+
+
 def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
     """The flows, and runs: start one, list them, read one."""
 
@@ -567,7 +575,8 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
         return [
             {"name": f.name, "description": f.description,
              "nodes": [{"name": n.name, "needs": n.needs.describe() if n.needs else None}
-                       for n in f.nodes.values()]}
+                       for n in f.nodes.values()],
+             "input": _input_json(f)}
             for f in runner.flows.values()
         ]
 
@@ -581,6 +590,8 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
         try:
             result = await runner.start(body.flow, body.input, budget=body.budget,
                                         wait=body.wait, principal=who.name if who else None)
+        except InputError as e:  # missing, unknown or mistyped fields: nothing was written
+            raise _error(422, e) from None
         except FrugalflowError as e:
             raise _translate(e) from None
         except ValueError as e:  # a budget the model's constraints let through
