@@ -58,8 +58,8 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
-from .flow import Flow
-from .inputs import InputError, input_fields
+from .flow_listing import flows_json
+from .inputs import InputError
 from .persistence.tables import RunRow
 from .runner import RunResult, Runner
 from .statuses import FINAL_STATUSES
@@ -561,24 +561,14 @@ async def _own_run(runner: Runner, run_id: str, who: Principal | None) -> RunRow
     return row
 
 
-def _input_json(flow: Flow[Any]) -> list[dict[str, Any]] | None:
-    """The flow's input fields (name, type, required); None when its schema is unreadable."""
-    fields = input_fields(flow)
-    return None if fields is None else [f.as_json() for f in fields]
-
-
 def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
     """The flows, and runs: start one, list them, read one."""
 
     @api.get("/flows")
     async def list_flows() -> list[dict[str, Any]]:
-        return [
-            {"name": f.name, "description": f.description,
-             "nodes": [{"name": n.name, "needs": n.needs.describe() if n.needs else None}
-                       for n in f.nodes.values()],
-             "input": _input_json(f)}
-            for f in runner.flows.values()
-        ]
+        """Each flow: description, nodes (and their needs), input fields (name, type,
+        required)."""
+        return [dict(f) for f in flows_json(list(runner.flows.values()))]
 
     @api.post("/runs", status_code=202, response_model=dict[str, Any])
     async def start_run(body: StartRun,
