@@ -288,7 +288,7 @@ def run(
 
 def _bad_input(error: InputError) -> NoReturn:
     """An input that does not fit the flow: one line, exit 2 (nothing was written)."""
-    console.print(Text.assemble(("error: ", "red"), str(error)))
+    console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
     raise typer.Exit(code=ExitCode.BAD_INPUT)
 
 

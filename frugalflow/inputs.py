@@ -137,10 +137,12 @@ def _typeddict_fields(schema: Any, declared: bool) -> list[InputField]:
     out = []
     for name, hint in hints.items():
         origin = typing.get_origin(hint)
-        explicit = origin is Required
         if origin in (Required, NotRequired):
             hint = typing.get_args(hint)[0]
-        required = name in schema.__required_keys__ if declared else explicit
+        # The marker itself first: string annotations (`from __future__ import annotations`)
+        # leave __required_keys__ blind to Required/NotRequired on Python < 3.12.
+        required = (origin is Required or (declared and origin is not NotRequired
+                                           and name in schema.__required_keys__))
         out.append(_field(name, hint, required))
     return out
 

@@ -122,11 +122,12 @@ def report(console: Console, result: RunResult, record: RunRecord, *, flow_arg: 
         console.print(Text(f"  {result.error.splitlines()[0]}"))
     hint = functools.partial(resume_command, result.run_id, flow=flow_arg, db=db,
                              catalog=catalog)
+    # soft_wrap: a command cut at the terminal's width would not work when copied
     if result.interrupts:
         console.print(Text(f"  waiting on: {fold(result.interrupts, 300)}"))
-        console.print(Text(f"  resume with: {hint(then=_VALUE_HINT)}"))
+        console.print(Text(f"  resume with: {hint(then=_VALUE_HINT)}"), soft_wrap=True)
     if result.status == RunStatus.BUDGET_EXCEEDED:
-        console.print(Text(f"  resume with: {hint(then='--budget <USD>')}"))
+        console.print(Text(f"  resume with: {hint(then='--budget <USD>')}"), soft_wrap=True)
 
 
 def cost_table(record: RunRecord) -> Table:
