@@ -42,9 +42,16 @@ class BriefState(TypedDict, total=False):
     revisions: int
 
 
+class BriefInput(TypedDict):
+    """What a run starts from: the topic to brief on."""
+
+    topic: str
+
+
 flow: Flow[BriefState] = Flow(
     "research_brief", BriefState,
     description="plan -> parallel research (Send) -> synthesis -> critique loop (bounded)",
+    input_schema=BriefInput,
 )
 
 _research = Agent(**{**researcher.__dict__, "tools": [make_document_search(KB)]})

@@ -35,9 +35,16 @@ class TriageState(TypedDict, total=False):
     approved: bool
 
 
+class TriageInput(TypedDict):
+    """What a run starts from: `frugalflow run support_triage -i '{"ticket": "..."}'`."""
+
+    ticket: str
+
+
 flow: Flow[TriageState] = Flow(
     "support_triage", TriageState,
     description="classify -> extract fields (structured) -> draft reply -> review",
+    input_schema=TriageInput,
 )
 
 

@@ -111,6 +111,9 @@ class Flow(Generic[S]):
     edges: list[tuple[str, str]] = field(default_factory=list)
     branches: list[_Branch] = field(default_factory=list)
     joins: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    input_schema: type[Any] | None = None
+    """The fields a run's input may (and, if required, must) have: a TypedDict, pydantic
+    model or dataclass. Without it, the state's fields (see `frugalflow.inputs`)."""
 
     # -- definition ----------------------------------------------------------------
 
