@@ -12,7 +12,9 @@ ones do.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any
+
+from typing_extensions import TypedDict  # pydantic (LangGraph Studio's forms) reads it on 3.11
 
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import BaseModel, Field

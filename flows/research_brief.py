@@ -10,7 +10,9 @@ from __future__ import annotations
 import operator
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal
+
+from typing_extensions import TypedDict  # pydantic (LangGraph Studio's forms) reads it on 3.11
 
 from langgraph.types import Send
 

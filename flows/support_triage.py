@@ -11,7 +11,7 @@ on the model with the lowest expected cost per validated answer).
 from __future__ import annotations
 
 import re
-from typing import TypedDict
+from typing_extensions import TypedDict  # pydantic (LangGraph Studio's forms) reads it on 3.11
 
 from langchain_core.messages import HumanMessage, SystemMessage
 

@@ -23,6 +23,8 @@ import difflib
 import functools
 import json
 import typing
+
+import typing_extensions
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NotRequired, Required
@@ -83,7 +85,7 @@ def check_input(flow: Flow[Any], value: Any) -> None:
     if fields is None:
         return
     schema = getattr(flow, "input_schema", None) or flow.state
-    if not typing.is_typeddict(schema) and isinstance(value, schema):
+    if not typing_extensions.is_typeddict(schema) and isinstance(value, schema):
         return  # an instance of the schema itself (a pydantic or dataclass state)
     expected = f"expected fields: {describe_fields(fields)}"
     if not isinstance(value, Mapping):
@@ -116,7 +118,7 @@ def _problems(fields: list[InputField], value: Mapping[Any, Any]) -> list[str]:
 
 def _fields(schema: Any, declared: bool) -> list[InputField] | None:
     try:
-        if typing.is_typeddict(schema):
+        if typing_extensions.is_typeddict(schema):
             return _typeddict_fields(schema, declared)
         if isinstance(schema, type) and issubclass(schema, BaseModel):
             return [_field(n, f.annotation, f.is_required(), f.metadata)

@@ -62,6 +62,10 @@ def test_langgraph_json_names_a_compiled_graph_per_ready_made_flow(
         # Studio's assistant form: the plain context a run may set, not the RunContext object.
         schema = graph.get_context_jsonschema()
         assert set(schema["properties"]) == {"budget", "policy", "run_id"}
+        # Studio's input and output forms: pydantic reads the states (typing_extensions'
+        # TypedDict, which it accepts on Python 3.11 too).
+        assert graph.get_input_jsonschema()["properties"]
+        assert graph.get_output_jsonschema()["properties"]
 
 
 async def test_served_graph_runs_without_a_frugalflow_context(graphs: dict[str, Any]) -> None:

@@ -17,6 +17,8 @@ import difflib
 import json
 import re
 import typing
+
+import typing_extensions
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,7 +323,7 @@ def _state_fields(state: Any) -> dict[str, _Check] | None:
     """The state schema's fields and a check of each value, or None when it declares none."""
     if isinstance(state, type) and issubclass(state, BaseModel):
         return {name: _checker(f.rebuild_annotation()) for name, f in state.model_fields.items()}
-    if typing.is_typeddict(state) or (isinstance(state, type) and
+    if typing_extensions.is_typeddict(state) or (isinstance(state, type) and
                                       hasattr(state, "__dataclass_fields__")):
         try:
             hints = typing.get_type_hints(state, include_extras=True)
