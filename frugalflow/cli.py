@@ -22,7 +22,7 @@ from .usage import Attempt
 from .flow import Flow
 from .inputs import InputError
 from .run_display import ExitCode, cost_table, exit_code, report, result_table
-from .statuses import NodeStatus, Outcome, RunStatus
+from .statuses import Outcome, RunStatus
 
 if TYPE_CHECKING:
     from .flow import CompiledFlow
@@ -245,37 +245,28 @@ def _parse_json(text: str | None, what: str) -> Any:
         raise FrugalflowError(f"{what} is not valid JSON ({e.msg} at column {e.colno}): {text[:80]!r}") from None
 
 
-def _print_event(e: dict[str, Any]) -> None:
-    kind = e["event"]
-    if kind == "node_started":
-        console.print(f"  [cyan]>[/] {e['node']}")
-    elif kind == "attempt":
-        if e["outcome"] == Outcome.OK:
-            console.print(f"    {e['model']}  {e['input_tokens']}/{e['output_tokens']} tok  "
-                          f"${e['cost_usd']:.6f}  {e['latency_ms']:.0f} ms")
-        else:
-            console.print(f"    [yellow]{e['model']} {e['error_class']} -> {e['action']}[/]")
-    elif kind == "node_finished" and e["status"] != NodeStatus.DONE:
-        console.print(f"  [red]{e['node']} {e['status']}[/]")
-
-
 async def _run_with_progress(runner: Runner,
                              start: Callable[[], Coroutine[Any, Any, RunResult]],
                              as_json: bool) -> RunResult:
-    async with runner.events.subscribe() as events:
-        task = asyncio.create_task(start())
-        if not as_json:
+    """Run `start()` showing its live progress (`frugalflow.progress`) unless `as_json`."""
+    from .progress import RunProgress
+
+    if as_json:
+        return await start()
+    async with runner.events.queue() as queue:
+        with RunProgress(console) as progress:
             async def show() -> None:
-                async for e in events:
-                    _print_event(e)
+                while True:
+                    progress.event(await queue.get())
 
             printer = asyncio.create_task(show())
-        try:
-            result = await task
-        finally:
-            if not as_json:
+            try:
+                return await start()
+            finally:
                 printer.cancel()
-    return result
+                # Events published before the run returned are shown, none is lost.
+                while not queue.empty():
+                    progress.event(queue.get_nowait())
 
 
 _EXIT_CODES = ("Exit codes: 0 succeeded, 1 failed (or another error), 2 bad input, "
