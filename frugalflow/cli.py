@@ -12,10 +12,15 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar, cast
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer._click.core import Context as ClickContext
+from typer._click.exceptions import (BadParameter, MissingParameter, NoArgsIsHelpError,
+                                     UsageError)
+from typer.core import TyperGroup, TyperOption
 
 from .catalog import Catalog
-from .exceptions import FrugalflowError
+from .exceptions import DatabaseMissingError, FrugalflowError
 from .resilience import BreakerRegistry, Breakers, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
@@ -24,22 +29,111 @@ from .statuses import NodeStatus, Outcome, RunStatus
 if TYPE_CHECKING:
     from .flow import CompiledFlow
     from .needs import Needs
+    from .persistence import Store
     from .persistence.ledger import Ledger, RunRecord
     from .runner import RunResult, Runner
     from .service import Docs
 
 T = TypeVar("T")
 
+def _flag_aware_type(self: TyperOption, ctx: ClickContext) -> str | None:
+    """A boolean flag's help shows `--json`, not `--json <bool>` (typer labels every
+    option with its type, flags included; `--help`'s option is built lazily per command,
+    hence here rather than per declared option)."""
+    return None if self.is_flag else _typer_display_type(self, ctx)
+
+
+_typer_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_aware_type  # type: ignore[method-assign]
+
+
+def _usage_line(e: UsageError, argv: list[str]) -> str:
+    """A bad option or argument in one line: which, what was wrong, and an example."""
+    param = e.param if isinstance(e, BadParameter) else None
+    if param is None or isinstance(e, MissingParameter):
+        text = " ".join(e.format_message().split())
+        where = e.ctx.command_path if e.ctx else "frugalflow"
+        return f"{text} (see `{where} --help`)"
+    name = (next((o for o in param.opts if o.startswith("--")), param.opts[0])
+            if isinstance(param, TyperOption) else param.display_name_raw)
+    value = _value_given(name, argv)
+    kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if kind in (float, int) and value is not None and "valid" in e.message:
+        what, example = ("a number", "0.05") if kind is float else ("a whole number", "10")
+        return f"{name}: {value!r} is not {what} (e.g. {name} {example})"
+    shown = f" (got {value!r})" if value is not None else ""
+    return f"{name}: {' '.join(e.message.split())}{shown}"
+
+
+def _value_given(name: str, argv: list[str]) -> str | None:
+    """The value written after option `name` (`--x v` or `--x=v`) in the command line."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1:]
+    return None
+
+
+class _Cli(TyperGroup):
+    """The root command: every bad option value in one line (not click's usage box)."""
+
+    _argv: list[str] = []
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: ClickContext | None = None, **extra: Any) -> ClickContext:
+        self._argv = list(args)
+        with _OneLineUsageErrors(self._argv):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: ClickContext) -> Any:
+        with _OneLineUsageErrors(self._argv):
+            return super().invoke(ctx)
+
+
+class _OneLineUsageErrors:
+    """Turns a usage error into `error: <one line>` on stderr, exit 2 (a bare command
+    asking for help is left to typer)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 _tb: object) -> bool:
+        if not isinstance(error, UsageError) or isinstance(
+                error, NoArgsIsHelpError):
+            return False
+        err_console.print(f"[red]error:[/] {escape(_usage_line(error, self.argv))}",
+                          soft_wrap=True)
+        raise typer.Exit(2)
+
+
 app = typer.Typer(
+    cls=_Cli,
     add_completion=False,
     no_args_is_help=True,
     help="frugalflow: run each workflow step on the cheapest capable model.",
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from . import __version__
+
+        print(f"frugalflow {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print frugalflow's version and exit."),
+) -> None:
     """frugalflow: run each workflow step on the cheapest capable model."""
 
 
@@ -192,8 +286,17 @@ def _runner(db: str | None, catalog: str | None, flows: list[Flow[Any]],
     return Runner(db, flows=flows, catalog=_catalog(catalog), router=router, policy=policy)
 
 
-def _check_policy(db: str | None, name: str | None) -> None:
-    """An unknown policy name: one line before anything runs (its own short-lived store)."""
+def _existing_store(db: str | None) -> Store:
+    """A store for a read-only command: a database that does not exist is an error saying
+    so (`StoreUnavailableError`, one line), never created (no file left by a typo)."""
+    from .persistence import Store
+
+    return Store(db, create=False)
+
+
+def _check_policy(db: str | None, name: str | None, *, create: bool = True) -> None:
+    """An unknown policy name: one line before anything runs (its own short-lived store;
+    `create=False` for read-only commands)."""
     if not name:
         return
     from .measured import unknown_policy
@@ -201,7 +304,7 @@ def _check_policy(db: str | None, name: str | None) -> None:
     from .persistence.policy_store import PolicyStore
 
     async def check() -> None:
-        store = Store(db)
+        store = Store(db, create=create)
         try:
             policies = PolicyStore(store)
             if await policies.version(name) is None:
@@ -437,11 +540,13 @@ def runs_feedback(
     console.print(f"run {run_id}: {n} answer(s) marked {'good' if good else 'bad'}")
 
 
-async def _ledger_call(db: str | None, fn: Callable[[Ledger], Awaitable[T]]) -> T:
+async def _ledger_call(db: str | None, fn: Callable[[Ledger], Awaitable[T]],
+                       *, create: bool = False) -> T:
+    """`fn` on the ledger of `db` (which must exist unless `create`)."""
     from .persistence import Store
     from .persistence.ledger import Ledger
 
-    store = Store(db)
+    store = Store(db, create=create)
     try:
         return await fn(Ledger(store))
     finally:
@@ -456,11 +561,10 @@ app.add_typer(policy_app, name="policy")
 @policy_app.command("list")
 def policy_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
     """Stored node policies and their versions (runs use the newest version of a name)."""
-    from .persistence import Store
     from .persistence.policy_store import PolicyStore, StoredPolicy
 
     async def stored() -> list[StoredPolicy]:
-        store = Store(db)
+        store = _existing_store(db)
         try:
             return await PolicyStore(store).list()
         finally:
@@ -574,7 +678,7 @@ def explain(
     try:
         compiled = load_flow(flow).compile(_catalog(catalog))
         if policy or db:
-            _check_policy(db, policy)
+            _check_policy(db, policy, create=False)
             plan = asyncio.run(_measured_plan(compiled, db, policy, tokens))
         else:
             plan = compiled.explain(input_tokens=tokens)
@@ -602,12 +706,11 @@ async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | Non
                          tokens: int) -> dict[str, list[dict[str, Any]]]:
     """`CompiledFlow.explain` with quality judged on what `db` measured (and policy `name`)."""
     from .measured import load_measurements
-    from .persistence import Store
     from .persistence.policy_store import PolicyStore
     from .ranking import explain as explain_rows
 
     flow = compiled.flow
-    store = Store(db)
+    store = _existing_store(db)
     try:
         stored = await PolicyStore(store).load(name) if name else None
         measured = await load_measurements(
@@ -783,12 +886,16 @@ def worker(
     asyncio.run(main())
 
 
-def _fail(error: BaseException) -> NoReturn:
+def _fail(error: BaseException, code: int = 1) -> NoReturn:
+    """The error's message (markup escaped: "[[models]]" stays as written), exit `code`
+    (2 for a database that does not exist, like a bad option value)."""
+    if isinstance(error, DatabaseMissingError):
+        code = 2
     lines = str(error).splitlines() or [type(error).__name__]
-    console.print(f"[red]error:[/] {lines[0]}")
+    console.print(f"[red]error:[/] {escape(lines[0])}", soft_wrap=True)
     for line in lines[1:]:
-        console.print(f"  {line}")
-    raise typer.Exit(code=1)
+        console.print(f"  {escape(line)}", soft_wrap=True)
+    raise typer.Exit(code=code)
 
 
 from .eval_cli import add_eval_command  # noqa: E402 (given the helpers defined above)

@@ -22,6 +22,7 @@
     ├── BudgetExceededError            the run's budget cannot pay for the next call
     └── StoreError                     persistence problems
         ├── StoreUnavailableError      the database cannot be reached
+        │   └── DatabaseMissingError   it does not exist (read-only commands never create it)
         ├── SchemaVersionError         the database was written by a newer frugalflow
         ├── RunNotFoundError           no run with that id
         ├── RunStateError              the run cannot do that now (e.g. resume a finished run)
@@ -48,6 +49,7 @@ __all__ = [
     "LeaseError",
     "RunNotFoundError",
     "RunStateError",
+    "DatabaseMissingError",
     "SchemaVersionError",
     "StoreError",
     "StoreUnavailableError",
@@ -258,6 +260,13 @@ class StoreUnavailableError(StoreError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class DatabaseMissingError(StoreUnavailableError):
+    """The database does not exist, and the caller asked not to create it."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message, retryable=retryable)
 
 
 class SchemaVersionError(StoreError):

@@ -1,6 +1,7 @@
 """The database: engines (async and sync) for SQLite or PostgreSQL, and versioned migrations.
 
-`Store(url)` does no I/O; `await store.setup()` creates or migrates the schema. URLs:
+`Store(url)` does no I/O; `await store.setup()` creates or migrates the schema
+(`Store(url, create=False)`: opens an existing frugalflow database only). URLs:
 `sqlite:///path.db` (default: `FRUGALFLOW_DATABASE_URL`, else `./frugalflow.db`) or
 `postgresql://user@host/db`. Drivers are picked here: aiosqlite/pysqlite for SQLite,
 asyncpg/psycopg for PostgreSQL.
@@ -25,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 from sqlmodel import create_engine
 
-from ..exceptions import SchemaVersionError, StoreUnavailableError
+from ..exceptions import DatabaseMissingError, SchemaVersionError, StoreUnavailableError
 from . import tables
 from .batching import AsyncLanes, SqliteLanes, Write, Writer
 from .errors import is_transient
@@ -134,8 +135,13 @@ class Store:
     """Engines and migrations for one database. Share one Store per process and database."""
 
     def __init__(self, url: str | None = None, *, pool_size: int = 5,
-                 busy_timeout: float = 30.0, retry_for: float = 2.0) -> None:
+                 busy_timeout: float = 30.0, retry_for: float = 2.0,
+                 create: bool = True) -> None:
         self.url = url or default_url()
+        self.create = create
+        """False: never create the database (no SQLite file, no schema): a missing one is a
+        `StoreUnavailableError` saying so. For read-only commands, where a typo in the URL
+        must not leave an empty database behind."""
         self.dialect, self._async_url, self._sync_url = _driver_urls(self.url)
         self._pool_size = pool_size
         self.busy_timeout = busy_timeout
@@ -193,6 +199,8 @@ class Store:
 
     def _prepare_sqlite_path(self) -> None:
         db = make_url(self._sync_url).database
+        if not self.create and (not db or db == ":memory:" or not os.path.isfile(db)):
+            raise self.missing(f"no file {os.path.abspath(db) if db else '(in memory)'}")
         if db and db != ":memory:":
             parent = os.path.dirname(os.path.abspath(db))
             if not os.path.isdir(parent):
@@ -378,14 +386,29 @@ class Store:
             "is running and the URL (FRUGALFLOW_DATABASE_URL) is right."
         )
 
+    def missing(self, why: str, *, empty: bool = False) -> DatabaseMissingError:
+        """The error for a database that does not exist, or (`empty`) holds no frugalflow
+        tables, when `create` is False."""
+        what = "is not a frugalflow database" if empty else "does not exist"
+        return DatabaseMissingError(
+            f"database {_mask(self.url)} {what} ({why}): check --db or "
+            f"FRUGALFLOW_DATABASE_URL; `frugalflow run` creates {'them' if empty else 'it'}")
+
     # -- schema --------------------------------------------------------------------
 
     async def setup(self) -> None:
         """Create the schema, or migrate it to this release's version. Idempotent."""
         if self._ready:
             return
-        async with self.write() as conn:
-            await conn.run_sync(self._migrate)
+        try:
+            async with self.write() as conn:
+                await conn.run_sync(self._migrate)
+        except Exception as e:
+            # PostgreSQL never creates a database on connect; say so in one line.
+            if self.dialect == "postgresql" and "does not exist" in str(e) and not isinstance(
+                    e, StoreUnavailableError):
+                raise self.missing("the server has no such database") from None
+            raise
         self._ready = True
 
     def setup_sync(self) -> None:
@@ -396,6 +419,9 @@ class Store:
         self._ready = True
 
     def _migrate(self, conn: Connection) -> None:
+        if not self.create and not inspect(conn).has_table(
+                tables.SchemaVersionRow.__tablename__):
+            raise self.missing("no frugalflow tables in it", empty=True)
         if self.dialect == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
         elif self.dialect == "sqlite":
