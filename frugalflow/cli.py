@@ -8,20 +8,20 @@ import json
 import sys
 from pathlib import Path
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer._click.core import Context as ClickContext
-from typer._click.exceptions import (BadParameter, MissingParameter, NoArgsIsHelpError,
-                                     UsageError)
-from typer.core import TyperGroup, TyperOption
 
 from .catalog import Catalog
+from .cli_options import (CatalogOption, DbOption, JsonOption, PolicyOption, RouterOption,
+                          TimeoutOption, fallback_policy as _fallback,
+                          timeout_seconds as _timeout)
+from .cli_usage import OneLineErrorsGroup as _Cli
 from .exceptions import DatabaseMissingError, FrugalflowError
-from .resilience import BreakerRegistry, Breakers, FallbackPolicy
+from .resilience import BreakerRegistry, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
 from .statuses import NodeStatus, Outcome, RunStatus
@@ -36,81 +36,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-def _flag_aware_type(self: TyperOption, ctx: ClickContext) -> str | None:
-    """A boolean flag's help shows `--json`, not `--json <bool>` (typer labels every
-    option with its type, flags included; `--help`'s option is built lazily per command,
-    hence here rather than per declared option)."""
-    return None if self.is_flag else _typer_display_type(self, ctx)
-
-
-_typer_display_type = TyperOption.display_type_rich
-TyperOption.display_type_rich = _flag_aware_type  # type: ignore[method-assign]
-
-
-def _usage_line(e: UsageError, argv: list[str]) -> str:
-    """A bad option or argument in one line: which, what was wrong, and an example."""
-    param = e.param if isinstance(e, BadParameter) else None
-    if param is None or isinstance(e, MissingParameter):
-        text = " ".join(e.format_message().split())
-        where = e.ctx.command_path if e.ctx else "frugalflow"
-        return f"{text} (see `{where} --help`)"
-    name = (next((o for o in param.opts if o.startswith("--")), param.opts[0])
-            if isinstance(param, TyperOption) else param.display_name_raw)
-    value = _value_given(name, argv)
-    kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
-    if kind in (float, int) and value is not None and "valid" in e.message:
-        what, example = ("a number", "0.05") if kind is float else ("a whole number", "10")
-        return f"{name}: {value!r} is not {what} (e.g. {name} {example})"
-    shown = f" (got {value!r})" if value is not None else ""
-    return f"{name}: {' '.join(e.message.split())}{shown}"
-
-
-def _value_given(name: str, argv: list[str]) -> str | None:
-    """The value written after option `name` (`--x v` or `--x=v`) in the command line."""
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg[len(name) + 1:]
-    return None
-
-
-class _Cli(TyperGroup):
-    """The root command: every bad option value in one line (not click's usage box)."""
-
-    _argv: list[str] = []
-
-    def make_context(self, info_name: str | None, args: list[str],
-                     parent: ClickContext | None = None, **extra: Any) -> ClickContext:
-        self._argv = list(args)
-        with _OneLineUsageErrors(self._argv):
-            return super().make_context(info_name, args, parent, **extra)
-
-    def invoke(self, ctx: ClickContext) -> Any:
-        with _OneLineUsageErrors(self._argv):
-            return super().invoke(ctx)
-
-
-class _OneLineUsageErrors:
-    """Turns a usage error into `error: <one line>` on stderr, exit 2 (a bare command
-    asking for help is left to typer)."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = argv
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 _tb: object) -> bool:
-        if not isinstance(error, UsageError) or isinstance(
-                error, NoArgsIsHelpError):
-            return False
-        err_console.print(f"[red]error:[/] {escape(_usage_line(error, self.argv))}",
-                          soft_wrap=True)
-        raise typer.Exit(2)
-
-
 app = typer.Typer(
     cls=_Cli,
     add_completion=False,
@@ -118,7 +43,6 @@ app = typer.Typer(
     help="frugalflow: run each workflow step on the cheapest capable model.",
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _version(show: bool) -> None:
@@ -178,15 +102,16 @@ def demo(
     tickets: int = typer.Option(3, min=1, max=len(_TICKETS), help="How many tickets to triage."),
     seed: int = typer.Option(7, help="Seed of the simulated providers."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    timeout: float = TimeoutOption,
 ) -> None:
     """Offline demo: support triage on simulated providers, one failing mid-run."""
     try:
-        _demo(tickets, seed, as_json)
+        _demo(tickets, seed, as_json, _timeout(timeout))
     except FrugalflowError as e:
         _fail(e)
 
 
-def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
+def _demo(n_tickets: int, seed: int, as_json: bool, timeout: float | None = None) -> None:
     from .testing.simulator import simulator
 
     flow = load_flow("support_triage")
@@ -199,7 +124,8 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
     simulator.fail("sim-openai", "rate_limit", calls=[2], retry_after=0.05)
     compiled = flow.compile(
         catalog,
-        policy=FallbackPolicy(backoff_base=0.01, backoff_max=0.05),
+        policy=FallbackPolicy(backoff_base=0.01, backoff_max=0.05,
+                              timeout=timeout if timeout is not None else FallbackPolicy.timeout),
         breakers=BreakerRegistry(),
     )
 
@@ -264,26 +190,18 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
 
 # -- durable runs -------------------------------------------------------------------------
 
-DbOption = typer.Option(None, "--db", help="Database URL (default: FRUGALFLOW_DATABASE_URL or sqlite:///frugalflow.db).")
-JsonOption = typer.Option(False, "--json", help="Machine-readable output.")
-CatalogOption = typer.Option(None, "--catalog", help="Catalog file (default: FRUGALFLOW_CATALOG, else built-in).")
-RouterOption = typer.Option(None, "--router", envvar="FRUGALFLOW_ROUTER",
-                            help="Route nodes that ask for it (Needs target/price_weight/cascade) "
-                                 "with this stored router's newest version (see `frugalflow router`).")
-PolicyOption = typer.Option(None, "--policy", envvar="FRUGALFLOW_POLICY",
-                            help="Route on this stored node policy's newest version (its measured "
-                                 "pass rates and choices; see `frugalflow policy list`).")
-
-
 def _catalog(path: str | None) -> Catalog:
     return Catalog.from_file(path) if path else Catalog.default()
 
 
 def _runner(db: str | None, catalog: str | None, flows: list[Flow[Any]],
-            router: str | None = None, policy: str | None = None) -> Runner:
+            router: str | None = None, policy: str | None = None,
+            timeout: float | None = None) -> Runner:
+    """A runner for one command; `timeout`: --timeout (else FRUGALFLOW_TIMEOUT)."""
     from .runner import Runner
 
-    return Runner(db, flows=flows, catalog=_catalog(catalog), router=router, policy=policy)
+    return Runner(db, flows=flows, catalog=_catalog(catalog), router=router, policy=policy,
+                  fallback=_fallback(timeout))
 
 
 def _existing_store(db: str | None) -> Store:
@@ -477,8 +395,12 @@ app.add_typer(runs_app, name="runs")
 @runs_app.callback()
 def runs(
     ctx: typer.Context,
-    flow: str = typer.Option(None, "--flow"), status: str = typer.Option(None, "--status"),
-    limit: int = typer.Option(20, "--limit"), db: str = DbOption, as_json: bool = JsonOption,
+    flow: str = typer.Option(None, "--flow", help="Only runs of this flow."),
+    status: str = typer.Option(None, "--status",
+                               help="Only runs in this status (succeeded, failed, "
+                                    "budget_exceeded, interrupted, running, ...)."),
+    limit: int = typer.Option(20, "--limit", min=1, help="How many runs to list."),
+    db: str = DbOption, as_json: bool = JsonOption,
 ) -> None:
     """List recent runs (newest first)."""
     if ctx.invoked_subcommand is not None:
@@ -525,11 +447,11 @@ def runs_show(run_id: str, db: str = DbOption, as_json: bool = JsonOption) -> No
 
 @runs_app.command("feedback")
 def runs_feedback(
-    run_id: str,
+    run_id: str = typer.Argument(..., help="The run's id (see `frugalflow runs`)."),
     good: bool = typer.Option(..., "--good/--bad", help="Was the answer good?"),
     node: str = typer.Option(None, "--node", help="Every answer of this node in the run."),
     call_id: str = typer.Option(None, "--call", help="Or this one call."),
-    db: str = DbOption,
+    db: str = DbOption, as_json: bool = JsonOption,
 ) -> None:
     """Record whether a run's answer was good; `frugalflow router train` learns from it."""
     try:
@@ -537,7 +459,11 @@ def runs_feedback(
             db, lambda l: l.run_feedback(run_id, good, node=node, call_id=call_id)))
     except FrugalflowError as e:
         _fail(e)
-    console.print(f"run {run_id}: {n} answer(s) marked {'good' if good else 'bad'}")
+    if as_json:
+        print(json.dumps({"run_id": run_id, "good": good, "node": node, "call_id": call_id,
+                          "marked": n}))
+        return
+    console.print(f"run {escape(run_id)}: {n} answer(s) marked {'good' if good else 'bad'}")
 
 
 async def _ledger_call(db: str | None, fn: Callable[[Ledger], Awaitable[T]],
@@ -599,7 +525,11 @@ def router_train(
     name: str = typer.Option("default", "--name", help="Stored as the next version of this name."),
     flow: str = typer.Option(None, "--flow", help="Only this flow's outcomes."),
     node: str = typer.Option(None, "--node", help="Only this node's outcomes."),
-    min_examples: int = typer.Option(20, "--min-examples"),
+    min_examples: int = typer.Option(20, "--min-examples", min=1,
+                                     help="Refuse to train on fewer outcomes than this."),
+    force: bool = typer.Option(False, "--force",
+                               help="Train even when every outcome is of one class "
+                                    "(all successes or all failures)."),
     embeddings: bool = typer.Option(False, "--embeddings",
                                     help="MiniLM sentence embeddings (the embeddings extra) "
                                          "instead of lexical features."),
@@ -607,7 +537,8 @@ def router_train(
 ) -> None:
     """Train a router on the ledger's outcomes (validator verdicts, feedback) and store it."""
     try:
-        out = asyncio.run(_router_train(name, flow, node, min_examples, embeddings, db, catalog))
+        out = asyncio.run(_router_train(name, flow, node, min_examples, embeddings, db, catalog,
+                                        force))
     except FrugalflowError as e:
         _fail(e)
     if as_json:
@@ -619,7 +550,8 @@ def router_train(
 
 
 async def _router_train(name: str, flow: str | None, node: str | None, min_examples: int,
-                        embeddings: bool, db: str | None, catalog: str | None) -> dict[str, Any]:
+                        embeddings: bool, db: str | None, catalog: str | None,
+                        force: bool = False) -> dict[str, Any]:
     from .learning import EmbeddingFeaturizer, embeddings_available, examples_from
 
     if embeddings and not embeddings_available():
@@ -627,21 +559,38 @@ async def _router_train(name: str, flow: str | None, node: str | None, min_examp
                               "pip install 'frugalflow[embeddings]'")
     runner = _runner(db, catalog, [])
     try:
+        examples = examples_from(await runner.ledger.outcomes(flow=flow, node=node))
+        _check_outcomes([e.success for e in examples], min_examples, flow, node, force)
         router = await runner.retrain_router(
             name, flow=flow, node=node, min_examples=min_examples,
             featurizer=EmbeddingFeaturizer() if embeddings else None)
-        if router is None:
-            found = len(examples_from(await runner.ledger.outcomes(flow=flow, node=node)))
-            where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
-            raise FrugalflowError(
-                f"only {found} outcomes in the ledger{' for ' + where if where else ''}; "
-                f"need {min_examples} (--min-examples): run flows whose nodes have a validator, "
-                "or record feedback on their calls")
+        if router is None:  # outcomes deleted between the check above and the training
+            raise FrugalflowError(f"fewer than {min_examples} outcomes in the ledger now "
+                                  "(--min-examples): try again")
         stored = [r for r in await runner.ledger.routers() if r["name"] == name][-1]
     finally:
         await runner.close()
     return {"name": name, "version": stored["version"], "examples": stored["examples"],
             "successes": stored["metrics"]["successes"], "models": router.models}
+
+
+def _check_outcomes(successes: list[bool], min_examples: int, flow: str | None,
+                    node: str | None, force: bool) -> None:
+    """Too few outcomes, or (unless `force`) all of one class: one line, nothing stored."""
+    where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
+    scope = f" for {where}" if where else ""
+    if len(successes) < min_examples:
+        raise FrugalflowError(
+            f"only {len(successes)} outcomes in the ledger{scope}; need {min_examples} "
+            "(--min-examples): run flows whose nodes have a validator, or record feedback "
+            "on their calls (frugalflow runs feedback)")
+    if not force and len(set(successes)) == 1:
+        kind = "successes" if successes[0] else "failures"
+        other = "failures or bad feedback" if successes[0] else "successes or good feedback"
+        raise FrugalflowError(
+            f"{len(successes)} outcomes{scope}, all {kind}: a router cannot learn which inputs "
+            f"fail; collect {other} first (frugalflow runs feedback RUN_ID --bad), "
+            "or train anyway with --force")
 
 
 @router_app.command("list")
@@ -724,79 +673,6 @@ async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | Non
             for n, spec in flow.nodes.items() if spec.needs is not None}
 
 
-class _CatalogRow(TypedDict):
-    """One model in `frugalflow catalog` (also its --json output)."""
-
-    model: str
-    input_per_mtok: float
-    output_per_mtok: float
-    context: int
-    capabilities: list[str]
-    quality: dict[str, float]
-    available: bool
-    why_not: str | None
-    simulated: bool
-    breaker: str
-    shared_state: str
-
-
-@app.command("catalog")
-def catalog_cmd(
-    catalog: str = CatalogOption, as_json: bool = JsonOption,
-    redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
-                              help="Show the fleet's breakers shared through Redis."),
-) -> None:
-    """Models, prices, capabilities, availability and circuit-breaker state."""
-    from .resilience import default_breakers
-    from .scale.redis import RedisBreakerRegistry
-
-    try:
-        cat = _catalog(catalog)
-    except FrugalflowError as e:
-        _fail(e)
-    try:
-        breakers = RedisBreakerRegistry(redis) if redis else default_breakers
-    except ValueError as e:  # not a redis:// URL
-        _fail(e)
-    states, shared = asyncio.run(_breaker_states(breakers, {s.provider for s in cat}))
-    rows: list[_CatalogRow] = []
-    for s in cat:
-        rows.append({
-            "model": s.key, "input_per_mtok": s.input_price_per_mtok,
-            "output_per_mtok": s.output_price_per_mtok, "context": s.window,
-            "capabilities": [c for c, v in s.caps.model_dump().items() if v],
-            "quality": s.quality, "available": cat.is_available(s),
-            "why_not": cat.unavailable_reason(s), "simulated": s.simulated,
-            "breaker": states[s.provider], "shared_state": shared,
-        })
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"catalog {cat.name}")
-    for col in ("model", "$/M in", "$/M out", "context", "capabilities", "available", "breaker"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["model"], f"{r['input_per_mtok']:.3f}", f"{r['output_per_mtok']:.3f}",
-                      str(r["context"]), ",".join(r["capabilities"]),
-                      "yes" if r["available"] else f"no: {r['why_not']}", r["breaker"])
-    console.print(table)
-    console.print(f"shared state: {shared}")
-
-
-async def _breaker_states(breakers: Breakers,
-                          providers: set[str]) -> tuple[dict[str, str], str]:
-    """Each provider's breaker state, and whether they are shared ("local" when not)."""
-    from .scale.redis import RedisBreakerRegistry
-
-    if not isinstance(breakers, RedisBreakerRegistry):
-        return {p: (await breakers.astate(p)).value for p in providers}, "local"
-    try:
-        shared = await breakers.acheck()
-        return {p: (await breakers.astate(p)).value for p in providers}, shared
-    finally:
-        await breakers.aclose()
-
-
 def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
     """Every flow defined in `folder/*.py` (each module's `flow`)."""
     out = []
@@ -809,8 +685,10 @@ def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
 
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Interface to bind (0.0.0.0: every interface; then a token "
+                                  "is required)."),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     flows: str = typer.Option("flows", "--flows", help="Folder of flow modules to serve."),
     token: str = typer.Option(None, "--token", envvar="FRUGALFLOW_TOKEN",
                               help="Bearer token of an admin (a token or --tokens is required "
@@ -821,9 +699,13 @@ def serve(
                                     "(users see only their own runs)."),
     docs: str = typer.Option("token", "--docs",
                              help="OpenAPI schema and /docs: token (need a token), public, off."),
-    max_concurrency: int = typer.Option(64, "--max-concurrency"),
+    max_concurrency: int = typer.Option(64, "--max-concurrency", min=1,
+                                        help="Runs executed at once by this process."),
     db: str = DbOption, catalog: str = CatalogOption, router: str = RouterOption,
-    policy: str = PolicyOption,
+    policy: str = PolicyOption, timeout: float = TimeoutOption,
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print a JSON startup line (address, flows, catalog, "
+                                      "database) instead of the readable one."),
 ) -> None:
     """Serve the HTTP API (runs, events, resume, cancel, flows, catalog) with uvicorn."""
     import uvicorn
@@ -834,12 +716,26 @@ def serve(
     try:
         _check_policy(db, policy)
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
-                        max_concurrency=max_concurrency, router=router, policy=policy)
+                        max_concurrency=max_concurrency, router=router, policy=policy,
+                        fallback=_fallback(timeout))
         application = create_app(runner, token=token, tokens=tokens, host=host,
                                  docs=cast("Docs", docs))  # create_app checks the value
     except FrugalflowError as e:
         _fail(e)
+    _startup_line(as_json, {"event": "serving", "url": f"http://{host}:{port}",
+                            "flows": sorted(runner.flows), "catalog": runner.catalog.name,
+                            "database": repr(runner.store)})
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def _startup_line(as_json: bool, facts: dict[str, Any]) -> None:
+    """What a long-running command serves, as one JSON object (--json) or one line."""
+    if as_json:
+        print(json.dumps(facts, default=str), flush=True)
+        return
+    rest = ", ".join(f"{k} {', '.join(v) if isinstance(v, list) else v}"
+                     for k, v in facts.items() if k != "event")
+    console.print(f"frugalflow {facts['event']}: {escape(rest)}", soft_wrap=True)
 
 
 @app.command()
@@ -848,13 +744,18 @@ def worker(
                            help="PostgreSQL URL shared by the service and all workers."),
     flows: str = typer.Option("flows", "--flows", help="Folder of flow modules."),
     concurrency: int = typer.Option(8, "--concurrency", help="Runs executed at once."),
-    queue: str = typer.Option("frugalflow", "--queue"),
+    queue: str = typer.Option("frugalflow", "--queue",
+                              help="The procrastinate queue to take runs from."),
     lease_ttl: float = typer.Option(30.0, "--lease-ttl", help="Seconds a dead worker holds its runs."),
     stall_timeout: float = typer.Option(30.0, "--stall-timeout",
                                         help="Seconds without heartbeat before a worker's jobs are requeued."),
     redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
                               help="Share circuit breakers and rate limits through Redis (redis://host:6379/0)."),
     catalog: str = CatalogOption, router: str = RouterOption, policy: str = PolicyOption,
+    timeout: float = TimeoutOption,
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print a JSON startup line (worker id, queue, "
+                                      "concurrency) instead of the readable one."),
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
     from .scale.dispatch import ProcrastinateDispatcher, run_worker
@@ -872,7 +773,7 @@ def worker(
                         dispatcher=dispatcher, lease_ttl=lease_ttl, max_concurrency=concurrency,
                         breakers=RedisBreakerRegistry(redis) if redis else None,
                         limiter=RedisRateLimiter(redis) if redis else None, router=router,
-                        policy=policy)
+                        policy=policy, fallback=_fallback(timeout))
     except FrugalflowError as e:
         _fail(e)
 
@@ -882,7 +783,8 @@ def worker(
         finally:
             await runner.close()
 
-    console.print(f"worker {runner.holder}: queue {queue}, concurrency {concurrency}")
+    _startup_line(as_json, {"event": "worker", "holder": runner.holder, "queue": queue,
+                            "concurrency": concurrency, "database": repr(runner.store)})
     asyncio.run(main())
 
 
@@ -898,7 +800,10 @@ def _fail(error: BaseException, code: int = 1) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+from .catalog_cli import add_catalog_command  # noqa: E402 (given _catalog and _fail)
 from .eval_cli import add_eval_command  # noqa: E402 (given the helpers defined above)
+
+add_catalog_command(app, catalog=_catalog, fail=_fail)
 
 add_eval_command(app, load_flow=load_flow, catalog=_catalog)
 
