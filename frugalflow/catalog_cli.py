@@ -110,3 +110,17 @@ def _catalog_table(name: str, rows: list[_CatalogRow], shared: str) -> None:
     console.print(f"shared state: {escape(shared)}"
                   + ("" if shared != "local" else " (this process's breakers only: --redis URL "
                      "or FRUGALFLOW_REDIS_URL shows the fleet's)"))
+
+
+async def _breaker_states(breakers: Breakers,
+                          providers: set[str]) -> tuple[dict[str, str], str]:
+    """Each provider's breaker state, and whether they are shared ("local" when not)."""
+    from .scale.redis import RedisBreakerRegistry
+
+    if not isinstance(breakers, RedisBreakerRegistry):
+        return {p: (await breakers.astate(p)).value for p in providers}, "local"
+    try:
+        shared = await breakers.acheck()
+        return {p: (await breakers.astate(p)).value for p in providers}, shared
+    finally:
+        await breakers.aclose()
