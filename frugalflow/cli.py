@@ -20,7 +20,7 @@ from .cli_options import (CatalogOption, DbOption, JsonOption, PolicyOption, Rou
                           TimeoutOption, fallback_policy as _fallback,
                           timeout_seconds as _timeout)
 from .cli_usage import OneLineErrorsGroup as _Cli
-from .exceptions import DatabaseMissingError, FrugalflowError
+from .exceptions import FrugalflowError, StoreUnavailableError
 from .resilience import BreakerRegistry, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
@@ -791,7 +791,7 @@ def worker(
 def _fail(error: BaseException, code: int = 1) -> NoReturn:
     """The error's message (markup escaped: "[[models]]" stays as written), exit `code`
     (2 for a database that does not exist, like a bad option value)."""
-    if isinstance(error, DatabaseMissingError):
+    if isinstance(error, StoreUnavailableError) and error.missing:
         code = 2
     lines = str(error).splitlines() or [type(error).__name__]
     console.print(f"[red]error:[/] {escape(lines[0])}", soft_wrap=True)

@@ -22,7 +22,6 @@
     ├── BudgetExceededError            the run's budget cannot pay for the next call
     └── StoreError                     persistence problems
         ├── StoreUnavailableError      the database cannot be reached
-        │   └── DatabaseMissingError   it does not exist (read-only commands never create it)
         ├── SchemaVersionError         the database was written by a newer frugalflow
         ├── RunNotFoundError           no run with that id
         ├── RunStateError              the run cannot do that now (e.g. resume a finished run)
@@ -49,7 +48,6 @@ __all__ = [
     "LeaseError",
     "RunNotFoundError",
     "RunStateError",
-    "DatabaseMissingError",
     "SchemaVersionError",
     "StoreError",
     "StoreUnavailableError",
@@ -256,17 +254,14 @@ class StoreUnavailableError(StoreError):
 
     retryable: bool
     """False when waiting cannot help (the store does not retry it)."""
+    missing: bool
+    """The database does not exist (or holds no frugalflow tables) and the store was asked
+    not to create it (`Store(url, create=False)`, read-only commands)."""
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, missing: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-class DatabaseMissingError(StoreUnavailableError):
-    """The database does not exist, and the caller asked not to create it."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message, retryable=retryable)
+        self.missing = missing
 
 
 class SchemaVersionError(StoreError):

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 from sqlmodel import create_engine
 
-from ..exceptions import DatabaseMissingError, SchemaVersionError, StoreUnavailableError
+from ..exceptions import SchemaVersionError, StoreUnavailableError
 from . import tables
 from .batching import AsyncLanes, SqliteLanes, Write, Writer
 from .errors import is_transient
@@ -386,13 +386,14 @@ class Store:
             "is running and the URL (FRUGALFLOW_DATABASE_URL) is right."
         )
 
-    def missing(self, why: str, *, empty: bool = False) -> DatabaseMissingError:
+    def missing(self, why: str, *, empty: bool = False) -> StoreUnavailableError:
         """The error for a database that does not exist, or (`empty`) holds no frugalflow
         tables, when `create` is False."""
         what = "is not a frugalflow database" if empty else "does not exist"
-        return DatabaseMissingError(
+        return StoreUnavailableError(
             f"database {_mask(self.url)} {what} ({why}): check --db or "
-            f"FRUGALFLOW_DATABASE_URL; `frugalflow run` creates {'them' if empty else 'it'}")
+            f"FRUGALFLOW_DATABASE_URL; `frugalflow run` creates {'them' if empty else 'it'}",
+            retryable=False, missing=True)
 
     # -- schema --------------------------------------------------------------------
 
