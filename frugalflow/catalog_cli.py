@@ -94,15 +94,20 @@ def catalog_cmd(
 def _catalog_table(name: str, rows: list[_CatalogRow], shared: str) -> None:
     """The catalog as a table: a quality column per scored skill ("—": not scored)."""
     skills = [k for k in SKILLS if any(k in r["quality"] for r in rows)]
-    table = Table(title=f"catalog {escape(name)}")
-    for col in ("model", "$/M in", "$/M out", "context", "capabilities", *skills,
-                "available", "breaker"):
-        table.add_column(col, justify="right" if col in skills else "left")
+    table = Table(title=f"catalog {escape(name)}", caption=_legend(skills))
+    table.add_column("model", overflow="fold", min_width=24)
+    for col in ("$/M in", "$/M out", "context"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("caps", no_wrap=True)
+    for k in skills:
+        table.add_column(_short(k), justify="right", no_wrap=True)
+    table.add_column("available", overflow="fold")
+    table.add_column("breaker", overflow="fold")
     for r in rows:
         scores = [f"{r['quality'][k]:.2f}" if k in r["quality"] else "—" for k in skills]
         table.add_row(escape(r["model"]), f"{r['input_per_mtok']:.3f}",
                       f"{r['output_per_mtok']:.3f}", str(r["context"]),
-                      ",".join(r["capabilities"]), *scores,
+                      "".join(_CAPS.get(c, c) for c in r["capabilities"]), *scores,
                       "yes" if r["available"] else f"no: {escape(r['why_not'] or '')}",
                       r["breaker"])
     console.print(table)
@@ -110,6 +115,22 @@ def _catalog_table(name: str, rows: list[_CatalogRow], shared: str) -> None:
     console.print(f"shared state: {escape(shared)}"
                   + ("" if shared != "local" else " (this process's breakers only: --redis URL "
                      "or FRUGALFLOW_REDIS_URL shows the fleet's)"))
+
+
+_CAPS = {"tool_calling": "T", "structured_output": "J", "vision": "V", "streaming": "S",
+         "reasoning": "R"}
+"""One letter per capability in the table (the --json output spells them out)."""
+
+
+def _legend(skills: list[str]) -> str:
+    shortened = ", ".join(f"{_short(k)} {k}" for k in skills if _short(k) != k)
+    return ("caps: T tool calling, J structured output, V vision, S streaming, R reasoning"
+            + (f"; skills: {shortened}" if shortened else ""))
+
+
+def _short(skill: str) -> str:
+    """A skill's column header: at most 7 characters, so that a score per skill fits."""
+    return skill if len(skill) <= 7 else skill[:6] + "."
 
 
 async def _breaker_states(breakers: Breakers,

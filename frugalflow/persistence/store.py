@@ -176,7 +176,7 @@ class Store:
             if self.is_sqlite:
                 self._prepare_sqlite_path()
                 self._engine = create_async_engine(self._async_url, poolclass=NullPool)
-                _sqlite_pragmas(self._engine.sync_engine, self.busy_timeout)
+                _sqlite_pragmas(self._engine.sync_engine, self.busy_timeout, wal=self.create)
             else:
                 # Several processes share the server's max_connections (100 by default):
                 # keep each process's pool small; writes are short transactions.
@@ -192,7 +192,7 @@ class Store:
             if self.is_sqlite:
                 self._prepare_sqlite_path()
                 self._sync_engine = create_engine(self._sync_url, poolclass=NullPool)
-                _sqlite_pragmas(self._sync_engine, self.busy_timeout)
+                _sqlite_pragmas(self._sync_engine, self.busy_timeout, wal=self.create)
             else:
                 self._sync_engine = create_engine(self._sync_url, pool_pre_ping=True)
         return self._sync_engine
@@ -461,7 +461,9 @@ class Store:
         self._ready = False
 
 
-def _sqlite_pragmas(engine: Engine, busy_timeout: float = 30.0) -> None:
+def _sqlite_pragmas(engine: Engine, busy_timeout: float = 30.0, *, wal: bool = True) -> None:
+    """`wal`: switch the file to WAL mode (a write: not for read-only opens, where a
+    frugalflow database is WAL already and another file must stay as it was)."""
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # Writers take the write lock up front (BEGIN IMMEDIATE): a deferred transaction
@@ -477,7 +479,8 @@ def _sqlite_pragmas(engine: Engine, busy_timeout: float = 30.0) -> None:
         # WAL: readers never block the writer; busy_timeout: writers of other processes
         # wait instead of failing with "database is locked".
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        if wal:
+            cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
