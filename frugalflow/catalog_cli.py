@@ -95,7 +95,7 @@ def _catalog_table(name: str, rows: list[_CatalogRow], shared: str) -> None:
     """The catalog as a table: a quality column per scored skill ("—": not scored)."""
     skills = [k for k in SKILLS if any(k in r["quality"] for r in rows)]
     table = Table(title=f"catalog {escape(name)}", caption=_legend(skills))
-    table.add_column("model", overflow="fold", min_width=24)
+    table.add_column("model", overflow="fold", min_width=20)
     for col in ("$/M in", "$/M out", "context"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("caps", no_wrap=True)
@@ -106,7 +106,7 @@ def _catalog_table(name: str, rows: list[_CatalogRow], shared: str) -> None:
     for r in rows:
         scores = [f"{r['quality'][k]:.2f}" if k in r["quality"] else "—" for k in skills]
         table.add_row(escape(r["model"]), f"{r['input_per_mtok']:.3f}",
-                      f"{r['output_per_mtok']:.3f}", str(r["context"]),
+                      f"{r['output_per_mtok']:.3f}", _tokens(r["context"]),
                       "".join(_CAPS.get(c, c) for c in r["capabilities"]), *scores,
                       "yes" if r["available"] else f"no: {escape(r['why_not'] or '')}",
                       r["breaker"])
@@ -126,6 +126,11 @@ def _legend(skills: list[str]) -> str:
     shortened = ", ".join(f"{_short(k)} {k}" for k in skills if _short(k) != k)
     return ("caps: T tool calling, J structured output, V vision, S streaming, R reasoning"
             + (f"; skills: {shortened}" if shortened else ""))
+
+
+def _tokens(n: int) -> str:
+    """A context window in short: 1.0M, 128k, 8192."""
+    return f"{n / 1e6:.1f}M" if n >= 1_000_000 else f"{n // 1000}k" if n >= 10_000 else str(n)
 
 
 def _short(skill: str) -> str:

@@ -212,7 +212,7 @@ def test_catalog_shows_quality_per_skill() -> None:
     assert "classi. classification" in " ".join(out.output.split())  # the legend
     assert "—" in out.output  # a model without a score for some skill
     rows = json.loads(cli.invoke(app, ["catalog", "--json"]).output)
-    spec = Catalog.simulated().get(rows[0]["model"])
+    spec = next(s for s in Catalog.simulated() if s.key == rows[0]["model"])
     assert rows[0]["quality"] == spec.quality
     assert "shared state: local (this process's breakers only" in out.output
 
