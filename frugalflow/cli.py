@@ -416,7 +416,7 @@ def runs(
     for col in ("id", "flow", "status", "cost $", "budget $", "created"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.id, r.flow, r.status, f"{r.cost_usd:.6f}",
+        table.add_row(escape(r.id), escape(r.flow), r.status, f"{r.cost_usd:.6f}",
                       "-" if r.budget_usd is None else f"{r.budget_usd}", str(r.created_at)[:19])
     console.print(table)
 
@@ -511,8 +511,8 @@ def policy_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
     for p in rows:
         nodes = ", ".join(f"{n} ({' / '.join(np.choice.models) if np.choice else '-'})"
                           for n, np in p.policy.nodes.items())
-        table.add_row(p.name, str(p.version), p.flow, nodes, p.source or "",
-                      str(p.created_at)[:19])
+        table.add_row(escape(p.name), str(p.version), escape(p.flow), escape(nodes),
+                      escape(p.source or ""), str(p.created_at)[:19])
     console.print(table)
 
 
@@ -544,7 +544,7 @@ def router_train(
     if as_json:
         print(json.dumps(out, indent=2, default=str))
         return
-    console.print(f"router [bold]{out['name']}[/] version {out['version']}: "
+    console.print(f"router [bold]{escape(out['name'])}[/] version {out['version']}: "
                   f"{out['examples']} outcomes ({out['successes']} successes) on "
                   f"{len(out['models'])} models; runs started with --router {out['name']} use it")
 
@@ -609,7 +609,7 @@ def router_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
     for r in rows:
         scope = ", ".join(f"{k}={v}" for k, v in (r["metrics"] or {}).items()
                           if k in ("flow", "node") and v) or "all outcomes"
-        table.add_row(r["name"], str(r["version"]), str(r["examples"]), scope,
+        table.add_row(escape(r["name"]), str(r["version"]), str(r["examples"]), escape(scope),
                       str(r["created_at"])[:19])
     console.print(table)
 
@@ -640,15 +640,15 @@ def explain(
         ok = [r for r in rows if r["accepted"]]
         costs = [r["expected_cost_usd"] for r in ok]
         needs = cast("Needs", compiled.flow.nodes[node].needs)  # explain lists model nodes only
-        console.print(f"[bold]{node}[/] ({needs.describe()}): "
+        console.print(f"[bold]{escape(node)}[/] ({escape(needs.describe())}): "
                       f"{len(ok)} candidates, ${min(costs):.6f} .. ${max(costs):.6f} per call")
         for r in ok:
-            console.print(f"  {r['rank']:>2}. {r['model']}  ${r['expected_cost_usd']:.6f}  "
+            console.print(f"  {r['rank']:>2}. {escape(r['model'])}  ${r['expected_cost_usd']:.6f}  "
                           f"~{r['output_tokens']} out tokens ({r['output_source']})  "
-                          f"[dim]{r['measured']}[/]")
+                          f"[dim]{escape(str(r['measured']))}[/]")
         for r in rows:
             if not r["accepted"]:
-                console.print(f"   [dim]x {r['model']}: {'; '.join(r['reasons'])}[/]")
+                console.print(f"   [dim]x {escape(r['model'])}: {escape('; '.join(r['reasons']))}[/]")
 
 
 async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | None,

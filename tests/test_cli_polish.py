@@ -282,3 +282,26 @@ def test_timeout_option_reaches_the_demo(monkeypatch: pytest.MonkeyPatch) -> Non
     out = cli.invoke(app, ["demo", "--timeout", "2.5"])
     assert out.exit_code == 0, out.output
     assert seen == [2.5]
+
+
+def test_explain_keeps_brackets_in_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    import frugalflow.cli as cli_module
+
+    monkeypatch.chdir(ROOT)
+    real = cli_module.load_flow
+
+    def with_brackets(name: str) -> Any:
+        flow = real(name)
+        compiled = flow.compile(Catalog.simulated())
+        plan = compiled.explain()
+        for rows in plan.values():
+            for r in rows:
+                r["accepted"], r["reasons"] = False, ["needs [[models]] [bold]x[/bold]"]
+            rows[0]["accepted"] = True
+        monkeypatch.setattr(type(compiled), "explain", lambda self, **kw: plan)
+        return flow
+
+    monkeypatch.setattr(cli_module, "load_flow", with_brackets)
+    out = cli.invoke(app, ["explain", "support_triage", "--catalog", ""], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert "needs [[models]] [bold]x[/bold]" in out.output
