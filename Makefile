@@ -28,9 +28,10 @@ test-fast: install
 typecheck: install
 	$(PY) -m mypy
 
-# Re-execute the example notebooks in place, so the committed copies carry their outputs.
+# Re-execute the example notebooks in place, so the committed copies carry their outputs
+# (plots included); `make notebooks NB=02_routing_and_costs.ipynb` re-executes one.
 notebooks: install
-	$(PY) examples/execute.py
+	$(PY) examples/execute.py $(NB)
 
 bench: install
 	$(PY) bench/overhead.py

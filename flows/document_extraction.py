@@ -51,9 +51,16 @@ def check_invoice(invoice: Invoice, document: str | None = None) -> bool | str:
     return True
 
 
+class ExtractionInput(TypedDict):
+    """What a run starts from: the document's text."""
+
+    document: str
+
+
 flow: Flow[ExtractionState] = Flow(
     "document_extraction", ExtractionState,
     description="extract invoice fields; a validator escalates failed extractions",
+    input_schema=ExtractionInput,
 )
 
 

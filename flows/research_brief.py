@@ -1,7 +1,8 @@
 """Research brief: plan sub-questions -> research them in parallel (Send) -> synthesise ->
 critique, revising at most MAX_REVISIONS times.
 
-Research searches local documents (examples/data/kb by default, FRUGALFLOW_KB to change).
+Research searches local documents (examples/data/kb by default, shipped in the wheel as
+frugalflow_flows/kb; FRUGALFLOW_KB to change).
 """
 
 from __future__ import annotations
@@ -13,13 +14,22 @@ from typing import Annotated, Any, Literal, TypedDict
 
 from langgraph.types import Send
 
-from agents import critic, planner, researcher, synthesizer
 from frugalflow import END, START, Flow
 from frugalflow.flow import Agent
-from tools import make_document_search
+
+# Installed from the wheel these folders are frugalflow_flows/_agents/_tools (see pyproject.toml).
+if __package__ == "frugalflow_flows":
+    from frugalflow_agents import critic, planner, researcher, synthesizer
+    from frugalflow_tools import make_document_search
+else:
+    from agents import critic, planner, researcher, synthesizer
+    from tools import make_document_search
 
 MAX_REVISIONS = 2
-KB = Path(os.environ.get("FRUGALFLOW_KB", Path(__file__).resolve().parents[1] / "examples/data/kb"))
+_HERE = Path(__file__).resolve().parent
+# The wheel ships the documents as frugalflow_flows/kb; a checkout has them in examples/data/kb.
+KB = Path(os.environ.get("FRUGALFLOW_KB") or (
+    _HERE / "kb" if (_HERE / "kb").is_dir() else _HERE.parent / "examples/data/kb"))
 
 
 class BriefState(TypedDict, total=False):
@@ -32,9 +42,16 @@ class BriefState(TypedDict, total=False):
     revisions: int
 
 
+class BriefInput(TypedDict):
+    """What a run starts from: the topic to brief on."""
+
+    topic: str
+
+
 flow: Flow[BriefState] = Flow(
     "research_brief", BriefState,
     description="plan -> parallel research (Send) -> synthesis -> critique loop (bounded)",
+    input_schema=BriefInput,
 )
 
 _research = Agent(**{**researcher.__dict__, "tools": [make_document_search(KB)]})

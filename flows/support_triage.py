@@ -15,8 +15,13 @@ from typing import TypedDict
 
 from langchain_core.messages import HumanMessage, SystemMessage
 
-from agents.support import TicketFields
 from frugalflow import END, START, Flow, Needs, RoutedChatModel
+
+# Installed from the wheel the folder is frugalflow_agents (see pyproject.toml).
+if __package__ == "frugalflow_flows":
+    from frugalflow_agents.support import TicketFields
+else:
+    from agents.support import TicketFields
 
 CATEGORIES = ("billing", "shipping", "account", "technical", "other")
 
@@ -30,9 +35,16 @@ class TriageState(TypedDict, total=False):
     approved: bool
 
 
+class TriageInput(TypedDict):
+    """What a run starts from: `frugalflow run support_triage -i '{"ticket": "..."}'`."""
+
+    ticket: str
+
+
 flow: Flow[TriageState] = Flow(
     "support_triage", TriageState,
     description="classify -> extract fields (structured) -> draft reply -> review",
+    input_schema=TriageInput,
 )
 
 

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .catalog import Catalog
 from .cli_options import (CatalogOption, DbOption, JsonOption, PolicyOption, RouterOption,
@@ -24,6 +25,8 @@ from .exceptions import FrugalflowError, StoreUnavailableError
 from .resilience import BreakerRegistry, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
+from .inputs import InputError
+from .run_display import ExitCode, cost_table, exit_code, report, result_table
 from .statuses import NodeStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
@@ -61,18 +64,35 @@ def _root(
     """frugalflow: run each workflow step on the cheapest capable model."""
 
 
+# The ready-made flows as the wheel installs them (the repository's flows/, see pyproject.toml).
+_INSTALLED_FLOWS = "frugalflow_flows"
+
+
+def installed_flow_names() -> list[str]:
+    """The ready-made flows installed with frugalflow (none when run from a plain checkout)."""
+    spec = importlib.util.find_spec(_INSTALLED_FLOWS)
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    return sorted({p.stem for folder in folders for p in Path(folder).glob("*.py")
+                   if not p.stem.startswith("_")})
+
+
 def load_flow(name: str) -> Flow[Any]:
-    """A flow named `flows/<name>.py` (its `flow`), or `path/to/file.py:attr`."""
+    """A flow named `flows/<name>.py` here or among the installed ready-made flows (its `flow`),
+    or `path/to/file.py:attr`."""
     path_text, _, attr = name.partition(":")
     path = Path(path_text)
+    attr = attr or "flow"
     if path.suffix != ".py":
         path = Path("flows") / f"{path_text}.py"
-    attr = attr or "flow"
+        if not path.exists() and path_text in installed_flow_names():
+            module = importlib.import_module(f"{_INSTALLED_FLOWS}.{path_text}")
+            return _flow_attr(module, attr, f"{_INSTALLED_FLOWS}.{path_text}")
     if not path.exists():
-        available = sorted(p.stem for p in Path("flows").glob("*.py") if p.stem != "__init__")
+        available = sorted({p.stem for p in Path("flows").glob("*.py") if p.stem != "__init__"}
+                           | set(installed_flow_names()))
         raise FrugalflowError(
             f"no flow {name!r}: {path} does not exist"
-            + (f" (flows here: {', '.join(available)})" if available else
+            + (f" (flows: {', '.join(available)})" if available else
                " (run from the repository root, or name a file: path/to/file.py:attr)")
         )
     if str(Path.cwd()) not in sys.path:
@@ -83,9 +103,13 @@ def load_flow(name: str) -> Flow[Any]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
+    return _flow_attr(module, attr, str(path))
+
+
+def _flow_attr(module: object, attr: str, where: str) -> Flow[Any]:
     flow = getattr(module, attr, None)
     if not isinstance(flow, Flow):
-        raise FrugalflowError(f"{path}:{attr} is not a frugalflow Flow")
+        raise FrugalflowError(f"{where}:{attr} is not a frugalflow Flow")
     return flow
 
 
@@ -275,27 +299,42 @@ async def _run_with_progress(runner: Runner,
     return result
 
 
-@app.command()
+_EXIT_CODES = ("Exit codes: 0 succeeded, 1 failed (or another error), 2 bad input, "
+               "3 budget_exceeded, 4 interrupted (waiting for an answer), 5 cancelled, "
+               "6 paused.")
+
+
+@app.command(epilog=_EXIT_CODES)
 def run(
     flow: str = typer.Argument(..., help="A flow in flows/ (e.g. support_triage) or path/to/file.py:attr."),
-    input: str = typer.Option("{}", "--input", "-i", help="The run's input as JSON."),
+    input: str = typer.Option("{}", "--input", "-i",
+                              help="The run's input as a JSON object (`frugalflow flows` "
+                                   "lists each flow's fields)."),
     budget: float = typer.Option(None, "--budget", help="USD the run may spend."),
     db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
     router: str = RouterOption, policy: str = PolicyOption,
 ) -> None:
-    """Start a durable run: live per-node progress, then a cost table."""
+    """Start a durable run: live per-node progress, then its result and a cost table."""
     try:
         _check_budget(budget)
         f = load_flow(flow)
         value = _parse_json(input, "--input")
         asyncio.run(_start_or_resume(f, db, catalog, as_json,
                                      lambda r: r.start(f.name, value, budget=budget), router,
-                                     policy))
+                                     policy, flow_arg=flow))
+    except InputError as e:
+        _bad_input(e)
     except FrugalflowError as e:
         _fail(e)
 
 
-@app.command()
+def _bad_input(error: InputError) -> NoReturn:
+    """An input that does not fit the flow: one line, exit 2 (nothing was written)."""
+    console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+    raise typer.Exit(code=ExitCode.BAD_INPUT)
+
+
+@app.command(epilog=_EXIT_CODES)
 def resume(
     run_id: str = typer.Argument(..., help="The run's id."),
     value: str = typer.Option(None, "--value", help="Answer to an interrupt, as JSON."),
@@ -309,6 +348,8 @@ def resume(
         _check_budget(budget)
         answer = _parse_json(value, "--value")
         asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json, router, policy))
+    except InputError as e:
+        _bad_input(e)
     except FrugalflowError as e:
         _fail(e)
 
@@ -336,12 +377,16 @@ async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | No
         await store.close()
     f = load_flow(flow or row.flow)
     await _start_or_resume(f, db, catalog, as_json,
-                           lambda r: r.resume(run_id, answer, budget=budget), router, policy)
+                           lambda r: r.resume(run_id, answer, budget=budget), router, policy,
+                           flow_arg=flow)
 
 
 async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as_json: bool,
                            action: Callable[[Runner], Coroutine[Any, Any, RunResult]],
-                           router: str | None = None, policy: str | None = None) -> None:
+                           router: str | None = None, policy: str | None = None, *,
+                           flow_arg: str | None = None) -> None:
+    """Run `action`, then print its result, cost table and resume hint; exit with the
+    run's status (`run_display.ExitCode`). `flow_arg` is the flow as the user named it."""
     runner = _runner(db, catalog, [f], router, policy)
     try:
         stored, _label = await runner.current_policy()  # an unknown name: one line, no run
@@ -360,32 +405,13 @@ async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as
                           "cost_usd": result.cost_usd, "error": result.error,
                           "interrupts": result.interrupts, "state": result.state,
                           "cost_by_node": record.cost_by("node"),
-                          "cost_by_model": record.cost_by("model")}, indent=2, default=str))
-        if result.status in (RunStatus.FAILED, RunStatus.BUDGET_EXCEEDED):
-            raise typer.Exit(code=1)
-        return
-    _cost_table(record)
-    color = "green" if result.status == RunStatus.SUCCEEDED else "yellow"
-    console.print(f"run [bold]{result.run_id}[/]: [{color}]{result.status}[/], "
-                  f"${result.cost_usd:.6f}")
-    if result.error:
-        console.print(f"  {result.error.splitlines()[0]}")
-    if result.interrupts:
-        console.print(f"  waiting on: {json.dumps(result.interrupts, default=str)[:300]}")
-        console.print(f"  resume with: frugalflow resume {result.run_id} --value '\"...\"'")
-    if result.status == RunStatus.BUDGET_EXCEEDED:
-        console.print(f"  resume with: frugalflow resume {result.run_id} --budget <USD>")
-
-
-def _cost_table(record: RunRecord) -> None:
-    table = Table(title=f"run {record.run.id}: calls")
-    for col in ("node", "model", "outcome", "tokens in/out", "cost $", "latency ms"):
-        table.add_column(col)
-    for a in record.attempts:
-        outcome = "ok" if a.outcome == Outcome.OK else f"{a.error_class} -> {a.action}"
-        table.add_row(a.node, a.model, outcome, f"{a.input_tokens}/{a.output_tokens}",
-                      f"{a.cost_usd:.6f}", f"{a.latency_ms:.0f}")
-    console.print(table)
+                          "cost_by_model": record.cost_by("model"),
+                          "exit_code": int(exit_code(result.status))}, indent=2, default=str))
+    else:
+        report(console, result, record, flow_arg=flow_arg, db=db, catalog=catalog)
+    code = exit_code(result.status)
+    if code != ExitCode.SUCCEEDED:
+        raise typer.Exit(code=code)
 
 
 runs_app = typer.Typer(help="Runs in the ledger.", invoke_without_command=True)
@@ -423,7 +449,7 @@ def runs(
 
 @runs_app.command("show")
 def runs_show(run_id: str, db: str = DbOption, as_json: bool = JsonOption) -> None:
-    """One run: status, cost per node and model, every call."""
+    """One run: status, result (its final state), cost per node and model, every call."""
     try:
         record = asyncio.run(_ledger_call(db, lambda l: l.run_record(run_id)))
     except FrugalflowError as e:
@@ -431,7 +457,8 @@ def runs_show(run_id: str, db: str = DbOption, as_json: bool = JsonOption) -> No
     if as_json:
         print(json.dumps({"run": record.run.model_dump(mode="json"),
                           "nodes": [n.model_dump(mode="json") for n in record.nodes],
-                          "attempts": [a.model_dump(mode="json") for a in record.attempts]},
+                          "attempts": [a.model_dump(mode="json") for a in record.attempts],
+                          "result": record.run.output},
                          indent=2))
         return
     r = record.run
@@ -442,7 +469,30 @@ def runs_show(run_id: str, db: str = DbOption, as_json: bool = JsonOption) -> No
     for key in ("node", "model", "provider"):
         costs = record.cost_by(key)
         console.print(f"  by {key}: " + ", ".join(f"{k} ${v:.6f}" for k, v in costs.items()))
-    _cost_table(record)
+    table = result_table(r.output)
+    if table is not None:
+        console.print(table)
+    console.print(cost_table(record))
+
+
+@app.command("flows")
+def flows_cmd(
+    flow: str = typer.Argument(None, help="Only this flow (a name in --flows, or "
+                                          "path/to/file.py:attr)."),
+    folder: str = typer.Option("flows", "--flows", help="Folder of flow modules."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Flows and the input each takes: its fields, their types, which are required."""
+    from .flow_listing import flows_json, flows_table
+
+    try:
+        found = [load_flow(flow)] if flow else load_all_flows(folder)
+    except FrugalflowError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(flows_json(found), indent=2))
+    else:
+        console.print(flows_table(found))
 
 
 @runs_app.command("feedback")
@@ -674,7 +724,12 @@ async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | Non
 
 
 def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
-    """Every flow defined in `folder/*.py` (each module's `flow`)."""
+    """Every flow defined in `folder/*.py` (each module's `flow`); without a `flows` folder
+    here, the installed ready-made flows."""
+    if folder == "flows" and not Path(folder).is_dir():
+        return [load_flow(name) for name in installed_flow_names()]
+    if not Path(folder).is_dir():
+        raise FrugalflowError(f"no flow folder {folder!r}: give --flows an existing folder")
     out = []
     for path in sorted(Path(folder).glob("*.py")):
         if path.stem.startswith("_"):

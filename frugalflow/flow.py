@@ -19,11 +19,15 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import os
 import typing
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import (AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator,
+                             Mapping, Sequence)
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, cast, overload
+
+from typing_extensions import TypeVar
 
 from langchain_core.messages import AIMessage as AIMessageT
 from langchain_core.runnables import RunnableConfig
@@ -31,12 +35,12 @@ from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.runtime import Runtime
+from langgraph.runtime import Runtime, get_runtime
 from pydantic import ValidationError
 
 from .validation import Validator
 from .catalog import Catalog
-from .exceptions import FlowError
+from .exceptions import FlowError, UserError
 from .needs import Needs
 from .ranking import no_capable_model_error, rank
 from .resilience import Breakers, FallbackPolicy, default_breakers
@@ -65,7 +69,9 @@ def check_budget(budget: float | None) -> float | None:
                          f"got {value!r}")
     return value
 
-S = TypeVar("S")
+S = TypeVar("S", default=Any)
+"""A flow's state type; a bare `CompiledFlow` means `CompiledFlow[Any]`."""
+M = TypeVar("M", bound=Mapping[str, object])
 NodeFn = Callable[..., Any]
 _RESERVED = {START, END}
 
@@ -105,6 +111,9 @@ class Flow(Generic[S]):
     edges: list[tuple[str, str]] = field(default_factory=list)
     branches: list[_Branch] = field(default_factory=list)
     joins: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    input_schema: type[Any] | None = None
+    """The fields a run's input may (and, if required, must) have: a TypedDict, pydantic
+    model or dataclass. Without it, the state's fields (see `frugalflow.inputs`)."""
 
     # -- definition ----------------------------------------------------------------
 
@@ -355,7 +364,7 @@ class Flow(Generic[S]):
         breakers: Breakers | None = None,
         interrupt_before: Sequence[str] | None = None,
         interrupt_after: Sequence[str] | None = None,
-    ) -> CompiledFlow:
+    ) -> CompiledFlow[S]:
         """Check the flow against `catalog` (default: `Catalog.default()`) and compile it."""
         catalog = catalog if catalog is not None else Catalog.default()
         self.check(catalog)
@@ -368,9 +377,10 @@ class Flow(Generic[S]):
             interrupt_after=list(interrupt_after or []) or None,
             name=self.name,
         )
-        return CompiledFlow(
+        compiled: CompiledFlow[S] = CompiledFlow(
             self, catalog, graph, policy or FallbackPolicy(), breakers or default_breakers
         )
+        return compiled
 
 
 def _literal_targets(path: Callable[..., Any]) -> list[str] | None:
@@ -403,7 +413,8 @@ def _wrap(spec: NodeSpec) -> Callable[..., Any]:
             if not isinstance(runtime.context, RunContext):
                 raise FlowError(
                     f"node {name!r} needs a RunContext: run the flow through "
-                    "CompiledFlow.ainvoke/astream, or pass context=RunContext(catalog) to the graph",
+                    "CompiledFlow.ainvoke/astream or its `.graph` (which builds one), or pass "
+                    "context=RunContext(catalog) to a graph you built with Flow.build_graph",
                     node=name,
                 )
             kw["model"] = shared
@@ -428,12 +439,114 @@ def _wrap(spec: NodeSpec) -> Callable[..., Any]:
     return run_sync
 
 
-class CompiledFlow:
-    """A checked flow bound to a catalog; runs on LangGraph (`.graph`)."""
+ContextFactory = Callable[[RunnableConfig | None, Mapping[str, Any] | None], RunContext]
+"""Builds a run's context from its config and the plain `context` LangGraph was given."""
+ContextSetup = Callable[[RunContext, RunnableConfig | None, Mapping[str, Any] | None],
+                        Awaitable[None]]
+"""Completes a built context with what needs I/O (a stored policy's measurements)."""
+
+CONTEXT_KEYS = ("budget", "policy", "run_id")
+"""What a run's plain context (or its `configurable`) may set."""
+
+
+class FlowGraph(CompiledStateGraph[Any, Any, Any, Any]):
+    """A flow's compiled LangGraph graph, which builds a run's `RunContext` when it is not given.
+
+    LangGraph's server and Studio invoke the graph itself with a config (and at most a plain
+    dict as `context`), never with a Python object: every `stream`/`astream` (which `invoke`,
+    `ainvoke` and `astream_events` go through) without a `RunContext` gets one from
+    `context_factory`, so the run's nodes share one budget and spend.
+    """
+
+    def __init__(self, *, context_factory: ContextFactory | None = None,
+                 context_setup: ContextSetup | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Both in __dict__: `copy()` (how the server attaches its checkpointer) keeps them.
+        self.context_factory = context_factory
+        self.context_setup = context_setup
+
+    @classmethod
+    def of(cls, graph: CompiledStateGraph[Any, Any, Any, Any], context_factory: ContextFactory,
+           context_setup: ContextSetup | None = None) -> FlowGraph:
+        attrs = {k: v for k, v in graph.__dict__.items() if k != "__orig_class__"}
+        return cls(context_factory=context_factory, context_setup=context_setup, **attrs)
+
+    def get_context_jsonschema(self) -> dict[str, Any] | None:
+        """What a run's plain `context` may set (Studio's assistant form shows it): the
+        RunContext object itself has no JSON form."""
+        return {"title": f"{self.name}_context", "type": "object", "properties": {
+            "budget": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                       "description": "USD this run may spend (default: FRUGALFLOW_BUDGET)"},
+            "policy": {"type": ["string", "null"],
+                       "description": "stored node policy (default: FRUGALFLOW_POLICY)"},
+            "run_id": {"type": ["string", "null"]},
+        }, "additionalProperties": False}
+
+    def _context(self, config: RunnableConfig | None, context: Any) -> tuple[Any, bool]:
+        """The context to run with, and whether it was built here (from configuration)."""
+        if isinstance(context, RunContext) or self.context_factory is None:
+            return context, False
+        if context is None:
+            try:  # a subgraph of a flow run: the parent's context
+                parent = get_runtime().context
+            except RuntimeError:
+                parent = None
+            if isinstance(parent, RunContext):
+                return parent, False
+        elif not isinstance(context, Mapping):
+            return context, False  # not ours to interpret: LangGraph's schema coercion decides
+        return self.context_factory(config, context), True
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, *, context: Any = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        built, fresh = self._context(config, context)
+        if fresh and self.context_setup is not None:
+            await self.context_setup(built, config, context)
+        async for part in super().astream(input, config, context=built, **kwargs):
+            yield part
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, *, context: Any = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        built, fresh = self._context(config, context)
+        if fresh and self.context_setup is not None and _setting(config, context, "policy"):
+            raise UserError("a stored policy is loaded from the database: run the graph with "
+                            "ainvoke/astream (async), or without a policy")
+        yield from super().stream(input, config, context=built, **kwargs)
+
+
+def _setting(config: RunnableConfig | None, given: Any, key: str) -> Any:
+    """`key` from a run's plain context, else its `configurable`, else FRUGALFLOW_<KEY>."""
+    if isinstance(given, Mapping) and given.get(key) is not None:
+        return given[key]
+    configurable = (config or {}).get("configurable") or {}
+    if configurable.get(key) is not None:
+        return configurable[key]
+    return os.environ.get(f"FRUGALFLOW_{key.upper()}") or None
+
+
+def _budget_setting(value: object, source: str) -> float | None:
+    """A budget given as configuration (a number or its text), checked; UserError if bad."""
+    try:
+        if isinstance(value, str):
+            value = float(value) if value.strip() else None
+        return check_budget(cast("float | None", value))
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+class CompiledFlow(Generic[S]):
+    """A checked flow bound to a catalog; runs on LangGraph (`.graph`).
+
+    `CompiledFlow[S]`: `ainvoke`/`invoke` of a flow whose state `S` is a TypedDict return `S`.
+    """
 
     def __init__(
         self,
-        flow: Flow[Any],
+        flow: Flow[S],
         catalog: Catalog,
         graph: CompiledStateGraph[Any, Any, Any, Any],
         policy: FallbackPolicy,
@@ -441,7 +554,9 @@ class CompiledFlow:
     ) -> None:
         self.flow = flow
         self.catalog = catalog
-        self.graph = graph
+        self.graph: CompiledStateGraph[Any, Any, Any, Any] = FlowGraph.of(
+            graph, self.default_context, self._setup_context)
+        """The LangGraph graph: expose it to LangGraph's server (`langgraph.json`) as is."""
         self.policy = policy
         self.breakers = breakers
 
@@ -466,6 +581,59 @@ class CompiledFlow:
             catalog=self.catalog, policy=self.policy, breakers=self.breakers, usage=usage
         )
 
+    def default_context(self, config: RunnableConfig | None = None,
+                        given: Mapping[str, Any] | None = None) -> RunContext:
+        """The context of a run started without one (LangGraph's server, Studio, a plain
+        `graph.ainvoke`): this flow's catalog, and the budget from the plain `context`
+        (`{"budget": 0.05}`), else `config["configurable"]["budget"]`, else the environment's
+        `FRUGALFLOW_BUDGET` (none: no limit). Its run id is the context's or configurable's
+        `run_id` (LangGraph's server sets one), else a new one. A `policy` named the same
+        way is loaded by the graph's async entry points (`_setup_context`)."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(CONTEXT_KEYS))
+        if unknown:
+            raise UserError(f"flow {self.name!r}: unknown context key(s) {', '.join(unknown)}; "
+                            f"expected: {', '.join(CONTEXT_KEYS)}")
+        configurable = (config or {}).get("configurable") or {}
+        if given.get("budget") is not None:
+            budget = _budget_setting(given["budget"], "context budget")
+        elif configurable.get("budget") is not None:
+            budget = _budget_setting(configurable["budget"], "configurable budget")
+        else:
+            budget = _budget_setting(os.environ.get("FRUGALFLOW_BUDGET", ""), "FRUGALFLOW_BUDGET")
+        run_id = given.get("run_id") or configurable.get("run_id")
+        return self.new_context(budget=budget, run_id=str(run_id) if run_id else None)
+
+    async def _setup_context(self, ctx: RunContext, config: RunnableConfig | None,
+                             given: Mapping[str, Any] | None) -> None:
+        """A default context's stored node policy: named by the plain context's, else the
+        configurable's `policy`, else `FRUGALFLOW_POLICY`; read (newest version) from
+        `FRUGALFLOW_DATABASE_URL` at each run's start."""
+        name = _setting(config, given, "policy")
+        if name is None:
+            return
+        from .measured import load_measurements, unknown_policy
+        from .persistence.policy_store import PolicyStore
+        from .persistence.store import Store
+
+        url = os.environ.get("FRUGALFLOW_DATABASE_URL")
+        if not url:
+            raise UserError(f"policy {name!r} is read from a database: set "
+                            "FRUGALFLOW_DATABASE_URL to the one it was saved in")
+        store = Store(url)
+        try:
+            policies = PolicyStore(store)
+            version = await policies.version(str(name))
+            stored = await policies.load(str(name), version) if version is not None else None
+            if stored is None:
+                raise unknown_policy(str(name), {p.name for p in await policies.list()})
+            validated = {n for n, spec in self.flow.nodes.items() if spec.validator is not None}
+            ctx.measured = await load_measurements(
+                store, self.flow.name, validated=validated, policy=stored.policy,
+                label=f"policy {name} v{version}", production=False)
+        finally:
+            await store.close()
+
     def _config(self, config: RunnableConfig | None, ctx: RunContext) -> RunnableConfig:
         config = cast(RunnableConfig, dict(config or {}))  # a copy: the caller's stays as is
         if self.graph.checkpointer is not None:
@@ -473,6 +641,16 @@ class CompiledFlow:
             configurable.setdefault("thread_id", ctx.usage.run_id)
             config["configurable"] = configurable
         return config
+
+    @overload
+    async def ainvoke(self: CompiledFlow[M], input: Any, config: RunnableConfig | None = None,
+                      *, budget: float | None = None, context: RunContext | None = None,
+                      **kwargs: Any) -> M: ...
+
+    @overload
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None,
+                      *, budget: float | None = None, context: RunContext | None = None,
+                      **kwargs: Any) -> dict[str, Any]: ...
 
     async def ainvoke(
         self,
@@ -483,9 +661,20 @@ class CompiledFlow:
         context: RunContext | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run to the end (or an interrupt) and return the final state."""
+        """Run to the end (or an interrupt) and return the final state: a dict (of the
+        state's TypedDict type), with `__interrupt__` when it stopped at an interrupt."""
         ctx = context or self.new_context(budget=budget)
         return await self.graph.ainvoke(input, self._config(config, ctx), context=ctx, **kwargs)
+
+    @overload
+    def invoke(self: CompiledFlow[M], input: Any, config: RunnableConfig | None = None,
+               *, budget: float | None = None, context: RunContext | None = None,
+               **kwargs: Any) -> M: ...
+
+    @overload
+    def invoke(self, input: Any, config: RunnableConfig | None = None,
+               *, budget: float | None = None, context: RunContext | None = None,
+               **kwargs: Any) -> dict[str, Any]: ...
 
     def invoke(
         self,

@@ -39,6 +39,7 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
+from .inputs import check_input
 from .measured import MeasureConfig, unknown_policy
 from .policies import Policy
 from .resilience import Breakers, FallbackPolicy, default_breakers
@@ -84,6 +85,11 @@ class RunResult:
     lost_lease: bool = field(default=False, repr=False)
     """This executor stopped because another executor took the run over (status `paused`
     here; the run goes on there)."""
+
+    def __post_init__(self) -> None:
+        # Typed as the enum for type checkers; a plain string (a ledger row's) becomes it
+        # here, so `result.status is RunStatus.FAILED` and a misspelt status fail early.
+        self.status = RunStatus(self.status)
 
     @property
     def ok(self) -> bool:
@@ -235,7 +241,8 @@ class Runner:
                     run_id: str | None = None, wait: bool = True,
                     principal: str | None = None) -> RunResult:
         """Create a run and execute it; with `wait=False`, execute it in the background.
-        `principal` records who started it (the service's named tokens)."""
+        `principal` records who started it (the service's named tokens). An input that does
+        not fit the flow's input fields raises `InputError` (see `frugalflow.inputs`)."""
         if isinstance(flow, Flow):
             if flow.name not in self._flows:
                 self.register(flow)
@@ -243,6 +250,7 @@ class Runner:
         else:
             name = flow
         self.compiled(name)  # unknown flow or impossible needs: fail before writing anything
+        check_input(self._flows[name], input)  # InputError: missing, unknown, mistyped fields
         budget = check_budget(budget)  # ValueError: NaN, infinite, zero or negative
         run_id = run_id or uuid.uuid4().hex
         await self.setup()

@@ -58,6 +58,8 @@ from .exceptions import (
     StoreUnavailableError,
     UserError,
 )
+from .flow_listing import flows_json
+from .inputs import InputError
 from .persistence.tables import RunRow
 from .runner import RunResult, Runner
 from .statuses import FINAL_STATUSES
@@ -564,12 +566,9 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
 
     @api.get("/flows")
     async def list_flows() -> list[dict[str, Any]]:
-        return [
-            {"name": f.name, "description": f.description,
-             "nodes": [{"name": n.name, "needs": n.needs.describe() if n.needs else None}
-                       for n in f.nodes.values()]}
-            for f in runner.flows.values()
-        ]
+        """Each flow: description, nodes (and their needs), input fields (name, type,
+        required)."""
+        return [dict(f) for f in flows_json(list(runner.flows.values()))]
 
     @api.post("/runs", status_code=202, response_model=dict[str, Any])
     async def start_run(body: StartRun,
@@ -581,6 +580,8 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
         try:
             result = await runner.start(body.flow, body.input, budget=body.budget,
                                         wait=body.wait, principal=who.name if who else None)
+        except InputError as e:  # missing, unknown or mistyped fields: nothing was written
+            raise _error(422, e) from None
         except FrugalflowError as e:
             raise _translate(e) from None
         except ValueError as e:  # a budget the model's constraints let through
