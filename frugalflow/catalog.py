@@ -505,15 +505,14 @@ class Catalog:
             if p.suffix == ".toml":
                 data = tomllib.loads(p.read_text())
             elif p.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(p.read_text())
+                data = _load_yaml(p)
             else:
                 raise CatalogError(
                     f"catalog file {str(p)!r}: unknown format; use .toml, .yaml or .yml"
                 )
         except (tomllib.TOMLDecodeError, ValueError) as e:
-            raise CatalogError(f"catalog file {str(p)!r} does not parse: {e}") from None
+            raise CatalogError(f"catalog file {str(p)!r} does not parse: {e}: fix the TOML "
+                               "there (see the README's catalog example)") from None
         if not isinstance(data, Mapping):
             raise CatalogError(f"catalog file {str(p)!r} must hold a table at the top level")
         return cls.from_dict(data, name=p.stem)
@@ -651,6 +650,22 @@ def _with_builtin_scores(own: Mapping[str, Any]) -> dict[str, Any]:
         else:
             merged[ref] = scores
     return merged
+
+
+def _load_yaml(path: Path) -> Any:
+    """A YAML file's data; a syntax error is a one-line CatalogError with its line, column
+    and the fix (PyYAML's own message spans several lines and quotes the source)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        where = f" (at line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise CatalogError(
+            f"catalog file {str(path)!r} does not parse: {problem}{where}: fix the YAML there "
+            "(indentation, a missing ':' or a closing bracket)") from None
 
 
 def _builtin_data(filename: str) -> dict[str, Any]:

@@ -8,16 +8,21 @@ import json
 import sys
 from pathlib import Path
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from .catalog import Catalog
-from .exceptions import FrugalflowError
-from .resilience import BreakerRegistry, Breakers, FallbackPolicy
+from .cli_options import (CatalogOption, DbOption, JsonOption, PolicyOption, RouterOption,
+                          TimeoutOption, fallback_policy as _fallback,
+                          timeout_seconds as _timeout)
+from .cli_usage import OneLineErrorsGroup as _Cli
+from .exceptions import FrugalflowError, StoreUnavailableError
+from .resilience import BreakerRegistry, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
 from .inputs import InputError
@@ -27,6 +32,7 @@ from .statuses import Outcome, RunStatus
 if TYPE_CHECKING:
     from .flow import CompiledFlow
     from .needs import Needs
+    from .persistence import Store
     from .persistence.ledger import Ledger, RunRecord
     from .runner import RunResult, Runner
     from .service import Docs
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 app = typer.Typer(
+    cls=_Cli,
     add_completion=False,
     no_args_is_help=True,
     help="frugalflow: run each workflow step on the cheapest capable model.",
@@ -41,8 +48,19 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+def _version(show: bool) -> None:
+    if show:
+        from . import __version__
+
+        print(f"frugalflow {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print frugalflow's version and exit."),
+) -> None:
     """frugalflow: run each workflow step on the cheapest capable model."""
 
 
@@ -108,15 +126,16 @@ def demo(
     tickets: int = typer.Option(3, min=1, max=len(_TICKETS), help="How many tickets to triage."),
     seed: int = typer.Option(7, help="Seed of the simulated providers."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    timeout: float = TimeoutOption,
 ) -> None:
     """Offline demo: support triage on simulated providers, one failing mid-run."""
     try:
-        _demo(tickets, seed, as_json)
+        _demo(tickets, seed, as_json, _timeout(timeout))
     except FrugalflowError as e:
         _fail(e)
 
 
-def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
+def _demo(n_tickets: int, seed: int, as_json: bool, timeout: float | None = None) -> None:
     from .testing.simulator import simulator
 
     flow = load_flow("support_triage")
@@ -129,7 +148,8 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
     simulator.fail("sim-openai", "rate_limit", calls=[2], retry_after=0.05)
     compiled = flow.compile(
         catalog,
-        policy=FallbackPolicy(backoff_base=0.01, backoff_max=0.05),
+        policy=FallbackPolicy(backoff_base=0.01, backoff_max=0.05,
+                              timeout=timeout if timeout is not None else FallbackPolicy.timeout),
         breakers=BreakerRegistry(),
     )
 
@@ -194,30 +214,31 @@ def _demo(n_tickets: int, seed: int, as_json: bool) -> None:
 
 # -- durable runs -------------------------------------------------------------------------
 
-DbOption = typer.Option(None, "--db", help="Database URL (default: FRUGALFLOW_DATABASE_URL or sqlite:///frugalflow.db).")
-JsonOption = typer.Option(False, "--json", help="Machine-readable output.")
-CatalogOption = typer.Option(None, "--catalog", help="Catalog file (default: FRUGALFLOW_CATALOG, else built-in).")
-RouterOption = typer.Option(None, "--router", envvar="FRUGALFLOW_ROUTER",
-                            help="Route nodes that ask for it (Needs target/price_weight/cascade) "
-                                 "with this stored router's newest version (see `frugalflow router`).")
-PolicyOption = typer.Option(None, "--policy", envvar="FRUGALFLOW_POLICY",
-                            help="Route on this stored node policy's newest version (its measured "
-                                 "pass rates and choices; see `frugalflow policy list`).")
-
-
 def _catalog(path: str | None) -> Catalog:
     return Catalog.from_file(path) if path else Catalog.default()
 
 
 def _runner(db: str | None, catalog: str | None, flows: list[Flow[Any]],
-            router: str | None = None, policy: str | None = None) -> Runner:
+            router: str | None = None, policy: str | None = None,
+            timeout: float | None = None) -> Runner:
+    """A runner for one command; `timeout`: --timeout (else FRUGALFLOW_TIMEOUT)."""
     from .runner import Runner
 
-    return Runner(db, flows=flows, catalog=_catalog(catalog), router=router, policy=policy)
+    return Runner(db, flows=flows, catalog=_catalog(catalog), router=router, policy=policy,
+                  fallback=_fallback(timeout))
 
 
-def _check_policy(db: str | None, name: str | None) -> None:
-    """An unknown policy name: one line before anything runs (its own short-lived store)."""
+def _existing_store(db: str | None) -> Store:
+    """A store for a read-only command: a database that does not exist is an error saying
+    so (`StoreUnavailableError`, one line), never created (no file left by a typo)."""
+    from .persistence import Store
+
+    return Store(db, create=False)
+
+
+def _check_policy(db: str | None, name: str | None, *, create: bool = True) -> None:
+    """An unknown policy name: one line before anything runs (its own short-lived store;
+    `create=False` for read-only commands)."""
     if not name:
         return
     from .measured import unknown_policy
@@ -225,7 +246,7 @@ def _check_policy(db: str | None, name: str | None) -> None:
     from .persistence.policy_store import PolicyStore
 
     async def check() -> None:
-        store = Store(db)
+        store = Store(db, create=create)
         try:
             policies = PolicyStore(store)
             if await policies.version(name) is None:
@@ -391,8 +412,12 @@ app.add_typer(runs_app, name="runs")
 @runs_app.callback()
 def runs(
     ctx: typer.Context,
-    flow: str = typer.Option(None, "--flow"), status: str = typer.Option(None, "--status"),
-    limit: int = typer.Option(20, "--limit"), db: str = DbOption, as_json: bool = JsonOption,
+    flow: str = typer.Option(None, "--flow", help="Only runs of this flow."),
+    status: str = typer.Option(None, "--status",
+                               help="Only runs in this status (succeeded, failed, "
+                                    "budget_exceeded, interrupted, running, ...)."),
+    limit: int = typer.Option(20, "--limit", min=1, help="How many runs to list."),
+    db: str = DbOption, as_json: bool = JsonOption,
 ) -> None:
     """List recent runs (newest first)."""
     if ctx.invoked_subcommand is not None:
@@ -408,7 +433,7 @@ def runs(
     for col in ("id", "flow", "status", "cost $", "budget $", "created"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.id, r.flow, r.status, f"{r.cost_usd:.6f}",
+        table.add_row(escape(r.id), escape(r.flow), r.status, f"{r.cost_usd:.6f}",
                       "-" if r.budget_usd is None else f"{r.budget_usd}", str(r.created_at)[:19])
     console.print(table)
 
@@ -463,11 +488,11 @@ def flows_cmd(
 
 @runs_app.command("feedback")
 def runs_feedback(
-    run_id: str,
+    run_id: str = typer.Argument(..., help="The run's id (see `frugalflow runs`)."),
     good: bool = typer.Option(..., "--good/--bad", help="Was the answer good?"),
     node: str = typer.Option(None, "--node", help="Every answer of this node in the run."),
     call_id: str = typer.Option(None, "--call", help="Or this one call."),
-    db: str = DbOption,
+    db: str = DbOption, as_json: bool = JsonOption,
 ) -> None:
     """Record whether a run's answer was good; `frugalflow router train` learns from it."""
     try:
@@ -475,14 +500,20 @@ def runs_feedback(
             db, lambda l: l.run_feedback(run_id, good, node=node, call_id=call_id)))
     except FrugalflowError as e:
         _fail(e)
-    console.print(f"run {run_id}: {n} answer(s) marked {'good' if good else 'bad'}")
+    if as_json:
+        print(json.dumps({"run_id": run_id, "good": good, "node": node, "call_id": call_id,
+                          "marked": n}))
+        return
+    console.print(f"run {escape(run_id)}: {n} answer(s) marked {'good' if good else 'bad'}")
 
 
-async def _ledger_call(db: str | None, fn: Callable[[Ledger], Awaitable[T]]) -> T:
+async def _ledger_call(db: str | None, fn: Callable[[Ledger], Awaitable[T]],
+                       *, create: bool = False) -> T:
+    """`fn` on the ledger of `db` (which must exist unless `create`)."""
     from .persistence import Store
     from .persistence.ledger import Ledger
 
-    store = Store(db)
+    store = Store(db, create=create)
     try:
         return await fn(Ledger(store))
     finally:
@@ -497,11 +528,10 @@ app.add_typer(policy_app, name="policy")
 @policy_app.command("list")
 def policy_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
     """Stored node policies and their versions (runs use the newest version of a name)."""
-    from .persistence import Store
     from .persistence.policy_store import PolicyStore, StoredPolicy
 
     async def stored() -> list[StoredPolicy]:
-        store = Store(db)
+        store = _existing_store(db)
         try:
             return await PolicyStore(store).list()
         finally:
@@ -522,8 +552,8 @@ def policy_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
     for p in rows:
         nodes = ", ".join(f"{n} ({' / '.join(np.choice.models) if np.choice else '-'})"
                           for n, np in p.policy.nodes.items())
-        table.add_row(p.name, str(p.version), p.flow, nodes, p.source or "",
-                      str(p.created_at)[:19])
+        table.add_row(escape(p.name), str(p.version), escape(p.flow), escape(nodes),
+                      escape(p.source or ""), str(p.created_at)[:19])
     console.print(table)
 
 
@@ -536,7 +566,11 @@ def router_train(
     name: str = typer.Option("default", "--name", help="Stored as the next version of this name."),
     flow: str = typer.Option(None, "--flow", help="Only this flow's outcomes."),
     node: str = typer.Option(None, "--node", help="Only this node's outcomes."),
-    min_examples: int = typer.Option(20, "--min-examples"),
+    min_examples: int = typer.Option(20, "--min-examples", min=1,
+                                     help="Refuse to train on fewer outcomes than this."),
+    force: bool = typer.Option(False, "--force",
+                               help="Train even when every outcome is of one class "
+                                    "(all successes or all failures)."),
     embeddings: bool = typer.Option(False, "--embeddings",
                                     help="MiniLM sentence embeddings (the embeddings extra) "
                                          "instead of lexical features."),
@@ -544,19 +578,21 @@ def router_train(
 ) -> None:
     """Train a router on the ledger's outcomes (validator verdicts, feedback) and store it."""
     try:
-        out = asyncio.run(_router_train(name, flow, node, min_examples, embeddings, db, catalog))
+        out = asyncio.run(_router_train(name, flow, node, min_examples, embeddings, db, catalog,
+                                        force))
     except FrugalflowError as e:
         _fail(e)
     if as_json:
         print(json.dumps(out, indent=2, default=str))
         return
-    console.print(f"router [bold]{out['name']}[/] version {out['version']}: "
+    console.print(f"router [bold]{escape(out['name'])}[/] version {out['version']}: "
                   f"{out['examples']} outcomes ({out['successes']} successes) on "
                   f"{len(out['models'])} models; runs started with --router {out['name']} use it")
 
 
 async def _router_train(name: str, flow: str | None, node: str | None, min_examples: int,
-                        embeddings: bool, db: str | None, catalog: str | None) -> dict[str, Any]:
+                        embeddings: bool, db: str | None, catalog: str | None,
+                        force: bool = False) -> dict[str, Any]:
     from .learning import EmbeddingFeaturizer, embeddings_available, examples_from
 
     if embeddings and not embeddings_available():
@@ -564,21 +600,38 @@ async def _router_train(name: str, flow: str | None, node: str | None, min_examp
                               "pip install 'frugalflow[embeddings]'")
     runner = _runner(db, catalog, [])
     try:
+        examples = examples_from(await runner.ledger.outcomes(flow=flow, node=node))
+        _check_outcomes([e.success for e in examples], min_examples, flow, node, force)
         router = await runner.retrain_router(
             name, flow=flow, node=node, min_examples=min_examples,
             featurizer=EmbeddingFeaturizer() if embeddings else None)
-        if router is None:
-            found = len(examples_from(await runner.ledger.outcomes(flow=flow, node=node)))
-            where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
-            raise FrugalflowError(
-                f"only {found} outcomes in the ledger{' for ' + where if where else ''}; "
-                f"need {min_examples} (--min-examples): run flows whose nodes have a validator, "
-                "or record feedback on their calls")
+        if router is None:  # outcomes deleted between the check above and the training
+            raise FrugalflowError(f"fewer than {min_examples} outcomes in the ledger now "
+                                  "(--min-examples): try again")
         stored = [r for r in await runner.ledger.routers() if r["name"] == name][-1]
     finally:
         await runner.close()
     return {"name": name, "version": stored["version"], "examples": stored["examples"],
             "successes": stored["metrics"]["successes"], "models": router.models}
+
+
+def _check_outcomes(successes: list[bool], min_examples: int, flow: str | None,
+                    node: str | None, force: bool) -> None:
+    """Too few outcomes, or (unless `force`) all of one class: one line, nothing stored."""
+    where = " and ".join(f"{k} {v!r}" for k, v in (("flow", flow), ("node", node)) if v)
+    scope = f" for {where}" if where else ""
+    if len(successes) < min_examples:
+        raise FrugalflowError(
+            f"only {len(successes)} outcomes in the ledger{scope}; need {min_examples} "
+            "(--min-examples): run flows whose nodes have a validator, or record feedback "
+            "on their calls (frugalflow runs feedback)")
+    if not force and len(set(successes)) == 1:
+        kind = "successes" if successes[0] else "failures"
+        other = "failures or bad feedback" if successes[0] else "successes or good feedback"
+        raise FrugalflowError(
+            f"{len(successes)} outcomes{scope}, all {kind}: a router cannot learn which inputs "
+            f"fail; collect {other} first (frugalflow runs feedback RUN_ID --bad), "
+            "or train anyway with --force")
 
 
 @router_app.command("list")
@@ -597,7 +650,7 @@ def router_list(db: str = DbOption, as_json: bool = JsonOption) -> None:
     for r in rows:
         scope = ", ".join(f"{k}={v}" for k, v in (r["metrics"] or {}).items()
                           if k in ("flow", "node") and v) or "all outcomes"
-        table.add_row(r["name"], str(r["version"]), str(r["examples"]), scope,
+        table.add_row(escape(r["name"]), str(r["version"]), str(r["examples"]), escape(scope),
                       str(r["created_at"])[:19])
     console.print(table)
 
@@ -615,7 +668,7 @@ def explain(
     try:
         compiled = load_flow(flow).compile(_catalog(catalog))
         if policy or db:
-            _check_policy(db, policy)
+            _check_policy(db, policy, create=False)
             plan = asyncio.run(_measured_plan(compiled, db, policy, tokens))
         else:
             plan = compiled.explain(input_tokens=tokens)
@@ -628,27 +681,26 @@ def explain(
         ok = [r for r in rows if r["accepted"]]
         costs = [r["expected_cost_usd"] for r in ok]
         needs = cast("Needs", compiled.flow.nodes[node].needs)  # explain lists model nodes only
-        console.print(f"[bold]{node}[/] ({needs.describe()}): "
+        console.print(f"[bold]{escape(node)}[/] ({escape(needs.describe())}): "
                       f"{len(ok)} candidates, ${min(costs):.6f} .. ${max(costs):.6f} per call")
         for r in ok:
-            console.print(f"  {r['rank']:>2}. {r['model']}  ${r['expected_cost_usd']:.6f}  "
+            console.print(f"  {r['rank']:>2}. {escape(r['model'])}  ${r['expected_cost_usd']:.6f}  "
                           f"~{r['output_tokens']} out tokens ({r['output_source']})  "
-                          f"[dim]{r['measured']}[/]")
+                          f"[dim]{escape(str(r['measured']))}[/]")
         for r in rows:
             if not r["accepted"]:
-                console.print(f"   [dim]x {r['model']}: {'; '.join(r['reasons'])}[/]")
+                console.print(f"   [dim]x {escape(r['model'])}: {escape('; '.join(r['reasons']))}[/]")
 
 
 async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | None,
                          tokens: int) -> dict[str, list[dict[str, Any]]]:
     """`CompiledFlow.explain` with quality judged on what `db` measured (and policy `name`)."""
     from .measured import load_measurements
-    from .persistence import Store
     from .persistence.policy_store import PolicyStore
     from .ranking import explain as explain_rows
 
     flow = compiled.flow
-    store = Store(db)
+    store = _existing_store(db)
     try:
         stored = await PolicyStore(store).load(name) if name else None
         measured = await load_measurements(
@@ -660,79 +712,6 @@ async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | Non
     return {n: explain_rows(compiled.catalog, spec.needs, input_tokens=tokens, node=n,
                             measured=measured)
             for n, spec in flow.nodes.items() if spec.needs is not None}
-
-
-class _CatalogRow(TypedDict):
-    """One model in `frugalflow catalog` (also its --json output)."""
-
-    model: str
-    input_per_mtok: float
-    output_per_mtok: float
-    context: int
-    capabilities: list[str]
-    quality: dict[str, float]
-    available: bool
-    why_not: str | None
-    simulated: bool
-    breaker: str
-    shared_state: str
-
-
-@app.command("catalog")
-def catalog_cmd(
-    catalog: str = CatalogOption, as_json: bool = JsonOption,
-    redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
-                              help="Show the fleet's breakers shared through Redis."),
-) -> None:
-    """Models, prices, capabilities, availability and circuit-breaker state."""
-    from .resilience import default_breakers
-    from .scale.redis import RedisBreakerRegistry
-
-    try:
-        cat = _catalog(catalog)
-    except FrugalflowError as e:
-        _fail(e)
-    try:
-        breakers = RedisBreakerRegistry(redis) if redis else default_breakers
-    except ValueError as e:  # not a redis:// URL
-        _fail(e)
-    states, shared = asyncio.run(_breaker_states(breakers, {s.provider for s in cat}))
-    rows: list[_CatalogRow] = []
-    for s in cat:
-        rows.append({
-            "model": s.key, "input_per_mtok": s.input_price_per_mtok,
-            "output_per_mtok": s.output_price_per_mtok, "context": s.window,
-            "capabilities": [c for c, v in s.caps.model_dump().items() if v],
-            "quality": s.quality, "available": cat.is_available(s),
-            "why_not": cat.unavailable_reason(s), "simulated": s.simulated,
-            "breaker": states[s.provider], "shared_state": shared,
-        })
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"catalog {cat.name}")
-    for col in ("model", "$/M in", "$/M out", "context", "capabilities", "available", "breaker"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["model"], f"{r['input_per_mtok']:.3f}", f"{r['output_per_mtok']:.3f}",
-                      str(r["context"]), ",".join(r["capabilities"]),
-                      "yes" if r["available"] else f"no: {r['why_not']}", r["breaker"])
-    console.print(table)
-    console.print(f"shared state: {shared}")
-
-
-async def _breaker_states(breakers: Breakers,
-                          providers: set[str]) -> tuple[dict[str, str], str]:
-    """Each provider's breaker state, and whether they are shared ("local" when not)."""
-    from .scale.redis import RedisBreakerRegistry
-
-    if not isinstance(breakers, RedisBreakerRegistry):
-        return {p: (await breakers.astate(p)).value for p in providers}, "local"
-    try:
-        shared = await breakers.acheck()
-        return {p: (await breakers.astate(p)).value for p in providers}, shared
-    finally:
-        await breakers.aclose()
 
 
 def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
@@ -752,8 +731,10 @@ def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
 
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Interface to bind (0.0.0.0: every interface; then a token "
+                                  "is required)."),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     flows: str = typer.Option("flows", "--flows", help="Folder of flow modules to serve."),
     token: str = typer.Option(None, "--token", envvar="FRUGALFLOW_TOKEN",
                               help="Bearer token of an admin (a token or --tokens is required "
@@ -764,9 +745,13 @@ def serve(
                                     "(users see only their own runs)."),
     docs: str = typer.Option("token", "--docs",
                              help="OpenAPI schema and /docs: token (need a token), public, off."),
-    max_concurrency: int = typer.Option(64, "--max-concurrency"),
+    max_concurrency: int = typer.Option(64, "--max-concurrency", min=1,
+                                        help="Runs executed at once by this process."),
     db: str = DbOption, catalog: str = CatalogOption, router: str = RouterOption,
-    policy: str = PolicyOption,
+    policy: str = PolicyOption, timeout: float = TimeoutOption,
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print a JSON startup line (address, flows, catalog, "
+                                      "database) instead of the readable one."),
 ) -> None:
     """Serve the HTTP API (runs, events, resume, cancel, flows, catalog) with uvicorn."""
     import uvicorn
@@ -777,12 +762,26 @@ def serve(
     try:
         _check_policy(db, policy)
         runner = Runner(db, flows=load_all_flows(flows), catalog=_catalog(catalog),
-                        max_concurrency=max_concurrency, router=router, policy=policy)
+                        max_concurrency=max_concurrency, router=router, policy=policy,
+                        fallback=_fallback(timeout))
         application = create_app(runner, token=token, tokens=tokens, host=host,
                                  docs=cast("Docs", docs))  # create_app checks the value
     except FrugalflowError as e:
         _fail(e)
+    _startup_line(as_json, {"event": "serving", "url": f"http://{host}:{port}",
+                            "flows": sorted(runner.flows), "catalog": runner.catalog.name,
+                            "database": repr(runner.store)})
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def _startup_line(as_json: bool, facts: dict[str, Any]) -> None:
+    """What a long-running command serves, as one JSON object (--json) or one line."""
+    if as_json:
+        print(json.dumps(facts, default=str), flush=True)
+        return
+    rest = ", ".join(f"{k} {', '.join(v) if isinstance(v, list) else v}"
+                     for k, v in facts.items() if k != "event")
+    console.print(f"frugalflow {facts['event']}: {escape(rest)}", soft_wrap=True)
 
 
 @app.command()
@@ -791,13 +790,18 @@ def worker(
                            help="PostgreSQL URL shared by the service and all workers."),
     flows: str = typer.Option("flows", "--flows", help="Folder of flow modules."),
     concurrency: int = typer.Option(8, "--concurrency", help="Runs executed at once."),
-    queue: str = typer.Option("frugalflow", "--queue"),
+    queue: str = typer.Option("frugalflow", "--queue",
+                              help="The procrastinate queue to take runs from."),
     lease_ttl: float = typer.Option(30.0, "--lease-ttl", help="Seconds a dead worker holds its runs."),
     stall_timeout: float = typer.Option(30.0, "--stall-timeout",
                                         help="Seconds without heartbeat before a worker's jobs are requeued."),
     redis: str = typer.Option(None, "--redis", envvar="FRUGALFLOW_REDIS_URL",
                               help="Share circuit breakers and rate limits through Redis (redis://host:6379/0)."),
     catalog: str = CatalogOption, router: str = RouterOption, policy: str = PolicyOption,
+    timeout: float = TimeoutOption,
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print a JSON startup line (worker id, queue, "
+                                      "concurrency) instead of the readable one."),
 ) -> None:
     """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
     from .scale.dispatch import ProcrastinateDispatcher, run_worker
@@ -815,7 +819,7 @@ def worker(
                         dispatcher=dispatcher, lease_ttl=lease_ttl, max_concurrency=concurrency,
                         breakers=RedisBreakerRegistry(redis) if redis else None,
                         limiter=RedisRateLimiter(redis) if redis else None, router=router,
-                        policy=policy)
+                        policy=policy, fallback=_fallback(timeout))
     except FrugalflowError as e:
         _fail(e)
 
@@ -825,19 +829,27 @@ def worker(
         finally:
             await runner.close()
 
-    console.print(f"worker {runner.holder}: queue {queue}, concurrency {concurrency}")
+    _startup_line(as_json, {"event": "worker", "holder": runner.holder, "queue": queue,
+                            "concurrency": concurrency, "database": repr(runner.store)})
     asyncio.run(main())
 
 
-def _fail(error: BaseException) -> NoReturn:
+def _fail(error: BaseException, code: int = 1) -> NoReturn:
+    """The error's message (markup escaped: "[[models]]" stays as written), exit `code`
+    (2 for a database that does not exist, like a bad option value)."""
+    if isinstance(error, StoreUnavailableError) and error.missing:
+        code = 2
     lines = str(error).splitlines() or [type(error).__name__]
-    console.print(f"[red]error:[/] {lines[0]}")
+    console.print(f"[red]error:[/] {escape(lines[0])}", soft_wrap=True)
     for line in lines[1:]:
-        console.print(f"  {line}")
-    raise typer.Exit(code=1)
+        console.print(f"  {escape(line)}", soft_wrap=True)
+    raise typer.Exit(code=code)
 
 
+from .catalog_cli import add_catalog_command  # noqa: E402 (given _catalog and _fail)
 from .eval_cli import add_eval_command  # noqa: E402 (given the helpers defined above)
+
+add_catalog_command(app, catalog=_catalog, fail=_fail)
 
 add_eval_command(app, load_flow=load_flow, catalog=_catalog)
 

@@ -254,10 +254,14 @@ class StoreUnavailableError(StoreError):
 
     retryable: bool
     """False when waiting cannot help (the store does not retry it)."""
+    missing: bool
+    """The database does not exist (or holds no frugalflow tables) and the store was asked
+    not to create it (`Store(url, create=False)`, read-only commands)."""
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, missing: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.missing = missing
 
 
 class SchemaVersionError(StoreError):

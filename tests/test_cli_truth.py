@@ -153,7 +153,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_written(env: tuple[str, str
             "optional), long (str, optional)" in line[0]
         assert "Traceback" not in result.output
     listed = _cli("runs", "--db", db, "--json")
-    assert listed.exit_code == 0 and json.loads(listed.output) == []
+    # Nothing written, not even the database (which `runs`, read-only, does not create).
+    assert listed.exit_code == 2 and "does not exist" in listed.output, listed.output
 
 
 def test_default_input_on_a_ready_made_flow(monkeypatch: pytest.MonkeyPatch,

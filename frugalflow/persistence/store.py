@@ -1,6 +1,7 @@
 """The database: engines (async and sync) for SQLite or PostgreSQL, and versioned migrations.
 
-`Store(url)` does no I/O; `await store.setup()` creates or migrates the schema. URLs:
+`Store(url)` does no I/O; `await store.setup()` creates or migrates the schema
+(`Store(url, create=False)`: opens an existing frugalflow database only). URLs:
 `sqlite:///path.db` (default: `FRUGALFLOW_DATABASE_URL`, else `./frugalflow.db`) or
 `postgresql://user@host/db`. Drivers are picked here: aiosqlite/pysqlite for SQLite,
 asyncpg/psycopg for PostgreSQL.
@@ -134,8 +135,13 @@ class Store:
     """Engines and migrations for one database. Share one Store per process and database."""
 
     def __init__(self, url: str | None = None, *, pool_size: int = 5,
-                 busy_timeout: float = 30.0, retry_for: float = 2.0) -> None:
+                 busy_timeout: float = 30.0, retry_for: float = 2.0,
+                 create: bool = True) -> None:
         self.url = url or default_url()
+        self.create = create
+        """False: never create the database (no SQLite file, no schema): a missing one is a
+        `StoreUnavailableError` saying so. For read-only commands, where a typo in the URL
+        must not leave an empty database behind."""
         self.dialect, self._async_url, self._sync_url = _driver_urls(self.url)
         self._pool_size = pool_size
         self.busy_timeout = busy_timeout
@@ -170,7 +176,7 @@ class Store:
             if self.is_sqlite:
                 self._prepare_sqlite_path()
                 self._engine = create_async_engine(self._async_url, poolclass=NullPool)
-                _sqlite_pragmas(self._engine.sync_engine, self.busy_timeout)
+                _sqlite_pragmas(self._engine.sync_engine, self.busy_timeout, wal=self.create)
             else:
                 # Several processes share the server's max_connections (100 by default):
                 # keep each process's pool small; writes are short transactions.
@@ -186,13 +192,15 @@ class Store:
             if self.is_sqlite:
                 self._prepare_sqlite_path()
                 self._sync_engine = create_engine(self._sync_url, poolclass=NullPool)
-                _sqlite_pragmas(self._sync_engine, self.busy_timeout)
+                _sqlite_pragmas(self._sync_engine, self.busy_timeout, wal=self.create)
             else:
                 self._sync_engine = create_engine(self._sync_url, pool_pre_ping=True)
         return self._sync_engine
 
     def _prepare_sqlite_path(self) -> None:
         db = make_url(self._sync_url).database
+        if not self.create and (not db or db == ":memory:" or not os.path.isfile(db)):
+            raise self.missing(f"no file {os.path.abspath(db) if db else '(in memory)'}")
         if db and db != ":memory:":
             parent = os.path.dirname(os.path.abspath(db))
             if not os.path.isdir(parent):
@@ -378,14 +386,30 @@ class Store:
             "is running and the URL (FRUGALFLOW_DATABASE_URL) is right."
         )
 
+    def missing(self, why: str, *, empty: bool = False) -> StoreUnavailableError:
+        """The error for a database that does not exist, or (`empty`) holds no frugalflow
+        tables, when `create` is False."""
+        what = "is not a frugalflow database" if empty else "does not exist"
+        return StoreUnavailableError(
+            f"database {_mask(self.url)} {what} ({why}): check --db or "
+            f"FRUGALFLOW_DATABASE_URL; `frugalflow run` creates {'them' if empty else 'it'}",
+            retryable=False, missing=True)
+
     # -- schema --------------------------------------------------------------------
 
     async def setup(self) -> None:
         """Create the schema, or migrate it to this release's version. Idempotent."""
         if self._ready:
             return
-        async with self.write() as conn:
-            await conn.run_sync(self._migrate)
+        try:
+            async with self.write() as conn:
+                await conn.run_sync(self._migrate)
+        except Exception as e:
+            # PostgreSQL never creates a database on connect; say so in one line.
+            if self.dialect == "postgresql" and "does not exist" in str(e) and not isinstance(
+                    e, StoreUnavailableError):
+                raise self.missing("the server has no such database") from None
+            raise
         self._ready = True
 
     def setup_sync(self) -> None:
@@ -396,6 +420,9 @@ class Store:
         self._ready = True
 
     def _migrate(self, conn: Connection) -> None:
+        if not self.create and not inspect(conn).has_table(
+                tables.SchemaVersionRow.__tablename__):
+            raise self.missing("no frugalflow tables in it", empty=True)
         if self.dialect == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
         elif self.dialect == "sqlite":
@@ -434,7 +461,9 @@ class Store:
         self._ready = False
 
 
-def _sqlite_pragmas(engine: Engine, busy_timeout: float = 30.0) -> None:
+def _sqlite_pragmas(engine: Engine, busy_timeout: float = 30.0, *, wal: bool = True) -> None:
+    """`wal`: switch the file to WAL mode (a write: not for read-only opens, where a
+    frugalflow database is WAL already and another file must stay as it was)."""
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # Writers take the write lock up front (BEGIN IMMEDIATE): a deferred transaction
@@ -450,7 +479,8 @@ def _sqlite_pragmas(engine: Engine, busy_timeout: float = 30.0) -> None:
         # WAL: readers never block the writer; busy_timeout: writers of other processes
         # wait instead of failing with "database is locked".
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        if wal:
+            cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
