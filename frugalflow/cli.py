@@ -303,7 +303,7 @@ def run(
                                    "lists each flow's fields)."),
     budget: float = typer.Option(None, "--budget", help="USD the run may spend."),
     db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
-    router: str = RouterOption, policy: str = PolicyOption,
+    router: str = RouterOption, policy: str = PolicyOption, timeout: float = TimeoutOption,
 ) -> None:
     """Start a durable run: live per-node progress, then its result and a cost table."""
     try:
@@ -312,7 +312,7 @@ def run(
         value = _parse_json(input, "--input")
         asyncio.run(_start_or_resume(f, db, catalog, as_json,
                                      lambda r: r.start(f.name, value, budget=budget), router,
-                                     policy, flow_arg=flow))
+                                     policy, flow_arg=flow, timeout=timeout))
     except InputError as e:
         _bad_input(e)
     except FrugalflowError as e:
@@ -332,13 +332,14 @@ def resume(
     budget: float = typer.Option(None, "--budget", help="A new budget in USD."),
     flow: str = typer.Option(None, "--flow", help="Where the run's flow is defined, if not in flows/."),
     db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
-    router: str = RouterOption, policy: str = PolicyOption,
+    router: str = RouterOption, policy: str = PolicyOption, timeout: float = TimeoutOption,
 ) -> None:
     """Resume a run from its last checkpoint (after a crash, a budget stop or an interrupt)."""
     try:
         _check_budget(budget)
         answer = _parse_json(value, "--value")
-        asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json, router, policy))
+        asyncio.run(_resume(run_id, answer, budget, flow, db, catalog, as_json, router, policy,
+                            timeout))
     except InputError as e:
         _bad_input(e)
     except FrugalflowError as e:
@@ -357,11 +358,11 @@ def _check_budget(budget: float | None) -> None:
 
 async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | None,
                   db: str | None, catalog: str | None, as_json: bool,
-                  router: str | None = None, policy: str | None = None) -> None:
-    from .persistence import Store
+                  router: str | None = None, policy: str | None = None,
+                  timeout: float | None = None) -> None:
     from .persistence.ledger import Ledger
 
-    store = Store(db)
+    store = _existing_store(db)  # a mistyped --db or run id never creates a database
     try:
         row = await Ledger(store).get_run(run_id)
     finally:
@@ -369,16 +370,16 @@ async def _resume(run_id: str, answer: Any, budget: float | None, flow: str | No
     f = load_flow(flow or row.flow)
     await _start_or_resume(f, db, catalog, as_json,
                            lambda r: r.resume(run_id, answer, budget=budget), router, policy,
-                           flow_arg=flow)
+                           flow_arg=flow, timeout=timeout)
 
 
 async def _start_or_resume(f: Flow[Any], db: str | None, catalog: str | None, as_json: bool,
                            action: Callable[[Runner], Coroutine[Any, Any, RunResult]],
                            router: str | None = None, policy: str | None = None, *,
-                           flow_arg: str | None = None) -> None:
+                           flow_arg: str | None = None, timeout: float | None = None) -> None:
     """Run `action`, then print its result, cost table and resume hint; exit with the
     run's status (`run_display.ExitCode`). `flow_arg` is the flow as the user named it."""
-    runner = _runner(db, catalog, [f], router, policy)
+    runner = _runner(db, catalog, [f], router, policy, timeout)
     try:
         stored, _label = await runner.current_policy()  # an unknown name: one line, no run
         if stored is not None and stored.flow != f.name:

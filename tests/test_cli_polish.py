@@ -37,6 +37,7 @@ def _one_line(text: str) -> str:
     ["runs", "feedback", "abc", "--good", "--node", "n"],
     ["explain", "support_triage"],
     ["explain", "support_triage", "--policy", "p"],
+    ["resume", "abc"],
 ])
 def test_read_only_commands_do_not_create_a_database(
         args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,3 +306,27 @@ def test_explain_keeps_brackets_in_reasons(monkeypatch: pytest.MonkeyPatch) -> N
     out = cli.invoke(app, ["explain", "support_triage", "--catalog", ""], terminal_width=200)
     assert out.exit_code == 0, out.output
     assert "needs [[models]] [bold]x[/bold]" in out.output
+
+
+def test_timeout_option_reaches_run_and_resume(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    import frugalflow.cli as cli_module
+
+    monkeypatch.chdir(ROOT)
+    seen: list[float | None] = []
+    real = cli_module._runner
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        runner = real(*args, **kwargs)
+        seen.append(runner.fallback.timeout if runner.fallback is not None else None)
+        return runner
+
+    monkeypatch.setattr(cli_module, "_runner", spy)
+    monkeypatch.delenv("FRUGALFLOW_TIMEOUT", raising=False)
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    out = cli.invoke(app, ["run", "support_triage", "-i", '{"ticket": "Order 12 is late"}',
+                           "--db", db, "--json", "--timeout", "7"])
+    assert out.exit_code == 0, out.output
+    run_id = json.loads(out.output)["run_id"]
+    out = cli.invoke(app, ["resume", run_id, "--db", db, "--json", "--timeout", "8"])
+    assert seen == [7.0, 8.0], out.output
