@@ -156,9 +156,18 @@ def _demo(n_tickets: int, seed: int, as_json: bool, timeout: float | None = None
     attempts: list[Attempt] = []
 
     async def run_all() -> None:
-        for ticket in _TICKETS[:n_tickets]:
-            ctx = compiled.new_context(listeners=[attempts.append])
-            await compiled.ainvoke({"ticket": ticket}, context=ctx)
+        from rich.progress import Progress
+
+        # Progress while the tickets run (the table comes at the end); nothing in --json.
+        with Progress(console=console, transient=True, disable=as_json) as bar:
+            task = bar.add_task("tickets", total=n_tickets)
+            for i, ticket in enumerate(_TICKETS[:n_tickets], 1):
+                ctx = compiled.new_context(listeners=[attempts.append])
+                await compiled.ainvoke({"ticket": ticket}, context=ctx)
+                spent = sum(a.cost_usd for a in attempts)
+                bar.update(task, completed=i,
+                           description=f"ticket {i}/{n_tickets}, {len(attempts)} calls, "
+                                       f"${spent:.6f}")
 
     asyncio.run(run_all())
 
@@ -603,9 +612,12 @@ async def _router_train(name: str, flow: str | None, node: str | None, min_examp
     try:
         examples = examples_from(await runner.ledger.outcomes(flow=flow, node=node))
         _check_outcomes([e.success for e in examples], min_examples, flow, node, force)
-        router = await runner.retrain_router(
-            name, flow=flow, node=node, min_examples=min_examples,
-            featurizer=EmbeddingFeaturizer() if embeddings else None)
+        # Training is CPU work off the event loop; a spinner says what is going on meanwhile.
+        with console.status(f"training router {name!r} on {len(examples)} outcomes"
+                            + (" (sentence embeddings)" if embeddings else "") + " ..."):
+            router = await runner.retrain_router(
+                name, flow=flow, node=node, min_examples=min_examples,
+                featurizer=EmbeddingFeaturizer() if embeddings else None)
         if router is None:  # outcomes deleted between the check above and the training
             raise FrugalflowError(f"fewer than {min_examples} outcomes in the ledger now "
                                   "(--min-examples): try again")

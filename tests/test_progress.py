@@ -58,3 +58,39 @@ def test_on_a_terminal_the_table_shows_model_tries_cost_and_time_per_node() -> N
     assert "draft[1]" in table and "error" in table
     assert "$0.000020 so far, failed" in table
     assert progress.cost_usd == 0.00002
+
+
+def _terminal(monkeypatch) -> io.StringIO:  # type: ignore[no-untyped-def]
+    import frugalflow.cli as cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=120, force_terminal=True,
+                                                color_system=None))
+    return out
+
+
+def test_the_demo_shows_its_progress_while_the_tickets_run(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from frugalflow.cli import app
+
+    out = _terminal(monkeypatch)
+    assert CliRunner().invoke(app, ["demo", "--tickets", "3"]).exit_code == 0
+    assert "ticket 1/3" in out.getvalue() and "ticket 3/3" in out.getvalue()
+
+
+def test_router_training_says_what_it_does_meanwhile(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    import frugalflow.learning as learning
+    from frugalflow.cli import app
+    from frugalflow.learning import Example
+
+    models = ["sim-groq/llama-3.1-8b-instant", "sim-openai/gpt-4.1-nano"]
+    monkeypatch.setattr(learning, "examples_from", lambda calls: [
+        Example(text=f"input {i}", node="n", model=models[i % 2], success=i % 3 != 0)
+        for i in range(30)])
+    out = _terminal(monkeypatch)
+    result = CliRunner().invoke(app, ["router", "train", "--db", f"sqlite:///{tmp_path}/r.db"])
+    assert result.exit_code == 0, result.output
+    assert "training router 'default' on 30 outcomes" in out.getvalue()
