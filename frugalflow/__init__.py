@@ -43,6 +43,7 @@ from .exceptions import (
 )
 from .resilience import BreakerRegistry, FallbackPolicy
 from .flow import END, START, Agent, CompiledFlow, Flow
+from .inputs import InputError
 from .judge import Judge
 from .needs import Needs
 from .routed import RoutedChatModel, RunContext
@@ -76,6 +77,7 @@ __all__ = [
     "FlowError",
     "FrugalflowError",
     "IncompleteResponseError",
+    "InputError",
     "InvalidRequestError",
     "Judge",
     "LeaseError",

@@ -135,6 +135,22 @@ def demo(
         _fail(e)
 
 
+async def _demo_tickets(compiled: CompiledFlow, n_tickets: int, as_json: bool) -> list[Attempt]:
+    """Run the demo's tickets, showing progress meanwhile (nothing in --json); every attempt."""
+    from rich.progress import Progress
+
+    attempts: list[Attempt] = []
+    with Progress(console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("tickets", total=n_tickets)
+        for i, ticket in enumerate(_TICKETS[:n_tickets], 1):
+            ctx = compiled.new_context(listeners=[attempts.append])
+            await compiled.ainvoke({"ticket": ticket}, context=ctx)
+            spent = sum(a.cost_usd for a in attempts)
+            bar.update(task, completed=i, description=f"ticket {i}/{n_tickets}, "
+                                                      f"{len(attempts)} calls, ${spent:.6f}")
+    return attempts
+
+
 def _demo(n_tickets: int, seed: int, as_json: bool, timeout: float | None = None) -> None:
     from .testing.simulator import simulator
 
@@ -153,23 +169,7 @@ def _demo(n_tickets: int, seed: int, as_json: bool, timeout: float | None = None
         breakers=BreakerRegistry(),
     )
 
-    attempts: list[Attempt] = []
-
-    async def run_all() -> None:
-        from rich.progress import Progress
-
-        # Progress while the tickets run (the table comes at the end); nothing in --json.
-        with Progress(console=console, transient=True, disable=as_json) as bar:
-            task = bar.add_task("tickets", total=n_tickets)
-            for i, ticket in enumerate(_TICKETS[:n_tickets], 1):
-                ctx = compiled.new_context(listeners=[attempts.append])
-                await compiled.ainvoke({"ticket": ticket}, context=ctx)
-                spent = sum(a.cost_usd for a in attempts)
-                bar.update(task, completed=i,
-                           description=f"ticket {i}/{n_tickets}, {len(attempts)} calls, "
-                                       f"${spent:.6f}")
-
-    asyncio.run(run_all())
+    attempts = asyncio.run(_demo_tickets(compiled, n_tickets, as_json))
 
     ok = [a for a in attempts if a.outcome == Outcome.OK]
     strongest = catalog.strongest()

@@ -33,7 +33,7 @@ PUBLIC_API = [
     "AuthenticationError", "ContextLengthError", "ContentFilterError", "MalformedResponseError",
     "ValidationFailedError", "InvalidRequestError", "AllModelsFailedError",
     "BudgetExceededError", "StoreError", "StoreUnavailableError", "SchemaVersionError",
-    "RunNotFoundError", "RunStateError", "LeaseError",
+    "RunNotFoundError", "RunStateError", "LeaseError", "InputError",
     "__version__",
 ]
 

@@ -55,3 +55,15 @@ def test_every_cli_command_and_option_in_the_readme_exists() -> None:
             if option not in known:
                 problems.append(f"{line!r}: {' '.join(path)} has no option {option}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_configuration_table_names_every_variable_frugalflow_reads() -> None:
+    root = README.parent
+    read = set()
+    for folder in ("frugalflow", "flows"):
+        for path in (root / folder).rglob("*.py"):
+            read |= set(re.findall(r"FRUGALFLOW_[A-Z_]+", path.read_text()))
+    read -= {"FRUGALFLOW_EMULATOR_KEY"}  # the test emulator's own (frugalflow.testing)
+    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"FRUGALFLOW_[A-Z_]+", section))
+    assert read <= documented, f"not in the configuration table: {sorted(read - documented)}"
