@@ -642,6 +642,16 @@ class CompiledFlow(Generic[S]):
             config["configurable"] = configurable
         return config
 
+    def _check(self, input: Any, config: RunnableConfig | None) -> None:
+        """A run's input is checked against the flow's input fields (`inputs`). On a thread
+        (a thread_id: a checkpointer keeps its state) an input may instead update any state
+        field, which LangGraph itself checks: only a thread's start could be told apart."""
+        thread = bool((config or {}).get("configurable", {}).get("thread_id"))
+        if isinstance(input, Mapping) and not thread:
+            from .inputs import check_input
+
+            check_input(self.flow, input)
+
     @overload
     async def ainvoke(self: CompiledFlow[M], input: Any, config: RunnableConfig | None = None,
                       *, budget: float | None = None, context: RunContext | None = None,
@@ -662,7 +672,9 @@ class CompiledFlow(Generic[S]):
         **kwargs: Any,
     ) -> Any:
         """Run to the end (or an interrupt) and return the final state: a dict (of the
-        state's TypedDict type), with `__interrupt__` when it stopped at an interrupt."""
+        state's TypedDict type), with `__interrupt__` when it stopped at an interrupt.
+        An input that does not fit the flow raises `InputError` before any call."""
+        self._check(input, config)
         ctx = context or self.new_context(budget=budget)
         return await self.graph.ainvoke(input, self._config(config, ctx), context=ctx, **kwargs)
 
@@ -685,6 +697,7 @@ class CompiledFlow(Generic[S]):
         context: RunContext | None = None,
         **kwargs: Any,
     ) -> Any:
+        self._check(input, config)
         ctx = context or self.new_context(budget=budget)
         return self.graph.invoke(input, self._config(config, ctx), context=ctx, **kwargs)
 
@@ -698,6 +711,7 @@ class CompiledFlow(Generic[S]):
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream` with this flow's run context."""
+        self._check(input, config)
         ctx = context or self.new_context(budget=budget)
         async for item in self.graph.astream(
             input, self._config(config, ctx), context=ctx, **kwargs

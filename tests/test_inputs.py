@@ -151,3 +151,29 @@ def test_ready_made_flows_declare_their_input(monkeypatch: pytest.MonkeyPatch) -
                 for f in load_all_flows()}
     assert required == {"support_triage": ["ticket"], "document_extraction": ["document"],
                         "research_brief": ["topic"]}
+
+
+async def test_a_compiled_flow_checks_its_input_before_any_call() -> None:
+    from frugalflow import Catalog, InputError
+
+    import flows.support_triage as triage
+
+    compiled = triage.flow.compile(Catalog.simulated())
+    ctx = compiled.new_context()
+    with pytest.raises(InputError, match="missing required field 'ticket'"):
+        await compiled.ainvoke({}, context=ctx)
+    assert ctx.usage.recorded == 0  # refused before any call
+    with pytest.raises(InputError, match="unknown field 'tiket'.*did you mean 'ticket'"):
+        await compiled.ainvoke({"tiket": "hello"})
+    with pytest.raises(InputError, match="missing required field 'ticket'"):
+        compiled.invoke({})
+    with pytest.raises(InputError, match="unknown field"):
+        async for _ in compiled.astream({"tiket": "x"}):
+            pass
+    # On a thread that already has state, an update need not repeat the required fields.
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    threaded = triage.flow.compile(Catalog.simulated(), checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "t-1"}}
+    await threaded.ainvoke({"ticket": "Order 7 is late, I am Bo"}, config)
+    await threaded.ainvoke({"category": "shipping"}, config)  # accepted: an update
