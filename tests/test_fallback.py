@@ -278,8 +278,12 @@ async def test_redis_breakers_are_shared_between_workers(clock, redis_url: str) 
     from frugalflow.scale.redis import RedisBreakerRegistry
 
     prefix = f"frugalflow:test:{uuid.uuid4().hex}:"
-    a = RedisBreakerRegistry(redis_url, threshold=2, cooldown=10, prefix=prefix, clock=clock)
-    b = RedisBreakerRegistry(redis_url, threshold=2, cooldown=10, prefix=prefix, clock=clock)
+    # A generous Redis timeout: under a loaded test machine the default 0.5 s can pass, and
+    # then a registry rightly falls back to its local state, which is not what this tests.
+    a = RedisBreakerRegistry(redis_url, threshold=2, cooldown=10, prefix=prefix, clock=clock,
+                             timeout=5.0)
+    b = RedisBreakerRegistry(redis_url, threshold=2, cooldown=10, prefix=prefix, clock=clock,
+                             timeout=5.0)
     spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
     try:
         assert await b.aacquire(spec)
