@@ -25,7 +25,7 @@ from .exceptions import FrugalflowError, StoreUnavailableError
 from .resilience import BreakerRegistry, FallbackPolicy
 from .usage import Attempt
 from .flow import Flow
-from .inputs import InputError
+from .inputs import InputError, check_input
 from .run_display import ExitCode, cost_table, exit_code, report, result_table
 from .statuses import Outcome, RunStatus
 
@@ -319,6 +319,7 @@ def run(
         _check_budget(budget)
         f = load_flow(flow)
         value = _parse_json(input, "--input")
+        check_input(f, value)  # before anything is printed, opened or written
         asyncio.run(_start_or_resume(f, db, catalog, as_json,
                                      lambda r: r.start(f.name, value, budget=budget), router,
                                      policy, flow_arg=flow, timeout=timeout))

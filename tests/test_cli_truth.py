@@ -148,8 +148,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_written(env: tuple[str, str
                         ('{"mode": 3}', "field 'mode' should be str, got int")):
         result = _cli("run", flow, "-i", given, "--db", db)
         assert result.exit_code == 2, result.output
-        line = [x for x in result.output.splitlines() if x.startswith("error:")]
-        assert len(line) == 1 and f"{says}; expected fields: mode (str), answer (str, " \
+        # One line, and nothing before it (the run's header is not printed either).
+        line = [x for x in result.output.splitlines() if x.strip()]
+        assert len(line) == 1 and line[0].startswith("error:"), result.output
+        assert f"{says}; expected fields: mode (str), answer (str, " \
             "optional), long (str, optional)" in line[0]
         assert "Traceback" not in result.output
     listed = _cli("runs", "--db", db, "--json")
