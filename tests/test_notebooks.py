@@ -117,7 +117,8 @@ def test_a_local_path_in_an_output_is_found() -> None:
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(db)")])
     nb.cells[0].outputs = [nbformat.v4.new_output(
         "stream", name="stdout", text=f"sqlite:///{execute_py.ROOT}/x.db\n")]
-    assert execute_py.machine_paths(nb) == [str(execute_py.ROOT)]
+    # (a checkout under the temp folder shows both: either one is a local path)
+    assert str(execute_py.ROOT) in execute_py.machine_paths(nb)
 
 
 def test_the_source_hash_follows_code_cells_only() -> None:
