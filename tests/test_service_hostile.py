@@ -583,7 +583,7 @@ async def test_every_token_is_compared_in_constant_time_without_early_exit(
         db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import hmac
 
-    import frugalflow.service as service
+    import frugalflow.service.auth as service
 
     compared: list[tuple[int, int]] = []
     real = hmac.compare_digest
