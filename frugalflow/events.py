@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any, Protocol, TypeAlias
 
 from .persistence.scrub import scrub
@@ -35,8 +36,11 @@ def attempt_event(a: Attempt) -> dict[str, Any]:
         "node": a.node, "model": a.model, "provider": a.provider, "outcome": a.outcome,
         "error_class": a.error_class, "error": scrub(a.error) if a.error else None,
         "action": a.action, "fallback_from": a.fallback_from, "cost_usd": a.cost_usd,
-        "latency_ms": round(a.latency_ms, 2), "call_id": a.call_id,
+        "latency_ms": round(a.latency_ms, 2), "call_id": a.call_id, "task_id": a.task_id,
+        "try_number": a.try_number, "route_reason": a.route_reason,
+        "started_at": datetime.fromtimestamp(a.started_at, timezone.utc).isoformat(),
         "input_tokens": u.input_tokens if u else 0, "output_tokens": u.output_tokens if u else 0,
+        "usage_estimated": a.usage_estimated,
     }
 
 

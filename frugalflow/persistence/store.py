@@ -90,10 +90,18 @@ def _v6(conn: Connection) -> None:
         table.__table__.create(conn, checkfirst=True)  # type: ignore[union-attr]
 
 
+def _v7(conn: Connection) -> None:
+    """Observability: the persisted event log (ff_events) and ff_runs.trace_context."""
+    columns = {c["name"] for c in inspect(conn).get_columns("ff_runs")}
+    if "trace_context" not in columns:  # _v1 on this release already created it
+        conn.execute(text("ALTER TABLE ff_runs ADD COLUMN trace_context JSON"))
+    tables.EventRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
 # function here that alters existing databases (and must be a no-op where _v1 already
 # created the new shape). Never edit or reorder an applied migration.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups

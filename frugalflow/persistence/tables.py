@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointWriteRow",
     "EvalCellRow",
     "EvalRow",
+    "EventRow",
     "LeaseHistoryRow",
     "RouterRow",
     "LeaseRow",
@@ -121,6 +122,11 @@ class RunRow(SQLModel, table=True):
     finished_at: datetime | None = None
     principal: str | None = Field(default=None, index=True)
     """Who started the run: the name of the service token it came with (None: not named)."""
+    trace_context: dict[str, str] | None = Field(
+        default=None, sa_column=Column(JSON, nullable=True))
+    """The W3C trace context (`traceparent`, `tracestate`) of the run's trace, so every
+    execution of the run (a resume on another worker) continues the same trace; None
+    before schema v7 or without tracing."""
 
 
 class NodeRunRow(SQLModel, table=True):
@@ -187,6 +193,23 @@ class AttemptRow(SQLModel, table=True):
     """The request of a successful call (messages, tools, response schema; scrubbed), so an
     evaluation can replay production traffic to another model (`frugalflow eval
     --from-ledger`); None before schema v6."""
+
+
+class EventRow(SQLModel, table=True):
+    """The persisted event log: every run event in the order it happened. `id` is the
+    event's id (SSE `id:`), increasing across the database, so a subscriber that comes
+    late (or reconnects with Last-Event-ID) replays what it missed."""
+
+    __tablename__ = "ff_events"
+    __table_args__ = (Index("ff_events_run", "run_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str
+    kind: str
+    """The event's kind: run_started, node_started, attempt, node_finished, run_finished."""
+    at: datetime = Field(default_factory=utcnow)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """The event's fields (scrubbed of secrets), without run_id, kind and time."""
 
 
 class RouterRow(SQLModel, table=True):
