@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypedDict
 
 import httpx
@@ -83,9 +83,11 @@ class Frame(TypedDict, total=False):
 
 
 async def frames(client: httpx.AsyncClient, url: str, *, headers: dict[str, str] | None = None,
-                 until: str | None = None) -> list[Frame]:
+                 until: str | None = None, on_open: Callable[[], None] | None = None
+                 ) -> list[Frame]:
     """The SSE frames of `url` until the server ends the stream (or a frame of kind
-    `until`, or an id-only frame when until is "id", has arrived)."""
+    `until`, or two keep-alives when until is "keep-alive", has arrived). `on_open` is
+    called after the first frame (the stream is subscribed by then)."""
     got: list[Frame] = []
     current: Frame = {}
     async with client.stream("GET", url, headers=headers or {}) as stream:
@@ -101,6 +103,8 @@ async def frames(client: httpx.AsyncClient, url: str, *, headers: dict[str, str]
                 current["data"] = json.loads(line[6:])
             elif line == "" and current:
                 got.append(current)
+                if on_open is not None and len(got) == 1:
+                    on_open()
                 if until is not None and current.get("event") == until:
                     return got
                 current = {}
@@ -362,3 +366,86 @@ async def test_a_run_through_an_outage_loses_no_event(fresh_pg_url: str,
             assert json.dumps({k: v for k, v in e.items() if k != "id"}, sort_keys=True) in keys
     finally:
         await runner.close()
+
+
+# -- across processes: the relay, the log, a shared SQLite file ------------------------------
+
+
+async def test_an_event_too_big_for_notify_is_read_from_the_log(fresh_pg_url: str) -> None:
+    """Two runners on one PostgreSQL database (as a service and a worker): the worker's
+    event is over NOTIFY's 8000 bytes; the service's stream reads it whole from the log."""
+    service = Runner(fresh_pg_url, flows=[gated_flow()], catalog=Catalog.simulated(),
+                     breakers=BreakerRegistry(), share_events=True)
+    worker = Runner(fresh_pg_url, flows=[gated_flow()], catalog=Catalog.simulated(),
+                    breakers=BreakerRegistry(), share_events=True)
+    await worker.setup()
+    await worker.ledger.create_run("big", "gated", {"topic": "big"}, status="running")
+    big = "x" * 20_000
+    try:
+        async with serving(service) as client, service.events.queue("big") as relayed:
+            got = await asyncio.wait_for(frames(
+                client, "/runs/big/events", until="note",
+                on_open=lambda: worker.events.publish("big", "note", text=big)), 60)
+            truncated = await asyncio.wait_for(relayed.get(), 30)
+        assert truncated.get("truncated") is True and "text" not in truncated
+        assert got[-1]["data"]["text"] == big and got[-1]["id"] == truncated["id"]
+    finally:
+        await worker.close()
+
+
+async def test_a_stream_sees_another_process_s_events_on_shared_sqlite(tmp_path: Any) -> None:
+    """No relay on SQLite: the stream reads the log again every second."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    service, other = make_runner(url), make_runner(url)
+    await other.setup()
+    await other.ledger.create_run("shared", "gated", {"topic": "s"}, status="running")
+    try:
+        async with serving(service) as client:
+            fs = await asyncio.wait_for(frames(
+                client, "/runs/shared/events", until="note",
+                on_open=lambda: other.events.publish("shared", "note", text="elsewhere")), 60)
+        assert fs[-1]["data"]["text"] == "elsewhere" and isinstance(fs[-1]["id"], int)
+    finally:
+        await other.close()
+
+
+async def test_a_stream_sends_an_unlogged_event_live_then_its_id(fresh_pg_url: str,
+                                                                  proxy: TcpProxy) -> None:
+    """The database goes away with a stream open: a new event is sent at once without an
+    id; once the database is back and it is written, an id-only frame gives its id."""
+    url = make_url(fresh_pg_url).set(host="127.0.0.1", port=proxy.port).render_as_string(
+        hide_password=False)
+    runner = make_runner(url)
+    runner.store.retry_for = 0.2
+    await runner.setup()
+    await runner.ledger.create_run("o", "gated", {"topic": "o"}, status="running")
+    got: list[Frame] = []
+
+    def away_then_publish() -> None:
+        proxy.cut()
+        runner.events.publish("o", "note", text="while away")
+
+    async with serving(runner) as client:
+        async with client.stream("GET", "/runs/o/events") as stream:
+            current: Frame = {}
+            async for line in stream.aiter_lines():
+                if line.startswith("id: "):
+                    current["id"] = int(line[4:])
+                elif line.startswith("event: "):
+                    current["event"] = line[7:]
+                elif line.startswith("data: "):
+                    current["data"] = json.loads(line[6:])
+                elif line == "" and current:
+                    got.append(current)
+                    current = {}
+                    if len(got) == 1:
+                        away_then_publish()
+                    elif got[-1].get("event") == "note":
+                        proxy.restore()
+                    elif "event" not in got[-1]:
+                        break  # the id-only frame
+    note, id_only = got[1], got[2]
+    assert note["event"] == "note" and "id" not in note and note["data"]["id"] is None
+    assert isinstance(id_only["id"], int) and "data" not in id_only
+    assert runner.events.log is not None
+    assert [e["id"] for e in await runner.events.log.read("o")] == [id_only["id"]]

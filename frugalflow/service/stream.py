@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from datetime import datetime, timezone
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from typing import Any
 from fastapi import Request
 
 from ..events import Event, EventLogLike
+from ..exceptions import StoreUnavailableError
 from ..runner import Runner
 from ..statuses import RunStatus
 
@@ -33,6 +35,8 @@ __all__ = ["ACTIVE", "parse_after", "sse"]
 
 ACTIVE = frozenset({RunStatus.PENDING, RunStatus.QUEUED, RunStatus.RUNNING})
 """A run in one of these still has events to come."""
+
+logger = logging.getLogger("frugalflow.service")
 
 _GRACE = 2.0  # s a stopped run's stream waits for its run_finished to reach the log
 
@@ -139,13 +143,7 @@ async def sse(runner: Runner, run_id: str, status: str, request: Request, *,
                 yield frame
             return
         follower = _Follower(runner, log, run_id, after or 0)
-        for frame in await follower.catch_up():
-            yield frame
-        if status not in ACTIVE:
-            end = await follower.stop_status()
-            if end is not None:  # it had stopped: the replay was all
-                yield _status_frame(run_id, end)
-                return
+        # The first turn polls at once: the replay, then (a run that had stopped) the end.
         sent = next_poll = time.monotonic()
         while True:
             now = time.monotonic()
@@ -164,17 +162,22 @@ async def sse(runner: Runner, run_id: str, status: str, request: Request, *,
             except asyncio.TimeoutError:
                 pass
             polling = time.monotonic() >= next_poll
-            if read or polling:
-                frames += await follower.catch_up()
+            end: str | None = None
+            if polling:
+                next_poll = time.monotonic() + poll  # also when this try fails: no busy loop
+            try:
+                if read or polling:
+                    frames += await follower.catch_up()
+                if polling or follower.finished is not None:
+                    end = await follower.stop_status()
+            except StoreUnavailableError as e:  # the database is away: live events go on
+                logger.debug("frugalflow: event stream of %s: %s", run_id, e)
             if frames:
                 yield b"".join(frames)
                 sent = time.monotonic()
-            if polling or follower.finished is not None:
-                next_poll = time.monotonic() + poll
-                end = await follower.stop_status()
-                if end is not None:
-                    yield _status_frame(run_id, end)
-                    return
+            if end is not None:
+                yield _status_frame(run_id, end)
+                return
             if time.monotonic() - sent >= heartbeat:
                 if await request.is_disconnected():
                     return
