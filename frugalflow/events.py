@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any, Protocol, TypeAlias
@@ -21,6 +22,8 @@ from .persistence.tables import utcnow
 from .usage import Attempt
 
 __all__ = ["Event", "EventBus", "EventLogLike", "EventRelay", "attempt_event"]
+
+_log = logging.getLogger("frugalflow")
 
 Event: TypeAlias = dict[str, Any]
 """One run event: `id` (its id in the event log, None if not logged), `run_id`, `event`
@@ -85,9 +88,13 @@ class EventBus:
         event: Event = {"id": None, "run_id": run_id, "event": kind,
                         "at": utcnow().isoformat(), **data}
         if self.log is not None and run_id:
-            self.log.append(event)
-        else:
-            self.dispatch(event)
+            try:
+                self.log.append(event)
+                return
+            except Exception:  # no running loop (a thread), a value scrub cannot read...
+                _log.warning("frugalflow: event %s of run %s not logged; delivered live",
+                             kind, run_id, exc_info=True)
+        self.dispatch(event)
 
     def dispatch(self, event: Event) -> None:
         """Hand `event` to this process's subscribers and to the relay."""

@@ -449,3 +449,13 @@ async def test_a_stream_sends_an_unlogged_event_live_then_its_id(fresh_pg_url: s
     assert isinstance(id_only["id"], int) and "data" not in id_only
     assert runner.events.log is not None
     assert [e["id"] for e in await runner.events.log.read("o")] == [id_only["id"]]
+
+
+def test_publish_outside_an_event_loop_still_delivers(tmp_path: Any) -> None:
+    """A thread without a loop publishes: the event is delivered live (not logged), and
+    publish does not raise."""
+    runner = make_runner(f"sqlite:///{tmp_path / 'thread.db'}")
+    got: list[Event] = []
+    runner.events.deliver = got.append  # type: ignore[method-assign,assignment]
+    runner.events.publish("r", "note", text="from a thread")
+    assert [(e["event"], e["id"]) for e in got] == [("note", None)]
