@@ -31,7 +31,6 @@ from langgraph.types import Command
 
 from .catalog import Catalog
 from .events import EventBus, attempt_event
-from .persistence.event_log import EventLog
 from .exceptions import (
     BudgetExceededError,
     FrugalflowError,
@@ -47,6 +46,7 @@ from .resilience import Breakers, FallbackPolicy, default_breakers
 from .statuses import FINAL_STATUSES, NodeStatus, RunStatus
 from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
+from .persistence.event_log import EventLog
 from .persistence.ledger import Ledger, RunRecord, scrub
 from .persistence.leases import Lease, acquire_lease, afenced, fenced, holder_id, unfenced
 from .persistence.store import Store
