@@ -51,6 +51,8 @@ class EventLogLike(Protocol):
 
     async def read(self, run_id: str, after: int = 0, *, limit: int = 1000) -> list[Event]: ...
 
+    async def last(self, run_id: str) -> Event | None: ...
+
 
 def attempt_event(a: Attempt) -> dict[str, Any]:
     """The fields of an `attempt` event: one model call, its error scrubbed of secrets."""

@@ -248,3 +248,12 @@ class EventLog:
         async with self.store.read() as conn:
             rows = (await conn.execute(stmt)).all()
         return [row_event(r) for r in rows]
+
+    async def last(self, run_id: str) -> Event | None:
+        """The newest logged event of `run_id` (None: none logged)."""
+        stmt = (select(_EVENTS).where(_EVENTS.c.run_id == run_id)
+                .order_by(_EVENTS.c.id.desc()).limit(1))
+        await self.store.setup()
+        async with self.store.read() as conn:
+            row = (await conn.execute(stmt)).first()
+        return None if row is None else row_event(row)

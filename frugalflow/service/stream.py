@@ -120,6 +120,9 @@ class _Follower:
             return None
         if self.finished is not None:
             return str(row.status)
+        last = await self.log.last(self.run_id)
+        if last is not None and last["event"] == "run_finished" and last["id"] <= self.last:
+            return str(row.status)  # replayed after its end (?after= its last id)
         now = time.monotonic()
         if self.stopped_since is None:
             self.stopped_since = now
