@@ -1,15 +1,20 @@
 """What /openapi.json says beyond the response models: the error responses (one shape for
-all) and the event stream's media type."""
+all, validation errors brought to it) and the event stream's media type."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, get_args
 
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.responses import Response
 
 from .models import ErrorBody, RunEvent
 
-__all__ = ["EventStream", "errors", "event_stream"]
+__all__ = ["EventStream", "errors", "event_stream", "one_line_errors", "validation_message"]
 
 _WHEN = {
     401: "No valid bearer token (`Authorization: Bearer <token>`).",
@@ -60,3 +65,45 @@ class EventStream(StreamingResponse):
     replay what was missed."""
 
     media_type = "text/event-stream"
+
+
+def one_line_errors(base: type[APIRoute]) -> type[APIRoute]:
+    """Routes of `base` whose request validation errors (a body field of the wrong type, an
+    unknown field, malformed JSON) answer 422 in the service's one shape, one line naming
+    the problem, instead of FastAPI's list of pydantic errors."""
+
+    class _Route(base):  # type: ignore[valid-type,misc]
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                try:
+                    response: Response = await handler(request)
+                    return response
+                except RequestValidationError as e:
+                    raise HTTPException(422, detail={"error": "InvalidInput",
+                                                     "message": validation_message(e.errors())}
+                                        ) from None
+
+            return route
+
+    return _Route
+
+
+def validation_message(problems: Sequence[Any]) -> str:
+    """The first of FastAPI's validation errors as one line: where, what, and how many more."""
+    if not problems:
+        return "the request is not valid"
+    first = problems[0]
+    loc = [str(k) for k in first.get("loc", ()) if k not in ("body", "query", "path")]
+    where = ".".join(loc) or "the request's body"
+    what = str(first.get("msg", "is not valid"))
+    if first.get("type") == "json_invalid":
+        error = (first.get("ctx") or {}).get("error", "")
+        at = f" at character {loc[-1]}" if loc else ""
+        return " ".join(f"the request's body is not valid JSON ({error}{at}): send a JSON "
+                        "object".split())
+    if first.get("type") == "extra_forbidden":
+        what = "is not a field this request takes (remove it)"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return " ".join(f"{where}: {what}{more}".split())  # one line, whatever the input was

@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from fastapi import HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
+from fastapi import HTTPException
 from pydantic import BaseModel
 from starlette.responses import Response
 
@@ -131,44 +128,3 @@ def translate(e: FrugalflowError, run_id: str | None = None) -> HTTPException:
         return http_error(400, e)
     return http_error(500, e)
 
-
-def one_line_errors(base: type[APIRoute]) -> type[APIRoute]:
-    """Routes of `base` whose request validation errors (a body field of the wrong type, an
-    unknown field, malformed JSON) answer 422 in the service's one shape, one line naming
-    the problem, instead of FastAPI's list of pydantic errors."""
-
-    class _Route(base):  # type: ignore[valid-type,misc]
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = super().get_route_handler()
-
-            async def route(request: Request) -> Response:
-                try:
-                    response: Response = await handler(request)
-                    return response
-                except RequestValidationError as e:
-                    raise HTTPException(422, detail={"error": "InvalidInput",
-                                                     "message": validation_message(e.errors())}
-                                        ) from None
-
-            return route
-
-    return _Route
-
-
-def validation_message(problems: Sequence[Any]) -> str:
-    """The first of FastAPI's validation errors as one line: where, what, and how many more."""
-    if not problems:
-        return "the request is not valid"
-    first = problems[0]
-    loc = [str(k) for k in first.get("loc", ()) if k not in ("body", "query", "path")]
-    where = ".".join(loc) or "the request's body"
-    what = str(first.get("msg", "is not valid"))
-    if first.get("type") == "json_invalid":
-        error = (first.get("ctx") or {}).get("error", "")
-        at = f" at character {loc[-1]}" if loc else ""
-        return " ".join(f"the request's body is not valid JSON ({error}{at}): send a JSON "
-                        "object".split())
-    if first.get("type") == "extra_forbidden":
-        what = "is not a field this request takes (remove it)"
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return " ".join(f"{where}: {what}{more}".split())  # one line, whatever the input was

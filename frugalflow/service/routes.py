@@ -14,14 +14,13 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
-from . import models as m
-
 from ..costs import MAX_DAYS, CostSummary, cost_summary
 from ..exceptions import FrugalflowError, StoreError
 from ..flow_listing import flows_json
 from ..inputs import InputError
 from ..persistence.tables import RunRow
 from ..runner import Runner
+from . import models as m
 from .auth import Auth, Principal, UnauthenticatedServiceWarning
 from .bodies import (
     MAX_BODY_BYTES,
@@ -32,17 +31,8 @@ from .bodies import (
     invalid,
     route_class,
 )
-from .openapi import EventStream, errors, event_stream
-from .responses import (
-    http_error,
-    not_found,
-    one_line_errors,
-    render,
-    result_json,
-    row_json,
-    run_json,
-    translate,
-)
+from .openapi import EventStream, errors, event_stream, one_line_errors
+from .responses import http_error, not_found, render, result_json, row_json, run_json, translate
 from .stream import sse
 
 log = logging.getLogger("frugalflow.service")
