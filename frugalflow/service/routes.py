@@ -33,7 +33,7 @@ from .bodies import (
 )
 from .openapi import EventStream, errors, event_stream, one_line_errors
 from .responses import http_error, not_found, render, result_json, row_json, run_json, translate
-from .stream import sse
+from .stream import parse_after, sse
 
 log = logging.getLogger("frugalflow.service")
 
@@ -46,11 +46,13 @@ def create_router(
     allow_unauthenticated: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_json_depth: int = MAX_JSON_DEPTH,
+    heartbeat: float = 15.0,
 ) -> APIRouter:
     """The API as a router. `token` (an admin) and/or `tokens` (token -> Principal, or a TOML
     file for `load_tokens`) are required as `Authorization: Bearer <token>`. Without either,
     the API is open to whoever reaches the app: that warns (`UnauthenticatedServiceWarning`)
-    unless `allow_unauthenticated=True` says it is meant (an app bound to loopback)."""
+    unless `allow_unauthenticated=True` says it is meant (an app bound to loopback).
+    `heartbeat`: seconds of silence after which an event stream sends a keep-alive."""
     auth = Auth(token, tokens)
     if auth.open and not allow_unauthenticated:
         message = ("frugalflow: create_router() without token= or tokens=: anyone who reaches "
@@ -63,7 +65,7 @@ def create_router(
     router = APIRouter(route_class=route_cls)
     api = APIRouter(route_class=route_cls, dependencies=[Depends(auth.require)])
     _add_run_routes(api, runner, auth.require)
-    _add_run_action_routes(api, runner, auth.require)
+    _add_run_action_routes(api, runner, auth.require, heartbeat)
     _add_status_routes(api, router, runner, auth)
     _add_cost_routes(api, runner, auth.require)
     router.include_router(api)
@@ -144,7 +146,8 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
         }))
 
 
-def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
+def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require,
+                           heartbeat: float = 15.0) -> None:
     """What a principal does to one of its runs: resume, cancel, feedback, follow."""
 
     @api.post("/runs/{run_id}/resume", status_code=202, response_model=m.RunActionResult,
@@ -185,10 +188,17 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require) ->
         return render({"run_id": run_id, "answers": n, "good": body.good})
 
     @api.get("/runs/{run_id}/events", response_class=EventStream, responses=event_stream())
-    async def run_events(run_id: str, request: Request,
+    async def run_events(run_id: str, request: Request, after: str | None = None,
                          who: Principal | None = Depends(require)) -> StreamingResponse:
+        """The run's events as server-sent events, each with its `id:`; `Last-Event-ID`
+        (or `?after=<id>`) replays those after that id from the event log."""
+        try:
+            since = parse_after(after, request.headers.get("last-event-id"))
+        except ValueError as e:
+            raise invalid(str(e)) from None
         row = await _own_run(runner, run_id, who)
-        return StreamingResponse(sse(runner, run_id, row.status, request),
+        return StreamingResponse(sse(runner, run_id, row.status, request, after=since,
+                                     heartbeat=heartbeat),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
