@@ -31,12 +31,15 @@ from frugalflow.service import (
     FlowDescription,
     HealthDetails,
     HealthPublic,
+    NodeFinishedEvent,
+    NodeStartedEvent,
     NotShown,
     Principal,
     RunActionResult,
     RunDetail,
     RunEvent,
     RunFinishedEvent,
+    RunStartedEvent,
     RunSummary,
     StatusEvent,
     Unreadable,
@@ -232,11 +235,6 @@ def test_every_route_declares_typed_responses(tmp_path: Path) -> None:
 # -- real responses against their models -------------------------------------------------------
 
 
-def _slow(latency: float) -> Catalog:
-    return Catalog([s.model_copy(update={"model_kwargs": {"latency": latency}})
-                    for s in Catalog.simulated()], name="slow")
-
-
 def check(model: Any, response: httpx.Response, status: int = 200) -> Any:
     """What a typed client does: the answer, validated against the endpoint's model."""
     assert response.status_code == status, response.text
@@ -257,7 +255,7 @@ async def _events(client: httpx.AsyncClient, run_id: str) -> list[RunEvent]:
 @pytest.mark.slow
 async def test_real_responses_validate_against_their_models(db_url: str, sim: Any) -> None:
     first = "sim-groq/llama-3.1-8b-instant"  # the chain's first choice: it fails, twice
-    async with serving(db_url, catalog=_slow(0.1)) as (runner, url), \
+    async with serving(db_url) as (runner, url), \
             _client(url, "tok-root") as client, httpx.AsyncClient(base_url=url) as anon:
         assert check(HealthPublic, await anon.get("/health")).ok
         details = check(HealthDetails, await client.get("/health"))
@@ -273,12 +271,21 @@ async def test_real_responses_validate_against_their_models(db_url: str, sim: An
             "/runs", json={"flow": "chain", "input": {"topic": "t"}, "budget": 1.0}), 202)
         assert started.status is RunStatus.RUNNING
         events = await _events(client, started.run_id)
-        assert isinstance(events[0], StatusEvent)
-        assert isinstance(events[-1], (StatusEvent, RunFinishedEvent))
+        # The stream replays from the event log: every kind is there, each a typed model.
+        assert isinstance(events[0], StatusEvent) and isinstance(events[-1], StatusEvent)
         assert events[-1].status is RunStatus.SUCCEEDED
-        if any(isinstance(e, AttemptEvent) for e in events):  # the stream came in time
-            fallback = [e for e in events if isinstance(e, AttemptEvent) and e.fallback_from]
-            assert fallback and fallback[0].fallback_from == first
+        logged = events[1:-1]
+        assert all(e.id is not None and e.at is not None for e in logged)
+        assert [e.id for e in logged] == sorted(e.id for e in logged if e.id is not None)
+        kinds = {type(e) for e in logged}
+        assert kinds == {RunStartedEvent, NodeStartedEvent, AttemptEvent, NodeFinishedEvent,
+                         RunFinishedEvent}
+        attempts = [e for e in logged if isinstance(e, AttemptEvent)]
+        assert [(a.model, a.outcome, a.action) for a in attempts[:2]] == [
+            (first, Outcome.ERROR, Action.RETRY), (first, Outcome.ERROR, Action.NEXT)]
+        assert attempts[2].fallback_from == first and attempts[2].outcome is Outcome.OK
+        assert all(e.status is NodeStatus.DONE for e in logged
+                   if isinstance(e, NodeFinishedEvent))
 
         run = check(RunDetail, await client.get(f"/runs/{started.run_id}"))
         assert run.status is RunStatus.SUCCEEDED and len(run.nodes) == 3
@@ -330,6 +337,12 @@ async def test_real_responses_validate_against_their_models(db_url: str, sim: An
             assert error.detail.message and "\n" not in error.detail.message
         assert "inputs" in check(ErrorBody, await client.post(
             "/runs", json={"flow": "chain", "inputs": {}}), 422).detail.message
+        bad_status = check(ErrorBody, await client.get("/runs", params={"status": "done"}), 422)
+        assert bad_status.detail.message.startswith("status: Input should be 'pending'")
+        assert check(ErrorBody, await client.get("/runs", params={"limit": "x"}),
+                     422).detail.message.startswith("limit: ")
+        assert [r.id for r in check(list[RunSummary], await client.get(
+            "/runs", params={"status": "cancelled"}))] == [waiting.run_id]
 
 
 async def test_hostile_stored_runs_still_match_their_models(tmp_path: Path) -> None:

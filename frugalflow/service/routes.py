@@ -20,6 +20,7 @@ from ..flow_listing import flows_json
 from ..inputs import InputError
 from ..persistence.tables import RunRow
 from ..runner import Runner
+from ..statuses import RunStatus
 from . import models as m
 from .auth import Auth, Principal, UnauthenticatedServiceWarning
 from .bodies import (
@@ -117,8 +118,8 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
         return render(result_json(result), status_code=200 if body.wait else 202)
 
     @api.get("/runs", response_model=list[m.RunSummary], responses=errors(401, 422, 503))
-    async def list_runs(flow: str | None = None, status: str | None = None, limit: int = 50,
-                        who: Principal | None = Depends(require)) -> Response:
+    async def list_runs(flow: str | None = None, status: RunStatus | None = None,
+                        limit: int = 50, who: Principal | None = Depends(require)) -> Response:
         limit = max(1, min(limit, 500))
         mine = who.name if who is not None and not who.is_admin else None
         try:
