@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import TypeAdapter
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from durable_flows import chain_flow, review_flow
 from served import served
 
@@ -85,7 +87,22 @@ def _by(buckets: list[CostBucket], *fields: str) -> dict[object, tuple[object, .
             for b in buckets}
 
 
+async def _far_time_zone(db_url: str) -> None:
+    """PostgreSQL sessions of this test's database in UTC+14: a day bucketed by the
+    session's zone instead of UTC would move the 10:00 UTC calls to the next day."""
+    if db_url.startswith("sqlite"):
+        return
+    store = Store(db_url)
+    try:
+        async with store.write() as conn:
+            await conn.execute(text(f'ALTER DATABASE "{make_url(db_url).database}" '
+                                    "SET timezone TO 'Pacific/Kiritimati'"))
+    finally:
+        await store.close()
+
+
 async def test_cost_summary_aggregates_known_spending(db_url: str) -> None:
+    await _far_time_zone(db_url)
     store = Store(db_url)
     try:
         ledger = Ledger(store)

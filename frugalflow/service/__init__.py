@@ -5,7 +5,8 @@
                        prefix="/frugalflow")
 
 Endpoints: start a run, get a run, its live events (server-sent events), resume, cancel,
-feedback, list runs, list flows, the catalog with provider health, health. Runs execute in
+feedback, list runs, list flows, the catalog with provider health, costs (by day, model,
+node and flow), health. Runs execute in
 the app's event loop (bounded by the runner's `max_concurrency`); on shutdown they stop and
 stay resumable.
 
