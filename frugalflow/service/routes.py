@@ -14,11 +14,14 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
+from ..costs import MAX_DAYS, CostSummary, cost_summary
 from ..exceptions import FrugalflowError, StoreError
 from ..flow_listing import flows_json
 from ..inputs import InputError
 from ..persistence.tables import RunRow
 from ..runner import Runner
+from ..statuses import RunStatus
+from . import models as m
 from .auth import Auth, Principal, UnauthenticatedServiceWarning
 from .bodies import (
     MAX_BODY_BYTES,
@@ -29,6 +32,7 @@ from .bodies import (
     invalid,
     route_class,
 )
+from .openapi import EventStream, errors, event_stream, one_line_errors
 from .responses import http_error, not_found, render, result_json, row_json, run_json, translate
 from .stream import parse_after, sse
 
@@ -58,12 +62,13 @@ def create_router(
                    "allow_unauthenticated=True if the app is bound to loopback only")
         log.warning(message)
         warnings.warn(message, UnauthenticatedServiceWarning, stacklevel=2)
-    route_cls = route_class(max_body_bytes, max_json_depth)
+    route_cls = one_line_errors(route_class(max_body_bytes, max_json_depth))
     router = APIRouter(route_class=route_cls)
     api = APIRouter(route_class=route_cls, dependencies=[Depends(auth.require)])
     _add_run_routes(api, runner, auth.require)
     _add_run_action_routes(api, runner, auth.require, heartbeat)
     _add_status_routes(api, router, runner, auth)
+    _add_cost_routes(api, runner, auth.require)
     router.include_router(api)
     return router
 
@@ -85,13 +90,16 @@ async def _own_run(runner: Runner, run_id: str, who: Principal | None) -> RunRow
 def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
     """The flows, and runs: start one, list them, read one."""
 
-    @api.get("/flows")
-    async def list_flows() -> list[dict[str, Any]]:
+    @api.get("/flows", response_model=list[m.FlowDescription], responses=errors(401))
+    async def list_flows() -> Response:
         """Each flow: description, nodes (and their needs), input fields (name, type,
         required)."""
-        return [dict(f) for f in flows_json(list(runner.flows.values()))]
+        return render(flows_json(list(runner.flows.values())))
 
-    @api.post("/runs", status_code=202, response_model=dict[str, Any])
+    @api.post("/runs", status_code=202, response_model=m.RunActionResult,
+              responses={200: {"model": m.RunActionResult,
+                               "description": "With `wait`: where the run stopped."},
+                         **errors(401, 404, 409, 413, 422, 503)})
     async def start_run(body: StartRun,
                         who: Principal | None = Depends(require)) -> Response:
         if body.flow not in runner.flows:
@@ -109,9 +117,9 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
             raise invalid(str(e)) from None
         return render(result_json(result), status_code=200 if body.wait else 202)
 
-    @api.get("/runs", response_model=list[dict[str, Any]])
-    async def list_runs(flow: str | None = None, status: str | None = None, limit: int = 50,
-                        who: Principal | None = Depends(require)) -> Response:
+    @api.get("/runs", response_model=list[m.RunSummary], responses=errors(401, 422, 503))
+    async def list_runs(flow: str | None = None, status: RunStatus | None = None,
+                        limit: int = 50, who: Principal | None = Depends(require)) -> Response:
         limit = max(1, min(limit, 500))
         mine = who.name if who is not None and not who.is_admin else None
         try:
@@ -122,7 +130,8 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
         # Up to 500 stored inputs, each up to the body limit: render off the event loop.
         return await asyncio.to_thread(lambda: render([run_json(r) for r in rows]))
 
-    @api.get("/runs/{run_id}", response_model=dict[str, Any])
+    @api.get("/runs/{run_id}", response_model=m.RunDetail,
+             responses=errors(401, 404, 422, 503))
     async def get_run(run_id: str, who: Principal | None = Depends(require)) -> Response:
         await _own_run(runner, run_id, who)
         try:
@@ -142,7 +151,10 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require,
                            heartbeat: float = 15.0) -> None:
     """What a principal does to one of its runs: resume, cancel, feedback, follow."""
 
-    @api.post("/runs/{run_id}/resume", status_code=202, response_model=dict[str, Any])
+    @api.post("/runs/{run_id}/resume", status_code=202, response_model=m.RunActionResult,
+              responses={200: {"model": m.RunActionResult,
+                               "description": "With `wait`: where the run stopped."},
+                         **errors(401, 404, 409, 413, 422, 503)})
     async def resume_run(run_id: str, body: ResumeRun,
                          who: Principal | None = Depends(require)) -> Response:
         await _own_run(runner, run_id, who)
@@ -154,7 +166,8 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require,
             raise invalid(str(e)) from None
         return render(result_json(result), status_code=200 if body.wait else 202)
 
-    @api.post("/runs/{run_id}/cancel", response_model=dict[str, Any])
+    @api.post("/runs/{run_id}/cancel", response_model=m.RunActionResult,
+              responses=errors(401, 404, 409, 422, 503))
     async def cancel_run(run_id: str, who: Principal | None = Depends(require)) -> Response:
         await _own_run(runner, run_id, who)
         try:
@@ -162,9 +175,10 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require,
         except FrugalflowError as e:
             raise translate(e, run_id) from None
 
-    @api.post("/runs/{run_id}/feedback")
+    @api.post("/runs/{run_id}/feedback", response_model=m.FeedbackResult,
+              responses=errors(401, 404, 413, 422, 503))
     async def run_feedback(run_id: str, body: Feedback,
-                           who: Principal | None = Depends(require)) -> dict[str, Any]:
+                           who: Principal | None = Depends(require)) -> Response:
         """Was an answer good? Learned routers trained afterwards learn from it."""
         await _own_run(runner, run_id, who)
         try:
@@ -172,9 +186,9 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require,
                                                  call_id=body.call_id)
         except FrugalflowError as e:
             raise translate(e, run_id) from None
-        return {"run_id": run_id, "answers": n, "good": body.good}
+        return render({"run_id": run_id, "answers": n, "good": body.good})
 
-    @api.get("/runs/{run_id}/events")
+    @api.get("/runs/{run_id}/events", response_class=EventStream, responses=event_stream())
     async def run_events(run_id: str, request: Request, after: str | None = None,
                          who: Principal | None = Depends(require)) -> StreamingResponse:
         """The run's events as server-sent events, each with its `id:`; `Last-Event-ID`
@@ -193,11 +207,13 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require,
 def _add_status_routes(api: APIRouter, router: APIRouter, runner: Runner, auth: Auth) -> None:
     """The catalog with provider health (authenticated), and /health (liveness for all)."""
 
-    @api.get("/catalog")
-    async def catalog() -> list[dict[str, Any]]:
+    @api.get("/catalog", response_model=list[m.CatalogEntry], responses=errors(401))
+    async def catalog() -> Response:
+        """Each model: prices, profile, whether it can be called here, its provider's
+        breaker state (shared by the fleet with Redis breakers)."""
         cat = runner.catalog
         health = await _provider_health(runner)
-        return [
+        return render([
             {"model": s.key, "provider": s.provider, "simulated": s.simulated,
              "input_per_mtok": s.input_price_per_mtok, "output_per_mtok": s.output_price_per_mtok,
              "context_window": s.window,
@@ -206,14 +222,14 @@ def _add_status_routes(api: APIRouter, router: APIRouter, runner: Runner, auth: 
              "unavailable_reason": cat.unavailable_reason(s),
              "provider_health": health[s.provider]}
             for s in cat
-        ]
+        ])
 
-    @router.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
+    @router.get("/health", response_model=m.HealthDetails | m.HealthPublic)
+    async def health(request: Request) -> Response:
         """Liveness for anyone; with a valid token (or on an open API) also the details."""
         if not auth.open and auth.identify(request) is None:
-            return {"ok": True}
-        return {"ok": True, **await _health_details(runner)}
+            return render({"ok": True})
+        return render({"ok": True, **await _health_details(runner)})
 
 
 async def _provider_health(runner: Runner) -> dict[str, str]:
@@ -238,3 +254,43 @@ async def _health_details(runner: Runner) -> dict[str, Any]:
             # "unavailable": Redis (shared breakers / rate limits) is down and this process
             # uses in-process state until it is back; "local": nothing is shared.
             "shared_state": await acheck_shared_state(runner.breakers, runner.limiter)}
+
+
+_DAYS_PARAMETER = {
+    "name": "days", "in": "query", "required": False,
+    "description": f"The window: today (UTC) and the days before it, 1 to {MAX_DAYS}.",
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DAYS, "default": 30},
+}
+
+
+def _days(request: Request) -> int:
+    """`?days=`, or 422 in one line (FastAPI's own answer is a list of pydantic errors)."""
+    text = request.query_params.get("days")
+    if text is None:
+        return 30
+    try:
+        days = int(text)
+    except ValueError:
+        raise invalid(f"days={text[:40]!r} is not a number: give a whole number of days "
+                      f"from 1 to {MAX_DAYS}") from None
+    if not 1 <= days <= MAX_DAYS:
+        raise invalid(f"days={days} is out of range: give a whole number of days from 1 "
+                      f"to {MAX_DAYS}")
+    return days
+
+
+def _add_cost_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
+    """What the calls cost: totals and by day, model, node and flow."""
+
+    @api.get("/costs", response_model=CostSummary, responses=errors(401, 422, 503),
+             openapi_extra={"parameters": [_DAYS_PARAMETER]})
+    async def costs(flow: str | None = None, days: int = Depends(_days),
+                    who: Principal | None = Depends(require)) -> Response:
+        """Spending of the last `days` UTC days (today included), optionally of one flow.
+        An admin sees every run's; a `user` only the costs of the runs it started."""
+        mine = who.name if who is not None and not who.is_admin else None
+        try:
+            summary = await cost_summary(runner.store, days=days, flow=flow, principal=mine)
+        except FrugalflowError as e:
+            raise translate(e) from None
+        return render(summary.model_dump(mode="json"))
