@@ -64,8 +64,7 @@ def add_login_routes(router: APIRouter, ui: UI) -> None:
         token = form.get("token", "").strip()
         if not token or ui.auth.lookup(token) is None:
             return await ui.page(request, "login.html", viewer=None, next=target,
-                                 error="That token is not valid: check it and try again.",
-                                 status_code=401)
+                                 error="That token is not valid: check it and try again.")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, token, path=paths(request).cookie, httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")
