@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
+from ..costs import MAX_DAYS, CostSummary, cost_summary
 from ..exceptions import FrugalflowError, StoreError
 from ..flow_listing import flows_json
 from ..inputs import InputError
@@ -65,6 +66,7 @@ def create_router(
     _add_run_routes(api, runner, auth.require)
     _add_run_action_routes(api, runner, auth.require)
     _add_status_routes(api, router, runner, auth)
+    _add_cost_routes(api, runner, auth.require)
     router.include_router(api)
     if ui:
         from .ui import create_ui_router  # jinja2 (the service extra) only when asked
@@ -235,3 +237,43 @@ async def _health_details(runner: Runner) -> dict[str, Any]:
             # "unavailable": Redis (shared breakers / rate limits) is down and this process
             # uses in-process state until it is back; "local": nothing is shared.
             "shared_state": await acheck_shared_state(runner.breakers, runner.limiter)}
+
+
+_DAYS_PARAMETER = {
+    "name": "days", "in": "query", "required": False,
+    "description": f"The window: today (UTC) and the days before it, 1 to {MAX_DAYS}.",
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DAYS, "default": 30},
+}
+
+
+def _days(request: Request) -> int:
+    """`?days=`, or 422 in one line (FastAPI's own answer is a list of pydantic errors)."""
+    text = request.query_params.get("days")
+    if text is None:
+        return 30
+    try:
+        days = int(text)
+    except ValueError:
+        raise invalid(f"days={text[:40]!r} is not a number: give a whole number of days "
+                      f"from 1 to {MAX_DAYS}") from None
+    if not 1 <= days <= MAX_DAYS:
+        raise invalid(f"days={days} is out of range: give a whole number of days from 1 "
+                      f"to {MAX_DAYS}")
+    return days
+
+
+def _add_cost_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
+    """What the calls cost: totals and by day, model, node and flow."""
+
+    @api.get("/costs", response_model=CostSummary,
+             openapi_extra={"parameters": [_DAYS_PARAMETER]})
+    async def costs(flow: str | None = None, days: int = Depends(_days),
+                    who: Principal | None = Depends(require)) -> Response:
+        """Spending of the last `days` UTC days (today included), optionally of one flow.
+        An admin sees every run's; a `user` only the costs of the runs it started."""
+        mine = who.name if who is not None and not who.is_admin else None
+        try:
+            summary = await cost_summary(runner.store, days=days, flow=flow, principal=mine)
+        except FrugalflowError as e:
+            raise translate(e) from None
+        return render(summary.model_dump(mode="json"))
