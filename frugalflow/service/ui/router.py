@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from starlette.responses import HTMLResponse, Response
+from fastapi import APIRouter, HTTPException
+from starlette.responses import Response
 
 from ...runner import Runner
 from ..auth import Auth
-from .context import UI, Viewer
+from .catalog_page import add_catalog_page
+from .context import UI
+from .costs_page import add_costs_page
 from .login import add_login_routes
 from .pages import add_run_pages
 
@@ -39,7 +41,8 @@ def create_ui_router(runner: Runner, auth: Auth) -> APIRouter:
     router = APIRouter()
     add_login_routes(router, ui)
     add_run_pages(router, ui)
-    _add_stub_pages(router, ui)
+    add_costs_page(router, ui)
+    add_catalog_page(router, ui)
     files = _static_files()
 
     @router.get("/ui/static/{name}", include_in_schema=False)
@@ -52,20 +55,3 @@ def create_ui_router(runner: Runner, auth: Auth) -> APIRouter:
             "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
     return router
-
-
-def _add_stub_pages(router: APIRouter, ui: UI) -> None:
-    # Costs (by day, model, node and flow, as charts) and Catalog & health (models, prices,
-    # breaker states) are built on their own branch; these stubs hold their places in the
-    # navigation until then: replace them there.
-
-    @router.get("/ui/costs", include_in_schema=False)
-    async def costs_page(request: Request,
-                         viewer: Viewer = Depends(ui.viewer)) -> HTMLResponse:
-        return await ui.page(request, "stub.html", viewer=viewer, nav="costs", title="Costs")
-
-    @router.get("/ui/catalog", include_in_schema=False)
-    async def catalog_page(request: Request,
-                           viewer: Viewer = Depends(ui.viewer)) -> HTMLResponse:
-        return await ui.page(request, "stub.html", viewer=viewer, nav="catalog",
-                             title="Catalog & health")
