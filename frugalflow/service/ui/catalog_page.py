@@ -138,6 +138,16 @@ async def catalog_view(runner: Runner) -> CatalogView:
     return CatalogView(name=cat.name, skills=skills, providers=groups, health=state_of_health)
 
 
+CAPS = {"tool_calling": "T", "structured_output": "J", "vision": "V", "streaming": "S",
+        "reasoning": "R"}
+"""One letter per capability, as `frugalflow catalog` shows them (the full name on hover)."""
+
+
+def short_skill(skill: str) -> str:
+    """A skill's column header: at most 7 characters, so that a score per skill fits."""
+    return skill if len(skill) <= 7 else skill[:6] + "."
+
+
 def context_window(n: int) -> str:
     """A context window in short: 1.0M, 128k, 8192."""
     return f"{n / 1e6:.1f}M" if n >= 1_000_000 else f"{n // 1000}k" if n >= 10_000 else str(n)
@@ -146,9 +156,10 @@ def context_window(n: int) -> str:
 def add_catalog_page(router: APIRouter, ui: UI) -> None:
     """/ui/catalog: models, prices, breakers and health."""
     ui.env.filters.setdefault("window", context_window)
+    ui.env.filters.setdefault("short_skill", short_skill)
 
     @router.get("/ui/catalog", include_in_schema=False)
     async def catalog_page(request: Request,
                            viewer: Viewer = Depends(ui.viewer)) -> HTMLResponse:
         return await ui.page(request, "catalog.html", viewer=viewer, nav="catalog",
-                             v=await catalog_view(ui.runner))
+                             v=await catalog_view(ui.runner), caps=CAPS)

@@ -86,11 +86,15 @@ def nice_ticks(top: float, count: int = 4) -> list[float]:
     return [round(i * step, 12) for i in range(n + 1)]
 
 
-def _open(chart_id: str, width: int, height: int, title: str, desc: str) -> list[str]:
+def _open(chart_id: str, width: int, height: int, title: str, desc: str, *,
+          fluid: bool = False) -> list[str]:
+    """The `<svg>` start tag with its title and description. `fluid`: as wide as the page
+    (scaled); else drawn at its own size, so that its text keeps the page's size."""
     cid = _ID_SAFE.sub("-", chart_id) or "chart"
+    size = 'width="100%"' if fluid else f'width="{width}" height="{height}"'
     return [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="ff-chart" id="{cid}" '
-        f'viewBox="0 0 {width} {height}" width="100%" role="img" '
+        f'viewBox="0 0 {width} {height}" {size} role="img" '
         f'aria-labelledby="{cid}-title {cid}-desc" font-family="system-ui, sans-serif" '
         f'font-size="12">',
         f'<title id="{cid}-title">{text(title)}</title>',
@@ -124,7 +128,7 @@ def bar_chart(items: Sequence[tuple[str, float]] | Mapping[str, float], *, chart
     if folded:
         rest = rows[limit - 1:]
         rows = rows[: limit - 1] + [(f"other ({len(rest)})", sum(v for _, v in rest))]
-    label_w, plot_w, value_w, row_h, top = 170, 380, 90, 26, 28
+    label_w, plot_w, value_w, row_h, top = 210, 380, 90, 26, 28
     width, height = label_w + plot_w + value_w, top + row_h * len(rows) + 6
     ticks = nice_ticks(max(v for _, v in rows))
     step, span = ticks[1] - ticks[0], ticks[-1]
@@ -144,7 +148,7 @@ def bar_chart(items: Sequence[tuple[str, float]] | Mapping[str, float], *, chart
         parts.append(
             f'<g class="ff-bar"><title>{text(label)}: {text(fmt(value))}</title>'
             f'<text x="{label_w - 8}" y="{y + row_h / 2 + 4:.1f}" text-anchor="end" '
-            f'fill="#222">{text(_clip(label, 26))}</text>'
+            f'fill="#222">{text(_clip(label, 30))}</text>'
             f'<rect x="{label_w}" y="{y + 4}" width="{max(w, 1.0 if value else 0):.2f}" '
             f'height="{row_h - 8}" fill="{colour}" data-value="{value!r}"/>'
             f'<text x="{label_w + w + 6:.1f}" y="{y + row_h / 2 + 4:.1f}" '
@@ -184,7 +188,7 @@ def day_chart(days: Sequence[DayBar], *, chart_id: str, title: str, fmt: Format 
     names = _series(days, limit)
     stacked = len({k for d in days for k, v in d.parts.items() if _finite(v)}) > 1
     legend_h = 22 * (1 + (len(names) // 4)) if stacked else 0
-    left, plot_w, plot_h, top = 78, 600, 190, 16
+    left, plot_w, plot_h, top = 78, 860, 190, 16
     width, height = left + plot_w + 12, top + plot_h + 40 + legend_h
     ticks = nice_ticks(max(d.total for d in days))
     step, span = ticks[1] - ticks[0], ticks[-1]
@@ -193,7 +197,7 @@ def day_chart(days: Sequence[DayBar], *, chart_id: str, title: str, fmt: Format 
     every = max(1, math.ceil(len(days) / 10))  # at most ~10 date labels
     parts = _open(chart_id, width, height, title,
                   f"{title}, {len(days)} days from {days[0].day} to {days[-1].day}, "
-                  f"total {fmt(sum(d.total for d in days))}")
+                  f"total {fmt(sum(d.total for d in days))}", fluid=True)
     parts.append('<g class="ff-axis" fill="#555" font-size="10">')
     for t in ticks:
         y = top + plot_h - plot_h * t / span
@@ -208,7 +212,7 @@ def day_chart(days: Sequence[DayBar], *, chart_id: str, title: str, fmt: Format 
     parts.append("</g>")
     for i, d in enumerate(days):
         parts.append(_day_column(d, names, left + slot * i + (slot - bar_w) / 2, bar_w,
-                                 top + plot_h, plot_h / span, fmt))
+                                 top + plot_h, plot_h / span, fmt, stacked))
     if stacked:
         parts.append(_legend(names, any(set(d.parts) - set(names) for d in days),
                              left, top + plot_h + 30))
@@ -217,12 +221,12 @@ def day_chart(days: Sequence[DayBar], *, chart_id: str, title: str, fmt: Format 
 
 
 def _day_column(day: DayBar, names: list[str], x: float, w: float, base: float,
-                scale: float, fmt: Format) -> str:
+                scale: float, fmt: Format, stacked: bool) -> str:
     """One day's stacked segments (series in legend order, then "other"), bottom up."""
     other = sum(_finite(v) for k, v in day.parts.items() if k not in names)
     segments = [(k, _finite(day.parts.get(k, 0.0)), PALETTE[j % len(PALETTE)])
                 for j, k in enumerate(names)] + [("other", other, OTHER_COLOUR)]
-    detail = ", ".join(f"{k} {fmt(v)}" for k, v, _ in segments if v)
+    detail = ", ".join(f"{k} {fmt(v)}" for k, v, _ in segments if v) if stacked else ""
     out = [f'<g class="ff-bar"><title>{text(day.day)}: '
            f'{text(fmt(day.total))}{text(" (" + detail + ")") if detail else ""}</title>']
     y = base
@@ -243,9 +247,9 @@ def _legend(names: list[str], other: bool, x0: float, y0: float) -> str:
     if other:
         entries.append(("other", OTHER_COLOUR))
     for j, (name, colour) in enumerate(entries):
-        x, y = x0 + 150 * (j % 4), y0 + 22 * (j // 4)
+        x, y = x0 + 200 * (j % 4), y0 + 22 * (j // 4)
         out.append(f'<rect x="{x:.0f}" y="{y - 9:.0f}" width="10" height="10" '
                    f'fill="{colour}"/><text x="{x + 14:.0f}" y="{y:.0f}">'
-                   f'{text(_clip(name, 20))}<title>{text(name)}</title></text>')
+                   f'{text(_clip(name, 28))}<title>{text(name)}</title></text>')
     out.append("</g>")
     return "".join(out)
