@@ -244,4 +244,4 @@ def test_graph_layout_puts_nodes_in_layers_and_loops_aside() -> None:
     assert y["__start__"] < y["a"] < y["b"] < y["c"] < y["__end__"]
     assert d.order == ["a", "b", "c"]
     assert any(line.conditional for line in d.lines)
-    assert all(b.x + 176 <= d.width for b in d.boxes)
+    assert all(b.x + d.box_w <= d.width for b in d.boxes)
