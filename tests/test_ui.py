@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from urllib.parse import quote
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypedDict
@@ -245,3 +246,15 @@ def test_graph_layout_puts_nodes_in_layers_and_loops_aside() -> None:
     assert d.order == ["a", "b", "c"]
     assert any(line.conditional for line in d.lines)
     assert all(b.x + d.box_w <= d.width for b in d.boxes)
+
+
+async def test_a_token_with_cookie_special_characters_survives_the_cookie(
+        tmp_path: Path) -> None:
+    odd = 'a;b,c"d\\e=f'  # printable ASCII, as tokens may be
+    async with viewer(tmp_path, tokens={odd: Principal("odd", "admin")}) as (client, _):
+        r = await client.post("/ui/login", content=f"token={quote(odd)}",
+                              headers={**FORM, "Origin": BASE})
+        assert r.status_code == 303, r.text
+        assert (await client.get("/runs")).status_code == 200
+        page = await client.get("/ui/runs")
+        assert page.status_code == 200 and "odd (admin)" in page.text
