@@ -44,7 +44,8 @@ async def scene(tmp_path: Path, *, token: str | None = None) -> AsyncIterator[Sc
     runner = Runner(f"sqlite:///{tmp_path / 'ui.db'}", flows=[gated_flow(gate), review_flow()],
                     catalog=Catalog.simulated(), breakers=BreakerRegistry())
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with open_browser() as browser, served(create_app(runner, token=token)) as url, \
+    # The browser closes first: no page keeps an event stream open while the server stops.
+    async with served(create_app(runner, token=token)) as url, open_browser() as browser, \
             httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as api:
         try:
             yield Scene(browser, url, runner, api, gate)
