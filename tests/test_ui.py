@@ -258,3 +258,25 @@ async def test_a_token_with_cookie_special_characters_survives_the_cookie(
         assert (await client.get("/runs")).status_code == 200
         page = await client.get("/ui/runs")
         assert page.status_code == 200 and "odd (admin)" in page.text
+
+
+async def test_run_stats_and_date_filters_on_both_databases(db_url: str, sim: Simulator) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    runner = Runner(db_url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
+                    breakers=BreakerRegistry())
+    try:
+        sim.fail("sim-groq", "rate_limit", times=1)
+        fell_back = (await runner.start("chain", {"topic": "a"}, wait=True)).run_id
+        plain = (await runner.start("chain", {"topic": "b"}, wait=True)).run_id
+        stats = await runner.ledger.run_stats([fell_back, plain, fell_back])
+        assert (stats[fell_back].calls, stats[fell_back].attempts, stats[fell_back].fallbacks,
+                stats[fell_back].errors) == (2, 3, 1, 1)
+        assert (stats[plain].calls, stats[plain].fallbacks) == (2, 0)
+        now = datetime.now(timezone.utc)
+        found = await runner.ledger.list_runs(created_since=now - timedelta(hours=1),
+                                              created_before=now + timedelta(hours=1))
+        assert {r.id for r in found} == {fell_back, plain}
+        assert await runner.ledger.list_runs(created_before=now - timedelta(hours=1)) == []
+    finally:
+        await runner.close()
