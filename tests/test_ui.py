@@ -218,6 +218,15 @@ async def test_router_users_mount_the_viewer_at_their_prefix(tmp_path: Path) -> 
         assert f'data-events-url="/ff/runs/{run_id}/events"' in page
         assert 'href="/ff/ui/static/ui.css"' in page
         assert (await client.get("/ff/ui/static/run.js")).status_code == 200
+        # A second viewer, for another runner, at another prefix of the same app.
+        other = Runner(f"sqlite:///{tmp_path / 'o.db'}", flows=[chain_flow(2)],
+                       catalog=Catalog.simulated(), breakers=BreakerRegistry())
+        app.include_router(create_router(other, token=TOKEN, ui=True), prefix="/other")
+        await other.setup()
+        page = (await client.get("/other/ui/runs", headers=bearer(TOKEN))).text
+        assert 'href="/other/ui/static/ui.css"' in page and run_id not in page
+        assert 'data-api="/other"' in page
+        await other.close()
     await runner.close()
     plain = create_app(Runner(f"sqlite:///{tmp_path / 'p.db'}", catalog=Catalog.simulated()),
                        ui=False)

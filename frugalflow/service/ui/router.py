@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse, Response
 
 from ...runner import Runner
 from ..auth import Auth
-from .context import UI, Viewer
+from .context import UI, Viewer, remember_paths
 from .login import add_login_routes
 from .pages import add_run_pages
 
@@ -51,6 +51,7 @@ def create_ui_router(runner: Runner, auth: Auth) -> APIRouter:
         return Response(hit[0], media_type=hit[1], headers={
             "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
+    remember_paths(router.routes)  # last: every page's path, the stubs' successors' too
     return router
 
 
