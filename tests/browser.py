@@ -22,11 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, Request, Response, async_playwright
+from playwright.async_api import (
+    Browser,
+    ConsoleMessage,
+    Page,
+    Request,
+    Response,
+    async_playwright,
+    expect,
+)
 
 ARTIFACTS = Path(os.environ.get("FRUGALFLOW_TEST_ARTIFACTS")
                  or Path(__file__).resolve().parent.parent / "test-artifacts")
 TIMEOUT_MS = 30_000  # generous: two cores shared with other test processes
+expect.set_options(timeout=TIMEOUT_MS)
 
 
 def chromium() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from urllib.parse import quote
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypedDict
@@ -217,6 +218,15 @@ async def test_router_users_mount_the_viewer_at_their_prefix(tmp_path: Path) -> 
         assert f'data-events-url="/ff/runs/{run_id}/events"' in page
         assert 'href="/ff/ui/static/ui.css"' in page
         assert (await client.get("/ff/ui/static/run.js")).status_code == 200
+        # A second viewer, for another runner, at another prefix of the same app.
+        other = Runner(f"sqlite:///{tmp_path / 'o.db'}", flows=[chain_flow(2)],
+                       catalog=Catalog.simulated(), breakers=BreakerRegistry())
+        app.include_router(create_router(other, token=TOKEN, ui=True), prefix="/other")
+        await other.setup()
+        page = (await client.get("/other/ui/runs", headers=bearer(TOKEN))).text
+        assert 'href="/other/ui/static/ui.css"' in page and run_id not in page
+        assert 'data-api="/other"' in page
+        await other.close()
     await runner.close()
     plain = create_app(Runner(f"sqlite:///{tmp_path / 'p.db'}", catalog=Catalog.simulated()),
                        ui=False)
@@ -244,4 +254,38 @@ def test_graph_layout_puts_nodes_in_layers_and_loops_aside() -> None:
     assert y["__start__"] < y["a"] < y["b"] < y["c"] < y["__end__"]
     assert d.order == ["a", "b", "c"]
     assert any(line.conditional for line in d.lines)
-    assert all(b.x + 176 <= d.width for b in d.boxes)
+    assert all(b.x + d.box_w <= d.width for b in d.boxes)
+
+
+async def test_a_token_with_cookie_special_characters_survives_the_cookie(
+        tmp_path: Path) -> None:
+    odd = 'a;b,c"d\\e=f'  # printable ASCII, as tokens may be
+    async with viewer(tmp_path, tokens={odd: Principal("odd", "admin")}) as (client, _):
+        r = await client.post("/ui/login", content=f"token={quote(odd)}",
+                              headers={**FORM, "Origin": BASE})
+        assert r.status_code == 303, r.text
+        assert (await client.get("/runs")).status_code == 200
+        page = await client.get("/ui/runs")
+        assert page.status_code == 200 and "odd (admin)" in page.text
+
+
+async def test_run_stats_and_date_filters_on_both_databases(db_url: str, sim: Simulator) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    runner = Runner(db_url, flows=[chain_flow(2)], catalog=Catalog.simulated(),
+                    breakers=BreakerRegistry())
+    try:
+        sim.fail("sim-groq", "rate_limit", times=1)
+        fell_back = (await runner.start("chain", {"topic": "a"}, wait=True)).run_id
+        plain = (await runner.start("chain", {"topic": "b"}, wait=True)).run_id
+        stats = await runner.ledger.run_stats([fell_back, plain, fell_back])
+        assert (stats[fell_back].calls, stats[fell_back].attempts, stats[fell_back].fallbacks,
+                stats[fell_back].errors) == (2, 3, 1, 1)
+        assert (stats[plain].calls, stats[plain].fallbacks) == (2, 0)
+        now = datetime.now(timezone.utc)
+        found = await runner.ledger.list_runs(created_since=now - timedelta(hours=1),
+                                              created_before=now + timedelta(hours=1))
+        assert {r.id for r in found} == {fell_back, plain}
+        assert await runner.ledger.list_runs(created_before=now - timedelta(hours=1)) == []
+    finally:
+        await runner.close()

@@ -15,6 +15,7 @@ import pytest
 from browser import Watched, open_browser
 from playwright.async_api import Browser, expect
 from served import served
+from durable_flows import review_flow
 from ui_flows import Gate, gated_flow
 
 from frugalflow import Catalog
@@ -40,10 +41,11 @@ class Scene:
 @contextlib.asynccontextmanager
 async def scene(tmp_path: Path, *, token: str | None = None) -> AsyncIterator[Scene]:
     gate = Gate()
-    runner = Runner(f"sqlite:///{tmp_path / 'ui.db'}", flows=[gated_flow(gate)],
+    runner = Runner(f"sqlite:///{tmp_path / 'ui.db'}", flows=[gated_flow(gate), review_flow()],
                     catalog=Catalog.simulated(), breakers=BreakerRegistry())
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with open_browser() as browser, served(create_app(runner, token=token)) as url, \
+    # The browser closes first: no page keeps an event stream open while the server stops.
+    async with served(create_app(runner, token=token)) as url, open_browser() as browser, \
             httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as api:
         try:
             yield Scene(browser, url, runner, api, gate)
@@ -136,3 +138,38 @@ async def test_token_prompt_then_feedback_and_cancel_from_the_page(
         await expect(p.locator("h1")).to_contain_text("needs a token")
         assert not [c for c in await p.context.cookies() if c["name"] == "frugalflow_token"]
         await page.close()
+
+
+async def test_an_interrupted_run_is_resumed_from_the_page(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    async with scene(tmp_path) as s:
+        r = await s.api.post("/runs", json={"flow": "review", "input": {"text": "hello"},
+                                            "wait": True})
+        run_id = r.json()["run_id"]
+        page = await Watched.open(s.browser, request.node.name)
+        p = page.page
+        await page.visit(f"{s.url}/ui/runs/{run_id}")
+        await expect(p.locator("#run-status")).to_contain_text("interrupted")
+        await expect(p.locator("section", has_text="Waiting for an answer")).to_contain_text(
+            "approve this draft?")
+        await p.fill("form[data-action=resume] input[name=value]", "yes")
+        await page.shot("interrupted")
+        await p.click("form[data-action=resume] button[type=submit]")
+        await expect(p.locator("#action-message")).to_contain_text("Resumed")
+        await expect(p.locator("#run-status")).to_contain_text("succeeded")
+        assert (await s.runner.ledger.get_run(run_id)).output["verdict"] == "yes"  # type: ignore[index]
+        await page.close()
+
+
+async def test_the_readme_screenshot_regenerates(tmp_path: Path) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "screenshot.py"
+    spec = importlib.util.spec_from_file_location("screenshot", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    png = await module.screenshot(tmp_path / "run-page.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(data[16:20], "big") == 1200  # the IHDR width

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Text, and_, bindparam, case, cast, func, literal_column, null, select, update
+from sqlalchemy import Text, bindparam, case, cast, func, literal_column, null, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import RowMapping
@@ -64,7 +64,8 @@ class RunStats:
     """Model calls (each may have taken several attempts)."""
     attempts: int = 0
     fallbacks: int = 0
-    """Failed attempts after which the call moved on to the next model."""
+    """Attempts on a fallback model (`fallback_from` set: an earlier model of the call
+    failed or was skipped, e.g. its breaker open), as the costs summaries count them."""
     errors: int = 0
     """Failed attempts (retried, fallen back from, or raised)."""
 
@@ -416,7 +417,7 @@ class Ledger:
         await self.store.setup()
         c = _ATTEMPTS.c
         failed = case((c.outcome == Outcome.ERROR, 1), else_=0)
-        fell_back = case((and_(c.outcome == Outcome.ERROR, c.action == "next"), 1), else_=0)
+        fell_back = case((c.fallback_from.is_not(None), 1), else_=0)
         out: dict[str, RunStats] = {}
         ids = list(dict.fromkeys(run_ids))
         async with self.store.read() as conn:

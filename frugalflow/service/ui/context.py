@@ -11,6 +11,8 @@ from urllib.parse import quote
 
 import jinja2
 from fastapi import HTTPException, Request
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 from starlette.responses import HTMLResponse
 
 from ...flow import CompiledFlow
@@ -60,10 +62,33 @@ class Paths:
         return self.api or "/"
 
 
+_RELATIVE: dict[str, str] = {}
+"""Each UI route's name -> its path inside the UI router (before any include prefix)."""
+
+
+def remember_paths(routes: list[BaseRoute]) -> None:
+    """Note the UI router's own paths, so `paths` can tell the prefix it is mounted at."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            _RELATIVE[route.name] = route.path
+
+
 def paths(request: Request) -> Paths:
-    runs = request.url_for(RUNS_ROUTE).path  # honours root_path and include prefixes
-    ui = runs.removesuffix("/runs")
-    return Paths(api=ui.removesuffix("/ui"), ui=ui)
+    """The request's path less the matched UI route's own path is the prefix the viewer is
+    mounted at (with the app's root path). Not `url_for`: an app may mount two viewers, for
+    two runners, at two prefixes. The route's own path, as the UI router defined it, comes
+    from `remember_paths` (FastAPI versions differ in what `scope["route"].path` holds)."""
+    path = request.url.path
+    own = _RELATIVE.get(getattr(request.scope.get("route"), "name", ""))
+    prefix: str | None = None
+    if own is not None and "{" in own:  # up to the first parameter: the run id may hold "/"
+        at = path.find(own[:own.index("{")])
+        prefix = path[:at] if at >= 0 else None
+    elif own is not None and path.endswith(own):
+        prefix = path[:len(path) - len(own)]
+    if prefix is None:  # not one of the UI's routes: the first viewer mounted in the app
+        prefix = request.url_for(RUNS_ROUTE).path.removesuffix("/ui/runs")
+    return Paths(api=prefix, ui=f"{prefix}/ui")
 
 
 def security_headers(response: HTMLResponse) -> HTMLResponse:

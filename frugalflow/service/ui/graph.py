@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-BOX_W, BOX_H = 176, 58
+BOX_W, BOX_H = 212, 58
 GAP_X, GAP_Y = 28, 46
 MARGIN = 14
 
@@ -35,6 +35,9 @@ class Drawing:
     lines: list[Line]
     width: int
     height: int
+
+    box_w: int = BOX_W
+    box_h: int = BOX_H
 
     @property
     def order(self) -> list[str]:

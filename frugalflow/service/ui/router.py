@@ -15,7 +15,7 @@ from starlette.responses import Response
 from ...runner import Runner
 from ..auth import Auth
 from .catalog_page import add_catalog_page
-from .context import UI
+from .context import UI, remember_paths
 from .costs_page import add_costs_page
 from .login import add_login_routes
 from .pages import add_run_pages
@@ -54,4 +54,5 @@ def create_ui_router(runner: Runner, auth: Auth) -> APIRouter:
         return Response(hit[0], media_type=hit[1], headers={
             "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
+    remember_paths(router.routes)  # last: every page's path, the stubs' successors' too
     return router

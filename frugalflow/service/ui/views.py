@@ -203,6 +203,12 @@ class RunView:
         return next((n for n in self.nodes if n.name == name), None)
 
     @property
+    def updated_ms(self) -> int:
+        """When the run's row last changed, in ms since the epoch (for the page's script)."""
+        t = _aware(self.run.updated_at)
+        return 0 if t is None else int(t.timestamp() * 1000)
+
+    @property
     def live(self) -> bool:
         return self.run.status in LIVE_STATUSES
 

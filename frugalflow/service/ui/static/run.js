@@ -9,9 +9,16 @@
   const message = document.getElementById("action-message");
   const KINDS = ["status", "run_started", "node_started", "attempt", "node_finished",
                  "run_finished", "message"];
+  const LIVE = ["pending", "queued", "running"];
   let source = null;
   let fetching = false;
   let again = false;
+  // After a resume: the status the run had, until the page shows another or the resumed
+  // execution finishes (the API answers before the run's row says `running`, so the page
+  // must not stop following meanwhile). `since`: the row's last change before the resume
+  // (server time, ms): a replayed run_finished from before it does not count.
+  let leaving = null;
+  let since = 0;
 
   function say(text, bad) {
     message.textContent = text;
@@ -19,9 +26,15 @@
     message.hidden = !text;
   }
 
-  function following() {
+  function shown() {
     const part = live.querySelector(".run-live");
-    return part !== null && part.dataset.live === "yes";
+    return part === null ? null : part.dataset.status;
+  }
+
+  function following() {
+    const status = shown();
+    if (leaving !== null && status !== leaving) { leaving = null; }
+    return leaving !== null || LIVE.indexOf(status) >= 0;
   }
 
   function stop() {
@@ -53,7 +66,11 @@
     source = new EventSource(live.dataset.eventsUrl);
     const onEvent = function () { refresh(); };
     KINDS.forEach(function (kind) { source.addEventListener(kind, onEvent); });
-    source.addEventListener("run_finished", stop);
+    source.addEventListener("run_finished", function (ev) {
+      try {
+        if (Date.parse(JSON.parse(ev.data).at) > since) { leaving = null; }
+      } catch (e) { leaving = null; }
+    });
     source.onerror = function () {
       // CLOSED: refused (signed out, gone); otherwise the browser reconnects by itself.
       if (source !== null && source.readyState === EventSource.CLOSED) {
@@ -65,8 +82,12 @@
 
   async function act(path, payload, done) {
     say("");
+    const before = shown();
+    const part = live.querySelector(".run-live");
+    const changed = part === null ? 0 : Number(part.dataset.updatedMs);
     try {
       const answer = await window.frugalflow.post(live.dataset.actionsUrl + path, payload);
+      if (answer && LIVE.indexOf(answer.status) >= 0) { leaving = before; since = changed; }
       if (done) { say(done(answer)); }
     } catch (e) {
       say(e.message, true);
