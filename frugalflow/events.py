@@ -1,15 +1,18 @@
 """Run events in this process: an in-process publish/subscribe bus the runner feeds.
 
-Events are plain dicts (`run_id`, `event`, `at`, then the event's fields): run and node
-starts and ends, and every model attempt. A relay (`frugalflow.scale.relay`) shares them
-with the other processes of the database.
+Events are plain dicts (`id`, `run_id`, `event`, `at`, then the event's fields): run and
+node starts and ends, and every model attempt. With an event log (the Runner's: ff_events,
+`frugalflow.persistence.event_log`) an event reaches subscribers once it is written, with its
+`id`; `"id": None` marks one delivered live but not (yet) in the log (the database is away;
+it is written, with an id, when it is back), or published on a bus without a log. A relay
+(`frugalflow.scale.relay`) shares them with the other processes of the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any, Protocol, TypeAlias
 
@@ -17,16 +20,33 @@ from .persistence.scrub import scrub
 from .persistence.tables import utcnow
 from .usage import Attempt
 
-__all__ = ["Event", "EventBus", "EventRelay", "attempt_event"]
+__all__ = ["Event", "EventBus", "EventLogLike", "EventRelay", "attempt_event"]
 
 Event: TypeAlias = dict[str, Any]
-"""One run event: `run_id`, `event` (its kind), `at` (ISO time), then the kind's fields."""
+"""One run event: `id` (its id in the event log, None if not logged), `run_id`, `event`
+(its kind), `at` (ISO time), then the kind's fields."""
 
 
 class EventRelay(Protocol):
     """Carries this process's events to the other processes (PostgresEventRelay)."""
 
     def send(self, event: Event) -> None: ...
+
+
+class EventLogLike(Protocol):
+    """Where a bus writes its events before delivering them (`EventLog`)."""
+
+    deliver: Callable[[Event], None]
+
+    def append(self, event: Event) -> None: ...
+
+    async def flush(self, timeout: float = 30.0) -> bool: ...
+
+    async def drain(self, timeout: float = 30.0) -> bool: ...
+
+    async def close(self, timeout: float = 5.0) -> None: ...
+
+    async def read(self, run_id: str, after: int = 0, *, limit: int = 1000) -> list[Event]: ...
 
 
 def attempt_event(a: Attempt) -> dict[str, Any]:
@@ -47,18 +67,37 @@ def attempt_event(a: Attempt) -> dict[str, Any]:
 class EventBus:
     """In-process publish/subscribe of run events (`subscribe(run_id)` or all runs)."""
 
-    def __init__(self, maxsize: int = 1000) -> None:
+    def __init__(self, maxsize: int = 1000, *, log: EventLogLike | None = None) -> None:
         self._subs: list[tuple[str | None, asyncio.Queue[Event]]] = []
         self._maxsize = maxsize
 
         self.relay: EventRelay | None = None
         """Set to a PostgresEventRelay to share events with every process of the database."""
+        self.log = log
+        """The event log events are written to before delivery (None: delivered at once)."""
+        if log is not None:
+            log.deliver = self.dispatch
 
     def publish(self, run_id: str, kind: str, **data: Any) -> None:
-        event: Event = {"run_id": run_id, "event": kind, "at": utcnow().isoformat(), **data}
+        """Publish one event of run `run_id`. Never blocks and never raises for the log's
+        sake: with a log, it is delivered once written (or at once, `"id": None`, while the
+        database is away)."""
+        event: Event = {"id": None, "run_id": run_id, "event": kind,
+                        "at": utcnow().isoformat(), **data}
+        if self.log is not None and run_id:
+            self.log.append(event)
+        else:
+            self.dispatch(event)
+
+    def dispatch(self, event: Event) -> None:
+        """Hand `event` to this process's subscribers and to the relay."""
         self.deliver(event)
         if self.relay is not None:
             self.relay.send(event)
+
+    async def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every event published so far reached its subscribers."""
+        return True if self.log is None else await self.log.flush(timeout)
 
     def deliver(self, event: Event) -> None:
         """Hand `event` to this process's subscribers."""

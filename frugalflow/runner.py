@@ -31,6 +31,7 @@ from langgraph.types import Command
 
 from .catalog import Catalog
 from .events import EventBus, attempt_event
+from .persistence.event_log import EventLog
 from .exceptions import (
     BudgetExceededError,
     FrugalflowError,
@@ -162,8 +163,9 @@ class Runner:
         self._launching: set[str] = set()  # runs whose lease is being taken here
         self._slots = asyncio.Semaphore(max_concurrency)
         self._closing = False
-        self.events = EventBus()
-        """Live run events in this process: run/node start and finish, every model attempt."""
+        self.events = EventBus(log=EventLog(self.store))
+        """Live run events in this process: run/node start and finish, every model attempt;
+        written to the event log (ff_events) first, delivered with their ids."""
         self._saver = checkpointer  # default: SQLModelSaver on the same store
         self.limiter = limiter
         """A RateLimiter for the catalog's rpm/tpm (RedisRateLimiter: shared by the fleet)."""
@@ -545,6 +547,8 @@ class Runner:
             except StoreUnavailableError:
                 log.error("frugalflow: %d attempt row(s) (paid model calls) could not be "
                           "written: the database is unreachable", self.ledger.unwritten())
+        if self.events.log is not None:
+            await self.events.log.close()  # the events that wait, written (relayed too)
         if self._relay is not None:
             await self._relay.close()
             self._relay = None
@@ -575,7 +579,9 @@ class Runner:
         task.add_done_callback(lambda t: self._forget(run_id, t))
         if not wait:
             return RunResult(run_id, RunStatus.RUNNING)
-        return await asyncio.shield(task) if not task.done() else task.result()
+        result = await asyncio.shield(task) if not task.done() else task.result()
+        await self.events.flush(5.0)  # its last events reached the subscribers (the CLI's)
+        return result
 
     def _forget(self, run_id: str, task: asyncio.Task[RunResult]) -> None:
         if self._tasks.get(run_id) is task:  # not a recovery task that replaced it

@@ -4,11 +4,16 @@ validate against those models (SQLite and PostgreSQL), and the costs summary."""
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from pydantic import TypeAdapter
 from durable_flows import chain_flow, review_flow
 from served import served
 
@@ -16,10 +21,28 @@ from frugalflow import Catalog
 from frugalflow.costs import CostBucket, CostSummary, cost_summary
 from frugalflow.persistence.ledger import Ledger
 from frugalflow.persistence.store import Store
-from frugalflow.resilience import BreakerRegistry
+from frugalflow.resilience import Action, BreakerRegistry, BreakerState
 from frugalflow.runner import Runner
-from frugalflow.service import Principal, create_app
-from frugalflow.statuses import Outcome
+from frugalflow.service import (
+    AttemptEvent,
+    CatalogEntry,
+    ErrorBody,
+    FeedbackResult,
+    FlowDescription,
+    HealthDetails,
+    HealthPublic,
+    NotShown,
+    Principal,
+    RunActionResult,
+    RunDetail,
+    RunEvent,
+    RunFinishedEvent,
+    RunSummary,
+    StatusEvent,
+    Unreadable,
+    create_app,
+)
+from frugalflow.statuses import NodeStatus, Outcome, RunStatus
 from frugalflow.usage import Attempt, Usage
 
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
@@ -143,3 +166,185 @@ async def test_costs_endpoint_respects_principals_and_refuses_bad_days(db_url: s
                 assert "\n" not in message and "days" in message and "1 to 366" in message
         async with httpx.AsyncClient(base_url=url, timeout=30) as anonymous:
             assert (await anonymous.get("/costs")).status_code == 401
+
+
+# -- the schema ------------------------------------------------------------------------------
+
+
+def _resolve(schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = components[schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def _typed(schema: dict[str, Any], components: dict[str, Any]) -> bool:
+    """A schema that says what is returned: a model (an object with properties), a list of
+    typed items, or a choice of typed schemas; not {} nor a bare object / dict."""
+    if "$ref" in schema:
+        return _typed(_resolve(schema, components), components)
+    for choice in ("anyOf", "oneOf"):
+        if choice in schema:
+            return all(_typed(s, components) for s in schema[choice])
+    if schema.get("type") == "array":
+        return _typed(schema.get("items", {}), components)
+    return schema.get("type") == "object" and bool(schema.get("properties"))
+
+
+def test_every_route_declares_typed_responses(tmp_path: Path) -> None:
+    runner = Runner(f"sqlite:///{tmp_path / 'schema.db'}", flows=[chain_flow(2)],
+                    catalog=Catalog.simulated())
+    schema = create_app(runner, tokens=TOKENS).openapi()
+    components = schema["components"]["schemas"]
+    assert "HTTPValidationError" not in components  # every 422 is the service's own shape
+    seen = set()
+    for path, operations in schema["paths"].items():
+        for method, op in operations.items():
+            seen.add(f"{method.upper()} {path}")
+            ok = [c for c in op["responses"] if c.startswith("2")]
+            assert ok, (method, path)
+            for code in ok:
+                content = op["responses"][code]["content"]
+                media = "text/event-stream" if path.endswith("/events") else "application/json"
+                assert list(content) == [media], (method, path, code)
+                assert _typed(content[media]["schema"], components), (method, path, code)
+            for code, response in op["responses"].items():
+                if code[0] in "45":
+                    assert response["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorBody"}, (method, path, code)
+            if path != "/health":
+                assert "401" in op["responses"], (method, path)
+    assert seen >= {"GET /flows", "POST /runs", "GET /runs", "GET /runs/{run_id}",
+                    "POST /runs/{run_id}/resume", "POST /runs/{run_id}/cancel",
+                    "POST /runs/{run_id}/feedback", "GET /runs/{run_id}/events",
+                    "GET /catalog", "GET /health", "GET /costs"}
+    events = schema["paths"]["/runs/{run_id}/events"]["get"]["responses"]["200"]["content"]
+    kinds = events["text/event-stream"]["schema"]["discriminator"]["mapping"]
+    assert set(kinds) == {"run_started", "node_started", "attempt", "node_finished",
+                          "run_finished", "status"}
+    attempt = components["AttemptEvent"]["properties"]
+    assert {"id", "run_id", "event", "at", "fallback_from", "outcome"} <= set(attempt)
+    run = components["RunDetail"]["properties"]
+    assert _resolve(run["status"], components)["enum"] == [s.value for s in RunStatus]
+    assert "NotShown" in json.dumps(run["input"])  # the placeholder is documented
+    assert "ErrorBody" in components and "CostSummary" in components
+
+
+# -- real responses against their models -------------------------------------------------------
+
+
+def _slow(latency: float) -> Catalog:
+    return Catalog([s.model_copy(update={"model_kwargs": {"latency": latency}})
+                    for s in Catalog.simulated()], name="slow")
+
+
+def check(model: Any, response: httpx.Response, status: int = 200) -> Any:
+    """What a typed client does: the answer, validated against the endpoint's model."""
+    assert response.status_code == status, response.text
+    return TypeAdapter(model).validate_python(response.json())
+
+
+async def _events(client: httpx.AsyncClient, run_id: str) -> list[RunEvent]:
+    events: list[RunEvent] = []
+    adapter: TypeAdapter[RunEvent] = TypeAdapter(RunEvent)
+    async with client.stream("GET", f"/runs/{run_id}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        async for line in stream.aiter_lines():
+            if line.startswith("data: "):
+                events.append(adapter.validate_json(line[6:]))
+    return events
+
+
+@pytest.mark.slow
+async def test_real_responses_validate_against_their_models(db_url: str, sim: Any) -> None:
+    first = "sim-groq/llama-3.1-8b-instant"  # the chain's first choice: it fails, twice
+    async with serving(db_url, catalog=_slow(0.1)) as (runner, url), \
+            _client(url, "tok-root") as client, httpx.AsyncClient(base_url=url) as anon:
+        assert check(HealthPublic, await anon.get("/health")).ok
+        details = check(HealthDetails, await client.get("/health"))
+        assert details.database.reachable and details.flows == ["chain", "review"]
+        check(HealthDetails | HealthPublic, await client.get("/health"))
+        flows = check(list[FlowDescription], await client.get("/flows"))
+        assert [n.name for n in flows[0].nodes] == ["n1", "n2", "n3"]
+        catalog = check(list[CatalogEntry], await client.get("/catalog"))
+        assert all(c.provider_health is BreakerState.CLOSED for c in catalog)
+
+        sim.fail(first, "overloaded", times=2)
+        started = check(RunActionResult, await client.post(
+            "/runs", json={"flow": "chain", "input": {"topic": "t"}, "budget": 1.0}), 202)
+        assert started.status is RunStatus.RUNNING
+        events = await _events(client, started.run_id)
+        assert isinstance(events[0], StatusEvent)
+        assert isinstance(events[-1], (StatusEvent, RunFinishedEvent))
+        assert events[-1].status is RunStatus.SUCCEEDED
+        if any(isinstance(e, AttemptEvent) for e in events):  # the stream came in time
+            fallback = [e for e in events if isinstance(e, AttemptEvent) and e.fallback_from]
+            assert fallback and fallback[0].fallback_from == first
+
+        run = check(RunDetail, await client.get(f"/runs/{started.run_id}"))
+        assert run.status is RunStatus.SUCCEEDED and len(run.nodes) == 3
+        assert all(n.status is NodeStatus.DONE for n in run.nodes)
+        outcomes = [(c.model, c.outcome, c.action, c.fallback_from) for c in run.calls]
+        assert (first, Outcome.ERROR, Action.NEXT, None) in outcomes
+        assert any(c.fallback_from == first and c.outcome is Outcome.OK for c in run.calls)
+        assert run.cost_by_node and sum(run.cost_by_model.values()) == pytest.approx(
+            run.cost_usd)
+        assert isinstance(run.input, dict) and run.input == {"topic": "t"}
+        listed = check(list[RunSummary], await client.get("/runs"))
+        assert [r.id for r in listed] == [started.run_id]
+
+        review = check(RunActionResult, await client.post(
+            "/runs", json={"flow": "review", "input": {"text": "hi"}, "wait": True}))
+        assert review.status is RunStatus.INTERRUPTED and review.interrupts
+        resumed = check(RunActionResult, await client.post(
+            f"/runs/{review.run_id}/resume", json={"value": "yes", "wait": True}))
+        assert resumed.status is RunStatus.SUCCEEDED and isinstance(resumed.state, dict)
+        feedback = check(FeedbackResult, await client.post(
+            f"/runs/{started.run_id}/feedback", json={"good": True, "node": "n1"}))
+        assert feedback.answers >= 1
+        waiting = check(RunActionResult, await client.post(
+            "/runs", json={"flow": "review", "input": {"text": "x"}, "wait": True}))
+        cancelled = check(RunActionResult, await client.post(f"/runs/{waiting.run_id}/cancel"))
+        assert cancelled.status is RunStatus.CANCELLED
+        ended = await _events(client, waiting.run_id)
+        assert isinstance(ended[-1], StatusEvent) and ended[-1].status is RunStatus.CANCELLED
+
+        costs = check(CostSummary, await client.get("/costs", params={"days": 1}))
+        assert costs.total.fallbacks == 1 and costs.total.errors == 2
+        assert costs.total.cost_usd == pytest.approx(sum(
+            r.cost_usd or 0 for r in check(list[RunSummary], await client.get("/runs"))))
+        assert {b.key for b in costs.by_flow} == {"chain", "review"}
+
+        # Errors: one shape, one line.
+        for r, status in [
+            (await anon.get("/runs"), 401),
+            (await client.get("/runs/nope"), 404),
+            (await client.post(f"/runs/{started.run_id}/resume", json={}), 409),
+            (await client.post("/runs", json={"flow": "chain", "budget": "lots"}), 422),
+            (await client.post("/runs", json={"flow": "chain", "inputs": {}}), 422),
+            (await client.post("/runs", content=b"{not json",
+                               headers={"content-type": "application/json"}), 422),
+            (await client.post("/runs", content=b"x" * 2_000_000,
+                               headers={"content-type": "application/json"}), 413),
+        ]:
+            error = check(ErrorBody, r, status)
+            assert error.detail.message and "\n" not in error.detail.message
+        assert "inputs" in check(ErrorBody, await client.post(
+            "/runs", json={"flow": "chain", "inputs": {}}), 422).detail.message
+
+
+async def test_hostile_stored_runs_still_match_their_models(tmp_path: Path) -> None:
+    from test_service_hostile import insert_raw_run, nested
+
+    async with serving(f"sqlite:///{tmp_path / 'h.db'}") as (runner, url), \
+            _client(url, "tok-root") as client:
+        await runner.ledger.create_run("deep-300", "chain", nested(300))
+        await insert_raw_run(runner, "deep-5000", '{"a":' * 5000 + "1" + "}" * 5000,
+                             interrupts='[' * 5000 + "]" * 5000)
+        await insert_raw_run(runner, "odd", '{"t": "x\\ud800y"}', budget_usd=math.nan,
+                             cost_usd=math.inf)
+        runs = {r.id: r for r in check(list[RunSummary], await client.get("/runs"))}
+        assert isinstance(runs["deep-300"].input, NotShown)
+        assert isinstance(runs["deep-5000"].input, Unreadable)
+        assert runs["odd"].cost_usd is None and runs["odd"].budget_usd is None
+        for run_id in runs:
+            check(RunDetail, await client.get(f"/runs/{run_id}"))

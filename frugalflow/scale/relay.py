@@ -1,4 +1,9 @@
-"""Run events shared between processes through PostgreSQL LISTEN/NOTIFY (needs asyncpg)."""
+"""Run events shared between processes through PostgreSQL LISTEN/NOTIFY (needs asyncpg).
+
+Events carry their event-log id. NOTIFY is best effort (a payload is limited to 8000 bytes,
+and events sent while a connection is down are lost): an event too big arrives as its head
+with `"truncated": True`, and the service's stream reads the log for the whole of it and
+for anything a lost NOTIFY did not bring (`frugalflow.service.stream`)."""
 
 from __future__ import annotations
 
@@ -74,8 +79,9 @@ class PostgresEventRelay:
             return
         payload = json.dumps({**event, "origin": self.origin}, default=str)
         if len(payload) > 7900:  # NOTIFY payloads are limited to 8000 bytes
-            payload = json.dumps({k: event[k] for k in ("run_id", "event", "at") if k in event}
-                                 | {"origin": self.origin, "truncated": True})
+            # The head only, with the id: a subscriber reads the whole event from the log.
+            payload = json.dumps({k: event[k] for k in ("id", "run_id", "event", "at")
+                                  if k in event} | {"origin": self.origin, "truncated": True})
         with contextlib.suppress(asyncio.QueueFull):
             self._outbox.put_nowait(payload)
 

@@ -20,16 +20,79 @@ Hostile input: request bodies over `max_body_bytes` are refused with 413 while t
 (whatever Content-Length says); JSON nested deeper than `max_json_depth` levels, lone UTF-16
 surrogates, NaN/Infinity and out-of-range numbers are refused with 422; budgets must be
 finite and above 0. Stored runs are shown field by field, so none can break a listing.
+
+Typed: every endpoint declares its response model (`/openapi.json` describes what each
+returns, errors included: `{"detail": {"error", "message"}}`); the models are exported here
+(`RunDetail`, `RunSummary`, `RunActionResult`, `CostSummary`, `RunEvent`...), so a client
+can check an answer with `pydantic.TypeAdapter(RunDetail).validate_python(response.json())`.
 """
 from __future__ import annotations
 
 from .app import Docs, create_app, is_loopback
 from .auth import SINGLE_TOKEN, Principal, UnauthenticatedServiceWarning, load_tokens
 from .bodies import MAX_BODY_BYTES, MAX_JSON_DEPTH, BodyLimitMiddleware, parse_request_json
+from .models import (
+    AttemptEvent,
+    CallRecord,
+    CatalogEntry,
+    CostBucket,
+    CostSummary,
+    CostTotals,
+    DatabaseHealth,
+    ErrorBody,
+    ErrorDetail,
+    FeedbackResult,
+    FlowDescription,
+    FlowNode,
+    HealthDetails,
+    HealthPublic,
+    InputFieldInfo,
+    NodeExecution,
+    NodeFinishedEvent,
+    NodeStartedEvent,
+    NotShown,
+    RunActionResult,
+    RunDetail,
+    RunEvent,
+    RunFinishedEvent,
+    RunStartedEvent,
+    RunSummary,
+    StatusEvent,
+    StoredObject,
+    Unreadable,
+)
 from .routes import create_router
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "AttemptEvent",
+    "CallRecord",
+    "CatalogEntry",
+    "CostBucket",
+    "CostSummary",
+    "CostTotals",
+    "DatabaseHealth",
+    "ErrorBody",
+    "ErrorDetail",
+    "FeedbackResult",
+    "FlowDescription",
+    "FlowNode",
+    "HealthDetails",
+    "HealthPublic",
+    "InputFieldInfo",
+    "NodeExecution",
+    "NodeFinishedEvent",
+    "NodeStartedEvent",
+    "NotShown",
+    "RunActionResult",
+    "RunDetail",
+    "RunEvent",
+    "RunFinishedEvent",
+    "RunStartedEvent",
+    "RunSummary",
+    "StatusEvent",
+    "StoredObject",
+    "Unreadable",
     "MAX_JSON_DEPTH",
     "SINGLE_TOKEN",
     "BodyLimitMiddleware",

@@ -127,3 +127,4 @@ def translate(e: FrugalflowError, run_id: str | None = None) -> HTTPException:
     if isinstance(e, UserError):
         return http_error(400, e)
     return http_error(500, e)
+

@@ -20,6 +20,7 @@ from ..flow_listing import flows_json
 from ..inputs import InputError
 from ..persistence.tables import RunRow
 from ..runner import Runner
+from . import models as m
 from .auth import Auth, Principal, UnauthenticatedServiceWarning
 from .bodies import (
     MAX_BODY_BYTES,
@@ -30,8 +31,9 @@ from .bodies import (
     invalid,
     route_class,
 )
+from .openapi import EventStream, errors, event_stream, one_line_errors
 from .responses import http_error, not_found, render, result_json, row_json, run_json, translate
-from .stream import sse
+from .stream import parse_after, sse
 
 log = logging.getLogger("frugalflow.service")
 
@@ -45,13 +47,15 @@ def create_router(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_json_depth: int = MAX_JSON_DEPTH,
     ui: bool = False,
+    heartbeat: float = 15.0,
 ) -> APIRouter:
     """The API as a router. `token` (an admin) and/or `tokens` (token -> Principal, or a TOML
     file for `load_tokens`) are required as `Authorization: Bearer <token>`. Without either,
     the API is open to whoever reaches the app: that warns (`UnauthenticatedServiceWarning`)
     unless `allow_unauthenticated=True` says it is meant (an app bound to loopback).
     `ui=True` adds the run viewer's pages under /ui (off by default in a router: your app
-    decides what it serves; `create_app` turns it on)."""
+    decides what it serves; `create_app` turns it on).
+    `heartbeat`: seconds of silence after which an event stream sends a keep-alive."""
     auth = Auth(token, tokens)
     if auth.open and not allow_unauthenticated:
         message = ("frugalflow: create_router() without token= or tokens=: anyone who reaches "
@@ -60,11 +64,11 @@ def create_router(
                    "allow_unauthenticated=True if the app is bound to loopback only")
         log.warning(message)
         warnings.warn(message, UnauthenticatedServiceWarning, stacklevel=2)
-    route_cls = route_class(max_body_bytes, max_json_depth)
+    route_cls = one_line_errors(route_class(max_body_bytes, max_json_depth))
     router = APIRouter(route_class=route_cls)
     api = APIRouter(route_class=route_cls, dependencies=[Depends(auth.require)])
     _add_run_routes(api, runner, auth.require)
-    _add_run_action_routes(api, runner, auth.require)
+    _add_run_action_routes(api, runner, auth.require, heartbeat)
     _add_status_routes(api, router, runner, auth)
     _add_cost_routes(api, runner, auth.require)
     router.include_router(api)
@@ -92,13 +96,16 @@ async def _own_run(runner: Runner, run_id: str, who: Principal | None) -> RunRow
 def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
     """The flows, and runs: start one, list them, read one."""
 
-    @api.get("/flows")
-    async def list_flows() -> list[dict[str, Any]]:
+    @api.get("/flows", response_model=list[m.FlowDescription], responses=errors(401))
+    async def list_flows() -> Response:
         """Each flow: description, nodes (and their needs), input fields (name, type,
         required)."""
-        return [dict(f) for f in flows_json(list(runner.flows.values()))]
+        return render(flows_json(list(runner.flows.values())))
 
-    @api.post("/runs", status_code=202, response_model=dict[str, Any])
+    @api.post("/runs", status_code=202, response_model=m.RunActionResult,
+              responses={200: {"model": m.RunActionResult,
+                               "description": "With `wait`: where the run stopped."},
+                         **errors(401, 404, 409, 413, 422, 503)})
     async def start_run(body: StartRun,
                         who: Principal | None = Depends(require)) -> Response:
         if body.flow not in runner.flows:
@@ -116,7 +123,7 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
             raise invalid(str(e)) from None
         return render(result_json(result), status_code=200 if body.wait else 202)
 
-    @api.get("/runs", response_model=list[dict[str, Any]])
+    @api.get("/runs", response_model=list[m.RunSummary], responses=errors(401, 422, 503))
     async def list_runs(flow: str | None = None, status: str | None = None, limit: int = 50,
                         who: Principal | None = Depends(require)) -> Response:
         limit = max(1, min(limit, 500))
@@ -129,7 +136,8 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
         # Up to 500 stored inputs, each up to the body limit: render off the event loop.
         return await asyncio.to_thread(lambda: render([run_json(r) for r in rows]))
 
-    @api.get("/runs/{run_id}", response_model=dict[str, Any])
+    @api.get("/runs/{run_id}", response_model=m.RunDetail,
+             responses=errors(401, 404, 422, 503))
     async def get_run(run_id: str, who: Principal | None = Depends(require)) -> Response:
         await _own_run(runner, run_id, who)
         try:
@@ -145,10 +153,14 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
         }))
 
 
-def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
+def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require,
+                           heartbeat: float = 15.0) -> None:
     """What a principal does to one of its runs: resume, cancel, feedback, follow."""
 
-    @api.post("/runs/{run_id}/resume", status_code=202, response_model=dict[str, Any])
+    @api.post("/runs/{run_id}/resume", status_code=202, response_model=m.RunActionResult,
+              responses={200: {"model": m.RunActionResult,
+                               "description": "With `wait`: where the run stopped."},
+                         **errors(401, 404, 409, 413, 422, 503)})
     async def resume_run(run_id: str, body: ResumeRun,
                          who: Principal | None = Depends(require)) -> Response:
         await _own_run(runner, run_id, who)
@@ -160,7 +172,8 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require) ->
             raise invalid(str(e)) from None
         return render(result_json(result), status_code=200 if body.wait else 202)
 
-    @api.post("/runs/{run_id}/cancel", response_model=dict[str, Any])
+    @api.post("/runs/{run_id}/cancel", response_model=m.RunActionResult,
+              responses=errors(401, 404, 409, 422, 503))
     async def cancel_run(run_id: str, who: Principal | None = Depends(require)) -> Response:
         await _own_run(runner, run_id, who)
         try:
@@ -168,9 +181,10 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require) ->
         except FrugalflowError as e:
             raise translate(e, run_id) from None
 
-    @api.post("/runs/{run_id}/feedback")
+    @api.post("/runs/{run_id}/feedback", response_model=m.FeedbackResult,
+              responses=errors(401, 404, 413, 422, 503))
     async def run_feedback(run_id: str, body: Feedback,
-                           who: Principal | None = Depends(require)) -> dict[str, Any]:
+                           who: Principal | None = Depends(require)) -> Response:
         """Was an answer good? Learned routers trained afterwards learn from it."""
         await _own_run(runner, run_id, who)
         try:
@@ -178,13 +192,20 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require) ->
                                                  call_id=body.call_id)
         except FrugalflowError as e:
             raise translate(e, run_id) from None
-        return {"run_id": run_id, "answers": n, "good": body.good}
+        return render({"run_id": run_id, "answers": n, "good": body.good})
 
-    @api.get("/runs/{run_id}/events")
-    async def run_events(run_id: str, request: Request,
+    @api.get("/runs/{run_id}/events", response_class=EventStream, responses=event_stream())
+    async def run_events(run_id: str, request: Request, after: str | None = None,
                          who: Principal | None = Depends(require)) -> StreamingResponse:
+        """The run's events as server-sent events, each with its `id:`; `Last-Event-ID`
+        (or `?after=<id>`) replays those after that id from the event log."""
+        try:
+            since = parse_after(after, request.headers.get("last-event-id"))
+        except ValueError as e:
+            raise invalid(str(e)) from None
         row = await _own_run(runner, run_id, who)
-        return StreamingResponse(sse(runner, run_id, row.status, request),
+        return StreamingResponse(sse(runner, run_id, row.status, request, after=since,
+                                     heartbeat=heartbeat),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
@@ -192,11 +213,13 @@ def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require) ->
 def _add_status_routes(api: APIRouter, router: APIRouter, runner: Runner, auth: Auth) -> None:
     """The catalog with provider health (authenticated), and /health (liveness for all)."""
 
-    @api.get("/catalog")
-    async def catalog() -> list[dict[str, Any]]:
+    @api.get("/catalog", response_model=list[m.CatalogEntry], responses=errors(401))
+    async def catalog() -> Response:
+        """Each model: prices, profile, whether it can be called here, its provider's
+        breaker state (shared by the fleet with Redis breakers)."""
         cat = runner.catalog
         health = await _provider_health(runner)
-        return [
+        return render([
             {"model": s.key, "provider": s.provider, "simulated": s.simulated,
              "input_per_mtok": s.input_price_per_mtok, "output_per_mtok": s.output_price_per_mtok,
              "context_window": s.window,
@@ -205,14 +228,14 @@ def _add_status_routes(api: APIRouter, router: APIRouter, runner: Runner, auth: 
              "unavailable_reason": cat.unavailable_reason(s),
              "provider_health": health[s.provider]}
             for s in cat
-        ]
+        ])
 
-    @router.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
+    @router.get("/health", response_model=m.HealthDetails | m.HealthPublic)
+    async def health(request: Request) -> Response:
         """Liveness for anyone; with a valid token (or on an open API) also the details."""
         if not auth.open and auth.identify(request) is None:
-            return {"ok": True}
-        return {"ok": True, **await _health_details(runner)}
+            return render({"ok": True})
+        return render({"ok": True, **await _health_details(runner)})
 
 
 async def _provider_health(runner: Runner) -> dict[str, str]:
@@ -265,7 +288,7 @@ def _days(request: Request) -> int:
 def _add_cost_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
     """What the calls cost: totals and by day, model, node and flow."""
 
-    @api.get("/costs", response_model=CostSummary,
+    @api.get("/costs", response_model=CostSummary, responses=errors(401, 422, 503),
              openapi_extra={"parameters": [_DAYS_PARAMETER]})
     async def costs(flow: str | None = None, days: int = Depends(_days),
                     who: Principal | None = Depends(require)) -> Response:
