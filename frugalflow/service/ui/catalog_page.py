@@ -158,7 +158,7 @@ def add_catalog_page(router: APIRouter, ui: UI) -> None:
     ui.env.filters.setdefault("window", context_window)
     ui.env.filters.setdefault("short_skill", short_skill)
 
-    @router.get("/ui/catalog", include_in_schema=False)
+    @router.get("/ui/catalog", name="frugalflow_ui_catalog", include_in_schema=False)
     async def catalog_page(request: Request,
                            viewer: Viewer = Depends(ui.viewer)) -> HTMLResponse:
         return await ui.page(request, "catalog.html", viewer=viewer, nav="catalog",

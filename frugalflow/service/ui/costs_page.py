@@ -71,7 +71,7 @@ def add_costs_page(router: APIRouter, ui: UI) -> None:
     """/ui/costs?days=7&flow=...: totals and charts over a window."""
     ui.env.filters.setdefault("cost", usd_label)  # three significant digits: $0.000097
 
-    @router.get("/ui/costs", include_in_schema=False)
+    @router.get("/ui/costs", name="frugalflow_ui_costs", include_in_schema=False)
     async def costs_page(request: Request, days: str = str(DEFAULT_WINDOW), flow: str = "",
                          viewer: Viewer = Depends(ui.viewer)) -> HTMLResponse:
         n, problem = _window(days)
