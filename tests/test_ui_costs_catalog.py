@@ -17,7 +17,7 @@ from durable_flows import chain_flow, review_flow
 
 from frugalflow import Catalog
 from frugalflow.exceptions import ProviderOverloadedError
-from frugalflow.resilience import BreakerRegistry
+from frugalflow.resilience import BreakerRegistry, Breakers
 from frugalflow.runner import Runner
 from frugalflow.service import Principal, create_app
 from frugalflow.usage import Attempt, Outcome
@@ -29,7 +29,7 @@ SVG = re.compile(r"<svg .*?</svg>", re.S)
 
 @contextlib.asynccontextmanager
 async def viewer(db: str, *, catalog: Catalog | None = None,
-                 breakers: BreakerRegistry | None = None,
+                 breakers: Breakers | None = None,
                  tokens: dict[str, Principal] | None = TOKENS,
                  ) -> AsyncIterator[tuple[httpx.AsyncClient, Runner]]:
     runner = Runner(db, flows=[chain_flow(2), review_flow()],
@@ -201,3 +201,44 @@ async def test_a_model_without_its_key_says_which_variable(tmp_path: Path) -> No
         group = re.search(r'<tbody data-provider="openai">.*?</tr>', html, re.S)
         assert group and re.search(r"<code>OPENAI_API_KEY</code>\s*<span class=\"warn\">not set",
                                    group.group(0))
+
+
+async def test_pages_at_a_router_prefix_link_within_it(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from frugalflow.service import create_router
+
+    runner = Runner(f"sqlite:///{tmp_path / 'c.db'}", flows=[chain_flow(2)],
+                    catalog=Catalog.simulated(), breakers=BreakerRegistry())
+    app = FastAPI()
+    app.include_router(create_router(runner, tokens=TOKENS, ui=True), prefix="/ff")
+    await runner.setup()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://viewer.test") as client:
+            for page in ("costs", "catalog"):
+                r = await client.get(f"/ff/ui/{page}", headers=bearer(ADMIN))
+                assert r.status_code == 200
+                assert 'href="/ff/ui/costs"' in r.text and 'href="/ff/ui/catalog"' in r.text
+            costs = (await client.get("/ff/ui/costs", headers=bearer(ADMIN))).text
+            assert 'action="/ff/ui/costs"' in costs
+    finally:
+        await runner.close()
+
+
+async def test_health_says_when_redis_is_unreachable(tmp_path: Path) -> None:
+    import socket
+
+    from frugalflow.scale.redis import RedisBreakerRegistry
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    breakers = RedisBreakerRegistry(f"redis://127.0.0.1:{port}/0", prefix="ff-ui-test:")
+    async with viewer(f"sqlite:///{tmp_path / 'c.db'}",
+                      breakers=breakers) as (client, runner):
+        html = (await client.get("/ui/catalog", headers=bearer(ADMIN))).text
+        health = section(html, "health")
+        assert 'data-shared="unavailable"' in health and "Redis unreachable" in health
+        assert html.count('data-breaker="closed"') >= len(list(runner.catalog))
+    await breakers.aclose()

@@ -75,7 +75,8 @@ def usd_tick(value: float, step: float) -> str:
 
 
 def nice_ticks(top: float, count: int = 4) -> list[float]:
-    """Ticks 0..>=top on a 1-2-5 grid, so tick labels stay short (about `count` intervals); [0, 1] when top is 0."""
+    """Ticks 0..>=top on a 1-2-5 grid, so tick labels stay short (about `count` intervals);
+    [0, 1] when top is 0."""
     if not math.isfinite(top) or top <= 0:
         return [0.0, 1.0]
     power = 10.0 ** math.floor(math.log10(top / count))
