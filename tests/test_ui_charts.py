@@ -124,7 +124,7 @@ def test_days_stacked_by_series_with_a_legend() -> None:
     legend = texts(root.find(".//s:g[@class='ff-legend']", NS))  # type: ignore[arg-type]
     assert "sim:smart" in legend and "sim:fast" in legend
     labels = [t.text for t in root.findall(".//s:g[@class='ff-axis']/s:text", NS)]
-    assert "2026-11-01" in labels and len([x for x in labels if x and "2026" in x]) <= 10
+    assert "2026-12-01" in labels and len([x for x in labels if x and "2026" in x]) <= 10
 
 
 def test_one_series_is_not_stacked() -> None:

@@ -83,6 +83,7 @@ async def test_costs_and_catalog_pages_show_the_runs_and_an_outage(
         await expect(p.locator("select[name=days]")).to_have_value("30")
         await expect(p.locator("#by-day svg g.ff-bar")).to_have_count(30)
         page.check()
+        await page.shot("costs-30-days")
 
         await page.visit(f"{url}/ui/catalog")
         provider = attempts[0].provider

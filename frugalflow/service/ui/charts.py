@@ -206,7 +206,7 @@ def day_chart(days: Sequence[DayBar], *, chart_id: str, title: str, fmt: Format 
                      f'stroke="#ddd"/><text x="{left - 6}" y="{y + 3:.1f}" '
                      f'text-anchor="end">{text(usd_tick(t, step))}</text>')
     for i, d in enumerate(days):
-        if i % every == 0:
+        if (len(days) - 1 - i) % every == 0:  # counted back from the last day (today)
             x = left + slot * (i + 0.5)
             parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 14}" '
                          f'text-anchor="middle">{text(_clip(d.day, 12))}</text>')
