@@ -35,7 +35,7 @@ from .scrub import scrub, scrub_exact
 from .store import Store
 from .tables import AttemptRow, CheckpointWriteRow, NodeRunRow, RouterRow, RunRow, utcnow
 
-__all__ = ["CallOutcome", "CostRow", "Ledger", "RecordedCall", "RunRecord", "scrub"]
+__all__ = ["CallOutcome", "CostRow", "Ledger", "RecordedCall", "RunRecord", "RunStats", "scrub"]
 
 _RUNS = RunRow.__table__  # type: ignore[attr-defined]
 _NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
@@ -54,6 +54,20 @@ class CostRow:
     attempts: int
     input_tokens: int
     output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    """A run's model calls at a glance, as `Ledger.run_stats` counts them."""
+
+    calls: int = 0
+    """Model calls (each may have taken several attempts)."""
+    attempts: int = 0
+    fallbacks: int = 0
+    """Attempts on a fallback model (`fallback_from` set: an earlier model of the call
+    failed or was skipped, e.g. its breaker open), as the costs summaries count them."""
+    errors: int = 0
+    """Failed attempts (retried, fallen back from, or raised)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,11 +388,17 @@ class Ledger:
     async def list_runs(
         self, *, flow: str | None = None, status: str | None = None, limit: int = 50,
         updated_before: datetime | None = None, principal: str | None = None,
+        created_since: datetime | None = None, created_before: datetime | None = None,
     ) -> list[RunRow]:
         """Runs, newest first; `updated_before`: only those untouched since then;
-        `principal`: only those it started."""
+        `principal`: only those it started; `created_since`/`created_before`: only those
+        created in [since, before)."""
         await self.store.setup()
         q = _select_runs().order_by(_RUNS.c.created_at.desc()).limit(limit)
+        if created_since is not None:
+            q = q.where(_RUNS.c.created_at >= _utc(created_since))
+        if created_before is not None:
+            q = q.where(_RUNS.c.created_at < _utc(created_before))
         if principal is not None:
             q = q.where(_RUNS.c.principal == principal)
         if flow:
@@ -390,6 +410,27 @@ class Ledger:
         async with self.store.read() as conn:
             rows = (await conn.execute(q)).all()
         return [_run_row(r._mapping) for r in rows]
+
+    async def run_stats(self, run_ids: Sequence[str]) -> dict[str, RunStats]:
+        """Calls, attempts, fallbacks and errors of each run, counted by the database in one
+        grouped query per 500 runs; runs without attempts are absent."""
+        await self.store.setup()
+        c = _ATTEMPTS.c
+        failed = case((c.outcome == Outcome.ERROR, 1), else_=0)
+        fell_back = case((c.fallback_from.is_not(None), 1), else_=0)
+        out: dict[str, RunStats] = {}
+        ids = list(dict.fromkeys(run_ids))
+        async with self.store.read() as conn:
+            for start in range(0, len(ids), 500):  # bounded IN lists
+                q = (select(c.run_id, func.count(func.distinct(c.call_id)), func.count(),
+                            func.sum(fell_back), func.sum(failed))
+                     .where(c.run_id.in_(ids[start:start + 500]),
+                            c.outcome != Outcome.PENDING)
+                     .group_by(c.run_id))
+                for run_id, calls, attempts, fallbacks, errors in (await conn.execute(q)).all():
+                    out[run_id] = RunStats(int(calls or 0), int(attempts or 0),
+                                           int(fallbacks or 0), int(errors or 0))
+        return out
 
     async def costs(
         self,

@@ -42,11 +42,13 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_json_depth: int = MAX_JSON_DEPTH,
     docs: Docs = "token",
+    ui: bool = True,
     heartbeat: float = 15.0,
 ) -> FastAPI:
     """A stand-alone app around `runner`. Refuses to serve off loopback (any other address,
     a wildcard such as 0.0.0.0 or ::, or an empty host) without a token. `docs`: "token"
     (the OpenAPI schema and /docs need a token, when the API has one), "public" or "off".
+    `ui`: serve the run viewer at /ui (same tokens; a prompt keeps the token in a cookie).
     `heartbeat`: seconds of silence after which an event stream sends a keep-alive."""
     auth = Auth(token, tokens)  # refuses empty and malformed tokens
     if auth.open and not is_loopback(host):
@@ -69,7 +71,8 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.include_router(create_router(runner, token=token, tokens=tokens,
                                      allow_unauthenticated=True, max_body_bytes=max_body_bytes,
-                                     max_json_depth=max_json_depth, heartbeat=heartbeat))
+                                     max_json_depth=max_json_depth, ui=ui,
+                                     heartbeat=heartbeat))
     if docs == "token":
         guarded = [Depends(auth.require)]
 

@@ -1,5 +1,6 @@
 """Who may call the service: bearer tokens (one admin token, or a TOML file of named
-principals) compared in constant time."""
+principals) compared in constant time, sent as `Authorization: Bearer` or, from the run
+viewer's pages, as a cookie (then writes need the CSRF header and a same-origin request)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from urllib.parse import urlsplit
+
+from fastapi import HTTPException, Request
 
 from ..exceptions import UserError
 
@@ -23,6 +26,17 @@ log = logging.getLogger("frugalflow.service")
 _TOKEN_SHAPE = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries intact
 
 Role = Literal["admin", "user"]
+
+
+COOKIE = "frugalflow_token"
+"""The cookie the run viewer's token prompt sets: the token itself, HttpOnly, SameSite=Strict,
+scoped to the service's path (the browser's EventSource cannot send an Authorization header)."""
+
+CSRF_HEADER = "X-Frugalflow-CSRF"
+"""A write authenticated by the cookie must carry this header (any value): a cross-site form
+cannot send it, and a cross-site script cannot without a CORS preflight the service refuses."""
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class UnauthenticatedServiceWarning(UserWarning):
@@ -127,11 +141,8 @@ class Auth:
     def open(self) -> bool:
         return not self._entries
 
-    def identify(self, request: Request) -> Principal | None:
-        """The principal of the request's bearer token; None when it has none or a wrong one."""
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            given = ""  # matches no token: tokens are never empty
+    def lookup(self, given: str) -> Principal | None:
+        """The principal of the token `given`; None for a wrong one."""
         digest = hashlib.sha256(given.strip().encode("latin-1", "replace")).digest()
         found = None
         for expected, who in self._entries:  # no early exit: every token costs the same
@@ -139,13 +150,52 @@ class Auth:
                 found = who
         return found
 
+    def credentials(self, request: Request) -> tuple[Principal | None, bool]:
+        """The request's principal and whether it came from the cookie. An Authorization
+        header wins; the cookie counts only on a request without one."""
+        header = request.headers.get("authorization")
+        if header is None and (cookie := request.cookies.get(COOKIE)):
+            return self.lookup(cookie), True
+        scheme, _, given = (header or "").partition(" ")
+        if scheme.lower() != "bearer":
+            given = ""  # matches no token: tokens are never empty
+        return self.lookup(given), False
+
+    def identify(self, request: Request) -> Principal | None:
+        """The principal of the request's token (header or cookie); None when it has none
+        or a wrong one."""
+        return self.credentials(request)[0]
+
     async def require(self, request: Request) -> Principal | None:
-        """FastAPI dependency: the caller's principal (None when the API is open), or 401."""
+        """FastAPI dependency: the caller's principal (None when the API is open), or 401;
+        403 for a cookie-authenticated write without the CSRF header or from another site."""
         if self.open:
             return None
-        who = self.identify(request)
+        who, by_cookie = self.credentials(request)
         if who is None:
             raise HTTPException(401, detail={"error": "Unauthorized",
                                              "message": "send Authorization: Bearer <token>"},
                                 headers={"WWW-Authenticate": "Bearer"})
+        if by_cookie and request.method not in _SAFE_METHODS:
+            check_csrf(request)
         return who
+
+
+def same_origin(request: Request) -> bool:
+    """True unless the request's Origin (or, without one, Referer) names another host than
+    the one it was sent to. Browsers send Origin on every cross-site POST."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if source is None:
+        return True  # not a browser's cross-site request: browsers send Origin on POST
+    host = request.headers.get("host", "")
+    return source != "null" and urlsplit(source).netloc.lower() == host.lower()
+
+
+def check_csrf(request: Request) -> None:
+    """403 unless a cookie-authenticated write comes from the service's own pages."""
+    if request.headers.get(CSRF_HEADER) is None or not same_origin(request):
+        raise HTTPException(403, detail={
+            "error": "CSRFRefused",
+            "message": f"a write authenticated by the {COOKIE} cookie must come from the "
+                       f"run viewer (same origin, with the {CSRF_HEADER} header); other "
+                       "clients send Authorization: Bearer <token>"})

@@ -47,12 +47,15 @@ def create_router(
     allow_unauthenticated: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_json_depth: int = MAX_JSON_DEPTH,
+    ui: bool = False,
     heartbeat: float = 15.0,
 ) -> APIRouter:
     """The API as a router. `token` (an admin) and/or `tokens` (token -> Principal, or a TOML
     file for `load_tokens`) are required as `Authorization: Bearer <token>`. Without either,
     the API is open to whoever reaches the app: that warns (`UnauthenticatedServiceWarning`)
     unless `allow_unauthenticated=True` says it is meant (an app bound to loopback).
+    `ui=True` adds the run viewer's pages under /ui (off by default in a router: your app
+    decides what it serves; `create_app` turns it on).
     `heartbeat`: seconds of silence after which an event stream sends a keep-alive."""
     auth = Auth(token, tokens)
     if auth.open and not allow_unauthenticated:
@@ -70,6 +73,10 @@ def create_router(
     _add_status_routes(api, router, runner, auth)
     _add_cost_routes(api, runner, auth.require)
     router.include_router(api)
+    if ui:
+        from .ui import create_ui_router  # jinja2 (the service extra) only when asked
+
+        router.include_router(create_ui_router(runner, auth))
     return router
 
 

@@ -1,0 +1,231 @@
+"""What the run viewer's pages show, computed from the ledger: a run's summary row, its graph
+with per-node model, cost and status, its attempts as a timeline, and stored values as text
+that any content (deep, huge, hostile) cannot break."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ...persistence.ledger import RunRecord, RunStats
+from ...persistence.tables import AttemptRow, NodeRunRow, RunRow
+from ...statuses import FINAL_STATUSES, Outcome, RunStatus
+from .graph import Drawing
+
+LIVE_STATUSES = frozenset({RunStatus.PENDING, RunStatus.QUEUED, RunStatus.RUNNING})
+"""A run in one of these may change any moment: its page follows its events."""
+RESUMABLE = frozenset({RunStatus.INTERRUPTED, RunStatus.PAUSED, RunStatus.FAILED,
+                       RunStatus.BUDGET_EXCEEDED})
+
+_MAX_DEPTH = 100  # deeper stored values are shown as a placeholder
+_MAX_CHARS = 200_000  # longer texts are cut (the API has the whole value)
+_FOLD_LINES, _FOLD_CHARS = 24, 2_000  # longer texts start folded
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class Text:
+    """A stored value as text for a <pre>: folded when long, cut when huge."""
+
+    text: str
+    folded: bool
+    note: str | None = None
+
+    @property
+    def summary(self) -> str:
+        first = self.text.split("\n", 1)[0]
+        return (first[:80] + "...") if len(first) > 80 else first
+
+
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > _MAX_DEPTH:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def as_text(value: Any) -> Text:
+    """`value` pretty-printed (strings as they are), lone surrogates escaped."""
+    if isinstance(value, str):
+        text = value
+    elif _too_deep(value):
+        return Text(f"(not shown: nested deeper than {_MAX_DEPTH} levels)", False)
+    else:
+        try:
+            text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+        except (ValueError, TypeError, RecursionError) as e:
+            return Text(f"(not shown: cannot be written as JSON, {type(e).__name__})", False)
+    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    note = None
+    if len(text) > _MAX_CHARS:
+        note = f"cut at {_MAX_CHARS:,} of {len(text):,} characters; the API has all of it"
+        text = text[:_MAX_CHARS]
+    folded = len(text) > _FOLD_CHARS or text.count("\n") >= _FOLD_LINES
+    return Text(text, folded, note)
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    return None if t is None else (t if t.tzinfo else t.replace(tzinfo=timezone.utc))
+
+
+def duration(run: RunRow, now: datetime | None = None) -> float | None:
+    """Seconds from creation to the end (or to `now` while it runs)."""
+    start = _aware(run.created_at)
+    end = _aware(run.finished_at) or (now if run.status in LIVE_STATUSES else
+                                      _aware(run.updated_at))
+    if start is None or end is None:
+        return None
+    return max(0.0, (end - start).total_seconds())
+
+
+@dataclass(frozen=True)
+class RunLine:
+    """One row of the runs page."""
+
+    run: RunRow
+    stats: RunStats
+    seconds: float | None
+
+
+def run_lines(rows: list[RunRow], stats: dict[str, RunStats]) -> list[RunLine]:
+    now = datetime.now(timezone.utc)
+    return [RunLine(r, stats.get(r.id, RunStats()), duration(r, now)) for r in rows]
+
+
+@dataclass
+class NodeView:
+    """A node of the run's flow: what served it, what it cost, where it stands."""
+
+    name: str
+    status: str = "not run"
+    models: list[str] = field(default_factory=list)
+    cost: float = 0.0
+    executions: int = 0
+    answers: int = 0
+    """Successful model calls (what feedback marks)."""
+    feedback: bool | None = None
+
+
+@dataclass
+class Try:
+    """One attempt on the timeline, placed on the run's time axis (0..1000)."""
+
+    row: AttemptRow
+    x: int
+    w: int
+
+    @property
+    def fell_back(self) -> bool:
+        return self.row.outcome == Outcome.ERROR and self.row.action == "next"
+
+
+@dataclass
+class Execution:
+    """One execution of a node (a LangGraph task) and its attempts."""
+
+    node: str
+    status: str
+    started: datetime | None
+    error: str | None
+    cost: float
+    tries: list[Try] = field(default_factory=list)
+
+
+def _node_views(order: list[str], record: RunRecord) -> dict[str, NodeView]:
+    views = {n: NodeView(n) for n in order}
+    for nr in record.nodes:
+        v = views.setdefault(nr.node, NodeView(nr.node))
+        v.status, v.executions = nr.status, v.executions + 1  # in start order: last wins
+    for a in record.attempts:
+        v = views.setdefault(a.node, NodeView(a.node))
+        v.cost += a.cost_usd
+        if a.outcome in (Outcome.OK, Outcome.REPLAYED):
+            if a.model not in v.models:
+                v.models.append(a.model)
+            if a.outcome == Outcome.OK:
+                v.answers += 1
+                v.feedback = a.feedback if a.feedback is not None else v.feedback
+    return views
+
+
+def _timeline(record: RunRecord) -> list[Execution]:
+    attempts = [a for a in record.attempts if a.outcome != Outcome.PENDING]
+    times = [_aware(a.started_at) for a in attempts] + [_aware(record.run.created_at)]
+    t0 = min(t for t in times if t is not None)
+    ends = [(_aware(a.started_at) or t0).timestamp() + a.latency_ms / 1000 for a in attempts]
+    span = max([t0.timestamp() + 0.001, *ends]) - t0.timestamp()
+
+    def place(a: AttemptRow) -> Try:
+        start = ((_aware(a.started_at) or t0).timestamp() - t0.timestamp()) / span
+        return Try(a, x=min(995, round(start * 1000)),
+                   w=max(5, round(a.latency_ms / 1000 / span * 1000)))
+
+    by_task: dict[str, Execution] = {}
+    out: list[Execution] = []
+    for nr in record.nodes:
+        ex = Execution(nr.node, nr.status, _aware(nr.started_at), nr.error, nr.cost_usd)
+        by_task[nr.id] = ex
+        out.append(ex)
+    for a in attempts:
+        found = by_task.get(a.task_id or "")
+        if found is None:  # attempts from before node runs were recorded: one per node
+            key = f"node:{a.node}"
+            found = by_task.get(key)
+            if found is None:
+                found = by_task[key] = Execution(a.node, "", _aware(a.started_at), None, 0.0)
+                out.append(found)
+            found.cost += a.cost_usd
+        found.tries.append(place(a))
+    return out
+
+
+@dataclass
+class RunView:
+    """Everything the run page shows that changes while the run goes on."""
+
+    run: RunRow
+    drawing: Drawing | None
+    nodes: list[NodeView]
+    timeline: list[Execution]
+    output: Text | None
+    interrupts: Text | None
+    stats: RunStats
+    seconds: float | None
+
+    def node(self, name: str) -> NodeView | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    @property
+    def updated_ms(self) -> int:
+        """When the run's row last changed, in ms since the epoch (for the page's script)."""
+        t = _aware(self.run.updated_at)
+        return 0 if t is None else int(t.timestamp() * 1000)
+
+    @property
+    def live(self) -> bool:
+        return self.run.status in LIVE_STATUSES
+
+    @property
+    def can_cancel(self) -> bool:
+        return self.run.status not in FINAL_STATUSES
+
+    @property
+    def can_resume(self) -> bool:
+        return self.run.status in RESUMABLE
+
+
+def run_view(record: RunRecord, drawing: Drawing | None, stats: RunStats) -> RunView:
+    views = _node_views(drawing.order if drawing else [], record)
+    run = record.run
+    return RunView(
+        run=run, drawing=drawing, nodes=list(views.values()), timeline=_timeline(record),
+        output=None if run.output is None else as_text(run.output),
+        interrupts=as_text(run.interrupts) if run.interrupts else None,
+        stats=stats, seconds=duration(run, datetime.now(timezone.utc)))
