@@ -20,7 +20,9 @@ from frugalflow.resilience import BreakerRegistry
 from frugalflow.runner import Runner
 from frugalflow.service import Principal, create_app, create_router
 from frugalflow.service.ui.graph import layout
+from frugalflow.statuses import ErrorClass, Outcome
 from frugalflow.testing.simulator import Simulator
+from frugalflow.usage import Attempt
 
 TOKEN = "ui-admin-token"
 TOKENS = {TOKEN: Principal("root", "admin"), "ui-alice-token": Principal("alice", "user")}
@@ -180,8 +182,15 @@ async def test_hostile_stored_values_are_shown_as_text(tmp_path: Path) -> None:
         await runner.ledger.update_run("hostile", status="failed", output={
             "deep": deep, "long": "y" * 300_000, "surrogate": "a\ud800b",
             "<key>": "\x00\x1b[31m"}, error="<b>boom</b>", error_type="<i>E</i>")
+        await runner.ledger.record_attempt(Attempt(
+            node="<n>", model="<img src=m>", provider="p", outcome=Outcome.ERROR,
+            run_id="hostile", call_id="c1", error="<script>steal()</script>",
+            error_class=ErrorClass.UNKNOWN, action="next", route_reason="<u>why</u>"))
+        await runner.ledger.flush_attempts("hostile")
         r = await client.get("/ui/runs/hostile")
         assert r.status_code == 200
+        assert "<script>steal" not in r.text and "&lt;script&gt;steal()" in r.text
+        assert "<img src=m>" not in r.text and "&lt;u&gt;why&lt;/u&gt;" in r.text
         assert "<img src=x>" not in r.text and "&lt;/pre&gt;&lt;img src=x&gt;" in r.text
         assert "&lt;b&gt;boom&lt;/b&gt;" in r.text and "<b>boom" not in r.text
         assert "nested deeper than 100 levels" in r.text or "cannot be" in r.text
