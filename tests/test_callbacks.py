@@ -427,3 +427,68 @@ async def test_langsmith_tracer_exports_the_chain(
     assert usage["output_tokens"] > 0
     sent = b"".join(langsmith_server.bodies)
     assert KEY.encode() not in sent and KEY[8:30].encode() not in sent
+
+
+@pytest.fixture
+def langsmith_env(langsmith_server: _LangSmithServer,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[_LangSmithServer]:
+    """LANGSMITH_TRACING=true towards the local server (LangSmith's cached settings and
+    client are reset around the test)."""
+    from langsmith import run_trees, utils
+
+    for name, value in (("LANGSMITH_TRACING", "true"), ("LANGSMITH_API_KEY", "dummy-key"),
+                        ("LANGSMITH_ENDPOINT", langsmith_server.url),
+                        ("LANGSMITH_PROJECT", "frugalflow-env")):
+        monkeypatch.setenv(name, value)
+
+    def reset() -> None:
+        utils.get_env_var.cache_clear()
+        utils.get_tracer_project.cache_clear()
+        run_trees._CLIENT = None
+
+    reset()
+    yield langsmith_server
+    from langchain_core.tracers.langchain import wait_for_all_tracers
+
+    wait_for_all_tracers()
+    monkeypatch.undo()
+    reset()
+
+
+@pytest.mark.slow
+async def test_langsmith_tracing_from_the_environment(
+    emu: ProviderEmulator, langsmith_env: _LangSmithServer,
+) -> None:
+    """No handler given: LangChain's own LANGSMITH_TRACING tracer sees the attempts, in a
+    flow and on a routed model streamed at top level."""
+    from langchain_core.tracers.langchain import wait_for_all_tracers
+
+    cat, first, second = pair(emu)
+    app = qa_flow(first, second).compile(cat, policy=POLICY, breakers=BreakerRegistry())
+    emu.fault("openai", "overloaded", times=None)
+    await app.ainvoke({"q": PROMPT})
+    model = RoutedChatModel(needs=Needs(models=(first.key, second.key)), node="direct",
+                            context=RunContext(catalog=cat, policy=POLICY,
+                                               breakers=BreakerRegistry()))
+    _ = [c async for c in model.astream([HumanMessage(PROMPT)])]
+    await asyncio.to_thread(wait_for_all_tracers)
+
+    def tagged() -> list[dict[str, Any]]:
+        return [r for r in langsmith_env.runs.values()
+                if ATTEMPT_TAG in (r.get("tags") or []) and r.get("end_time")]
+
+    with langsmith_env.received:
+        assert langsmith_env.received.wait_for(lambda: len(tagged()) == 4, timeout=30)
+    runs = langsmith_env.runs
+    by_parent: dict[str, list[dict[str, Any]]] = {}
+    for attempt in tagged():
+        by_parent.setdefault(str(attempt["parent_run_id"]), []).append(attempt)
+    names = sorted(runs[p]["extra"]["metadata"]["ls_model_name"] for p in by_parent)
+    assert names == ["routed:answer", "routed:direct"]
+    for parent_id, attempts in by_parent.items():
+        parent = runs[parent_id]
+        assert parent["extra"]["metadata"]["ls_provider"] == "frugalflow"
+        failed, ok = sorted(attempts, key=lambda r: r["dotted_order"])
+        assert failed["error"].startswith("ProviderOverloadedError(")
+        assert ok["extra"]["metadata"]["ls_provider"] == "anthropic"
+        assert {str(a["trace_id"]) for a in attempts} == {str(parent["trace_id"])}
