@@ -304,6 +304,24 @@ async def test_a_replayed_answer_is_shown_and_not_counted(sim: Any) -> None:
     assert message["content"] == "from before" and message.get("usage_metadata") is None
 
 
+async def test_a_cancelled_attempt_ends_its_run(sim: Any) -> None:
+    sim.fail("sim-a/small", "timeout")  # it hangs
+    model = RoutedChatModel(context=RunContext(
+        catalog=_sim_catalog(), policy=FallbackPolicy(timeout=None)), node="n")
+    recorder = Recorder()
+    task = asyncio.create_task(model.ainvoke([HumanMessage("hi")],
+                                             config={"callbacks": [recorder]}))
+    while sim.calls["sim-a/small"] == 0:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # (LangChain leaves the cancelled routed run itself open: gather() is what is cancelled)
+    (root,) = recorder.run_map.values()
+    (attempt,) = root.child_runs
+    assert attempt.end_time is not None and (attempt.error or "").startswith("CancelledError(")
+
+
 async def test_no_handler_no_child_manager(sim: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from frugalflow.tracing import callbacks
 

@@ -40,6 +40,7 @@ from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManager,
     CallbackManagerForLLMRun,
+    Callbacks,
 )
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, BaseMessage
@@ -115,7 +116,7 @@ def attempt_runs(run_manager: AsyncCallbackManagerForLLMRun | CallbackManagerFor
     return AttemptRuns(parent)
 
 
-async def stream_parent(config: RunnableConfig | None, local: Any, verbose: bool
+async def stream_parent(config: RunnableConfig | None, local: Callbacks, verbose: bool
                         ) -> tuple[RunnableConfig, AttemptRuns] | None:
     """For `astream`: the config to stream with (its callbacks configured once, a run id
     chosen) and the attempts' parent under that run id; None when no handler listens.
@@ -170,7 +171,7 @@ class AttemptRuns:
         if not call.stop:
             ls.pop("ls_stop", None)
         metadata = {
-            **{k: v for k, v in ls.items() if v is not None},
+            **ls,
             "ls_integration": "langchain_chat_model",
             "frugalflow_model": spec.key,
             "frugalflow_node": call.node,
@@ -180,6 +181,7 @@ class AttemptRuns:
             "frugalflow_route_reason": call.reasons.get(spec.key),
             "frugalflow_expected_cost_usd": t.candidate.expected_cost,
         }
+        metadata = {k: v for k, v in metadata.items() if v is not None}
         t.traced = await self._open(serialized, call.messages, spec.key, metadata,
                                     {"invocation_params": params,
                                      "options": {"stop": call.stop}})
