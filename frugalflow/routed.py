@@ -377,6 +377,7 @@ class RoutedChatModel(BaseChatModel):
         return await self._answer(attempts)
 
     async def _answer(self, attempts: CallAttempts) -> ChatResult:
+        """The call's result: the first acceptable answer of its candidates."""
         message = await attempts.run()
         # The answering model's own generation holds this message already (made and checked
         # once: no second validation); a replayed or streamed answer gets a new one.

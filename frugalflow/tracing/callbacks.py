@@ -287,8 +287,7 @@ def _result(attempt: Attempt, message: AIMessage | None, model_id: str) -> LLMRe
             meta["total_cost"] = cost
             shown = message.model_copy(update={"usage_metadata": meta})
         generations = [[ChatGeneration(message=shown)]]
-    return LLMResult(generations=generations, llm_output=llm_output,
-                     run=None, type="LLMResult")
+    return LLMResult(generations=generations, llm_output=llm_output)
 
 
 async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
