@@ -27,6 +27,15 @@ their own message id), never to an attempt's run; attempt runs carry the `nostre
 LangGraph's `messages` stream mode does not emit an attempt's answer a second time.
 Nothing here runs when no handler listens: `attempt_runs` returns None, and no child
 manager is built.
+
+What each tool adds up: costs come from the attempts only (the routed run's provider,
+"frugalflow", has no price), so a trace's cost is what the attempts cost, failed but paid
+ones included. Tokens are on both: the routed run's output is the answer with its usage (as
+every chat model's), and so is the answering attempt's; a tool summing tokens over every
+chat-model run of a trace counts the answer's twice. Not covered: `ainvoke(stream=True)` and
+the sync `stream()` (LangChain hands those no run manager): their attempts are not shown.
+A streamed answer's routed run does not carry `response_metadata["frugalflow"]` (the
+chunks were sent before the answer was accepted): its answering attempt's run names it.
 """
 
 from __future__ import annotations
