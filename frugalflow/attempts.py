@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from .limits import RateReservation
     from .policies import Choice
     from .routed import RoutedChatModel, RunContext
+    from .tracing.callbacks import AttemptRun, AttemptRuns
 
 __all__ = [
     "INNER_CONFIG",
@@ -102,6 +104,7 @@ class _Try:
     emitted: bool = False  # chunks reached the consumer: no retry can follow
     verdict: bool = False  # the breakers heard how it ended (else its slot is released)
     allowed: Allowance | None = None  # under a budget: its max output and what it holds
+    traced: AttemptRun | None = None  # its child run, while open (callbacks listening)
 
     def take(self, chunk: AIMessageChunk, attempt_id: str) -> None:
         chunk.id = attempt_id
@@ -127,13 +130,15 @@ class CallAttempts:
 
     def __init__(self, routed: RoutedChatModel, messages: list[BaseMessage],
                  stop: list[str] | None, kwargs: dict[str, Any],
-                 forward: AsyncCallbackManagerForLLMRun | None = None) -> None:
+                 forward: AsyncCallbackManagerForLLMRun | None = None,
+                 runs: AttemptRuns | None = None) -> None:
         self.routed = routed
         self.ctx: RunContext
         self.ctx, self.task_id = routed._context_and_task()
         self.usage: RunUsage = self.ctx.usage
         self.node = routed.node or ""
         self.messages, self.stop, self.kwargs, self.forward = messages, stop, kwargs, forward
+        self.runs = runs  # each try a child run of the routed call's (None: nobody listens)
         self.attempts: list[Attempt] = []
         self.failures: list[ModelAPIError] = []
         self.skipped: list[str] = []
@@ -200,6 +205,8 @@ class CallAttempts:
                 t = self.start(candidate, reservation)
                 try:
                     await self.intend(t)
+                    if self.runs is not None:
+                        await self.runs.start(self, t)
                     attempt_id = self.attempt_id()
                     async for chunk in iter_with_timeout(self.open_stream(t),
                                                          self.ctx.policy.timeout):
@@ -238,8 +245,11 @@ class CallAttempts:
         replayed = await ctx.replay(routed.node, self.call_key)
         if replayed is not None:
             model = replayed.response_metadata.get("frugalflow", {}).get("model", "replay")
-            await self.usage.arecord(self._attempt(
-                Outcome.REPLAYED, model=str(model), provider="replay", call_key=self.call_key))
+            attempt = self._attempt(Outcome.REPLAYED, model=str(model), provider="replay",
+                                    call_key=self.call_key)
+            await self.usage.arecord(attempt)
+            if self.runs is not None:
+                await self.runs.replayed(self, attempt, replayed)
         return replayed
 
     def plan(self) -> Iterable[Candidate]:
@@ -492,6 +502,8 @@ class CallAttempts:
         await self.take_allowance(t)
         if self.ctx.intent is not None:
             await self.intend(t)
+        if self.runs is not None:
+            await self.runs.start(self, t)
         if self.forward is not None:
             attempt_id = self.attempt_id()
             async for chunk in iter_with_timeout(self.open_stream(t), self.ctx.policy.timeout):
@@ -535,6 +547,8 @@ class CallAttempts:
     async def release(self, t: _Try) -> None:
         """The try ended without a verdict (cancelled): free its breakers' slot."""
         self.unhold(t)
+        if t.traced is not None and self.runs is not None:
+            await asyncio.shield(self.runs.dropped(t, sys.exc_info()[1]))
         await asyncio.shield(self.ctx.breakers.arelease(t.spec))
 
     # -- after a try -------------------------------------------------------------------------
@@ -560,9 +574,11 @@ class CallAttempts:
         # Only persisted runs keep the request (the ledger writes it for replay by `eval`).
         request = recorded_request(self.routed, self.messages) if self.usage.listeners else None
         self.unhold(t)  # no await until the record adds the cost: never counted twice or none
-        await self.record(self._attempt(Outcome.OK, t, usage=paid, estimated=estimated,
-                                        cost=cost, call_key=call_key, response=message,
-                                        request=request))
+        attempt = self._attempt(Outcome.OK, t, usage=paid, estimated=estimated, cost=cost,
+                                call_key=call_key, response=message, request=request)
+        await self.record(attempt)
+        if self.runs is not None:
+            await self.runs.end(t, attempt, message)
         self.routed._last_model = spec.key
         self.generation = t.generation
         return message
@@ -592,9 +608,11 @@ class CallAttempts:
             message = cast(AIMessage, message_chunk_to_message(t.gathered))
         paid, estimated = billed(message, self.n_in, partial=isinstance(err, _CUT_SHORT))
         self.unhold(t)
-        await self.record(self._attempt(
-            Outcome.ERROR, t, usage=paid, estimated=estimated,
-            cost=spec.cost(paid) if paid else 0.0, error=err, action=action))
+        attempt = self._attempt(Outcome.ERROR, t, usage=paid, estimated=estimated,
+                                cost=spec.cost(paid) if paid else 0.0, error=err, action=action)
+        await self.record(attempt)
+        if self.runs is not None:
+            await self.runs.end(t, attempt, message, err)
         self.failures.append(err)
         if action is Action.RAISE:
             raise err from e

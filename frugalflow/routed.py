@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.runtime import get_runtime
 from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
 
@@ -31,6 +31,7 @@ from .limits import Limiter
 from .resilience import Breakers, FallbackPolicy, default_breakers
 from .needs import Needs, tool_schema, tool_tokens
 from .ranking import Prefilter, Priced, QualityJudge, prefilter, priced
+from .tracing.callbacks import PARENT_KWARG, attempt_runs, routed_ls_params, stream_parent
 from .usage import Attempt, RunUsage
 
 if TYPE_CHECKING:
@@ -355,7 +356,8 @@ class RoutedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _run_sync(self._agenerate(messages, stop=stop, **kwargs))
+        attempts = CallAttempts(self, messages, stop, kwargs, runs=attempt_runs(run_manager))
+        return _run_sync(self._answer(attempts))
 
     async def _agenerate(
         self,
@@ -370,7 +372,12 @@ class RoutedChatModel(BaseChatModel):
                     and BaseChatModel._should_stream(self, async_api=True,
                                                      run_manager=run_manager, **kwargs))
         attempts = CallAttempts(self, messages, stop, kwargs,
-                                forward=run_manager if live else None)
+                                forward=run_manager if live else None,
+                                runs=attempt_runs(run_manager))
+        return await self._answer(attempts)
+
+    async def _answer(self, attempts: CallAttempts) -> ChatResult:
+        """The call's result: the first acceptable answer of its candidates."""
         message = await attempts.run()
         # The answering model's own generation holds this message already (made and checked
         # once: no second validation); a replayed or streamed answer gets a new one.
@@ -379,6 +386,16 @@ class RoutedChatModel(BaseChatModel):
             generation = ChatGeneration(message=message)
         # One valid generation: nothing for ChatResult's validation to check.
         return ChatResult.model_construct(generations=[generation])
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        # The routed call's run is frugalflow's; each attempt's child run names the provider
+        # and model (see frugalflow.tracing.callbacks).
+        return routed_ls_params(self.node, stop)
+
+    def _get_invocation_params(self, stop: list[str] | None = None,
+                               **kwargs: Any) -> dict[str, Any]:
+        kwargs.pop(PARENT_KWARG, None)  # astream's handle for `_astream`, not a parameter
+        return super()._get_invocation_params(stop=stop, **kwargs)
 
     def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
         # invoke/ainvoke always go through _agenerate, which streams by itself when a
@@ -398,6 +415,22 @@ class RoutedChatModel(BaseChatModel):
         msg = result.generations[0].message
         yield ChatGenerationChunk(message=AIMessageChunk(**msg.model_dump(exclude={"type"})))
 
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        # LangChain gives `_astream` no run manager: when handlers listen, the routed run's
+        # id is chosen here and its attempts' parent handed down as a keyword.
+        parent = await stream_parent(config, self.callbacks, self.verbose)
+        if parent is not None:
+            config, kwargs[PARENT_KWARG] = parent
+        async for chunk in super().astream(input, config, stop=stop, **kwargs):
+            yield chunk
+
     async def _astream(
         self,
         messages: list[BaseMessage],
@@ -405,7 +438,8 @@ class RoutedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for chunk in CallAttempts(self, messages, stop, kwargs).stream():
+        runs = kwargs.pop(PARENT_KWARG, None) or attempt_runs(run_manager)
+        async for chunk in CallAttempts(self, messages, stop, kwargs, runs=runs).stream():
             generation = ChatGenerationChunk(message=chunk)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(chunk.text, chunk=generation)

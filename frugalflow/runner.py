@@ -55,6 +55,7 @@ from .usage import RunUsage
 from .verbosity import Verbosity, VerbosityCache
 
 if TYPE_CHECKING:
+    from langchain_core.callbacks import BaseCallbackHandler
     from langchain_core.runnables import RunnableConfig
     from langgraph.checkpoint.base import BaseCheckpointSaver
     from langgraph.types import StateSnapshot
@@ -145,6 +146,7 @@ class Runner:
         fallback: FallbackPolicy | None = None,
         measure: MeasureConfig | bool | None = None,
         explore: float | Mapping[str, float] = 0.0,
+        callbacks: Iterable[BaseCallbackHandler] = (),
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
@@ -185,6 +187,10 @@ class Runner:
         self.verbosity = VerbosityCache()
         """Output-token estimates per flow, node and model, read from the ledger at a run's
         start (at most once a minute per flow): ranking and budgets use them."""
+        self.callbacks = list(callbacks)
+        """LangChain callback handlers given every run's graph (a Langfuse `CallbackHandler`,
+        a `LangChainTracer`...): graph, nodes, routed calls and their attempts. LangSmith
+        tracing from the environment (LANGSMITH_TRACING=true) needs none."""
         for f in flows:
             self.register(f)
 
@@ -647,6 +653,8 @@ class Runner:
         await self.ledger.update_run(run_id, status=RunStatus.RUNNING, error=None, error_type=None)
         self.events.publish(run_id, "run_started", flow=row.flow)
         config = self._config(run_id)
+        if self.callbacks:
+            config["callbacks"] = list(self.callbacks)
         async for mode, chunk in compiled.graph.astream(
             graph_input, config, context=ctx, stream_mode=["tasks", "values"]
         ):
