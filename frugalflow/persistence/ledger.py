@@ -158,6 +158,12 @@ class Ledger:
 
         await self.store.run_write(plan, key=run_id, what=f"update of run {run_id}")
 
+    async def set_trace_context(self, run_id: str, context: dict[str, str]) -> None:
+        """Keep the run's W3C trace context (`traceparent`, `tracestate`): every later
+        execution of the run, by any process, continues that trace."""
+        carrier = {k: v for k, v in context.items() if k in ("traceparent", "tracestate")}
+        await self.update_run(run_id, trace_context=carrier)
+
     async def node_started(self, task_id: str, run_id: str, node: str,
                            holder: str | None = None) -> None:
         pg = not self.store.is_sqlite
