@@ -27,7 +27,17 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel, UserError
+from frugalflow import (
+    END,
+    START,
+    AuthenticationError,
+    Catalog,
+    Flow,
+    Needs,
+    ProviderOverloadedError,
+    RoutedChatModel,
+    UserError,
+)
 from frugalflow.resilience import BreakerRegistry
 from frugalflow.runner import Runner
 from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
@@ -275,6 +285,79 @@ async def test_a_run_resumed_by_another_runner_continues_its_trace(db_url: str) 
     for t in (first, second):
         t.tracer_provider.shutdown()
         t.meter_provider.shutdown()
+
+
+async def test_a_failed_run_and_its_node_are_errors(tmp_path: Path, otel: Tracing,
+                                                    sim: Any) -> None:
+    catalog = Catalog.simulated()
+    for provider in catalog.providers:
+        sim.down(provider, kind="auth")  # every provider refuses: the node fails, then the run
+    runner = Runner(f"sqlite:///{tmp_path / 'runs.db'}", flows=[one_node_flow()],
+                    catalog=catalog, breakers=BreakerRegistry(), meter_provider=otel.meter_provider,
+                    tracer_provider=otel.tracer_provider)
+    try:
+        result = await runner.start("ask", {"topic": "x"})
+        record = await runner.get(result.run_id)
+    finally:
+        await runner.close()
+    assert result.status == "failed"
+    spans = _by_name(otel.finished())
+    (run,), (node,) = spans["invoke_workflow ask"], spans["invoke_agent ask"]
+    assert run.status.status_code is StatusCode.ERROR
+    assert node.status.status_code is StatusCode.ERROR
+    assert run.attributes is not None and node.attributes is not None
+    assert run.attributes["frugalflow.status"] == "failed" and run.attributes["error.type"]
+    assert node.attributes["error.type"] == "AllModelsFailedError"
+    chats = [s for s in otel.finished() if s.name.startswith("chat ")]
+    assert len(chats) == len(record.attempts) > 1
+    assert all(s.status.status_code is StatusCode.ERROR for s in chats)
+    errors = sum(p.value for p in otel.points("frugalflow.attempts")
+                 if p.attributes["frugalflow.outcome"] == "error")
+    assert errors == len(record.attempts)
+
+
+async def test_breaker_changes_are_counted_in_process_and_in_redis(
+    redis_url: str, clock: Any,
+) -> None:
+    """The same outcomes move both registries through the same transitions, each told to
+    the listeners (and counted by the metrics) once."""
+    from frugalflow.scale.redis import RedisBreakerRegistry
+    from frugalflow.tracing.otel import RunTracing
+
+    spec = Catalog.simulated()["sim-openai/gpt-4o-mini"]
+    local = BreakerRegistry(threshold=1, cooldown=5, clock=clock)
+    fleet = RedisBreakerRegistry(redis_url, threshold=1, cooldown=5, clock=clock,
+                                 prefix=f"frugalflow:test:{uuid.uuid4().hex}:")
+    seen: dict[str, list[tuple[str, str, str]]] = {"local": [], "fleet": []}
+    tracing = Tracing()
+    hooks = RunTracing(None, tracing.meter_provider, fleet)
+    try:
+        for name, reg in (("local", local), ("fleet", fleet)):
+            reg.listeners.append(lambda *change, n=name: seen[n].append(change))
+            start = clock.now
+            await reg.arecord(spec, ProviderOverloadedError("503"))  # closed -> open
+            clock.now = start + 10  # after the cooldown: one probe, half-open
+            assert await reg.aacquire(spec)
+            await reg.arecord(spec, None)  # the probe answered: closed
+            await reg.arecord(spec, AuthenticationError("bad key", status_code=401))
+        assert seen["fleet"] == seen["local"] == [
+            ("sim-openai", "closed", "open"), ("sim-openai/gpt-4o-mini", "closed", "open"),
+            ("sim-openai", "open", "half_open"), ("sim-openai/gpt-4o-mini", "open", "half_open"),
+            ("sim-openai", "half_open", "closed"),
+            ("sim-openai/gpt-4o-mini", "half_open", "closed"),
+            ("sim-openai", "closed", "disabled")]
+        counted = {(p.attributes["frugalflow.breaker.key"], p.attributes["frugalflow.breaker.from"],
+                    p.attributes["frugalflow.breaker.to"]): p.value
+                   for p in tracing.points("frugalflow.breaker.transitions")}
+        assert counted == {change: 1 for change in seen["fleet"]}
+        assert fleet.shared_state() == "ok"  # Redis made them
+        await hooks.aclose()
+        assert hooks.breaker_changed not in fleet.listeners
+    finally:
+        await fleet.areset()
+        await fleet.aclose()
+        tracing.meter_provider.shutdown()
+        tracing.tracer_provider.shutdown()
 
 
 # -- configuration ---------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class CallMetrics:
         provider = provider_name(attempt.provider)
         common: dict[str, str] = {"frugalflow.flow": flow, "frugalflow.node": attempt.node,
                                   "frugalflow.outcome": str(attempt.outcome)}
-        if attempt.outcome is Outcome.REPLAYED:
+        if attempt.outcome == Outcome.REPLAYED:
             self.attempts.add(1, common)
             return
         model = request_model(attempt)
@@ -82,7 +82,7 @@ class CallMetrics:
                                 "gen_ai.request.model": model}
         if attempt.error_class is not None:
             call["error.type"] = str(attempt.error_class)
-        elif attempt.outcome is Outcome.OK:
+        elif attempt.outcome == Outcome.OK:
             call["gen_ai.response.model"] = response_model(attempt) or model
         self.attempts.add(1, {**common, **call})
         self.duration.record(attempt.latency_ms / 1000.0, call)
@@ -90,7 +90,7 @@ class CallMetrics:
             self.cost.add(attempt.cost_usd, {**common, "gen_ai.provider.name": provider,
                                              "gen_ai.request.model": model})
         usage = attempt.usage
-        if usage is not None and attempt.outcome is Outcome.OK:
+        if usage is not None and attempt.outcome == Outcome.OK:
             # Token usage is recorded for calls that answered (the convention's "when
             # available"); a failed call's billed tokens are in its cost.
             self.tokens.record(usage.input_tokens, {**call, "gen_ai.token.type": "input"})

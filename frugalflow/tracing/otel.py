@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -149,10 +149,9 @@ class RunTracing:
         span.set_attribute("frugalflow.status", status)
         if ended.cost_usd is not None:
             span.set_attribute("frugalflow.cost_usd", ended.cost_usd)
-        error = ended.error_type or ended.error
-        if status in _ERROR_STATUSES or (error and status not in (
-                RunStatus.CANCELLED, RunStatus.PAUSED, RunStatus.INTERRUPTED)):
-            span.set_attribute("error.type", error or status)
+        # A failed or over-budget end is an error; a pause, an interrupt or a cancel is not.
+        if status in _ERROR_STATUSES or (ended.status is None and status == "failed"):
+            span.set_attribute("error.type", ended.error_type or ended.error or status)
             span.set_status(Status(StatusCode.ERROR))
         span.end()
 
@@ -187,7 +186,7 @@ class RunTracing:
 
     # -- attempts ------------------------------------------------------------------------
 
-    def _listener(self, ex: _Execution, usage: RunUsage) -> Any:
+    def _listener(self, ex: _Execution, usage: RunUsage) -> Callable[[Attempt], None]:
         def on_attempt(attempt: Attempt) -> None:
             self.attempt(ex, attempt, usage)
             if self.metrics is not None:
@@ -207,7 +206,7 @@ class RunTracing:
             "frugalflow.try": attempt.try_number, "frugalflow.cost_usd": attempt.cost_usd,
             "frugalflow.call_id": attempt.call_id,
         }
-        if attempt.outcome is Outcome.REPLAYED:  # answered from the ledger: no model call
+        if attempt.outcome == Outcome.REPLAYED:  # answered from the ledger: no model call
             span = self.tracer.start_span(f"replay {attempt.model}", context=parent,
                                           kind=SpanKind.INTERNAL, attributes=attrs,
                                           start_time=start)
@@ -271,11 +270,11 @@ class _Ended:
         return result
 
 
-def _error_type(error: str) -> str:
-    """A low-cardinality error class from the run's error text ("KeyError: ..." -> KeyError);
-    never the message itself (it may quote inputs)."""
+def _error_type(error: str) -> str | None:
+    """A low-cardinality error class from the run's error text ("KeyError: ..." -> KeyError),
+    or None; never the message itself (it may quote inputs)."""
     head = error.split(":", 1)[0].strip()
-    return head if head.isidentifier() else "_OTHER"
+    return head if head.isidentifier() else None
 
 
 def _optional(attrs: dict[str, AttributeValue], attempt: Attempt, usage: RunUsage) -> None:
@@ -292,7 +291,7 @@ def _optional(attrs: dict[str, AttributeValue], attempt: Attempt, usage: RunUsag
             attrs["gen_ai.usage.reasoning.output_tokens"] = u.reasoning_tokens
         if attempt.usage_estimated:
             attrs["frugalflow.usage_estimated"] = True
-    if attempt.outcome is Outcome.OK:
+    if attempt.outcome == Outcome.OK:
         attrs["gen_ai.response.model"] = response_model(attempt) or str(
             attrs["gen_ai.request.model"])
     if attempt.route_reason:
