@@ -165,6 +165,8 @@ async def test_a_fallback_is_run_node_and_two_attempt_spans_like_the_ledger(
     assert node.attributes["gen_ai.operation.name"] == "invoke_agent"
     assert node.attributes["gen_ai.agent.name"] == "ask"
     assert node.attributes["frugalflow.status"] == "done"
+    assert node.attributes["gen_ai.provider.name"] == "anthropic"  # who served the step
+    assert node.attributes["frugalflow.cost_usd"] == pytest.approx(record.nodes[0].cost_usd)
     # the failed attempt: CLIENT, status ERROR, error.type = its class
     first, second = attempts
     a1, a2 = dict(first.attributes or {}), dict(second.attributes or {})

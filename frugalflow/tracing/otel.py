@@ -13,14 +13,18 @@ process or another, starts its span as a child of that context: the whole life o
 one trace. The caller's own span at a resume (an HTTP request, a queue job), when there is
 one, is attached as a *link*: it caused this execution but is not the run's parent.
 
-No prompts, answers, inputs, outputs or error messages go into spans: names, models,
-counts, costs, statuses and error classes only.
+`error.type` of an attempt is its `ErrorClass` (rate_limit, overloaded, timeout, connection,
+incomplete, auth, context_length, content_filter, malformed, validation, invalid_request,
+unknown); of a node or a run, the exception's class name (or the run's status). No prompts,
+answers, inputs, outputs or error messages go into spans: names, models, counts, costs,
+statuses and error classes only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +68,7 @@ class _Execution:
     token: object | None = None  # the context attached while the run executes
     flow: str = ""
     nodes: dict[str, Span] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)  # task id -> its attempts' cost
     fallbacks: dict[str, str] = field(default_factory=dict)  # call id -> last error class
 
 
@@ -72,13 +77,12 @@ class RunTracing:
 
     def __init__(self, tracer_provider: TracerProvider | None,
                  meter_provider: MeterProvider | None, breakers: Breakers | None = None) -> None:
-        from .. import __version__
-
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
-        self.tracer = (tracer_provider.get_tracer("frugalflow", __version__)
+        version = _version()
+        self.tracer = (tracer_provider.get_tracer("frugalflow", version)
                        if tracer_provider is not None else trace.NoOpTracer())
-        self.metrics = (CallMetrics(meter_provider, __version__)
+        self.metrics = (CallMetrics(meter_provider, version)
                         if meter_provider is not None else None)
         self._runs: dict[str, _Execution] = {}
         # Registries that report their state changes (the in-process one) are counted.
@@ -174,6 +178,7 @@ class RunTracing:
         span = ex.nodes.pop(task_id, None)
         if span is None:
             return
+        span.set_attribute("frugalflow.cost_usd", ex.costs.pop(task_id, 0.0))
         err = chunk.get("error")
         status = (NodeStatus.ERROR if err else NodeStatus.INTERRUPTED
                   if chunk.get("interrupts") else NodeStatus.DONE)
@@ -233,6 +238,11 @@ class RunTracing:
         else:
             ex.fallbacks.pop(attempt.call_id, None)
         span.end(end_time=start + int(attempt.latency_ms * 1e6))
+        if node is not None and attempt.task_id is not None:
+            ex.costs[attempt.task_id] = ex.costs.get(attempt.task_id, 0.0) + attempt.cost_usd
+            if attempt.outcome == Outcome.OK:  # the agent step's provider: who served it
+                node.set_attribute("gen_ai.provider.name", str(attrs["gen_ai.provider.name"]))
+                node.set_attribute("gen_ai.request.model", model)
 
     async def aclose(self) -> None:
         """Stop counting breaker changes; export what is buffered (off the event loop)."""
@@ -268,6 +278,14 @@ class _Ended:
         if result.error is not None:
             self.error_type = _error_type(result.error)
         return result
+
+
+def _version() -> str:
+    """frugalflow's version, the instrumentation scope's (as `frugalflow.__version__`)."""
+    try:
+        return importlib.metadata.version("frugalflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 def _error_type(error: str) -> str | None:
