@@ -13,6 +13,8 @@ meter providers with no span processor and no metric reader); with an in-memory 
 exporter behind a SimpleSpanProcessor (and an in-memory metric reader); and with a
 BatchSpanProcessor in front of that exporter. Each is compared with the off runs of the same
 rounds: the median ratio and its spread (min - max of the per-round ratios) are printed.
+Last, the tracing hooks alone (a node's start and end, one attempt: two spans, five metric
+records), timed without the runner, the database or the model around them.
 
     python bench/overhead.py [--nodes 50] [--runs 30] [--tracing-nodes 20] [--tracing-runs 15]
 
@@ -196,6 +198,7 @@ async def tracing_overhead(n: int, runs: int) -> None:
             for runner in runners.values():
                 await runner.close()
     print()
+    await hooks_alone()
     print(f"-- tracing: durable runs (Runner, SQLite), nodes per run: {n}, rounds: {runs}, "
           "each round runs every set-up once (rotating order)")
     off = times["off (no provider)"]
@@ -209,6 +212,40 @@ async def tracing_overhead(n: int, runs: int) -> None:
             print(f"{label:28s}: {med * 1e3:8.2f} ms/run {med / n * 1e6:8.1f} us/node  "
                   f"+{(med - base) / n * 1e6:7.1f} us/node  ratio "
                   f"{statistics.median(ratios):6.3f} ({min(ratios):.3f} - {max(ratios):.3f})")
+
+
+async def hooks_alone(nodes: int = 2000, rounds: int = 5) -> None:
+    """What the runner's tracing hooks cost per node by themselves (CPU, median of rounds)."""
+    from frugalflow.persistence.tables import RunRow
+    from frugalflow.statuses import Outcome
+    from frugalflow.tracing.otel_setup import run_tracing
+    from frugalflow.usage import Attempt, RunUsage, Usage
+
+    stored = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    row = RunRow(id="bench", flow="bench", trace_context=stored)  # stored: nothing to write
+    attempt = Attempt(node="n0", model="sim-groq/llama-3.1-8b-instant", provider="sim-groq",
+                      outcome=Outcome.OK, call_id="c", task_id="t", usage=Usage(40, 12, requests=1),
+                      cost_usd=3e-6, latency_ms=1.0)
+    print("-- tracing hooks alone (a node started and ended, one attempt), CPU us/node, "
+          f"median of {rounds} rounds of {nodes}")
+    for label, make in list(_variants().items())[1:]:
+        hooks = run_tracing(**make())
+        assert hooks is not None
+        per_round = []
+        for _ in range(rounds):
+            usage = RunUsage(budget_usd=1.0)
+            with hooks.execution("bench"):
+                await hooks.begin(row, usage, None)  # type: ignore[arg-type]  # not written
+                on_attempt = usage.listeners[-1]
+                c0 = time.process_time()
+                for _ in range(nodes):
+                    hooks.task("bench", {"id": "t", "name": "n0", "input": {}})
+                    on_attempt(attempt)
+                    hooks.task("bench", {"id": "t", "name": "n0", "result": {}})
+                per_round.append((time.process_time() - c0) / nodes * 1e6)
+        await hooks.aclose()
+        print(f"{label:28s}: {statistics.median(per_round):7.1f} us/node "
+              f"({min(per_round):.1f} - {max(per_round):.1f})")
 
 
 if __name__ == "__main__":
