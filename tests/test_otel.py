@@ -143,8 +143,25 @@ async def test_a_fallback_is_run_node_and_two_attempt_spans_like_the_ledger(
         finally:
             await runner.close()
     assert [a.outcome for a in record.attempts] == ["error", "ok"]
-    failed, served = record.attempts
+    _assert_spans(otel, result.run_id, record)
+    run = _by_name(otel.finished())["invoke_workflow ask"][0]
+    # the trace context is kept with the run
+    row = await _row(tmp_path / "runs.db", result.run_id)
+    assert row.trace_context is not None
+    assert f"{run.context.trace_id:032x}" in row.trace_context["traceparent"]
 
+    _assert_metrics(otel, record)
+    # no secrets, no prompts: not in spans, not in metric attributes
+    text = _everything(otel.finished()) + json.dumps(
+        [dict(p.attributes) for name in ("gen_ai.client.token.usage", "frugalflow.attempts",
+                                         "frugalflow.cost") for p in otel.points(name)])
+    assert SECRET not in text and SECRET[8:24] not in text
+    assert MARKER not in text
+
+
+def _assert_spans(otel: Tracing, run_id: str, record: Any) -> None:
+    """run -> node -> two attempts, with the conventions' attributes and the ledger's facts."""
+    failed, served = record.attempts
     spans = _by_name(otel.finished())
     (run,) = spans["invoke_workflow ask"]
     (node,) = spans["invoke_agent ask"]
@@ -159,7 +176,7 @@ async def test_a_fallback_is_run_node_and_two_attempt_spans_like_the_ledger(
     assert run.attributes is not None and node.attributes is not None
     assert run.attributes["gen_ai.operation.name"] == "invoke_workflow"
     assert run.attributes["gen_ai.workflow.name"] == "ask"
-    assert run.attributes["frugalflow.run_id"] == result.run_id
+    assert run.attributes["frugalflow.run_id"] == run_id
     assert run.attributes["frugalflow.status"] == "succeeded"
     assert run.status.status_code is StatusCode.UNSET
     assert node.attributes["gen_ai.operation.name"] == "invoke_agent"
@@ -193,12 +210,11 @@ async def test_a_fallback_is_run_node_and_two_attempt_spans_like_the_ledger(
     assert first.end_time <= second.start_time  # the fallback came after the failure
     assert run.attributes["frugalflow.cost_usd"] == pytest.approx(record.run.cost_usd)
 
-    # the trace context is kept with the run
-    row = await _row(tmp_path / "runs.db", result.run_id)
-    assert row.trace_context is not None
-    assert f"{run.context.trace_id:032x}" in row.trace_context["traceparent"]
 
-    # metrics: the ledger's tokens, durations, cost, attempts by outcome, breaker changes
+
+def _assert_metrics(otel: Tracing, record: Any) -> None:
+    """The ledger's tokens, durations, cost, attempts by outcome; the breaker changes."""
+    served = record.attempts[1]
     tokens = {(p.attributes["gen_ai.token.type"], p.attributes["gen_ai.provider.name"]): p
               for p in otel.points("gen_ai.client.token.usage")}
     assert set(tokens) == {("input", "anthropic"), ("output", "anthropic")}
@@ -220,13 +236,6 @@ async def test_a_fallback_is_run_node_and_two_attempt_spans_like_the_ledger(
                for p in otel.points("frugalflow.breaker.transitions")}
     assert changes == {("openai", "closed", "open"): 1,
                        ("openai/gpt-4o-mini", "closed", "open"): 1}
-
-    # no secrets, no prompts: not in spans, not in metric attributes
-    text = _everything(otel.finished()) + json.dumps(
-        [dict(p.attributes) for name in ("gen_ai.client.token.usage", "frugalflow.attempts",
-                                         "frugalflow.cost") for p in otel.points(name)])
-    assert SECRET not in text and SECRET[8:24] not in text
-    assert MARKER not in text
 
 
 async def _row(db: Path, run_id: str) -> Any:
