@@ -474,6 +474,16 @@ def test_an_apps_global_provider_is_used(env: pytest.MonkeyPatch, otel: Tracing)
     hooks = otel_setup.run_tracing()
     assert hooks is not None and hooks.tracer_provider is otel.tracer_provider
     assert hooks.metrics is None
+    from opentelemetry.metrics import _internal as metrics_api
+
+    env.setattr(metrics_api, "_METER_PROVIDER", otel.meter_provider)
+    hooks = otel_setup.run_tracing()
+    assert hooks is not None and hooks.meter_provider is otel.meter_provider
+    assert hooks.metrics is not None
+    env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")  # the app's win
+    again = otel_setup.run_tracing()
+    assert again is not None and again.tracer_provider is otel.tracer_provider
+    assert not otel_setup._built
 
 
 # -- OTLP over HTTP ----------------------------------------------------------------------------
