@@ -56,10 +56,10 @@ from .verbosity import Verbosity, VerbosityCache
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
-    from opentelemetry.metrics import MeterProvider
-    from opentelemetry.trace import TracerProvider
     from langgraph.checkpoint.base import BaseCheckpointSaver
     from langgraph.types import StateSnapshot
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
     from .limits import Limiter
     from .learning import Featurizer, LearnedRouter, Router
