@@ -12,6 +12,7 @@ the circuit breakers that stop calling a provider (or model) that keeps failing.
 from __future__ import annotations
 
 import email.utils
+import logging
 import random
 import threading
 import time
@@ -38,8 +39,11 @@ from .exceptions import (
 if TYPE_CHECKING:
     from .catalog import ModelSpec
 
+log = logging.getLogger("frugalflow")
+
 __all__ = [
     "Action",
+    "BreakerListener",
     "BreakerRegistry",
     "BreakerState",
     "Breakers",
@@ -180,6 +184,10 @@ class BreakerState(str, Enum):
     DISABLED = "disabled"  # authentication failed: no calls for the rest of the process
 
 
+BreakerListener = Callable[[str, str, str], None]
+"""Told of each breaker state change: (breaker key, state before, state after)."""
+
+
 @dataclass
 class CircuitBreaker:
     """closed -> open after `threshold` consecutive failures -> half-open after `cooldown`
@@ -194,7 +202,13 @@ class CircuitBreaker:
     opened_at: float = 0.0
     probe_in_flight: bool = False
     reason: str = ""
+    on_change: BreakerListener | None = field(default=None, repr=False)
+    """Called after each state change (outside the lock): metrics count them."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _changed(self, before: BreakerState, after: BreakerState) -> None:
+        if after is not before and self.on_change is not None:
+            self.on_change(self.key, before.value, after.value)
 
     def allow(self) -> bool:
         """May a call go through now? In half-open state only the first caller gets a yes."""
@@ -211,31 +225,39 @@ class CircuitBreaker:
                     return False
                 self.state = BreakerState.HALF_OPEN
                 self.probe_in_flight = False
-            if self.probe_in_flight:
-                return False
+                half_opened = True
+            else:
+                half_opened = False
+            allowed = not self.probe_in_flight
             self.probe_in_flight = True
-            return True
+        if half_opened:
+            self._changed(BreakerState.OPEN, BreakerState.HALF_OPEN)
+        return allowed
 
     def record_success(self) -> None:
         if self.state is BreakerState.CLOSED and not self.failures and not self.probe_in_flight:
             return
         with self._lock:
-            if self.state is BreakerState.DISABLED:
+            before = self.state
+            if before is BreakerState.DISABLED:
                 return
             self.state = BreakerState.CLOSED
             self.failures = 0
             self.probe_in_flight = False
+        self._changed(before, BreakerState.CLOSED)
 
     def record_failure(self, reason: str = "") -> None:
         with self._lock:
-            if self.state is BreakerState.DISABLED:
+            before = after = self.state
+            if before is BreakerState.DISABLED:
                 return
             self.failures += 1
             self.reason = reason
             if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
-                self.state = BreakerState.OPEN
+                self.state = after = BreakerState.OPEN
                 self.opened_at = self.clock()
                 self.probe_in_flight = False
+        self._changed(before, after)
 
     def release(self) -> None:
         """A call that was allowed ended without a verdict (cancelled): free the probe slot."""
@@ -244,8 +266,10 @@ class CircuitBreaker:
 
     def disable(self, reason: str) -> None:
         with self._lock:
+            before = self.state
             self.state = BreakerState.DISABLED
             self.reason = reason
+        self._changed(before, BreakerState.DISABLED)
 
     def reset(self) -> None:
         with self._lock:
@@ -331,13 +355,24 @@ class BreakerRegistry:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._rests: dict[str, float] = {}  # model key -> clock() until which it rests
         self._lock = threading.Lock()
+        self.listeners: list[BreakerListener] = []
+        """Called as `listener(key, before, after)` on each state change of this registry's
+        breakers (OpenTelemetry metrics count them); a broken one never fails a call."""
+
+    def _changed(self, key: str, before: str, after: str) -> None:
+        for listener in list(self.listeners):  # a state change is rare: copying is cheap
+            try:
+                listener(key, before, after)
+            except Exception:  # metrics must never fail the call they observe
+                log.exception("frugalflow: breaker listener %r failed", listener)
 
     def _get(self, key: str) -> CircuitBreaker:
         breaker = self._breakers.get(key)
         if breaker is None:
             with self._lock:
                 breaker = self._breakers.setdefault(
-                    key, CircuitBreaker(key, self.threshold, self.cooldown, self.clock)
+                    key, CircuitBreaker(key, self.threshold, self.cooldown, self.clock,
+                                        on_change=self._changed)
                 )
         return breaker
 

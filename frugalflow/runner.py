@@ -51,6 +51,7 @@ from .persistence.ledger import Ledger, RunRecord, scrub
 from .persistence.leases import Lease, acquire_lease, afenced, fenced, holder_id, unfenced
 from .persistence.store import Store
 from .persistence.tables import RunRow
+from .tracing.otel_setup import run_tracing
 from .usage import RunUsage
 from .verbosity import Verbosity, VerbosityCache
 
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
     from langgraph.checkpoint.base import BaseCheckpointSaver
     from langgraph.types import StateSnapshot
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
     from .limits import Limiter
     from .learning import Featurizer, LearnedRouter, Router
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
     from .routed import Replay, RunContext
     from .scale.dispatch import Dispatcher
     from .scale.relay import PostgresEventRelay
+    from .tracing.otel import RunTracing
 
 __all__ = ["FINAL_STATUSES", "Lease", "RunResult", "RunStatus", "Runner"]
 
@@ -147,6 +151,8 @@ class Runner:
         measure: MeasureConfig | bool | None = None,
         explore: float | Mapping[str, float] = 0.0,
         callbacks: Iterable[BaseCallbackHandler] = (),
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
@@ -191,6 +197,8 @@ class Runner:
         """LangChain callback handlers given every run's graph (a Langfuse `CallbackHandler`,
         a `LangChainTracer`...): graph, nodes, routed calls and their attempts. LangSmith
         tracing from the environment (LANGSMITH_TRACING=true) needs none."""
+        # OpenTelemetry (frugalflow.tracing): None unless configured (explicit, global, OTEL_*)
+        self._otel: RunTracing | None = run_tracing(tracer_provider, meter_provider, self.breakers)
         for f in flows:
             self.register(f)
 
@@ -558,6 +566,8 @@ class Runner:
         if self._relay is not None:
             await self._relay.close()
             self._relay = None
+        if self._otel is not None:
+            await self._otel.aclose()  # exports what is buffered
         if self.dispatcher is not None:
             await self.dispatcher.close()
         await self.store.close()
@@ -611,6 +621,12 @@ class Runner:
         return config
 
     async def _execute(self, run_id: str, graph_input: Any, lease: Lease) -> RunResult:
+        if self._otel is None:
+            return await self._execute_once(run_id, graph_input, lease)
+        with self._otel.execution(run_id) as ended:  # the execution's span
+            return ended(await self._execute_once(run_id, graph_input, lease))
+
+    async def _execute_once(self, run_id: str, graph_input: Any, lease: Lease) -> RunResult:
         keeper = asyncio.create_task(self._keep_lease(lease, asyncio.current_task()))
         end = _Ending()
         try:
@@ -650,6 +666,8 @@ class Runner:
         end.continuation = (row.status not in (RunStatus.PENDING, RunStatus.QUEUED)
                             or row.pending_resume is not None)
         ctx = await self._context(compiled, row, end.continuation)
+        if self._otel is not None:  # the execution's span, the run's trace kept with it
+            await self._otel.begin(row, ctx.usage, self.ledger)
         await self.ledger.update_run(run_id, status=RunStatus.RUNNING, error=None, error_type=None)
         self.events.publish(run_id, "run_started", flow=row.flow)
         config = self._config(run_id)
@@ -835,6 +853,8 @@ class Runner:
                             error=scrub(end.error) if end.error else None)
 
     async def _on_task(self, run_id: str, chunk: dict[str, Any]) -> None:
+        if self._otel is not None:
+            self._otel.task(run_id, chunk)
         if self.ledger.unwritten(run_id):  # attempt rows kept during an outage go first
             await self.ledger.flush_attempts(run_id)
         if "input" in chunk:  # a task started

@@ -172,6 +172,20 @@ class Ledger:
 
         await self.store.run_write(plan, key=run_id, what=f"update of run {run_id}")
 
+    async def set_trace_context(self, run_id: str, context: dict[str, str]) -> None:
+        """Keep the run's W3C trace context (`traceparent`, `tracestate`): every later
+        execution of the run, by any process, continues that trace. Written with the run's
+        next write (the runner's `running` update follows at once): no transaction of its own."""
+        carrier = {k: v for k, v in context.items() if k in ("traceparent", "tracestate")}
+        params = {"trace_context": carrier, "updated_at": utcnow(), "w_id": run_id}
+        pg = not self.store.is_sqlite
+
+        def plan() -> Plan[None]:
+            yield lean_op("runs.update", _update_run_prebuilt, params, pg=pg,
+                          columns=["trace_context", "updated_at"])
+
+        self.store.writer.defer(Write(plan=plan, fence=current_fence()), run_id)
+
     async def node_started(self, task_id: str, run_id: str, node: str,
                            holder: str | None = None) -> None:
         pg = not self.store.is_sqlite

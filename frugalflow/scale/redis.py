@@ -210,8 +210,10 @@ def _text(value: bytes | str | None) -> str | None:
 
 _ACQUIRE = """
 -- KEYS: breaker hashes (provider, then model). ARGV: now, cooldown.
+-- Answers "1" (allowed) or "0", then the indexes of the keys it moved from open to half_open.
 local now, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2])
 local taken = {}
+local moved = ''
 for i, key in ipairs(KEYS) do
   local state = redis.call('HGET', key, 'state') or 'closed'
   local ok = 0
@@ -224,37 +226,39 @@ for i, key in ipairs(KEYS) do
     if now - opened >= cooldown and not probing then
       redis.call('HSET', key, 'state', 'half_open', 'probe', '1', 'probe_at', ARGV[1])
       taken[#taken + 1] = key
+      if state == 'open' then moved = moved .. ' ' .. i end
       ok = 1
     end
   end
   if ok == 0 then
     for _, k in ipairs(taken) do redis.call('HSET', k, 'probe', '0') end
-    return 0
+    return '0' .. moved
   end
 end
-return 1
+return '1' .. moved
 """
 
 _FAILURE = """
--- KEYS[1]: breaker hash. ARGV: now, threshold, reason.
+-- KEYS[1]: breaker hash. ARGV: now, threshold, reason. Answers "<before> <after>".
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if state == 'disabled' then return state end
+if state == 'disabled' then return 'disabled disabled' end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 redis.call('HSET', KEYS[1], 'reason', ARGV[3])
 if state == 'half_open' or failures >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1], 'probe', '0')
-  return 'open'
+  return state .. ' open'
 end
-return state
+return state .. ' ' .. state
 """
 
 _SUCCESS = """
+-- Answers "<before> <after>".
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if state == 'disabled' then return state end
+if state == 'disabled' then return 'disabled disabled' end
 if state ~= 'closed' or redis.call('HGET', KEYS[1], 'failures') ~= '0' then
   redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', '0', 'probe', '0')
 end
-return 'closed'
+return state .. ' closed'
 """
 
 
@@ -300,6 +304,10 @@ class RedisBreakerRegistry:
         self.local = BreakerRegistry(threshold=threshold, cooldown=cooldown, clock=clock,
                                      max_retry_after=max_retry_after)
         """The breakers of this process alone, used while Redis cannot answer."""
+        self.listeners = self.local.listeners
+        """Told `(key, before, after)` of each state change this process makes, in Redis or
+        in `local` (each change is made by one worker: summed over the fleet, none counts
+        twice)."""
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -316,9 +324,13 @@ class RedisBreakerRegistry:
 
     async def aacquire(self, spec: ModelSpec) -> bool:
         async def go(r: Redis) -> bool:
-            return bool(await self.shared.run(
-                "acquire", [self._key(spec.provider), self._key(spec.key)],
-                [self.clock(), self.cooldown]))
+            keys = [spec.provider, spec.key]
+            answer = await self.shared.run(
+                "acquire", [self._key(k) for k in keys], [self.clock(), self.cooldown])
+            ok, *moved = str(answer).split()
+            for i in moved:  # the keys this call moved from open to half-open
+                self._changed(keys[int(i) - 1], "open half_open")
+            return ok == "1"
 
         ok = await self.shared.call(go)
         return await self.local.aacquire(spec) if ok is _DOWN else ok
@@ -343,13 +355,22 @@ class RedisBreakerRegistry:
     async def _mark(self, r: Redis, key: str, mark: Mark, reason: str, now: float) -> None:
         """Apply one side of a `Verdict` to the breaker of `key` in Redis."""
         if mark is Mark.UP:
-            await self.shared.run("success", [self._key(key)], [])
+            self._changed(key, await self.shared.run("success", [self._key(key)], []))
         elif mark is Mark.DOWN:
-            await self.shared.run("failure", [self._key(key)], [now, self.threshold, reason])
+            self._changed(key, await self.shared.run(
+                "failure", [self._key(key)], [now, self.threshold, reason]))
         elif mark is Mark.OFF:
+            before = _text(await r.hget(self._key(key), "state")) or "closed"
             await r.hset(self._key(key),
                          mapping={"state": BreakerState.DISABLED.value, "reason": reason})
             await r.pexpire(self._key(key), max(int(self.disabled_for * 1000), 1))
+            self._changed(key, f"{before} {BreakerState.DISABLED.value}")
+
+    def _changed(self, key: str, answer: int | str) -> None:
+        """Tell the listeners of a change a script reported ("<before> <after>")."""
+        before, _, after = str(answer).partition(" ")
+        if after and after != before and self.listeners:
+            self.local._changed(key, before, after)
 
     async def arelease(self, spec: ModelSpec) -> None:
         async def go(r: Redis) -> None:
