@@ -22,7 +22,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.messages import AIMessage
@@ -43,6 +42,7 @@ from .inputs import check_input
 from .measured import MeasureConfig, unknown_policy
 from .policies import Policy
 from .resilience import Breakers, FallbackPolicy, default_breakers
+from .run_result import ENDED, STOPPED, Ending, RunResult
 from .statuses import FINAL_STATUSES, NodeStatus, RunStatus
 from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
@@ -74,58 +74,6 @@ if TYPE_CHECKING:
 __all__ = ["FINAL_STATUSES", "Lease", "RunResult", "RunStatus", "Runner"]
 
 log = logging.getLogger("frugalflow")
-
-
-
-
-@dataclass
-class RunResult:
-    """Where a run stands after the runner returned from it."""
-
-    run_id: str
-    status: RunStatus
-    state: dict[str, Any] | None = None
-    cost_usd: float = 0.0
-    error: str | None = None
-    interrupts: list[Any] = field(default_factory=list)
-    lost_lease: bool = field(default=False, repr=False)
-    """This executor stopped because another executor took the run over (status `paused`
-    here; the run goes on there)."""
-
-    def __post_init__(self) -> None:
-        # Typed as the enum for type checkers; a plain string (a ledger row's) becomes it
-        # here, so `result.status is RunStatus.FAILED` and a misspelt status fail early.
-        self.status = RunStatus(self.status)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == RunStatus.SUCCEEDED
-
-
-_ENDED = frozenset({RunStatus.INTERRUPTED, RunStatus.BUDGET_EXCEEDED, RunStatus.FAILED,
-                    RunStatus.SUCCEEDED, RunStatus.CANCELLED})
-"""Where a run stays until someone acts on it (resume, cancel, start anew)."""
-_STOPPED = _ENDED | {RunStatus.PAUSED}
-
-
-@dataclass
-class _Ending:
-    """How one execution of a run stopped: what is recorded as the run's end."""
-
-    status: RunStatus = RunStatus.FAILED
-    values: dict[str, Any] | None = None
-    interrupts: list[Any] = field(default_factory=list)
-    error: str | None = None
-    error_type: str | None = None
-    continuation: bool = False
-    """The run had executed before (its node rows may be left open, its calls replayed)."""
-
-    def stop(self, status: RunStatus, error: str, cause: BaseException) -> None:
-        self.status, self.error, self.error_type = status, error, type(cause).__name__
-
-    def result(self, run_id: str) -> RunResult:
-        return RunResult(run_id, self.status, self.values, error=self.error,
-                         interrupts=self.interrupts)
 
 
 class Runner:
@@ -363,7 +311,7 @@ class Runner:
         await dispatcher.submit(run_id)
         if not wait:
             return RunResult(run_id, RunStatus.QUEUED)
-        return await self._follow(run_id, until=_STOPPED)
+        return await self._follow(run_id, until=STOPPED)
 
     async def _follow(self, run_id: str, *, until: frozenset[RunStatus]) -> RunResult:
         """Follow a run that workers execute until its status is one of `until`."""
@@ -520,7 +468,7 @@ class Runner:
         task = self._tasks.get(run_id)
         if task is None:
             if self.dispatcher is not None:
-                return await self._follow(run_id, until=_ENDED)
+                return await self._follow(run_id, until=ENDED)
             return self._result(await self.ledger.get_run(run_id))
         while True:
             result = await asyncio.shield(task)
@@ -628,7 +576,7 @@ class Runner:
 
     async def _execute_once(self, run_id: str, graph_input: Any, lease: Lease) -> RunResult:
         keeper = asyncio.create_task(self._keep_lease(lease, asyncio.current_task()))
-        end = _Ending()
+        end = Ending()
         try:
             async with self._slots, afenced(lease.fence):
                 await self._drive(run_id, graph_input, end)
@@ -658,7 +606,7 @@ class Runner:
         return await self._end(run_id, end, lease, keeper,
                                settle_nodes=end.continuation or end.status != RunStatus.SUCCEEDED)
 
-    async def _drive(self, run_id: str, graph_input: Any, end: _Ending) -> None:
+    async def _drive(self, run_id: str, graph_input: Any, end: Ending) -> None:
         """Execute the run's graph up to its next stop, noting in `end` how far it got."""
         row = await self.ledger.get_run(run_id)
         compiled = self.compiled(row.flow)
@@ -699,10 +647,10 @@ class Runner:
             if lease.stop == "lost":
                 await self._stop_keeper(keeper)
                 return self._lost_result(run_id, values)
-            return await self._end(run_id, _Ending(RunStatus.CANCELLED, values, error="cancelled"),
+            return await self._end(run_id, Ending(RunStatus.CANCELLED, values, error="cancelled"),
                                    lease, keeper, settle_nodes=True)
-        end = (_Ending(RunStatus.PAUSED, values, error="stopped by shutdown; resume it")
-               if self._closing else _Ending(RunStatus.CANCELLED, values, error="cancelled"))
+        end = (Ending(RunStatus.PAUSED, values, error="stopped by shutdown; resume it")
+               if self._closing else Ending(RunStatus.CANCELLED, values, error="cancelled"))
         with contextlib.suppress(StoreUnavailableError):  # kept for the next executor
             await asyncio.shield(self._finish(run_id, end, lease, keeper, settle_nodes=True))
         return None
@@ -722,7 +670,7 @@ class Runner:
             ctx.replay = self._replayer(row.id)
         return ctx
 
-    async def _end(self, run_id: str, end: _Ending, lease: Lease, keeper: asyncio.Task[None],
+    async def _end(self, run_id: str, end: Ending, lease: Lease, keeper: asyncio.Task[None],
                    *, settle_nodes: bool) -> RunResult:
         """Record the run's end and release it; the result the caller sees."""
         try:
@@ -758,11 +706,11 @@ class Runner:
         reason = (f"paused: the database was unreachable for longer than the lease "
                   f"({lease.ttl:g} s): {e}; resumed automatically when it is back")
         log.error("frugalflow: run %s %s", run_id, reason)
-        end = _Ending(RunStatus.PAUSED, values, error=reason, error_type="StoreUnavailableError")
+        end = Ending(RunStatus.PAUSED, values, error=reason, error_type="StoreUnavailableError")
         self._recover_later(run_id, lease, end, reason=e, graph_input=graph_input)
         return RunResult(run_id, RunStatus.PAUSED, values, error=reason)
 
-    def _recover_later(self, run_id: str, lease: Lease, end: _Ending, *,
+    def _recover_later(self, run_id: str, lease: Lease, end: Ending, *,
                        reason: BaseException, graph_input: Any = None) -> None:
         """Once the database is back: write the kept attempt rows and the run's end (or
         `paused`), release the lease, and resume a paused run (here, or through the
@@ -772,7 +720,7 @@ class Runner:
         self._tasks[run_id] = task
         task.add_done_callback(lambda t: self._forget(run_id, t))
 
-    async def _recover(self, run_id: str, lease: Lease, end: _Ending,
+    async def _recover(self, run_id: str, lease: Lease, end: Ending,
                        graph_input: Any) -> RunResult:
         while True:
             await self._wait_for_store()
@@ -820,7 +768,7 @@ class Runner:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _finish(self, run_id: str, end: _Ending, lease: Lease, keeper: asyncio.Task[None],
+    async def _finish(self, run_id: str, end: Ending, lease: Lease, keeper: asyncio.Task[None],
                       *, settle_nodes: bool) -> None:
         await self._stop_keeper(keeper)
         if lease.lost:
