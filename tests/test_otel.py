@@ -142,6 +142,7 @@ async def test_a_fallback_is_run_node_and_two_attempt_spans_like_the_ledger(
             record = await runner.get(result.run_id)
         finally:
             await runner.close()
+            await catalog.aclose()  # its httpx clients, before the emulator stops
     assert [a.outcome for a in record.attempts] == ["error", "ok"]
     _assert_spans(otel, result.run_id, record)
     run = _by_name(otel.finished())["invoke_workflow ask"][0]
@@ -561,6 +562,7 @@ async def test_spans_and_metrics_exported_over_otlp_http(
                 assert result.ok, result.error
             finally:
                 await runner.close()  # flushes the batch processor and the metric reader
+                await catalog.aclose()  # its httpx clients, before the emulator stops
         assert await asyncio.to_thread(receiver.got_traces.wait, 30)
     finally:
         for built in list(otel_setup._built.values()):  # while the receiver still answers
