@@ -783,6 +783,7 @@ def serve(
     except FrugalflowError as e:
         _fail(e)
     _startup_line(as_json, {"event": "serving", "url": f"http://{host}:{port}",
+                            "viewer": f"http://{host}:{port}/ui",
                             "flows": sorted(runner.flows), "catalog": runner.catalog.name,
                             "database": repr(runner.store)})
     uvicorn.run(application, host=host, port=port, log_level="info")

@@ -199,6 +199,7 @@ def test_serve_json_prints_a_json_startup_line(monkeypatch: pytest.MonkeyPatch,
     assert out.exit_code == 0, out.output
     line = json.loads(out.output.splitlines()[0])
     assert line["event"] == "serving" and line["url"] == "http://127.0.0.1:8123"
+    assert line["viewer"] == "http://127.0.0.1:8123/ui"
     assert "support_triage" in line["flows"]
     assert started == [{"host": "127.0.0.1", "port": 8123, "log_level": "info"}]
 
