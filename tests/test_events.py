@@ -82,6 +82,17 @@ class Frame(TypedDict, total=False):
     comment: str
 
 
+def ends_frame(line: str, current: Frame) -> bool:
+    """Add one SSE line's field to `current`; True when the (blank) line ends the frame."""
+    if line.startswith("id: "):
+        current["id"] = int(line[4:])
+    elif line.startswith("event: "):
+        current["event"] = line[7:]
+    elif line.startswith("data: "):
+        current["data"] = json.loads(line[6:])
+    return line == "" and bool(current)
+
+
 async def frames(client: httpx.AsyncClient, url: str, *, headers: dict[str, str] | None = None,
                  until: str | None = None, on_open: Callable[[], None] | None = None
                  ) -> list[Frame]:
@@ -95,13 +106,7 @@ async def frames(client: httpx.AsyncClient, url: str, *, headers: dict[str, str]
         async for line in stream.aiter_lines():
             if line.startswith(":"):
                 got.append({"comment": line[1:].strip()})
-            elif line.startswith("id: "):
-                current["id"] = int(line[4:])
-            elif line.startswith("event: "):
-                current["event"] = line[7:]
-            elif line.startswith("data: "):
-                current["data"] = json.loads(line[6:])
-            elif line == "" and current:
+            elif ends_frame(line, current):
                 got.append(current)
                 if on_open is not None and len(got) == 1:
                     on_open()
@@ -429,13 +434,7 @@ async def test_a_stream_sends_an_unlogged_event_live_then_its_id(fresh_pg_url: s
         async with client.stream("GET", "/runs/o/events") as stream:
             current: Frame = {}
             async for line in stream.aiter_lines():
-                if line.startswith("id: "):
-                    current["id"] = int(line[4:])
-                elif line.startswith("event: "):
-                    current["event"] = line[7:]
-                elif line.startswith("data: "):
-                    current["data"] = json.loads(line[6:])
-                elif line == "" and current:
+                if ends_frame(line, current):
                     got.append(current)
                     current = {}
                     if len(got) == 1:

@@ -55,7 +55,8 @@ def render(content: Any, status_code: int = 200) -> Response:
     return Response(body, status_code=status_code, media_type="application/json")
 
 
-def _depth_over(value: Any, limit: int) -> bool:
+def depth_over(value: Any, limit: int) -> bool:
+    """Whether `value` nests deeper than `limit` levels (iterative: no recursion on input)."""
     stack = [(value, 1)]
     while stack:
         v, depth = stack.pop()
@@ -70,7 +71,7 @@ def _shown(name: str, value: Any) -> Any:
     """A stored JSON value as it can be shown, or a placeholder saying why it cannot."""
     if value is None:
         return None
-    if _depth_over(value, _SHOW_DEPTH):
+    if depth_over(value, _SHOW_DEPTH):
         return {"not_shown": f"the stored {name} is nested deeper than {_SHOW_DEPTH} levels"}
     try:
         dumps(_finite(value))

@@ -13,6 +13,7 @@ from typing import Any
 from ...persistence.ledger import RunRecord, RunStats
 from ...persistence.tables import AttemptRow, NodeRunRow, RunRow
 from ...statuses import FINAL_STATUSES, Outcome, RunStatus
+from ..responses import depth_over
 from .graph import Drawing
 
 LIVE_STATUSES = frozenset({RunStatus.PENDING, RunStatus.QUEUED, RunStatus.RUNNING})
@@ -40,22 +41,11 @@ class Text:
         return (first[:80] + "...") if len(first) > 80 else first
 
 
-def _too_deep(value: Any) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth > _MAX_DEPTH:
-                return True
-            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return False
-
-
 def as_text(value: Any) -> Text:
     """`value` pretty-printed (strings as they are), lone surrogates escaped."""
     if isinstance(value, str):
         text = value
-    elif _too_deep(value):
+    elif depth_over(value, _MAX_DEPTH):
         return Text(f"(not shown: nested deeper than {_MAX_DEPTH} levels)", False)
     else:
         try:
