@@ -40,6 +40,12 @@ Event = dict[str, Any]
 _EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 _HEAD = ("id", "run_id", "event", "at")  # keys the row holds in its own columns
 _MAX_BATCH = 500  # events written by one transaction at most
+# A write transaction costs about as much as a run's own (2-3 ms on SQLite here) and holds
+# the write lock meanwhile: the writer gathers what runs publish for up to this long (the
+# ledger's deferred writes wait as long) and writes it in one transaction. Written one event
+# per transaction, a 20-node durable run on SQLite took 6x as long as without the log; with
+# the window, 1.2x. A flush or drain (the end of a waited-for run, close) writes at once.
+_GATHER_S = 0.05
 
 
 def _at(value: Any) -> datetime:
@@ -74,6 +80,7 @@ class EventLog:
         self._delivered = 0  # how many of the first _pending were already delivered unlogged
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()  # someone waits for the log: write without gathering
         self._idle = asyncio.Event()  # every event published so far reached its subscribers
         self._drained = asyncio.Event()  # every event published so far is written
         self._task: asyncio.Task[None] | None = None
@@ -124,6 +131,7 @@ class EventLog:
             return
         self._loop, self._task = loop, None
         self._wake, self._idle, self._drained = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._urgent = asyncio.Event()
         if not self._pending:
             self._idle.set()
             self._drained.set()
@@ -140,9 +148,14 @@ class EventLog:
             if not self._pending:
                 self._idle.set()
                 self._drained.set()
+                self._urgent.clear()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if len(self._pending) < _MAX_BATCH and not self._urgent.is_set() \
+                    and self._down_since is None:
+                with contextlib.suppress(asyncio.TimeoutError):  # gather the run's next events
+                    await asyncio.wait_for(self._urgent.wait(), _GATHER_S)
             batch = self._pending[:_MAX_BATCH]
             ids: list[int | None]
             try:
@@ -210,6 +223,8 @@ class EventLog:
         """Wait until every event published so far has reached its subscribers (written,
         or delivered unlogged while the database is away). False on timeout."""
         self._ensure_writer()
+        if self._pending:
+            self._urgent.set()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
@@ -220,6 +235,8 @@ class EventLog:
         """Wait until every event published so far is written to the log. False on
         timeout (the database is still away)."""
         self._ensure_writer()
+        if self._pending:
+            self._urgent.set()
         try:
             await asyncio.wait_for(self._drained.wait(), timeout)
         except asyncio.TimeoutError:
