@@ -54,5 +54,5 @@ def create_ui_router(runner: Runner, auth: Auth) -> APIRouter:
         return Response(hit[0], media_type=hit[1], headers={
             "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
-    remember_paths(router.routes)  # last: every page's path, the stubs' successors' too
+    remember_paths(router.routes)  # last: every page's path
     return router
