@@ -52,6 +52,8 @@ class CostBucket(CostTotals):
     key: str = Field(description="The day, model, node or flow this group is.")
     flow: str | None = Field(None, description="By node: the flow the node belongs to "
                                                "(nodes of different flows are apart).")
+    models: dict[str, float] | None = Field(
+        None, description="By day: the cost of each model that day (the models that spent).")
 
 
 class CostSummary(BaseModel):
@@ -102,13 +104,14 @@ async def cost_summary(
     async with store.read() as conn:
         total = await _groups(conn, [], where)
         by_day = await _groups(conn, [day], where)
+        by_day_model = await _groups(conn, [day, _A.c.model], where)
         by_model = await _groups(conn, [_A.c.model], where)
         by_node = await _groups(conn, [_A.c.node, _A.c.flow], where)
         by_flow = await _groups(conn, [_A.c.flow], where)
     return CostSummary(
         days=days, since=since, until=until, flow=flow,
         total=CostTotals(**total[0][1]) if total else CostTotals(),
-        by_day=_every_day(since.date(), days, by_day),
+        by_day=_every_day(since.date(), days, by_day, by_day_model),
         by_model=_dearest(by_model), by_node=_dearest(by_node, with_flow=True),
         by_flow=_dearest(by_flow))
 
@@ -151,7 +154,11 @@ def _dearest(groups: list[_Group], *, with_flow: bool = False) -> list[CostBucke
     return sorted(buckets, key=lambda b: (-b.cost_usd, b.key, b.flow or ""))
 
 
-def _every_day(first: date, days: int, groups: list[_Group]) -> list[CostBucket]:
+def _every_day(first: date, days: int, groups: list[_Group],
+               by_model: list[_Group]) -> list[CostBucket]:
     found = {str(k[0])[:10]: v for k, v in groups}
+    models: dict[str, dict[str, float]] = {}
+    for k, v in by_model:
+        models.setdefault(str(k[0])[:10], {})[str(k[1])] = v["cost_usd"]
     keys = [(first + timedelta(days=i)).isoformat() for i in range(days)]
-    return [CostBucket(key=k, **found.get(k, {})) for k in keys]
+    return [CostBucket(key=k, models=models.get(k, {}), **found.get(k, {})) for k in keys]

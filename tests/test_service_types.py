@@ -116,6 +116,10 @@ async def test_cost_summary_aggregates_known_spending(db_url: str) -> None:
         fields = ("cost_usd", "calls", "attempts", "fallbacks", "errors")
         assert _by(s.by_day, *fields) == {"2026-06-14": (pytest.approx(0.02), 1, 2, 1, 1),
                                           "2026-06-15": (pytest.approx(0.06), 2, 2, 0, 0)}
+        # each day's spending by model (the run viewer stacks its daily bars with it)
+        assert {d.key: d.models for d in s.by_day} == {
+            "2026-06-14": {"m1": 0.0, "m2": pytest.approx(0.02)},
+            "2026-06-15": {"m1": pytest.approx(0.01), "m2": pytest.approx(0.05)}}
         assert [b.key for b in s.by_model] == ["m2", "m1"]  # dearest first
         assert _by(s.by_model, *fields) == {"m2": (pytest.approx(0.07), 2, 2, 1, 0),
                                             "m1": (pytest.approx(0.01), 2, 2, 0, 1)}

@@ -70,9 +70,13 @@ async def test_costs_and_catalog_pages_show_the_runs_and_an_outage(
         assert shown is not None and float(shown) == pytest.approx(spent)
         for sid in ("by-day", "by-model", "by-node", "by-flow"):
             await expect(p.locator(f"#{sid} svg[role=img]")).to_have_count(1)
-        # Only today has runs: one column of the week's bars is drawn, with the day's spend.
-        await expect(p.locator("#by-day svg g.ff-bar rect")).to_have_count(1)
+        # Only today has runs: one column of the week's bars is drawn, stacked by the models
+        # that spent (six at most, the rest as "other").
         models = {a.model for a in attempts}
+        paid = {a.model for a in attempts if a.cost_usd > 0}
+        await expect(p.locator("#by-day svg g.ff-bar rect")).to_have_count(
+            len(paid) if len(paid) <= 6 else 7)
+        await expect(p.locator("#by-day svg g.ff-bar:has(rect)")).to_have_count(1)
         await expect(p.locator("#by-model svg g.ff-bar rect")).to_have_count(len(models))
         await expect(p.locator("#by-node svg g.ff-bar rect")).to_have_count(2)  # n1, n2
         for m in models:

@@ -44,7 +44,9 @@ def costs_view(summary: CostSummary) -> CostsView:
     span = "today" if summary.days == 1 else f"the last {summary.days} days"
     return CostsView(
         summary=summary,
-        by_day=day_chart([DayBar(b.key, {"cost": b.cost_usd}) for b in summary.by_day],
+        # stacked by model (the chart keeps the dearest few and sums the rest)
+        by_day=day_chart([DayBar(b.key, b.models or {"cost": b.cost_usd})
+                          for b in summary.by_day],
                          chart_id="chart-day", title=f"Cost by day, {span} (UTC)"),
         by_model=bar_chart([(b.key, b.cost_usd) for b in summary.by_model],
                            chart_id="chart-model", title=f"Cost by model, {span}"),
