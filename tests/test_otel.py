@@ -42,6 +42,7 @@ from frugalflow.resilience import BreakerRegistry
 from frugalflow.runner import Runner
 from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
 from frugalflow.tracing import otel_setup
+from provider_clients import forget_provider_clients
 
 SECRET = f"sk-live-{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"
 MARKER = f"prompt-marker-{uuid.uuid4().hex[:8]}"
@@ -78,14 +79,7 @@ def otel() -> Iterator[Tracing]:
 @pytest.fixture
 async def _clients() -> AsyncIterator[None]:
     yield
-    # langchain-openai/-anthropic cache one httpx client per base URL (as in test_wire).
-    from langchain_anthropic import _client_utils as anthropic_clients
-    from langchain_openai.chat_models import _client_utils as openai_clients
-
-    openai_clients._cached_async_httpx_client.cache_clear()
-    openai_clients._cached_sync_httpx_client.cache_clear()
-    anthropic_clients._get_default_async_httpx_client.cache_clear()
-    anthropic_clients._get_default_httpx_client.cache_clear()
+    forget_provider_clients()
 
 
 class OneState(TypedDict, total=False):

@@ -42,6 +42,7 @@ from frugalflow.persistence.scrub import (
     scrub_text,
 )
 from frugalflow.runner import Runner
+from provider_clients import forget_provider_clients
 
 _ALNUM = string.ascii_letters + string.digits
 
@@ -83,15 +84,7 @@ def _assert_absent(data: bytes, keys: dict[str, str], where: str) -> None:
 @pytest.fixture
 async def _clients() -> AsyncIterator[None]:
     yield
-    # langchain-openai/-anthropic cache one httpx client per base URL; each test's emulator
-    # has a new port, and closed clients must not be handed out again (as in test_wire).
-    from langchain_anthropic import _client_utils as anthropic_clients
-    from langchain_openai.chat_models import _client_utils as openai_clients
-
-    openai_clients._cached_async_httpx_client.cache_clear()
-    openai_clients._cached_sync_httpx_client.cache_clear()
-    anthropic_clients._get_default_async_httpx_client.cache_clear()
-    anthropic_clients._get_default_httpx_client.cache_clear()
+    forget_provider_clients()
 
 
 def _echo_catalog(emu: ProviderEmulator) -> Catalog:

@@ -23,6 +23,7 @@ from frugalflow.resilience import BreakerRegistry, BreakerState, FallbackPolicy
 from conftest import FakeClock
 
 from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
+from provider_clients import forget_provider_clients
 
 ROUTE = {"openai": "openai", "groq": "openai", "deepseek": "openai", "anthropic": "anthropic",
          "google": "gemini", "ollama": "ollama"}
@@ -35,15 +36,7 @@ async def _key(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
     yield
     while CATALOGS:
         await CATALOGS.pop().aclose()
-    # langchain-openai/-anthropic cache one httpx client per base URL; each test's emulator
-    # has a new port, and the closed clients must not be handed out again.
-    from langchain_anthropic import _client_utils as anthropic_clients
-    from langchain_openai.chat_models import _client_utils as openai_clients
-
-    openai_clients._cached_async_httpx_client.cache_clear()
-    openai_clients._cached_sync_httpx_client.cache_clear()
-    anthropic_clients._get_default_async_httpx_client.cache_clear()
-    anthropic_clients._get_default_httpx_client.cache_clear()
+    forget_provider_clients()
 
 
 CATALOGS: list[Any] = []
