@@ -222,23 +222,21 @@ class EventLog:
     async def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every event published so far has reached its subscribers (written,
         or delivered unlogged while the database is away). False on timeout."""
-        self._ensure_writer()
-        if self._pending:
-            self._urgent.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await self._wait_for(lambda: self._idle, timeout)
 
     async def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every event published so far is written to the log. False on
         timeout (the database is still away)."""
+        return await self._wait_for(lambda: self._drained, timeout)
+
+    async def _wait_for(self, done: Callable[[], asyncio.Event], timeout: float) -> bool:
+        """Write what waits at once (no gathering window) and wait for `done()` (read after
+        binding to this loop, which may replace the events)."""
         self._ensure_writer()
         if self._pending:
             self._urgent.set()
         try:
-            await asyncio.wait_for(self._drained.wait(), timeout)
+            await asyncio.wait_for(done().wait(), timeout)
         except asyncio.TimeoutError:
             return False
         return True
