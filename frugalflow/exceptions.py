@@ -17,6 +17,7 @@
     │   ├── ContentFilterError         the provider refused the content
     │   ├── MalformedResponseError     unparseable answer, or output that fails its schema
     │   │   └── ValidationFailedError  an answer the node's validator rejected: escalate
+    │   ├── UnansweredError            a batch ended before answering the request (not paid)
     │   └── InvalidRequestError        400 that is the caller's bug: raised at once, no fallback
     ├── AllModelsFailedError           (also an ExceptionGroup) every candidate failed
     ├── BudgetExceededError            the run's budget cannot pay for the next call
@@ -59,6 +60,7 @@ __all__ = [
     "FrugalflowError",
     "IncompleteResponseError",
     "InvalidRequestError",
+    "UnansweredError",
     "MalformedResponseError",
     "MissingIntegrationError",
     "ModelAPIError",
@@ -215,6 +217,13 @@ class ValidationFailedError(MalformedResponseError):
     """The node's validator rejected the answer; the call escalates to a stronger model."""
 
     error_class = ErrorClass.VALIDATION
+
+
+class UnansweredError(ModelAPIError):
+    """A batch ended (expired, failed or cancelled) before answering this request: it was
+    not paid; the call goes to the next candidate (another batch, or a synchronous call)."""
+
+    error_class = ErrorClass.UNANSWERED
 
 
 class InvalidRequestError(ModelAPIError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
@@ -87,6 +88,11 @@ class Needs(BaseModel):
     this probability on *this* input."""
     price_weight: float | None = Field(default=None, ge=0)
     """With a router: order by predicted success minus this weight times the expected cost."""
+    deadline: timedelta | None = None
+    """How long after the run's start this node's answers may come (e.g. 6 hours). With a
+    deadline the node may be served on a cheaper tier that answers later (batch, flex, an
+    off-peak hour) when it can still answer in time; None: now, at standard prices. A run
+    may give a default for every node (`Runner.start(deadline=...)`)."""
     cascade: bool = False
     """With a router: try models in order of expected cost per success (cost / p), the order
     that minimises the expected spend until an answer passes the node's validator (outcomes
@@ -99,6 +105,14 @@ class Needs(BaseModel):
             raise ValueError("cascade orders by cost per success; it cannot be combined with "
                              "target or price_weight (choose one routing rule)")
         return self
+
+    @field_validator("deadline")
+    @classmethod
+    def _positive_deadline(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError(f"deadline must be a positive duration (e.g. timedelta(hours=6)), "
+                             f"got {value}")
+        return value
 
     @property
     def routed(self) -> bool:
@@ -160,7 +174,7 @@ class Needs(BaseModel):
             parts.append(f"unscored={self.unscored.value}")
         for name in ("min_context", "providers", "exclude_providers", "models",
                      "exclude_models", "max_cost_per_call", "max_latency_ms", "target",
-                     "price_weight", "cascade"):
+                     "price_weight", "cascade", "deadline"):
             value = getattr(self, name)
             if value:
                 parts.append(f"{name}={value}")

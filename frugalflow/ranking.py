@@ -22,6 +22,7 @@ from langchain_core.messages import BaseMessage
 from .catalog import Catalog, ModelSpec
 from .exceptions import NoCapableModelError
 from .needs import Needs, Unscored, estimate_tokens, has_images, unscored_reason
+from .tiers import Tier
 from .verbosity import TokenEstimate, Verbosity, prior_estimate
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class Candidate(NamedTuple):
     latency_ms: float
     order: int
     spec: ModelSpec
+    tier: Tier = Tier.STANDARD
+    """The service tier of this candidate (a model may be a candidate on several tiers)."""
 
 
 class Ranking:
@@ -82,7 +85,7 @@ class Ranking:
         cost, tie = self._order[k]
         i = static.by_tiebreak[tie]
         _, _, _, _, _, neg_quality, latency = row = static.rows[i]
-        return _new(Candidate, (cost, neg_quality, latency, i, row[0]))
+        return _new(Candidate, (cost, neg_quality, latency, i, row[0], _STANDARD))
 
     @property
     def rows(self) -> list[Candidate]:
@@ -119,6 +122,7 @@ class Ranking:
         return sorted(self.rejected, key=lambda r: (len(r[1]), r[0].estimate_cost(1000, 400)))[:n]
 
 
+_STANDARD = Tier.STANDARD
 _new = tuple.__new__  # a Candidate from a plain tuple, without NamedTuple's slower __new__
 
 
@@ -316,7 +320,7 @@ def rank(
         if reasons:
             rejected.append((spec, reasons))
         else:
-            ranked.append(_new(Candidate, (cost, neg_quality, latency, i, spec)))
+            ranked.append(_new(Candidate, (cost, neg_quality, latency, i, spec, _STANDARD)))
     ranked.sort()
     return Ranking(ranked, rejected, n_in)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["FINAL_STATUSES", "ErrorClass", "NodeStatus", "Outcome", "RunStatus"]
+__all__ = ["FINAL_STATUSES", "BatchItemStatus", "BatchStatus", "ErrorClass", "NodeStatus", "Outcome",
+           "RunStatus"]
 
 
 class RunStatus(StrEnum):
@@ -20,6 +21,7 @@ class RunStatus(StrEnum):
     RUNNING = "running"  # an executor holds its lease
     PAUSED = "paused"  # stopped without finishing (database away, shutdown, taken over)
     INTERRUPTED = "interrupted"  # waiting for a human's answer (`Runner.resume(value=...)`)
+    WAITING = "waiting"  # parked on a batch or a cheaper hour: holds no worker; woken by the poller
     BUDGET_EXCEEDED = "budget_exceeded"  # stopped at its budget; resume with a larger one
     FAILED = "failed"  # an error ended it; resumable from its last checkpoint
     SUCCEEDED = "succeeded"
@@ -36,6 +38,7 @@ class NodeStatus(StrEnum):
     RUNNING = "running"
     DONE = "done"
     INTERRUPTED = "interrupted"
+    WAITING = "waiting"  # parked on a batch item or a cheaper hour; runs again when woken
     ERROR = "error"
     ABANDONED = "abandoned"  # its executor died, or its checkpoint writes were lost
 
@@ -67,3 +70,29 @@ class ErrorClass(StrEnum):
     VALIDATION = "validation"
     INVALID_REQUEST = "invalid_request"
     ABANDONED = "abandoned"  # the call's executor died before its answer was written
+    UNANSWERED = "unanswered"  # its batch expired, failed or was cancelled before answering it
+
+
+class BatchStatus(StrEnum):
+    """One provider batch (`ff_batches.status`): frugalflow's side of its life."""
+
+    OPEN = "open"  # gathering items; not sent yet
+    SUBMITTING = "submitting"  # being sent: a restart looks the provider up before sending again
+    SUBMITTED = "submitted"  # the provider has it (`provider_batch_id`)
+    ENDED = "ended"  # the provider finished it; its items' results are collected
+    FAILED = "failed"  # the provider refused or failed the whole batch
+    EXPIRED = "expired"  # the provider's completion window passed
+    CANCELLED = "cancelled"
+
+
+class BatchItemStatus(StrEnum):
+    """One parked request (`ff_batch_items.status`)."""
+
+    QUEUED = "queued"  # waiting to be grouped into a batch (or for its hour: a timer)
+    SUBMITTED = "submitted"  # in a provider batch
+    SUCCEEDED = "succeeded"  # its answer is in `result`
+    FAILED = "failed"  # the provider answered it with an error (`error`)
+    EXPIRED = "expired"  # its batch expired or failed before answering it
+    ABANDONED = "abandoned"  # given up (its deadline came too close, or its run was cancelled)
+    DUE = "due"  # a timer item whose hour came: the node calls synchronously now
+    USED = "used"  # its answer was taken by the node (the attempt row records the payment)

@@ -99,6 +99,8 @@ class Attempt:
     # The request of an ok call, as JSON (messages, tools, response schema), so evaluations
     # can replay production traffic; persisted runs only (the ledger writes it).
     request: dict[str, Any] | None = field(default=None, repr=False)
+    tier: str | None = None  # the service tier it was made and priced on (None: standard)
+    batch_item_id: str | None = None  # a batch-tier answer's parked request (ff_batch_items)
 
     def describe(self) -> str:
         if self.outcome == Outcome.OK:

@@ -772,6 +772,7 @@ def _attempt_values(attempt: Attempt, flow: str | None) -> dict[str, Any]:
         reasoning_tokens=usage.reasoning_tokens if usage else None,
         # Replayed by evaluations as it was sent: kept as given, except exact key values.
         request=scrub_exact(_plain_json(attempt.request)) if attempt.request else None,
+        tier=attempt.tier, batch_item_id=attempt.batch_item_id,
     )
     return {k: _storable(v) for k, v in values.items()}
 

@@ -98,10 +98,26 @@ def _v7(conn: Connection) -> None:
     tables.EventRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
 
 
+def _v8(conn: Connection) -> None:
+    """Nodes that can wait: ff_attempts.tier and .batch_item_id, ff_runs.deadline_at, and the
+    parked requests (ff_batches, ff_batch_items)."""
+    columns = {c["name"] for c in inspect(conn).get_columns("ff_attempts")}
+    if "tier" not in columns:  # _v1 on this release already created it
+        conn.execute(text("ALTER TABLE ff_attempts ADD COLUMN tier VARCHAR"))
+    if "batch_item_id" not in columns:
+        conn.execute(text("ALTER TABLE ff_attempts ADD COLUMN batch_item_id VARCHAR"))
+    runs = {c["name"] for c in inspect(conn).get_columns("ff_runs")}
+    if "deadline_at" not in runs:
+        kind = "TIMESTAMP" if conn.dialect.name == "postgresql" else "DATETIME"
+        conn.execute(text(f"ALTER TABLE ff_runs ADD COLUMN deadline_at {kind}"))
+    for table in (tables.BatchRow, tables.BatchItemRow):
+        table.__table__.create(conn, checkfirst=True)  # type: ignore[union-attr]
+
+
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
 # function here that alters existing databases (and must be a no-op where _v1 already
 # created the new shape). Never edit or reorder an applied migration.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups

@@ -17,6 +17,8 @@ from ..statuses import NodeStatus, RunStatus
 
 __all__ = [
     "AttemptRow",
+    "BatchItemRow",
+    "BatchRow",
     "CheckpointBlobRow",
     "CheckpointRow",
     "CheckpointWriteRow",
@@ -127,6 +129,9 @@ class RunRow(SQLModel, table=True):
     """The W3C trace context (`traceparent`, `tracestate`) of the run's trace, so every
     execution of the run (a resume on another worker) continues the same trace; None
     before schema v7 or without tracing."""
+    deadline_at: datetime | None = None
+    """The run's default deadline for its nodes' answers (`Runner.start(deadline=...)`); a
+    node's `Needs.deadline` counts from `created_at` instead. None before schema v8."""
 
 
 class NodeRunRow(SQLModel, table=True):
@@ -193,6 +198,11 @@ class AttemptRow(SQLModel, table=True):
     """The request of a successful call (messages, tools, response schema; scrubbed), so an
     evaluation can replay production traffic to another model (`frugalflow eval
     --from-ledger`); None before schema v6."""
+    tier: str | None = None
+    """The service tier the call was made (and priced) on (`frugalflow.tiers.Tier`: standard,
+    flex, batch, off_peak); None before schema v8 (standard)."""
+    batch_item_id: str | None = None
+    """For a batch-tier answer: its `ff_batch_items` row (the request as it was parked)."""
 
 
 class EventRow(SQLModel, table=True):
@@ -210,6 +220,79 @@ class EventRow(SQLModel, table=True):
     at: datetime = Field(default_factory=utcnow)
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     """The event's fields (scrubbed of secrets), without run_id, kind and time."""
+
+
+class BatchRow(SQLModel, table=True):
+    """One provider batch: the parked requests of many runs for one model, sent together.
+
+    Written before it is sent (`submitting`), so a process that dies between the provider's
+    answer and this row's update finds the batch at the provider (by its id in the batch's
+    metadata) instead of sending it twice."""
+
+    __tablename__ = "ff_batches"
+
+    id: str = Field(primary_key=True)
+    """frugalflow's id, sent with the batch (metadata or display name)."""
+    provider: str
+    model: str = Field(index=True)
+    """The catalog key (`provider/model`)."""
+    status: str = Field(default="open", index=True)
+    """`frugalflow.statuses.BatchStatus`."""
+    provider_batch_id: str | None = None
+    items: int = 0
+    error: str | None = None
+    holder: str | None = None
+    """The process that last claimed it (to submit or poll); claims expire."""
+    claimed_until: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    submitted_at: datetime | None = None
+    polled_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class BatchItemRow(SQLModel, table=True):
+    """One parked request of a run: a batch item, or a timer for a cheaper hour.
+
+    Its id is the item's `custom_id` at the provider. A node executed again finds its item
+    by (run_id, call_key): a request is parked, sent and paid once."""
+
+    __tablename__ = "ff_batch_items"
+    __table_args__ = (Index("ff_batch_items_call", "run_id", "call_key"),
+                      Index("ff_batch_items_status", "status", "model"))
+
+    id: str = Field(primary_key=True)
+    run_id: str
+    flow: str | None = None
+    node: str
+    task_id: str | None = None
+    call_key: str
+    call_id: str = ""
+    model: str
+    """The catalog key (`provider/model`) it was parked for."""
+    provider: str
+    tier: str
+    """`batch` (a provider batch) or `off_peak` (a timer: the call is made at `wake_at`)."""
+    status: str = Field(default="queued")
+    """`frugalflow.statuses.BatchItemStatus`."""
+    batch_id: str | None = Field(default=None, index=True)
+    request: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The provider request body (what goes on the batch's line); no key is ever in it."""
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The answer (a LangChain message dict), once the provider gave it."""
+    error: str | None = None
+    error_class: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    """What the provider charged for it (at the tier's price), once answered."""
+    expected_cost_usd: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow)
+    deadline_at: datetime | None = None
+    fallback_at: datetime | None = None
+    """When it is given up for a synchronous call if no answer came (deadline less margin)."""
+    wake_at: datetime | None = None
+    """A timer item's hour (the start of a cheaper window)."""
+    ended_at: datetime | None = None
 
 
 class RouterRow(SQLModel, table=True):

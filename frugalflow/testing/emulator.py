@@ -200,6 +200,10 @@ class ProviderEmulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._counter = 0
+        from .batches import BatchDesk
+
+        self.batches = BatchDesk(self)
+        """The batch APIs' state: scripts, batches, uploaded files, paid items."""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -647,7 +651,10 @@ class ProviderEmulator:
         raise Closed
 
     async def _serve_other(self, req: HttpRequest, conn: Connection) -> bool:
-        """Model listings and the like; 404 for anything unknown."""
+        """Batch routes, model listings and the like; 404 for anything unknown."""
+        batch = await self.batches.serve(req, conn)
+        if batch is not None:
+            return batch
         path = req.path.rstrip("/")
         now = int(time.time())
         if req.method == "GET" and path == "/openai/v1/models":
