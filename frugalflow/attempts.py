@@ -16,13 +16,12 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -30,7 +29,6 @@ from langchain_core.messages import (
     message_chunk_to_message,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 
 from .exceptions import (
     AllModelsFailedError,
@@ -47,18 +45,21 @@ from .exceptions import (
     ValidationFailedError,
     short_error,
 )
+from .generation import INNER_CONFIG, billed, generate_once, iter_with_timeout, recorded_request
 from .validation import parse_output, validate
 from .allowance import Allowance, allowance, budget_error, with_max_output
 from .resilience import Action
-from .needs import estimate_tokens, prompt_text, tool_schema
+from .needs import estimate_tokens, prompt_text
 from .ranking import Candidate, Priced, Ranking, no_capable_model_error, priced, rank
 from .statuses import Outcome
+from .tiers import Tier
 from .usage import Attempt, RunUsage, Usage
 from .verbosity import TokenEstimate, Verbosity
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
     from .limits import RateReservation
+    from .persistence.tables import BatchItemRow
     from .policies import Choice
     from .routed import RoutedChatModel, RunContext
     from .tracing.callbacks import AttemptRun, AttemptRuns
@@ -72,8 +73,6 @@ __all__ = [
     "recorded_request",
 ]
 
-INNER_CONFIG: RunnableConfig = {"callbacks": [], "tags": ["frugalflow:inner"]}
-"""The config of a candidate's own call: the routed model is the run callbacks observe."""
 
 # Call ids (one per routed call, shared by its attempts): a random per-process prefix and a
 # counter (uuid4 costs a syscall per call).
@@ -160,6 +159,11 @@ class CallAttempts:
     over_budget: Candidate | None = None
     refused: Allowance | None = None  # the allowance that refused `over_budget`
     explored: Candidate | None = None  # the unproven model this call explores first
+    # Parked requests (see frugalflow.batches.parking): what they ruled out, and a timer
+    # whose hour came (its model is called synchronously now, at the cheaper hour's price).
+    excluded: frozenset[tuple[str, Tier]] = frozenset()
+    excluded_tiers: frozenset[Tier] = frozenset()
+    due: BatchItemRow | None = None
 
     # -- the drivers -------------------------------------------------------------------
 
@@ -168,7 +172,20 @@ class CallAttempts:
             replayed = await self.replayed()
             if replayed is not None:
                 return replayed
+        parking = self.ctx.parking
+        if parking is not None and parking.deadline(self.routed.needs) is not None:
+            from .batches.parking import take_parked
+
+            landed = await take_parked(self, parking)
+            if landed is not None:
+                return landed
         for candidate in self.plan():
+            if candidate.tier.parks and not self.is_due(candidate):
+                from .batches.parking import park
+
+                assert parking is not None  # plan() keeps parking tiers for durable runs only
+                await park(self, parking, candidate)  # raises the interrupt that parks it
+                continue
             reservation = await self.admit(candidate)
             if reservation is _Skip.SKIP:
                 continue
@@ -197,6 +214,8 @@ class CallAttempts:
         if self.ctx.replay is not None and await self.replayed() is not None:
             return
         for candidate in self.plan():
+            if candidate.tier.parks:  # a consumer streaming tokens wants them now
+                continue
             reservation = await self.admit(candidate)
             if reservation is _Skip.SKIP:
                 continue
@@ -261,8 +280,17 @@ class CallAttempts:
             self.n_in += routed._tools_tokens()
         static = ctx.static(needs, routed.node)
         self.priced = ctx.priced(routed.node, needs, static)
-        ranking = rank(ctx.catalog, needs, self.messages, prefiltered=static,
-                       input_tokens=self.n_in, prices=self.priced)
+        parking = ctx.parking
+        left = parking.seconds_left(needs) if parking is not None else None
+        if left is None:
+            ranking = rank(ctx.catalog, needs, self.messages, prefiltered=static,
+                           input_tokens=self.n_in, prices=self.priced)
+        else:
+            assert parking is not None
+            ranking = rank(ctx.catalog, needs, self.messages, prefiltered=static,
+                           input_tokens=self.n_in, prices=self.priced,
+                           deadline_s=max(left, 0.0), now=parking.clock())
+            ranking.rows = self.tiers_left(ranking.rows)
         if not len(ranking):
             raise no_capable_model_error(routed.node, needs, ranking, ctx.catalog)
         if ctx.router is not None and needs.routed:
@@ -270,10 +298,50 @@ class CallAttempts:
         if remaining is not None and ranking.first().expected_cost > remaining:
             raise budget_error(routed.node, self.usage, ranking.first())
         self.ranking = ranking
-        self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
+        if not self.call_id:
+            self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
         if ctx.measured is not None:
             self.prefer(ranking, remaining)
         return ranking  # its candidates are made as the loop reaches them
+
+    def tiers_left(self, rows: list[Candidate]) -> list[Candidate]:
+        """`rows` without the tiers this call's parked items ruled out."""
+        excluded, tiers = self.excluded, self.excluded_tiers
+        if not excluded and not tiers:
+            return rows
+        return [c for c in rows if c.tier not in tiers
+                and (c.spec.key, c.tier) not in excluded]
+
+    def exclude(self, model: str, tier: Tier) -> None:
+        self.excluded = self.excluded | {(model, tier)}
+
+    def exclude_tier(self, tier: Tier) -> None:
+        self.excluded_tiers = self.excluded_tiers | {tier}
+
+    def is_due(self, c: Candidate) -> bool:
+        """Whether `c` is a cheaper hour that came for this call (called now, not parked)."""
+        due = self.due
+        return due is not None and c.tier is Tier.OFF_PEAK and due.model == c.spec.key
+
+    def ensure_call_key(self) -> str | None:
+        """This call's key in a durable run (None outside one); its call id too."""
+        if self.call_key is None and self.usage.listeners:
+            self.call_key = self.routed._key_for_ledger(self.ctx, self.task_id, self.messages,
+                                                        self.kwargs)
+        if not self.call_id:
+            self.call_id = f"{_ID_PREFIX}{next(_call_counter):08x}"
+        return self.call_key
+
+    def parking_flow(self) -> str | None:
+        parking = self.ctx.parking
+        return parking.flow if parking is not None else None
+
+    def price(self, t: _Try, paid: Usage) -> float:
+        """What `paid` costs on the try's tier (standard: the model's usual price)."""
+        tier = t.candidate.tier
+        if tier is Tier.STANDARD:
+            return t.spec.cost(paid)
+        return t.spec.cost(paid, tier=tier)
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
         """Reorder the capable models by the router's per-input predictions."""
@@ -473,9 +541,13 @@ class CallAttempts:
                                   t.allowed.needed_usd)
 
     def call_kwargs(self, t: _Try) -> dict[str, Any]:
-        """The call's keywords, with the max output its allowance gives (if any)."""
-        return self.kwargs if t.allowed is None else with_max_output(self.kwargs, t.spec,
-                                                                      t.allowed)
+        """The call's keywords, with the max output its allowance gives (if any) and the
+        service tier a flex try asks for."""
+        kwargs = self.kwargs if t.allowed is None else with_max_output(self.kwargs, t.spec,
+                                                                        t.allowed)
+        if t.candidate.tier is Tier.FLEX:
+            kwargs = {**kwargs, "service_tier": "flex"}
+        return kwargs
 
     def attempt_id(self) -> str:
         """The message id of this try's chunks (each attempt streams under its own)."""
@@ -561,7 +633,7 @@ class CallAttempts:
         if t.reservation is not None and paid is not None and ctx.limiter is not None:
             # The rate window counted an estimate: put in what was used.
             await ctx.limiter.acorrect(t.reservation, paid.total_tokens)
-        cost = spec.cost(paid) if paid else 0.0
+        cost = self.price(t, paid) if paid else 0.0
         message.response_metadata = {
             **message.response_metadata,
             "frugalflow": {"model": spec.key, "cost_usd": cost,
@@ -609,7 +681,8 @@ class CallAttempts:
         paid, estimated = billed(message, self.n_in, partial=isinstance(err, _CUT_SHORT))
         self.unhold(t)
         attempt = self._attempt(Outcome.ERROR, t, usage=paid, estimated=estimated,
-                                cost=spec.cost(paid) if paid else 0.0, error=err, action=action)
+                                cost=self.price(t, paid) if paid else 0.0, error=err,
+                                action=action)
         await self.record(attempt)
         if self.runs is not None:
             await self.runs.end(t, attempt, message, err)
@@ -689,130 +762,8 @@ class CallAttempts:
             route_reason=self.reasons.get(spec.key) if ended else None,
             prompt=prompt_text(self.messages) if ended and self.usage.listeners else None,
             category=self.routed.category, usage_estimated=estimated, response=response,
-            request=request)
+            request=request, tier=None if t.candidate.tier is Tier.STANDARD else t.candidate.tier)
 
     async def record(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
         await self.usage.arecord(attempt)
-
-
-# -- the pieces of a try ---------------------------------------------------------------------
-
-
-def recorded_request(routed: RoutedChatModel, messages: Sequence[BaseMessage]) -> dict[str, Any]:
-    """The request of a call as JSON, replayable to another model: messages (LangChain
-    dicts), the bound tools (OpenAI tool dicts, the response schema's own tool apart) and
-    the response schema (JSON schema), like `frugalflow.evaluation.cases.Request`."""
-    from langchain_core.messages import messages_to_dict
-
-    # A routed model's tools and schema never change (binding makes a copy, reused by
-    # every call of the node): converted once per copy, not once per call.
-    bound = routed._variants.get(_RECORDED)
-    if bound is None:
-        bound = routed._variants[_RECORDED] = _bound_json(routed)
-    tools, json_schema = bound
-    return {"messages": messages_to_dict(list(messages)), "tools": list(tools),
-            "schema": json_schema}
-
-
-_RECORDED = ("frugalflow:recorded-request",)  # the key of `_bound_json` in the variants
-
-
-def _bound_json(routed: RoutedChatModel) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """The routed model's tools (but its response schema's own) and response schema."""
-    from langchain_core.utils.function_calling import convert_to_json_schema
-
-    schema = routed.response_schema
-    json_schema: dict[str, Any] | None = None
-    if schema is not None:
-        try:
-            json_schema = convert_to_json_schema(schema)
-        except Exception:  # an odd schema must not fail the call it records
-            json_schema = {"title": getattr(schema, "__name__", str(schema))}
-    return [tool_schema(t) for t in routed.tools if t is not schema], json_schema
-
-
-async def generate_once(
-    model: Runnable[Any, Any], messages: list[BaseMessage], stop: list[str] | None,
-    kwargs: dict[str, Any],
-) -> tuple[AIMessage, ChatGeneration | None]:
-    """One generation from a candidate model: its message, and the candidate's own
-    `ChatGeneration` holding it (None when the call went through `ainvoke`).
-
-    The routed model is the LangChain run that callbacks, tracing and streaming observe;
-    the candidate is called through its generation hook (`_agenerate`, the method every
-    chat model implements) rather than a second, nested `ainvoke` run. A model with a
-    cache, a rate limiter or v1 output blocks goes through `ainvoke`, which applies them.
-    """
-    target, bound_kwargs = model, {}
-    if isinstance(model, RunnableBinding) and isinstance(model.bound, BaseChatModel):
-        target, bound_kwargs = model.bound, dict(model.kwargs)
-    if (
-        isinstance(target, BaseChatModel)
-        and target.cache is None
-        and target.rate_limiter is None
-        and getattr(target, "output_version", None) != "v1"
-    ):
-        result = await target._agenerate(messages, stop=stop, **{**bound_kwargs, **kwargs})
-        generation = result.generations[0]
-        message = generation.message
-        if not isinstance(message, AIMessage):  # pragma: no cover - defensive
-            raise MalformedResponseError(f"{type(target).__name__} returned {type(message).__name__}")
-        # As `ainvoke` does: the finish/stop reason (and more) that integrations keep in
-        # generation_info or llm_output belongs to the message, where adapters check it.
-        if result.llm_output or generation.generation_info:
-            message.response_metadata = {**(result.llm_output or {}),
-                                         **(generation.generation_info or {}),
-                                         **message.response_metadata}
-        if not isinstance(generation, ChatGeneration):  # pragma: no cover - defensive
-            return message, None
-        if generation.generation_info is not None:
-            # The routed model's generation carries none (it is in the message now).
-            generation.generation_info = None
-        return message, generation
-    message = await model.ainvoke(messages, config=INNER_CONFIG, stop=stop, **kwargs)
-    return message, None
-
-
-def billed(message: AIMessage | None, n_in: int, *, partial: bool) -> tuple[Usage | None, bool]:
-    """The tokens an answer is billed for, and whether they are estimated.
-
-    The provider's count when it sent one; for an answer without usage (or with all
-    zeros) the estimate: `n_in` input tokens and the answer's own size in output tokens.
-    A `partial` answer (cut short) may carry only the counts sent before its end (Gemini's
-    prompt count, Anthropic's message_start): its output is at least what arrived.
-    """
-    if message is None:
-        return None, False
-    reported = Usage.from_message(message)
-    if reported is not None and reported.total_tokens > 0 and not partial:
-        return reported, False
-    out = max(estimate_tokens([message]) - 4, 1)
-    if reported is None or reported.total_tokens == 0:
-        return Usage(input_tokens=n_in, output_tokens=out, requests=1), True
-    if reported.output_tokens >= out and reported.input_tokens > 0:
-        return reported, False
-    return Usage(input_tokens=reported.input_tokens or n_in,
-                 output_tokens=max(reported.output_tokens, out),
-                 cache_read_tokens=reported.cache_read_tokens,
-                 cache_write_tokens=reported.cache_write_tokens, requests=1,
-                 reasoning_tokens=reported.reasoning_tokens), True
-
-
-async def iter_with_timeout(it: AsyncIterator[Any], timeout: float | None) -> AsyncIterator[Any]:
-    """Iterate with a per-chunk timeout: a stream that stalls counts as a timeout."""
-    ait = it.__aiter__()
-    try:
-        while True:
-            try:
-                if timeout is None:
-                    item = await ait.__anext__()
-                else:
-                    item = await asyncio.wait_for(ait.__anext__(), timeout)
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        aclose = getattr(ait, "aclose", None)
-        if aclose is not None:
-            await aclose()

@@ -9,7 +9,7 @@ from typing import Any
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from pydantic import BaseModel
 
-from .attempts import INNER_CONFIG as _INNER_CONFIG
+from .generation import INNER_CONFIG as _INNER_CONFIG
 from .validation import ModelJudge
 from .catalog import ModelSpec
 from .exceptions import UserError

@@ -35,6 +35,7 @@ from .tracing.callbacks import PARENT_KWARG, attempt_runs, routed_ls_params, str
 from .usage import Attempt, RunUsage
 
 if TYPE_CHECKING:
+    from .batches.parking import Parking
     from .learning import Router
     from .measured import Measurements
     from .verbosity import Verbosity
@@ -94,6 +95,10 @@ class RunContext:
     verbosity: Verbosity | None = None
     """Output-token estimates per node x model (the runner reads them from the ledger at each
     run's start, see `frugalflow.verbosity`); None: the per-model prior."""
+    parking: Parking | None = None
+    """Durable runs: where a call on a tier that answers later (batch, a cheaper hour)
+    writes its request down before its run parks (`frugalflow.batches.parking`); None: no
+    call parks (deadlines then only choose among synchronous tiers)."""
     held_usd: float = 0.0
     """Budget held by the run's calls in flight (each its most possible cost), so that
     parallel calls together stay within the budget (see `frugalflow.allowance`)."""

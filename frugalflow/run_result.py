@@ -37,7 +37,8 @@ class RunResult:
 ENDED = frozenset({RunStatus.INTERRUPTED, RunStatus.BUDGET_EXCEEDED, RunStatus.FAILED,
                     RunStatus.SUCCEEDED, RunStatus.CANCELLED})
 """Where a run stays until someone acts on it (resume, cancel, start anew)."""
-STOPPED = ENDED | {RunStatus.PAUSED}
+STOPPED = ENDED | {RunStatus.PAUSED, RunStatus.WAITING}
+"""Where one execution of a run stops (a `waiting` run is woken by the batch poller)."""
 
 
 @dataclass

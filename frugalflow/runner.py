@@ -22,12 +22,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.messages import AIMessage
 from langgraph.graph import START
 from langgraph.types import Command
 
+from .batches.parking import Parking, utcnow
 from .catalog import Catalog
 from .events import EventBus, attempt_event
 from .exceptions import (
@@ -39,21 +41,24 @@ from .exceptions import (
     UserError,
 )
 from .inputs import check_input
-from .measured import MeasureConfig, unknown_policy
+from .measured import MeasureConfig
 from .policies import Policy
 from .resilience import Breakers, FallbackPolicy, default_breakers
+from .run_knowledge import RunKnowledge
 from .run_result import ENDED, STOPPED, Ending, RunResult
 from .statuses import FINAL_STATUSES, NodeStatus, RunStatus
 from .usage import Attempt
 from .flow import CompiledFlow, Flow, check_budget
 from .persistence.event_log import EventLog
 from .persistence.ledger import Ledger, RunRecord, scrub
+from .persistence.parked import ParkedLedger, aware
 from .persistence.leases import Lease, acquire_lease, afenced, fenced, holder_id, unfenced
 from .persistence.store import Store
 from .persistence.tables import RunRow
 from .tracing.otel_setup import run_tracing
 from .usage import RunUsage
-from .verbosity import Verbosity, VerbosityCache
+from .verbosity import VerbosityCache
+from .waiting import deadline_at, resume_input, user_interrupts
 
 if TYPE_CHECKING:
     from langchain_core.callbacks import BaseCallbackHandler
@@ -63,9 +68,9 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
+    from .batches.poller import BatchPoller
     from .limits import Limiter
-    from .learning import Featurizer, LearnedRouter, Router
-    from .measured import Measurements
+    from .learning import Router
     from .routed import Replay, RunContext
     from .scale.dispatch import Dispatcher
     from .scale.relay import PostgresEventRelay
@@ -76,7 +81,7 @@ __all__ = ["FINAL_STATUSES", "Lease", "RunResult", "RunStatus", "Runner"]
 log = logging.getLogger("frugalflow")
 
 
-class Runner:
+class Runner(RunKnowledge):
     """Executes flows as durable runs in a Store (SQLite by default, PostgreSQL by URL)."""
 
     def __init__(
@@ -101,6 +106,8 @@ class Runner:
         callbacks: Iterable[BaseCallbackHandler] = (),
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        deadline_margin: timedelta = timedelta(minutes=10),
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.ledger = Ledger(self.store)
@@ -147,6 +154,12 @@ class Runner:
         tracing from the environment (LANGSMITH_TRACING=true) needs none."""
         # OpenTelemetry (frugalflow.tracing): None unless configured (explicit, global, OTEL_*)
         self._otel: RunTracing | None = run_tracing(tracer_provider, meter_provider, self.breakers)
+        self.deadline_margin = deadline_margin
+        """Time kept before a deadline for a synchronous call once a batch is given up."""
+        self.clock = clock
+        """Now, as deadlines and parked requests see it (tests and benchmarks pass a fake)."""
+        self.parked = ParkedLedger(self.store)
+        """The parked requests (batch items, timers) of this store's runs."""
         for f in flows:
             self.register(f)
 
@@ -203,10 +216,12 @@ class Runner:
 
     async def start(self, flow: str | Flow[Any], input: Any, *, budget: float | None = None,
                     run_id: str | None = None, wait: bool = True,
-                    principal: str | None = None) -> RunResult:
+                    principal: str | None = None,
+                    deadline: timedelta | datetime | None = None) -> RunResult:
         """Create a run and execute it; with `wait=False`, execute it in the background.
-        `principal` records who started it (the service's named tokens). An input that does
-        not fit the flow's input fields raises `InputError` (see `frugalflow.inputs`)."""
+        `principal` records who started it (the service's named tokens). `deadline` is the
+        default of its nodes' `Needs.deadline` (a duration from now, or a moment). An input
+        that does not fit the flow's input fields raises `InputError` (`frugalflow.inputs`)."""
         if isinstance(flow, Flow):
             if flow.name not in self._flows:
                 self.register(flow)
@@ -216,17 +231,18 @@ class Runner:
         self.compiled(name)  # unknown flow or impossible needs: fail before writing anything
         check_input(self._flows[name], input)  # InputError: missing, unknown, mistyped fields
         budget = check_budget(budget)  # ValueError: NaN, infinite, zero or negative
+        due = deadline_at(deadline, self.clock())
         run_id = run_id or uuid.uuid4().hex
         await self.setup()
         await self._check_policy()  # an unknown policy name: fail before writing anything
         if self.dispatcher is None:
             await self.ledger.create_run(run_id, name, input, budget_usd=budget,
-                                         principal=principal)
+                                         principal=principal, deadline_at=due)
             return await self._launch(run_id, input, wait=wait)
         # Dispatched: the input becomes the thread's first checkpoint (state, not a message),
         # then the queue says "run X is ready".
         await self.ledger.create_run(run_id, name, input, budget_usd=budget,
-                                     status=RunStatus.QUEUED, principal=principal)
+                                     status=RunStatus.QUEUED, principal=principal, deadline_at=due)
         graph = self.compiled(name).graph
         await graph.aupdate_state(self._config(run_id), input, as_node=START)
         return await self._dispatch(self.dispatcher, run_id, wait=wait)
@@ -260,12 +276,15 @@ class Runner:
             await self.ledger.update_run(run_id, budget_usd=budget)
         graph_input: Any = None
         if row.status == RunStatus.INTERRUPTED:
-            graph_input = Command(resume=value)
+            graph_input = resume_input(await self._interrupts(row.flow, run_id), value)
         elif value is not None:
             raise RunStateError(
                 f"run {run_id!r} is {row.status}, not waiting on an interrupt: resume it "
                 "without a value", run_id=run_id, status=row.status,
             )
+        if self.dispatcher is not None and row.status == RunStatus.WAITING:
+            # Woken: it stays `waiting` (a continuation: its calls replay) until a worker runs it.
+            return await self._dispatch(self.dispatcher, run_id, wait=wait)
         if self.dispatcher is not None:
             await self.ledger.update_run(
                 run_id, status=RunStatus.QUEUED,
@@ -281,7 +300,8 @@ class Runner:
             return None
         graph_input: Any = None
         if row.pending_resume is not None:
-            graph_input = Command(resume=row.pending_resume.get("value"))
+            graph_input = resume_input(await self._interrupts(row.flow, run_id),
+                                       row.pending_resume.get("value"))
         elif row.status == RunStatus.QUEUED and not await self._has_checkpoint(row.flow, run_id):
             # Its starter died before seeding the thread: start from the recorded input.
             graph_input = row.input
@@ -299,6 +319,9 @@ class Runner:
             if row.status not in FINAL_STATUSES and self.dispatcher is not None:
                 await self.dispatcher.submit(run_id)
         return result
+
+    async def _interrupts(self, flow: str, run_id: str) -> list[Any]:
+        return list((await self.compiled(flow).graph.aget_state(self._config(run_id))).interrupts)
 
     async def _has_checkpoint(self, flow: str, run_id: str) -> bool:
         # the Runner compiles every flow with its own saver (never None, False or True)
@@ -337,128 +360,14 @@ class Runner:
             return self._result(await self.ledger.get_run(run_id))
         if self.dispatcher is not None and row.status == RunStatus.QUEUED:
             await self.dispatcher.cancel(run_id)
+        if row.status == RunStatus.WAITING:  # its parked requests: given up (batches cancelled)
+            await self.parked.abandon_run(run_id, self.clock())
         if row.status == RunStatus.RUNNING:
             # Executing elsewhere: its executor sees the request when it renews its lease.
             await self.ledger.update_run(run_id, cancel_requested=True)
             return self._result(await self.ledger.get_run(run_id))
         await self.ledger.update_run(run_id, status=RunStatus.CANCELLED)
         return self._result(await self.ledger.get_run(run_id))
-
-    async def retrain_router(
-        self, name: str | None = None, *, flow: str | None = None, node: str | None = None,
-        min_examples: int = 20, featurizer: Featurizer | None = None,
-    ) -> LearnedRouter | None:
-        """Train a router on the ledger's outcomes, store it as a new version of `name`
-        (default: the runner's router name, else "default") and use it for the next runs.
-        `featurizer`: lexical features unless given (e.g. `EmbeddingFeaturizer()`).
-        Returns the router, or None when the ledger holds fewer than `min_examples`."""
-        from .learning import examples_from, train_router
-
-        name = name or self._router_name or "default"
-        examples = examples_from(await self.ledger.outcomes(flow=flow, node=node))
-        if len(examples) < min_examples:
-            return None
-        router = await asyncio.to_thread(train_router, examples, self.catalog,
-                                         featurizer=featurizer)
-        self._router_version = await self.ledger.save_router(
-            name, router, examples=len(examples),
-            metrics={"flow": flow, "node": node, "successes": sum(e.success for e in examples)})
-        self._router_name = name
-        self.router = router
-        return router
-
-    async def _current_router(self) -> Router | None:
-        """The router for a run starting now (a named one: its newest stored version)."""
-        name = self._router_name
-        if name is None:
-            return self.router
-        version = await self.ledger.router_version(name)
-        if version is None:
-            if self.router is None:
-                from .learning import PriorRouter
-
-                self.router = PriorRouter.from_catalog(self.catalog)
-        elif version != self._router_version:
-            from .learning import LearnedRouter
-
-            self.router = await self.ledger.load_router(
-                name, version, decode=LearnedRouter.from_bytes)
-            self._router_version = version
-        return self.router
-
-    def _init_measuring(self, policy: Policy | str | None, measure: MeasureConfig | bool | None,
-                        explore: float | Mapping[str, float]) -> None:
-        shares = explore.values() if isinstance(explore, Mapping) else [explore]
-        if not all(0.0 <= float(v) <= 1.0 for v in shares):
-            raise UserError(f"explore must be a share of calls between 0 and 1 (one, or per "
-                            f"node), got {explore!r}")
-        self.explore = explore
-        """Share of calls of validated nodes that may try a cheaper, unproven model first."""
-        self._policy_name: str | None = policy if isinstance(policy, str) else None
-        self._policy_version: int | None = None
-        self.policy: Policy | None = policy if isinstance(policy, Policy) else None
-        """The node policy in use (`frugalflow.policies`); given by name, the runner uses its
-        newest stored version (checked at each run's start, so every worker picks up a new
-        `frugalflow eval --save-policy`)."""
-        on = measure if measure is not None else (
-            policy is not None or any(float(v) > 0 for v in shares))
-        self.measure: MeasureConfig | None = (
-            measure if isinstance(measure, MeasureConfig) else MeasureConfig() if on else None)
-        """How production verdicts are measured (None: not; a policy's evidence still
-        counts). By default on with a policy or exploration."""
-        self._measured: dict[str, tuple[object, Measurements]] = {}
-
-    async def _check_policy(self) -> None:
-        """Raise UserError for a policy name nothing is stored under (checked until found)."""
-        if self._policy_name is not None and self._policy_version is None:
-            await self.current_policy()
-
-    async def current_policy(self) -> tuple[Policy | None, str | None]:
-        """The node policy for a run starting now (a named one: its newest stored version),
-        with its label for route reasons (`policy <name> v<k>`)."""
-        name = self._policy_name
-        if name is None:
-            return self.policy, None
-        from .persistence.policy_store import PolicyStore
-
-        policies = PolicyStore(self.store)
-        version = await policies.version(name)
-        if version is None:
-            raise unknown_policy(name, {p.name for p in await policies.list()})
-        if version != self._policy_version or self.policy is None:
-            stored = await policies.load(name, version)
-            assert stored is not None  # versions are never deleted
-            self.policy, self._policy_version = stored.policy, version
-        return self.policy, f"policy {name} v{version}"
-
-    async def _current_verbosity(self, flow: str) -> Verbosity:
-        """Output-token estimates for a run of `flow` starting now: the ledger's (cached
-        briefly), and the node policy's evidence (`current_policy`, read just before)."""
-        verbosity = await self.verbosity.get(self.store, flow)
-        policy = self.policy
-        return verbosity.with_policy(policy) if policy is not None and policy.flow == flow \
-            else verbosity
-
-    async def _current_measurements(self, flow: Flow[Any]) -> Measurements | None:
-        """What was measured of `flow` for a run starting now: the policy's newest version
-        at once, production verdicts reloaded after `measure.ttl` seconds."""
-        from .measured import load_measurements
-
-        policy, label = await self.current_policy()
-        if self.measure is None and (policy is None or policy.flow != flow.name):
-            return None
-        key = (label, id(policy))
-        hit = self._measured.get(flow.name)
-        config = self.measure or MeasureConfig()
-        if hit is not None and hit[0] == key and (
-                self.measure is None or time.monotonic() - hit[1].loaded_at < config.ttl):
-            return hit[1]
-        validated = {n for n, spec in flow.nodes.items() if spec.validator is not None}
-        measured = await load_measurements(self.store, flow.name, validated=validated,
-                                           policy=policy, label=label, config=config,
-                                           production=self.measure is not None)
-        self._measured[flow.name] = (key, measured)
-        return measured
 
     async def wait(self, run_id: str) -> RunResult:
         """The result of a run once it stops: one started with `wait=False`, one paused by
@@ -477,6 +386,14 @@ class Runner:
             if nxt is None or nxt is task:
                 return result
             task = nxt
+
+    def batch_poller(self, **options: Any) -> BatchPoller:
+        """A poller that sends this store's parked requests in provider batches, collects
+        their answers and wakes their runs (`frugalflow.batches.poller`; the service and
+        `frugalflow worker` run one)."""
+        from .batches.poller import BatchPoller
+
+        return BatchPoller(self, **options)
 
     @property
     def executing(self) -> frozenset[str]:
@@ -631,9 +548,11 @@ class Runner:
                 await self._on_task(run_id, cast("dict[str, Any]", chunk))
         self.verbosity.ran(row.flow)
         snapshot = await compiled.graph.aget_state(config)
-        end.interrupts = [scrub(i.value) for i in snapshot.interrupts]
-        end.status = (RunStatus.INTERRUPTED if snapshot.next or end.interrupts
-                      else RunStatus.SUCCEEDED)
+        asks = user_interrupts(snapshot.interrupts)
+        end.interrupts = [scrub(i.value) for i in asks]
+        end.status = (RunStatus.INTERRUPTED if asks
+                      else RunStatus.WAITING if snapshot.interrupts
+                      else RunStatus.INTERRUPTED if snapshot.next else RunStatus.SUCCEEDED)
         end.values = dict(snapshot.values) if snapshot.values else end.values
 
     async def _stopped(self, run_id: str, lease: Lease, keeper: asyncio.Task[None],
@@ -666,6 +585,8 @@ class Runner:
         ctx.verbosity = await self._current_verbosity(row.flow)
         ctx.limiter = self.limiter
         ctx.intent = functools.partial(self.ledger.record_intent, flow=row.flow)
+        ctx.parking = Parking(self.parked, row.flow, aware(row.created_at) or self.clock(),
+                              aware(row.deadline_at), self.clock, self.deadline_margin)
         if continuation:
             ctx.replay = self._replayer(row.id)
         return ctx
@@ -810,8 +731,10 @@ class Runner:
             self.events.publish(run_id, "node_started", node=chunk["name"], task_id=chunk["id"])
         else:
             err = chunk.get("error")
-            status = (NodeStatus.ERROR if err else NodeStatus.INTERRUPTED
-                      if chunk.get("interrupts") else NodeStatus.DONE)
+            asks = chunk.get("interrupts")
+            status = (NodeStatus.ERROR if err else NodeStatus.DONE if not asks
+                      else NodeStatus.INTERRUPTED if user_interrupts(asks)
+                      else NodeStatus.WAITING)
             await self.ledger.node_finished(chunk["id"], status=status,
                                             error=str(err) if err else None)
             self.events.publish(run_id, "node_finished", node=chunk["name"],

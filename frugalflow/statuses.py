@@ -51,6 +51,7 @@ class Outcome(StrEnum):
     ERROR = "error"
     REPLAYED = "replayed"  # answered from the ledger after a crash: not paid again
     ABANDONED = "abandoned"  # its executor died before the answer was written
+    LATE = "late"  # a batch answer that came after its call had moved on: paid, not used
 
 
 class ErrorClass(StrEnum):

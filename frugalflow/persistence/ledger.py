@@ -137,10 +137,11 @@ class Ledger:
         budget_usd: float | None = None,
         status: str = RunStatus.PENDING,
         principal: str | None = None,
+        deadline_at: datetime | None = None,
     ) -> RunRow:
         await self.store.setup()
         row = RunRow(id=run_id, flow=flow, status=status, input=_as_dict(scrub(input)),
-                     budget_usd=budget_usd, principal=principal)
+                     budget_usd=budget_usd, principal=principal, deadline_at=deadline_at)
         values = _values(row)
 
         def plan() -> Plan[None]:
