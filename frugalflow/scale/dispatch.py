@@ -219,10 +219,12 @@ class ProcrastinateDispatcher:
 
 async def run_worker(
     runner: Runner, *, concurrency: int = 8, queues: list[str] | None = None,
-    stall_check: float | None = None,
+    stall_check: float | None = None, poll_batches: bool = True,
 ) -> None:
     """Execute dispatched runs until cancelled (SIGINT/SIGTERM stop it gracefully: the runs
-    in flight stop as `paused` and are requeued for other workers)."""
+    in flight stop as `paused` and are requeued for other workers). With `poll_batches`,
+    the worker also runs a batch poller (`Runner.batch_poller`): parked requests are sent
+    and waiting runs woken by whichever worker gets there first."""
     dispatcher = runner.dispatcher
     if not isinstance(dispatcher, ProcrastinateDispatcher):
         raise TypeError("run_worker needs a runner with a ProcrastinateDispatcher")
@@ -252,6 +254,9 @@ async def run_worker(
         )
 
     watcher = asyncio.create_task(stall_loop())
+    poller = runner.batch_poller() if poll_batches else None
+    if poller is not None:
+        poller.start()
     try:
         # Returns when a signal stopped the worker gracefully; a database error restarts it.
         await _until_reachable(job_loop, "fetch jobs")
@@ -259,3 +264,5 @@ async def run_worker(
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        if poller is not None:
+            await poller.stop()

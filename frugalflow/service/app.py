@@ -44,12 +44,15 @@ def create_app(
     docs: Docs = "token",
     ui: bool = True,
     heartbeat: float = 15.0,
+    poll_batches: bool = True,
 ) -> FastAPI:
     """A stand-alone app around `runner`. Refuses to serve off loopback (any other address,
     a wildcard such as 0.0.0.0 or ::, or an empty host) without a token. `docs`: "token"
     (the OpenAPI schema and /docs need a token, when the API has one), "public" or "off".
     `ui`: serve the run viewer at /ui (same tokens; a prompt keeps the token in a cookie).
-    `heartbeat`: seconds of silence after which an event stream sends a keep-alive."""
+    `heartbeat`: seconds of silence after which an event stream sends a keep-alive.
+    `poll_batches`: run a batch poller beside the app (parked requests sent, waiting runs
+    woken; see `frugalflow.batches.poller`)."""
     auth = Auth(token, tokens)  # refuses empty and malformed tokens
     if auth.open and not is_loopback(host):
         where = host or "every interface (an empty host)"
@@ -61,7 +64,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await runner.setup()
+        poller = runner.batch_poller() if poll_batches else None
+        if poller is not None:
+            poller.start()
         yield
+        if poller is not None:
+            await poller.stop()
         await runner.close()  # running runs stop as `paused`, resumable later
 
     public = docs == "public"
