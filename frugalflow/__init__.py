@@ -24,6 +24,7 @@ from .exceptions import (
     FrugalflowError,
     IncompleteResponseError,
     InvalidRequestError,
+    UnansweredError,
     LeaseError,
     MalformedResponseError,
     MissingIntegrationError,
@@ -49,6 +50,7 @@ from .needs import Needs
 from .routed import RoutedChatModel, RunContext
 from .runner import RunResult, Runner
 from .statuses import RunStatus
+from .tiers import Tier
 from .usage import Attempt, RunUsage, Usage
 
 try:
@@ -102,6 +104,8 @@ __all__ = [
     "SchemaVersionError",
     "StoreError",
     "StoreUnavailableError",
+    "Tier",
+    "UnansweredError",
     "Usage",
     "UserError",
     "ValidationFailedError",

@@ -168,17 +168,19 @@ class CallAttempts:
     # -- the drivers -------------------------------------------------------------------
 
     async def run(self) -> AIMessage:
-        if self.ctx.replay is not None:
-            replayed = await self.replayed()
-            if replayed is not None:
-                return replayed
         parking = self.ctx.parking
         if parking is not None and parking.deadline(self.routed.needs) is not None:
             from .batches.parking import take_parked
 
+            # Its parked requests first (an answer that came, or one to wait for again);
+            # an answer recorded already is replayed from there.
             landed = await take_parked(self, parking)
             if landed is not None:
                 return landed
+        elif self.ctx.replay is not None:
+            replayed = await self.replayed()
+            if replayed is not None:
+                return replayed
         for candidate in self.plan():
             if candidate.tier.parks and not self.is_due(candidate):
                 from .batches.parking import park
@@ -259,8 +261,9 @@ class CallAttempts:
         """When resuming: the answer this call already got before a crash (not paid again)."""
         ctx, routed = self.ctx, self.routed
         assert ctx.replay is not None
-        self.call_key = ctx.call_key(self.task_id, routed.node,
-                                     routed._digest(self.messages, self.kwargs))
+        if self.call_key is None:
+            self.call_key = ctx.call_key(self.task_id, routed.node,
+                                         routed._digest(self.messages, self.kwargs))
         replayed = await ctx.replay(routed.node, self.call_key)
         if replayed is not None:
             model = replayed.response_metadata.get("frugalflow", {}).get("model", "replay")

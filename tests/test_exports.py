@@ -22,6 +22,7 @@ PUBLIC_API = [
     "RunContext",
     # what it runs against
     "SKILLS", "Capabilities", "Catalog", "ModelSpec", "FallbackPolicy", "BreakerRegistry",
+    "Tier",
     # durable runs
     "Runner", "RunResult", "RunStatus",
     # what it reports
@@ -31,7 +32,7 @@ PUBLIC_API = [
     "NoCapableModelError", "ModelAPIError", "RateLimitError", "ProviderOverloadedError",
     "ModelTimeoutError", "ProviderConnectionError", "IncompleteResponseError",
     "AuthenticationError", "ContextLengthError", "ContentFilterError", "MalformedResponseError",
-    "ValidationFailedError", "InvalidRequestError", "AllModelsFailedError",
+    "ValidationFailedError", "InvalidRequestError", "UnansweredError", "AllModelsFailedError",
     "BudgetExceededError", "StoreError", "StoreUnavailableError", "SchemaVersionError",
     "RunNotFoundError", "RunStateError", "LeaseError", "InputError",
     "__version__",

@@ -98,6 +98,11 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
     key = call.ensure_call_key()
     if key is None:
         return None
+    if call.ctx.replay is not None:
+        replayed = await call.replayed()  # recorded already (a node executed again)
+        if replayed is not None:
+            await _used(parking, key, call)
+            return replayed
     items = await parking.ledger.items_for(call.usage.run_id or "", key)
     now = parking.clock()
     waiting: BatchItemRow | None = None
@@ -110,7 +115,9 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
                 await _failed(call, item)
             call.exclude(item.model, Tier(item.tier))
         elif status is BatchItemStatus.DUE:
-            call.due = item  # its hour came: the synchronous call goes now, on its model
+            # Its hour came: the synchronous call goes now, on its model.
+            await parking.ledger.move(item.id, BatchItemStatus.USED, [status])
+            call.due = item
         elif status in (BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED):
             if item.fallback_at is not None and now >= item.fallback_at:
                 # Too close to the deadline to wait longer: give it up (the poller cancels
@@ -130,6 +137,13 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
         parking.parked.append(waiting.id)
         raise waiting_interrupt(waiting)
     return None
+
+
+async def _used(parking: Parking, key: str, call: CallAttempts) -> None:
+    """A replayed call's answered item is used (so it wakes its run no more)."""
+    for item in await parking.ledger.items_for(call.usage.run_id or "", key):
+        if item.status == BatchItemStatus.SUCCEEDED:
+            await parking.ledger.move(item.id, BatchItemStatus.USED, [BatchItemStatus.SUCCEEDED])
 
 
 async def park(call: CallAttempts, parking: Parking, c: Candidate) -> None:

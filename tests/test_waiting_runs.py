@@ -1,0 +1,409 @@
+"""Nodes that can wait: a run parks on a provider batch, the poller sends, collects and wakes,
+and every failure on the way (a failed item, an expired batch, a deadline come too close, a
+cancelled run, a poller dead between sending and recording) ends in one answer, paid once.
+
+Real parts throughout: the runner on SQLite and PostgreSQL, the vendors' SDKs and the
+LangChain integrations talking HTTP to the provider emulator, whose batch desk is scripted
+(batches wait for `release()`: no sleeps). Time is a clock the test moves (the runner's,
+the poller's and the emulator's desk's).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langchain_core.messages import HumanMessage
+from provider_clients import forget_provider_clients
+from langgraph.types import Send, interrupt
+
+from frugalflow import END, START, Flow, Needs, RoutedChatModel, Runner, RunStatus, Tier
+from frugalflow.batches import close_batch_clients
+from frugalflow.batches.poller import BatchPoller
+from frugalflow.statuses import BatchItemStatus, BatchStatus, Outcome
+from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
+
+SECRET = "sk-waiting-runs-secret-0123456789"
+MODELS = ("openai/gpt-4o-mini", "anthropic/claude-haiku-4-5")
+
+
+class Clock:
+    """The test's time: the runner's and poller's `datetime`, the desk's seconds."""
+
+    def __init__(self) -> None:
+        # 20:00 UTC: no provider's cheaper hour is near (DeepSeek's start 00:30 / 16:30).
+        self.now = datetime(2026, 11, 30, 20, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def seconds(self) -> float:
+        return self.now.timestamp()
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+class DocState(TypedDict, total=False):
+    docs: list[str]
+    notes: Annotated[list[str], operator.add]
+    summary: str
+    approved: Any
+
+
+def nightly(deadline: timedelta | None = timedelta(hours=6), *, ask: bool = False,
+            name: str = "nightly") -> Flow[DocState]:
+    """enrich (one task per document, may wait) -> summarize (now); `ask`: a human's
+    question beside the waiting tasks."""
+    flow: Flow[DocState] = Flow(name, DocState)
+
+    async def enrich(state: dict[str, str], model: RoutedChatModel) -> DocState:
+        answer = await model.ainvoke([HumanMessage(f"Tag this document: {state['doc']}")])
+        return {"notes": [f"{state['doc']}: {str(answer.content)[:40]}"]}
+
+    async def summarize(state: DocState, model: RoutedChatModel) -> DocState:
+        answer = await model.ainvoke([HumanMessage("Summarize: " + " | ".join(state["notes"]))])
+        return {"summary": str(answer.content)[:80]}
+
+    def approve(state: DocState) -> DocState:
+        return {"approved": interrupt({"question": "send tonight's summary?"})}
+
+    flow.add_node("enrich", enrich, needs=Needs(deadline=deadline))
+    flow.add_node("summarize", summarize, needs=Needs())
+    flow.add_conditional_edges(
+        START, lambda s: [Send("enrich", {"doc": d}) for d in s["docs"]], ["enrich"])
+    if ask:
+        flow.add_node("approve", approve)
+        flow.add_edge(START, "approve")
+        flow.add_edge(["enrich", "approve"], "summarize")
+    else:
+        flow.add_edge("enrich", "summarize")
+    flow.add_edge("summarize", END)
+    return flow
+
+
+@pytest.fixture
+def time_() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def emu(time_: Clock, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ProviderEmulator]:
+    monkeypatch.setenv(EMULATOR_KEY_ENV, SECRET)
+    async with ProviderEmulator(seed=3) as emu:
+        emu.batches.clock = time_.seconds
+        yield emu
+    await close_batch_clients()
+
+
+@pytest.fixture
+async def runner(db_url: str, emu: ProviderEmulator, time_: Clock) -> AsyncIterator[Runner]:
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, MODELS)
+    r = Runner(db_url, flows=[nightly(), nightly(ask=True, name="nightly_ask")],
+               catalog=catalog, clock=time_, deadline_margin=timedelta(minutes=20))
+    yield r
+    await r.close()
+    await catalog.aclose()
+    forget_provider_clients()
+
+
+def poller(runner: Runner) -> BatchPoller:
+    return runner.batch_poller(gather=0, poll_every=0, claim_for=60)
+
+
+def generations(emu: ProviderEmulator) -> list[str]:
+    """The synchronous generation requests the emulator served (model names)."""
+    return [r.model for r in emu.requests]
+
+
+async def start(runner: Runner, docs: list[str]) -> str:
+    result = await runner.start("nightly", {"docs": docs})
+    assert result.status == RunStatus.WAITING, result.error
+    return result.run_id
+
+
+# -- the happy path ------------------------------------------------------------------------
+
+
+async def test_a_node_that_can_wait_is_answered_from_a_batch_at_the_batch_price(
+        runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["alpha", "beta", "gamma"])
+    assert generations(emu) == []  # nothing was called synchronously
+    items = await runner.parked.all_items(run_id)
+    assert [(i.status, i.tier) for i in items] == [(BatchItemStatus.QUEUED, "batch")] * 3
+
+    p = poller(runner)
+    tick = await p.tick()
+    assert len(tick.submitted) == 1 and tick.woken == []
+    [batch] = emu.batches.listed("openai")
+    assert len(batch.requests) == 3
+    assert (await runner.get(run_id)).run.status == RunStatus.WAITING
+
+    emu.batches.release()
+    tick = await p.tick()
+    assert tick.answered == 3 and tick.woken == [run_id]
+    result = await runner.wait(run_id)
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    assert result.state is not None and result.state["summary"]
+
+    record = await runner.get(run_id)
+    enrich = [a for a in record.attempts if a.node == "enrich"]
+    assert [(a.outcome, a.tier) for a in enrich] == [(Outcome.OK, "batch")] * 3
+    spec = runner.catalog[enrich[0].model]
+    from frugalflow.usage import Usage
+
+    for a in enrich:
+        usage = Usage(input_tokens=a.input_tokens, output_tokens=a.output_tokens, requests=1)
+        assert a.cost_usd == pytest.approx(spec.cost(usage, tier=Tier.BATCH))
+        assert a.cost_usd < spec.cost(usage) * 0.75  # about half the standard price
+        assert a.batch_item_id is not None
+    [summary] = [a for a in record.attempts if a.node == "summarize"]
+    assert summary.tier is None  # a node without a deadline is called as before
+    assert generations(emu) == [summary.model.split("/", 1)[1]]
+    assert record.run.cost_usd == pytest.approx(sum(a.cost_usd for a in record.attempts))
+    assert sum(emu.batches.paid.values()) == 3 and max(emu.batches.paid.values()) == 1
+
+
+async def test_requests_of_many_runs_for_one_model_share_one_batch(
+        runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", delay=None, times=None)
+    runs = [await start(runner, [f"doc {i}"]) for i in range(4)]
+    tick = await poller(runner).tick()
+    assert len(tick.submitted) == 1
+    [batch] = emu.batches.listed("openai")
+    assert len(batch.requests) == 4
+    emu.batches.release()
+    tick = await poller(runner).tick()
+    assert sorted(tick.woken) == sorted(runs)
+    for run_id in runs:
+        assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+
+
+async def test_the_batch_waits_for_its_gathering_window_and_its_size(
+        runner: Runner, emu: ProviderEmulator, time_: Clock) -> None:
+    emu.batches.script("openai", delay=None, times=None)
+    await start(runner, ["one", "two", "three"])
+    p = runner.batch_poller(gather=600, poll_every=0, max_items=2)
+    assert (await p.tick()).submitted == []  # the oldest has waited 0 of 600 s
+    time_.advance(seconds=601)
+    tick = await p.tick()
+    assert len(tick.submitted) == 2  # 3 requests, at most 2 per batch
+    assert sorted(len(b.requests) for b in emu.batches.listed("openai")) == [1, 2]
+
+
+async def test_a_node_without_a_deadline_never_waits(runner: Runner, emu: ProviderEmulator) -> None:
+    runner.register(nightly(deadline=None))
+    result = await runner.start("nightly", {"docs": ["x", "y"]})
+    assert result.status == RunStatus.SUCCEEDED
+    assert await runner.parked.all_items(result.run_id) == []
+    assert all(a.tier is None for a in (await runner.get(result.run_id)).attempts)
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+async def test_a_failed_item_goes_to_the_next_candidate(runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", delay=None, fail_items={2}, item_error="server_error")
+    emu.batches.script("anthropic", delay=None, times=None)
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["ok one", "fails", "ok two"])
+    p = poller(runner)
+    await p.tick()
+    emu.batches.release()
+    tick = await p.tick()
+    assert tick.answered == 2 and tick.errors == 1 and tick.woken == [run_id]
+    result = await runner.wait(run_id)
+    if result.status == RunStatus.WAITING:  # the failed one parked again on the next batch
+        await p.tick()
+        emu.batches.release()
+        await p.tick()
+        result = await runner.wait(run_id)
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    record = await runner.get(run_id)
+    failed = [a for a in record.attempts if a.outcome == Outcome.ERROR]
+    assert len(failed) == 1 and failed[0].tier == "batch"
+    answered = [a for a in record.attempts if a.node == "enrich" and a.outcome == Outcome.OK]
+    assert len(answered) == 3
+    retried = [a for a in answered if a.call_key == failed[0].call_key]
+    assert retried and retried[0].fallback_from == failed[0].model
+
+
+async def test_an_expired_batch_sends_its_unanswered_items_on(
+        runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", delay=None, expire=True, answered=1)
+    emu.batches.script("anthropic", delay=None, times=None)
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["first", "second", "third"])
+    p = poller(runner)
+    await p.tick()
+    emu.batches.release()
+    tick = await p.tick()
+    assert tick.answered == 1 and tick.errors == 2
+    for _ in range(3):
+        result = await runner.wait(run_id)
+        if result.status != RunStatus.WAITING:
+            break
+        await p.tick()
+        emu.batches.release()
+        await p.tick()
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    record = await runner.get(run_id)
+    unanswered = [a for a in record.attempts if a.error_class == "unanswered"]
+    assert len(unanswered) == 2 and all(a.cost_usd == 0 for a in unanswered)
+    assert max(emu.batches.paid.values()) == 1
+
+
+async def test_near_its_deadline_a_call_stops_waiting_and_goes_synchronous(
+        runner: Runner, emu: ProviderEmulator, time_: Clock) -> None:
+    emu.batches.script("openai", delay=None, times=None)  # never ends by itself
+    run_id = await start(runner, ["slow"])
+    p = poller(runner)
+    await p.tick()
+    [item] = await runner.parked.all_items(run_id)
+    assert item.fallback_at is not None and item.deadline_at is not None
+    time_.now = item.fallback_at + timedelta(seconds=1)
+    tick = await p.tick()
+    assert tick.woken == [run_id]
+    result = await runner.wait(run_id)
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    assert time_.now < item.deadline_at  # answered before its deadline
+    record = await runner.get(run_id)
+    [enrich] = [a for a in record.attempts if a.node == "enrich"]
+    assert enrich.tier is None and enrich.outcome == Outcome.OK  # a standard call
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.ABANDONED
+    tick = await p.tick()  # nobody waits on the batch any more: cancelled at the provider
+    assert tick.cancelled
+    [batch] = emu.batches.listed("openai")
+    assert batch.state == "cancelled" and not emu.batches.paid
+
+
+async def test_an_answer_that_comes_after_the_call_moved_on_is_recorded_as_paid(
+        runner: Runner, emu: ProviderEmulator, time_: Clock) -> None:
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["late"])
+    p = poller(runner)
+    await p.tick()
+    [item] = await runner.parked.all_items(run_id)
+    assert item.fallback_at is not None
+    time_.now = item.fallback_at + timedelta(seconds=1)
+    await p.tick()  # wakes the run: it gives the item up and calls synchronously
+    assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+    emu.batches.release()  # the provider answered before the cancel reached it
+    tick = await p.tick()
+    assert tick.late == 1
+    record = await runner.get(run_id)
+    [late] = [a for a in record.attempts if a.outcome == Outcome.LATE]
+    assert late.cost_usd > 0 and late.tier == "batch"
+    assert record.run.cost_usd == pytest.approx(sum(a.cost_usd for a in record.attempts))
+
+
+async def test_cancelling_a_waiting_run_cancels_its_batch(
+        runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["never mind"])
+    p = poller(runner)
+    await p.tick()
+    result = await runner.cancel(run_id)
+    assert result.status == RunStatus.CANCELLED
+    tick = await p.tick()
+    assert tick.cancelled and tick.woken == []
+    [batch] = emu.batches.listed("openai")
+    assert batch.state == "cancelled" and not emu.batches.paid
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.ABANDONED
+
+
+async def test_a_poller_dead_between_sending_and_recording_never_sends_twice(
+        runner: Runner, emu: ProviderEmulator, time_: Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["once", "only"])
+
+    class Killed(BaseException):
+        """The process died here (nothing after it runs)."""
+
+    async def die(self: BatchPoller, batch_id: str, provider_id: str) -> None:
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(BatchPoller, "_sent", die)
+        with pytest.raises(Killed):
+            await poller(runner).tick()
+    [row] = await runner.parked.all_batches()
+    assert row.status == BatchStatus.SUBMITTING and len(emu.batches.listed("openai")) == 1
+    assert (await poller(runner).tick()).found == []  # its claim still holds
+    time_.advance(seconds=61)  # the dead poller's claim lapses
+    tick = await poller(runner).tick()
+    assert tick.found == [row.id] and tick.submitted == []
+    assert len(emu.batches.listed("openai")) == 1  # found, not sent again
+    emu.batches.release()
+    await poller(runner).tick()
+    assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+    assert sorted(emu.batches.paid.values()) == [1, 1]
+
+
+async def test_a_run_resumed_after_its_answer_was_recorded_pays_nothing_again(
+        runner: Runner, emu: ProviderEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node died after recording the batch answer, before marking its item used: the
+    next execution replays the recorded answer (by its call key)."""
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["recorded"])
+    p = poller(runner)
+    await p.tick()
+    emu.batches.release()
+    from frugalflow.persistence.parked import ParkedLedger
+
+    real_move = ParkedLedger.move
+
+    async def crash_on_use(self: ParkedLedger, item_id: str, to: BatchItemStatus,
+                           when: Any, **changes: Any) -> bool:
+        if to == BatchItemStatus.USED:
+            raise RuntimeError("the process died")
+        return await real_move(self, item_id, to, when, **changes)
+
+    with monkeypatch.context() as m:
+        m.setattr(ParkedLedger, "move", crash_on_use)
+        await p.tick()
+        result = await runner.wait(run_id)
+    assert result.status == RunStatus.FAILED
+    result = await runner.resume(run_id)
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    record = await runner.get(run_id)
+    enrich = [a for a in record.attempts if a.node == "enrich"]
+    assert [a.outcome for a in enrich] == [Outcome.OK, Outcome.REPLAYED]
+    assert record.run.cost_usd == pytest.approx(sum(a.cost_usd for a in record.attempts))
+
+
+async def test_a_humans_question_beside_waiting_calls(runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", delay=None, times=None)
+    result = await runner.start("nightly_ask", {"docs": ["d1", "d2"]})
+    assert result.status == RunStatus.INTERRUPTED
+    assert result.interrupts == [{"question": "send tonight's summary?"}]
+    p = poller(runner)
+    await p.tick()
+    result = await runner.resume(result.run_id, "yes")  # answers the human only
+    assert result.status == RunStatus.WAITING
+    emu.batches.release()
+    assert (await p.tick()).woken == [result.run_id]
+    final = await runner.wait(result.run_id)
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    assert final.state is not None and final.state["approved"] == "yes"
+
+
+async def test_no_key_in_parked_requests_batches_or_errors(
+        runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", delay=None, fail_items={1}, item_error="auth")
+    run_id = await start(runner, ["secret-free"])
+    p = poller(runner)
+    await p.tick()
+    emu.batches.release()
+    await p.tick()
+    dumped = repr(await runner.parked.all_items()) + repr(await runner.parked.all_batches())
+    dumped += repr(await runner.get(run_id))
+    assert SECRET not in dumped
