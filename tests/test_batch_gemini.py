@@ -10,7 +10,13 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import pytest
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.runnables import Runnable
 from langchain_google_genai import ChatGoogleGenerativeAI
 from pydantic import BaseModel
@@ -117,6 +123,42 @@ async def test_request_body_is_what_the_synchronous_call_sends(
     assert body["tools"][0]["functionDeclarations"][0]["name"] == "GetWeather"
     assert body["generationConfig"]["stopSequences"] == ["STOP HERE"]
     json.dumps(body)  # storable as JSON
+
+
+async def test_lines_reach_the_provider_unchanged(
+        emu: ProviderEmulator, spec: ModelSpec, batches: GeminiBatchClient) -> None:
+    """The SDK's inlined requests are rebuilt from the REST bodies: every field of a rich
+    request (a tool round, thinking, sampling, safety, a forced tool) arrives as made."""
+    from langchain_google_genai import HarmBlockThreshold, HarmCategory
+
+    rich = ChatGoogleGenerativeAI(
+        model=MODEL, base_url=emu.base_url("gemini"), google_api_key="test-key",
+        max_retries=0, temperature=0.1, top_p=0.9, top_k=20, max_output_tokens=300,
+        thinking_budget=128, include_thoughts=True, seed=7,
+        safety_settings={HarmCategory.HARM_CATEGORY_DANGEROUS_CONTENT:
+                         HarmBlockThreshold.BLOCK_ONLY_HIGH})
+    try:
+        model = rich.bind_tools([GetWeather], tool_choice="any")
+        messages: list[BaseMessage] = [
+            SystemMessage("Answer briefly."), HumanMessage("Weather in Oslo?"),
+            AIMessage("", tool_calls=[{"name": "GetWeather", "id": "call_1", "args": {
+                "city": "Oslo", "days": 2, "unit": "celsius"}}]),
+            ToolMessage('{"forecast": "snow"}', tool_call_id="call_1", name="GetWeather"),
+            HumanMessage("And in Rome?")]
+        body = batches.request_body(model, messages, ["END"], {})
+        gen = body["generationConfig"]
+        # (The SDK sends thinkingConfig's fields in snake case, the sync call too.)
+        assert sorted(gen["thinkingConfig"].values()) == [True, 128]
+        assert (gen["temperature"], gen["topK"], gen["seed"]) == (0.1, 20, 7)
+        assert body["toolConfig"]["functionCallingConfig"]["mode"] == "ANY"
+        assert body["safetySettings"] and len(body["contents"]) == 4
+        await model.ainvoke(messages, stop=["END"])
+        assert body == emu.requests[-1].body
+        await batches.submit(spec, [BatchRequest("rich", body)], batch_id="ffb_rich")
+        (sent,) = emu.batches.listed("gemini")
+        assert sent.requests == [("rich", body)]
+    finally:
+        await rich.aclose()
 
 
 async def test_round_trip_matches_the_synchronous_answers(
@@ -314,3 +356,15 @@ async def test_missing_key(monkeypatch: pytest.MonkeyPatch, spec: ModelSpec) -> 
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(ff.AuthenticationError, match=KEY_ENV):
         GeminiBatchClient(spec)
+
+
+async def test_the_registry_gives_this_client(spec: ModelSpec) -> None:
+    from frugalflow.batches import batch_client, batch_wire_format, close_batch_clients
+
+    assert batch_wire_format(spec) == "gemini"
+    made = batch_client(spec)
+    try:
+        assert isinstance(made, GeminiBatchClient) and batch_client(spec) is made
+        assert made.provider == "google"
+    finally:
+        await close_batch_clients()
