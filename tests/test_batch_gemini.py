@@ -174,6 +174,7 @@ async def test_round_trip_matches_the_synchronous_answers(
     assert sent.requests[0][1] == batches.request_body(chat, ask(1), None, {})
     assert sent.metadata["displayName"] == "ffb_1"
     assert not emu.batches.paid
+    assert await batches.results(spec, name) == []  # asked too early: nothing yet
 
     emu.batches.release()
     progress = await batches.progress(spec, name)

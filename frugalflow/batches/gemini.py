@@ -228,6 +228,8 @@ class GeminiBatchClient:
                 out.append(ItemResult(key, error=MalformedResponseError(
                     f"{spec.key}: batch item {key} has neither an answer nor an error",
                     provider=spec.provider, model=spec.model)))
+        if state in _RUNNING:  # asked too early: nothing is unanswered yet
+            return out
         why = {"JOB_STATE_EXPIRED": "expired", "JOB_STATE_CANCELLED": "was cancelled",
                "JOB_STATE_FAILED": "failed"}.get(state, "ended")
         for key in known:
