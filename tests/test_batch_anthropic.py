@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anthropic
+import httpx2
 import pytest
 from langchain_anthropic import ChatAnthropic
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
@@ -367,3 +368,53 @@ async def test_results_of_a_batch_in_progress_are_refused(
     assert "\n" not in str(caught.value) and KEY not in str(caught.value)
     with pytest.raises(ff.ModelAPIError):
         await batches.progress(spec, "msgbatch_missing")
+
+
+async def test_beta_lines_go_through_the_beta_endpoint(
+    emu: ProviderEmulator, spec: ModelSpec, batches: AnthropicBatchClient,
+) -> None:
+    beta = ChatAnthropic(model="claude-haiku-4-5", base_url=emu.base_url("anthropic"),
+                         api_key=KEY, max_retries=0, betas=["token-efficient-tools-2025-02-19"])
+    try:
+        req = line(batches, beta, "Hello.", "q1")
+        assert req.body["betas"] == ["token-efficient-tools-2025-02-19"]  # as the sync call
+        pid = await batches.submit(spec, [req], batch_id="b-beta")
+        sent = emu.batches.batches[pid].requests[0][1]
+        assert "betas" not in sent  # a header of the batch, not a param of its line
+        got = by_id(await batches.results(spec, pid))["q1"].message
+        assert got is not None
+        same_answer(got, await beta.ainvoke("Hello."))
+    finally:
+        if "_async_client" in beta.__dict__:
+            await beta._async_client.close()
+
+
+async def test_the_key_stays_out_of_sight(
+    emu: ProviderEmulator, spec: ModelSpec, batches: AnthropicBatchClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert KEY not in repr(batches)
+    monkeypatch.delenv(EMULATOR_KEY_ENV)
+    with pytest.raises(ff.AuthenticationError, match=EMULATOR_KEY_ENV):
+        client(spec)
+    # an answer that echoes the key (as some 401s do) is scrubbed from errors
+    scrubbed = batches._error(anthropic.AuthenticationError(
+        f"invalid x-api-key {KEY}", response=httpx2.Response(
+            401, request=httpx2.Request("POST", "http://127.0.0.1/")),
+        body={"type": "error", "error": {"type": "authentication_error",
+                                         "message": f"invalid x-api-key {KEY}"}}),
+        spec, "batch b-x refused")
+    assert isinstance(scrubbed, ff.AuthenticationError)
+    assert KEY not in str(scrubbed) and KEY not in (scrubbed.body or "")
+    assert "[redacted]" in str(scrubbed)
+
+
+async def test_the_registry_gives_this_client(spec: ModelSpec) -> None:
+    from frugalflow.batches import batch_client, close_batch_clients
+
+    made = batch_client(spec)
+    try:
+        assert isinstance(made, AnthropicBatchClient) and made.provider == "anthropic"
+        assert batch_client(spec) is made  # shared per base URL and key variable
+    finally:
+        await close_batch_clients()

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anthropic
+from anthropic.types.beta import BetaMessage
 from langchain_anthropic import ChatAnthropic
 from langchain_core.language_models._utils import _update_message_content_to_blocks
 from langchain_core.language_models.chat_models import _gen_info_and_msg_metadata
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
 
 __all__ = ["AnthropicBatchClient", "client", "item_id", "wire_custom_id"]
 
-_TAGGED = re.compile(r"(?P<tag>ff[0-9a-f]{10})-(?P<item>.+)")
+_TAGGED = re.compile(r"f(?P<beta>[fb])(?P<hash>[0-9a-f]{10})-(?P<item>.+)")
+"""A wire custom id: `ff` (or `fb`: a beta batch, read back as beta messages), a hash of
+frugalflow's batch id, and the item id."""
 _ITEM_ID = re.compile(r"[a-zA-Z0-9_-]{1,51}")
 """What an item id may be: Anthropic's custom id pattern, less the tag's 13 characters."""
 
@@ -61,13 +64,13 @@ _ERROR_STATUS = {
 }
 
 
-def _tag(batch_id: str) -> str:
-    return "ff" + hashlib.blake2b(batch_id.encode(), digest_size=5).hexdigest()
+def _hash(batch_id: str) -> str:
+    return hashlib.blake2b(batch_id.encode(), digest_size=5).hexdigest()
 
 
-def wire_custom_id(batch_id: str, item: str) -> str:
+def wire_custom_id(batch_id: str, item: str, *, beta: bool = False) -> str:
     """The `custom_id` an item of frugalflow's batch `batch_id` has at Anthropic."""
-    return f"{_tag(batch_id)}-{item}"
+    return f"f{'b' if beta else 'f'}{_hash(batch_id)}-{item}"
 
 
 def item_id(custom_id: str) -> str:
@@ -155,7 +158,9 @@ class AnthropicBatchClient:
                     provider=spec.provider, model=spec.model)
             params = dict(r.body)
             betas.update(params.pop("betas", None) or ())
-            lines.append({"custom_id": wire_custom_id(batch_id, r.custom_id), "params": params})
+            lines.append({"custom_id": r.custom_id, "params": params})
+        for one in lines:
+            one["custom_id"] = wire_custom_id(batch_id, one["custom_id"], beta=bool(betas))
         try:
             if betas:
                 made: Any = await self._client.beta.messages.batches.create(
@@ -186,7 +191,7 @@ class AnthropicBatchClient:
         known = self._sent.get(batch_id)
         if known is not None:
             return known
-        tag = _tag(batch_id)
+        mine = _hash(batch_id)
         # A little slack: the row's clock and Anthropic's are not the same clock.
         horizon = (since - timedelta(minutes=10)) if since is not None \
             else datetime.now(UTC) - self.lookback
@@ -202,8 +207,8 @@ class AnthropicBatchClient:
                     if items is None or total == items:
                         unreadable.append(b.id)
                     continue
-                first = await self._first_custom_id(b)
-                if first is not None and first.startswith(tag + "-"):
+                first = _TAGGED.fullmatch(await self._first_custom_id(b) or "")
+                if first is not None and first["hash"] == mine:
                     self._sent[batch_id] = b.id
                     return b.id
         except ModelAPIError:
@@ -286,7 +291,13 @@ class AnthropicBatchClient:
         cid = item_id(line.custom_id)
         result = line.result
         if result.type == "succeeded":
-            message = self._message(spec, result.message)
+            sent: Any = result.message
+            tagged = _TAGGED.fullmatch(line.custom_id)
+            if tagged is not None and tagged["beta"] == "b":
+                # The synchronous call went through the beta endpoint: read what was
+                # received as the beta message it would have parsed.
+                sent = BetaMessage.model_validate(sent.to_dict())
+            message = self._message(spec, sent)
             return ItemResult(cid, message=message, usage=Usage.from_message(message))
         if result.type == "errored":
             err = result.error.error
