@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import (
@@ -170,7 +171,8 @@ class GeminiBatchClient:
         self._items[job.name] = [r.custom_id for r in requests]
         return job.name
 
-    async def find(self, spec: ModelSpec, batch_id: str) -> str | None:
+    async def find(self, spec: ModelSpec, batch_id: str, *, since: datetime | None = None,
+                   items: int | None = None) -> str | None:
         try:
             async for job in await self._client.aio.batches.list(config={"page_size": 100}):
                 if job.display_name == batch_id and job.name:

@@ -109,7 +109,10 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
     for item in items:
         status = BatchItemStatus(item.status)
         if status is BatchItemStatus.SUCCEEDED:
-            return await _answered(call, parking, item)
+            answer = await _answered(call, parking, item)
+            if answer is not None:
+                return answer
+            call.exclude(item.model, Tier(item.tier))  # paid, but not acceptable
         if status in (BatchItemStatus.FAILED, BatchItemStatus.EXPIRED):
             if await parking.ledger.move(item.id, BatchItemStatus.USED, [status]):
                 await _failed(call, item)
@@ -195,11 +198,25 @@ def _new_item(call: CallAttempts, c: Candidate, key: str, **fields: Any) -> Batc
         status=BatchItemStatus.QUEUED, expected_cost_usd=c.expected_cost, **fields)
 
 
-async def _answered(call: CallAttempts, parking: Parking, item: BatchItemRow) -> AIMessage:
-    """The batch's answer to this call, recorded as its attempt (tier, batch price)."""
+async def _answered(call: CallAttempts, parking: Parking,
+                    item: BatchItemRow) -> AIMessage | None:
+    """The batch's answer to this call, checked as a synchronous answer would be (end
+    markers and refusals, the output schema, the node's validator) and recorded as its
+    attempt at the batch price; None when it was not acceptable (recorded as a failed,
+    paid attempt: the call goes on to its next candidate)."""
     (message,) = messages_from_dict([item.result or {}])
     assert isinstance(message, AIMessage)
     cost = item.cost_usd
+    failure = await _check(call, item, message)
+    if failure is not None:
+        usage = Usage(input_tokens=item.input_tokens, output_tokens=item.output_tokens,
+                      requests=1)
+        await call.record(_attempt(call, item, Outcome.ERROR, usage=usage, cost=cost,
+                                   error_class=failure.error_class, error=str(failure)[:300]))
+        call.failures.append(failure)
+        call.previous = item.model
+        await parking.ledger.move(item.id, BatchItemStatus.USED, [BatchItemStatus.SUCCEEDED])
+        return None
     message.response_metadata = {
         **message.response_metadata,
         "frugalflow": {"model": item.model, "cost_usd": cost, "tier": item.tier,
@@ -210,6 +227,26 @@ async def _answered(call: CallAttempts, parking: Parking, item: BatchItemRow) ->
     # Recorded first: a crash before the move replays the recorded answer (by call key).
     await parking.ledger.move(item.id, BatchItemStatus.USED, [BatchItemStatus.SUCCEEDED])
     return message
+
+
+async def _check(call: CallAttempts, item: BatchItemRow,
+                 message: AIMessage) -> errors.ModelAPIError | None:
+    from ..validation import parse_output, validate
+
+    routed = call.routed
+    try:
+        spec = call.ctx.catalog[item.model]
+    except KeyError:
+        return None  # a model gone from the catalog: its answer stands unchecked
+    try:
+        spec.adapter.check(message, spec)
+        schema = routed.response_schema
+        parsed = parse_output(schema, spec, message) if schema is not None else None
+        if routed.validator is not None:
+            await validate(routed, routed.validator, spec, message, parsed, call.messages)
+    except errors.ModelAPIError as e:
+        return e
+    return None
 
 
 async def _failed(call: CallAttempts, item: BatchItemRow) -> None:

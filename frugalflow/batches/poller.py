@@ -245,7 +245,7 @@ class BatchPoller:
         assert client is not None
         if batch.status == BatchStatus.SUBMITTING:
             # Its sender died, or its sending failed: sent already? Else send it now.
-            found = await client.find(spec, batch.id)
+            found = await client.find(spec, batch.id, since=batch.created_at, items=batch.items)
             if found is not None:
                 await self._sent(batch.id, found)
                 done.found.append(batch.id)

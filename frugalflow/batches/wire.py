@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..statuses import BatchStatus
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from langchain_core.messages import AIMessage, BaseMessage
     from langchain_core.runnables import Runnable
 
@@ -88,9 +90,13 @@ class BatchClient(Protocol):
         `batch_id` (frugalflow's) goes into the batch's metadata or display name."""
         ...
 
-    async def find(self, spec: ModelSpec, batch_id: str) -> str | None:
+    async def find(self, spec: ModelSpec, batch_id: str, *, since: datetime | None = None,
+                   items: int | None = None) -> str | None:
         """The provider's id of a batch sent earlier with frugalflow's `batch_id`, or None
-        when there is none (a process died between sending and recording it)."""
+        when there is none (a process died between sending and recording it). `since`
+        (when the batch was written down) and `items` (how many it holds) narrow the search
+        where the provider keeps no metadata. Raises a `ModelAPIError` when it cannot tell
+        yet (the caller asks again later rather than send the batch twice)."""
         ...
 
     async def progress(self, spec: ModelSpec, provider_batch_id: str) -> BatchProgress:
