@@ -149,7 +149,8 @@ async def test_tools_and_structured_output_survive_the_batch_line(
         emu: ProviderEmulator, spec: ModelSpec, batches: OpenAIBatchClient) -> None:
     model = chat(emu)
     weather = model.bind_tools([GetWeather])
-    forced = model.with_structured_output(Person, method="function_calling").first  # type: ignore[attr-defined]
+    forced_chain = model.with_structured_output(Person, method="function_calling")
+    forced = forced_chain.first  # type: ignore[attr-defined]
     schema_chain = model.with_structured_output(Person, method="json_schema")
     schema = schema_chain.first  # type: ignore[attr-defined]
     assert isinstance(forced, RunnableBinding) and isinstance(schema, RunnableBinding)
@@ -198,6 +199,11 @@ async def test_request_body_refuses_what_a_batch_line_cannot_carry(
     # stop words and call arguments go into the body as the synchronous call sends them
     body = batches.request_body(chat(emu, temperature=0.2), msgs, ["END"], {"max_tokens": 7})
     assert (body["stop"], body["max_completion_tokens"], body["temperature"]) == (["END"], 7, 0.2)
+    # bindings of bindings: every bound argument is in the body, the outer one wins
+    nested = chat(emu).bind_tools([GetWeather]).bind(max_tokens=5).bind(max_tokens=9)
+    body = batches.request_body(nested, msgs, None, {})
+    assert body["tools"][0]["function"]["name"] == "GetWeather"
+    assert body["max_completion_tokens"] == 9
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -332,6 +338,23 @@ async def test_find_returns_the_submitted_batch_and_none_for_an_unknown_id(
     assert await batches.find(spec, "ffb-find-0") == ids[0]
     assert await batches.find(spec, "ffb-find-2") == ids[2]
     assert await batches.find(spec, "ffb-never-sent") is None
+    batches.page_size = 1  # the oldest batch is on the last page
+    assert await batches.find(spec, "ffb-find-0") == ids[0]
+
+
+async def test_results_of_a_running_batch_are_refused_and_errors_carry_no_key(
+        emu: ProviderEmulator, spec: ModelSpec, batches: OpenAIBatchClient) -> None:
+    emu.batches.script("openai", delay=None)
+    pid = await batches.submit(spec, requests_for(batches, chat(emu), asks(1)),
+                               batch_id="ffb-running")
+    with pytest.raises(RuntimeError, match="has not stopped"):
+        await batches.results(spec, pid)
+    with pytest.raises(ff.ModelAPIError) as caught:
+        await batches.progress(spec, "batch_never_made")
+    assert caught.value.status_code == 404
+    assert (caught.value.provider, caught.value.model) == ("openai", MODEL)
+    assert KEY not in str(caught.value) and KEY not in (caught.value.body or "")
+    assert not emu.batches.paid
 
 
 async def test_the_sdk_pages_batches_and_reads_result_files(

@@ -66,6 +66,9 @@ class OpenAIBatchClient:
 
     provider = "openai"
 
+    page_size = 100
+    """Batches per page when `find` lists them (OpenAI's maximum)."""
+
     def __init__(self, spec: ModelSpec, *, max_retries: int = 2,
                  timeout: float | None = 60.0) -> None:
         from openai import AsyncOpenAI
@@ -90,9 +93,11 @@ class OpenAIBatchClient:
         from langchain_core.runnables import RunnableBinding
         from langchain_openai.chat_models.base import BaseChatOpenAI
 
-        target, bound = model, {}
-        if isinstance(model, RunnableBinding):
-            target, bound = model.bound, dict(model.kwargs)
+        target: Any = model
+        bound: dict[str, Any] = {}
+        while isinstance(target, RunnableBinding):  # bind_tools(...).bind(...): outer wins
+            bound = {**target.kwargs, **bound}
+            target = target.bound
         if not isinstance(target, BaseChatOpenAI):
             raise InvalidRequestError(
                 f"OpenAI batches take requests of a ChatOpenAI model, not {type(target).__name__}",
@@ -141,7 +146,7 @@ class OpenAIBatchClient:
         """The newest batch whose metadata names `batch_id`. Every page is read: a batch
         sent long ago and not found would be sent (and paid) again."""
         try:
-            async for b in self._client.batches.list(limit=100):
+            async for b in self._client.batches.list(limit=self.page_size):
                 if (b.metadata or {}).get(METADATA_KEY) == batch_id:
                     return b.id
         except Exception as e:
@@ -162,8 +167,12 @@ class OpenAIBatchClient:
 
     async def results(self, spec: ModelSpec, provider_batch_id: str) -> list[ItemResult]:
         """Every item's outcome, in the input file's order: an answer, a translated error,
-        or UnansweredError (expired, cancelled, failed batch, or absent from both files)."""
+        or UnansweredError (expired, cancelled, failed batch, or absent from both files).
+        RuntimeError while the batch still runs: its items are not unanswered yet (reading
+        them as such would send them elsewhere and pay them twice)."""
         b = await self._batch(spec, provider_batch_id)
+        if _STATUSES.get(b.status, BatchStatus.SUBMITTED) == BatchStatus.SUBMITTED:
+            raise RuntimeError(f"batch {provider_batch_id} has not stopped ({b.status})")
         texts = await asyncio.gather(*(self._text(spec, f) for f in
                                        (b.input_file_id, b.output_file_id, b.error_file_id)))
         # Parsing thousands of answers is CPU work: off the event loop.

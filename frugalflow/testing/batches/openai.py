@@ -189,7 +189,8 @@ def _status(b: EmulatedBatch) -> str:
             "failed": "failed", "cancelled": "cancelled"}[b.state]
 
 
-def _batch_object(desk: BatchDesk, b: EmulatedBatch, *, status: str | None = None) -> dict[str, Any]:
+def _batch_object(desk: BatchDesk, b: EmulatedBatch, *,
+                  status: str | None = None) -> dict[str, Any]:
     """`b` as OpenAI's Batch object (its output and error files written once it ended)."""
     created = int(b.created_at)
     state = status or _status(b)
