@@ -50,8 +50,11 @@ class OpenAIDialect(Dialect):
         }
 
     def _base(self, ctx: Context, obj: str) -> dict[str, Any]:
+        # The tier asked for ("flex", "priority") is the tier served; "auto" gets "default".
+        tier = ctx.body.get("service_tier")
         return {"id": f"chatcmpl-{ctx.rid}", "object": obj, "created": ctx.created,
-                "model": ctx.model, "service_tier": "default",
+                "model": ctx.model,
+                "service_tier": tier if tier in ("flex", "priority") else "default",
                 "system_fingerprint": "fp_emulator"}
 
     def full(self, ctx: Context, ans: Answer) -> dict[str, Any]:
