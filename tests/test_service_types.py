@@ -56,7 +56,13 @@ NOW = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
 async def _known_spending(ledger: Ledger, now: datetime) -> None:
     """Two days, two models, two flows, two principals, a fallback, and a call outside a
     week's window: the figures the costs tests expect."""
-    d1, d2 = now - timedelta(days=1), now
+    d1 = now - timedelta(days=1)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def today(seconds_ago: int) -> datetime:
+        # Today, before now (a fixed hour would be in the future early in the day).
+        return max(now - timedelta(seconds=seconds_ago), midnight)
+
     await ledger.create_run("r1", "flow_a", {}, principal="alice")
     await ledger.create_run("r2", "flow_b", {}, principal="bob")
 
@@ -74,8 +80,8 @@ async def _known_spending(ledger: Ledger, now: datetime) -> None:
                            outcome=Outcome.ERROR)),
         ("flow_a", attempt("r1", "c1", "draft", "m2", d1.replace(hour=10, second=1), 0.02,
                            fallback_from="m1", try_number=2)),
-        ("flow_a", attempt("r1", "c2", "polish", "m1", d2.replace(hour=9), 0.01)),
-        ("flow_b", attempt("r2", "c3", "draft", "m2", d2.replace(hour=11), 0.05)),
+        ("flow_a", attempt("r1", "c2", "polish", "m1", today(3), 0.01)),
+        ("flow_b", attempt("r2", "c3", "draft", "m2", today(1), 0.05)),
         ("flow_b", attempt("r2", "c4", "draft", "m2", now - timedelta(days=5), 1.0)),
     ]
     for flow, a in rows:

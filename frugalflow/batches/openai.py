@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from datetime import datetime
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -142,7 +143,8 @@ class OpenAIBatchClient:
             raise self._translate(e, spec) from None
         return batch.id
 
-    async def find(self, spec: ModelSpec, batch_id: str) -> str | None:
+    async def find(self, spec: ModelSpec, batch_id: str, *, since: datetime | None = None,
+                   items: int | None = None) -> str | None:
         """The newest batch whose metadata names `batch_id`. Every page is read: a batch
         sent long ago and not found would be sent (and paid) again."""
         try:
