@@ -10,24 +10,28 @@ the poller's and the emulator's desk's).
 
 from __future__ import annotations
 
-import operator
+import asyncio
+import os
+import signal
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, TypedDict
+from pathlib import Path
+from typing import Any
 
 import pytest
-from langchain_core.messages import HumanMessage
 from provider_clients import forget_provider_clients
-from langgraph.types import Send, interrupt
+from waiting_flows import MODELS, nightly
 
-from frugalflow import END, START, Flow, Needs, RoutedChatModel, Runner, RunStatus, Tier
+from frugalflow import Runner, RunStatus, Tier
 from frugalflow.batches import close_batch_clients
 from frugalflow.batches.poller import BatchPoller
 from frugalflow.statuses import BatchItemStatus, BatchStatus, Outcome
 from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
 
 SECRET = "sk-waiting-runs-secret-0123456789"
-MODELS = ("openai/gpt-4o-mini", "anthropic/claude-haiku-4-5")
+CHILD = Path(__file__).resolve().parent / "batch_poller_child.py"
 
 
 class Clock:
@@ -45,44 +49,6 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
-
-
-class DocState(TypedDict, total=False):
-    docs: list[str]
-    notes: Annotated[list[str], operator.add]
-    summary: str
-    approved: Any
-
-
-def nightly(deadline: timedelta | None = timedelta(hours=6), *, ask: bool = False,
-            name: str = "nightly") -> Flow[DocState]:
-    """enrich (one task per document, may wait) -> summarize (now); `ask`: a human's
-    question beside the waiting tasks."""
-    flow: Flow[DocState] = Flow(name, DocState)
-
-    async def enrich(state: dict[str, str], model: RoutedChatModel) -> DocState:
-        answer = await model.ainvoke([HumanMessage(f"Tag this document: {state['doc']}")])
-        return {"notes": [f"{state['doc']}: {str(answer.content)[:40]}"]}
-
-    async def summarize(state: DocState, model: RoutedChatModel) -> DocState:
-        answer = await model.ainvoke([HumanMessage("Summarize: " + " | ".join(state["notes"]))])
-        return {"summary": str(answer.content)[:80]}
-
-    def approve(state: DocState) -> DocState:
-        return {"approved": interrupt({"question": "send tonight's summary?"})}
-
-    flow.add_node("enrich", enrich, needs=Needs(deadline=deadline))
-    flow.add_node("summarize", summarize, needs=Needs())
-    flow.add_conditional_edges(
-        START, lambda s: [Send("enrich", {"doc": d}) for d in s["docs"]], ["enrich"])
-    if ask:
-        flow.add_node("approve", approve)
-        flow.add_edge(START, "approve")
-        flow.add_edge(["enrich", "approve"], "summarize")
-    else:
-        flow.add_edge("enrich", "summarize")
-    flow.add_edge("summarize", END)
-    return flow
 
 
 @pytest.fixture
@@ -407,3 +373,67 @@ async def test_no_key_in_parked_requests_batches_or_errors(
     dumped = repr(await runner.parked.all_items()) + repr(await runner.parked.all_batches())
     dumped += repr(await runner.get(run_id))
     assert SECRET not in dumped
+
+
+# -- a poller process killed (SIGKILL) ---------------------------------------------------------
+
+
+async def _child(db_url: str, emu: ProviderEmulator, mode: str) -> asyncio.subprocess.Process:
+    """A poller process that prints `sent` and waits to be killed (see its module)."""
+    env = {**os.environ, EMULATOR_KEY_ENV: SECRET}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CHILD), db_url, emu.url, mode, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    if line.strip() != b"sent":
+        _, err = await proc.communicate()
+        raise AssertionError(f"the poller process did not send: {line!r} {err.decode()[-2000:]}")
+    return proc
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["after-sending", "before-recording"])
+async def test_a_poller_process_killed_after_sending_loses_and_repeats_nothing(
+        db_url: str, emu: ProviderEmulator, mode: str) -> None:
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, MODELS)
+    # Real time here: the child's clock and ours must agree.
+    runner = Runner(db_url, flows=[nightly()], catalog=catalog,
+                    deadline_margin=timedelta(minutes=20))
+    emu.batches.clock = time.time
+    emu.batches.script("openai", delay=None, times=None)
+    try:
+        result = await runner.start("nightly", {"docs": ["k1", "k2", "k3"]})
+        assert result.status == RunStatus.WAITING
+        await _kill(await _child(db_url, emu, mode))
+        assert len(emu.batches.listed("openai")) == 1  # it reached the provider
+        p = runner.batch_poller(gather=0, poll_every=0, claim_for=60)
+        found: list[str] = []
+        for _ in range(200):  # until the dead poller's 0.05 s claim has lapsed
+            tick = await p.tick()
+            found += tick.found
+            assert tick.submitted == []  # never sent again
+            if mode == "after-sending" or found:
+                break
+            await asyncio.sleep(0.05)
+        assert (mode == "before-recording") == bool(found)
+        emu.batches.release()
+        tick = await p.tick()
+        assert tick.answered == 3 and tick.woken == [result.run_id]
+        final = await runner.wait(result.run_id)
+        assert final.status == RunStatus.SUCCEEDED, final.error
+        assert len(emu.batches.listed("openai")) == 1
+        assert sorted(emu.batches.paid.values()) == [1, 1, 1]
+        record = await runner.get(result.run_id)
+        assert [a.tier for a in record.attempts if a.node == "enrich"] == ["batch"] * 3
+    finally:
+        await runner.close()
+        await catalog.aclose()
+        forget_provider_clients()
