@@ -348,3 +348,46 @@ async def test_cost_summary_by_tier_on_both_databases(db_url: str) -> None:
         assert nobody.by_tier == []
     finally:
         await store.close()
+
+
+@pytest.mark.slow
+async def test_a_waiting_run_in_the_browser(tmp_path: Path,
+                                            request: pytest.FixtureRequest) -> None:
+    """Headless Chromium: the waiting run's page renders without console errors, opens no
+    event stream, and cancelling it from the page gives up its parked requests."""
+    from browser import Watched, open_browser
+    from playwright.async_api import expect
+    from served import served
+
+    runner = Runner(f"sqlite:///{tmp_path / 'b.db'}", flows=[chain_flow(2)],
+                    catalog=Catalog.simulated(), breakers=BreakerRegistry())
+    # No poller: the seeded items stay as they are (a simulated model has no batch API).
+    async with served(create_app(runner, poll_batches=False)) as url, \
+            open_browser() as browser:
+        s = await seed_waiting(runner, datetime.now(timezone.utc))
+        page = await Watched.open(browser, request.node.name)
+        p = page.page
+        streams: list[str] = []
+        p.on("request", lambda r: streams.append(r.url) if r.resource_type == "eventsource"
+             else None)
+        await page.visit(f"{url}/ui/runs/{s.run_id}")
+        await expect(p.locator("#run-status .badge")).to_have_text("waiting")
+        await expect(p.locator("#waiting-for")).to_contain_text(
+            "Waiting for 1 batch answer until")
+        await expect(p.locator("table.parked-items tr.item")).to_have_count(3)
+        await expect(p.locator("tr.try.o-late")).to_contain_text("paid, unused")
+        await expect(p.locator("tr.try.o-ok .tier")).to_have_text("batch")
+        assert streams == []  # a waiting run is looked at now and then, not streamed
+        await page.shot("waiting")
+
+        await p.click('button[data-action="cancel"]')
+        await expect(p.locator("#run-status")).to_contain_text("cancelled")
+        await expect(p.locator('tr.item[data-status="abandoned"]')).to_have_count(2)
+        await expect(p.locator("#waiting-for")).to_have_count(0)
+        await page.shot("cancelled")
+
+        await page.visit(f"{url}/ui/costs?days=1")
+        await expect(p.locator('#by-tier tr[data-tier="batch"]')).to_have_count(1)
+        await page.visit(f"{url}/ui/runs?status=cancelled")
+        await expect(p.locator(f'tr[data-run="{s.run_id}"]')).to_have_count(1)
+        await page.close()
