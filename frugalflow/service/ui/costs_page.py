@@ -1,5 +1,6 @@
 """The run viewer's Costs page: what model calls cost over the last 1, 7, 30 or 90 days, by
-day, model, node, flow and service tier, as charts; a user principal sees only its own runs' costs."""
+day, model, node, flow and service tier, as charts; a user principal sees only its own
+runs' costs."""
 
 from __future__ import annotations
 
