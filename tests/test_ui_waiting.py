@@ -21,7 +21,7 @@ from frugalflow.costs import CostSummary, cost_summary
 from frugalflow.events import attempt_event
 from frugalflow.persistence.ledger import Ledger
 from frugalflow.persistence.store import Store
-from frugalflow.persistence.tables import BatchItemRow, BatchRow
+from frugalflow.persistence.tables import BatchItemRow, BatchRow, RunRow
 from frugalflow.resilience import BreakerRegistry
 from frugalflow.runner import Runner
 from frugalflow.service import (
@@ -274,6 +274,9 @@ async def test_waiting_run_page_shows_what_it_waits_for(tmp_path: Path) -> None:
         assert re.search(r'<g class="box n-waiting" data-node="n2">', html)
         assert re.search(r'<tr data-node="n2">\s*<td>n2</td>\s*<td><span class="badge '
                          r's-waiting">waiting</span>', html)
+        n1 = re.search(r'<tr data-node="n1">(.*?)</tr>', html, re.S)
+        assert n1 is not None and 'class="tier t-batch"' in n1.group(1)  # served on batch
+        assert re.search(r'<g class="box n-done" data-node="n1">.*?· batch</text>', html, re.S)
         # the live fragment the page's script re-fetches says the same
         live = (await client.get(f"/ui/runs/{s.run_id}/live", headers=bearer("w-root"))).text
         assert 'id="waiting-for"' in live and 'data-item="item-timer"' in live
@@ -391,3 +394,31 @@ async def test_a_waiting_run_in_the_browser(tmp_path: Path,
         await page.visit(f"{url}/ui/runs?status=cancelled")
         await expect(p.locator(f'tr[data-run="{s.run_id}"]')).to_have_count(1)
         await page.close()
+
+
+def test_what_a_waiting_run_waits_for_in_one_sentence() -> None:
+    from frugalflow.service.ui.views import Parked, waiting_of
+
+    now = datetime(2026, 12, 1, 3, 0, tzinfo=timezone.utc)
+    row = RunRow(id="r", flow="f", status=RunStatus.WAITING, input={},
+                 deadline_at=now + timedelta(days=1, hours=2))
+
+    def item(item_id: str, tier: Tier, status: BatchItemStatus, **fields: object) -> Parked:
+        return Parked(_item("r", item_id, "n", tier, now, status=str(status), **fields))
+
+    two = waiting_of(row, [
+        item("a", Tier.BATCH, BatchItemStatus.SUBMITTED, fallback_at=now + timedelta(hours=3)),
+        item("b", Tier.BATCH, BatchItemStatus.QUEUED, fallback_at=now + timedelta(hours=2),
+             deadline_at=now + timedelta(hours=2, minutes=10)),
+        item("c", Tier.BATCH, BatchItemStatus.USED)])
+    # the earliest fallback and the earliest open item's deadline (before the run's own)
+    assert two.sentence(now) == "Waiting for 2 batch answers until 05:00 UTC; deadline 05:10 UTC."
+    hour = waiting_of(row, [item("t", Tier.OFF_PEAK, BatchItemStatus.QUEUED,
+                                 wake_at=now + timedelta(hours=22))])
+    # no item deadline: the run's; another day: with its date
+    assert hour.sentence(now) == ("Waiting for a cheaper hour until 2026-12-02 01:00 UTC; "
+                                  "deadline 2026-12-02 05:00 UTC.")
+    ready = waiting_of(row, [item("s", Tier.BATCH, BatchItemStatus.SUCCEEDED)])
+    assert ready.sentence(now).startswith("Its answers are in: the batch poller resumes it")
+    assert waiting_of(row.model_copy(update={"deadline_at": None}), []).sentence(now) == (
+        "Waiting for the batch poller.")

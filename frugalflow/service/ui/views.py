@@ -105,6 +105,8 @@ class NodeView:
     answers: int = 0
     """Successful model calls (what feedback marks)."""
     feedback: bool | None = None
+    tiers: list[str] = field(default_factory=list)
+    """The discounted tiers (batch, flex, off_peak) its answers were served on."""
 
 
 @dataclass
@@ -156,6 +158,8 @@ def _node_views(order: list[str], record: RunRecord) -> dict[str, NodeView]:
         if a.outcome in (Outcome.OK, Outcome.REPLAYED):
             if a.model not in v.models:
                 v.models.append(a.model)
+            if a.tier not in (None, Tier.STANDARD) and a.tier not in v.tiers:
+                v.tiers.append(a.tier)
             if a.outcome == Outcome.OK:
                 v.answers += 1
                 v.feedback = a.feedback if a.feedback is not None else v.feedback
