@@ -120,6 +120,7 @@ async def seed_waiting(runner: Runner, now: datetime) -> Seeded:
         Attempt(node="n1", model=MODEL, provider="sim-groq", outcome=Outcome.LATE,
                 call_id="call-late", task_id="task-n1", run_id=s.run_id, cost_usd=0.0003,
                 started_at=started + 1, tier=Tier.BATCH, batch_item_id="item-late",
+                error="answered after its call had gone synchronous (deadline too close)",
                 usage=Usage(input_tokens=1500, output_tokens=100)),
     ):
         await ledger.record_attempt(a, flow="chain")
@@ -265,6 +266,9 @@ async def test_waiting_run_page_shows_what_it_waits_for(tmp_path: Path) -> None:
         late = re.search(r'<tr class="try o-late.*?</tr>', html, re.S)
         assert late is not None and "paid, unused" in late.group(0)
         assert 'class="badge s-late">late<' in late.group(0)
+        why = html[late.end():].split("</tr>", 1)[0]  # its note row: late, not an error
+        assert '<span class="late-note">late:</span> answered after' in why
+        assert "error-class" not in why
         ok = re.search(r'<tr class="try o-ok.*?</tr>', html, re.S)
         assert ok is not None and re.search(r'class="tier t-batch"[^>]*>batch<', ok.group(0))
         standard = Catalog.simulated()[MODEL].estimate_cost(1000, 100)
