@@ -1,5 +1,6 @@
 """Spending summaries from the ledger: what model calls cost over the last days, in total and
-by day, model, node and flow, with the number of calls, fallbacks and failed attempts.
+by day, model, node, flow and service tier, with the number of calls, fallbacks and failed
+attempts.
 
     summary = await cost_summary(runner.store, days=7, flow="support")
     summary.total.cost_usd, [(d.key, d.cost_usd) for d in summary.by_day]
@@ -14,13 +15,14 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import ColumnElement, Integer, case, func, select
+from sqlalchemy import ColumnElement, Integer, case, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .persistence.ledger import Ledger
 from .persistence.store import Store
 from .persistence.tables import AttemptRow, RunRow
 from .statuses import Outcome
+from .tiers import Tier
 
 __all__ = ["MAX_DAYS", "CostBucket", "CostSummary", "CostTotals", "cost_summary"]
 
@@ -47,9 +49,10 @@ class CostTotals(BaseModel):
 
 
 class CostBucket(CostTotals):
-    """One group of a breakdown: a day (`YYYY-MM-DD`, UTC), a model, a node or a flow."""
+    """One group of a breakdown: a day (`YYYY-MM-DD`, UTC), a model, a node, a flow or a
+    service tier."""
 
-    key: str = Field(description="The day, model, node or flow this group is.")
+    key: str = Field(description="The day, model, node, flow or tier this group is.")
     flow: str | None = Field(None, description="By node: the flow the node belongs to "
                                                "(nodes of different flows are apart).")
     models: dict[str, float] | None = Field(
@@ -71,6 +74,10 @@ class CostSummary(BaseModel):
     by_node: list[CostBucket] = Field(description="Dearest first; `flow` names each node's "
                                                   "flow.")
     by_flow: list[CostBucket] = Field(description="Dearest first.")
+    by_tier: list[CostBucket] = Field(
+        default_factory=list,
+        description="By service tier (`standard`, `flex`, `batch`, `off_peak`; calls "
+                    "recorded without one are `standard`), dearest first.")
 
 
 async def cost_summary(
@@ -82,9 +89,9 @@ async def cost_summary(
     now: datetime | None = None,
 ) -> CostSummary:
     """The spending of the last `days` UTC days (today included), in total and by day,
-    model, node and flow. `flow`: that flow only. `principal`: only the attempts of the runs
-    it started (`ff_runs.principal`; attempts outside runs are then left out). `now`: the
-    window's end (default: now; for reports of the past and tests).
+    model, node, flow and tier. `flow`: that flow only. `principal`: only the attempts of
+    the runs it started (`ff_runs.principal`; attempts outside runs are then left out).
+    `now`: the window's end (default: now; for reports of the past and tests).
 
     Raises ValueError for `days` outside 1..MAX_DAYS."""
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
@@ -108,13 +115,19 @@ async def cost_summary(
         by_model = await _groups(conn, [_A.c.model], where)
         by_node = await _groups(conn, [_A.c.node, _A.c.flow], where)
         by_flow = await _groups(conn, [_A.c.flow], where)
+        by_tier = await _groups(conn, [_TIER], where)
     return CostSummary(
         days=days, since=since, until=until, flow=flow,
         total=CostTotals(**total[0][1]) if total else CostTotals(),
         by_day=_every_day(since.date(), days, by_day, by_day_model),
         by_model=_dearest(by_model), by_node=_dearest(by_node, with_flow=True),
-        by_flow=_dearest(by_flow))
+        by_flow=_dearest(by_flow), by_tier=_dearest(by_tier))
 
+
+# A literal, not a bound parameter: PostgreSQL matches the GROUP BY expression to the selected
+# one only when they are the same text (two parameters are two expressions to it).
+_TIER = func.coalesce(_A.c.tier, literal_column(f"'{Tier.STANDARD.value}'"))
+"""An attempt's tier; rows without one (standard calls, rows before schema v8) are standard."""
 
 _Group = tuple[tuple[Any, ...], dict[str, Any]]
 

@@ -66,6 +66,9 @@ def attempt_event(a: Attempt) -> dict[str, Any]:
         "started_at": datetime.fromtimestamp(a.started_at, timezone.utc).isoformat(),
         "input_tokens": u.input_tokens if u else 0, "output_tokens": u.output_tokens if u else 0,
         "usage_estimated": a.usage_estimated,
+        # The service tier it was made and priced on (None: standard), and for a batch
+        # answer its parked request: what the viewer tags, and how a late answer is told.
+        "tier": a.tier, "batch_item_id": a.batch_item_id,
     }
 
 

@@ -36,6 +36,7 @@ from frugalflow.service import (
     NodeFinishedEvent,
     NodeStartedEvent,
     NotShown,
+    ParkedRequest,
     Principal,
     RunActionResult,
     RunDetail,
@@ -176,7 +177,9 @@ def _client(url: str, token: str) -> httpx.AsyncClient:
 
 async def test_costs_endpoint_respects_principals_and_refuses_bad_days(db_url: str) -> None:
     async with serving(db_url) as (runner, url):
-        await _known_spending(runner.ledger, datetime.now(timezone.utc))
+        # Yesterday's figures: today's 09:00-11:00 UTC calls would be in the future (outside
+        # the window) when this runs early in the UTC day.
+        await _known_spending(runner.ledger, datetime.now(timezone.utc) - timedelta(days=1))
         async with _client(url, "tok-root") as root, _client(url, "tok-alice") as alice, \
                 _client(url, "tok-carol") as carol:
             everything = CostSummary.model_validate((await root.get("/costs")).json())
@@ -246,7 +249,7 @@ def test_every_route_declares_typed_responses(tmp_path: Path) -> None:
     assert seen >= {"GET /flows", "POST /runs", "GET /runs", "GET /runs/{run_id}",
                     "POST /runs/{run_id}/resume", "POST /runs/{run_id}/cancel",
                     "POST /runs/{run_id}/feedback", "GET /runs/{run_id}/events",
-                    "GET /catalog", "GET /health", "GET /costs"}
+                    "GET /catalog", "GET /health", "GET /costs", "GET /runs/{run_id}/parked"}
     events = schema["paths"]["/runs/{run_id}/events"]["get"]["responses"]["200"]["content"]
     kinds = events["text/event-stream"]["schema"]["discriminator"]["mapping"]
     assert set(kinds) == {"run_started", "node_started", "attempt", "node_finished",
@@ -320,6 +323,9 @@ async def test_real_responses_validate_against_their_models(db_url: str, sim: An
         outcomes = [(c.model, c.outcome, c.action, c.fallback_from) for c in run.calls]
         assert (first, Outcome.ERROR, Action.NEXT, None) in outcomes
         assert any(c.fallback_from == first and c.outcome is Outcome.OK for c in run.calls)
+        assert all(c.tier is None and c.batch_item_id is None for c in run.calls)
+        assert check(list[ParkedRequest], await client.get(
+            f"/runs/{started.run_id}/parked")) == []
         assert run.cost_by_node and sum(run.cost_by_model.values()) == pytest.approx(
             run.cost_usd)
         assert isinstance(run.input, dict) and run.input == {"topic": "t"}

@@ -5,10 +5,10 @@
                        prefix="/frugalflow")
 
 Endpoints: start a run, get a run, its live events (server-sent events), resume, cancel,
-feedback, list runs, list flows, the catalog with provider health, costs (by day, model,
-node and flow), health. Runs execute in
-the app's event loop (bounded by the runner's `max_concurrency`); on shutdown they stop and
-stay resumable.
+feedback, its parked requests (a `waiting` run's batch items and timers), list runs, list
+flows, the catalog with provider health, costs (by day, model, node, flow and tier), health.
+Runs execute in the app's event loop (bounded by the runner's `max_concurrency`); on
+shutdown they stop and stay resumable.
 
 Who may call it: a bearer token (`token=`, acting as an admin), or named principals
 (`tokens=`, a TOML file or a mapping token -> `Principal(name, role)`). An `admin` sees and
@@ -52,6 +52,7 @@ from .models import (
     NodeFinishedEvent,
     NodeStartedEvent,
     NotShown,
+    ParkedRequest,
     RunActionResult,
     RunDetail,
     RunEvent,
@@ -85,6 +86,7 @@ __all__ = [
     "NodeFinishedEvent",
     "NodeStartedEvent",
     "NotShown",
+    "ParkedRequest",
     "RunActionResult",
     "RunDetail",
     "RunEvent",

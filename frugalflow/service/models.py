@@ -18,13 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from ..costs import CostBucket, CostSummary, CostTotals
 from ..resilience import Action, BreakerState
-from ..statuses import ErrorClass, NodeStatus, Outcome, RunStatus
+from ..statuses import BatchItemStatus, BatchStatus, ErrorClass, NodeStatus, Outcome, RunStatus
+from ..tiers import Tier
 
 __all__ = [
     "AttemptEvent", "CallRecord", "CatalogEntry", "CostBucket", "CostSummary", "CostTotals",
     "DatabaseHealth", "ErrorBody", "ErrorDetail", "FeedbackResult", "FlowDescription",
     "FlowNode", "HealthDetails", "HealthPublic", "InputFieldInfo", "NodeExecution",
-    "NodeFinishedEvent", "NodeStartedEvent", "NotShown", "RunActionResult", "RunDetail",
+    "NodeFinishedEvent", "NodeStartedEvent", "NotShown", "ParkedRequest", "RunActionResult",
+    "RunDetail",
     "RunEvent", "RunFinishedEvent", "RunStartedEvent", "RunSummary", "StatusEvent",
     "StoredObject", "Unreadable",
 ]
@@ -128,6 +130,9 @@ class RunSummary(BaseModel):
     principal: str | None = Field(description="The name of the token that started the run.")
     trace_context: dict[str, str] | None = Field(
         None, description="The W3C trace context (traceparent, tracestate) of the run's trace.")
+    deadline_at: datetime | None = Field(
+        None, description="The run's default deadline for its nodes' answers (None: none; "
+                          "a node's own `Needs.deadline` may still set one).")
 
 
 class NodeExecution(BaseModel):
@@ -180,6 +185,10 @@ class CallRecord(BaseModel):
     reasoning_tokens: int | None
     request: StoredObject | None = Field(description="The request of a successful call "
                                                      "(messages, tools, response schema).")
+    tier: Tier | None = Field(None, description="The service tier the call was made and "
+                                                "priced on (None: standard).")
+    batch_item_id: str | None = Field(None, description="A batch answer's parked request "
+                                                        "(`GET /runs/{id}/parked`).")
 
 
 class RunDetail(RunSummary):
@@ -189,6 +198,39 @@ class RunDetail(RunSummary):
     cost_by_model: dict[str, float]
     nodes: list[NodeExecution]
     calls: list[CallRecord] = Field(description="Every attempt: each try of each model call.")
+
+
+class ParkedRequest(BaseModel):
+    """One parked request of a run (`GET /runs/{run_id}/parked`): a call waiting in a
+    provider batch (tier `batch`) or for a cheaper hour (tier `off_peak`, a timer). Its
+    request and answer bodies hold user data and are not shown; the answer, once taken, is
+    the node's attempt (`calls` of `GET /runs/{run_id}`, with this `batch_item_id`)."""
+
+    id: str = Field(description="The item's id (its `custom_id` at the provider).")
+    run_id: str
+    node: str
+    task_id: str | None = Field(description="The node execution (LangGraph task) that parked it.")
+    call_id: str
+    model: str = Field(description="The catalog key (`provider/model`) it was parked for.")
+    provider: str
+    tier: Tier
+    status: BatchItemStatus
+    batch_id: str | None = Field(description="frugalflow's id of the provider batch it was "
+                                             "sent in (None: not sent yet, or a timer).")
+    batch_status: BatchStatus | None = Field(description="That batch's status.")
+    created_at: datetime
+    deadline_at: datetime | None = Field(description="When its answer is due at the latest.")
+    fallback_at: datetime | None = Field(description="When it is given up for a synchronous "
+                                                     "call if no answer came.")
+    wake_at: datetime | None = Field(description="A timer's hour (a cheaper window opens).")
+    ended_at: datetime | None
+    cost_usd: float = Field(description="What the provider charged for it (at the tier's "
+                                        "price), once answered.")
+    expected_cost_usd: float = Field(description="Its expected cost when it was parked.")
+    input_tokens: int
+    output_tokens: int
+    error: str | None
+    error_class: ErrorClass | None
 
 
 class RunActionResult(BaseModel):
@@ -299,6 +341,9 @@ class AttemptEvent(_Event):
     input_tokens: int
     output_tokens: int
     usage_estimated: bool
+    tier: Tier | None = Field(None, description="The service tier it was made and priced on "
+                                                "(None: standard).")
+    batch_item_id: str | None = Field(None, description="A batch answer's parked request.")
 
 
 class NodeFinishedEvent(_Event):

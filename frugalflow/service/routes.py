@@ -32,6 +32,7 @@ from .bodies import (
     invalid,
     route_class,
 )
+from .parked import parked_requests
 from .openapi import EventStream, errors, event_stream, one_line_errors
 from .responses import http_error, not_found, render, result_json, row_json, run_json, translate
 from .stream import parse_after, sse
@@ -152,6 +153,20 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
             "nodes": [n.model_dump(mode="json") for n in record.nodes],
             "calls": [row_json(a, ("response", "request")) for a in record.attempts],
         }))
+
+    @api.get("/runs/{run_id}/parked", response_model=list[m.ParkedRequest],
+             responses=errors(401, 404, 422, 503))
+    async def get_parked(run_id: str, who: Principal | None = Depends(require)) -> Response:
+        """The run's parked requests, oldest first: calls waiting in a provider batch or for
+        a cheaper hour (a `waiting` run), and those that were answered, given up or used.
+        Request and answer bodies are not shown (the answer, once used, is the call's
+        attempt in `GET /runs/{run_id}`)."""
+        await _own_run(runner, run_id, who)
+        try:
+            items = await parked_requests(runner.parked, run_id)
+        except FrugalflowError as e:
+            raise translate(e, run_id) from None
+        return render(items)
 
 
 def _add_run_action_routes(api: APIRouter, runner: Runner, require: _Require,

@@ -1,5 +1,6 @@
 """The run viewer's Costs page: what model calls cost over the last 1, 7, 30 or 90 days, by
-day, model, node and flow, as charts; a user principal sees only its own runs' costs."""
+day, model, node, flow and service tier, as charts; a user principal sees only its own
+runs' costs."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class CostsView:
     by_model: Markup
     by_node: Markup
     by_flow: Markup
+    by_tier: Markup
 
 
 def _node_label(bucket: CostBucket, one_flow: bool) -> str:
@@ -39,7 +41,7 @@ def _node_label(bucket: CostBucket, one_flow: bool) -> str:
 
 
 def costs_view(summary: CostSummary) -> CostsView:
-    """The four charts of a summary (pure: no I/O)."""
+    """The five charts of a summary (pure: no I/O)."""
     one_flow = summary.flow is not None or len(summary.by_flow) <= 1
     span = "today" if summary.days == 1 else f"the last {summary.days} days"
     return CostsView(
@@ -54,6 +56,8 @@ def costs_view(summary: CostSummary) -> CostsView:
                           chart_id="chart-node", title=f"Cost by node, {span}"),
         by_flow=bar_chart([(b.key or "(no flow)", b.cost_usd) for b in summary.by_flow],
                           chart_id="chart-flow", title=f"Cost by flow, {span}"),
+        by_tier=bar_chart([(b.key.replace("_", "-"), b.cost_usd) for b in summary.by_tier],
+                          chart_id="chart-tier", title=f"Cost by service tier, {span}"),
     )
 
 

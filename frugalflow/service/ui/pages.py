@@ -1,5 +1,6 @@
 """The run viewer's run pages: the runs list (filters by flow, status and date) and a run
-(graph, timeline, input and output, actions), with the fragment its script re-fetches live."""
+(graph, timeline, what a waiting run waits for, input and output, actions), with the
+fragment its script re-fetches live."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from ...persistence.ledger import RunRecord, RunStats
 from ...statuses import RunStatus
 from .context import RUNS_ROUTE, UI, Viewer, paths
 from .graph import Drawing, layout
-from .views import as_text, run_lines, run_view
+from ..parked import parked_items
+from .views import Parked, StandardPrice, as_text, run_lines, run_view
 
 log = logging.getLogger("frugalflow.service")
 
@@ -85,9 +87,15 @@ def add_run_pages(router: APIRouter, ui: UI) -> None:
 
     async def view(run_id: str, viewer: Viewer) -> dict[str, Any]:
         record = await record_of(run_id, viewer)
-        stats = (await ui.runner.ledger.run_stats([run_id])).get(run_id)
+        try:
+            stats = (await ui.runner.ledger.run_stats([run_id])).get(run_id)
+            items, batches = await parked_items(ui.runner.parked, run_id)
+        except FrugalflowError as e:
+            raise _store_error(e) from None
         drawing = _drawing(ui, record.run.flow)
-        return {"v": run_view(record, drawing, stats or RunStats()),
+        parked = [Parked(i, batches.get(i.batch_id or "")) for i in items]
+        return {"v": run_view(record, drawing, stats or RunStats(), parked=parked,
+                              standard=_standard_price(ui)),
                 "input": as_text(record.run.input)}
 
     @router.get("/ui/runs/{run_id}", include_in_schema=False)
@@ -106,6 +114,18 @@ def add_run_pages(router: APIRouter, ui: UI) -> None:
 
 def _midnight(day: date | None) -> datetime | None:
     return None if day is None else datetime.combine(day, time(), tzinfo=timezone.utc)
+
+
+def _standard_price(ui: UI) -> StandardPrice:
+    """Prices tokens at a catalog model's standard price (None for a model it lacks)."""
+    catalog = ui.runner.catalog
+
+    def price(model: str, input_tokens: int, output_tokens: int) -> float | None:
+        if model not in catalog:
+            return None
+        return catalog[model].estimate_cost(input_tokens, output_tokens)
+
+    return price
 
 
 def _drawing(ui: UI, flow: str) -> Drawing | None:

@@ -1,6 +1,8 @@
 // The run page: while the run may change, follow its events (EventSource, which reconnects
 // by itself with Last-Event-ID) and swap in the server-rendered part (#live) on each; the
-// cancel, resume and feedback buttons call the API.
+// cancel, resume and feedback buttons call the API. A waiting run (parked on a batch or a
+// cheaper hour, maybe for hours) holds no stream open: its part is re-fetched now and then,
+// and once the poller resumes it the page follows its events again.
 "use strict";
 
 (function () {
@@ -10,7 +12,9 @@
   const KINDS = ["status", "run_started", "node_started", "attempt", "node_finished",
                  "run_finished", "message"];
   const LIVE = ["pending", "queued", "running"];
+  const WAITING_POLL_MS = 20000;
   let source = null;
+  let timer = null;
   let fetching = false;
   let again = false;
   // After a resume: the status the run had, until the page shows another or the resumed
@@ -41,6 +45,17 @@
     if (source !== null) { source.close(); source = null; }
   }
 
+  // While the run waits (and no stream is followed), look again every WAITING_POLL_MS.
+  function watchWaiting() {
+    if (timer !== null) { clearTimeout(timer); timer = null; }
+    if (shown() !== "waiting" || source !== null) { return; }
+    timer = setTimeout(async function () {
+      timer = null;
+      await refresh();  // sets the next look while it still waits
+      if (following()) { follow(); }
+    }, WAITING_POLL_MS);
+  }
+
   // Re-fetch the live part; events that arrive meanwhile cause one more fetch, not many.
   async function refresh() {
     if (fetching) { again = true; return; }
@@ -59,6 +74,7 @@
       fetching = false;
     }
     if (!following()) { stop(); }
+    watchWaiting();
   }
 
   function follow() {
@@ -126,6 +142,10 @@
     act("/resume", payload, function (a) { return "Resumed: " + a.status + "."; });
   });
 
-  window.addEventListener("pagehide", stop);
+  window.addEventListener("pagehide", function () {
+    stop();
+    if (timer !== null) { clearTimeout(timer); timer = null; }
+  });
   if (following()) { follow(); }
+  watchWaiting();
 })();
