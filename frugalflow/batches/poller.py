@@ -310,7 +310,10 @@ class BatchPoller:
         """An answer its call no longer waited for: paid, so it is in the ledger."""
         attempt = Attempt(
             node=item.node, model=item.model, provider=item.provider, outcome=Outcome.LATE,
-            call_id=item.call_id, run_id=item.run_id, task_id=item.task_id, usage=usage,
+            # Try 0: not one of its call's tries (the ledger keeps one row per call, try
+            # and model, and the synchronous call that replaced it may be try 1 of it).
+            call_id=item.call_id, run_id=item.run_id, task_id=item.task_id, try_number=0,
+            usage=usage,
             cost_usd=cost, call_key=None, tier=item.tier, batch_item_id=item.id,
             error="answered after its call had gone synchronous (deadline too close)")
         await self.runner.ledger.record_attempt(attempt, flow=item.flow)
