@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .exceptions import CatalogError
 from .needs import SKILLS
-from .tiers import (Tier, TierOverride, check_tier_overrides, has_variant, next_off_peak,
-                    tier_terms)
+from .tiers import Tier, TierOverride, check_tier_overrides, has_variant, next_off_peak
+from .tiers import price_ref as _price_ref
+from .tiers import tier_terms
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -252,13 +253,6 @@ class ModelSpec(BaseModel):
     def build(self, *, timeout: float | None = None) -> BaseChatModel:
         """Construct the LangChain chat model, reading the key from `api_key_env` now."""
         return self.adapter.build(self, timeout=timeout)
-
-
-def _price_ref(spec: ModelSpec) -> tuple[str | None, str]:
-    if spec.price_ref:
-        provider, _, model = spec.price_ref.partition(":")
-        return (provider or None, model) if model else (None, provider)
-    return spec.provider, spec.model
 
 
 def _genai_price(spec: ModelSpec, usage: Usage, price_context: dict[str, str] | None = None,

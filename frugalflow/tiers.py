@@ -42,6 +42,7 @@ __all__ = [
     "check_tier_overrides",
     "next_off_peak",
     "off_peak_windows",
+    "price_ref",
     "standard_call_s",
     "tier_prices",
     "tier_terms",
@@ -241,15 +242,22 @@ def _model_info(spec: ModelSpec) -> ModelInfo | None:
         return None
     from genai_prices import data_snapshot
 
-    from .catalog import _price_ref
-
-    provider_id, model = _price_ref(spec)
+    provider_id, model = price_ref(spec)
     try:
         provider, info = data_snapshot.get_snapshot().find_provider_model(
             model, None, provider_id, None)
     except Exception:  # genai-prices raises LookupError or plain errors for unknown models
         return None
     return info if any(info is m for m in provider.models) else None
+
+
+def price_ref(spec: ModelSpec) -> tuple[str | None, str]:
+    """(provider, model) under which genai-prices knows `spec` (its `price_ref`, else its
+    own provider and model)."""
+    if spec.price_ref:
+        provider, _, model = spec.price_ref.partition(":")
+        return (provider or None, model) if model else (None, provider)
+    return spec.provider, spec.model
 
 
 def has_variant(spec: ModelSpec, tier: Tier, at: datetime | None = None) -> bool:
