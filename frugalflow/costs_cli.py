@@ -102,9 +102,13 @@ def node_deadline(needs: Needs, deadline_s: float | None) -> float | None:
 
 def explain_plan(compiled: CompiledFlow, tokens: int, deadline_s: float | None,
                  measured: Measurements | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Per model node, `ranking.explain` with the node's deadline (see `node_deadline`)."""
+    """Per model node, `ranking.explain` with the node's deadline (see `node_deadline`);
+    without measurements or deadlines, `CompiledFlow.explain` as before tiers."""
     from .ranking import explain as explain_rows
 
+    needs = [spec.needs for spec in compiled.flow.nodes.values() if spec.needs is not None]
+    if measured is None and all(node_deadline(n, deadline_s) is None for n in needs):
+        return compiled.explain(input_tokens=tokens)
     return {n: explain_rows(compiled.catalog, spec.needs, input_tokens=tokens, node=n,
                             measured=measured, deadline_s=node_deadline(spec.needs, deadline_s))
             for n, spec in compiled.flow.nodes.items() if spec.needs is not None}
