@@ -76,13 +76,13 @@ class Ranking:
 
     def __init__(self, rows: list[Candidate], rejected: list[tuple[ModelSpec, list[str]]],
                  input_tokens: int = 0,
-                 tier_notes: list[tuple[ModelSpec, Tier, str]] | None = None) -> None:
+                 tier_notes: tuple[tuple[ModelSpec, Tier, str], ...] = ()) -> None:
         self._rows: list[Candidate] | None = rows
         self._order: list[tuple[float, int]] = []  # (cost, tie-break rank) while lazy
         self._static: Prefilter | None = None
         self.rejected = rejected
         self.input_tokens = input_tokens
-        self.tier_notes: list[tuple[ModelSpec, Tier, str]] = tier_notes or []
+        self.tier_notes = tier_notes
         """With a deadline: per capable model, each tier it is offered but cannot use, and
         why (e.g. `batch: turnaround p90 4h + margin 36m + standard call 9s > 1h left`)."""
 
@@ -421,7 +421,7 @@ def _rank_by_deadline(static: Prefilter, prices: Priced | None, n_in: int, conte
         if not kept:
             rejected.append((spec, first_reasons))
     ranked.sort()
-    return Ranking(ranked, rejected, n_in, notes)
+    return Ranking(ranked, rejected, n_in, tuple(notes))
 
 
 def _tier_wait(spec: ModelSpec, tier: Tier, p90_s: float, latency_s: float | None,

@@ -203,7 +203,7 @@ def test_no_deadline_ranks_exactly_as_before(builtin: Catalog) -> None:
          -s.mean_quality(["reasoning"]), s.latency_ms, i, s.key)
         for i, (s, e) in enumerate(zip(static.eligible, static.prior.estimates)))
     assert [(k, "standard", c) for c, *_, k in expected] == _rows(lazy)
-    assert rank(builtin, needs, input_tokens=2_000, now=EARLY).tier_notes == []
+    assert rank(builtin, needs, input_tokens=2_000, now=EARLY).tier_notes == ()
 
 
 def test_six_hours_ranks_batch_rows_cheapest_first(builtin: Catalog) -> None:
