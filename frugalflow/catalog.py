@@ -14,6 +14,7 @@ import os
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .exceptions import CatalogError
 from .needs import SKILLS
+from .tiers import Tier, TierOverride, check_tier_overrides, has_variant, next_off_peak
+from .tiers import price_ref as _price_ref
+from .tiers import tier_terms
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -113,6 +117,14 @@ class ModelSpec(BaseModel):
     local: bool = False
     simulated: bool = False
     description: str = ""
+    tiers: dict[str, TierOverride] = Field(default_factory=dict)
+    """This entry's own terms per service tier (batch, flex, off_peak), over its provider's
+    in data/tiers.toml: e.g. `{ batch = { discount = 0.4 }, flex = { enabled = false } }`."""
+
+    @field_validator("tiers")
+    @classmethod
+    def _known_tiers(cls, value: dict[str, TierOverride]) -> dict[str, TierOverride]:
+        return check_tier_overrides(value)
 
     @field_validator("capabilities")
     @classmethod
@@ -197,21 +209,41 @@ class ModelSpec(BaseModel):
         r = self._resolved
         return (input_tokens * r.input_price + output_tokens * r.output_price) / 1e6
 
-    def cost(self, usage: Usage) -> float:
-        """USD for a call's reported usage; genai-prices handles tiers and cached tokens."""
+    def cost(self, usage: Usage, tier: Tier | str = Tier.STANDARD,
+             at: datetime | None = None) -> float:
+        """USD for a call's reported usage on `tier`, made at `at` (None: now; off_peak: in
+        its next cheaper window); genai-prices handles token tiers, cached tokens, its
+        batch / flex price variants and time-of-day prices (see `frugalflow.tiers`)."""
+        if at is None and tier is Tier.STANDARD:
+            return self._standard_cost(usage)
+        return _tier_cost(self, usage, Tier(tier), at)
+
+    def _standard_cost(self, usage: Usage) -> float:
         r = self._resolved
         if (self.input_price is None or self.output_price is None) and r.priced and not r.linear:
             try:
                 return float(_genai_price(self, usage))
             except LookupError:
                 pass
+        return self._linear_cost(usage, r.input_price, r.output_price)
+
+    def _linear_cost(self, usage: Usage, input_price: float, output_price: float) -> float:
+        """USD at these per-million prices, cached input at the entry's cached/input ratio."""
+        r = self._resolved
         cached = usage.cache_read_tokens
         cached_price = r.cached_input_price if r.cached_input_price is not None else r.input_price
+        if input_price != r.input_price:
+            cached_price = cached_price * input_price / r.input_price if r.input_price else 0.0
         return (
-            (usage.input_tokens - cached) * r.input_price
+            (usage.input_tokens - cached) * input_price
             + cached * cached_price
-            + usage.output_tokens * r.output_price
+            + usage.output_tokens * output_price
         ) / 1e6
+
+    @cached_property
+    def _tier_memo(self) -> dict[Any, Any]:
+        """Per-spec cache of `frugalflow.tiers` (terms, windows, per-tier prices)."""
+        return {}
 
     def mean_quality(self, skills: Iterable[str] | None = None) -> float:
         names = list(skills) if skills is not None else list(self.quality)
@@ -223,14 +255,8 @@ class ModelSpec(BaseModel):
         return self.adapter.build(self, timeout=timeout)
 
 
-def _price_ref(spec: ModelSpec) -> tuple[str | None, str]:
-    if spec.price_ref:
-        provider, _, model = spec.price_ref.partition(":")
-        return (provider or None, model) if model else (None, provider)
-    return spec.provider, spec.model
-
-
-def _genai_price(spec: ModelSpec, usage: Usage) -> float:
+def _genai_price(spec: ModelSpec, usage: Usage, price_context: dict[str, str] | None = None,
+                 at: datetime | None = None) -> float:
     from genai_prices import Usage as GUsage
     from genai_prices import calc_price
 
@@ -245,12 +271,65 @@ def _genai_price(spec: ModelSpec, usage: Usage) -> float:
             ),
             model,
             provider_id=provider,
+            genai_request_timestamp=at,
+            price_context=price_context,
         )
     except LookupError:
         raise
     except Exception as e:  # genai-prices raises plain errors for unknown models
         raise LookupError(str(e)) from e
     return float(result.total_price)
+
+
+def _tier_cost(spec: ModelSpec, usage: Usage, tier: Tier, at: datetime | None) -> float:
+    """`ModelSpec.cost` on a tier or at a time: the entry's own tier prices, else its
+    discount, else genai-prices' variant, else the tier's fallback discount (tiers.toml) of
+    the standard price at `at`."""
+    if tier is Tier.OFF_PEAK:
+        if at is None:
+            window = next_off_peak(spec, datetime.now(UTC))
+            at = window[0] if window is not None else None
+        tier = Tier.STANDARD
+    if tier is Tier.STANDARD:
+        return _standard_at(spec, usage, at)
+    override = spec.tiers.get(tier.value)
+    if override is not None and override.input_price is not None:
+        assert override.output_price is not None  # TierOverride sets both or neither
+        return spec._linear_cost(usage, override.input_price, override.output_price)
+    if override is not None and override.discount is not None:
+        return override.discount * _standard_at(spec, usage, at)
+    if has_variant(spec, tier, at):
+        try:
+            return _genai_price(spec, usage, tier.price_context, at)
+        except LookupError:
+            pass
+    terms = tier_terms(spec, tier)
+    discount = terms.discount if terms is not None else _fallback_discount(tier)
+    if discount is None:
+        raise CatalogError(
+            f"{spec.key}: no {tier.value} price (genai-prices has no {tier.value} price for "
+            f"it and the tier has no fallback discount); set tiers.{tier.value}.discount or "
+            "input_price/output_price in its catalog entry")
+    return discount * _standard_at(spec, usage, at)
+
+
+def _fallback_discount(tier: Tier) -> float | None:
+    from .tiers import _data
+
+    value = _data().get("defaults", {}).get(tier.value, {}).get("discount")
+    return float(value) if value is not None else None
+
+
+def _standard_at(spec: ModelSpec, usage: Usage, at: datetime | None) -> float:
+    """The standard cost of `usage` for a call made at `at` (None: now)."""
+    r = spec._resolved
+    if at is None or not r.priced or (spec.input_price is not None
+                                      and spec.output_price is not None):
+        return spec._standard_cost(usage)
+    try:  # time-of-day prices: genai-prices at that time (even where unit prices are linear)
+        return float(_genai_price(spec, usage, None, at))
+    except LookupError:
+        return spec._standard_cost(usage)
 
 
 _CACHED = tuple(name for name, value in vars(ModelSpec).items()

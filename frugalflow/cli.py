@@ -17,10 +17,11 @@ from rich.table import Table
 from rich.text import Text
 
 from .catalog import Catalog
-from .cli_options import (CatalogOption, DbOption, JsonOption, PolicyOption, RouterOption,
-                          TimeoutOption, fallback_policy as _fallback,
-                          timeout_seconds as _timeout)
+from .cli_options import (CatalogOption, DbOption, DeadlineOption, JsonOption, PolicyOption,
+                          RouterOption, TimeoutOption, duration_seconds,
+                          fallback_policy as _fallback, timeout_seconds as _timeout)
 from .cli_usage import OneLineErrorsGroup as _Cli
+from .costs_cli import add_costs_command, explain_plan, print_plan
 from .exceptions import FrugalflowError, StoreUnavailableError
 from .resilience import BreakerRegistry, FallbackPolicy
 from .usage import Attempt
@@ -468,7 +469,8 @@ def runs_show(run_id: str, db: str = DbOption, as_json: bool = JsonOption) -> No
                   + (f" of ${r.budget_usd}" if r.budget_usd is not None else ""))
     if r.error:
         console.print(f"  error: {r.error.splitlines()[0]}")
-    for key in ("node", "model", "provider"):
+    tiers = ("tier",) if any(a.tier not in (None, "standard") for a in record.attempts) else ()
+    for key in ("node", "model", "provider", *tiers):
         costs = record.cost_by(key)
         console.print(f"  by {key}: " + ", ".join(f"{k} ${v:.6f}" for k, v in costs.items()))
     table = result_table(r.output)
@@ -676,42 +678,32 @@ def explain(
     catalog: str = CatalogOption, as_json: bool = JsonOption, policy: str = PolicyOption,
     db: str = typer.Option(None, "--db", help="Judge quality on what this database measured "
                                               "(production verdicts, and --policy)."),
+    deadline: str = DeadlineOption,
 ) -> None:
     """Per node: candidate models in order, rejected models and why, expected cost range,
-    and what was measured of each (with --policy or --db; else the prior only)."""
+    and what was measured of each (with --policy or --db; else the prior only). With a
+    deadline (--deadline, or a node's own): each model's tiers and why others cannot serve."""
+    left = duration_seconds(deadline) if deadline is not None else None
     try:
         compiled = load_flow(flow).compile(_catalog(catalog))
         if policy or db:
             _check_policy(db, policy, create=False)
-            plan = asyncio.run(_measured_plan(compiled, db, policy, tokens))
+            plan = asyncio.run(_measured_plan(compiled, db, policy, tokens, left))
         else:
-            plan = compiled.explain(input_tokens=tokens)
+            plan = explain_plan(compiled, tokens, left)
     except FrugalflowError as e:
         _fail(e)
     if as_json:
         print(json.dumps(plan, indent=2))
         return
-    for node, rows in plan.items():
-        ok = [r for r in rows if r["accepted"]]
-        costs = [r["expected_cost_usd"] for r in ok]
-        needs = cast("Needs", compiled.flow.nodes[node].needs)  # explain lists model nodes only
-        console.print(f"[bold]{escape(node)}[/] ({escape(needs.describe())}): "
-                      f"{len(ok)} candidates, ${min(costs):.6f} .. ${max(costs):.6f} per call")
-        for r in ok:
-            console.print(f"  {r['rank']:>2}. {escape(r['model'])}  ${r['expected_cost_usd']:.6f}  "
-                          f"~{r['output_tokens']} out tokens ({r['output_source']})  "
-                          f"[dim]{escape(str(r['measured']))}[/]")
-        for r in rows:
-            if not r["accepted"]:
-                console.print(f"   [dim]x {escape(r['model'])}: {escape('; '.join(r['reasons']))}[/]")
+    print_plan(compiled, plan, console)
 
 
 async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | None,
-                         tokens: int) -> dict[str, list[dict[str, Any]]]:
-    """`CompiledFlow.explain` with quality judged on what `db` measured (and policy `name`)."""
+                         tokens: int, deadline_s: float | None) -> dict[str, list[dict[str, Any]]]:
+    """`explain_plan` with quality judged on what `db` measured (and policy `name`)."""
     from .measured import load_measurements
     from .persistence.policy_store import PolicyStore
-    from .ranking import explain as explain_rows
 
     flow = compiled.flow
     store = _existing_store(db)
@@ -723,9 +715,7 @@ async def _measured_plan(compiled: CompiledFlow, db: str | None, name: str | Non
             validated={n for n, spec in flow.nodes.items() if spec.validator is not None})
     finally:
         await store.close()
-    return {n: explain_rows(compiled.catalog, spec.needs, input_tokens=tokens, node=n,
-                            measured=measured)
-            for n, spec in flow.nodes.items() if spec.needs is not None}
+    return explain_plan(compiled, tokens, deadline_s, measured)
 
 
 def load_all_flows(folder: str = "flows") -> list[Flow[Any]]:
@@ -867,6 +857,7 @@ from .eval_cli import add_eval_command  # noqa: E402 (given the helpers defined 
 add_catalog_command(app, catalog=_catalog, fail=_fail)
 
 add_eval_command(app, load_flow=load_flow, catalog=_catalog)
+add_costs_command(app, fail=_fail)
 
 
 def main() -> None:

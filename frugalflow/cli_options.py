@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 
 import typer
 
 from .exceptions import FrugalflowError
 from .resilience import FallbackPolicy
 
-__all__ = ["CatalogOption", "DbOption", "JsonOption", "PolicyOption", "RouterOption",
-           "TimeoutOption", "fallback_policy", "timeout_seconds"]
+__all__ = ["CatalogOption", "DbOption", "DeadlineOption", "JsonOption", "PolicyOption",
+           "RouterOption", "TimeoutOption", "duration_seconds", "fallback_policy",
+           "timeout_seconds"]
 
 DbOption = typer.Option(None, "--db", help="Database URL (default: FRUGALFLOW_DATABASE_URL or sqlite:///frugalflow.db).")
 JsonOption = typer.Option(False, "--json", help="Machine-readable output.")
@@ -25,6 +27,31 @@ PolicyOption = typer.Option(None, "--policy", envvar="FRUGALFLOW_POLICY",
 TimeoutOption = typer.Option(None, "--timeout", min=0.001, envvar="FRUGALFLOW_TIMEOUT",
                              help="Seconds one model call (one attempt) may take before it "
                                   "counts as a timeout and falls back (default 60).")
+
+
+DeadlineOption = typer.Option(None, "--deadline",
+                              help="Time the nodes' answers may take (e.g. 20m, 6h, 1h30m, 1d): "
+                                   "rank batch, flex and off-peak tiers that can meet it "
+                                   "(default: each node's own Needs.deadline).")
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def duration_seconds(text: str) -> float:
+    """`6h`, `20m`, `1h30m`, `1d`, `90s` or plain seconds (`3600`) as seconds; a bad value
+    is a typer.BadParameter (one line, with an example)."""
+    value = text.strip().lower()
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _DURATION.findall(value)
+        seconds = (sum(float(n) * _UNIT_S[u] for n, u in parts)
+                   if parts and "".join(n + u for n, u in parts) == value else float("nan"))
+    if not seconds > 0 or seconds == float("inf"):
+        raise typer.BadParameter(f"{text!r} is not a duration above 0 (e.g. 6h, 20m, 1h30m)",
+                                 param_hint="--deadline")
+    return seconds
 
 
 def timeout_seconds(timeout: float | None) -> float | None:

@@ -9,12 +9,21 @@ The expected cost of a call to a model is its input tokens at the input price pl
 model's estimated output tokens on the node (median, hidden reasoning included: see
 `verbosity`) at the output price: measured where a run knows them (`Priced`), else the
 per-model prior.
+
+With a deadline (`rank(..., deadline_s=...)`, the seconds left until the node's deadline)
+each capable model also appears once per slower, cheaper tier that can answer in time
+(`frugalflow.tiers`): batch when its turnaround p90 plus a safety margin (`DEADLINE_MARGIN`
+plus a standard call, so a late batch can still go synchronous) fits in the time left,
+flex when its latency does, off_peak when its next cheaper window opens early enough. A
+batch or flex row's expected cost adds the prior share of requests that miss
+(`TierTerms.miss_rate`) times the standard cost. Without a deadline nothing changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from langchain_core.messages import BaseMessage
@@ -22,7 +31,8 @@ from langchain_core.messages import BaseMessage
 from .catalog import Catalog, ModelSpec
 from .exceptions import NoCapableModelError
 from .needs import Needs, Unscored, estimate_tokens, has_images, unscored_reason
-from .tiers import Tier
+from .tiers import (DEADLINE_MARGIN, Margin, Tier, next_off_peak, standard_call_s, tier_prices,
+                    tier_terms)
 from .verbosity import TokenEstimate, Verbosity, prior_estimate
 
 if TYPE_CHECKING:
@@ -62,15 +72,19 @@ class Ranking:
     when it is first read: a routed call that succeeds at once reads only the first.
     """
 
-    __slots__ = ("_rows", "_order", "_static", "rejected", "input_tokens")
+    __slots__ = ("_rows", "_order", "_static", "rejected", "input_tokens", "tier_notes")
 
     def __init__(self, rows: list[Candidate], rejected: list[tuple[ModelSpec, list[str]]],
-                 input_tokens: int = 0) -> None:
+                 input_tokens: int = 0,
+                 tier_notes: tuple[tuple[ModelSpec, Tier, str], ...] = ()) -> None:
         self._rows: list[Candidate] | None = rows
         self._order: list[tuple[float, int]] = []  # (cost, tie-break rank) while lazy
         self._static: Prefilter | None = None
         self.rejected = rejected
         self.input_tokens = input_tokens
+        self.tier_notes = tier_notes
+        """With a deadline: per capable model, each tier it is offered but cannot use, and
+        why (e.g. `batch: turnaround p90 4h + margin 36m + standard call 9s > 1h left`)."""
 
     @classmethod
     def _lazy(cls, order: list[tuple[float, int]], static: Prefilter,
@@ -281,12 +295,20 @@ def rank(
     input_tokens: int | None = None,
     prefiltered: Prefilter | None = None,
     prices: Priced | None = None,
+    deadline_s: float | None = None,
+    now: datetime | None = None,
+    margin: Margin = DEADLINE_MARGIN,
 ) -> Ranking:
     """Capable models for a call with `messages`, cheapest expected cost first.
 
     Ties are broken by quality (mean over the needed skills, else all), then latency.
     `prefiltered` is `prefilter(catalog, needs)` when the caller keeps it (per run), and
     `prices` its models' output estimates on the node (default: the prior's).
+
+    `deadline_s`: the seconds left until the node's deadline (None: no deadline, standard
+    tier only). With it each model is a candidate once per tier that can answer in time
+    (`Candidate.tier`), priced at `now` (default: the current time), and `tier_notes` says
+    why the other offered tiers could not be used.
     """
     static = prefiltered if prefiltered is not None else prefilter(catalog, needs)
     out_prices = prices.prices if prices is not None else static.prices
@@ -296,7 +318,7 @@ def rank(
     images = (bool(messages) and not needs.vision and not static.all_vision
               and has_images(messages))
     max_cost = needs.max_cost_per_call
-    if (context_needed <= static.min_window and not images
+    if (deadline_s is None and context_needed <= static.min_window and not images
             and max_cost is None and budget_left is None):
         # The routed call's usual case: nothing is rejected per call, only the order
         # depends on its size. Sorting (cost, tie-break place) pairs is the same order as
@@ -306,23 +328,141 @@ def rank(
                              list(static.rejected), n_in)
     rejected = list(static.rejected)
     ranked: list[Candidate] = []
+    if deadline_s is not None:
+        return _rank_by_deadline(static, prices, n_in, context_needed, images, max_cost,
+                                 budget_left, deadline_s, now, margin)
     for i, (spec, p_in, _, window, vision, neg_quality, latency) in enumerate(static.rows):
         cost = n_in * p_in + out_prices[i][1]
-        reasons: list[str] = []
-        if window < context_needed:
-            reasons.append(f"context {window} < {context_needed} tokens needed")
-        if images and not vision:
-            reasons.append("messages hold images; no image input")
-        if max_cost is not None and cost > max_cost:
-            reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${max_cost}")
-        if budget_left is not None and cost > budget_left:
-            reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
+        reasons = _call_reasons(window, vision, context_needed, images)
+        reasons += _cost_reasons(cost, max_cost, budget_left)
         if reasons:
             rejected.append((spec, reasons))
         else:
             ranked.append(_new(Candidate, (cost, neg_quality, latency, i, spec, _STANDARD)))
     ranked.sort()
     return Ranking(ranked, rejected, n_in)
+
+
+def _call_reasons(window: int, vision: bool, context_needed: int, images: bool) -> list[str]:
+    reasons: list[str] = []
+    if window < context_needed:
+        reasons.append(f"context {window} < {context_needed} tokens needed")
+    if images and not vision:
+        reasons.append("messages hold images; no image input")
+    return reasons
+
+
+def _cost_reasons(cost: float, max_cost: float | None, budget_left: float | None) -> list[str]:
+    reasons: list[str] = []
+    if max_cost is not None and cost > max_cost:
+        reasons.append(f"expected ${cost:.6f} > max_cost_per_call ${max_cost}")
+    if budget_left is not None and cost > budget_left:
+        reasons.append(f"expected ${cost:.6f} > budget left ${budget_left:.6f}")
+    return reasons
+
+
+_SLOW_TIERS = ((1, Tier.BATCH), (2, Tier.FLEX), (3, Tier.OFF_PEAK))
+"""Each slower tier and the multiple of the row count its candidates' `order` is offset
+by (distinct orders: two candidates never compare their specs)."""
+
+
+def _rank_by_deadline(static: Prefilter, prices: Priced | None, n_in: int, context_needed: int,
+                      images: bool, max_cost: float | None, budget_left: float | None,
+                      left_s: float, now: datetime | None, margin: Margin) -> Ranking:
+    """`rank` with a deadline: every capable model on each tier it can meet it on."""
+    now = now.astimezone(UTC) if now is not None and now.tzinfo else (
+        now.replace(tzinfo=UTC) if now is not None else datetime.now(UTC))
+    estimates = (prices if prices is not None else static.prior or priced(
+        static, Needs(), None, None)).estimates
+    n = len(static.rows)
+    rejected = list(static.rejected)
+    ranked: list[Candidate] = []
+    notes: list[tuple[ModelSpec, Tier, str]] = []
+    safety = margin(left_s)
+    for i, (spec, _, _, window, vision, neg_quality, latency) in enumerate(static.rows):
+        reasons = _call_reasons(window, vision, context_needed, images)
+        if reasons:
+            rejected.append((spec, reasons))
+            continue
+        est = estimates[i]
+        p_in, p_out = tier_prices(spec, Tier.STANDARD, now)
+        standard = n_in * p_in + est.p50 * p_out
+        call_s = standard_call_s(spec, est.p90)
+        rows = [(standard, latency, i, _STANDARD)]
+        for k, tier in _SLOW_TIERS:
+            terms = tier_terms(spec, tier)
+            if terms is None:
+                continue
+            wait_s, at = _tier_wait(spec, tier, terms.turnaround_p90_s, terms.latency_s, now)
+            why = _too_late(tier, wait_s, at, now, safety, call_s, left_s)
+            if why is None:
+                t_in, t_out = tier_prices(spec, tier, at)
+                cost = n_in * t_in + est.p50 * t_out + terms.miss_rate * standard
+                if tier is Tier.OFF_PEAK and cost >= standard:
+                    why = f"off_peak: ${cost:.6f} is not cheaper than now (${standard:.6f})"
+                else:
+                    expected_ms = (terms.turnaround_p50_s if at is None
+                                   else wait_s + spec.latency_ms / 1000) * 1000
+                    rows.append((cost, max(latency, expected_ms), i + n * k, tier))
+            if why is not None:
+                notes.append((spec, tier, why))
+        kept = 0
+        first_reasons: list[str] = []
+        for cost, ms, order, tier in rows:
+            too_dear = _cost_reasons(cost, max_cost, budget_left)
+            if too_dear:
+                if tier is _STANDARD:
+                    first_reasons = too_dear
+                else:
+                    notes.append((spec, tier, f"{tier.value}: {'; '.join(too_dear)}"))
+                continue
+            kept += 1
+            ranked.append(_new(Candidate, (cost, neg_quality, ms, order, spec, tier)))
+        if not kept:
+            rejected.append((spec, first_reasons))
+    ranked.sort()
+    return Ranking(ranked, rejected, n_in, tuple(notes))
+
+
+def _tier_wait(spec: ModelSpec, tier: Tier, p90_s: float, latency_s: float | None,
+               now: datetime) -> tuple[float, datetime | None]:
+    """How long `tier` may take to answer (seconds), and for off_peak when its window opens."""
+    if tier is Tier.OFF_PEAK:
+        window = next_off_peak(spec, now)
+        if window is None:
+            return float("inf"), None
+        return (window[0] - now).total_seconds(), window[0]
+    if tier is Tier.FLEX and latency_s is not None:
+        return latency_s, None
+    return p90_s, None
+
+
+def _too_late(tier: Tier, wait_s: float, at: datetime | None, now: datetime, safety: float,
+              call_s: float, left_s: float) -> str | None:
+    """Why `tier` cannot answer in the `left_s` seconds left (None: it can)."""
+    if tier is Tier.OFF_PEAK and at is not None and wait_s <= 0:
+        return "off_peak: in its cheaper window now (the standard row has its price)"
+    if wait_s + safety + call_s <= left_s:
+        return None
+    tail = f"+ margin {_span(safety)} + standard call {_span(call_s)} > {_span(left_s)} left"
+    if tier is Tier.BATCH:
+        return f"batch: turnaround p90 {_span(wait_s)} {tail}"
+    if tier is Tier.FLEX:
+        return f"flex: latency up to {_span(wait_s)} {tail}"
+    if at is None:
+        return "off_peak: no cheaper window ahead"
+    return f"off_peak: window opens {at:%H:%M} UTC (in {_span(wait_s)}) {tail}"
+
+
+def _span(seconds: float) -> str:
+    """`4h`, `1h30m`, `36m`, `9s`: a duration as ranking's reasons show it."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        h, m = divmod(s // 60, 60)
+        return f"{h}h{m}m" if m else f"{h}h"
+    if s >= 60:
+        return f"{s // 60}m"
+    return f"{s}s"
 
 
 def explain(
@@ -335,6 +475,8 @@ def explain(
     node: str | None = None,
     measured: Measurements | None = None,
     verbosity: Verbosity | None = None,
+    deadline_s: float | None = None,
+    now: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Every catalog model, accepted (with its rank and expected cost) or rejected (why),
     and what was measured of it on `node` (`measured`: "measured: n, rate, interval" or
@@ -342,23 +484,35 @@ def explain(
 
     Each model that passed the static needs also shows its output estimate on `node`
     (`output_tokens`, `output_tokens_p90`, `output_source`; from `verbosity`, else the prior).
+
+    With `deadline_s` (seconds left until the node's deadline) a model has one row per tier
+    it can meet the deadline on (`tier`), the first row is marked `chosen`, and each tier a
+    model is offered but cannot use has a rejected row saying why (e.g. `batch: turnaround
+    p90 4h + margin 36m + standard call 9s > 1h left`).
     """
     static = (prefilter(catalog, needs, measured.judge(node, needs))
               if measured is not None and measured.covers(node) else prefilter(catalog, needs))
     pr = priced(static, needs, node, verbosity)
     ranking = rank(
         catalog, needs, messages, input_tokens=input_tokens, budget_left=budget_left,
-        prefiltered=static, prices=pr,
+        prefiltered=static, prices=pr, deadline_s=deadline_s, now=now,
     )
+    tiered = deadline_s is not None
     rows: list[dict[str, Any]] = []
     for i, c in enumerate(ranking.candidates, 1):
         rows.append(
             {"model": c.spec.key, "accepted": True, "rank": i,
              "expected_cost_usd": c.expected_cost, "reasons": []}
+            | ({"tier": c.tier.value, "chosen": i == 1} if tiered else {})
         )
+    for spec, tier, why in ranking.tier_notes:
+        rows.append({"model": spec.key, "accepted": False, "rank": None,
+                     "expected_cost_usd": None, "reasons": [why], "tier": tier.value,
+                     "chosen": False})
     for spec, reasons in ranking.rejected:
         rows.append({"model": spec.key, "accepted": False, "rank": None,
-                     "expected_cost_usd": None, "reasons": reasons})
+                     "expected_cost_usd": None, "reasons": reasons}
+                    | ({"tier": None, "chosen": False} if tiered else {}))
     for row in rows:
         row["measured"] = measured_note(measured, node, row["model"])
     return _with_output_estimates(rows, pr)

@@ -42,7 +42,7 @@ _NODES = NodeRunRow.__table__  # type: ignore[attr-defined]
 _ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
 _WRITES = CheckpointWriteRow.__table__  # type: ignore[attr-defined]
 
-GroupBy = Literal["node", "model", "provider", "flow", "day", "run"]
+GroupBy = Literal["node", "model", "provider", "flow", "day", "run", "tier"]
 _R = TypeVar("_R")
 
 
@@ -107,10 +107,12 @@ class RunRecord:
     nodes: list[NodeRunRow] = field(default_factory=list)
     attempts: list[AttemptRow] = field(default_factory=list)
 
-    def cost_by(self, key: Literal["node", "model", "provider"]) -> dict[str, float]:
+    def cost_by(self, key: Literal["node", "model", "provider", "tier"]) -> dict[str, float]:
+        """Spend per node, model, provider or service tier (an attempt without a tier was
+        made before tiers existed: standard)."""
         out: dict[str, float] = {}
         for a in self.attempts:
-            k = getattr(a, key)
+            k: str = getattr(a, key) or "standard"  # only a tier may be unset
             out[k] = out.get(k, 0.0) + a.cost_usd
         return out
 
@@ -455,17 +457,22 @@ class Ledger:
         flow: str | None = None,
         since: datetime | None = None,
     ) -> list[CostRow]:
-        """Spend grouped by node, model, provider, flow, run or day, dearest first."""
+        """Spend grouped by node, model, provider, flow, run, day or service tier (`tier`:
+        standard, batch, flex, off_peak; attempts recorded without one are standard),
+        dearest first."""
         await self.store.setup()
         if by == "day":
             key = func.date(_ATTEMPTS.c.started_at) if self.store.is_sqlite else func.to_char(
                 _ATTEMPTS.c.started_at, "YYYY-MM-DD")
         elif by == "run":
             key = _ATTEMPTS.c.run_id
+        elif by == "tier":
+            key = func.coalesce(_ATTEMPTS.c.tier, literal_column("'standard'"))
         elif by in ("node", "model", "provider", "flow"):
             key = _ATTEMPTS.c[by]
         else:
-            raise ValueError(f"costs(by={by!r}): use node, model, provider, flow, run or day")
+            raise ValueError(
+                f"costs(by={by!r}): use node, model, provider, flow, run, day or tier")
         ok = (_ATTEMPTS.c.outcome == Outcome.OK).cast(_ATTEMPTS.c.try_number.type)
         q = (
             select(
