@@ -182,7 +182,8 @@ async def park(call: CallAttempts, parking: Parking, c: Candidate) -> None:
     from ..persistence.scrub import scrub_exact
 
     item = _new_item(call, c, key, request=scrub_exact(request) if request else None,
-                     deadline_at=deadline, fallback_at=fallback_at, wake_at=wake_at)
+                     deadline_at=deadline, fallback_at=fallback_at, wake_at=wake_at,
+                     created_at=now)
     await parking.ledger.park(item)
     parking.parked.append(item.id)
     raise waiting_interrupt(item)

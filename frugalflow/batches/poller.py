@@ -173,12 +173,12 @@ class BatchPoller:
             oldest = min(i.created_at for i in items if i.created_at is not None)
             soonest = min((i.fallback_at for i in items if i.fallback_at is not None),
                           default=None)
-            ready = (len(items) >= max_items or now - oldest >= self.gather
-                     or (soonest is not None and soonest - now <= self.gather))
-            if not ready:
-                continue
+            due = now - oldest >= self.gather or (
+                soonest is not None and soonest - now <= self.gather)
             for chunk in _chunks(items, max_items, max_bytes):
-                await self._send(spec, chunk, done)
+                # Full batches go at once; the rest gathers until its oldest has waited.
+                if due or len(chunk) >= max_items:
+                    await self._send(spec, chunk, done)
 
     async def _send(self, spec: ModelSpec, items: Sequence[BatchItemRow], done: Tick) -> None:
         from ..persistence.tables import BatchRow
@@ -186,7 +186,8 @@ class BatchPoller:
         batch = BatchRow(id=f"ffb{uuid.uuid4().hex}", provider=spec.provider, model=spec.key,
                          created_at=self.clock())
         taken = await self.runner.parked.open_batch(batch, [i.id for i in items],
-                                                    self.runner.holder, self.claim_for)
+                                                    self.runner.holder, self.claim_for,
+                                                    self.clock())
         if taken:
             await self._submit(spec, batch.id, taken, done)
 

@@ -116,12 +116,12 @@ class ParkedLedger:
 
         return await self.store.retrying(read, what="read of queued items")
 
-    async def open_batch(self, batch: BatchRow, item_ids: Sequence[str],
-                         holder: str, claim_for: timedelta) -> list[BatchItemRow]:
+    async def open_batch(self, batch: BatchRow, item_ids: Sequence[str], holder: str,
+                         claim_for: timedelta, now: datetime) -> list[BatchItemRow]:
         """Write `batch` as `submitting` (claimed by `holder`) and take into it those of
         `item_ids` that no other batch took meanwhile; the items it holds."""
         batch.status, batch.holder = BatchStatus.SUBMITTING, holder
-        batch.claimed_until = datetime.now(timezone.utc) + claim_for
+        batch.claimed_until = now + claim_for
 
         async def write() -> list[BatchItemRow]:
             async with self.store.write() as conn:
