@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -376,19 +376,22 @@ def _resolve_prices(
     priced = True
     inp: float | None
     out: float | None
+    at = None
     if spec.input_price is not None and spec.output_price is not None:
         inp, out = spec.input_price, spec.output_price
         sources["price"] = "catalog"
     else:
         try:
             # Per-token price of a 10k-token call: tiered models charge more past a
-            # threshold, and ranking wants the price of a typical call.
+            # threshold, and ranking wants the price of a typical call. A price that varies
+            # with the hour is taken at its list (highest) price, whatever the hour now.
+            at = _list_time(spec)
             inp = spec.input_price
             if inp is None:
-                inp = _genai_price(spec, Usage(input_tokens=10_000)) * 100
+                inp = _genai_price(spec, Usage(input_tokens=10_000), at=at) * 100
             out = spec.output_price
             if out is None:
-                out = _genai_price(spec, Usage(output_tokens=10_000)) * 100
+                out = _genai_price(spec, Usage(output_tokens=10_000), at=at) * 100
             sources["price"] = "genai-prices"
         except LookupError:
             if not spec.local:
@@ -403,24 +406,54 @@ def _resolve_prices(
             out = spec.output_price or 0.0
             sources["price"] = "catalog" if spec.local else "missing"
     from_genai = priced and sources["price"] == "genai-prices"
-    linear = from_genai and _linear(spec, inp, out)
+    # A price that varies with the hour is not linear: each call is charged by genai-prices
+    # at its own time. A simulated model is charged its list price (demos and tests do not
+    # depend on the hour they run at).
+    linear = from_genai and (at is None or spec.simulated) and _linear(spec, inp, out, at)
     cached = spec.cached_input_price
     if cached is None and from_genai:
         try:
-            cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000)) * 100
+            cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000),
+                                  at=at) * 100
         except LookupError:
             cached = None
     return inp, out, cached, priced, linear
 
 
-def _linear(spec: ModelSpec, inp: float, out: float) -> bool:
-    """Whether genai-prices has no tiers for `spec`: then its unit prices give the exact
-    cost of any call (tiered prices need genai-prices for every call)."""
+def _list_time(spec: ModelSpec) -> datetime | None:
+    """A moment today at which `spec` costs its list (highest) price, for a model whose
+    genai-prices price varies with the time of day (DeepSeek's off-peak hours); None when it
+    does not. Ranking compares list prices, so a node's model does not change with the hour
+    it runs at; the cheaper hours are the `off_peak` tier (`frugalflow.tiers`), and every
+    call is charged at its own time's price."""
+    from .tiers import _bounds, model_info
+
+    points, _ = _bounds(spec)
+    info = model_info(spec)
+    if not points or info is None:
+        return None
+    from genai_prices.types import Usage as GUsage
+
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    moments = [midnight + timedelta(seconds=p + 1) for p in points]
+
+    def price(at: datetime) -> Any:
+        return info.get_prices(at).calc_price(
+            GUsage(input_tokens=10_000, output_tokens=10_000))["total_price"]
+
+    return max(moments, key=price)
+
+
+def _linear(spec: ModelSpec, inp: float, out: float, at: datetime | None = None) -> bool:
+    """Whether genai-prices has no tiers for `spec` (at `at`): then its unit prices give the
+    exact cost of any call (tiered prices need genai-prices for every call)."""
     try:
-        big_in = _genai_price(spec, Usage(input_tokens=1_000_000))
-        big_out = _genai_price(spec, Usage(output_tokens=1_000_000))
-        big_cached = _genai_price(spec, Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000))
-        small_cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000))
+        big_in = _genai_price(spec, Usage(input_tokens=1_000_000), at=at)
+        big_out = _genai_price(spec, Usage(output_tokens=1_000_000), at=at)
+        big_cached = _genai_price(spec, Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000),
+                                  at=at)
+        small_cached = _genai_price(spec, Usage(input_tokens=10_000, cache_read_tokens=10_000),
+                                    at=at)
     except LookupError:
         return False
     return (

@@ -66,7 +66,12 @@ def policy(*evidence: tuple[str, int, int], choice: Choice | None = None,
     return Policy(flow=FLOW, nodes={"write": NodePolicy(models=models, choice=choice)})
 
 
-async def first_model(runner: Runner, text: str = "hello") -> tuple[str, str | None]:
+# About 900 tokens: the prompt size `explain(input_tokens=1000)` ranks for. (On a short
+# prompt the output's price decides, and PRIOR_FIRST is no longer the cheapest.)
+PROMPT = "hello " * 600
+
+
+async def first_model(runner: Runner, text: str = PROMPT) -> tuple[str, str | None]:
     result = await runner.start(FLOW, {"text": text})
     assert result.ok, result.error
     attempts = (await runner.get(result.run_id)).attempts
