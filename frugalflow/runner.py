@@ -369,11 +369,22 @@ class Runner(RunKnowledge):
         await self.ledger.update_run(run_id, status=RunStatus.CANCELLED)
         return self._result(await self.ledger.get_run(run_id))
 
-    async def wait(self, run_id: str) -> RunResult:
+    async def wait(self, run_id: str, *, through_waiting: bool = False) -> RunResult:
         """The result of a run once it stops: one started with `wait=False`, one paused by
         a database outage (it resumes here when the database is back) and, with a
         dispatcher, one that workers execute (a pause there is not its end: the run is
-        queued again, so this waits for the worker that takes it next)."""
+        queued again, so this waits for the worker that takes it next; nor is `waiting`).
+        `through_waiting`: a run waiting for batch answers or a cheaper hour is waited for
+        until it ends (a batch poller must be running: `batch_poller().start()`, the
+        service, or `frugalflow worker`)."""
+        result = await self._wait_once(run_id)
+        while through_waiting and result.status == RunStatus.WAITING:
+            # Woken by a poller (here or elsewhere): follow it, then its execution here.
+            await self._follow(run_id, until=ENDED | {RunStatus.RUNNING, RunStatus.QUEUED})
+            result = await self._wait_once(run_id)
+        return result
+
+    async def _wait_once(self, run_id: str) -> RunResult:
         task = self._tasks.get(run_id)
         if task is None:
             if self.dispatcher is not None:

@@ -437,3 +437,17 @@ async def test_a_poller_process_killed_after_sending_loses_and_repeats_nothing(
         await runner.close()
         await catalog.aclose()
         forget_provider_clients()
+
+
+async def test_wait_through_waiting_while_a_poller_runs(runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", delay=0, times=None)  # each batch ends as it is sent
+    p = runner.batch_poller(gather=0, poll_every=0, every=0.01)
+    p.start()
+    try:
+        started = await runner.start("nightly", {"docs": ["x", "y"]}, wait=False)
+        final = await asyncio.wait_for(runner.wait(started.run_id, through_waiting=True), 60)
+    finally:
+        await p.stop()
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    tiers = [a.tier for a in (await runner.get(started.run_id)).attempts if a.node == "enrich"]
+    assert tiers == ["batch", "batch"]
