@@ -6,6 +6,11 @@ concern per method: replay, plan (rank, routing rule, budget), admit (budget, Re
 rest, rate limit), acquire (circuit breakers), answer (generate or stream under the
 timeout, then check and validate), succeeded / failed (bill, record, retry or escalate),
 give_up. Every `Attempt` of the call is made by one factory, `_attempt`.
+
+A node with a deadline is ranked over service tiers too: a candidate on a tier that answers
+later (batch, a cheaper hour) parks the run instead of being called (see
+`frugalflow.batches.parking`); a flex candidate is called with its service tier; each try
+is priced on its tier.
 """
 
 from __future__ import annotations
@@ -308,12 +313,18 @@ class CallAttempts:
         return ranking  # its candidates are made as the loop reaches them
 
     def tiers_left(self, rows: list[Candidate]) -> list[Candidate]:
-        """`rows` without the tiers this call's parked items ruled out."""
-        excluded, tiers = self.excluded, self.excluded_tiers
-        if not excluded and not tiers:
+        """`rows` without the tiers this call's parked items ruled out; a model whose
+        cheaper hour came (it waited for it) first, on that tier."""
+        excluded, tiers, due = self.excluded, self.excluded_tiers, self.due
+        if not excluded and not tiers and due is None:
             return rows
-        return [c for c in rows if c.tier not in tiers
-                and (c.spec.key, c.tier) not in excluded]
+        rows = [c for c in rows if c.tier not in tiers and (c.spec.key, c.tier) not in excluded]
+        if due is not None:
+            now = [c for c in rows if c.spec.key == due.model and not c.tier.parks]
+            if now:
+                first = now[0]._replace(tier=Tier.OFF_PEAK)
+                rows = [first, *(c for c in rows if c is not now[0])]
+        return rows
 
     def exclude(self, model: str, tier: Tier) -> None:
         self.excluded = self.excluded | {(model, tier)}
@@ -340,11 +351,13 @@ class CallAttempts:
         return parking.flow if parking is not None else None
 
     def price(self, t: _Try, paid: Usage) -> float:
-        """What `paid` costs on the try's tier (standard: the model's usual price)."""
+        """What `paid` costs on the try's tier (standard: the model's usual price, at the
+        run's clock when the call may have waited for its hour)."""
         tier = t.candidate.tier
         if tier is Tier.STANDARD:
             return t.spec.cost(paid)
-        return t.spec.cost(paid, tier=tier)
+        parking = self.ctx.parking
+        return t.spec.cost(paid, tier=tier, at=parking.clock() if parking is not None else None)
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
         """Reorder the capable models by the router's per-input predictions."""

@@ -231,18 +231,20 @@ class Runner(RunKnowledge):
         self.compiled(name)  # unknown flow or impossible needs: fail before writing anything
         check_input(self._flows[name], input)  # InputError: missing, unknown, mistyped fields
         budget = check_budget(budget)  # ValueError: NaN, infinite, zero or negative
-        due = deadline_at(deadline, self.clock())
+        now = self.clock()  # a node's deadline counts from the run's creation
+        due = deadline_at(deadline, now)
         run_id = run_id or uuid.uuid4().hex
         await self.setup()
         await self._check_policy()  # an unknown policy name: fail before writing anything
         if self.dispatcher is None:
             await self.ledger.create_run(run_id, name, input, budget_usd=budget,
-                                         principal=principal, deadline_at=due)
+                                         principal=principal, deadline_at=due, created_at=now)
             return await self._launch(run_id, input, wait=wait)
         # Dispatched: the input becomes the thread's first checkpoint (state, not a message),
         # then the queue says "run X is ready".
         await self.ledger.create_run(run_id, name, input, budget_usd=budget,
-                                     status=RunStatus.QUEUED, principal=principal, deadline_at=due)
+                                     status=RunStatus.QUEUED, principal=principal, deadline_at=due,
+                                     created_at=now)
         graph = self.compiled(name).graph
         await graph.aupdate_state(self._config(run_id), input, as_node=START)
         return await self._dispatch(self.dispatcher, run_id, wait=wait)

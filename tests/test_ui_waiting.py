@@ -99,7 +99,7 @@ async def seed_waiting(runner: Runner, now: datetime) -> Seeded:
                             deadline_at=s.deadline, fallback_at=s.fallback,
                             created_at=now - timedelta(minutes=30)))
     await parked.open_batch(BatchRow(id="b1", provider="sim-groq", model=MODEL),
-                            ["item-used"], "test", timedelta(minutes=5))
+                            ["item-used"], "test", timedelta(minutes=5), now)
     await parked.update_batch("b1", status=BatchStatus.ENDED)
     assert await parked.move("item-used", BatchItemStatus.USED, [BatchItemStatus.QUEUED],
                              cost_usd=0.0002, input_tokens=1000, output_tokens=100,

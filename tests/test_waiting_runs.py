@@ -451,3 +451,83 @@ async def test_wait_through_waiting_while_a_poller_runs(runner: Runner, emu: Pro
     assert final.status == RunStatus.SUCCEEDED, final.error
     tiers = [a.tier for a in (await runner.get(started.run_id)).attempts if a.node == "enrich"]
     assert tiers == ["batch", "batch"]
+
+
+async def test_a_failed_batch_sends_its_items_on(runner: Runner, emu: ProviderEmulator) -> None:
+    emu.batches.script("openai", fail=True)  # the provider refuses the whole batch
+    emu.batches.script("anthropic", delay=None, times=None)
+    run_id = await start(runner, ["refused"])
+    p = poller(runner)
+    tick = await p.tick()  # sent, found failed, its item unanswered: the run wakes
+    assert tick.woken == [run_id]
+    # Its next candidate: the same model's standard call (cheaper than another's batch).
+    assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.USED and "failed the batch" in (item.error or "")
+    [failed, ok] = [a for a in (await runner.get(run_id)).attempts if a.node == "enrich"]
+    assert (failed.outcome, failed.error_class, failed.cost_usd) == (Outcome.ERROR, "unanswered", 0)
+    assert (ok.outcome, ok.tier, ok.model) == (Outcome.OK, None, failed.model)
+    assert ok.fallback_from == failed.model
+
+
+# -- the synchronous tiers ----------------------------------------------------------------------
+
+
+async def test_flex_when_a_batch_cannot_answer_in_time(
+        db_url: str, emu: ProviderEmulator, time_: Clock) -> None:
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, ("openai/gpt-5-mini",))
+    runner = Runner(db_url, flows=[nightly(timedelta(minutes=30))], catalog=catalog,
+                    clock=time_)
+    try:
+        result = await runner.start("nightly", {"docs": ["urgent"]})
+        assert result.status == RunStatus.SUCCEEDED, result.error  # flex answers at once
+        record = await runner.get(result.run_id)
+        [enrich] = [a for a in record.attempts if a.node == "enrich"]
+        assert enrich.tier == "flex"
+        [body] = [r.body for r in emu.requests if "Tag this" in str(r.body)]
+        assert body["service_tier"] == "flex"
+        spec = catalog["openai/gpt-5-mini"]
+        from frugalflow.usage import Usage
+
+        usage = Usage(input_tokens=enrich.input_tokens, output_tokens=enrich.output_tokens,
+                      requests=1)
+        assert enrich.cost_usd == pytest.approx(spec.cost(usage, tier=Tier.FLEX))
+        assert enrich.cost_usd < spec.cost(usage)
+        assert await runner.parked.all_items(result.run_id) == []
+    finally:
+        await runner.close()
+        await catalog.aclose()
+        forget_provider_clients()
+
+
+async def test_a_cheaper_hour_before_the_deadline_is_waited_for(
+        db_url: str, emu: ProviderEmulator, time_: Clock) -> None:
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, ("deepseek/deepseek-chat",))
+    time_.now = datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc)  # peak; cheaper from 16:30
+    runner = Runner(db_url, flows=[nightly(timedelta(hours=8))], catalog=catalog, clock=time_)
+    try:
+        run_id = await start(runner, ["tonight"])
+        [timer] = await runner.parked.all_items(run_id)
+        assert timer.tier == "off_peak" and timer.wake_at is not None
+        assert timer.wake_at == datetime(2026, 11, 30, 16, 30, tzinfo=timezone.utc)
+        assert emu.requests == []  # nothing sent: it waits for the hour
+        p = poller(runner)
+        assert (await p.tick()).woken == []
+        time_.now = datetime(2026, 11, 30, 16, 31, tzinfo=timezone.utc)
+        assert (await p.tick()).woken == [run_id]
+        assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+        [enrich] = [a for a in (await runner.get(run_id)).attempts if a.node == "enrich"]
+        assert enrich.tier == "off_peak"
+        spec = catalog["deepseek/deepseek-chat"]
+        from frugalflow.usage import Usage
+
+        usage = Usage(input_tokens=enrich.input_tokens, output_tokens=enrich.output_tokens,
+                      requests=1)
+        peak = spec.cost(usage, at=datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc))
+        assert enrich.cost_usd == pytest.approx(peak / 2)
+    finally:
+        await runner.close()
+        await catalog.aclose()
+        forget_provider_clients()

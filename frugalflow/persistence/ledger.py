@@ -140,10 +140,12 @@ class Ledger:
         status: str = RunStatus.PENDING,
         principal: str | None = None,
         deadline_at: datetime | None = None,
+        created_at: datetime | None = None,
     ) -> RunRow:
         await self.store.setup()
         row = RunRow(id=run_id, flow=flow, status=status, input=_as_dict(scrub(input)),
-                     budget_usd=budget_usd, principal=principal, deadline_at=deadline_at)
+                     budget_usd=budget_usd, principal=principal, deadline_at=deadline_at,
+                     created_at=created_at or utcnow())
         values = _values(row)
 
         def plan() -> Plan[None]:

@@ -24,6 +24,14 @@ Routes (`emu.base_url(provider)` is what a client takes as its base URL):
                POST /gemini/{version}/models/{model}:streamGenerateContent?alt=sse
     ollama     POST /ollama/api/chat              GET /ollama/api/tags, /ollama/api/version
 
+Batch APIs (`emu.batches`, a `BatchDesk`: scripted delays, per-item errors, expiry, a
+refused batch, cancellation; see frugalflow/testing/batches/):
+
+    openai     /openai/v1/files[/{id}[/content]], /openai/v1/batches[/{id}[/cancel]]
+    anthropic  /anthropic/v1/messages/batches[/{id}[/cancel|/results]]
+    gemini     POST /gemini/{version}/models/{model}:batchGenerateContent,
+               /gemini/{version}/batches[/{id}[:cancel]]
+
 Answers are deterministic for a seed: a few sentences derived from a hash of the provider,
 model and last message. When tools are offered the first (or the forced) tool is called with
 arguments valid against its JSON schema, unless the last message is a tool result and the
