@@ -807,8 +807,13 @@ def worker(
     as_json: bool = typer.Option(False, "--json",
                                  help="Print a JSON startup line (worker id, queue, "
                                       "concurrency) instead of the readable one."),
+    batch_gather: float = typer.Option(30.0, "--batch-gather", help=(
+        "Seconds a parked request waits for others of its model before its batch is sent.")),
+    batch_max_items: int = typer.Option(None, "--batch-max-items", min=1,
+                                        help="At most this many requests per batch."),
 ) -> None:
-    """Execute dispatched runs (PostgreSQL + procrastinate); start one per core or machine."""
+    """Execute dispatched runs (PostgreSQL + procrastinate), and send and follow the parked
+    requests of waiting runs; start one per core or machine."""
     from .scale.dispatch import ProcrastinateDispatcher, run_worker
     from .scale.redis import RedisBreakerRegistry, RedisRateLimiter
     from .runner import Runner
@@ -830,7 +835,9 @@ def worker(
 
     async def main() -> None:
         try:
-            await run_worker(runner, concurrency=concurrency, queues=[queue])
+            await run_worker(runner, concurrency=concurrency, queues=[queue],
+                             poll_batches=runner.batch_poller(gather=batch_gather,
+                                                              max_items=batch_max_items))
         finally:
             await runner.close()
 

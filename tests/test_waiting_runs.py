@@ -531,3 +531,51 @@ async def test_a_cheaper_hour_before_the_deadline_is_waited_for(
         await runner.close()
         await catalog.aclose()
         forget_provider_clients()
+
+
+# -- with workers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_workers_park_send_collect_and_wake(fresh_pg_url: str, emu: ProviderEmulator) -> None:
+    """The service starts a run; a worker executes it until it parks, its poller sends the
+    batch, collects it once the provider answered, and wakes the run for a worker."""
+    from frugalflow.scale.dispatch import ProcrastinateDispatcher
+
+    emu.batches.clock = time.time
+    emu.batches.script("openai", delay=None, times=None)
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, MODELS)
+    service = Runner(fresh_pg_url, flows=[nightly()], catalog=catalog,
+                     dispatcher=ProcrastinateDispatcher(fresh_pg_url))
+    env = {**os.environ, EMULATOR_KEY_ENV: SECRET}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, str(CHILD.parent / "waiting_worker.py"), fresh_pg_url, emu.url, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert worker.stdout is not None
+        assert b"ready" in await asyncio.wait_for(worker.stdout.readline(), 60)
+        started = await service.start("nightly", {"docs": ["w1", "w2"]}, wait=False)
+        for _ in range(600):  # until the worker's poller has sent the batch
+            if emu.batches.listed("openai"):
+                break
+            await asyncio.sleep(0.05)
+        [batch] = emu.batches.listed("openai")
+        assert len(batch.requests) == 2
+        assert (await service.get(started.run_id)).run.status == RunStatus.WAITING
+        emu.batches.release()
+        final = await asyncio.wait_for(service.wait(started.run_id), 120)  # through waiting
+        assert final.status == RunStatus.SUCCEEDED, final.error
+        record = await service.get(started.run_id)
+        assert [a.tier for a in record.attempts if a.node == "enrich"] == ["batch", "batch"]
+        assert sorted(emu.batches.paid.values()) == [1, 1]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(worker.wait(), 30)
+        except TimeoutError:
+            worker.kill()
+            await worker.wait()
+        await service.close()
+        await catalog.aclose()
+        forget_provider_clients()

@@ -30,6 +30,7 @@ from ..statuses import RunStatus
 if TYPE_CHECKING:
     from procrastinate.jobs import Job
 
+    from ..batches.poller import BatchPoller
     from ..runner import Runner
 
 __all__ = ["Dispatcher", "ProcrastinateDispatcher", "run_worker"]
@@ -219,12 +220,13 @@ class ProcrastinateDispatcher:
 
 async def run_worker(
     runner: Runner, *, concurrency: int = 8, queues: list[str] | None = None,
-    stall_check: float | None = None, poll_batches: bool = True,
+    stall_check: float | None = None, poll_batches: bool | BatchPoller = True,
 ) -> None:
     """Execute dispatched runs until cancelled (SIGINT/SIGTERM stop it gracefully: the runs
-    in flight stop as `paused` and are requeued for other workers). With `poll_batches`,
-    the worker also runs a batch poller (`Runner.batch_poller`): parked requests are sent
-    and waiting runs woken by whichever worker gets there first."""
+    in flight stop as `paused` and are requeued for other workers). With `poll_batches`
+    (True, or a `BatchPoller` configured with its gathering window and batch size), the
+    worker also runs a batch poller: parked requests are sent and waiting runs woken by
+    whichever worker gets there first."""
     dispatcher = runner.dispatcher
     if not isinstance(dispatcher, ProcrastinateDispatcher):
         raise TypeError("run_worker needs a runner with a ProcrastinateDispatcher")
@@ -254,7 +256,8 @@ async def run_worker(
         )
 
     watcher = asyncio.create_task(stall_loop())
-    poller = runner.batch_poller() if poll_batches else None
+    poller = (poll_batches if not isinstance(poll_batches, bool)
+              else runner.batch_poller() if poll_batches else None)
     if poller is not None:
         poller.start()
     try:
