@@ -23,6 +23,7 @@ a batch is claimed by one poller at a time, its claim expiring if that poller di
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -86,6 +87,7 @@ class BatchPoller:
         self.max_items = max_items
         """At most this many requests per batch (default: the provider's limit)."""
         self._task: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Event | None = None
 
     @property
     def clock(self) -> Callable[[], datetime]:
@@ -94,29 +96,39 @@ class BatchPoller:
     # -- running ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Tick every `every` seconds until cancelled (a failed tick is logged, not fatal)."""
-        while True:
+        """Tick every `every` seconds until `stop()` (a failed tick is logged, not fatal)."""
+        if self._stopping is None or self._stopping.is_set():
+            self._stopping = asyncio.Event()
+        stopping = self._stopping
+        while not stopping.is_set():
             try:
                 await self.tick()
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("frugalflow: batch poller tick failed; trying again")
-            await asyncio.sleep(self.every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.every)
 
     def start(self) -> asyncio.Task[None]:
+        """Run `run()` in the background (once)."""
         if self._task is None or self._task.done():
+            self._stopping = asyncio.Event()  # before the task starts: stop() may come first
             self._task = asyncio.create_task(self.run(), name="frugalflow:batch-poller")
         return self._task
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the tick in progress (a tick cut short mid-write would leave its
+        database driver working for a closed loop); cancelled after `timeout` seconds."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        if self._stopping is not None:
+            self._stopping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
     async def tick(self) -> Tick:
         """Do each step once (see the module's documentation)."""

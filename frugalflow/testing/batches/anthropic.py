@@ -49,9 +49,24 @@ def _error(type_: str, message: str) -> dict[str, Any]:
 
 
 def register(desk: BatchDesk) -> None:
-    """Add the Message Batches routes to `desk`."""
+    """Serve this wire format's batch routes from `desk`."""
+    api = _AnthropicRoutes(desk)
+    desk.route("POST", _ROOT)(api.create)
+    desk.route("GET", _ROOT)(api.listing)
+    desk.route("GET", _ROOT + r"/(?P<id>[^/]+)")(api.retrieve)
+    desk.route("DELETE", _ROOT + r"/(?P<id>[^/]+)")(api.delete)
+    desk.route("POST", _ROOT + r"/(?P<id>[^/]+)/cancel")(api.cancel)
+    desk.route("GET", _ROOT + r"/(?P<id>[^/]+)/results")(api.results)
 
-    def batch_object(b: EmulatedBatch, *, canceling: bool = False) -> dict[str, Any]:
+
+class _AnthropicRoutes:
+    """The routes, bound to one desk."""
+
+    def __init__(self, desk: BatchDesk) -> None:
+        self.desk = desk
+
+
+    def batch_object(self, b: EmulatedBatch, *, canceling: bool = False) -> dict[str, Any]:
         counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
         ended = b.done and not canceling
         if not ended:  # requests count as processing until the whole batch ends
@@ -63,7 +78,7 @@ def register(desk: BatchDesk) -> None:
                 else:
                     counts["succeeded" if r.status == 200 else "errored"] += 1
         status = "canceling" if canceling else ("ended" if ended else "in_progress")
-        url = f"{desk.emulator.url}{_ROOT}/{b.id}/results"
+        url = f"{self.desk.emulator.url}{_ROOT}/{b.id}/results"
         return {
             "id": b.id,
             "type": "message_batch",
@@ -77,22 +92,22 @@ def register(desk: BatchDesk) -> None:
             "results_url": url if ended else None,
         }
 
-    async def unauthorised(req: HttpRequest, conn: Connection) -> bool | None:
+    async def unauthorised(self, req: HttpRequest, conn: Connection) -> bool | None:
         """A 401 when the emulator requires a key and none was sent; else None."""
-        if desk.emulator.require_key and not has_key(req):
+        if self.desk.emulator.require_key and not has_key(req):
             return await conn.send_json(401, _error("authentication_error", "invalid x-api-key"))
         return None
 
-    async def not_found(conn: Connection, batch_id: str) -> bool:
+    async def not_found(self, conn: Connection, batch_id: str) -> bool:
         return await conn.send_json(404, _error(
             "not_found_error", f"No message batch found with id {batch_id!r}."))
 
-    def lookup(batch_id: str) -> EmulatedBatch | None:
-        b = desk.get(batch_id)
+    def lookup(self, batch_id: str) -> EmulatedBatch | None:
+        b = self.desk.get(batch_id)
         return b if b is not None and b.provider == "anthropic" \
             and not b.extra.get("deleted") else None
 
-    def validate(body: object) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    def validate(self, body: object) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
         """The (custom id, params) lines of a create body, or the 400 message refusing it."""
         if not isinstance(body, dict):
             return [], "request body: Input should be a valid object"
@@ -130,28 +145,26 @@ def register(desk: BatchDesk) -> None:
             lines.append((cid, params))
         return lines, None
 
-    @desk.route("POST", _ROOT)
-    async def create(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await unauthorised(req, conn)) is not None:
+    async def create(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        if (refused := await self.unauthorised(req, conn)) is not None:
             return refused
         try:
             body = json.loads(req.body or b"{}")
         except ValueError:
             body = None
-        lines, problem = validate(body)
+        lines, problem = self.validate(body)
         if problem is not None:
             return await conn.send_json(400, _error("invalid_request_error", problem))
-        b = desk.create("anthropic", str(lines[0][1]["model"]), lines, prefix="msgbatch_")
+        b = self.desk.create("anthropic", str(lines[0][1]["model"]), lines, prefix="msgbatch_")
         if b.state == "failed":  # a scripted refusal: Anthropic says no at creation
-            desk.batches.pop(b.id, None)
+            self.desk.batches.pop(b.id, None)
             return await conn.send_json(400, _error(
                 "invalid_request_error",
                 "requests: the batch was refused (the emulator's script says fail)"))
-        return await conn.send_json(200, batch_object(b))
+        return await conn.send_json(200, self.batch_object(b))
 
-    @desk.route("GET", _ROOT)
-    async def listing(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await unauthorised(req, conn)) is not None:
+    async def listing(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        if (refused := await self.unauthorised(req, conn)) is not None:
             return refused
         try:
             limit = int(req.query.get("limit", ["20"])[0])
@@ -160,40 +173,38 @@ def register(desk: BatchDesk) -> None:
         if not 1 <= limit <= 1000:
             return await conn.send_json(400, _error(
                 "invalid_request_error", "limit: Input should be between 1 and 1000"))
-        # Newest first; the desk keeps creation order.
-        ids = [b.id for b in reversed(desk.listed("anthropic")) if not b.extra.get("deleted")]
+        # Newest first; the self.desk keeps creation order.
+        ids = [b.id for b in reversed(self.desk.listed("anthropic")) if not b.extra.get("deleted")]
         after, before = req.query.get("after_id", [None])[0], req.query.get("before_id", [None])[0]
         for cursor in (after, before):
             if cursor is not None and cursor not in ids:
-                return await not_found(conn, cursor)
+                return await self.not_found(conn, cursor)
         if before is not None:
             older_than = ids[: ids.index(before)]
             page, more = older_than[-limit:], len(older_than) > limit
         else:
             rest = ids[ids.index(after) + 1:] if after is not None else ids
             page, more = rest[:limit], len(rest) > limit
-        data = [batch_object(b) for b in (lookup(i) for i in page) if b is not None]
+        data = [self.batch_object(b) for b in (self.lookup(i) for i in page) if b is not None]
         return await conn.send_json(200, {
             "data": data, "has_more": more,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None})
 
-    @desk.route("GET", _ROOT + r"/(?P<id>[^/]+)")
-    async def retrieve(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await unauthorised(req, conn)) is not None:
+    async def retrieve(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        if (refused := await self.unauthorised(req, conn)) is not None:
             return refused
-        b = lookup(m["id"])
+        b = self.lookup(m["id"])
         if b is None:
-            return await not_found(conn, m["id"])
-        return await conn.send_json(200, batch_object(b))
+            return await self.not_found(conn, m["id"])
+        return await conn.send_json(200, self.batch_object(b))
 
-    @desk.route("DELETE", _ROOT + r"/(?P<id>[^/]+)")
-    async def delete(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await unauthorised(req, conn)) is not None:
+    async def delete(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        if (refused := await self.unauthorised(req, conn)) is not None:
             return refused
-        b = lookup(m["id"])
+        b = self.lookup(m["id"])
         if b is None:
-            return await not_found(conn, m["id"])
+            return await self.not_found(conn, m["id"])
         if not b.done:
             return await conn.send_json(400, _error(
                 "invalid_request_error",
@@ -201,26 +212,24 @@ def register(desk: BatchDesk) -> None:
         b.extra["deleted"] = True
         return await conn.send_json(200, {"id": b.id, "type": "message_batch_deleted"})
 
-    @desk.route("POST", _ROOT + r"/(?P<id>[^/]+)/cancel")
-    async def cancel(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await unauthorised(req, conn)) is not None:
+    async def cancel(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        if (refused := await self.unauthorised(req, conn)) is not None:
             return refused
-        b = lookup(m["id"])
+        b = self.lookup(m["id"])
         if b is None:
-            return await not_found(conn, m["id"])
+            return await self.not_found(conn, m["id"])
         if b.done:  # too late: the batch stays as it ended
-            return await conn.send_json(200, batch_object(b))
-        b.extra["cancel_initiated_at"] = desk.clock()
-        desk.cancel(b.id)
-        return await conn.send_json(200, batch_object(b, canceling=True))
+            return await conn.send_json(200, self.batch_object(b))
+        b.extra["cancel_initiated_at"] = self.desk.clock()
+        self.desk.cancel(b.id)
+        return await conn.send_json(200, self.batch_object(b, canceling=True))
 
-    @desk.route("GET", _ROOT + r"/(?P<id>[^/]+)/results")
-    async def results(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await unauthorised(req, conn)) is not None:
+    async def results(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        if (refused := await self.unauthorised(req, conn)) is not None:
             return refused
-        b = lookup(m["id"])
+        b = self.lookup(m["id"])
         if b is None:
-            return await not_found(conn, m["id"])
+            return await self.not_found(conn, m["id"])
         if not b.done:
             return await conn.send_json(400, _error(
                 "invalid_request_error",

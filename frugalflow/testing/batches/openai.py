@@ -44,141 +44,149 @@ _UNANSWERED: Final = {
 
 
 def register(desk: BatchDesk) -> None:
-    """Add OpenAI's file and batch routes to `desk`."""
+    """Serve this wire format's batch routes from `desk`."""
+    api = _OpenAIRoutes(desk)
+    desk.route("POST", r"/openai/v1/files")(api.upload)
+    desk.route("GET", rf"/openai/v1/files/{_ID}")(api.file_info)
+    desk.route("DELETE", rf"/openai/v1/files/{_ID}")(api.file_delete)
+    desk.route("GET", rf"/openai/v1/files/{_ID}/content")(api.file_content)
+    desk.route("POST", r"/openai/v1/batches")(api.create)
+    desk.route("GET", r"/openai/v1/batches")(api.listing)
+    desk.route("GET", rf"/openai/v1/batches/{_ID}")(api.retrieve)
+    desk.route("POST", rf"/openai/v1/batches/{_ID}/cancel")(api.cancel)
 
-    async def bad(conn: Connection, status: int, message: str, code: str | None = None,
+
+class _OpenAIRoutes:
+    """The routes, bound to one desk."""
+
+    def __init__(self, desk: BatchDesk) -> None:
+        self.desk = desk
+
+    async def bad(self, conn: Connection, status: int, message: str, code: str | None = None,
                   param: str | None = None) -> bool:
         return await conn.send_json(status, {"error": {
             "message": message, "type": "invalid_request_error", "param": param, "code": code}})
 
     # -- files -------------------------------------------------------------------------------
 
-    @desk.route("POST", r"/openai/v1/files")
-    async def upload(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+    async def upload(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
         try:
             fields = _multipart(req.headers.get("content-type", ""), req.body)
         except ValueError as e:
-            return await bad(conn, 400, f"Could not parse multipart form: {e}")
+            return await self.bad(conn, 400, f"Could not parse multipart form: {e}")
         purpose = fields.get("purpose", (None, b""))[1].decode()
         if "file" not in fields:
-            return await bad(conn, 400, "Missing required parameter: 'file'.",
+            return await self.bad(conn, 400, "Missing required parameter: 'file'.",
                              "missing_required_parameter", "file")
         if not purpose:
-            return await bad(conn, 400, "Missing required parameter: 'purpose'.",
+            return await self.bad(conn, 400, "Missing required parameter: 'purpose'.",
                              "missing_required_parameter", "purpose")
         filename, content = fields["file"]
-        fid = _new_file(desk, purpose, content, filename or "upload")
-        return await conn.send_json(200, _file_object(desk, fid))
+        fid = _new_file(self.desk, purpose, content, filename or "upload")
+        return await conn.send_json(200, _file_object(self.desk, fid))
 
-    @desk.route("GET", rf"/openai/v1/files/{_ID}")
-    async def file_info(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if m["id"] not in desk.files:
-            return await bad(conn, 404, f"No such File object: {m['id']}", None, "id")
-        return await conn.send_json(200, _file_object(desk, m["id"]))
+    async def file_info(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        if m["id"] not in self.desk.files:
+            return await self.bad(conn, 404, f"No such File object: {m['id']}", None, "id")
+        return await conn.send_json(200, _file_object(self.desk, m["id"]))
 
-    @desk.route("DELETE", rf"/openai/v1/files/{_ID}")
-    async def file_delete(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if desk.files.pop(m["id"], None) is None:
-            return await bad(conn, 404, f"No such File object: {m['id']}", None, "id")
+    async def file_delete(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        if self.desk.files.pop(m["id"], None) is None:
+            return await self.bad(conn, 404, f"No such File object: {m['id']}", None, "id")
         return await conn.send_json(200, {"id": m["id"], "object": "file", "deleted": True})
 
-    @desk.route("GET", rf"/openai/v1/files/{_ID}/content")
-    async def file_content(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        hit = desk.files.get(m["id"])
+    async def file_content(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        hit = self.desk.files.get(m["id"])
         if hit is None:
-            return await bad(conn, 404, f"No such File object: {m['id']}", None, "id")
+            return await self.bad(conn, 404, f"No such File object: {m['id']}", None, "id")
         return await conn.send(200, hit[1], "application/octet-stream")
 
     # -- batches -----------------------------------------------------------------------------
 
-    @desk.route("POST", r"/openai/v1/batches")
-    async def create(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+    async def create(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
         try:
             body = json.loads(req.body or b"{}")
             if not isinstance(body, dict):
                 raise ValueError
         except ValueError:
-            return await bad(conn, 400, "We could not parse the JSON body of your request.")
+            return await self.bad(conn, 400, "We could not parse the JSON body of your request.")
         for name in ("input_file_id", "endpoint", "completion_window"):
             if not body.get(name):
-                return await bad(conn, 400, f"Missing required parameter: '{name}'.",
+                return await self.bad(conn, 400, f"Missing required parameter: '{name}'.",
                                  "missing_required_parameter", name)
         if body["endpoint"] not in ENDPOINTS:
-            return await bad(conn, 400, f"Invalid value: '{body['endpoint']}'. Supported "
+            return await self.bad(conn, 400, f"Invalid value: '{body['endpoint']}'. Supported "
                                         f"values are: {', '.join(sorted(ENDPOINTS))}.",
                              "invalid_value", "endpoint")
         if body["completion_window"] != "24h":
-            return await bad(conn, 400, f"Invalid value: '{body['completion_window']}'. "
+            return await self.bad(conn, 400, f"Invalid value: '{body['completion_window']}'. "
                                         "Supported values are: '24h'.",
                              "invalid_value", "completion_window")
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
                 isinstance(v, str) and len(k) <= 64 and len(v) <= 512
                 for k, v in metadata.items()):
-            return await bad(conn, 400, "Invalid 'metadata': at most 16 string pairs (keys "
+            return await self.bad(conn, 400, "Invalid 'metadata': at most 16 string pairs (keys "
                                         "up to 64 characters, values up to 512).",
                              "invalid_value", "metadata")
         fid = str(body["input_file_id"])
-        hit = desk.files.get(fid)
+        hit = self.desk.files.get(fid)
         if hit is None:
-            return await bad(conn, 400, f"No such File object: {fid}", None, "input_file_id")
+            return await self.bad(conn, 400, f"No such File object: {fid}", None, "input_file_id")
         if hit[0] != "batch":
-            return await bad(conn, 400, f"File {fid} has purpose '{hit[0]}'; a batch's input "
+            return await self.bad(conn, 400, f"File {fid} has purpose '{hit[0]}'; a batch's input "
                                         "file must have purpose 'batch'.",
                              "invalid_value", "input_file_id")
         model, requests, errors = _read_lines(hit[1], str(body["endpoint"]))
         extra = {"endpoint": body["endpoint"], "input_file_id": fid}
         if errors:
-            b = _refused(desk, model or "", metadata, errors, extra)
+            b = _refused(self.desk, model or "", metadata, errors, extra)
         else:
-            b = desk.create(PROVIDER, model or "", requests, metadata)
+            b = self.desk.create(PROVIDER, model or "", requests, metadata)
             b.extra.update(extra)
         # The answer to the request is the batch as it was just accepted (OpenAI's
         # "validating"); retrieving it later shows where it went.
-        return await conn.send_json(200, _batch_object(desk, b, status="validating"))
+        return await conn.send_json(200, _batch_object(self.desk, b, status="validating"))
 
-    @desk.route("GET", r"/openai/v1/batches")
-    async def listing(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+    async def listing(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
         try:
             limit = max(1, min(100, int(req.query.get("limit", ["20"])[0])))
         except ValueError:
-            return await bad(conn, 400, "Invalid value for 'limit': an integer between 1 and "
+            return await self.bad(conn, 400, "Invalid value for 'limit': an integer between 1 and "
                                         "100.", "invalid_value", "limit")
         # Newest first, as OpenAI lists them; `after` is the last id of the previous page.
-        ordered = sorted(desk.listed(PROVIDER), key=lambda b: (b.created_at, b.id),
+        ordered = sorted(self.desk.listed(PROVIDER), key=lambda b: (b.created_at, b.id),
                          reverse=True)
         after = req.query.get("after", [None])[0]
         if after is not None:
             ids = [b.id for b in ordered]
             ordered = ordered[ids.index(after) + 1:] if after in ids else []
         page = ordered[:limit]
-        data = [_batch_object(desk, b) for b in page]
+        data = [_batch_object(self.desk, b) for b in page]
         return await conn.send_json(200, {
             "object": "list", "data": data, "has_more": len(ordered) > limit,
             "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
         })
 
-    @desk.route("GET", rf"/openai/v1/batches/{_ID}")
-    async def retrieve(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        b = desk.get(m["id"])
+    async def retrieve(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        b = self.desk.get(m["id"])
         if b is None or b.provider != PROVIDER:
-            return await bad(conn, 404, f"No batch found with id '{m['id']}'.", None, "id")
-        return await conn.send_json(200, _batch_object(desk, b))
+            return await self.bad(conn, 404, f"No batch found with id '{m['id']}'.", None, "id")
+        return await conn.send_json(200, _batch_object(self.desk, b))
 
-    @desk.route("POST", rf"/openai/v1/batches/{_ID}/cancel")
-    async def cancel(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        b = desk.get(m["id"])
+    async def cancel(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
+        b = self.desk.get(m["id"])
         if b is None or b.provider != PROVIDER:
-            return await bad(conn, 404, f"No batch found with id '{m['id']}'.", None, "id")
+            return await self.bad(conn, 404, f"No batch found with id '{m['id']}'.", None, "id")
         if b.done and b.state != "cancelled":
             status = _status(b)
             return await conn.send_json(400, {"error": {
                 "message": f"Cannot cancel a batch with status '{status}'.",
                 "type": "invalid_request_error", "param": None, "code": None}})
-        desk.cancel(b.id)
-        # OpenAI answers "cancelling"; the desk stops it at once, so the next read says
+        self.desk.cancel(b.id)
+        # OpenAI answers "cancelling"; the self.desk stops it at once, so the next read says
         # "cancelled".
-        return await conn.send_json(200, _batch_object(desk, b, status="cancelling"))
+        return await conn.send_json(200, _batch_object(self.desk, b, status="cancelling"))
 
 
 # -- the batch's JSON ----------------------------------------------------------------------
