@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import message_to_dict
 
-from ..exceptions import FrugalflowError, ModelAPIError, UnansweredError, short_error
+from ..exceptions import ModelAPIError, UnansweredError, short_error
 from ..statuses import BatchItemStatus, BatchStatus, ErrorClass, Outcome
 from ..tiers import Tier
 from ..usage import Attempt, Usage
@@ -143,8 +143,9 @@ class BatchPoller:
                                                 poll_every=self.poll_every):
             try:
                 await self._follow(batch, done)
-            except FrugalflowError as e:
-                log.warning("frugalflow: batch %s: %s", batch.id, short_error(e))
+            except Exception as e:  # one batch's trouble (the provider away) spares the others
+                log.warning("frugalflow: batch %s: %s: %s", batch.id, type(e).__name__,
+                            _scrubbed(short_error(e)))
             finally:
                 await parked.update_batch(batch.id, claimed_until=None)
         for batch_id in await parked.unwanted_batches():
