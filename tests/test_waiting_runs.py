@@ -579,3 +579,33 @@ async def test_workers_park_send_collect_and_wake(fresh_pg_url: str, emu: Provid
         await service.close()
         await catalog.aclose()
         forget_provider_clients()
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-haiku-4-5",
+                                   "google/gemini-2.5-flash"])
+async def test_a_batch_answer_the_content_filter_stopped_is_paid_and_moves_on(
+        db_url: str, emu: ProviderEmulator, time_: Clock, model: str) -> None:
+    """A 200 that carries a refusal, on each wire format: checked like a synchronous answer
+    (paid, not accepted), then the next candidate answers."""
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, (model,))
+    route = {"openai": "openai", "anthropic": "anthropic", "google": "gemini"}[
+        model.split("/")[0]]
+    emu.batches.script(route, delay=None, filtered_items={1})
+    runner = Runner(db_url, flows=[nightly()], catalog=catalog, clock=time_)
+    try:
+        run_id = await start(runner, ["sensitive"])
+        p = poller(runner)
+        await p.tick()
+        emu.batches.release()
+        assert (await p.tick()).answered == 1
+        assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+        [refused, ok] = [a for a in (await runner.get(run_id)).attempts if a.node == "enrich"]
+        assert (refused.outcome, refused.error_class, refused.tier) == (
+            Outcome.ERROR, "content_filter", "batch")
+        assert refused.cost_usd > 0  # a refusal is paid
+        assert (ok.outcome, ok.tier) == (Outcome.OK, None)  # then the standard call
+    finally:
+        await runner.close()
+        await catalog.aclose()
+        forget_provider_clients()

@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..dialects import DIALECTS, Context, tokens
+from ..answers import shape
+from ..dialects import DIALECTS, Context
 
 if TYPE_CHECKING:
     from ..emulator import ProviderEmulator
@@ -48,6 +49,9 @@ class BatchScript:
     fail_items: frozenset[int] = frozenset()
     """1-based positions of the items answered with `item_error`."""
     item_error: str = "server_error"
+    filtered_items: frozenset[int] = frozenset()
+    """1-based positions answered with a 200 the content filter stopped (OpenAI's
+    finish_reason content_filter, Anthropic's stop_reason refusal, Gemini's SAFETY)."""
     expire: bool = False
     """The batch ends `expired`: only its first `answered` items were answered."""
     answered: int = 0
@@ -124,11 +128,11 @@ class BatchDesk:
 
     def script(self, provider: str, *, model: str | None = None, delay: float | None = 0.0,
                fail_items: Iterable[int] = (), item_error: str = "server_error",
-               expire: bool = False, answered: int = 0, fail: bool = False,
-               times: int | None = 1) -> BatchScript:
+               filtered_items: Iterable[int] = (), expire: bool = False, answered: int = 0,
+               fail: bool = False, times: int | None = 1) -> BatchScript:
         """How the next `times` batches of `provider` (and `model`) live."""
-        s = BatchScript(provider, model, delay, frozenset(fail_items), item_error, expire,
-                        answered, fail, times)
+        s = BatchScript(provider, model, delay, frozenset(fail_items), item_error,
+                        frozenset(filtered_items), expire, answered, fail, times)
         with self._lock:
             self.scripts.append(s)
         return s
@@ -199,7 +203,8 @@ class BatchDesk:
             if script is not None and i in script.fail_items:
                 results.append(self._error(b, body, script.item_error, cid))
                 continue
-            status, payload = self.answer(b.provider, b.model, body)
+            filtered = script is not None and i in script.filtered_items
+            status, payload = self.answer(b.provider, b.model, body, filtered=filtered)
             results.append(ItemOutcome(cid, status, payload))
             if status == 200:
                 self.paid[cid] += 1
@@ -218,9 +223,11 @@ class BatchDesk:
         return Context(provider, model, False, body, self.emulator._next_id(), int(time.time()),
                        include_usage=False, sse=True)
 
-    def answer(self, provider: str, model: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """The synchronous answer to one request body: (200, the provider's full response),
-        or (400, its error) for a body it cannot read."""
+    def answer(self, provider: str, model: str, body: dict[str, Any], *,
+               filtered: bool = False) -> tuple[int, dict[str, Any]]:
+        """The synchronous answer to one request body: (200, the provider's full response;
+        `filtered`: stopped by the content filter), or (400, its error) for a body it
+        cannot read."""
         dialect = DIALECTS[provider]
         ctx = self._context(provider, model, body)
         try:
@@ -228,7 +235,8 @@ class BatchDesk:
         except (KeyError, TypeError, AttributeError, IndexError):
             return dialect.error("invalid_request", ctx, None, 0)
         answer = self.emulator._answer(ctx, ask, False)
-        _ = tokens  # token counts come with the answer
+        if filtered:
+            answer = shape(answer, ctx, "filtered", None)
         return 200, dialect.full(ctx, answer)
 
     # -- serving ---------------------------------------------------------------------------
