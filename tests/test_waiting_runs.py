@@ -560,9 +560,16 @@ async def test_workers_park_send_collect_and_wake(fresh_pg_url: str, emu: Provid
             if emu.batches.listed("openai"):
                 break
             await asyncio.sleep(0.05)
-        [batch] = emu.batches.listed("openai")
-        assert len(batch.requests) == 2
-        assert (await service.get(started.run_id)).run.status == RunStatus.WAITING
+        for _ in range(600):  # the run ends its step (parks) while its batch may be sent
+            status = (await service.get(started.run_id)).run.status
+            if status != RunStatus.RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        assert status == RunStatus.WAITING
+        for _ in range(600):  # (gather=0: each request may go in its own batch)
+            if sum(len(b.requests) for b in emu.batches.listed("openai")) == 2:
+                break
+            await asyncio.sleep(0.05)
         emu.batches.release()
         final = await asyncio.wait_for(service.wait(started.run_id), 120)  # through waiting
         assert final.status == RunStatus.SUCCEEDED, final.error
