@@ -616,3 +616,20 @@ async def test_a_batch_answer_the_content_filter_stopped_is_paid_and_moves_on(
         await runner.close()
         await catalog.aclose()
         forget_provider_clients()
+
+
+async def test_two_pollers_taking_the_same_requests_write_one_batch(
+        runner: Runner, emu: ProviderEmulator, time_: Clock) -> None:
+    """Both read the same queued requests; the one whose write comes second takes none of
+    them and writes no batch (an empty one would be sent, or found, forever)."""
+    from frugalflow.persistence.tables import BatchRow
+
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["raced", "twice"])
+    ids = [i.id for i in await runner.parked.all_items(run_id)]
+    first = await runner.parked.open_batch(BatchRow(id="one", provider="openai", model="m"),
+                                           ids, "poller-1", timedelta(minutes=5), time_.now)
+    second = await runner.parked.open_batch(BatchRow(id="two", provider="openai", model="m"),
+                                            ids, "poller-2", timedelta(minutes=5), time_.now)
+    assert sorted(i.id for i in first) == sorted(ids) and second == []
+    assert [(b.id, b.items) for b in await runner.parked.all_batches()] == [("one", 2)]

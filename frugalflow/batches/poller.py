@@ -211,6 +211,10 @@ class BatchPoller:
         client = batch_client(spec)
         assert client is not None
         parked = self.runner.parked
+        if not items:  # nothing to send (written by an older frugalflow): close it
+            await parked.update_batch(batch_id, status=BatchStatus.CANCELLED,
+                                      ended_at=self.clock(), claimed_until=None)
+            return
         requests = [BatchRequest(i.id, i.request or {}) for i in items]
         try:
             provider_id = await client.submit(spec, requests, batch_id=batch_id)

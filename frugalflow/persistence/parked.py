@@ -127,14 +127,18 @@ class ParkedLedger:
             async with self.store.write() as conn:
                 if (await conn.execute(select(_BATCHES.c.id).where(
                         _BATCHES.c.id == batch.id))).first() is None:
-                    await conn.execute(_BATCHES.insert().values(**batch.model_dump()))
+                    # Items first: a poller that lost them all to another writes no batch.
                     await conn.execute(update(_ITEMS).where(
                         _ITEMS.c.id.in_(list(item_ids)), _ITEMS.c.batch_id.is_(None),
                         _ITEMS.c.status == BatchItemStatus.QUEUED).values(batch_id=batch.id))
-                rows = (await conn.execute(select(_ITEMS).where(
-                    _ITEMS.c.batch_id == batch.id).order_by(_ITEMS.c.created_at))).all()
-                await conn.execute(update(_BATCHES).where(_BATCHES.c.id == batch.id)
-                                   .values(items=len(rows)))
+                    rows = (await conn.execute(select(_ITEMS).where(
+                        _ITEMS.c.batch_id == batch.id).order_by(_ITEMS.c.created_at))).all()
+                    if rows:
+                        await conn.execute(_BATCHES.insert().values(
+                            **{**batch.model_dump(), "items": len(rows)}))
+                else:  # a retry whose first try committed
+                    rows = (await conn.execute(select(_ITEMS).where(
+                        _ITEMS.c.batch_id == batch.id).order_by(_ITEMS.c.created_at))).all()
             return [_item(r._mapping) for r in rows]
 
         with unfenced():
