@@ -224,12 +224,14 @@ class Workers:
 
 def script_batches(emu: Any, max_items: int) -> None:
     """Batch turnaround in virtual hours, with failures: two batches with 5 per-item errors
-    each (1.5 h), one that expires after 2 h with its last 25 items unanswered; the rest
-    answer in 1 hour."""
+    each (1.5 h), then three that expire after 2 h with the items past `max_items - 25`
+    unanswered (a batch smaller than that expires with all answered: hence three); the
+    rest answer in 1 hour."""
     h = 3600.0
     emu.batches.script("openai", delay=1.5 * h, fail_items={3, 17, 41, 99, 150}, times=2,
                        item_error="server_error")
-    emu.batches.script("openai", delay=2 * h, expire=True, answered=max(max_items - 25, 0))
+    emu.batches.script("openai", delay=2 * h, expire=True, answered=max(max_items - 25, 0),
+                       times=3)
     emu.batches.script("openai", delay=1 * h, times=None)
     emu.batches.script("anthropic", delay=1 * h, times=None)
 
