@@ -23,7 +23,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 IDS = [p.stem for p in NOTEBOOKS]
 # Charts each notebook shows (the README names them); a lost one fails even if no cell says plt.
-FIGURES = {"02_routing_and_costs": 2, "05_learned_routing": 1, "06_evaluate_a_new_model": 2}
+FIGURES = {"02_routing_and_costs": 2, "05_learned_routing": 1, "06_evaluate_a_new_model": 2,
+           "07_nodes_that_can_wait": 1}
 REEXECUTE = "run `make notebooks` and commit the notebooks"
 
 
