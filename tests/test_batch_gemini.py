@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import pytest
+from tool_schemas import GetWeather, Person
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -19,7 +20,6 @@ from langchain_core.messages import (
 )
 from langchain_core.runnables import Runnable
 from langchain_google_genai import ChatGoogleGenerativeAI
-from pydantic import BaseModel
 
 from frugalflow import exceptions as ff
 from frugalflow.attempts import generate_once
@@ -34,21 +34,6 @@ MODEL = "gemini-2.5-flash"
 KEY_ENV = "FRUGALFLOW_TEST_GEMINI_BATCH_KEY"
 SECRET = "sk-gemini-batch-secret-0123456789"
 
-
-class GetWeather(BaseModel):
-    """Get the weather forecast for a city."""
-
-    city: str
-    days: int
-    unit: Literal["celsius", "fahrenheit"]
-
-
-class Person(BaseModel):
-    """A person mentioned in the text."""
-
-    name: str
-    age: int
-    tags: list[str]
 
 
 @pytest.fixture

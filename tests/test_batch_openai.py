@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import openai
 import pytest
+from tool_schemas import GetWeather, Person
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.runnables import RunnableBinding
 from langchain_openai import ChatOpenAI
 from langchain_openai.chat_models import _client_utils as lc_openai_clients
-from pydantic import BaseModel
 
 from frugalflow import exceptions as ff
 from frugalflow.batches import BatchRequest, batch_client, close_batch_clients
@@ -31,21 +31,6 @@ from frugalflow.usage import Usage
 MODEL = "gpt-4o-mini"
 KEY = "sk-emulator-secret-0123456789"
 
-
-class GetWeather(BaseModel):
-    """Get the weather forecast for a city."""
-
-    city: str
-    days: int
-    unit: Literal["celsius", "fahrenheit"]
-
-
-class Person(BaseModel):
-    """A person mentioned in the text."""
-
-    name: str
-    age: int
-    tags: list[str]
 
 
 _MODELS: list[ChatOpenAI] = []

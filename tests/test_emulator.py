@@ -19,6 +19,7 @@ import httpx2
 import ollama
 import openai
 import pytest
+from tool_schemas import GetWeather, Person
 from google.genai import errors as genai_errors
 from langchain_anthropic import ChatAnthropic
 from langchain_anthropic import _client_utils as lc_anthropic_clients
@@ -40,22 +41,6 @@ MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5",
           "gemini": "gemini-2.5-flash", "ollama": "llama3.2"}
 HANG_TIMEOUT = 0.5
 
-
-class GetWeather(BaseModel):
-    """Get the weather forecast for a city."""
-
-    city: str
-    days: int
-    unit: Literal["celsius", "fahrenheit"]
-
-
-class Person(BaseModel):
-    """A person mentioned in the text."""
-
-    name: str
-    age: int
-    tags: list[str]
-    email: str | None = None
 
 
 @pytest.fixture

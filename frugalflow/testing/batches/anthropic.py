@@ -98,6 +98,16 @@ class _AnthropicRoutes:
             return await conn.send_json(401, _error("authentication_error", "invalid x-api-key"))
         return None
 
+    async def named(self, req: HttpRequest, conn: Connection,
+                    m: re.Match[str]) -> EmulatedBatch | bool:
+        """The batch a route names, or the refusal already sent (401, 404)."""
+        if (refused := await self.unauthorised(req, conn)) is not None:
+            return refused
+        b = self.lookup(m["id"])
+        if b is None:
+            return await self.not_found(conn, m["id"])
+        return b
+
     async def not_found(self, conn: Connection, batch_id: str) -> bool:
         return await conn.send_json(404, _error(
             "not_found_error", f"No message batch found with id {batch_id!r}."))
@@ -192,19 +202,15 @@ class _AnthropicRoutes:
             "last_id": data[-1]["id"] if data else None})
 
     async def retrieve(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await self.unauthorised(req, conn)) is not None:
-            return refused
-        b = self.lookup(m["id"])
-        if b is None:
-            return await self.not_found(conn, m["id"])
+        b = await self.named(req, conn, m)
+        if isinstance(b, bool):
+            return b
         return await conn.send_json(200, self.batch_object(b))
 
     async def delete(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await self.unauthorised(req, conn)) is not None:
-            return refused
-        b = self.lookup(m["id"])
-        if b is None:
-            return await self.not_found(conn, m["id"])
+        b = await self.named(req, conn, m)
+        if isinstance(b, bool):
+            return b
         if not b.done:
             return await conn.send_json(400, _error(
                 "invalid_request_error",
@@ -213,11 +219,9 @@ class _AnthropicRoutes:
         return await conn.send_json(200, {"id": b.id, "type": "message_batch_deleted"})
 
     async def cancel(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await self.unauthorised(req, conn)) is not None:
-            return refused
-        b = self.lookup(m["id"])
-        if b is None:
-            return await self.not_found(conn, m["id"])
+        b = await self.named(req, conn, m)
+        if isinstance(b, bool):
+            return b
         if b.done:  # too late: the batch stays as it ended
             return await conn.send_json(200, self.batch_object(b))
         b.extra["cancel_initiated_at"] = self.desk.clock()
@@ -225,11 +229,9 @@ class _AnthropicRoutes:
         return await conn.send_json(200, self.batch_object(b, canceling=True))
 
     async def results(self, req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await self.unauthorised(req, conn)) is not None:
-            return refused
-        b = self.lookup(m["id"])
-        if b is None:
-            return await self.not_found(conn, m["id"])
+        b = await self.named(req, conn, m)
+        if isinstance(b, bool):
+            return b
         if not b.done:
             return await conn.send_json(400, _error(
                 "invalid_request_error",
