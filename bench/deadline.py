@@ -216,7 +216,7 @@ async def driver(args: argparse.Namespace) -> None:
         async with ProviderEmulator(seed=args.seed, latency=args.latency) as emu:
             emu.batches.clock = clock.seconds
             script_batches(emu, args.max_items)
-            sub = make_runner(db, emu.url, clock, 1, args.max_items)
+            sub = make_runner(db, emu.url, clock, 1)
             await sub.setup()
             assert sub.dispatcher is not None
             await sub.dispatcher.open()
