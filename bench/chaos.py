@@ -139,17 +139,6 @@ def chaos_flow(log_path: str | None = None) -> Flow[ChaosState]:
     return flow
 
 
-class _Endpoint:
-    """Stands in for a ProviderEmulator where only its URL is known (in a worker)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def base_url(self, provider: str) -> str:
-        return self.url + {"openai": "/openai/v1", "anthropic": "/anthropic",
-                           "gemini": "/gemini", "ollama": "/ollama"}[provider]
-
-
 def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str | None,
                 lease_ttl: float, stall: float, concurrency: int, tag: str = "") -> Any:
     from frugalflow import BreakerRegistry, FallbackPolicy
@@ -158,7 +147,7 @@ def make_runner(db: str, *, emulator_url: str, redis: str | None, log_path: str 
     from frugalflow.testing.emulator import emulated_catalog
     from frugalflow.runner import Runner
 
-    catalog = emulated_catalog(_Endpoint(emulator_url))  # type: ignore[arg-type]
+    catalog = emulated_catalog(emulator_url)
     return Runner(
         db, flows=[chaos_flow(log_path)], catalog=catalog,
         dispatcher=ProcrastinateDispatcher(db, stall_timeout=stall, heartbeat=0.5),

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import operator
 import os
 import signal
 import subprocess
@@ -37,16 +36,13 @@ import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from langchain_core.messages import HumanMessage  # noqa: E402
-from langgraph.types import Send  # noqa: E402
-
-from frugalflow import END, START, Flow, Needs, RoutedChatModel  # noqa: E402
+from flows.nightly_enrichment import nightly  # noqa: E402
 from frugalflow.runner import Runner  # noqa: E402
 from frugalflow.testing.emulator import EMULATOR_KEY_ENV  # noqa: E402
 
@@ -58,34 +54,7 @@ KEY = "bench-deadline-key"
 TERMINAL = ("succeeded", "failed", "cancelled", "budget_exceeded", "interrupted")
 
 
-# -- the flow and the clock (imported by the workers) ---------------------------------------
-
-class Docs(TypedDict, total=False):
-    docs: list[str]
-    notes: Annotated[list[str], operator.add]
-    summary: str
-
-
-def nightly(name: str, deadline: timedelta | None) -> Flow[Docs]:
-    """enrich (one task per document, may wait until `deadline`) -> summarize (now)."""
-    flow: Flow[Docs] = Flow(name, Docs)
-
-    async def enrich(state: dict[str, str], model: RoutedChatModel) -> Docs:
-        answer = await model.ainvoke([HumanMessage(f"Tag this document: {state['doc']}")])
-        return {"notes": [f"{state['doc']}: {str(answer.content)[:40]}"]}
-
-    async def summarize(state: Docs, model: RoutedChatModel) -> Docs:
-        answer = await model.ainvoke([HumanMessage("Summarize: " + " | ".join(state["notes"]))])
-        return {"summary": str(answer.content)[:80]}
-
-    flow.add_node("enrich", enrich, needs=Needs(deadline=deadline))
-    flow.add_node("summarize", summarize, needs=Needs())
-    flow.add_conditional_edges(
-        START, lambda s: [Send("enrich", {"doc": d}) for d in s["docs"]], ["enrich"])
-    flow.add_edge("enrich", "summarize")
-    flow.add_edge("summarize", END)
-    return flow
-
+# -- the clock (imported by the workers) ----------------------------------------------------
 
 class ScaledClock:
     """Virtual time shared by every process: T0 + (wall - wall0) * scale."""
@@ -103,17 +72,6 @@ class ScaledClock:
         return self().timestamp()
 
 
-class _Endpoint:
-    """Stands in for a ProviderEmulator where only its URL is known (in a worker)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def base_url(self, provider: str) -> str:
-        return self.url + {"openai": "/openai/v1", "anthropic": "/anthropic",
-                           "gemini": "/gemini", "ollama": "/ollama"}[provider]
-
-
 # Virtual seconds: gather 10 minutes' requests per batch, poll every 5 minutes, a dead
 # poller's claim lapses after 5 minutes; one tick per wall second.
 POLLER = {"gather": 600.0, "poll_every": 300.0, "every": 1.0, "claim_for": 300.0}
@@ -123,9 +81,9 @@ def make_runner(db: str, emulator_url: str, clock: ScaledClock, concurrency: int
     from frugalflow.scale.dispatch import ProcrastinateDispatcher
     from frugalflow.testing.emulator import emulated_catalog
 
-    catalog = emulated_catalog(_Endpoint(emulator_url), MODELS)  # type: ignore[arg-type]
+    catalog = emulated_catalog(emulator_url, MODELS)
     return Runner(
-        db, flows=[nightly("nightly", DEADLINE), nightly("all_standard", None)],
+        db, flows=[nightly(DEADLINE, name="nightly"), nightly(None, name="all_standard")],
         catalog=catalog, clock=clock, deadline_margin=timedelta(minutes=30),
         dispatcher=ProcrastinateDispatcher(db, stall_timeout=3.0, heartbeat=0.5),
         lease_ttl=3.0, max_concurrency=concurrency)

@@ -15,14 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from waiting_flows import catalog_at, nightly  # noqa: E402
+from waiting_flows import MODELS, nightly  # noqa: E402
 
 from frugalflow.batches.poller import BatchPoller  # noqa: E402
 from frugalflow.runner import Runner  # noqa: E402
+from frugalflow.testing.emulator import emulated_catalog  # noqa: E402
 
 
 async def main(db: str, url: str, mode: str) -> None:
-    runner = Runner(db, flows=[nightly()], catalog=catalog_at(url))
+    runner = Runner(db, flows=[nightly()], catalog=emulated_catalog(url, MODELS))
     if mode == "before-recording":
         async def stop_here(self: BatchPoller, batch_id: str, provider_id: str) -> None:
             print("sent", flush=True)

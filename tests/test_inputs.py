@@ -150,7 +150,7 @@ def test_ready_made_flows_declare_their_input(monkeypatch: pytest.MonkeyPatch) -
     required = {f.name: [x.name for x in input_fields(f) or [] if x.required]
                 for f in load_all_flows()}
     assert required == {"support_triage": ["ticket"], "document_extraction": ["document"],
-                        "research_brief": ["topic"]}
+                        "research_brief": ["topic"], "nightly_enrichment": ["docs"]}
 
 
 async def test_a_compiled_flow_checks_its_input_before_any_call() -> None:

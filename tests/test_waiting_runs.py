@@ -69,7 +69,7 @@ async def emu(time_: Clock, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Pr
 async def runner(db_url: str, emu: ProviderEmulator, time_: Clock) -> AsyncIterator[Runner]:
     forget_provider_clients()
     catalog = emulated_catalog(emu, MODELS)
-    r = Runner(db_url, flows=[nightly(), nightly(ask=True, name="nightly_ask")],
+    r = Runner(db_url, flows=[nightly(), nightly(approval=True, name="nightly_ask")],
                catalog=catalog, clock=time_, deadline_margin=timedelta(minutes=20))
     yield r
     await r.close()

@@ -12,14 +12,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from waiting_flows import catalog_at, nightly  # noqa: E402
+from waiting_flows import MODELS, nightly  # noqa: E402
 
 from frugalflow.runner import Runner  # noqa: E402
 from frugalflow.scale.dispatch import ProcrastinateDispatcher, run_worker  # noqa: E402
+from frugalflow.testing.emulator import emulated_catalog  # noqa: E402
 
 
 async def main(db: str, url: str) -> None:
-    runner = Runner(db, flows=[nightly()], catalog=catalog_at(url), lease_ttl=5.0,
+    runner = Runner(db, flows=[nightly()], catalog=emulated_catalog(url, MODELS),
+                    lease_ttl=5.0,
                     dispatcher=ProcrastinateDispatcher(db, stall_timeout=3.0, heartbeat=0.5))
     print(f"worker {runner.holder} ready", flush=True)
     try:

@@ -314,13 +314,7 @@ class ProviderEmulator:
 
     def base_url(self, provider: str) -> str:
         """What `provider`'s client takes as its base URL."""
-        suffix = {"openai": "/openai/v1", "anthropic": "/anthropic", "gemini": "/gemini",
-                  "ollama": "/ollama"}
-        try:
-            return self.url + suffix[provider]
-        except KeyError:
-            raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}") \
-                from None
+        return provider_base_url(self.url, provider)
 
     def chat_model(
         self, provider: str, model: str | None = None, *, timeout: float | None = 10.0,
@@ -726,23 +720,36 @@ EMULATED_MODELS: tuple[str, ...] = (
 )
 
 
+def provider_base_url(url: str, provider: str) -> str:
+    """What `provider`'s client takes as its base URL, for an emulator serving at `url`."""
+    suffix = {"openai": "/openai/v1", "anthropic": "/anthropic", "gemini": "/gemini",
+              "ollama": "/ollama"}
+    try:
+        return url + suffix[provider]
+    except KeyError:
+        raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}") \
+            from None
+
+
 def emulated_catalog(
-    emu: ProviderEmulator, models: Iterable[str] = EMULATED_MODELS
+    emu: ProviderEmulator | str, models: Iterable[str] = EMULATED_MODELS
 ) -> Catalog:
     """Built-in catalog entries for `models`, served by `emu` through the real integrations.
 
+    `emu` is a started emulator, or the URL of one another process runs (a worker's view).
     Prices, windows, capabilities and quality are the real models' (genai-prices, profiles,
     quality.toml); only the base URL and the key variable change. Set EMULATOR_KEY_ENV to
     any value to make them available.
     """
     from ..catalog import Catalog
 
+    url = emu if isinstance(emu, str) else emu.url
     builtin = Catalog.builtin()
     specs = []
     for key in models:
         spec = builtin[key]
-        route = _ROUTES[spec.provider]
-        update: dict[str, Any] = {"base_url": emu.base_url(route), "api_key_env": EMULATOR_KEY_ENV}
+        update: dict[str, Any] = {"base_url": provider_base_url(url, _ROUTES[spec.provider]),
+                                  "api_key_env": EMULATOR_KEY_ENV}
         if spec.provider == "ollama":
             update["local"] = False  # priced 0 anyway; available with the key variable
         specs.append(spec.model_copy(update=update))

@@ -103,19 +103,32 @@ def operation(b: EmulatedBatch) -> dict[str, Any]:
     return out
 
 
+async def _refused(desk: BatchDesk, req: HttpRequest, conn: Connection) -> bool | None:
+    """The 401 sent for a request without a key (None: it may go on)."""
+    if desk.emulator.require_key and not has_key(req):
+        return await conn.send_json(401, _status(
+            401, "UNAUTHENTICATED", "Request had invalid authentication credentials."), _WORDS)
+    return None
+
+
+async def _named(desk: BatchDesk, req: HttpRequest, conn: Connection,
+                 m: re.Match[str]) -> EmulatedBatch | bool:
+    """The batch `m` names, or the 401/404 sent in its place."""
+    if (refused := await _refused(desk, req, conn)) is not None:
+        return refused
+    b = desk.get(m["id"])
+    if b is None or b.provider != "gemini":
+        return await conn.send_json(404, _status(
+            404, "NOT_FOUND", f"Batch batches/{m['id']} not found."), _WORDS)
+    return b
+
+
 def register(desk: BatchDesk) -> None:
     """Add the Gemini batch routes to `desk`."""
 
-    async def refuse(req: HttpRequest, conn: Connection) -> bool | None:
-        if desk.emulator.require_key and not has_key(req):
-            return await conn.send_json(401, _status(
-                401, "UNAUTHENTICATED", "Request had invalid authentication credentials."),
-                _WORDS)
-        return None
-
     @desk.route("POST", _PREFIX + r"/models/(?P<model>[^/:]+):batchGenerateContent")
     async def create(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await refuse(req, conn)) is not None:
+        if (refused := await _refused(desk, req, conn)) is not None:
             return refused
         try:
             body = json.loads(req.body or b"{}")
@@ -146,17 +159,14 @@ def register(desk: BatchDesk) -> None:
 
     @desk.route("GET", _PREFIX + r"/batches/(?P<id>[^/:]+)")
     async def get(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await refuse(req, conn)) is not None:
-            return refused
-        b = desk.get(m["id"])
-        if b is None or b.provider != "gemini":
-            return await conn.send_json(404, _status(
-                404, "NOT_FOUND", f"Batch batches/{m['id']} not found."), _WORDS)
+        b = await _named(desk, req, conn, m)
+        if isinstance(b, bool):
+            return b
         return await conn.send_json(200, operation(b), _WORDS)
 
     @desk.route("GET", _PREFIX + r"/batches")
     async def listing(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await refuse(req, conn)) is not None:
+        if (refused := await _refused(desk, req, conn)) is not None:
             return refused
         try:
             size = int(req.query.get("pageSize", [str(_PAGE_SIZE)])[0]) or _PAGE_SIZE
@@ -173,11 +183,8 @@ def register(desk: BatchDesk) -> None:
 
     @desk.route("POST", _PREFIX + r"/batches/(?P<id>[^/:]+):cancel")
     async def cancel(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
-        if (refused := await refuse(req, conn)) is not None:
-            return refused
-        b = desk.get(m["id"])
-        if b is None or b.provider != "gemini":
-            return await conn.send_json(404, _status(
-                404, "NOT_FOUND", f"Batch batches/{m['id']} not found."), _WORDS)
+        b = await _named(desk, req, conn, m)
+        if isinstance(b, bool):
+            return b
         desk.cancel(b.id)
         return await conn.send_json(200, {}, _WORDS)
