@@ -68,7 +68,9 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
-    from .batches.poller import BatchPoller
+    from typing_extensions import Unpack
+
+    from .batches.poller import BatchPoller, PollerOptions
     from .limits import Limiter
     from .learning import Router
     from .routed import Replay, RunContext
@@ -400,7 +402,7 @@ class Runner(RunKnowledge):
                 return result
             task = nxt
 
-    def batch_poller(self, **options: Any) -> BatchPoller:
+    def batch_poller(self, **options: Unpack[PollerOptions]) -> BatchPoller:
         """A poller that sends this store's parked requests in provider batches, collects
         their answers and wakes their runs (`frugalflow.batches.poller`; the service and
         `frugalflow worker` run one)."""

@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from langchain_core.messages import message_to_dict
 
@@ -69,6 +69,16 @@ class Tick:
     errors: int = 0
     late: int = 0
     woken: list[str] = field(default_factory=list)
+
+
+class PollerOptions(TypedDict, total=False):
+    """BatchPoller's settings, for the callers that pass them on (`Runner.batch_poller`)."""
+
+    gather: float
+    poll_every: float
+    every: float
+    claim_for: float
+    max_items: int | None
 
 
 class BatchPoller:
