@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from os import PathLike
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -18,6 +18,9 @@ from ..runner import Runner
 from .auth import Auth, Principal
 from .bodies import MAX_BODY_BYTES, MAX_JSON_DEPTH, BodyLimitMiddleware
 from .routes import create_router
+
+if TYPE_CHECKING:
+    from ..batches.poller import BatchPoller
 
 Docs = Literal["token", "public", "off"]
 
@@ -44,7 +47,7 @@ def create_app(
     docs: Docs = "token",
     ui: bool = True,
     heartbeat: float = 15.0,
-    poll_batches: bool = True,
+    poll_batches: bool | BatchPoller = True,
 ) -> FastAPI:
     """A stand-alone app around `runner`. Refuses to serve off loopback (any other address,
     a wildcard such as 0.0.0.0 or ::, or an empty host) without a token. `docs`: "token"
@@ -52,7 +55,8 @@ def create_app(
     `ui`: serve the run viewer at /ui (same tokens; a prompt keeps the token in a cookie).
     `heartbeat`: seconds of silence after which an event stream sends a keep-alive.
     `poll_batches`: run a batch poller beside the app (parked requests sent, waiting runs
-    woken; see `frugalflow.batches.poller`)."""
+    woken; see `frugalflow.batches.poller`): True for the default one, or a configured
+    `runner.batch_poller(gather=..., max_items=...)`."""
     auth = Auth(token, tokens)  # refuses empty and malformed tokens
     if auth.open and not is_loopback(host):
         where = host or "every interface (an empty host)"
@@ -64,7 +68,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await runner.setup()
-        poller = runner.batch_poller() if poll_batches else None
+        poller = (poll_batches if not isinstance(poll_batches, bool)
+                  else runner.batch_poller() if poll_batches else None)
         if poller is not None:
             poller.start()
         yield

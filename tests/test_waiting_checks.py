@@ -1,0 +1,192 @@
+"""What "Nodes that can wait" promises beyond the failure paths of test_waiting_runs.py: a
+batch answer is checked like a synchronous one (the node's validator), a waiting run holds
+no lease and no executor, a streamed call never parks, and the service's own poller wakes
+the runs started through its API. SQLite and PostgreSQL, the vendors' SDKs against the
+provider emulator, a clock the test moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypedDict
+
+import httpx
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+from provider_clients import forget_provider_clients
+from sqlalchemy import select
+from waiting_flows import MODELS, nightly
+
+from frugalflow import END, START, Flow, Needs, RoutedChatModel, Runner, RunStatus
+from frugalflow.batches import close_batch_clients
+from frugalflow.persistence.leases import acquire_lease
+from frugalflow.persistence.tables import LeaseHistoryRow
+from frugalflow.service import create_app
+from frugalflow.statuses import ErrorClass, Outcome
+from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emulated_catalog
+
+SIX_HOURS = timedelta(hours=6)
+
+
+class Clock:
+    def __init__(self) -> None:
+        # 20:00 UTC: no provider's cheaper hour is near.
+        self.now = datetime(2026, 11, 30, 20, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def seconds(self) -> float:
+        return self.now.timestamp()
+
+
+class Q(TypedDict, total=False):
+    question: str
+    answer: str
+
+
+@pytest.fixture
+def time_() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def emu(time_: Clock, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ProviderEmulator]:
+    monkeypatch.setenv(EMULATOR_KEY_ENV, "sk-waiting-checks-0123456789")
+    forget_provider_clients()
+    async with ProviderEmulator(seed=11) as emu:
+        emu.batches.clock = time_.seconds
+        yield emu
+    await close_batch_clients()
+    forget_provider_clients()
+
+
+def one_call_flow(name: str, *, validator: Any = None, stream: bool = False) -> Flow[Q]:
+    flow: Flow[Q] = Flow(name, Q)
+
+    async def answer(state: Q, model: RoutedChatModel) -> Q:
+        messages = [HumanMessage(state["question"])]
+        if stream:
+            text = "".join([str(c.content) async for c in model.astream(messages)])
+        else:
+            text = str((await model.ainvoke(messages)).content)
+        return {"answer": text}
+
+    flow.add_node("answer", answer, needs=Needs(deadline=SIX_HOURS), validator=validator)
+    flow.add_edge(START, "answer")
+    flow.add_edge("answer", END)
+    return flow
+
+
+async def test_a_batch_answer_the_validator_rejects_is_paid_and_escalates(
+        db_url: str, emu: ProviderEmulator, time_: Clock) -> None:
+    """The node's validator judges a batch answer as it judges a synchronous one: rejected,
+    it is a paid failed attempt and the call goes to its next candidate."""
+    judged: list[str] = []
+
+    def validator(answer: AIMessage) -> bool | str:
+        judged.append(str(answer.content))
+        return "not good enough" if len(judged) == 1 else True
+
+    catalog = emulated_catalog(emu, MODELS)
+    runner = Runner(db_url, flows=[one_call_flow("judged", validator=validator)],
+                    catalog=catalog, clock=time_)
+    try:
+        emu.batches.script("openai", delay=None)
+        started = await runner.start("judged", {"question": "Tag: invoice 7"})
+        assert started.status == RunStatus.WAITING, started.error
+        poller = runner.batch_poller(gather=0, poll_every=0)
+        await poller.tick()
+        emu.batches.release()
+        assert (await poller.tick()).answered == 1
+        ended = await runner.wait(started.run_id)
+        assert ended.status == RunStatus.SUCCEEDED, ended.error
+        rejected, accepted = (await runner.get(started.run_id)).attempts
+        assert (rejected.tier, rejected.outcome, rejected.error_class) == (
+            "batch", Outcome.ERROR, ErrorClass.VALIDATION)
+        assert rejected.cost_usd > 0  # the batch answer was paid for
+        assert accepted.outcome == Outcome.OK and accepted.tier != "batch"
+        assert len(judged) == 2
+    finally:
+        await runner.close()
+        await catalog.aclose()
+
+
+async def test_a_waiting_run_holds_no_lease_and_no_executor(
+        db_url: str, emu: ProviderEmulator, time_: Clock) -> None:
+    """Parked, the run is nobody's: its lease is released (another holder takes it at
+    once) and no task of this process is executing it."""
+    catalog = emulated_catalog(emu, MODELS)
+    runner = Runner(db_url, flows=[nightly()], catalog=catalog, clock=time_, lease_ttl=600)
+    try:
+        emu.batches.script("openai", delay=None)
+        started = await runner.start("nightly", {"docs": ["a", "b"]})
+        assert started.status == RunStatus.WAITING, started.error
+        assert started.run_id not in runner.executing
+        async with runner.store.read() as c:
+            history = (await c.execute(select(LeaseHistoryRow).where(
+                LeaseHistoryRow.run_id == started.run_id))).all()  # type: ignore[arg-type]
+        assert history and all(h.released_at is not None for h in history)
+        lease = await acquire_lease(runner.store, started.run_id, "another-worker", 30.0)
+        await lease.release()
+    finally:
+        await runner.close()
+        await catalog.aclose()
+
+
+async def test_a_streamed_call_never_parks(
+        db_url: str, emu: ProviderEmulator, time_: Clock) -> None:
+    """`astream` wants tokens now: even with a deadline it is answered synchronously at the
+    standard price, and the run does not wait."""
+    catalog = emulated_catalog(emu, MODELS)
+    runner = Runner(db_url, flows=[one_call_flow("streamed", stream=True)], catalog=catalog,
+                    clock=time_)
+    try:
+        result = await runner.start("streamed", {"question": "Tag: invoice 8"})
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert result.state["answer"]
+        [attempt] = (await runner.get(result.run_id)).attempts
+        assert attempt.outcome == Outcome.OK and attempt.tier in (None, "standard")
+        assert await runner.parked.all_items(result.run_id) == []
+        assert emu.batches.batches == {}
+    finally:
+        await runner.close()
+        await catalog.aclose()
+
+
+async def test_the_services_poller_wakes_runs_started_through_its_api(
+        db_url: str, emu: ProviderEmulator, time_: Clock) -> None:
+    """`create_app(runner, poll_batches=runner.batch_poller(...))`: a run started with
+    POST /runs parks, the app's own poller sends and collects its batch, the run ends."""
+    catalog = emulated_catalog(emu, MODELS)
+    runner = Runner(db_url, flows=[nightly()], catalog=catalog, clock=time_)
+    sent = asyncio.Event()
+    emu.batches.script("openai", delay=None)
+    poller = runner.batch_poller(gather=0, poll_every=0, every=0.01)
+    original = poller.tick
+
+    async def tick() -> Any:
+        report = await original()
+        if report.submitted:
+            sent.set()
+        return report
+
+    poller.tick = tick  # type: ignore[method-assign]
+    app = create_app(runner, poll_batches=poller)
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            r = await c.post("/runs", json={"flow": "nightly", "wait": True,
+                                            "input": {"docs": ["x", "y"]}})
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "waiting"
+            await asyncio.wait_for(sent.wait(), 30)
+            emu.batches.release()
+            ended = await asyncio.wait_for(
+                runner.wait(r.json()["run_id"], through_waiting=True), 30)
+            assert ended.status == RunStatus.SUCCEEDED, ended.error
+            assert (await c.get(f"/runs/{ended.run_id}")).json()["status"] == "succeeded"
+    finally:
+        await catalog.aclose()
