@@ -12,6 +12,7 @@ promise). The emulator's `desk.paid` counts the wire ids: map them with `item_id
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -261,19 +262,19 @@ class AnthropicBatchClient:
         """Each line's outcome (read as a stream): the AIMessage ChatAnthropic would return
         and its usage, or a frugalflow error (errored: by its type; canceled and expired:
         UnansweredError, not paid)."""
-        out: list[ItemResult] = []
+        received: list[MessageBatchIndividualResponse] = []
         try:
             lines = await self._client.messages.batches.results(provider_batch_id)
             try:
                 async for line in lines:
-                    out.append(self._item(spec, provider_batch_id, line))
+                    received.append(line)
             finally:
                 await lines.close()
-        except ModelAPIError:
-            raise
         except Exception as e:
             raise self._error(e, spec, f"results of batch {provider_batch_id}") from None
-        return out
+        # Turning thousands of answers into AIMessages is CPU work: off the event loop.
+        return await asyncio.to_thread(
+            lambda: [self._item(spec, provider_batch_id, line) for line in received])
 
     async def cancel(self, spec: ModelSpec, provider_batch_id: str) -> None:
         try:

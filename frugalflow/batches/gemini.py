@@ -16,6 +16,7 @@ as `UnansweredError`; after a restart, an item missing from `results` is unanswe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Sequence
@@ -209,6 +210,12 @@ class GeminiBatchClient:
 
     async def results(self, spec: ModelSpec, provider_batch_id: str) -> list[ItemResult]:
         job = await self._job(spec, provider_batch_id)
+        # Turning thousands of answers into AIMessages is CPU work: off the event loop.
+        return await asyncio.to_thread(self._read, spec, provider_batch_id, job)
+
+    def _read(self, spec: ModelSpec, provider_batch_id: str,
+              job: types.BatchJob) -> list[ItemResult]:
+        """Each item's outcome from the ended (or still running) `job`."""
         state = _state(job)
         answers = list(job.dest.inlined_responses or []) if job.dest else []
         known = self._items.get(provider_batch_id, [])
