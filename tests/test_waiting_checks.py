@@ -8,8 +8,13 @@ provider emulator, a clock the test moves.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, TypedDict
 
 import httpx
@@ -189,4 +194,77 @@ async def test_the_services_poller_wakes_runs_started_through_its_api(
             assert ended.status == RunStatus.SUCCEEDED, ended.error
             assert (await c.get(f"/runs/{ended.run_id}")).json()["status"] == "succeeded"
     finally:
+        await catalog.aclose()
+
+
+# -- a worker killed between sending and collecting ---------------------------------------
+
+WORKER = Path(__file__).resolve().parent / "waiting_worker.py"
+
+
+async def _worker(db: str, emu: ProviderEmulator) -> asyncio.subprocess.Process:
+    env = {**os.environ, EMULATOR_KEY_ENV: os.environ[EMULATOR_KEY_ENV]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER), db, emu.url, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert b"ready" in await asyncio.wait_for(proc.stdout.readline(), 60)
+    return proc
+
+
+async def _until(check: Any, what: str) -> None:
+    """Wait for another process's doing (polled: it can signal nothing to this one)."""
+    for _ in range(1200):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_after_sending_is_followed_by_one_that_collects(
+        fresh_pg_url: str, emu: ProviderEmulator) -> None:
+    """`frugalflow worker` (run_worker with its poller) SIGKILLed once its batches are sent
+    and recorded, before their answers come: the next worker collects them and wakes the
+    run; nothing is sent or paid twice."""
+    from frugalflow.scale.dispatch import ProcrastinateDispatcher
+
+    emu.batches.clock = time.time
+    emu.batches.script("openai", delay=None, times=None)
+    catalog = emulated_catalog(emu, MODELS)
+    service = Runner(fresh_pg_url, flows=[nightly()], catalog=catalog,
+                     dispatcher=ProcrastinateDispatcher(fresh_pg_url))
+    first = await _worker(fresh_pg_url, emu)
+    second: asyncio.subprocess.Process | None = None
+    try:
+        run_id = (await service.start("nightly", {"docs": ["k1", "k2"]}, wait=False)).run_id
+
+        async def sent_and_recorded() -> bool:
+            batches = await service.parked.all_batches()
+            return (sum(b.items for b in batches) == 2
+                    and all(b.provider_batch_id for b in batches)
+                    and (await service.get(run_id)).run.status == RunStatus.WAITING)
+
+        await _until(sent_and_recorded, "the batches sent and recorded, the run waiting")
+        sent = [b.id for b in emu.batches.listed("openai")]
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        second = await _worker(fresh_pg_url, emu)
+        emu.batches.release()
+        final = await asyncio.wait_for(service.wait(run_id), 120)
+        assert final.status == RunStatus.SUCCEEDED, final.error
+        record = await service.get(run_id)
+        assert [a.tier for a in record.attempts if a.node == "enrich"] == ["batch", "batch"]
+        assert [b.id for b in emu.batches.listed("openai")] == sent  # none sent again
+        assert sorted(emu.batches.paid.values()) == [1, 1]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 30)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+        await service.close()
         await catalog.aclose()

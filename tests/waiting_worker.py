@@ -26,7 +26,8 @@ async def main(db: str, url: str) -> None:
     print(f"worker {runner.holder} ready", flush=True)
     try:
         await run_worker(runner, concurrency=8, stall_check=0.5,
-                         poll_batches=runner.batch_poller(gather=0, poll_every=0, every=0.05))
+                         poll_batches=runner.batch_poller(gather=0, poll_every=0, every=0.05,
+                                                         claim_for=5))
     finally:
         await runner.close()
 
