@@ -633,3 +633,47 @@ async def test_two_pollers_taking_the_same_requests_write_one_batch(
                                             ids, "poller-2", timedelta(minutes=5), time_.now)
     assert sorted(i.id for i in first) == sorted(ids) and second == []
     assert [(b.id, b.items) for b in await runner.parked.all_batches()] == [("one", 2)]
+
+
+# -- races between a run and the poller, runs that end, prompts that change -----------------------
+
+
+async def test_an_answer_collected_while_the_call_gives_its_item_up_is_taken(
+        runner: Runner, emu: ProviderEmulator, time_: Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node read its item still open past its fallback time; the poller stores the
+    answer before the node's move to `abandoned`: the node takes that answer (paid) instead
+    of calling synchronously."""
+    from frugalflow.persistence.parked import ParkedLedger
+
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["raced"])
+    p = poller(runner)
+    await p.tick()
+    [item] = await runner.parked.all_items(run_id)
+    assert item.fallback_at is not None
+    time_.now = item.fallback_at + timedelta(seconds=1)
+    real_move = ParkedLedger.move
+    collected: list[int] = []
+
+    async def collect_first(self: ParkedLedger, item_id: str, to: BatchItemStatus,
+                            when: Any, **changes: Any) -> bool:
+        if to == BatchItemStatus.ABANDONED and not collected:
+            emu.batches.release()  # the provider answers, the poller collects: just now
+            collected.append((await p.tick()).answered)
+        return await real_move(self, item_id, to, when, **changes)
+
+    monkeypatch.setattr(ParkedLedger, "move", collect_first)
+    assert (await p.tick()).woken == [run_id]
+    result = await runner.wait(run_id)
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    assert collected == [1]
+    record = await runner.get(run_id)
+    [enrich] = [a for a in record.attempts if a.node == "enrich"]
+    assert (enrich.outcome, enrich.tier, enrich.batch_item_id) == (Outcome.OK, "batch", item.id)
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.USED and enrich.cost_usd == item.cost_usd > 0
+    [summary] = [a for a in record.attempts if a.node == "summarize"]
+    assert generations(emu) == [summary.model.split("/", 1)[1]]  # no synchronous enrich
+    assert sum(emu.batches.paid.values()) == 1
+    assert record.run.cost_usd == pytest.approx(sum(a.cost_usd for a in record.attempts))

@@ -107,38 +107,62 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
     now = parking.clock()
     waiting: BatchItemRow | None = None
     for item in items:
-        status = BatchItemStatus(item.status)
-        if status is BatchItemStatus.SUCCEEDED:
-            answer = await _answered(call, parking, item)
-            if answer is not None:
-                return answer
-            call.exclude(item.model, Tier(item.tier))  # paid, but not acceptable
-        if status in (BatchItemStatus.FAILED, BatchItemStatus.EXPIRED):
-            if await parking.ledger.move(item.id, BatchItemStatus.USED, [status]):
-                await _failed(call, item)
-            call.exclude(item.model, Tier(item.tier))
-        elif status is BatchItemStatus.DUE:
-            # Its hour came: the synchronous call goes now, on its model.
-            await parking.ledger.move(item.id, BatchItemStatus.USED, [status])
-            call.due = item
-        elif status in (BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED):
-            if item.fallback_at is not None and now >= item.fallback_at:
-                # Too close to the deadline to wait longer: give it up (the poller cancels
-                # its batch when nobody waits on it) and call synchronously now.
-                await parking.ledger.move(item.id, BatchItemStatus.ABANDONED,
-                                          [BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED],
-                                          ended_at=now, error="deadline too close")
-                call.exclude(item.model, Tier(item.tier))
-                call.exclude_tier(Tier.BATCH)
-            else:
-                waiting = item
-        else:  # used or abandoned earlier
-            if item.tier == Tier.BATCH and status is BatchItemStatus.ABANDONED:
-                call.exclude_tier(Tier.BATCH)
-            call.exclude(item.model, Tier(item.tier))
+        answer, wait = await _take(call, parking, item, now)
+        if answer is not None:
+            return answer
+        waiting = wait or waiting
     if waiting is not None:
         parking.parked.append(waiting.id)
         raise waiting_interrupt(waiting)
+    return None
+
+
+async def _take(call: CallAttempts, parking: Parking, item: BatchItemRow,
+                now: datetime) -> tuple[AIMessage | None, BatchItemRow | None]:
+    """What one parked item of this call says: (its answer, None) when it brings one the
+    call takes, (None, the item) when the call is to wait for it, else (None, None) (what
+    it ruled out is excluded from the call's plan)."""
+    status = BatchItemStatus(item.status)
+    if status is BatchItemStatus.SUCCEEDED:
+        answer = await _answered(call, parking, item)
+        if answer is not None:
+            return answer, None
+        call.exclude(item.model, Tier(item.tier))  # paid, but not acceptable
+    if status in (BatchItemStatus.FAILED, BatchItemStatus.EXPIRED):
+        if await parking.ledger.move(item.id, BatchItemStatus.USED, [status]):
+            await _failed(call, item)
+        call.exclude(item.model, Tier(item.tier))
+    elif status is BatchItemStatus.DUE:
+        # Its hour came: the synchronous call goes now, on its model.
+        await parking.ledger.move(item.id, BatchItemStatus.USED, [status])
+        call.due = item
+    elif status in (BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED):
+        if item.fallback_at is None or now < item.fallback_at:
+            return None, item
+        # Too close to the deadline to wait longer: give it up (the poller cancels its
+        # batch when nobody waits on it) and call synchronously now.
+        if not await parking.ledger.move(item.id, BatchItemStatus.ABANDONED,
+                                         [BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED],
+                                         ended_at=now, error="deadline too close"):
+            # The poller settled it between our read and this move (its answer, or its
+            # error, came in): that is what this call takes (an answer is paid already).
+            again = await _reread(parking, item)
+            if again is not None and again.status not in (BatchItemStatus.QUEUED,
+                                                          BatchItemStatus.SUBMITTED):
+                return await _take(call, parking, again, now)
+        call.exclude(item.model, Tier(item.tier))
+        call.exclude_tier(Tier.BATCH)
+    else:  # used or abandoned earlier
+        if item.tier == Tier.BATCH and status is BatchItemStatus.ABANDONED:
+            call.exclude_tier(Tier.BATCH)
+        call.exclude(item.model, Tier(item.tier))
+    return None, None
+
+
+async def _reread(parking: Parking, item: BatchItemRow) -> BatchItemRow | None:
+    for again in await parking.ledger.items_for(item.run_id, item.call_key):
+        if again.id == item.id:
+            return again
     return None
 
 
