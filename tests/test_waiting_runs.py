@@ -677,3 +677,85 @@ async def test_an_answer_collected_while_the_call_gives_its_item_up_is_taken(
     assert generations(emu) == [summary.model.split("/", 1)[1]]  # no synchronous enrich
     assert sum(emu.batches.paid.values()) == 1
     assert record.run.cost_usd == pytest.approx(sum(a.cost_usd for a in record.attempts))
+
+
+async def test_an_answer_collected_before_a_cancel_is_recorded_as_late_once(
+        runner: Runner, emu: ProviderEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Collected, but the run not woken yet (a dispatcher's worker has not taken it), then
+    cancelled: the answer is paid, so it is a `late` attempt of the run, once."""
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["cancelled after its answer"])
+    p = poller(runner)
+    await p.tick()
+    emu.batches.release()
+
+    async def no_wake(self: BatchPoller, done: Any) -> None:
+        return None
+
+    with monkeypatch.context() as m:
+        m.setattr(BatchPoller, "_wake", no_wake)
+        assert (await p.tick()).answered == 1
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.SUCCEEDED and item.cost_usd > 0
+    assert (await runner.cancel(run_id)).status == RunStatus.CANCELLED
+    for _ in range(2):  # the poller's pass over ended runs records nothing again
+        tick = await p.tick()
+        assert tick.woken == [] and tick.late == 0
+        record = await runner.get(run_id)
+        [late] = [a for a in record.attempts if a.outcome == Outcome.LATE]
+        assert (late.cost_usd, late.tier, late.batch_item_id) == (item.cost_usd, "batch", item.id)
+        assert record.run.cost_usd == pytest.approx(item.cost_usd)
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.ABANDONED
+    assert sum(emu.batches.paid.values()) == 1 and generations(emu) == []
+
+
+async def test_a_failed_run_gives_its_open_items_up_and_records_its_unused_answers(
+        runner: Runner, emu: ProviderEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests in two batches; the first answer wakes the run, whose node fails after
+    recording it (before marking it used). Its run failed: the other request is given up
+    (its batch cancelled, nothing paid for it), the recorded answer is not recorded again,
+    and an answer that came for a failed run is a `late` attempt."""
+    from frugalflow.persistence.parked import ParkedLedger
+
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["first", "second"])
+    p = runner.batch_poller(gather=0, poll_every=0, claim_for=60, max_items=1)
+    await p.tick()
+    first, second = emu.batches.listed("openai")
+    emu.batches.release(first.id)
+    real_move = ParkedLedger.move
+
+    async def crash_on_use(self: ParkedLedger, item_id: str, to: BatchItemStatus,
+                           when: Any, **changes: Any) -> bool:
+        if to == BatchItemStatus.USED:
+            raise RuntimeError("the node failed")
+        return await real_move(self, item_id, to, when, **changes)
+
+    with monkeypatch.context() as m:
+        m.setattr(ParkedLedger, "move", crash_on_use)
+        assert (await p.tick()).woken == [run_id]
+        assert (await runner.wait(run_id)).status == RunStatus.FAILED
+    items = {i.status: i for i in await runner.parked.all_items(run_id)}
+    assert set(items) == {BatchItemStatus.SUCCEEDED, BatchItemStatus.SUBMITTED}
+    tick = await p.tick()
+    assert len(tick.cancelled) == 1 and tick.woken == []
+    assert second.state == "cancelled" and sum(emu.batches.paid.values()) == 1
+    after = {i.id: i.status for i in await runner.parked.all_items(run_id)}
+    assert after == {items[BatchItemStatus.SUCCEEDED].id: BatchItemStatus.USED,
+                     items[BatchItemStatus.SUBMITTED].id: BatchItemStatus.ABANDONED}
+    record = await runner.get(run_id)
+    assert [a.outcome for a in record.attempts] == [Outcome.OK]  # recorded once, not late
+    assert record.run.cost_usd == pytest.approx(record.attempts[0].cost_usd)
+
+    # An answer collected for a failed run (no wake: it failed) is recorded as late.
+    run_id = await start(runner, ["third"])
+    await p.tick()
+    with monkeypatch.context() as m:
+        m.setattr(BatchPoller, "_wake", lambda self, done: asyncio.sleep(0))
+        emu.batches.release()
+        assert (await p.tick()).answered == 1
+    await runner.ledger.update_run(run_id, status=RunStatus.FAILED)
+    await p.tick()
+    [late] = [a for a in (await runner.get(run_id)).attempts]
+    assert late.outcome == Outcome.LATE and late.cost_usd > 0
