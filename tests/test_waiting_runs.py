@@ -759,3 +759,54 @@ async def test_a_failed_run_gives_its_open_items_up_and_records_its_unused_answe
     await p.tick()
     [late] = [a for a in (await runner.get(run_id)).attempts]
     assert late.outcome == Outcome.LATE and late.cost_usd > 0
+
+
+async def test_a_node_whose_prompt_changes_between_executions_waits_once_then_calls_now(
+        runner: Runner, emu: ProviderEmulator, caplog: pytest.LogCaptureFixture) -> None:
+    """Its prompt carries a counter (a timestamp would do the same): executed again, it asks
+    something else, so its parked answer is not its answer. That answer is a `late` attempt
+    (paid, unused), and the call goes synchronous instead of parking again: one batch
+    payment and one synchronous one, and the run ends (it does not loop, paying each tick)."""
+    import logging
+    from typing import TypedDict
+
+    from langchain_core.messages import HumanMessage
+
+    from frugalflow import END, START, Flow, Needs, RoutedChatModel
+
+    class State(TypedDict, total=False):
+        out: str
+
+    executions = [0]
+
+    async def stamp(state: State, model: RoutedChatModel) -> State:
+        executions[0] += 1
+        answer = await model.ainvoke([HumanMessage(f"Tag this (execution {executions[0]})")])
+        return {"out": str(answer.content)}
+
+    flow: Flow[State] = Flow("drifting", State)
+    flow.add_node("stamp", stamp, needs=Needs(deadline=timedelta(hours=6)))
+    flow.add_edge(START, "stamp")
+    flow.add_edge("stamp", END)
+    runner.register(flow)
+    emu.batches.script("openai", delay=0, times=None)  # each batch ends as it is sent
+    started = await runner.start("drifting", {})
+    assert started.status == RunStatus.WAITING
+    p = poller(runner)
+    with caplog.at_level(logging.WARNING, logger="frugalflow"):
+        for _ in range(5):
+            await p.tick()
+            if (await runner.wait(started.run_id)).status != RunStatus.WAITING:
+                break
+    result = await runner.wait(started.run_id)
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    items = await runner.parked.all_items(started.run_id)
+    assert [i.status for i in items] == [BatchItemStatus.ABANDONED]
+    assert sum(emu.batches.paid.values()) == 1 and len(generations(emu)) == 1
+    record = await runner.get(started.run_id)
+    late, ok = record.attempts
+    assert (late.outcome, late.tier, late.cost_usd) == (Outcome.LATE, "batch", items[0].cost_usd)
+    assert (ok.outcome, ok.tier) == (Outcome.OK, None) and late.cost_usd > 0
+    assert record.run.cost_usd == pytest.approx(late.cost_usd + ok.cost_usd)
+    [warning] = [r.getMessage() for r in caplog.records if "between executions" in r.getMessage()]
+    assert "stamp" in warning and "non-deterministic" in warning

@@ -13,6 +13,7 @@ again, or, past the item's fallback time, gives it up for a synchronous call).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from ..ranking import Candidate
 
 __all__ = ["WAITING", "Parking", "is_waiting", "park", "take_parked", "utcnow"]
+
+log = logging.getLogger("frugalflow")
 
 WAITING = "frugalflow_waiting"
 """The key that marks an interrupt as a parked call's (not a human's question)."""
@@ -77,6 +80,13 @@ class Parking:
     is given up: an item is given up at its deadline less this."""
     parked: list[str] = field(default_factory=list)
     """Item ids this execution parked on (for tests and events)."""
+    positions: dict[str | None, int] = field(default_factory=dict)
+    """Per node execution (task): how many of its calls that may wait began so far."""
+
+    def position(self, task_id: str | None) -> int:
+        """The place of a call that may wait among its node execution's (1, 2, ...)."""
+        n = self.positions[task_id] = self.positions.get(task_id, 0) + 1
+        return n
 
     def deadline(self, needs: Needs) -> datetime | None:
         """When the answer of a call with `needs` is due (None: no deadline)."""
@@ -98,6 +108,9 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
     key = call.ensure_call_key()
     if key is None:
         return None
+    # Counted as the call begins (before any await): the place is the same in every
+    # execution of a node whose calls are the same (as LangGraph counts interrupts).
+    call.position = parking.position(call.task_id)
     if call.ctx.replay is not None:
         replayed = await call.replayed()  # recorded already (a node executed again)
         if replayed is not None:
@@ -181,6 +194,9 @@ async def park(call: CallAttempts, parking: Parking, c: Candidate) -> None:
     if key is None:  # not a durable run: nothing could wake it
         call.skipped.append(f"{spec.key} ({c.tier}): only durable runs can wait")
         return
+    if c.tier in call.excluded_tiers:  # (its prompt changed: see _asks_something_else)
+        call.skipped.append(f"{spec.key} ({c.tier}): this call cannot wait")
+        return
     deadline = parking.deadline(routed.needs)
     now = parking.clock()
     fallback_at = deadline - parking.fallback_margin if deadline is not None else None
@@ -208,9 +224,31 @@ async def park(call: CallAttempts, parking: Parking, c: Candidate) -> None:
     item = _new_item(call, c, key, request=scrub_exact(request) if request else None,
                      deadline_at=deadline, fallback_at=fallback_at, wake_at=wake_at,
                      created_at=now)
+    if await _asks_something_else(call, parking, item):
+        call.skipped.append(f"{spec.key} ({c.tier}): its prompt changed between executions")
+        return
     await parking.ledger.park(item)
     parking.parked.append(item.id)
     raise waiting_interrupt(item)
+
+
+async def _asks_something_else(call: CallAttempts, parking: Parking, item: BatchItemRow) -> bool:
+    """Whether earlier executions of this node parked items at this call's place under
+    another key: its prompt changed between executions (a timestamp, a counter in it).
+    Parking again would wait for a new answer each time the old one wakes the run, paying
+    every time; so the old items are given up (an answer among them recorded as paid,
+    unused: `late`) and the call is made now, without waiting: one batch payment at most,
+    then one synchronous."""
+    late = await parking.ledger.give_up_call(item, parking.clock())
+    if late < 0:
+        return False
+    call.usage.spent_usd += late  # recorded in the ledger beside this execution's calls
+    call.exclude_tier(Tier.BATCH)
+    call.exclude_tier(Tier.OFF_PEAK)
+    log.warning("frugalflow: node %r asked something else when executed again (its prompt "
+                "changed between executions: a non-deterministic prompt), so it cannot wait "
+                "for a batch; calling it synchronously", call.node)
+    return True
 
 
 def _new_item(call: CallAttempts, c: Candidate, key: str, **fields: Any) -> BatchItemRow:
@@ -219,6 +257,7 @@ def _new_item(call: CallAttempts, c: Candidate, key: str, **fields: Any) -> Batc
     return BatchItemRow(
         id=f"ff{uuid.uuid4().hex}", run_id=call.usage.run_id or "", flow=call.parking_flow(),
         node=call.node, task_id=call.task_id, call_key=key, call_id=call.call_id,
+        call_position=call.position,
         model=c.spec.key, provider=c.spec.provider, tier=str(c.tier),
         status=BatchItemStatus.QUEUED, expected_cost_usd=c.expected_cost, **fields)
 

@@ -268,6 +268,39 @@ class ParkedLedger:
         with unfenced():
             return await self.store.retrying(write, what="abandoned items")
 
+    async def give_up_call(self, item: BatchItemRow, now: datetime) -> float:
+        """Before `item` is parked: the items parked by earlier executions of its node at
+        its call's place (same run, task and position) under another call key are given up:
+        the execution asks something else there now (a prompt that changed), so no answer
+        of theirs is this call's. Their unused answers are recorded as paid `late`
+        attempts, the rest abandoned (batches cancelled when nobody waits). The late cost
+        (0: none), or -1 when there were no such items (the call may park)."""
+        if item.call_position is None or item.task_id is None:
+            return -1.0
+
+        async def write() -> float:
+            async with self.store.write() as conn:
+                earlier = and_(_ITEMS.c.run_id == item.run_id, _ITEMS.c.task_id == item.task_id,
+                               _ITEMS.c.node == item.node,
+                               _ITEMS.c.call_position == item.call_position,
+                               _ITEMS.c.call_key != item.call_key)
+                # Any, used or given up too: a call that asked something else once (a
+                # crash, its answer not replayed under its new key) never waits again.
+                any_earlier = select(_ITEMS.c.id).where(earlier).limit(1)
+                if (await conn.execute(any_earlier)).first() is None:
+                    return -1.0
+                cost = await _unused_answers_late(
+                    conn, earlier, "answered, but its node asked something else when executed "
+                                   "again (its prompt changed)")
+                await conn.execute(update(_ITEMS).where(
+                    earlier, _ITEMS.c.status.in_([str(s) for s in (*OPEN_ITEMS, *READY_ITEMS)]))
+                    .values(status=BatchItemStatus.ABANDONED, ended_at=now,
+                            error="its node asked something else when executed again"))
+                return cost
+
+        with unfenced():
+            return await self.store.retrying(write, what="items given up")
+
     async def unwanted_batches(self) -> list[str]:
         """Sent batches none of whose unanswered items any run waits for any more."""
         async def read() -> list[str]:
@@ -317,16 +350,16 @@ class ParkedLedger:
         return await self.store.retrying(read, what="read of batches")
 
 
-async def _unused_answers_late(conn: Any, where: Any, why: str) -> int:
+async def _unused_answers_late(conn: Any, where: Any, why: str) -> float:
     """The answered items matching `where` that no call took become `abandoned`, each
     recorded as a `late` attempt with its cost (added to its run's) in the same transaction:
     paid, so in the ledger, exactly once. One whose answer a call recorded already (it
-    stopped before marking the item used) is only marked used. How many were recorded."""
+    stopped before marking the item used) is only marked used. Their cost."""
     from .ledger import _attempt_values
 
     rows = (await conn.execute(select(_ITEMS).where(
         _ITEMS.c.status == BatchItemStatus.SUCCEEDED, where))).all()
-    recorded = 0
+    recorded = 0.0
     for row in rows:
         item = _item(row._mapping)
         answered = (await conn.execute(select(_ATTEMPTS.c.id).where(
@@ -342,7 +375,7 @@ async def _unused_answers_late(conn: Any, where: Any, why: str) -> int:
         if item.cost_usd:
             await conn.execute(update(_RUNS).where(_RUNS.c.id == item.run_id).values(
                 cost_usd=_RUNS.c.cost_usd + item.cost_usd, updated_at=utcnow()))
-        recorded += 1
+        recorded += item.cost_usd
     return recorded
 
 
