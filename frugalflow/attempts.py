@@ -169,6 +169,7 @@ class CallAttempts:
     excluded: frozenset[tuple[str, Tier]] = frozenset()
     excluded_tiers: frozenset[Tier] = frozenset()
     due: BatchItemRow | None = None
+    position: int | None = None  # its place among its node execution's calls that may wait
 
     # -- the drivers -------------------------------------------------------------------
 

@@ -633,3 +633,180 @@ async def test_two_pollers_taking_the_same_requests_write_one_batch(
                                             ids, "poller-2", timedelta(minutes=5), time_.now)
     assert sorted(i.id for i in first) == sorted(ids) and second == []
     assert [(b.id, b.items) for b in await runner.parked.all_batches()] == [("one", 2)]
+
+
+# -- races between a run and the poller, runs that end, prompts that change -----------------------
+
+
+async def test_an_answer_collected_while_the_call_gives_its_item_up_is_taken(
+        runner: Runner, emu: ProviderEmulator, time_: Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node read its item still open past its fallback time; the poller stores the
+    answer before the node's move to `abandoned`: the node takes that answer (paid) instead
+    of calling synchronously."""
+    from frugalflow.persistence.parked import ParkedLedger
+
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["raced"])
+    p = poller(runner)
+    await p.tick()
+    [item] = await runner.parked.all_items(run_id)
+    assert item.fallback_at is not None
+    time_.now = item.fallback_at + timedelta(seconds=1)
+    real_move = ParkedLedger.move
+    collected: list[int] = []
+
+    async def collect_first(self: ParkedLedger, item_id: str, to: BatchItemStatus,
+                            when: Any, **changes: Any) -> bool:
+        if to == BatchItemStatus.ABANDONED and not collected:
+            emu.batches.release()  # the provider answers, the poller collects: just now
+            collected.append((await p.tick()).answered)
+        return await real_move(self, item_id, to, when, **changes)
+
+    monkeypatch.setattr(ParkedLedger, "move", collect_first)
+    assert (await p.tick()).woken == [run_id]
+    result = await runner.wait(run_id)
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    assert collected == [1]
+    record = await runner.get(run_id)
+    [enrich] = [a for a in record.attempts if a.node == "enrich"]
+    assert (enrich.outcome, enrich.tier, enrich.batch_item_id) == (Outcome.OK, "batch", item.id)
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.USED and enrich.cost_usd == item.cost_usd > 0
+    [summary] = [a for a in record.attempts if a.node == "summarize"]
+    assert generations(emu) == [summary.model.split("/", 1)[1]]  # no synchronous enrich
+    assert sum(emu.batches.paid.values()) == 1
+    assert record.run.cost_usd == pytest.approx(sum(a.cost_usd for a in record.attempts))
+
+
+async def test_an_answer_collected_before_a_cancel_is_recorded_as_late_once(
+        runner: Runner, emu: ProviderEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Collected, but the run not woken yet (a dispatcher's worker has not taken it), then
+    cancelled: the answer is paid, so it is a `late` attempt of the run, once."""
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["cancelled after its answer"])
+    p = poller(runner)
+    await p.tick()
+    emu.batches.release()
+
+    async def no_wake(self: BatchPoller, done: Any) -> None:
+        return None
+
+    with monkeypatch.context() as m:
+        m.setattr(BatchPoller, "_wake", no_wake)
+        assert (await p.tick()).answered == 1
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.SUCCEEDED and item.cost_usd > 0
+    assert (await runner.cancel(run_id)).status == RunStatus.CANCELLED
+    for _ in range(2):  # the poller's pass over ended runs records nothing again
+        tick = await p.tick()
+        assert tick.woken == [] and tick.late == 0
+        record = await runner.get(run_id)
+        [late] = [a for a in record.attempts if a.outcome == Outcome.LATE]
+        assert (late.cost_usd, late.tier, late.batch_item_id) == (item.cost_usd, "batch", item.id)
+        assert record.run.cost_usd == pytest.approx(item.cost_usd)
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.ABANDONED
+    assert sum(emu.batches.paid.values()) == 1 and generations(emu) == []
+
+
+async def test_a_failed_run_gives_its_open_items_up_and_records_its_unused_answers(
+        runner: Runner, emu: ProviderEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests in two batches; the first answer wakes the run, whose node fails after
+    recording it (before marking it used). Its run failed: the other request is given up
+    (its batch cancelled, nothing paid for it), the recorded answer is not recorded again,
+    and an answer that came for a failed run is a `late` attempt."""
+    from frugalflow.persistence.parked import ParkedLedger
+
+    emu.batches.script("openai", delay=None, times=None)
+    run_id = await start(runner, ["first", "second"])
+    p = runner.batch_poller(gather=0, poll_every=0, claim_for=60, max_items=1)
+    await p.tick()
+    first, second = emu.batches.listed("openai")
+    emu.batches.release(first.id)
+    real_move = ParkedLedger.move
+
+    async def crash_on_use(self: ParkedLedger, item_id: str, to: BatchItemStatus,
+                           when: Any, **changes: Any) -> bool:
+        if to == BatchItemStatus.USED:
+            raise RuntimeError("the node failed")
+        return await real_move(self, item_id, to, when, **changes)
+
+    with monkeypatch.context() as m:
+        m.setattr(ParkedLedger, "move", crash_on_use)
+        assert (await p.tick()).woken == [run_id]
+        assert (await runner.wait(run_id)).status == RunStatus.FAILED
+    items = {i.status: i for i in await runner.parked.all_items(run_id)}
+    assert set(items) == {BatchItemStatus.SUCCEEDED, BatchItemStatus.SUBMITTED}
+    tick = await p.tick()
+    assert len(tick.cancelled) == 1 and tick.woken == []
+    assert second.state == "cancelled" and sum(emu.batches.paid.values()) == 1
+    after = {i.id: i.status for i in await runner.parked.all_items(run_id)}
+    assert after == {items[BatchItemStatus.SUCCEEDED].id: BatchItemStatus.USED,
+                     items[BatchItemStatus.SUBMITTED].id: BatchItemStatus.ABANDONED}
+    record = await runner.get(run_id)
+    assert [a.outcome for a in record.attempts] == [Outcome.OK]  # recorded once, not late
+    assert record.run.cost_usd == pytest.approx(record.attempts[0].cost_usd)
+
+    # An answer collected for a failed run (no wake: it failed) is recorded as late.
+    run_id = await start(runner, ["third"])
+    await p.tick()
+    with monkeypatch.context() as m:
+        m.setattr(BatchPoller, "_wake", lambda self, done: asyncio.sleep(0))
+        emu.batches.release()
+        assert (await p.tick()).answered == 1
+    await runner.ledger.update_run(run_id, status=RunStatus.FAILED)
+    await p.tick()
+    [late] = [a for a in (await runner.get(run_id)).attempts]
+    assert late.outcome == Outcome.LATE and late.cost_usd > 0
+
+
+async def test_a_node_whose_prompt_changes_between_executions_waits_once_then_calls_now(
+        runner: Runner, emu: ProviderEmulator, caplog: pytest.LogCaptureFixture) -> None:
+    """Its prompt carries a counter (a timestamp would do the same): executed again, it asks
+    something else, so its parked answer is not its answer. That answer is a `late` attempt
+    (paid, unused), and the call goes synchronous instead of parking again: one batch
+    payment and one synchronous one, and the run ends (it does not loop, paying each tick)."""
+    import logging
+    from typing import TypedDict
+
+    from langchain_core.messages import HumanMessage
+
+    from frugalflow import END, START, Flow, Needs, RoutedChatModel
+
+    class State(TypedDict, total=False):
+        out: str
+
+    executions = [0]
+
+    async def stamp(state: State, model: RoutedChatModel) -> State:
+        executions[0] += 1
+        answer = await model.ainvoke([HumanMessage(f"Tag this (execution {executions[0]})")])
+        return {"out": str(answer.content)}
+
+    flow: Flow[State] = Flow("drifting", State)
+    flow.add_node("stamp", stamp, needs=Needs(deadline=timedelta(hours=6)))
+    flow.add_edge(START, "stamp")
+    flow.add_edge("stamp", END)
+    runner.register(flow)
+    emu.batches.script("openai", delay=0, times=None)  # each batch ends as it is sent
+    started = await runner.start("drifting", {})
+    assert started.status == RunStatus.WAITING
+    p = poller(runner)
+    with caplog.at_level(logging.WARNING, logger="frugalflow"):
+        for _ in range(5):
+            await p.tick()
+            if (await runner.wait(started.run_id)).status != RunStatus.WAITING:
+                break
+    result = await runner.wait(started.run_id)
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    items = await runner.parked.all_items(started.run_id)
+    assert [i.status for i in items] == [BatchItemStatus.ABANDONED]
+    assert sum(emu.batches.paid.values()) == 1 and len(generations(emu)) == 1
+    record = await runner.get(started.run_id)
+    late, ok = record.attempts
+    assert (late.outcome, late.tier, late.cost_usd) == (Outcome.LATE, "batch", items[0].cost_usd)
+    assert (ok.outcome, ok.tier) == (Outcome.OK, None) and late.cost_usd > 0
+    assert record.run.cost_usd == pytest.approx(late.cost_usd + ok.cost_usd)
+    [warning] = [r.getMessage() for r in caplog.records if "between executions" in r.getMessage()]
+    assert "stamp" in warning and "non-deterministic" in warning

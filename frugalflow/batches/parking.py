@@ -13,6 +13,7 @@ again, or, past the item's fallback time, gives it up for a synchronous call).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from ..ranking import Candidate
 
 __all__ = ["WAITING", "Parking", "is_waiting", "park", "take_parked", "utcnow"]
+
+log = logging.getLogger("frugalflow")
 
 WAITING = "frugalflow_waiting"
 """The key that marks an interrupt as a parked call's (not a human's question)."""
@@ -77,6 +80,13 @@ class Parking:
     is given up: an item is given up at its deadline less this."""
     parked: list[str] = field(default_factory=list)
     """Item ids this execution parked on (for tests and events)."""
+    positions: dict[str | None, int] = field(default_factory=dict)
+    """Per node execution (task): how many of its calls that may wait began so far."""
+
+    def position(self, task_id: str | None) -> int:
+        """The place of a call that may wait among its node execution's (1, 2, ...)."""
+        n = self.positions[task_id] = self.positions.get(task_id, 0) + 1
+        return n
 
     def deadline(self, needs: Needs) -> datetime | None:
         """When the answer of a call with `needs` is due (None: no deadline)."""
@@ -98,6 +108,9 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
     key = call.ensure_call_key()
     if key is None:
         return None
+    # Counted as the call begins (before any await): the place is the same in every
+    # execution of a node whose calls are the same (as LangGraph counts interrupts).
+    call.position = parking.position(call.task_id)
     if call.ctx.replay is not None:
         replayed = await call.replayed()  # recorded already (a node executed again)
         if replayed is not None:
@@ -107,38 +120,62 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
     now = parking.clock()
     waiting: BatchItemRow | None = None
     for item in items:
-        status = BatchItemStatus(item.status)
-        if status is BatchItemStatus.SUCCEEDED:
-            answer = await _answered(call, parking, item)
-            if answer is not None:
-                return answer
-            call.exclude(item.model, Tier(item.tier))  # paid, but not acceptable
-        if status in (BatchItemStatus.FAILED, BatchItemStatus.EXPIRED):
-            if await parking.ledger.move(item.id, BatchItemStatus.USED, [status]):
-                await _failed(call, item)
-            call.exclude(item.model, Tier(item.tier))
-        elif status is BatchItemStatus.DUE:
-            # Its hour came: the synchronous call goes now, on its model.
-            await parking.ledger.move(item.id, BatchItemStatus.USED, [status])
-            call.due = item
-        elif status in (BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED):
-            if item.fallback_at is not None and now >= item.fallback_at:
-                # Too close to the deadline to wait longer: give it up (the poller cancels
-                # its batch when nobody waits on it) and call synchronously now.
-                await parking.ledger.move(item.id, BatchItemStatus.ABANDONED,
-                                          [BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED],
-                                          ended_at=now, error="deadline too close")
-                call.exclude(item.model, Tier(item.tier))
-                call.exclude_tier(Tier.BATCH)
-            else:
-                waiting = item
-        else:  # used or abandoned earlier
-            if item.tier == Tier.BATCH and status is BatchItemStatus.ABANDONED:
-                call.exclude_tier(Tier.BATCH)
-            call.exclude(item.model, Tier(item.tier))
+        answer, wait = await _take(call, parking, item, now)
+        if answer is not None:
+            return answer
+        waiting = wait or waiting
     if waiting is not None:
         parking.parked.append(waiting.id)
         raise waiting_interrupt(waiting)
+    return None
+
+
+async def _take(call: CallAttempts, parking: Parking, item: BatchItemRow,
+                now: datetime) -> tuple[AIMessage | None, BatchItemRow | None]:
+    """What one parked item of this call says: (its answer, None) when it brings one the
+    call takes, (None, the item) when the call is to wait for it, else (None, None) (what
+    it ruled out is excluded from the call's plan)."""
+    status = BatchItemStatus(item.status)
+    if status is BatchItemStatus.SUCCEEDED:
+        answer = await _answered(call, parking, item)
+        if answer is not None:
+            return answer, None
+        call.exclude(item.model, Tier(item.tier))  # paid, but not acceptable
+    if status in (BatchItemStatus.FAILED, BatchItemStatus.EXPIRED):
+        if await parking.ledger.move(item.id, BatchItemStatus.USED, [status]):
+            await _failed(call, item)
+        call.exclude(item.model, Tier(item.tier))
+    elif status is BatchItemStatus.DUE:
+        # Its hour came: the synchronous call goes now, on its model.
+        await parking.ledger.move(item.id, BatchItemStatus.USED, [status])
+        call.due = item
+    elif status in (BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED):
+        if item.fallback_at is None or now < item.fallback_at:
+            return None, item
+        # Too close to the deadline to wait longer: give it up (the poller cancels its
+        # batch when nobody waits on it) and call synchronously now.
+        if not await parking.ledger.move(item.id, BatchItemStatus.ABANDONED,
+                                         [BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED],
+                                         ended_at=now, error="deadline too close"):
+            # The poller settled it between our read and this move (its answer, or its
+            # error, came in): that is what this call takes (an answer is paid already).
+            again = await _reread(parking, item)
+            if again is not None and again.status not in (BatchItemStatus.QUEUED,
+                                                          BatchItemStatus.SUBMITTED):
+                return await _take(call, parking, again, now)
+        call.exclude(item.model, Tier(item.tier))
+        call.exclude_tier(Tier.BATCH)
+    else:  # used or abandoned earlier
+        if item.tier == Tier.BATCH and status is BatchItemStatus.ABANDONED:
+            call.exclude_tier(Tier.BATCH)
+        call.exclude(item.model, Tier(item.tier))
+    return None, None
+
+
+async def _reread(parking: Parking, item: BatchItemRow) -> BatchItemRow | None:
+    for again in await parking.ledger.items_for(item.run_id, item.call_key):
+        if again.id == item.id:
+            return again
     return None
 
 
@@ -156,6 +193,9 @@ async def park(call: CallAttempts, parking: Parking, c: Candidate) -> None:
     key = call.ensure_call_key()
     if key is None:  # not a durable run: nothing could wake it
         call.skipped.append(f"{spec.key} ({c.tier}): only durable runs can wait")
+        return
+    if c.tier in call.excluded_tiers:  # (its prompt changed: see _asks_something_else)
+        call.skipped.append(f"{spec.key} ({c.tier}): this call cannot wait")
         return
     deadline = parking.deadline(routed.needs)
     now = parking.clock()
@@ -184,9 +224,31 @@ async def park(call: CallAttempts, parking: Parking, c: Candidate) -> None:
     item = _new_item(call, c, key, request=scrub_exact(request) if request else None,
                      deadline_at=deadline, fallback_at=fallback_at, wake_at=wake_at,
                      created_at=now)
+    if await _asks_something_else(call, parking, item):
+        call.skipped.append(f"{spec.key} ({c.tier}): its prompt changed between executions")
+        return
     await parking.ledger.park(item)
     parking.parked.append(item.id)
     raise waiting_interrupt(item)
+
+
+async def _asks_something_else(call: CallAttempts, parking: Parking, item: BatchItemRow) -> bool:
+    """Whether earlier executions of this node parked items at this call's place under
+    another key: its prompt changed between executions (a timestamp, a counter in it).
+    Parking again would wait for a new answer each time the old one wakes the run, paying
+    every time; so the old items are given up (an answer among them recorded as paid,
+    unused: `late`) and the call is made now, without waiting: one batch payment at most,
+    then one synchronous."""
+    late = await parking.ledger.give_up_call(item, parking.clock())
+    if late < 0:
+        return False
+    call.usage.spent_usd += late  # recorded in the ledger beside this execution's calls
+    call.exclude_tier(Tier.BATCH)
+    call.exclude_tier(Tier.OFF_PEAK)
+    log.warning("frugalflow: node %r asked something else when executed again (its prompt "
+                "changed between executions: a non-deterministic prompt), so it cannot wait "
+                "for a batch; calling it synchronously", call.node)
+    return True
 
 
 def _new_item(call: CallAttempts, c: Candidate, key: str, **fields: Any) -> BatchItemRow:
@@ -195,6 +257,7 @@ def _new_item(call: CallAttempts, c: Candidate, key: str, **fields: Any) -> Batc
     return BatchItemRow(
         id=f"ff{uuid.uuid4().hex}", run_id=call.usage.run_id or "", flow=call.parking_flow(),
         node=call.node, task_id=call.task_id, call_key=key, call_id=call.call_id,
+        call_position=call.position,
         model=c.spec.key, provider=c.spec.provider, tier=str(c.tier),
         status=BatchItemStatus.QUEUED, expected_cost_usd=c.expected_cost, **fields)
 

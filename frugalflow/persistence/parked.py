@@ -16,22 +16,29 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from ..statuses import BatchItemStatus, BatchStatus, RunStatus
+from ..statuses import BatchItemStatus, BatchStatus, Outcome, RunStatus
+from ..usage import Attempt, Usage
 from .leases import unfenced
 from .store import Store
-from .tables import BatchItemRow, BatchRow, RunRow
+from .tables import AttemptRow, BatchItemRow, BatchRow, RunRow, utcnow
 
-__all__ = ["OPEN_ITEMS", "READY_ITEMS", "ParkedLedger", "aware"]
+__all__ = ["ENDED_RUNS", "OPEN_ITEMS", "READY_ITEMS", "ParkedLedger", "aware", "late_attempt"]
 
 _ITEMS = BatchItemRow.__table__  # type: ignore[attr-defined]
 _BATCHES = BatchRow.__table__  # type: ignore[attr-defined]
 _RUNS = RunRow.__table__  # type: ignore[attr-defined]
+_ATTEMPTS = AttemptRow.__table__  # type: ignore[attr-defined]
 
 OPEN_ITEMS = (BatchItemStatus.QUEUED, BatchItemStatus.SUBMITTED)
 """Items still waiting for an answer (or their hour)."""
 READY_ITEMS = (BatchItemStatus.SUCCEEDED, BatchItemStatus.FAILED, BatchItemStatus.EXPIRED,
                BatchItemStatus.DUE)
 """Items whose node has something to act on."""
+ENDED_RUNS = (RunStatus.CANCELLED, RunStatus.SUCCEEDED, RunStatus.FAILED,
+              RunStatus.BUDGET_EXCEEDED)
+"""Runs nothing waits in any more: their open items are given up (batches cancelled), their
+unused answers recorded as late. (A failed or over-budget run may be resumed: its calls then
+find their items abandoned and call synchronously. Interrupted and paused runs go on.)"""
 _LIVE_BATCHES = (BatchStatus.SUBMITTING, BatchStatus.SUBMITTED)
 
 
@@ -229,34 +236,70 @@ class ParkedLedger:
             return await self.store.retrying(write, what="due timers")
 
     async def abandon_ended_runs(self, now: datetime) -> list[str]:
-        """Open items of cancelled or finished runs are abandoned; the batches whose every
-        unanswered item is now abandoned (to cancel at the provider)."""
+        """Open items of runs that ended (cancelled, succeeded, failed, over budget) are
+        abandoned, and answers they left unused are recorded as paid `late` attempts; the
+        batches whose every unanswered item is now abandoned (to cancel at the provider)."""
         async def write() -> list[str]:
             async with self.store.write() as conn:
-                gone = select(_RUNS.c.id).where(_RUNS.c.status.in_(
-                    [str(RunStatus.CANCELLED), str(RunStatus.SUCCEEDED)]))
+                gone = _ITEMS.c.run_id.in_(select(_RUNS.c.id).where(
+                    _RUNS.c.status.in_([str(s) for s in ENDED_RUNS])))
                 await conn.execute(update(_ITEMS).where(
-                    _ITEMS.c.status.in_([str(s) for s in OPEN_ITEMS]),
-                    _ITEMS.c.run_id.in_(gone)).values(
-                    status=BatchItemStatus.ABANDONED, ended_at=now,
-                    error="its run was cancelled or ended"))
+                    _ITEMS.c.status.in_([str(s) for s in OPEN_ITEMS]), gone).values(
+                    status=BatchItemStatus.ABANDONED, ended_at=now, error="its run ended"))
+                await _unused_answers_late(conn, gone, "answered after its run had ended")
                 return await self._unwanted(conn)
 
         with unfenced():
             return await self.store.retrying(write, what="abandoned items")
 
     async def abandon_run(self, run_id: str, now: datetime) -> int:
-        """Give up a run's open items (it was cancelled); how many."""
+        """Give up a run's open items (it was cancelled), and record the answers it left
+        unused as paid `late` attempts; how many open items were given up."""
         async def write() -> int:
             async with self.store.write() as conn:
                 result = await conn.execute(update(_ITEMS).where(
                     _ITEMS.c.run_id == run_id,
                     _ITEMS.c.status.in_([str(s) for s in OPEN_ITEMS])).values(
                     status=BatchItemStatus.ABANDONED, ended_at=now, error="its run was cancelled"))
+                await _unused_answers_late(conn, _ITEMS.c.run_id == run_id,
+                                           "answered, but its run was cancelled")
             return int(result.rowcount or 0)
 
         with unfenced():
             return await self.store.retrying(write, what="abandoned items")
+
+    async def give_up_call(self, item: BatchItemRow, now: datetime) -> float:
+        """Before `item` is parked: the items parked by earlier executions of its node at
+        its call's place (same run, task and position) under another call key are given up:
+        the execution asks something else there now (a prompt that changed), so no answer
+        of theirs is this call's. Their unused answers are recorded as paid `late`
+        attempts, the rest abandoned (batches cancelled when nobody waits). The late cost
+        (0: none), or -1 when there were no such items (the call may park)."""
+        if item.call_position is None or item.task_id is None:
+            return -1.0
+
+        async def write() -> float:
+            async with self.store.write() as conn:
+                earlier = and_(_ITEMS.c.run_id == item.run_id, _ITEMS.c.task_id == item.task_id,
+                               _ITEMS.c.node == item.node,
+                               _ITEMS.c.call_position == item.call_position,
+                               _ITEMS.c.call_key != item.call_key)
+                # Any, used or given up too: a call that asked something else once (a
+                # crash, its answer not replayed under its new key) never waits again.
+                any_earlier = select(_ITEMS.c.id).where(earlier).limit(1)
+                if (await conn.execute(any_earlier)).first() is None:
+                    return -1.0
+                cost = await _unused_answers_late(
+                    conn, earlier, "answered, but its node asked something else when executed "
+                                   "again (its prompt changed)")
+                await conn.execute(update(_ITEMS).where(
+                    earlier, _ITEMS.c.status.in_([str(s) for s in (*OPEN_ITEMS, *READY_ITEMS)]))
+                    .values(status=BatchItemStatus.ABANDONED, ended_at=now,
+                            error="its node asked something else when executed again"))
+                return cost
+
+        with unfenced():
+            return await self.store.retrying(write, what="items given up")
 
     async def unwanted_batches(self) -> list[str]:
         """Sent batches none of whose unanswered items any run waits for any more."""
@@ -305,3 +348,44 @@ class ParkedLedger:
             return [_batch(r._mapping) for r in rows]
 
         return await self.store.retrying(read, what="read of batches")
+
+
+async def _unused_answers_late(conn: Any, where: Any, why: str) -> float:
+    """The answered items matching `where` that no call took become `abandoned`, each
+    recorded as a `late` attempt with its cost (added to its run's) in the same transaction:
+    paid, so in the ledger, exactly once. One whose answer a call recorded already (it
+    stopped before marking the item used) is only marked used. Their cost."""
+    from .ledger import _attempt_values
+
+    rows = (await conn.execute(select(_ITEMS).where(
+        _ITEMS.c.status == BatchItemStatus.SUCCEEDED, where))).all()
+    recorded = 0.0
+    for row in rows:
+        item = _item(row._mapping)
+        answered = (await conn.execute(select(_ATTEMPTS.c.id).where(
+            _ATTEMPTS.c.batch_item_id == item.id).limit(1))).first() is not None
+        moved = await conn.execute(update(_ITEMS).where(
+            _ITEMS.c.id == item.id, _ITEMS.c.status == BatchItemStatus.SUCCEEDED).values(
+            status=BatchItemStatus.USED if answered else BatchItemStatus.ABANDONED,
+            error=None if answered else why))
+        if answered or not moved.rowcount:
+            continue
+        await conn.execute(_ATTEMPTS.insert().values(
+            **_attempt_values(late_attempt(item, why), item.flow)))
+        if item.cost_usd:
+            await conn.execute(update(_RUNS).where(_RUNS.c.id == item.run_id).values(
+                cost_usd=_RUNS.c.cost_usd + item.cost_usd, updated_at=utcnow()))
+        recorded += item.cost_usd
+    return recorded
+
+
+def late_attempt(item: BatchItemRow, why: str) -> Attempt:
+    """The `late` attempt of an answered item no call used: paid, not used."""
+    usage = Usage(input_tokens=item.input_tokens, output_tokens=item.output_tokens, requests=1)
+    created = item.created_at or item.ended_at or utcnow()
+    return Attempt(
+        node=item.node, model=item.model, provider=item.provider, outcome=Outcome.LATE,
+        # Try 0: not one of its call's tries (as the poller's late answers).
+        call_id=item.call_id, run_id=item.run_id, task_id=item.task_id, try_number=0,
+        usage=usage, cost_usd=item.cost_usd, started_at=created.timestamp(), call_key=None,
+        tier=item.tier, batch_item_id=item.id, error=why)

@@ -114,10 +114,18 @@ def _v8(conn: Connection) -> None:
         table.__table__.create(conn, checkfirst=True)  # type: ignore[union-attr]
 
 
+def _v9(conn: Connection) -> None:
+    """ff_batch_items.call_position: a parked call's place among its node execution's
+    parked calls (a call whose prompt changed is known by its place, not its key)."""
+    columns = {c["name"] for c in inspect(conn).get_columns("ff_batch_items")}
+    if "call_position" not in columns:  # _v1 on this release already created it
+        conn.execute(text("ALTER TABLE ff_batch_items ADD COLUMN call_position INTEGER"))
+
+
 # Append-only: the index + 1 is the schema version. A release that changes a table adds a
 # function here that alters existing databases (and must be a no-op where _v1 already
 # created the new shape). Never edit or reorder an applied migration.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PG_MIGRATION_LOCK = 7_430_119_552  # advisory lock key serialising concurrent setups

@@ -267,6 +267,9 @@ class BatchItemRow(SQLModel, table=True):
     task_id: str | None = None
     call_key: str
     call_id: str = ""
+    call_position: int | None = None
+    """Its call's place among the calls of its node execution that may wait (1, 2, ...): an
+    execution asking something else there has another key (`ParkedLedger.give_up_call`)."""
     model: str
     """The catalog key (`provider/model`) it was parked for."""
     provider: str
