@@ -351,13 +351,11 @@ class CallAttempts:
         return parking.flow if parking is not None else None
 
     def price(self, t: _Try, paid: Usage) -> float:
-        """What `paid` costs on the try's tier (standard: the model's usual price, at the
-        run's clock when the call may have waited for its hour)."""
-        tier = t.candidate.tier
-        if tier is Tier.STANDARD:
-            return t.spec.cost(paid)
+        """What `paid` costs on the try's tier at the run's clock (a price that varies with
+        the hour is the hour's as the runner sees it, like ranking's; outside a runner: now)."""
         parking = self.ctx.parking
-        return t.spec.cost(paid, tier=tier, at=parking.clock() if parking is not None else None)
+        return t.spec.cost(paid, tier=t.candidate.tier,
+                           at=parking.clock() if parking is not None else None)
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
         """Reorder the capable models by the router's per-input predictions."""
