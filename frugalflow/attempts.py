@@ -62,6 +62,7 @@ from .usage import Attempt, RunUsage, Usage
 from .verbosity import TokenEstimate, Verbosity
 
 if TYPE_CHECKING:
+    from .batches.parking import Parking
     from .catalog import ModelSpec
     from .limits import RateReservation
     from .persistence.tables import BatchItemRow
@@ -173,7 +174,7 @@ class CallAttempts:
     # -- the drivers -------------------------------------------------------------------
 
     async def run(self) -> AIMessage:
-        parking = self.ctx.parking
+        parking = self.waits()
         if parking is not None and parking.deadline(self.routed.needs) is not None:
             from .batches.parking import take_parked
 
@@ -288,7 +289,7 @@ class CallAttempts:
             self.n_in += routed._tools_tokens()
         static = ctx.static(needs, routed.node)
         self.priced = ctx.priced(routed.node, needs, static)
-        parking = ctx.parking
+        parking = self.waits()
         left = parking.seconds_left(needs) if parking is not None else None
         if left is None:
             ranking = rank(ctx.catalog, needs, self.messages, prefiltered=static,
@@ -311,6 +312,13 @@ class CallAttempts:
         if ctx.measured is not None:
             self.prefer(ranking, remaining)
         return ranking  # its candidates are made as the loop reaches them
+
+    def waits(self) -> Parking | None:
+        """The run's parking if this call may wait for a deadline (its own, or the run's
+        default): not outside a durable run, nor for a node that answers now
+        (`Needs(deadline=timedelta(0))`)."""
+        parking = self.ctx.parking
+        return None if parking is None or self.routed.needs.answers_now else parking
 
     def tiers_left(self, rows: list[Candidate]) -> list[Candidate]:
         """`rows` without the tiers this call's parked items ruled out; a model whose

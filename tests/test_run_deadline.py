@@ -63,3 +63,164 @@ async def test_a_standard_call_is_charged_at_the_runner_clocks_hour(
         full = spec.cost(usage_of(a), at=PEAK)
         assert a.cost_usd == pytest.approx(full / 2 if at == OFF_PEAK else full)
         assert a.cost_usd == pytest.approx(spec.cost(usage_of(a), at=at))
+
+
+# -- the run's default deadline ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def runner(db_url: str, emu: ProviderEmulator,  # noqa: F811
+                 time_: Clock) -> AsyncIterator[Runner]:  # noqa: F811
+    """Nightly enrichment whose enrich node has no deadline of its own (`nightly`), and the
+    same with its own 6 hours (`nightly6`)."""
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, MODELS)
+    r = Runner(db_url, flows=[nightly(deadline=None), nightly(name="nightly6")],
+               catalog=catalog, clock=time_, deadline_margin=timedelta(minutes=20))
+    yield r
+    await r.close()
+    await catalog.aclose()
+    forget_provider_clients()
+
+
+async def test_a_run_default_deadline_parks_the_nodes_without_their_own(
+        runner: Runner, emu: ProviderEmulator, time_: Clock) -> None:  # noqa: F811
+    """Enrich has no deadline: started with 6 hours it parks on a batch due then; summarize
+    says it may not wait (`Needs(deadline=timedelta(0))`) and is called at once."""
+    emu.batches.script("openai", delay=None, times=None)
+    started = time_.now
+    result = await runner.start("nightly", {"docs": ["a", "b"]}, deadline=timedelta(hours=6))
+    assert result.status == RunStatus.WAITING, result.error
+    assert (await runner.get(result.run_id)).run.deadline_at == started + timedelta(hours=6)
+    items = await runner.parked.all_items(result.run_id)
+    assert [(i.node, i.tier, i.status) for i in items] == [
+        ("enrich", "batch", BatchItemStatus.QUEUED)] * 2
+    assert all(i.deadline_at == started + timedelta(hours=6) for i in items)
+    assert emu.requests == []  # nothing called synchronously
+
+    poll = runner.batch_poller(gather=0, poll_every=0, claim_for=60)
+    await poll.tick()
+    emu.batches.release()
+    assert (await poll.tick()).woken == [result.run_id]
+    final = await runner.wait(result.run_id)
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    attempts = (await runner.get(result.run_id)).attempts
+    assert [a.tier for a in attempts if a.node == "enrich"] == ["batch", "batch"]
+    [summary] = [a for a in attempts if a.node == "summarize"]
+    assert summary.tier is None  # standard, though the run's deadline would have let it wait
+    assert [i.node for i in await runner.parked.all_items(result.run_id)] == ["enrich"] * 2
+    assert [r.model for r in emu.requests] == [summary.model.split("/", 1)[1]]
+
+
+async def test_without_a_run_deadline_a_node_without_its_own_never_waits(
+        runner: Runner, emu: ProviderEmulator) -> None:
+    result = await runner.start("nightly", {"docs": ["a"]})
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    assert await runner.parked.all_items(result.run_id) == []
+    assert (await runner.get(result.run_id)).run.deadline_at is None
+
+
+@pytest.mark.parametrize("run_deadline", [timedelta(minutes=30), timedelta(days=1)],
+                         ids=["shorter", "longer"])
+async def test_a_nodes_own_deadline_wins_over_the_run_default(
+        runner: Runner, emu: ProviderEmulator, time_: Clock,  # noqa: F811
+        run_deadline: timedelta) -> None:
+    """Enrich's own 6 hours, whatever the run's default: a batch (which 30 minutes would not
+    allow) due 6 hours after the start (not a day)."""
+    emu.batches.script("openai", delay=None, times=None)
+    started = time_.now
+    result = await runner.start("nightly6", {"docs": ["a"]}, deadline=run_deadline)
+    assert result.status == RunStatus.WAITING, result.error
+    [item] = await runner.parked.all_items(result.run_id)
+    assert item.node == "enrich" and item.tier == "batch"
+    assert item.deadline_at == started + timedelta(hours=6)
+
+
+KEYS = {k: "test-key" for k in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY",
+                                 "DEEPSEEK_API_KEY")}
+
+
+@pytest.fixture
+def keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in catalog's providers configured (explain prices them; nothing is called)."""
+    for k, v in KEYS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("FRUGALFLOW_CATALOG", raising=False)
+
+
+def test_a_node_that_answers_now_ranks_as_without_a_deadline(keys: None) -> None:
+    """`Needs(deadline=timedelta(0))`: valid (a negative one is not), described, and what
+    `explain` shows for it under a run's default is the plan without a deadline."""
+    from frugalflow import Catalog, Needs
+    from frugalflow.costs_cli import explain_plan, node_deadline
+
+    now = Needs(deadline=timedelta(0))
+    assert now.answers_now and not Needs().answers_now
+    assert not Needs(deadline=timedelta(hours=1)).answers_now
+    assert "answers now" in now.describe()
+    with pytest.raises(ValueError, match="deadline"):
+        Needs(deadline=timedelta(seconds=-1))
+    assert node_deadline(now, 6 * 3600) is None
+    compiled = nightly().compile(Catalog.builtin())
+    plan = explain_plan(compiled, 1000, 6 * 3600)
+    assert all("tier" not in row for row in plan["summarize"])
+    assert any(row.get("tier") == "batch" and row.get("chosen") for row in plan["enrich"])
+
+
+# -- explain and the command line follow the runtime ---------------------------------------------
+
+
+def test_explain_deadline_is_the_run_default_and_a_nodes_own_wins(keys: None) -> None:
+    """`explain nightly_enrichment --deadline 20m`: enrich keeps its own 6 hours (a batch is
+    chosen, as at run time), summarize answers now (no tiers); --help says so."""
+    from typer.testing import CliRunner
+
+    from frugalflow.cli import app
+
+    cli = CliRunner()
+    out = cli.invoke(app, ["explain", "nightly_enrichment", "--deadline", "20m", "--json"])
+    assert out.exit_code == 0, out.output
+    import json
+
+    plan = json.loads(out.output)
+    [chosen] = [r for r in plan["enrich"] if r.get("chosen")]
+    assert chosen["tier"] == "batch"
+    assert all("tier" not in r for r in plan["summarize"])
+    text = cli.invoke(app, ["explain", "nightly_enrichment", "--deadline", "20m"],
+                      terminal_width=200).output
+    assert "[batch]" in text.split("summarize", 1)[0]
+    help_text = " ".join(cli.invoke(app, ["explain", "--help"], terminal_width=200).output.split())
+    assert "own deadline wins" in help_text
+
+
+def test_frugalflow_run_deadline_sets_the_runs_default(tmp_path: Any) -> None:
+    import asyncio
+    import json
+
+    from typer.testing import CliRunner
+
+    from frugalflow.cli import app
+    from frugalflow.persistence import Store
+    from frugalflow.persistence.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    cli = CliRunner()
+    out = cli.invoke(app, ["run", "support_triage", "-i", '{"ticket": "Order 12 is late"}',
+                           "--db", db, "--json", "--deadline", "1h30m"])
+    assert out.exit_code == 0, out.output
+    run_id = json.loads(out.output)["run_id"]
+
+    async def row() -> Any:
+        store = Store(db, create=False)
+        try:
+            return await Ledger(store).get_run(run_id)
+        finally:
+            await store.close()
+
+    run = asyncio.run(row())
+    assert run.deadline_at - run.created_at == timedelta(hours=1, minutes=30)
+    bad = cli.invoke(app, ["run", "support_triage", "--db", db, "--deadline", "soon"])
+    assert bad.exit_code == 2
+    lines = [line for line in bad.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--deadline" in lines[0] and "not a duration" in lines[0], bad.output
+
