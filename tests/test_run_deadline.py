@@ -224,3 +224,90 @@ def test_frugalflow_run_deadline_sets_the_runs_default(tmp_path: Any) -> None:
     lines = [line for line in bad.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--deadline" in lines[0] and "not a duration" in lines[0], bad.output
 
+
+# -- a cancel while an executor picks the run up -------------------------------------------------
+
+
+def cancel_before_running(executor: Runner, canceller: Runner,
+                          monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make `canceller` (another process's view, e.g. the service) cancel the run while
+    `executor` has read it and not yet written `running`: inside its context's building,
+    which comes between the two."""
+    cancelled: list[str] = []
+    build = executor._context
+
+    async def context(compiled: Any, row: Any, continuation: bool) -> Any:
+        if continuation and not cancelled:
+            cancelled.append(str((await canceller.cancel(row.id)).status))
+        return await build(compiled, row, continuation)
+
+    monkeypatch.setattr(executor, "_context", context)
+    return cancelled
+
+
+async def test_a_run_cancelled_as_its_executor_picks_it_up_is_never_executed(
+        db_url: str, runner: Runner, emu: ProviderEmulator, time_: Clock,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A woken run is cancelled between its executor's read and its `running`: it stays
+    cancelled, and its given-up batch items are not called synchronously instead."""
+    emu.batches.script("openai", delay=None, times=None)
+    result = await runner.start("nightly6", {"docs": ["a", "b"]})
+    assert result.status == RunStatus.WAITING, result.error
+    other = Runner(db_url, flows=[nightly(name="nightly6")], catalog=runner.catalog,
+                   clock=time_)
+    try:
+        seen = cancel_before_running(runner, other, monkeypatch)
+        after = await runner.resume(result.run_id)
+        assert seen == ["cancelled"]
+        assert after.status == RunStatus.CANCELLED, after.error
+    finally:
+        await other.close()
+    record = await runner.get(result.run_id)
+    assert record.run.status == RunStatus.CANCELLED
+    assert record.attempts == [] and emu.requests == []  # nothing called, nothing paid
+    items = await runner.parked.all_items(result.run_id)
+    assert [i.status for i in items] == [BatchItemStatus.ABANDONED] * 2
+
+
+async def test_with_workers_a_run_cancelled_after_its_delivery_is_never_executed(
+        fresh_pg_url: str, emu: ProviderEmulator, time_: Clock,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatcher delivers a woken run to a worker; the service cancels it before the
+    worker writes `running`: the worker leaves it cancelled and calls nothing."""
+    from frugalflow.scale.dispatch import ProcrastinateDispatcher
+
+    emu.batches.script("openai", delay=None, times=None)
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, MODELS)
+    flows = [nightly(name="nightly6")]
+    service = Runner(fresh_pg_url, flows=flows, catalog=catalog, clock=time_,
+                     dispatcher=ProcrastinateDispatcher(fresh_pg_url))
+    worker = Runner(fresh_pg_url, flows=flows, catalog=catalog, clock=time_,
+                    dispatcher=ProcrastinateDispatcher(fresh_pg_url))
+    dispatcher = worker.dispatcher
+    assert isinstance(dispatcher, ProcrastinateDispatcher)
+    dispatcher.runner = worker
+
+    async def deliver() -> None:  # the worker takes what is queued now, then returns
+        await dispatcher.app.run_worker_async(queues=[dispatcher.queue], wait=False,
+                                              install_signal_handlers=False,
+                                              listen_notify=False)
+
+    try:
+        await worker.setup()
+        run_id = (await service.start("nightly6", {"docs": ["a", "b"]}, wait=False)).run_id
+        await deliver()
+        assert (await service.get(run_id)).run.status == RunStatus.WAITING
+        seen = cancel_before_running(worker, service, monkeypatch)
+        assert (await service.resume(run_id, wait=False)).status == RunStatus.QUEUED  # woken
+        await deliver()
+        assert seen == ["cancelled"]
+        record = await service.get(run_id)
+        assert record.run.status == RunStatus.CANCELLED
+        assert record.attempts == [] and emu.requests == []
+        assert await dispatcher.status(run_id) == "succeeded"  # its job done, not retried
+    finally:
+        await worker.close()
+        await service.close()
+        await catalog.aclose()
+        forget_provider_clients()
