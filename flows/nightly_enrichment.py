@@ -3,7 +3,8 @@
 enrich (one task per document, `Send`) -> summarize -> END. The enrich calls say they may
 wait until a deadline (`Needs(deadline=...)`, 6 hours here), so they go to a provider's
 batch, flex tier or a cheaper hour when one meets the deadline, and the run parks as
-`waiting` until the answers land; the summary may not wait. `nightly(deadline=None)` is the
+`waiting` until the answers land; the summary may not wait, even under a run's default
+deadline (`Needs(deadline=timedelta(0))`). `nightly(deadline=None)` is the
 same flow all-standard; `approval=True` adds a human's go-ahead beside the waiting tasks.
 """
 
@@ -55,7 +56,8 @@ def nightly(deadline: timedelta | None = DEADLINE, *, name: str = "nightly_enric
         return {"approved": interrupt({"question": "send tonight's summary?"})}
 
     flow.add_node("enrich", enrich, needs=Needs(deadline=deadline))
-    flow.add_node("summarize", summarize, needs=Needs())
+    # Answers now, also when the run is started with a default deadline for its nodes.
+    flow.add_node("summarize", summarize, needs=Needs(deadline=timedelta(0)))
     flow.add_conditional_edges(
         START, lambda s: [Send("enrich", {"doc": d}) for d in s["docs"]], ["enrich"])
     if approval:

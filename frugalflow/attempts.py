@@ -62,6 +62,7 @@ from .usage import Attempt, RunUsage, Usage
 from .verbosity import TokenEstimate, Verbosity
 
 if TYPE_CHECKING:
+    from .batches.parking import Parking
     from .catalog import ModelSpec
     from .limits import RateReservation
     from .persistence.tables import BatchItemRow
@@ -174,7 +175,7 @@ class CallAttempts:
     # -- the drivers -------------------------------------------------------------------
 
     async def run(self) -> AIMessage:
-        parking = self.ctx.parking
+        parking = self.waits()
         if parking is not None and parking.deadline(self.routed.needs) is not None:
             from .batches.parking import take_parked
 
@@ -289,7 +290,7 @@ class CallAttempts:
             self.n_in += routed._tools_tokens()
         static = ctx.static(needs, routed.node)
         self.priced = ctx.priced(routed.node, needs, static)
-        parking = ctx.parking
+        parking = self.waits()
         left = parking.seconds_left(needs) if parking is not None else None
         if left is None:
             ranking = rank(ctx.catalog, needs, self.messages, prefiltered=static,
@@ -312,6 +313,13 @@ class CallAttempts:
         if ctx.measured is not None:
             self.prefer(ranking, remaining)
         return ranking  # its candidates are made as the loop reaches them
+
+    def waits(self) -> Parking | None:
+        """The run's parking if this call may wait for a deadline (its own, or the run's
+        default): not outside a durable run, nor for a node that answers now
+        (`Needs(deadline=timedelta(0))`)."""
+        parking = self.ctx.parking
+        return None if parking is None or self.routed.needs.answers_now else parking
 
     def tiers_left(self, rows: list[Candidate]) -> list[Candidate]:
         """`rows` without the tiers this call's parked items ruled out; a model whose
@@ -352,13 +360,11 @@ class CallAttempts:
         return parking.flow if parking is not None else None
 
     def price(self, t: _Try, paid: Usage) -> float:
-        """What `paid` costs on the try's tier (standard: the model's usual price, at the
-        run's clock when the call may have waited for its hour)."""
-        tier = t.candidate.tier
-        if tier is Tier.STANDARD:
-            return t.spec.cost(paid)
+        """What `paid` costs on the try's tier at the run's clock (a price that varies with
+        the hour is the hour's as the runner sees it, like ranking's; outside a runner: now)."""
         parking = self.ctx.parking
-        return t.spec.cost(paid, tier=tier, at=parking.clock() if parking is not None else None)
+        return t.spec.cost(paid, tier=t.candidate.tier,
+                           at=parking.clock() if parking is not None else None)
 
     def route(self, rows: list[Candidate]) -> list[Candidate]:
         """Reorder the capable models by the router's per-input predictions."""

@@ -214,7 +214,8 @@ class ModelSpec(BaseModel):
         """USD for a call's reported usage on `tier`, made at `at` (None: now; off_peak: in
         its next cheaper window); genai-prices handles token tiers, cached tokens, its
         batch / flex price variants and time-of-day prices (see `frugalflow.tiers`)."""
-        if at is None and tier is Tier.STANDARD:
+        if tier is Tier.STANDARD and (at is None or self._resolved.linear):
+            # Linear: the same at every hour (a simulated model is charged its list price).
             return self._standard_cost(usage)
         return _tier_cost(self, usage, Tier(tier), at)
 

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
@@ -18,7 +19,7 @@ from rich.text import Text
 
 from .catalog import Catalog
 from .cli_options import (CatalogOption, DbOption, DeadlineOption, JsonOption, PolicyOption,
-                          RouterOption, TimeoutOption, duration_seconds,
+                          RouterOption, RunDeadlineOption, TimeoutOption, duration_seconds,
                           fallback_policy as _fallback, timeout_seconds as _timeout)
 from .cli_usage import OneLineErrorsGroup as _Cli
 from .costs_cli import add_costs_command, explain_plan, print_plan
@@ -314,16 +315,18 @@ def run(
     budget: float = typer.Option(None, "--budget", help="USD the run may spend."),
     db: str = DbOption, catalog: str = CatalogOption, as_json: bool = JsonOption,
     router: str = RouterOption, policy: str = PolicyOption, timeout: float = TimeoutOption,
+    deadline: str = RunDeadlineOption,
 ) -> None:
     """Start a durable run: live per-node progress, then its result and a cost table."""
+    due = timedelta(seconds=duration_seconds(deadline)) if deadline is not None else None
     try:
         _check_budget(budget)
         f = load_flow(flow)
         value = _parse_json(input, "--input")
         check_input(f, value)  # before anything is printed, opened or written
-        asyncio.run(_start_or_resume(f, db, catalog, as_json,
-                                     lambda r: r.start(f.name, value, budget=budget), router,
-                                     policy, flow_arg=flow, timeout=timeout))
+        asyncio.run(_start_or_resume(
+            f, db, catalog, as_json, lambda r: r.start(f.name, value, budget=budget, deadline=due),
+            router, policy, flow_arg=flow, timeout=timeout))
     except InputError as e:
         _bad_input(e)
     except FrugalflowError as e:
@@ -682,7 +685,8 @@ def explain(
 ) -> None:
     """Per node: candidate models in order, rejected models and why, expected cost range,
     and what was measured of each (with --policy or --db; else the prior only). With a
-    deadline (--deadline, or a node's own): each model's tiers and why others cannot serve."""
+    deadline (a node's own Needs.deadline, else --deadline as the run's default, as at run
+    time): each model's tiers and why others cannot serve."""
     left = duration_seconds(deadline) if deadline is not None else None
     try:
         compiled = load_flow(flow).compile(_catalog(catalog))

@@ -30,9 +30,16 @@ TimeoutOption = typer.Option(None, "--timeout", min=0.001, envvar="FRUGALFLOW_TI
 
 
 DeadlineOption = typer.Option(None, "--deadline",
-                              help="Time the nodes' answers may take (e.g. 20m, 6h, 1h30m, 1d): "
-                                   "rank batch, flex and off-peak tiers that can meet it "
-                                   "(default: each node's own Needs.deadline).")
+                              help="The run's default deadline (e.g. 20m, 6h, 1h30m, 1d), as "
+                                   "`frugalflow run --deadline` gives it: nodes without their "
+                                   "own Needs.deadline may wait this long (batch, flex and "
+                                   "off-peak tiers that can meet it); a node's own deadline "
+                                   "wins, as at run time.")
+
+RunDeadlineOption = typer.Option(None, "--deadline",
+                                 help="The run's default deadline (e.g. 20m, 6h, 1h30m, 1d): "
+                                      "nodes without their own Needs.deadline may wait this "
+                                      "long for a cheaper tier (batch, flex, off-peak).")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 _UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}

@@ -94,10 +94,13 @@ async def _costs(db: str | None, by: GroupBy, run_id: str | None,
 
 
 def node_deadline(needs: Needs, deadline_s: float | None) -> float | None:
-    """The seconds a node's answers may take: `--deadline`, else its `Needs.deadline`."""
-    if deadline_s is not None:
-        return deadline_s
-    return needs.deadline.total_seconds() if needs.deadline is not None else None
+    """The seconds a node's answers may take, as at run time: its own `Needs.deadline`
+    first (`timedelta(0)`: none, it answers now), else `--deadline` (the run's default)."""
+    if needs.answers_now:
+        return None
+    if needs.deadline is not None:
+        return needs.deadline.total_seconds()
+    return deadline_s
 
 
 def explain_plan(compiled: CompiledFlow, tokens: int, deadline_s: float | None,

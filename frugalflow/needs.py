@@ -91,8 +91,10 @@ class Needs(BaseModel):
     deadline: timedelta | None = None
     """How long after the run's start this node's answers may come (e.g. 6 hours). With a
     deadline the node may be served on a cheaper tier that answers later (batch, flex, an
-    off-peak hour) when it can still answer in time; None: now, at standard prices. A run
-    may give a default for every node (`Runner.start(deadline=...)`)."""
+    off-peak hour) when it can still answer in time; None: the run's default deadline
+    (`Runner.start(deadline=...)`), else now, at standard prices. `timedelta(0)`: now, even
+    under a run's default deadline (the node may not wait: standard tier, ranked as without
+    a deadline)."""
     cascade: bool = False
     """With a router: try models in order of expected cost per success (cost / p), the order
     that minimises the expected spend until an answer passes the node's validator (outcomes
@@ -108,11 +110,17 @@ class Needs(BaseModel):
 
     @field_validator("deadline")
     @classmethod
-    def _positive_deadline(cls, value: timedelta | None) -> timedelta | None:
-        if value is not None and value <= timedelta(0):
-            raise ValueError(f"deadline must be a positive duration (e.g. timedelta(hours=6)), "
-                             f"got {value}")
+    def _deadline_not_negative(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value < timedelta(0):
+            raise ValueError(f"deadline must be a duration (e.g. timedelta(hours=6); "
+                             f"timedelta(0): answer now), got {value}")
         return value
+
+    @property
+    def answers_now(self) -> bool:
+        """Whether the node may not wait, whatever its run's default deadline
+        (`deadline=timedelta(0)`)."""
+        return self.deadline == timedelta(0)
 
     @property
     def routed(self) -> bool:
@@ -178,6 +186,8 @@ class Needs(BaseModel):
             value = getattr(self, name)
             if value:
                 parts.append(f"{name}={value}")
+        if self.answers_now:
+            parts.append("deadline=0 (answers now)")
         return ", ".join(parts) or "no special needs"
 
 

@@ -80,6 +80,13 @@ if TYPE_CHECKING:
 
 __all__ = ["FINAL_STATUSES", "Lease", "RunResult", "RunStatus", "Runner"]
 
+_RUNNABLE = frozenset(RunStatus) - FINAL_STATUSES
+"""The statuses a run may start executing from."""
+
+
+class RunEndedError(Exception):
+    """The run reached a final status (cancelled) between its read and its execution."""
+
 log = logging.getLogger("frugalflow")
 
 
@@ -366,11 +373,13 @@ class Runner(RunKnowledge):
             await self.dispatcher.cancel(run_id)
         if row.status == RunStatus.WAITING:  # its parked requests: given up (batches cancelled)
             await self.parked.abandon_run(run_id, self.clock())
-        if row.status == RunStatus.RUNNING:
+        # Only from the status read (a worker may have taken it meanwhile: then the request
+        # below stops it); cancel_requested too, for an executor that holds it already.
+        if row.status == RunStatus.RUNNING or not await self.ledger.move_run(
+                run_id, RunStatus.CANCELLED, [RunStatus(row.status)], cancel_requested=True):
             # Executing elsewhere: its executor sees the request when it renews its lease.
-            await self.ledger.update_run(run_id, cancel_requested=True)
-            return self._result(await self.ledger.get_run(run_id))
-        await self.ledger.update_run(run_id, status=RunStatus.CANCELLED)
+            if (await self.ledger.get_run(run_id)).status not in FINAL_STATUSES:
+                await self.ledger.update_run(run_id, cancel_requested=True)
         return self._result(await self.ledger.get_run(run_id))
 
     async def wait(self, run_id: str, *, through_waiting: bool = False) -> RunResult:
@@ -514,6 +523,11 @@ class Runner(RunKnowledge):
                 await self._drive(run_id, graph_input, end)
         except BudgetExceededError as e:
             end.stop(RunStatus.BUDGET_EXCEEDED, str(e), e)
+        except RunEndedError:  # ended (cancelled) before it began: its end stays as written
+            await self._stop_keeper(keeper)
+            with unfenced():
+                await lease.release()
+            return self._result(await self.ledger.get_run(run_id))
         except asyncio.CancelledError:
             stopped = await self._stopped(run_id, lease, keeper, end.values)
             if stopped is None:
@@ -548,7 +562,11 @@ class Runner(RunKnowledge):
         ctx = await self._context(compiled, row, end.continuation)
         if self._otel is not None:  # the execution's span, the run's trace kept with it
             await self._otel.begin(row, ctx.usage, self.ledger)
-        await self.ledger.update_run(run_id, status=RunStatus.RUNNING, error=None, error_type=None)
+        # Not over a final status: a run cancelled since it was read (e.g. while a worker
+        # took it from the queue) is never executed.
+        if not await self.ledger.move_run(run_id, RunStatus.RUNNING, _RUNNABLE, error=None,
+                                          error_type=None):
+            raise RunEndedError(run_id)
         self.events.publish(run_id, "run_started", flow=row.flow)
         config = self._config(run_id)
         if self.callbacks:

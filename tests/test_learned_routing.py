@@ -84,8 +84,8 @@ async def test_router_learned_from_outcomes_lowers_cost_at_equal_quality(tmp_pat
         await production.close()
         await evaluation.close()
     assert right == static_right == len(held_out)  # the validator holds quality
-    # 0.88 of the static cost at the simulated models' list prices (0.85 was met only while
-    # DeepSeek's off-peak price was in force: simulated models paid the hour's price then).
+    # About 0.88 of the static cost. Simulated models are charged their list price at every
+    # hour of the runner's clock (a real DeepSeek would pay its off-peak hours' price).
     assert cost < 0.9 * static_cost and calls < static_calls
     # The saving comes from messy invoices skipping models the router expects to fail.
     messy = next(d for d in held_out if read_invoice([HumanMessage(d)])[1] > 0.5)

@@ -178,3 +178,28 @@ async def test_feedback_on_a_runs_answer_is_recorded_for_learning(db: str) -> No
     finally:
         await runner.close()
     assert [(e.node, e.success) for e in examples] == [("n1", True), ("n2", False), ("n3", True)]
+
+
+async def test_a_run_started_over_http_may_have_a_default_deadline(db: str) -> None:
+    """`deadline` in POST /runs: seconds or an ISO-8601 duration; a bad one is a 422 naming
+    it, and nothing is written."""
+    from datetime import datetime, timedelta
+
+    async with serving(db) as client:
+        for given in (21600, "PT6H"):
+            r = await client.post("/runs", json={"flow": "chain", "input": {"topic": "d"},
+                                                 "deadline": given, "wait": True})
+            assert r.status_code == 200, r.text
+            run = (await client.get(f"/runs/{r.json()['run_id']}")).json()
+            due = datetime.fromisoformat(run["deadline_at"])
+            assert due - datetime.fromisoformat(run["created_at"]) == timedelta(hours=6)
+        plain = (await client.post("/runs", json={"flow": "chain", "input": {"topic": "p"},
+                                                  "wait": True})).json()
+        assert (await client.get(f"/runs/{plain['run_id']}")).json()["deadline_at"] is None
+        for bad in (b"0", b"-1", b'"soon"', b'"6h"', b"true", b"NaN", b"1e400", b'"P2Y"'):
+            r = await client.post("/runs", content=b'{"flow": "chain", "deadline": %s}' % bad,
+                                  headers={"content-type": "application/json"})
+            assert r.status_code == 422 and "deadline" in r.text, (bad, r.text)
+        assert len((await client.get("/runs")).json()) == 3
+        schema = (await client.get("/openapi.json")).json()
+        assert "deadline" in schema["components"]["schemas"]["StartRun"]["properties"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -176,6 +176,24 @@ class Ledger:
                           pg=pg, columns=sorted(changes))
 
         await self.store.run_write(plan, key=run_id, what=f"update of run {run_id}")
+
+    async def move_run(self, run_id: str, to: RunStatus, when: Iterable[RunStatus],
+                       **changes: Any) -> bool:
+        """Set the run's status to `to` (and `changes`) only if it is one of `when`, in one
+        statement (a status another process wrote meanwhile is never overwritten); whether
+        it moved."""
+        changes = {**changes, "status": to, "updated_at": utcnow()}
+        if to in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
+            changes.setdefault("finished_at", changes["updated_at"])
+        stmt = (update(_RUNS)
+                .where(_RUNS.c.id == run_id, _RUNS.c.status.in_([str(s) for s in when]))
+                .values(**changes).returning(_RUNS.c.id))
+
+        def plan() -> Plan[bool]:
+            rows = yield Op(stmt, None, True)
+            return bool(rows)
+
+        return await self.store.run_write(plan, key=run_id, what=f"update of run {run_id}")
 
     async def set_trace_context(self, run_id: str, context: dict[str, str]) -> None:
         """Keep the run's W3C trace context (`traceparent`, `tracestate`): every later

@@ -8,11 +8,12 @@ import json
 import math
 import re
 from collections.abc import Callable, Coroutine
-from typing import Any
+from datetime import timedelta
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +28,12 @@ _INLINE_JSON_BYTES = 64_000  # bigger request bodies are parsed and checked in a
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+MAX_DEADLINE = timedelta(days=365)
+Duration = Annotated[timedelta, WithJsonSchema({
+    "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "format": "duration"}],
+    "description": "Seconds, or an ISO-8601 duration (e.g. PT6H), above 0 and at most a year."})]
+
+
 class StartRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -36,6 +43,16 @@ class StartRun(BaseModel):
     """USD the run may spend: finite and above 0 (None: no limit)."""
     wait: bool = False
     """Answer when the run stops (succeeded, interrupted, failed...) instead of at once."""
+    deadline: Duration | None = Field(default=None, gt=timedelta(0), le=MAX_DEADLINE)
+    """The run's default deadline (`Runner.start(deadline=...)`): seconds, or an ISO-8601
+    duration ("PT6H"); nodes without their own `Needs.deadline` may wait this long."""
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true would be 1 second
+            raise ValueError("deadline is seconds (a number) or an ISO-8601 duration (PT6H)")
+        return value
 
 
 class ResumeRun(BaseModel):

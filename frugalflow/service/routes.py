@@ -116,7 +116,8 @@ def _add_run_routes(api: APIRouter, runner: Runner, require: _Require) -> None:
                 "message": f"no flow {body.flow!r}; flows: {', '.join(sorted(runner.flows))}"})
         try:
             result = await runner.start(body.flow, body.input, budget=body.budget,
-                                        wait=body.wait, principal=who.name if who else None)
+                                        wait=body.wait, principal=who.name if who else None,
+                                        deadline=body.deadline)
         except InputError as e:  # missing, unknown or mistyped fields: nothing was written
             raise http_error(422, e) from None
         except FrugalflowError as e:
