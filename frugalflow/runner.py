@@ -371,15 +371,18 @@ class Runner(RunKnowledge):
             return self._result(await self.ledger.get_run(run_id))
         if self.dispatcher is not None and row.status == RunStatus.QUEUED:
             await self.dispatcher.cancel(run_id)
-        if row.status == RunStatus.WAITING:  # its parked requests: given up (batches cancelled)
-            await self.parked.abandon_run(run_id, self.clock())
         # Only from the status read (a worker may have taken it meanwhile: then the request
         # below stops it); cancel_requested too, for an executor that holds it already.
         if row.status == RunStatus.RUNNING or not await self.ledger.move_run(
                 run_id, RunStatus.CANCELLED, [RunStatus(row.status)], cancel_requested=True):
-            # Executing elsewhere: its executor sees the request when it renews its lease.
+            # Executing elsewhere: its executor sees the request when it renews its lease
+            # (and the poller gives its parked requests up once it has ended).
             if (await self.ledger.get_run(run_id)).status not in FINAL_STATUSES:
                 await self.ledger.update_run(run_id, cancel_requested=True)
+        elif row.status == RunStatus.WAITING:
+            # Cancelled first, so no worker can take it up meanwhile and call synchronously
+            # what it gives up here (its batches cancelled, answers already in recorded late).
+            await self.parked.abandon_run(run_id, self.clock())
         return self._result(await self.ledger.get_run(run_id))
 
     async def wait(self, run_id: str, *, through_waiting: bool = False) -> RunResult:
