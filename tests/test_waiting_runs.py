@@ -772,3 +772,38 @@ async def test_two_pollers_taking_the_same_requests_write_one_batch(
                                             ids, "poller-2", timedelta(minutes=5), time_.now)
     assert sorted(i.id for i in first) == sorted(ids) and second == []
     assert [(b.id, b.items) for b in await runner.parked.all_batches()] == [("one", 2)]
+
+
+@pytest.mark.slow
+async def test_a_backlog_over_postgres_parameter_limit_is_sent(
+        fresh_pg_url: str, emu: ProviderEmulator, time_: Clock) -> None:
+    """33,000 requests queued for one model (OpenAI takes 50,000 a batch): more item ids
+    than PostgreSQL binds in one statement (32,767), so they are taken in chunks. The rows
+    are written directly: the point is the poller's queries, not 33,000 runs."""
+    from frugalflow.persistence.tables import BatchItemRow
+
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, ("openai/gpt-4o-mini",))
+    runner = Runner(fresh_pg_url, flows=[nightly()], catalog=catalog, clock=time_)
+    emu.batches.script("openai", delay=None)
+    n = 33_000
+    try:
+        await runner.store.setup()
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Why?"}]}
+        rows = [{"id": f"it{i:06d}", "run_id": f"run{i % 100}", "node": "enrich",
+                 "call_key": f"k{i}", "model": "openai/gpt-4o-mini", "provider": "openai",
+                 "tier": "batch", "status": "queued", "request": body,
+                 "created_at": time_.now - timedelta(minutes=5)} for i in range(n)]
+        async with runner.store.write() as conn:
+            await conn.execute(BatchItemRow.__table__.insert(), rows)  # type: ignore[attr-defined]
+        tick = await runner.batch_poller(gather=0, poll_every=0, claim_for=300).tick()
+        assert len(tick.submitted) == 1
+        [batch] = emu.batches.listed("openai")
+        assert len(batch.requests) == n
+        [row] = await runner.parked.all_batches()
+        assert row.items == n and row.status == BatchStatus.SUBMITTED
+        assert {i.status for i in await runner.parked.all_items()} == {BatchItemStatus.SUBMITTED}
+    finally:
+        await runner.close()
+        await catalog.aclose()
+        forget_provider_clients()
