@@ -4,7 +4,7 @@
 
 `after-sending`: one tick (the batch is sent and recorded), then `sent` is printed and the
 process waits to be killed. `before-recording`: the tick sends the batch, prints `sent`
-before recording it, and waits there to be killed (its claim lapses at once).
+before recording it, and waits there to be killed (its claim lapses 2 s later).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ async def main(db: str, url: str, mode: str) -> None:
             await asyncio.Event().wait()  # killed here
 
         BatchPoller._sent = stop_here  # type: ignore[method-assign]
-    poller = runner.batch_poller(gather=0, poll_every=0, claim_for=0.05)
+    # A short claim (it lapses soon after the kill), yet long enough for the send: a send
+    # is cut after half the claim.
+    poller = runner.batch_poller(gather=0, poll_every=0, claim_for=2.0)
     await poller.tick()
     print("sent", flush=True)
     await asyncio.Event().wait()  # killed here

@@ -304,6 +304,29 @@ async def test_find_recognises_a_sent_batch(
         await fresh.aclose()
 
 
+@pytest.mark.parametrize("kind", ["reset_after", "timeout_after"])
+async def test_a_create_whose_answer_is_lost_makes_one_batch(
+    emu: ProviderEmulator, spec: ModelSpec, chat: ChatAnthropic, kind: str,
+) -> None:
+    """The provider created the batch, the client saw a reset or timed out: not created
+    again (an SDK retry would make a second batch, paid in full); `find` cannot tell while
+    it runs, and names it once it ended."""
+    emu.batches.script("anthropic", delay=None)
+    emu.batches.fault("anthropic", kind)
+    bc = AnthropicBatchClient(spec, timeout=0.5)
+    try:
+        with pytest.raises(ff.ModelAPIError):
+            await bc.submit(spec, [line(bc, chat, "Once.", "q1")], batch_id="b-lost")
+        [made] = emu.batches.listed("anthropic")
+        with pytest.raises(ff.ModelAPIError, match="cannot tell yet"):
+            await bc.find(spec, "b-lost", items=1)
+        emu.batches.release()
+        assert await bc.find(spec, "b-lost", items=1) == made.id
+    finally:
+        await bc.aclose()
+    assert paid(emu) == {"q1": 1}
+
+
 # -- the SDK against the emulator -------------------------------------------------------------
 
 

@@ -307,6 +307,19 @@ async def test_find(emu: ProviderEmulator, spec: ModelSpec, batches: GeminiBatch
         await again.aclose()
 
 
+async def test_a_create_whose_answer_is_lost_makes_one_batch(
+        emu: ProviderEmulator, spec: ModelSpec, batches: GeminiBatchClient,
+        chat: ChatGoogleGenerativeAI) -> None:
+    """The provider created the batch, the client saw a reset: one attempt, no second
+    batch; `find` names it by its display name."""
+    emu.batches.fault("gemini", "reset_after")
+    with pytest.raises(ff.ModelAPIError):
+        await submit(batches, spec, chat, 2, batch_id="ffb_lost")
+    [made] = emu.batches.listed("gemini")
+    assert await batches.find(spec, "ffb_lost") is not None
+    assert sorted(emu.batches.paid.values()) == [1, 1] and made.done
+
+
 async def test_list_pages(emu: ProviderEmulator, spec: ModelSpec, batches: GeminiBatchClient,
                           chat: ChatGoogleGenerativeAI) -> None:
     from google import genai

@@ -327,6 +327,32 @@ async def test_find_returns_the_submitted_batch_and_none_for_an_unknown_id(
     assert await batches.find(spec, "ffb-find-0") == ids[0]
 
 
+@pytest.mark.parametrize("kind", ["reset_after", "timeout_after"])
+async def test_a_create_whose_answer_is_lost_makes_one_batch_found_later(
+        emu: ProviderEmulator, spec: ModelSpec, kind: str) -> None:
+    """The provider created the batch, the client saw a reset or timed out: not created
+    again (an SDK retry would make a second batch, paid in full); `find` names it."""
+    bc = OpenAIBatchClient(spec, timeout=0.5)
+    try:
+        emu.batches.fault("openai", kind, op="create")
+        with pytest.raises(ff.ModelAPIError):
+            await bc.submit(spec, requests_for(bc, chat(emu), asks(2)), batch_id="ffb-lost")
+        [made] = emu.batches.listed("openai")
+        assert await bc.find(spec, "ffb-lost") == made.id
+    finally:
+        await bc.aclose()
+    assert sum(emu.batches.paid.values()) == 2
+
+
+async def test_an_upload_whose_answer_is_lost_is_not_uploaded_again(
+        emu: ProviderEmulator, spec: ModelSpec, batches: OpenAIBatchClient) -> None:
+    emu.batches.fault("openai", "reset_after", op="upload")
+    with pytest.raises(ff.ModelAPIError):
+        await batches.submit(spec, requests_for(batches, chat(emu), asks(1)), batch_id="ffb-up")
+    assert len(emu.batches.files) == 1 and emu.batches.listed("openai") == []
+    assert await batches.find(spec, "ffb-up") is None  # so the next tick sends it
+
+
 async def test_results_of_a_running_batch_are_refused_and_errors_carry_no_key(
         emu: ProviderEmulator, spec: ModelSpec, batches: OpenAIBatchClient) -> None:
     emu.batches.script("openai", delay=None)

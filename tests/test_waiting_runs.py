@@ -314,6 +314,145 @@ async def test_a_poller_dead_between_sending_and_recording_never_sends_twice(
     assert sorted(emu.batches.paid.values()) == [1, 1]
 
 
+# -- a send that failed, or whose answer was lost --------------------------------------------
+
+ROUTES = {"openai/gpt-4o-mini": "openai", "anthropic/claude-haiku-4-5": "anthropic"}
+
+
+@pytest.fixture(params=list(ROUTES))
+async def one_model(request: pytest.FixtureRequest, db_url: str, emu: ProviderEmulator,
+                    time_: Clock) -> AsyncIterator[tuple[Runner, str]]:
+    """A runner whose flow can use one model only (OpenAI's or Anthropic's), and its desk."""
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, (request.param,))
+    r = Runner(db_url, flows=[nightly()], catalog=catalog, clock=time_,
+               deadline_margin=timedelta(minutes=20))
+    yield r, ROUTES[request.param]
+    await r.close()
+    await catalog.aclose()
+    forget_provider_clients()
+
+
+def sent_items(emu: ProviderEmulator, route: str) -> list[str]:
+    """frugalflow's item ids of every line the provider received, in every batch."""
+    from frugalflow.batches.anthropic import item_id
+
+    return [item_id(cid) for b in emu.batches.listed(route) for cid, _ in b.requests]
+
+
+async def test_a_retried_send_carries_only_the_requests_still_waited_for(
+        one_model: tuple[Runner, str], emu: ProviderEmulator, time_: Clock) -> None:
+    runner, route = one_model
+    emu.batches.script(route, delay=None, times=None)
+    emu.batches.fault(route, "unavailable")  # the first create: a 503
+    kept, dropped = await start(runner, ["kept"]), await start(runner, ["dropped"])
+    p = poller(runner)
+    assert (await p.tick()).submitted == []
+    [row] = await runner.parked.all_batches()
+    assert row.status == BatchStatus.SUBMITTING and row.items == 2
+    assert emu.batches.listed(route) == []
+    await runner.cancel(dropped)
+    time_.advance(seconds=1)
+    assert (await p.tick()).submitted == [row.id]
+    [wanted] = await runner.parked.all_items(kept)
+    assert sent_items(emu, route) == [wanted.id]  # not the cancelled run's request
+    emu.batches.release()
+    await p.tick()
+    assert (await runner.wait(kept)).status == RunStatus.SUCCEEDED
+    assert sorted(emu.batches.paid.values()) == [1]
+    [gone] = await runner.parked.all_items(dropped)
+    assert gone.status == BatchItemStatus.ABANDONED and gone.cost_usd == 0
+
+
+@pytest.mark.parametrize("how", ["cancelled", "gone synchronous"])
+async def test_a_batch_whose_requests_were_all_given_up_is_never_sent(
+        one_model: tuple[Runner, str], emu: ProviderEmulator, time_: Clock, how: str) -> None:
+    """Its first send failed (a 503); meanwhile its run was cancelled, or its deadline came
+    too close and the call went synchronous: the batch is closed, never sent (for Anthropic
+    the request would otherwise be paid twice: in the batch and synchronously)."""
+    runner, route = one_model
+    emu.batches.fault(route, "unavailable")
+    run_id = await start(runner, ["given up"])
+    p = poller(runner)
+    await p.tick()
+    [row] = await runner.parked.all_batches()
+    assert row.status == BatchStatus.SUBMITTING
+    if how == "cancelled":
+        await runner.cancel(run_id)
+        time_.advance(seconds=1)
+    else:
+        [item] = await runner.parked.all_items(run_id)
+        assert item.fallback_at is not None
+        time_.now = item.fallback_at + timedelta(seconds=1)
+    tick = await p.tick()
+    assert tick.submitted == [] and tick.cancelled == [row.id]
+    [row] = await runner.parked.all_batches()
+    assert row.status == BatchStatus.CANCELLED and row.provider_batch_id is None
+    if how == "gone synchronous":
+        assert tick.woken == [run_id]
+        assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+        [enrich] = [a for a in (await runner.get(run_id)).attempts if a.node == "enrich"]
+        assert enrich.tier is None and enrich.outcome == Outcome.OK  # a standard call
+    await p.tick()
+    assert emu.batches.listed(route) == [] and not emu.batches.paid
+    [item] = await runner.parked.all_items(run_id)
+    assert item.status == BatchItemStatus.ABANDONED
+
+
+async def test_a_batch_created_whose_answer_was_lost_is_found_not_sent_again(
+        one_model: tuple[Runner, str], emu: ProviderEmulator, time_: Clock) -> None:
+    """The provider created the batch, then the connection was reset: the poller records
+    nothing, and its next claim finds the batch (Anthropic's once it ended) instead of
+    sending it again."""
+    runner, route = one_model
+    emu.batches.script(route, delay=None, times=None)
+    emu.batches.fault(route, "reset_after")
+    run_id = await start(runner, ["lost", "answer"])
+    p = poller(runner)
+    assert (await p.tick()).submitted == []
+    [row] = await runner.parked.all_batches()
+    assert row.status == BatchStatus.SUBMITTING and len(emu.batches.listed(route)) == 1
+    time_.advance(seconds=1)
+    tick = await p.tick()  # OpenAI's is found by its metadata; Anthropic's cannot be told
+    assert tick.submitted == [] and len(emu.batches.listed(route)) == 1  # while it runs
+    found = list(tick.found)
+    assert bool(found) == (route == "openai")
+    emu.batches.release()
+    for _ in range(3):
+        time_.advance(seconds=1)
+        tick = await p.tick()
+        assert tick.submitted == []
+        found += tick.found
+        if tick.woken:
+            break
+    assert found == [row.id] and tick.woken == [run_id]
+    assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+    assert len(emu.batches.listed(route)) == 1 and sorted(emu.batches.paid.values()) == [1, 1]
+    record = await runner.get(run_id)
+    assert [a.tier for a in record.attempts if a.node == "enrich"] == ["batch"] * 2
+
+
+async def test_a_send_is_cut_before_its_claim_lapses(
+        runner: Runner, emu: ProviderEmulator, time_: Clock) -> None:
+    """The provider hangs on the create: the poller gives up on it within half its claim
+    (not the SDK's minute-long timeout), so no other poller takes the batch meanwhile."""
+    emu.batches.script("openai", delay=None, times=None)
+    emu.batches.fault("openai", "timeout_after", hang_seconds=60)
+    run_id = await start(runner, ["hung"])
+    p = runner.batch_poller(gather=0, poll_every=0, claim_for=1)
+    tick = await asyncio.wait_for(p.tick(), 10)
+    assert tick.submitted == []
+    [row] = await runner.parked.all_batches()
+    assert row.status == BatchStatus.SUBMITTING
+    assert row.claimed_until is not None and row.claimed_until <= time_.now
+    time_.advance(seconds=1)
+    assert (await p.tick()).found == [row.id]  # created meanwhile: found, not sent again
+    emu.batches.release()
+    await p.tick()
+    assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+    assert len(emu.batches.listed("openai")) == 1
+
+
 async def test_a_run_resumed_after_its_answer_was_recorded_pays_nothing_again(
         runner: Runner, emu: ProviderEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
     """The node died after recording the batch answer, before marking its item used: the
@@ -416,7 +555,7 @@ async def test_a_poller_process_killed_after_sending_loses_and_repeats_nothing(
         assert len(emu.batches.listed("openai")) == 1  # it reached the provider
         p = runner.batch_poller(gather=0, poll_every=0, claim_for=60)
         found: list[str] = []
-        for _ in range(200):  # until the dead poller's 0.05 s claim has lapsed
+        for _ in range(200):  # until the dead poller's 2 s claim has lapsed
             tick = await p.tick()
             found += tick.found
             assert tick.submitted == []  # never sent again
@@ -810,3 +949,38 @@ async def test_a_node_whose_prompt_changes_between_executions_waits_once_then_ca
     assert record.run.cost_usd == pytest.approx(late.cost_usd + ok.cost_usd)
     [warning] = [r.getMessage() for r in caplog.records if "between executions" in r.getMessage()]
     assert "stamp" in warning and "non-deterministic" in warning
+
+
+@pytest.mark.slow
+async def test_a_backlog_over_postgres_parameter_limit_is_sent(
+        fresh_pg_url: str, emu: ProviderEmulator, time_: Clock) -> None:
+    """33,000 requests queued for one model (OpenAI takes 50,000 a batch): more item ids
+    than PostgreSQL binds in one statement (32,767), so they are taken in chunks. The rows
+    are written directly: the point is the poller's queries, not 33,000 runs."""
+    from frugalflow.persistence.tables import BatchItemRow
+
+    forget_provider_clients()
+    catalog = emulated_catalog(emu, ("openai/gpt-4o-mini",))
+    runner = Runner(fresh_pg_url, flows=[nightly()], catalog=catalog, clock=time_)
+    emu.batches.script("openai", delay=None)
+    n = 33_000
+    try:
+        await runner.store.setup()
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Why?"}]}
+        rows = [{"id": f"it{i:06d}", "run_id": f"run{i % 100}", "node": "enrich",
+                 "call_key": f"k{i}", "model": "openai/gpt-4o-mini", "provider": "openai",
+                 "tier": "batch", "status": "queued", "request": body,
+                 "created_at": time_.now - timedelta(minutes=5)} for i in range(n)]
+        async with runner.store.write() as conn:
+            await conn.execute(BatchItemRow.__table__.insert(), rows)  # type: ignore[attr-defined]
+        tick = await runner.batch_poller(gather=0, poll_every=0, claim_for=300).tick()
+        assert len(tick.submitted) == 1
+        [batch] = emu.batches.listed("openai")
+        assert len(batch.requests) == n
+        [row] = await runner.parked.all_batches()
+        assert row.items == n and row.status == BatchStatus.SUBMITTED
+        assert {i.status for i in await runner.parked.all_items()} == {BatchItemStatus.SUBMITTED}
+    finally:
+        await runner.close()
+        await catalog.aclose()
+        forget_provider_clients()

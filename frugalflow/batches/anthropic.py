@@ -113,7 +113,7 @@ class AnthropicBatchClient:
     lookback = timedelta(days=29)
     """How far back `find` looks without `since` (Anthropic keeps results 29 days)."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, *, max_retries: int = 2, timeout: float = 60.0) -> None:
         env = spec.adapter.key_env(spec)
         key = os.environ.get(env) if env else None
         if not key:
@@ -122,7 +122,12 @@ class AnthropicBatchClient:
                 provider=spec.provider, model=spec.model)
         self._key = key  # only to scrub it from error text the provider might echo
         self._client = anthropic.AsyncAnthropic(
-            api_key=key, base_url=spec.adapter.base_url(spec), max_retries=2, timeout=60.0)
+            api_key=key, base_url=spec.adapter.base_url(spec), max_retries=max_retries,
+            timeout=timeout)
+        # Batches are created once: Anthropic takes no idempotency key, so a retry after a
+        # reset or a timeout (the batch may exist) would make a second one, paid in full.
+        # The poller's next tick is the retry, after `find` looked for the first one.
+        self._once = self._client.with_options(max_retries=0)
         self._chats: dict[str, ChatAnthropic] = {}
         self._sent: dict[str, str] = {}
         """frugalflow batch id -> Anthropic's, for batches this process sent."""
@@ -164,11 +169,11 @@ class AnthropicBatchClient:
             one["custom_id"] = wire_custom_id(batch_id, one["custom_id"], beta=bool(betas))
         try:
             if betas:
-                made: Any = await self._client.beta.messages.batches.create(
+                made: Any = await self._once.beta.messages.batches.create(
                     requests=lines,  # type: ignore[arg-type]  # JSON bodies, not TypedDicts
                     betas=sorted(betas))
             else:
-                made = await self._client.messages.batches.create(
+                made = await self._once.messages.batches.create(
                     requests=lines)  # type: ignore[arg-type]
         except Exception as e:
             raise self._error(e, spec, f"batch {batch_id} refused") from None

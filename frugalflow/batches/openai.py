@@ -84,6 +84,11 @@ class OpenAIBatchClient:
         self.base_url = _ADAPTER.base_url(spec)
         self._client: AsyncOpenAI = AsyncOpenAI(api_key=key, base_url=self.base_url,
                                                 max_retries=max_retries, timeout=timeout)
+        # The calls that create something are made once: OpenAI takes no idempotency key,
+        # so a retry after a reset or a timeout (the provider may have created it) would
+        # make a second batch, paid in full. The poller's next tick is the retry, after
+        # `find` looked for the first one.
+        self._once: AsyncOpenAI = self._client.with_options(max_retries=0)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -133,10 +138,10 @@ class OpenAIBatchClient:
                  for r in requests]
         data = ("\n".join(lines) + "\n").encode()
         try:
-            uploaded = await self._client.files.create(
+            uploaded = await self._once.files.create(
                 file=(f"frugalflow-{batch_id}.jsonl", data, "application/jsonl"),
                 purpose="batch")
-            batch = await self._client.batches.create(
+            batch = await self._once.batches.create(
                 input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window="24h",
                 metadata={METADATA_KEY: batch_id})
         except Exception as e:

@@ -94,6 +94,10 @@ class BatchPoller:
         self.every = every
         """Seconds between ticks in `run()`."""
         self.claim_for = timedelta(seconds=claim_for)
+        self.send_within = claim_for / 2
+        """Seconds a send (the `find` before it, the upload, the create) may take, from its
+        claim: cut there (the batch stays `submitting`), so no other poller can take the
+        batch, whose claim lapsed, while this one may still create it at the provider."""
         self.max_items = max_items
         """At most this many requests per batch (default: the provider's limit)."""
         self._task: asyncio.Task[None] | None = None
@@ -157,7 +161,7 @@ class BatchPoller:
                 log.warning("frugalflow: batch %s: %s: %s", batch.id, type(e).__name__,
                             _scrubbed(short_error(e)))
             finally:
-                await parked.update_batch(batch.id, claimed_until=None)
+                await parked.release_claim(batch.id, self.runner.holder)
         for batch_id in await parked.unwanted_batches():
             await self._cancel(batch_id, done)
         await self._wake(done)
@@ -184,7 +188,7 @@ class BatchPoller:
 
     async def _submit_queued(self, now: datetime, done: Tick) -> None:
         by_model: dict[str, list[BatchItemRow]] = defaultdict(list)
-        for item in await self.runner.parked.queued(Tier.BATCH):
+        for item in _waited_for(await self.runner.parked.queued(Tier.BATCH), now):
             by_model[item.model].append(item)
         for model, items in by_model.items():
             spec = self._spec(model)
@@ -208,16 +212,55 @@ class BatchPoller:
 
         batch = BatchRow(id=f"ffb{uuid.uuid4().hex}", provider=spec.provider, model=spec.key,
                          created_at=self.clock())
+        deadline = asyncio.get_running_loop().time() + self.send_within  # from its claim
         taken = await self.runner.parked.open_batch(batch, [i.id for i in items],
                                                     self.runner.holder, self.claim_for,
                                                     self.clock())
         if taken:
-            await self._submit(spec, batch.id, taken, done)
+            await self._submit(spec, batch.id, taken, done, deadline)
+
+    async def _settle(self, spec: ModelSpec, batch: BatchRow, done: Tick) -> None:
+        """A batch still `submitting` (its send failed, or its sender died): found at the
+        provider (recorded as sent), else sent with only the requests still waited for,
+        else (all given up) closed without being sent."""
+        client = batch_client(spec)
+        assert client is not None
+        parked, now = self.runner.parked, self.clock()
+        # Claimed afresh (it may have waited behind other batches of this tick): the send
+        # below is cut before this claim lapses.
+        if not await parked.renew_claim(batch.id, self.runner.holder, now, self.claim_for):
+            return  # another poller holds it now
+        deadline = asyncio.get_running_loop().time() + self.send_within
+        try:
+            async with asyncio.timeout_at(deadline):
+                found = await client.find(spec, batch.id, since=batch.created_at,
+                                          items=batch.items)
+        except TimeoutError:
+            await parked.update_batch(batch.id, claimed_until=now)
+            raise ModelAPIError(f"looking batch {batch.id} up took over "
+                                f"{self.send_within:g} s", provider=spec.provider) from None
+        if found is not None:
+            await self._sent(batch.id, found)
+            done.found.append(batch.id)
+            return
+        # Not sent: the requests whose runs were cancelled, or that went synchronous (or
+        # will, their deadline too close), are left out (sending them would pay them for
+        # nothing, or twice).
+        items = _waited_for(await parked.batch_items(batch.id), now)
+        if not items:
+            await parked.update_batch(batch.id, status=BatchStatus.CANCELLED, ended_at=now,
+                                      claimed_until=None, error="nobody waits on it any more")
+            done.cancelled.append(batch.id)
+            return
+        if len(items) != batch.items:  # `find` looks for a batch of this many next time
+            await parked.update_batch(batch.id, items=len(items))
+        await self._submit(spec, batch.id, items, done, deadline)
 
     async def _submit(self, spec: ModelSpec, batch_id: str, items: Sequence[BatchItemRow],
-                      done: Tick) -> None:
-        """Send a batch written as `submitting`; a refusal fails its items (the calls move
-        on), any other error leaves it `submitting` for the next claim (found, or sent)."""
+                      done: Tick, deadline: float) -> None:
+        """Send a batch written as `submitting` (cut at `deadline`, the event loop's time);
+        a refusal fails its items (the calls move on), any other error leaves it
+        `submitting` for the next claim (found, or sent)."""
         client = batch_client(spec)
         assert client is not None
         parked = self.runner.parked
@@ -227,7 +270,13 @@ class BatchPoller:
             return
         requests = [BatchRequest(i.id, i.request or {}) for i in items]
         try:
-            provider_id = await client.submit(spec, requests, batch_id=batch_id)
+            async with asyncio.timeout_at(deadline):
+                provider_id = await client.submit(spec, requests, batch_id=batch_id)
+        except TimeoutError:  # the provider may have it: found, or sent, with the next claim
+            log.warning("frugalflow: sending batch %s took over %g s; looked up and retried "
+                        "with the next claim", batch_id, self.send_within)
+            await parked.update_batch(batch_id, claimed_until=self.clock())
+            return
         except ModelAPIError as e:
             if e.error_class in (ErrorClass.INVALID_REQUEST, ErrorClass.AUTH,
                                  ErrorClass.CONTEXT_LENGTH):
@@ -272,13 +321,7 @@ class BatchPoller:
         client = batch_client(spec)
         assert client is not None
         if batch.status == BatchStatus.SUBMITTING:
-            # Its sender died, or its sending failed: sent already? Else send it now.
-            found = await client.find(spec, batch.id, since=batch.created_at, items=batch.items)
-            if found is not None:
-                await self._sent(batch.id, found)
-                done.found.append(batch.id)
-            else:
-                await self._submit(spec, batch.id, await parked.batch_items(batch.id), done)
+            await self._settle(spec, batch, done)
             return
         assert batch.provider_batch_id is not None
         progress = await client.progress(spec, batch.provider_batch_id)
@@ -349,11 +392,24 @@ class BatchPoller:
     async def _cancel(self, batch_id: str, done: Tick) -> None:
         parked = self.runner.parked
         batch = await parked.get_batch(batch_id)
-        if batch is None or batch.status != BatchStatus.SUBMITTED or not batch.provider_batch_id:
-            return
-        spec = self._spec(batch.model)
+        spec = self._spec(batch.model) if batch is not None else None
         client = batch_client(spec) if spec is not None else None
-        if spec is None or client is None:
+        if batch is None or spec is None or client is None:
+            return
+        if batch.status == BatchStatus.SUBMITTING:
+            # Maybe sent (a send that failed may have reached the provider): found and
+            # recorded, then cancelled below; else closed unsent.
+            try:
+                await self._settle(spec, batch, done)
+            except ModelAPIError as e:  # cannot tell yet: the next tick asks again
+                log.info("frugalflow: batch %s: %s", batch_id, short_error(e))
+                return
+            finally:
+                await parked.release_claim(batch_id, self.runner.holder)
+            batch = await parked.get_batch(batch_id)
+            if batch is None:
+                return
+        if batch.status != BatchStatus.SUBMITTED or not batch.provider_batch_id:
             return
         try:
             await client.cancel(spec, batch.provider_batch_id)
@@ -376,6 +432,13 @@ class BatchPoller:
                 log.info("frugalflow: run %s not woken here: %s", run_id, short_error(e))
                 continue
             done.woken.append(run_id)
+
+
+def _waited_for(items: Sequence[BatchItemRow], now: datetime) -> list[BatchItemRow]:
+    """The items still waiting to be sent: queued, and before their time to give up and go
+    synchronous (their run, woken, gives them up: sent, they would be paid for nothing)."""
+    return [i for i in items if i.status == BatchItemStatus.QUEUED
+            and (i.fallback_at is None or i.fallback_at > now)]
 
 
 def _chunks(items: Sequence[BatchItemRow], max_items: int,

@@ -40,6 +40,14 @@ ENDED_RUNS = (RunStatus.CANCELLED, RunStatus.SUCCEEDED, RunStatus.FAILED,
 unused answers recorded as late. (A failed or over-budget run may be resumed: its calls then
 find their items abandoned and call synchronously. Interrupted and paused runs go on.)"""
 _LIVE_BATCHES = (BatchStatus.SUBMITTING, BatchStatus.SUBMITTED)
+_IDS_PER_QUERY = 5_000
+"""Item ids bound in one `IN (...)`: PostgreSQL (asyncpg) takes at most 32,767 parameters
+and SQLite 32,766 per statement, while a provider batch holds up to 50,000 (OpenAI) or
+100,000 (Anthropic) requests."""
+
+
+def _id_chunks(ids: Sequence[str]) -> list[list[str]]:
+    return [list(ids[i:i + _IDS_PER_QUERY]) for i in range(0, len(ids), _IDS_PER_QUERY)]
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -135,9 +143,11 @@ class ParkedLedger:
                 if (await conn.execute(select(_BATCHES.c.id).where(
                         _BATCHES.c.id == batch.id))).first() is None:
                     # Items first: a poller that lost them all to another writes no batch.
-                    await conn.execute(update(_ITEMS).where(
-                        _ITEMS.c.id.in_(list(item_ids)), _ITEMS.c.batch_id.is_(None),
-                        _ITEMS.c.status == BatchItemStatus.QUEUED).values(batch_id=batch.id))
+                    for chunk in _id_chunks(item_ids):
+                        await conn.execute(update(_ITEMS).where(
+                            _ITEMS.c.id.in_(chunk), _ITEMS.c.batch_id.is_(None),
+                            _ITEMS.c.status == BatchItemStatus.QUEUED).values(
+                            batch_id=batch.id))
                     rows = (await conn.execute(select(_ITEMS).where(
                         _ITEMS.c.batch_id == batch.id).order_by(_ITEMS.c.created_at))).all()
                     if rows:
@@ -185,6 +195,33 @@ class ParkedLedger:
 
         with unfenced():
             return await self.store.retrying(write, what="batch claims")
+
+    async def renew_claim(self, batch_id: str, holder: str, now: datetime,
+                          claim_for: timedelta) -> bool:
+        """Claim a batch until `now + claim_for` if `holder` holds it or nobody does;
+        whether it did (False: another poller has taken it)."""
+        async def write() -> bool:
+            async with self.store.write() as conn:
+                result = await conn.execute(update(_BATCHES).where(
+                    _BATCHES.c.id == batch_id, or_(
+                        _BATCHES.c.holder == holder, _BATCHES.c.claimed_until.is_(None),
+                        _BATCHES.c.claimed_until < now)).values(
+                    holder=holder, claimed_until=now + claim_for))
+            return bool(result.rowcount)
+
+        with unfenced():
+            return await self.store.retrying(write, what="batch claim")
+
+    async def release_claim(self, batch_id: str, holder: str) -> None:
+        """Drop `holder`'s claim on a batch (another poller's claim is left alone)."""
+        async def write() -> None:
+            async with self.store.write() as conn:
+                await conn.execute(update(_BATCHES).where(
+                    _BATCHES.c.id == batch_id, _BATCHES.c.holder == holder).values(
+                    claimed_until=None))
+
+        with unfenced():
+            await self.store.retrying(write, what="batch claim")
 
     async def update_batch(self, batch_id: str, **changes: Any) -> None:
         async def write() -> None:
@@ -238,7 +275,8 @@ class ParkedLedger:
     async def abandon_ended_runs(self, now: datetime) -> list[str]:
         """Open items of runs that ended (cancelled, succeeded, failed, over budget) are
         abandoned, and answers they left unused are recorded as paid `late` attempts; the
-        batches whose every unanswered item is now abandoned (to cancel at the provider)."""
+        batches whose every unanswered item is now abandoned (to cancel at the provider, or
+        close unsent)."""
         async def write() -> list[str]:
             async with self.store.write() as conn:
                 gone = _ITEMS.c.run_id.in_(select(_RUNS.c.id).where(
@@ -302,7 +340,8 @@ class ParkedLedger:
             return await self.store.retrying(write, what="items given up")
 
     async def unwanted_batches(self) -> list[str]:
-        """Sent batches none of whose unanswered items any run waits for any more."""
+        """Live batches (sent, or being sent) none of whose unanswered items any run waits
+        for any more."""
         async def read() -> list[str]:
             async with self.store.read() as conn:
                 return await self._unwanted(conn)
@@ -315,8 +354,10 @@ class ParkedLedger:
             _ITEMS.c.status.in_([str(s) for s in OPEN_ITEMS]), _ITEMS.c.batch_id.is_not(None))
         abandoned = select(_ITEMS.c.batch_id).where(
             _ITEMS.c.status == BatchItemStatus.ABANDONED, _ITEMS.c.batch_id.is_not(None))
+        # Being sent too: one whose send failed is closed unsent, or, found at the
+        # provider after all, cancelled there.
         rows = (await conn.execute(select(_BATCHES.c.id).where(
-            _BATCHES.c.status == BatchStatus.SUBMITTED, _BATCHES.c.id.in_(abandoned),
+            _BATCHES.c.status.in_([str(s) for s in _LIVE_BATCHES]), _BATCHES.c.id.in_(abandoned),
             _BATCHES.c.id.not_in(waiting)))).all()
         return [r[0] for r in rows]
 

@@ -51,7 +51,7 @@ def _error(type_: str, message: str) -> dict[str, Any]:
 def register(desk: BatchDesk) -> None:
     """Serve this wire format's batch routes from `desk`."""
     api = _AnthropicRoutes(desk)
-    desk.route("POST", _ROOT)(api.create)
+    desk.route("POST", _ROOT, op="create")(api.create)
     desk.route("GET", _ROOT)(api.listing)
     desk.route("GET", _ROOT + r"/(?P<id>[^/]+)")(api.retrieve)
     desk.route("DELETE", _ROOT + r"/(?P<id>[^/]+)")(api.delete)

@@ -10,6 +10,9 @@ that no item was ever paid twice.
     emu.batches.script("openai", delay=None, fail_items={2}, item_error="server_error")
     ... the client submits ...
     emu.batches.release()            # every waiting batch ends now
+
+Faults on the batch routes themselves (a 503, or the batch created and its answer lost to
+a reset or a hang): `emu.batches.fault("anthropic", "reset_after")` (see `faults`).
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..answers import shape
 from ..dialects import DIALECTS, Context
+from .faults import DESK_FAULTS, DeskFault, LostAnswer, unavailable
 
 if TYPE_CHECKING:
     from ..emulator import ProviderEmulator
     from ..http1 import Connection, HttpRequest
 
-__all__ = ["BatchDesk", "BatchScript", "EmulatedBatch", "ItemOutcome", "Handler"]
+__all__ = ["BatchDesk", "BatchScript", "DeskFault", "EmulatedBatch", "ItemOutcome", "Handler"]
 
 Handler = Callable[["HttpRequest", "Connection", "re.Match[str]"], Awaitable[bool]]
 """A route's handler: (request, connection, path match) -> whether the connection stays."""
@@ -115,11 +119,12 @@ class BatchDesk:
         self.clock = clock
         self.batches: dict[str, EmulatedBatch] = {}
         self.scripts: list[BatchScript] = []
+        self.faults: list[DeskFault] = []
         self.files: dict[str, tuple[str, bytes, dict[str, Any]]] = {}
         """OpenAI-style uploaded files: id -> (purpose, content, metadata)."""
         self.paid: Counter[str] = Counter()
         """Items answered (so billed) per custom id."""
-        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._routes: list[tuple[str, re.Pattern[str], Handler, str | None]] = []
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._registered = False
@@ -140,6 +145,25 @@ class BatchDesk:
     def clear(self) -> None:
         with self._lock:
             self.scripts.clear()
+            self.faults.clear()
+
+    def fault(self, provider: str, kind: str, *, op: str = "create", times: int | None = 1,
+              hang_seconds: float = 30.0) -> DeskFault:
+        """A fault for the next `times` requests of `provider`'s route `op` (`create`, or
+        OpenAI's `upload`); kinds: `unavailable`, `reset_after`, `timeout_after`."""
+        if kind not in DESK_FAULTS:
+            raise ValueError(f"unknown batch desk fault {kind!r}; known: {', '.join(DESK_FAULTS)}")
+        f = DeskFault(provider, kind, op, times, hang_seconds)
+        with self._lock:
+            self.faults.append(f)
+        return f
+
+    def _take_fault(self, provider: str, op: str | None) -> DeskFault | None:
+        with self._lock:
+            f = next((f for f in self.faults if f.matches(provider, op)), None)
+            if f is not None:
+                f.hits += 1
+            return f
 
     def release(self, batch_id: str | None = None) -> None:
         """End a waiting batch now (every in-progress batch without `batch_id`)."""
@@ -241,10 +265,12 @@ class BatchDesk:
 
     # -- serving ---------------------------------------------------------------------------
 
-    def route(self, method: str, pattern: str) -> Callable[[Handler], Handler]:
-        """Register a handler for `method` on paths matching `pattern` (fullmatch)."""
+    def route(self, method: str, pattern: str, *,
+              op: str | None = None) -> Callable[[Handler], Handler]:
+        """Register a handler for `method` on paths matching `pattern` (fullmatch); `op`
+        names it for faults (`create`, `upload`)."""
         def add(handler: Handler) -> Handler:
-            self._routes.append((method, re.compile(pattern), handler))
+            self._routes.append((method, re.compile(pattern), handler, op))
             return handler
         return add
 
@@ -267,7 +293,13 @@ class BatchDesk:
         """Answer a batch route (whether the connection stays), or None: not one."""
         self._register_formats()
         path = req.path.rstrip("/")
-        for method, pattern, handler in self._routes:
+        for method, pattern, handler, op in self._routes:
             if req.method == method and (m := pattern.fullmatch(path)) is not None:
-                return await handler(req, conn, m)
+                provider = path.split("/")[1]  # /openai/..., /anthropic/..., /gemini/...
+                fault = self._take_fault(provider, op) if op is not None else None
+                if fault is None:
+                    return await handler(req, conn, m)
+                if fault.kind == "unavailable":
+                    return await unavailable(conn, provider)
+                return await handler(req, LostAnswer(conn, fault), m)
         return None

@@ -126,7 +126,8 @@ async def _named(desk: BatchDesk, req: HttpRequest, conn: Connection,
 def register(desk: BatchDesk) -> None:
     """Add the Gemini batch routes to `desk`."""
 
-    @desk.route("POST", _PREFIX + r"/models/(?P<model>[^/:]+):batchGenerateContent")
+    @desk.route("POST", _PREFIX + r"/models/(?P<model>[^/:]+):batchGenerateContent",
+                op="create")
     async def create(req: HttpRequest, conn: Connection, m: re.Match[str]) -> bool:
         if (refused := await _refused(desk, req, conn)) is not None:
             return refused

@@ -46,11 +46,11 @@ _UNANSWERED: Final = {
 def register(desk: BatchDesk) -> None:
     """Serve this wire format's batch routes from `desk`."""
     api = _OpenAIRoutes(desk)
-    desk.route("POST", r"/openai/v1/files")(api.upload)
+    desk.route("POST", r"/openai/v1/files", op="upload")(api.upload)
     desk.route("GET", rf"/openai/v1/files/{_ID}")(api.file_info)
     desk.route("DELETE", rf"/openai/v1/files/{_ID}")(api.file_delete)
     desk.route("GET", rf"/openai/v1/files/{_ID}/content")(api.file_content)
-    desk.route("POST", r"/openai/v1/batches")(api.create)
+    desk.route("POST", r"/openai/v1/batches", op="create")(api.create)
     desk.route("GET", r"/openai/v1/batches")(api.listing)
     desk.route("GET", rf"/openai/v1/batches/{_ID}")(api.retrieve)
     desk.route("POST", rf"/openai/v1/batches/{_ID}/cancel")(api.cancel)
