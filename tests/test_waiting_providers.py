@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -297,3 +297,107 @@ async def test_cancelling_a_waiting_run_cancels_its_batch_at_the_provider(
         BatchItemStatus.ABANDONED] * 2
     assert (await runner.get(run_id)).run.status == RunStatus.CANCELLED
     assert await p.tick() == Tick()  # nothing left to do
+
+
+# -- (d) a poller dead between sending and recording ---------------------------------------------
+
+
+class Killed(BaseException):
+    """The process died here (nothing after it runs)."""
+
+
+async def test_a_poller_dead_between_sending_and_recording_never_sends_twice(
+        runner: Runner, emu: ProviderEmulator, time_: Clock, offer: Offer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next poller finds the batch at the provider: by its metadata (OpenAI), its
+    display name (Gemini), or the tag in its lines' custom ids, which Anthropic shows only
+    once the batch ended: until then the items wait, neither sent again nor given up."""
+    emu.batches.script(offer.desk, delay=None, times=None)
+    run_id = await start(runner, ["once", "only"])
+
+    async def die(self: BatchPoller, batch_id: str, provider_id: str) -> None:
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(BatchPoller, "_sent", die)
+        with pytest.raises(Killed):
+            await poller(runner).tick()
+    await close_batch_clients()  # the dead process's clients, and what they knew, are gone
+    [row] = await runner.parked.all_batches()
+    assert row.status == BatchStatus.SUBMITTING and len(emu.batches.listed(offer.desk)) == 1
+    assert (await poller(runner).tick()).found == []  # its claim still holds
+    time_.advance(seconds=61)  # the dead poller's claim lapses
+    tick = await poller(runner).tick()
+    if offer.desk == "anthropic":  # in progress: it cannot tell this batch from another
+        for _ in range(2):
+            assert tick.found == [] and tick.submitted == [] and tick.woken == []
+            [row] = await runner.parked.all_batches()
+            assert row.status == BatchStatus.SUBMITTING
+            assert [i.status for i in await runner.parked.all_items(run_id)] == [
+                BatchItemStatus.QUEUED] * 2
+            tick = await poller(runner).tick()
+        emu.batches.release()  # it ended: its lines are readable
+        tick = await poller(runner).tick()
+    assert tick.found == [row.id] and tick.submitted == []
+    assert len(emu.batches.listed(offer.desk)) == 1  # found, not sent again
+    [row] = await runner.parked.all_batches()
+    assert row.status == BatchStatus.SUBMITTED
+    assert row.provider_batch_id is not None
+    assert row.provider_batch_id.endswith(emu.batches.listed(offer.desk)[0].id)
+    emu.batches.release()
+    tick = await poller(runner).tick()
+    assert tick.answered == 2 and tick.woken == [run_id]
+    assert (await runner.wait(run_id)).status == RunStatus.SUCCEEDED
+    assert sorted(emu.batches.paid.values()) == [1, 1]
+    assert [a.tier for a in await enrich_attempts(runner, run_id)] == ["batch"] * 2
+
+
+class RealClock(Clock):
+    """The real time (a child process's), `ahead` of it when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ahead = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(timezone.utc) + self.ahead
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ["anthropic", "google"])  # OpenAI's: test_waiting_runs
+async def test_a_poller_process_killed_before_recording_loses_and_repeats_nothing(
+        db_url: str, emu: ProviderEmulator, offer: Offer) -> None:
+    """As in-process above, with a real process SIGKILLed between sending and recording:
+    nothing of what it sent or learnt survives but the rows and the provider's batch
+    (Gemini's answers are matched by their metadata keys, Anthropic's by their custom ids).
+    A poller killed after recording is `after-sending` in test_waiting_runs: polling a
+    batch another process sent is the in-process test's last step here, its clients gone."""
+    emu.batches.clock = time.time  # the child's clock is the real one
+    emu.batches.script(offer.desk, delay=None, times=None)
+
+    clock = RealClock()
+    catalog = emulated_catalog(emu, (offer.model,))
+    async with runner_on(db_url, catalog, clock) as runner:
+        result = await runner.start("nightly", {"docs": ["k1", "k2", "k3"]})
+        assert result.status == RunStatus.WAITING
+        await _kill(await _child(db_url, emu, "before-recording", (offer.model,)))
+        clock.ahead = timedelta(minutes=1)  # the dead poller's claim (0.05 s) has lapsed
+        assert len(emu.batches.listed(offer.desk)) == 1  # it reached the provider
+        [row] = await runner.parked.all_batches()
+        assert row.status == BatchStatus.SUBMITTING
+        p = runner.batch_poller(gather=0, poll_every=0, claim_for=60)
+        tick = await p.tick()
+        assert tick.submitted == [] and tick.answered == 0
+        if offer.desk == "anthropic":
+            assert tick.found == []  # in progress: cannot tell yet, so the items wait
+            emu.batches.release()
+            tick = await p.tick()
+        assert tick.found == [row.id]
+        emu.batches.release()
+        tick = await p.tick()
+        assert tick.answered == 3 and tick.woken == [result.run_id] and tick.submitted == []
+        final = await runner.wait(result.run_id)
+        assert final.status == RunStatus.SUCCEEDED, final.error
+        assert len(emu.batches.listed(offer.desk)) == 1
+        assert sorted(emu.batches.paid.values()) == [1, 1, 1]
+        assert [a.tier for a in await enrich_attempts(runner, result.run_id)] == ["batch"] * 3
