@@ -41,6 +41,7 @@ from frugalflow.batches.poller import BatchPoller, Tick
 from frugalflow.ranking import rank
 from frugalflow.statuses import BatchItemStatus, BatchStatus, Outcome
 from frugalflow.testing.emulator import ProviderEmulator, emulated_catalog
+from frugalflow.tiers import TierOverride
 from frugalflow.usage import Attempt, Usage
 
 
@@ -401,3 +402,70 @@ async def test_a_poller_process_killed_before_recording_loses_and_repeats_nothin
         assert len(emu.batches.listed(offer.desk)) == 1
         assert sorted(emu.batches.paid.values()) == [1, 1, 1]
         assert [a.tier for a in await enrich_attempts(runner, result.run_id)] == ["batch"] * 3
+
+
+# -- (e) the next candidate: another provider's batch ---------------------------------------------
+
+
+def with_batch_discount(catalog: Catalog, discounts: dict[str, float]) -> Catalog:
+    """`catalog` with these entries' batch price set to a share of their standard price, as
+    an entry's `tiers = { batch = { discount = ... } }` does."""
+    specs = [spec.model_copy(update={"tiers": {"batch": TierOverride(discount=discounts[spec.key])}})
+             if spec.key in discounts else spec for spec in catalog]
+    return Catalog(specs, name=catalog.name)
+
+
+# (first, then, batch discounts): the first's batch is the cheapest candidate, the other's
+# batch the next one (cheaper than the first's standard call).
+NEXT_BATCH = [
+    ("google", "openai", {}),  # as priced: Gemini 2.5 Flash-Lite's batch, then GPT-4o mini's
+    ("openai", "anthropic", {"anthropic/claude-haiku-4-5": 0.07}),
+    ("anthropic", "google", {"anthropic/claude-haiku-4-5": 0.01}),
+]
+
+
+@pytest.mark.parametrize(("first", "then", "discounts"), NEXT_BATCH,
+                         ids=[f"{a}-then-{b}" for a, b, _ in NEXT_BATCH])
+async def test_a_failed_item_waits_again_for_another_providers_batch(
+        db_url: str, emu: ProviderEmulator, time_: Clock, first: str, then: str,
+        discounts: dict[str, float]) -> None:
+    a, b = OFFERS[first], OFFERS[then]
+    catalog = with_batch_discount(emulated_catalog(emu, (a.model, b.model)), discounts)
+    assert candidates(catalog)[:2] == [(a.model, "batch"), (b.model, "batch")]
+    kind, error_class = a.item_error
+    emu.batches.script(a.desk, delay=None, fail_items={2}, item_error=kind)
+    emu.batches.script(b.desk, delay=None)
+    async with runner_on(db_url, catalog, time_) as runner:
+        run_id = await start(runner, ["ok one", "fails", "ok two"])
+        p = poller(runner)
+        await p.tick()
+        emu.batches.release()
+        tick = await p.tick()
+        assert tick.answered == 2 and tick.errors == 1 and tick.woken == [run_id]
+        result = await runner.wait(run_id)  # the failed call parked again, on `then`'s batch
+        assert result.status == RunStatus.WAITING, result.error
+        assert emu.batches.listed(b.desk) == []
+        tick = await p.tick()
+        assert len(tick.submitted) == 1 and tick.woken == []
+        [again] = emu.batches.listed(b.desk)
+        assert len(again.requests) == 1 and again.model == b.name
+        emu.batches.release()
+        tick = await p.tick()
+        assert tick.answered == 1 and tick.woken == [run_id]
+        result = await runner.wait(run_id)
+        assert result.status == RunStatus.SUCCEEDED, result.error
+
+        enrich = await enrich_attempts(runner, run_id)
+        [failed] = [x for x in enrich if x.outcome == Outcome.ERROR]
+        assert (failed.model, failed.tier, failed.error_class) == (a.model, "batch", error_class)
+        [retried] = [x for x in enrich if x.call_key == failed.call_key and x is not failed]
+        assert (retried.outcome, retried.model, retried.tier, retried.fallback_from) == (
+            Outcome.OK, b.model, "batch", a.model)
+        assert retried.cost_usd == pytest.approx(batch_cost(runner, retried))
+        assert sorted((x.model, x.tier) for x in enrich if x.outcome == Outcome.OK) == sorted(
+            [(a.model, "batch")] * 2 + [(b.model, "batch")])
+        items = await runner.parked.all_items(run_id)
+        assert sorted((i.model, i.status) for i in items) == sorted(
+            [(a.model, BatchItemStatus.USED)] * 3 + [(b.model, BatchItemStatus.USED)])
+        assert len(generations(emu)) == 1  # nothing synchronous but the summary
+        assert sum(emu.batches.paid.values()) == 3 and max(emu.batches.paid.values()) == 1
