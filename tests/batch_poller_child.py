@@ -1,10 +1,11 @@
 """A batch poller in its own process, for the tests that SIGKILL it:
 
-    python tests/batch_poller_child.py DATABASE_URL EMULATOR_URL after-sending|before-recording
+    python tests/batch_poller_child.py DATABASE_URL EMULATOR_URL after-sending|before-recording [MODEL...]
 
 `after-sending`: one tick (the batch is sent and recorded), then `sent` is printed and the
 process waits to be killed. `before-recording`: the tick sends the batch, prints `sent`
-before recording it, and waits there to be killed (its claim lapses 2 s later).
+before recording it, and waits there to be killed (its claim lapses 2 s later). Its catalog
+holds the emulated MODELs (default: waiting_flows.MODELS), as the killing test's does.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from frugalflow.runner import Runner  # noqa: E402
 from frugalflow.testing.emulator import emulated_catalog  # noqa: E402
 
 
-async def main(db: str, url: str, mode: str) -> None:
-    runner = Runner(db, flows=[nightly()], catalog=emulated_catalog(url, MODELS))
+async def main(db: str, url: str, mode: str, *models: str) -> None:
+    runner = Runner(db, flows=[nightly()], catalog=emulated_catalog(url, models or MODELS))
     if mode == "before-recording":
         async def stop_here(self: BatchPoller, batch_id: str, provider_id: str) -> None:
             print("sent", flush=True)
@@ -39,4 +40,4 @@ async def main(db: str, url: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    asyncio.run(main(*sys.argv[1:]))

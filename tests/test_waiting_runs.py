@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -517,11 +517,13 @@ async def test_no_key_in_parked_requests_batches_or_errors(
 # -- a poller process killed (SIGKILL) ---------------------------------------------------------
 
 
-async def _child(db_url: str, emu: ProviderEmulator, mode: str) -> asyncio.subprocess.Process:
-    """A poller process that prints `sent` and waits to be killed (see its module)."""
+async def _child(db_url: str, emu: ProviderEmulator, mode: str,
+                 models: Sequence[str] = MODELS) -> asyncio.subprocess.Process:
+    """A poller process, its catalog `models`, that prints `sent` and waits to be killed
+    (see its module)."""
     env = {**os.environ, EMULATOR_KEY_ENV: SECRET}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(CHILD), db_url, emu.url, mode, env=env,
+        sys.executable, str(CHILD), db_url, emu.url, mode, *models, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)

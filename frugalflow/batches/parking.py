@@ -117,6 +117,11 @@ async def take_parked(call: CallAttempts, parking: Parking) -> AIMessage | None:
             await _used(parking, key, call)
             return replayed
     items = await parking.ledger.items_for(call.usage.run_id or "", key)
+    for item in items:
+        if item.tier == Tier.BATCH and item.status == BatchItemStatus.USED:
+            # An earlier execution recorded its failure (an accepted answer replays above):
+            # whatever answers now is a fallback from its model, whichever item comes first.
+            call.previous = item.model
     now = parking.clock()
     waiting: BatchItemRow | None = None
     for item in items:
