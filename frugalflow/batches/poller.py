@@ -386,7 +386,9 @@ class BatchPoller:
             call_id=item.call_id, run_id=item.run_id, task_id=item.task_id, try_number=0,
             usage=usage,
             cost_usd=cost, call_key=None, tier=item.tier, batch_item_id=item.id,
-            error="answered after its call had gone synchronous (deadline too close)")
+            # Why its call stopped waiting: the item's own reason (its run ended, its deadline
+            # came too close, its node asked something else), when it was given up before read.
+            error=f"answered after its call had stopped waiting ({item.error or 'gave it up'})")
         await self.runner.ledger.record_attempt(attempt, flow=item.flow)
 
     async def _cancel(self, batch_id: str, done: Tick) -> None:
