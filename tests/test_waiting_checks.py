@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -22,10 +22,10 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from provider_clients import forget_provider_clients
 from sqlalchemy import select
+from test_waiting_runs import Clock, emu, time_  # noqa: F401 - emu and time_ are fixtures
 from waiting_flows import MODELS, nightly
 
 from frugalflow import END, START, Flow, Needs, RoutedChatModel, Runner, RunStatus
-from frugalflow.batches import close_batch_clients
 from frugalflow.persistence.leases import acquire_lease
 from frugalflow.persistence.tables import LeaseHistoryRow
 from frugalflow.service import create_app
@@ -35,36 +35,16 @@ from frugalflow.testing.emulator import EMULATOR_KEY_ENV, ProviderEmulator, emul
 SIX_HOURS = timedelta(hours=6)
 
 
-class Clock:
-    def __init__(self) -> None:
-        # 20:00 UTC: no provider's cheaper hour is near.
-        self.now = datetime(2026, 11, 30, 20, 0, tzinfo=timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def seconds(self) -> float:
-        return self.now.timestamp()
-
-
 class Q(TypedDict, total=False):
     question: str
     answer: str
 
 
-@pytest.fixture
-def time_() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def emu(time_: Clock, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ProviderEmulator]:
-    monkeypatch.setenv(EMULATOR_KEY_ENV, "sk-waiting-checks-0123456789")
+@pytest.fixture(autouse=True)
+def _fresh_clients() -> Iterator[None]:
+    """Provider clients are cached per process: none outlives its test's emulator."""
     forget_provider_clients()
-    async with ProviderEmulator(seed=11) as emu:
-        emu.batches.clock = time_.seconds
-        yield emu
-    await close_batch_clients()
+    yield
     forget_provider_clients()
 
 
