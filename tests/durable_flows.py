@@ -5,7 +5,8 @@ Run as a script it executes one run step for the kill-and-resume test:
     python tests/durable_flows.py start|resume DATABASE_URL RUN_ID
 
 It prints `calling <node>` (flushed) right before each node's model call, so the parent
-can SIGKILL it while that call is in flight (each call takes LATENCY seconds).
+can SIGKILL it while that call is in flight (each call takes LATENCY seconds, KILL_WINDOW
+seconds in the run that is killed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from frugalflow import END, START, Catalog, Flow, Needs, RoutedChatModel
 from frugalflow.resilience import BreakerRegistry
 
 LATENCY = 0.4  # seconds per simulated model call in the chain flow
+# In the run the parent kills: its kill must land while n4's call is in flight, after the
+# parent has seen that call written down (another process's write, polled): on a loaded
+# machine that took over 0.8 s, so the window is wide.
+KILL_WINDOW = 2.5
 
 
 class ChainState(TypedDict, total=False):
@@ -83,7 +88,8 @@ async def _main(command: str, url: str, run_id: str) -> None:
     from frugalflow.runner import Runner
 
     simulator.reset(seed=0)
-    runner = Runner(url, flows=[chain_flow(announce=True)], catalog=_latency_catalog(),
+    latency = KILL_WINDOW if command == "start" else LATENCY
+    runner = Runner(url, flows=[chain_flow(announce=True)], catalog=_latency_catalog(latency),
                     breakers=BreakerRegistry(), lease_ttl=1.0)
     try:
         if command == "start":
@@ -95,10 +101,10 @@ async def _main(command: str, url: str, run_id: str) -> None:
         await runner.close()
 
 
-def _latency_catalog() -> Catalog:
+def _latency_catalog(latency: float = LATENCY) -> Catalog:
     cat = Catalog.simulated()
     return Catalog(
-        [s.model_copy(update={"model_kwargs": {"latency": LATENCY}}) for s in cat], name="slow"
+        [s.model_copy(update={"model_kwargs": {"latency": latency}}) for s in cat], name="slow"
     )
 
 

@@ -48,7 +48,7 @@ async def test_sigkill_mid_call_then_resume_elsewhere_never_repays(db_url: str) 
         if line.strip() == "calling n4":
             break
     # The call is sent once it is written down (the ledger's `pending` row): wait for that
-    # row (another process writes it), then kill while the call (0.4 s) is in flight.
+    # row (another process writes it), then kill while the call (KILL_WINDOW s) is in flight.
     deadline = time.monotonic() + 20
     while not any(a.node == "n4" for a in (await runner.get(run_id)).attempts):
         assert time.monotonic() < deadline, "n4's call was never written down"
@@ -59,18 +59,15 @@ async def test_sigkill_mid_call_then_resume_elsewhere_never_repays(db_url: str) 
 
     crashed = await runner.get(run_id)
     assert crashed.run.status == "running"  # the crash left it mid-run
-    # The call in flight was written down before it was sent: it may have been paid. It is
-    # n4's, or n5's when n4 answered before the kill landed (a loaded machine).
-    cut_node = crashed.attempts[-1].node
-    assert cut_node in ("n4", "n5")
+    # n4's call was written down before it was sent: it may have been paid.
     assert [(a.node, a.outcome) for a in crashed.attempts] == [
-        (f"n{i}", "ok") for i in range(1, int(cut_node[1:]))] + [(cut_node, "pending")]
+        ("n1", "ok"), ("n2", "ok"), ("n3", "ok"), ("n4", "pending")]
 
     resumer = _worker("resume", db_url, run_id)
     out, err = resumer.communicate(timeout=60)
     assert resumer.returncode == 0, err
     assert "calling n1" not in out and "calling n3" not in out  # completed nodes never rerun
-    assert f"calling {cut_node}" in out and "finished succeeded" in out
+    assert "calling n4" in out and "finished succeeded" in out
 
     record = await runner.get(run_id)
     assert record.run.status == "succeeded"
@@ -79,14 +76,14 @@ async def test_sigkill_mid_call_then_resume_elsewhere_never_repays(db_url: str) 
     assert len({a.call_id for a in record.attempts}) == len(record.attempts)
     # The call the crash cut short is settled at its estimated cost, never lost.
     cut = [a for a in record.attempts if a.outcome != "ok"]
-    assert [(a.node, a.outcome) for a in cut] == [(cut_node, "abandoned")]
+    assert [(a.node, a.outcome) for a in cut] == [("n4", "abandoned")]
     assert cut[0].cost_usd > 0 and cut[0].usage_estimated and cut[0].input_tokens > 0
     assert record.run.cost_usd == pytest.approx(sum(a.cost_usd for a in record.attempts))
-    # No node row is left `running` by the dead executor: each node is done once; the one
-    # killed mid-call ran again (as the same task, or as a new one with the old row abandoned).
+    # No node row is left `running` by the dead executor: each node is done once; n4, killed
+    # mid-call, ran again (as the same task, or as a new one with the old row abandoned).
     done = sorted(n.node for n in record.nodes if n.status == "done")
     assert done == ["n1", "n2", "n3", "n4", "n5"]
-    assert [n.node for n in record.nodes if n.status != "done"] in ([], [cut_node])
+    assert [n.node for n in record.nodes if n.status != "done"] in ([], ["n4"])
     assert {n.status for n in record.nodes} <= {"done", "abandoned"}
     assert all(n.cost_usd == pytest.approx(sum(a.cost_usd for a in record.attempts
                                                if a.task_id == n.id))
